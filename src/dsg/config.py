@@ -1,0 +1,76 @@
+"""Dataclass configs whose field docstrings double as `--help` text (the sparsify convention).
+
+    @dataclass
+    class FitConfig:
+        n_features: int = 20
+        \"\"\"Number of latents to select.\"\"\"
+
+`field_docs(FitConfig)` reads those string literals from the class source; `add_arguments` turns the fields into
+argparse options and `from_args` builds the config back from parsed arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from functools import cache
+
+from .errors import DSGError
+
+
+@cache
+def field_docs(cls) -> dict[str, str]:
+    """{field name: the docstring literal written under it}."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def _base_type(tp):
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` option per dataclass field, with its docstring as help and its default shown."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if tp is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def from_args(cls, args: argparse.Namespace, **overrides):
+    """Build `cls` from parsed arguments: given options override the dataclass defaults."""
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise DSGError(f"{name} must be one of {tuple(choices)}, got {value!r}.")

@@ -1,0 +1,59 @@
+"""Small file helpers shared by every artifact writer and reader: atomic output and checked JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import DSGError
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`, or a DSGError naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DSGError(f"Cannot read {str(path)!r} as JSON: {e}.") from None
+    if not isinstance(data, dict):
+        raise DSGError(f"{str(path)!r} must hold a JSON object.")
+    return data
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Deterministic JSON: sorted keys, fixed indentation, trailing newline (so equal inputs give equal bytes)."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class atomic_directory:
+    """Build a directory in a temporary sibling and move it into place only if the block succeeds.
+
+    An existing directory at `path` is replaced; an existing file is an error. Nothing half-written is ever
+    left at `path`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        if self.path.exists() and not self.path.is_dir():
+            raise DSGError(f"Output path {str(self.path)!r} exists and is not a directory.")
+        parent = self.path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
+            os.replace(self.path, old / "x")
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)

@@ -1,0 +1,154 @@
+"""Streamed per-latent statistics over a corpus, and per-input gate rates.
+
+Every forward pass stops right after the hooked layer (hooks.StopForward), and only running sums are kept:
+memory is O(d_sae) whatever the corpus size. The sums are plain float64 tensors, so statistics from several
+processes or shards combine by addition (`LatentSums.merge`, or an all-reduce of `as_tensors()`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .corpus import batches, real_token_mask, special_token_ids
+from .hooks import HookPoint, StopForward, hooked, resolve
+
+
+@dataclass
+class LatentSums:
+    """Running sums over real tokens: f, 1[f > 0], f², and the residual norm at the hook."""
+
+    n_tokens: torch.Tensor  # [] float64
+    act_sum: torch.Tensor  # [d_sae] float64
+    fire_count: torch.Tensor  # [d_sae] float64
+    sq_sum: torch.Tensor  # [d_sae] float64
+    norm_sum: torch.Tensor  # [] float64, sum of ||x_t||
+
+    @classmethod
+    def zeros(cls, d_sae: int) -> "LatentSums":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)
+        return cls(z(()), z(d_sae), z(d_sae), z(d_sae), z(()))
+
+    def add(self, f_NF: torch.Tensor, x_ND: torch.Tensor) -> None:
+        self.n_tokens += f_NF.shape[0]
+        self.act_sum += f_NF.sum(0).double()
+        self.fire_count += (f_NF > 0).sum(0).double()
+        self.sq_sum += f_NF.square().sum(0).double()
+        self.norm_sum += x_ND.float().norm(dim=-1).sum().double()
+
+    def merge(self, other: "LatentSums") -> "LatentSums":
+        return LatentSums(*(a + b for a, b in zip(self.as_tensors(), other.as_tensors())))
+
+    def as_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.n_tokens, self.act_sum, self.fire_count, self.sq_sum, self.norm_sum)
+
+    def _per_token(self, t: torch.Tensor) -> torch.Tensor:
+        return (t / self.n_tokens.clamp(min=1)).float()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean activation per latent, E[f_j]."""
+        return self._per_token(self.act_sum)
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """Firing frequency per latent, P(f_j > 0)."""
+        return self._per_token(self.fire_count)
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """Mean squared activation per latent, E[f_j²] (the diagonal Fisher proxy)."""
+        return self._per_token(self.sq_sum)
+
+    @property
+    def mean_norm(self) -> float:
+        """Mean L2 norm of the residual at the hook."""
+        return float(self._per_token(self.norm_sum))
+
+    def summary(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}_mean": self.mean, f"{prefix}_frequency": self.frequency,
+            f"{prefix}_mean_square": self.mean_square,
+            f"{prefix}_tokens": self.n_tokens.float().reshape(1),
+            f"{prefix}_mean_norm": torch.tensor([self.mean_norm]),
+        }
+
+
+def _forward_to_hook(model, point: HookPoint, ids: torch.Tensor, mask: torch.Tensor, on_acts) -> None:
+    """Run `model` on a batch only as far as `point`, handing the activations to `on_acts`."""
+
+    def capture(x):
+        on_acts(x)
+        raise StopForward
+
+    with hooked(model, point, capture):
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except StopForward:
+            pass
+
+
+@torch.inference_mode()
+def collect_stats(
+    model: torch.nn.Module,
+    sae,
+    hook: str,
+    sequences: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    desc: str = "statistics",
+    progress: bool = True,
+) -> LatentSums:
+    """Per-latent sums of the SAE's activations at `hook` over the real tokens of `sequences`."""
+    point = resolve(model, hook)
+    specials = special_token_ids(model)
+    sums = LatentSums.zeros(sae.d_sae)
+    device = next(model.parameters()).device
+    bar = tqdm(total=sum(len(s) for s in sequences), desc=desc, unit="tok", disable=not progress, leave=False)
+    for _, ids, mask in batches(sequences, batch_size, pad_id):
+        ids, mask = ids.to(device), mask.to(device)
+        real = real_token_mask(ids, mask, specials)
+
+        def on_acts(x_BTD):
+            x_ND = x_BTD[real]
+            sums.add(sae.encode(x_ND), x_ND)
+
+        _forward_to_hook(model, point, ids, mask, on_acts)
+        bar.update(int(mask.sum()))
+    bar.close()
+    return sums
+
+
+@torch.inference_mode()
+def gate_rates(
+    model: torch.nn.Module,
+    guardrail,
+    sequences: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    desc: str = "calibration",
+    progress: bool = True,
+) -> torch.Tensor:
+    """rho(x) for each sequence [n]: the fraction of its real tokens on which any selected latent fires."""
+    point = resolve(model, guardrail.hook)
+    specials = special_token_ids(model)
+    device = next(model.parameters()).device
+    guardrail.latents.to(device)
+    out = torch.zeros(len(sequences))
+    for idx, ids, mask in tqdm(
+        list(batches(sequences, batch_size, pad_id)), desc=desc, unit="batch", disable=not progress, leave=False
+    ):
+        ids, mask = ids.to(device), mask.to(device)
+        real = real_token_mask(ids, mask, specials)
+
+        def on_acts(x_BTD):
+            _, a = guardrail.flags(x_BTD, real)
+            out[idx] = guardrail.rho(a, real).cpu()
+
+        _forward_to_hook(model, point, ids, mask, on_acts)
+    return out

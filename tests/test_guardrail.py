@@ -1,0 +1,213 @@
+"""The gate and the clamp: exactness, invariance to batching and padding, generation, several guardrails."""
+
+import pytest
+import torch
+
+import dsg
+from dsg.corpus import pad_batch, real_token_mask
+from dsg.generation import position_ids, reference_generate
+from dsg.hooks import hooked
+from dsg.stats import gate_rates
+from tiny import features_firing_about, random_ids, tiny_model, tiny_sae
+
+ARCHS = ["standard", "jumprelu", "topk"]
+
+
+def capture_after(model, hook):
+    """Context manager collecting the (possibly edited) activation seen right after `hook`."""
+    seen = []
+    return hooked(model, hook, lambda x: seen.append(x.detach().clone())), seen
+
+
+def rho_quantile(model, guard, seqs, q=0.5):
+    """A threshold at the q-quantile of rho over `seqs`, so some inputs gate and some do not."""
+    rho = gate_rates(model, guard, [list(s) for s in seqs], progress=False)
+    return float(rho.quantile(q))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_guardrail_that_never_fires_leaves_logits_bit_identical(arch):
+    model = tiny_model(arch)
+    sae = tiny_sae()
+    ids = random_ids(4, 12)
+    # threshold 1.0 can never be exceeded by a fraction: nothing is gated, nothing is clamped.
+    guard = dsg.Guardrail(sae, features=[0, 1, 2], threshold=1.0, clamp=500.0)
+    with torch.no_grad():
+        base = model(ids).logits
+        with guard.attach(model) as session:
+            out = model(ids).logits
+    assert not session.gated.any()
+    assert torch.equal(base, out)
+
+
+@pytest.mark.parametrize("architecture", ARCHS)
+@pytest.mark.parametrize("clamp_mode", ["all", "active"])
+def test_delta_equals_decode_of_clamped_latents_plus_error(architecture, clamp_mode):
+    model = tiny_model("llama")
+    sae = tiny_sae(architecture=architecture)
+    ids = random_ids(3, 10)
+    hook = "blocks.0.hook_resid_post"
+    with torch.no_grad():
+        ctx, clean = capture_after(model, hook)
+        with ctx:
+            model(ids)
+        # latents that fire sometimes but not always, so both branches of the rule are exercised
+        freq = (sae.encode(clean[0]) > 0).float().mean((0, 1))
+        features = (freq - 0.3).abs().argsort()[:5].tolist()
+        guard = dsg.Guardrail(sae, features=features, threshold=0.0, clamp=7.5, clamp_mode=clamp_mode)
+        with guard.attach(model):
+            ctx, edited = capture_after(model, hook)
+            with ctx:
+                model(ids)
+    x = clean[0]
+    real = real_token_mask(ids, None, [0, 1, 2])
+    f = sae.encode(x)
+    a = (f[..., features] > 0).any(-1) & real
+    rho = a.sum(1) / real.sum(1)
+    clamp_at = a & (rho > 0.0)[:, None]
+    f_new = f.clone()
+    sel = f_new[..., features]
+    target = torch.full_like(sel, -7.5)
+    if clamp_mode == "active":
+        target = torch.where(sel > 0, target, sel)
+    f_new[..., features] = torch.where(clamp_at[..., None], target, sel)
+    expected = sae.decode(f_new) + (x - sae.decode(f))
+    assert clamp_at.any(), "the test needs some clamped tokens"
+    assert torch.allclose(edited[0], expected, atol=1e-5)
+    # untouched tokens are bit-identical
+    assert torch.equal(edited[0][~clamp_at], x[~clamp_at])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_input_alone(arch, side):
+    model = tiny_model(arch)
+    sae = tiny_sae()
+    lengths = [5, 12, 8, 3]
+    seqs = [random_ids(1, n, seed=i)[0].tolist() for i, n in enumerate(lengths)]
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=20.0)
+    guard.threshold = rho_quantile(model, guard, seqs, 0.5)
+    ids, mask = pad_batch(seqs, pad_id=0, side=side)
+    with torch.no_grad(), guard.attach(model) as session:
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        gates = session.gated.clone()
+        alone, alone_gates = [], []
+        for s in seqs:
+            alone.append(model(torch.tensor([s])).logits[0])
+            alone_gates.append(bool(session.gated[0]))
+    assert gates.tolist() == alone_gates
+    assert 0 < sum(alone_gates) < len(seqs), "the test needs gated and ungated inputs"
+    for i, s in enumerate(seqs):
+        rows = mask[i].bool()
+        assert torch.allclose(batched[i][rows], alone[i], atol=1e-5)
+
+
+def test_static_guardrail_gates_everything_and_active_mode_spares_silent_latents():
+    model = tiny_model("llama")
+    sae = tiny_sae()
+    ids = random_ids(4, 10)
+    static = dsg.Guardrail(sae, features=[1, 2], threshold=1.0, gated=False, clamp_mode="active")
+    with torch.no_grad(), static.attach(model) as session:
+        model(ids)
+    assert session.gated.all()
+
+
+def test_gate_is_strictly_greater_than_threshold():
+    sae = tiny_sae()
+    guard = dsg.Guardrail(sae, features=[0], threshold=0.5)
+    a = torch.tensor([[True, False, True, False], [True, True, True, False]])
+    real = torch.ones_like(a)
+    clamp, state = guard.gate(a, real, n_prompt=4, state=None)
+    assert state.gated.tolist() == [False, True]  # rho 0.5 is not > 0.5; 0.75 is
+    assert clamp[0].sum() == 0 and clamp[1].tolist() == [True, True, True, False]
+
+
+def test_running_gate_latches_during_generation():
+    sae = tiny_sae()
+    guard = dsg.Guardrail(sae, features=[0], threshold=0.5)
+    prompt = torch.tensor([[True, False, False, False]])
+    _, state = guard.gate(prompt, torch.ones_like(prompt), 4, None)
+    assert not state.gated.any()
+    steps = [True, True, True, True, False, False, False]
+    gates = []
+    for flag in steps:
+        a = torch.tensor([[flag]])
+        clamp, state = guard.gate(a, torch.ones_like(a), 0, state)
+        gates.append(bool(state.gated[0]))
+    # running rho: 2/5, 3/6, 4/7 > .5 -> latched from the 7th token on, and stays on as rho falls again
+    assert gates == [False, False, True, True, True, True, True]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_generation_equals_no_cache_reference(arch):
+    model = tiny_model(arch, layers=3)
+    sae = tiny_sae()
+    seqs = [random_ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate([6, 9, 4, 9, 7, 5])]
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=2.0)
+    guard.threshold = rho_quantile(model, guard, seqs, 0.5)
+    with torch.no_grad():
+        with guard.attach(model) as session:
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)
+        cached, cached_gates = out[:, ids.shape[1]:], session.gated.clone()
+        ref, ref_gates = reference_generate(model, ids, mask, [guard], 10)
+        unguarded = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                   pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+    assert torch.equal(cached, ref)
+    assert torch.equal(cached_gates, ref_gates)
+    assert 0 < int(ref_gates.sum()) < len(seqs), "the test needs gated and ungated sequences"
+    assert not torch.equal(cached, unguarded), "the guardrail should change some generations"
+
+
+def test_several_guardrails_each_keep_their_own_gate():
+    model = tiny_model("llama")
+    sae = tiny_sae()
+    ids = random_ids(6, 10, seed=3)
+    a = dsg.Guardrail(sae, features=[0, 1], threshold=0.0, clamp=5.0, name="a")
+    never = dsg.Guardrail(sae, features=[2, 3], threshold=1.0, clamp=5.0, name="never")
+    with torch.no_grad():
+        with dsg.attach(model, a) as s1:
+            only_a = model(ids).logits
+        with dsg.attach(model, a, never) as s2:
+            both = model(ids).logits
+    assert torch.equal(s2.gated_by[0], s1.gated_by[0])
+    assert not s2.gated_by[1].any()
+    assert torch.allclose(only_a, both, atol=0)
+    # two gating guardrails on the same hook: the deltas add up, each judged on the unedited activations
+    b = dsg.Guardrail(sae, features=[2, 3], threshold=0.0, clamp=5.0)
+    hook = "blocks.0.hook_resid_post"
+    with torch.no_grad():
+        ctx, clean = capture_after(model, hook)
+        with ctx:
+            model(ids)
+        outs = {}
+        for key, guards in {"a": [a], "b": [b], "ab": [a, b]}.items():
+            with dsg.attach(model, *guards):
+                ctx, seen = capture_after(model, hook)
+                with ctx:
+                    model(ids)
+            outs[key] = seen[0]
+    assert torch.allclose(outs["ab"] - clean[0], (outs["a"] - clean[0]) + (outs["b"] - clean[0]), atol=1e-5)
+
+
+def test_hooks_are_removed_after_the_block_even_on_error():
+    model = tiny_model("llama")
+    guard = dsg.Guardrail(tiny_sae(), features=[0, 1], threshold=0.0, clamp=50.0)
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        base = model(ids).logits
+        with pytest.raises(RuntimeError):
+            with guard.attach(model):
+                raise RuntimeError("boom")
+        assert torch.equal(model(ids).logits, base)
+
+
+def test_bad_guardrail_arguments_are_clear_errors():
+    sae = tiny_sae()
+    with pytest.raises(dsg.DSGError, match="out of range"):
+        dsg.Guardrail(sae, features=[64])
+    with pytest.raises(dsg.DSGError, match="clamp_mode"):
+        dsg.Guardrail(sae, features=[1], clamp_mode="some")
+    with pytest.raises(dsg.DSGError, match="d_in=48"):
+        dsg.Guardrail(tiny_sae(d_in=48), features=[1]).attach(tiny_model("llama")).__enter__()

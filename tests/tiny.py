@@ -1,0 +1,72 @@
+"""Tiny seeded models and SAEs built from configs in code, for fast engine tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 96
+SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, d: int = 32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, **SPECIAL)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2, **common)
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=d, n_layer=layers, n_head=4, n_positions=128, **common)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2, **common)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "gemma2":
+        cfg = tf.Gemma2Config(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, **common)
+        model = tf.Gemma2ForCausalLM(cfg)
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)
+        model = tf.Gemma3ForCausalLM(cfg)
+    elif arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4,
+                               **common)
+        model = tf.GPTNeoXForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def tiny_sae(d_in: int = 32, d_sae: int = 64, architecture: str = "standard", seed: int = 0, hook="blocks.0.hook_resid_post", k=8):
+    """A random SAE whose latents fire on a reasonable share of tokens."""
+    import dsg
+
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+    W_enc = W_dec.T.clone() * 0.5
+    b_enc = torch.randn(d_sae, generator=g) * 0.05
+    threshold = torch.rand(d_sae, generator=g) * 0.02 if architecture == "jumprelu" else None
+    return dsg.SAE(W_enc, W_dec, b_enc, torch.randn(d_in, generator=g) * 0.01, architecture=architecture,
+                   threshold=threshold, k=k if architecture == "topk" else None, hook_name=hook)
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def features_firing_about(model, sae, seqs, rate: float, n: int = 1, hook="blocks.0.hook_resid_post") -> list[int]:
+    """The n latents whose firing frequency on `seqs` is closest to `rate` (so gates split the inputs)."""
+    from dsg.corpus import pad_batch
+    from dsg.hooks import hooked
+
+    ids, mask = pad_batch([list(s) for s in seqs], 0)
+    seen = []
+    with torch.no_grad(), hooked(model, hook, lambda x: seen.append(x)):
+        model(input_ids=ids, attention_mask=mask)
+    freq = (sae.encode(seen[0][mask.bool()]) > 0).float().mean(0)
+    return (freq - rate).abs().argsort()[:n].tolist()
