@@ -1,0 +1,128 @@
+"""SAE math and every on-disk format we read or write."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dsg
+from tiny import tiny_sae
+
+ARCHS = ["standard", "jumprelu", "topk"]
+
+
+def x_batch(d=32, n=20, seed=1):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * 0.2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encode_matches_the_architecture_definition(arch):
+    sae = tiny_sae(architecture=arch)
+    x = x_batch()
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    f = sae.encode(x)
+    assert (f >= 0).all()
+    if arch == "standard":
+        assert torch.equal(f, torch.relu(pre))
+    elif arch == "jumprelu":
+        assert torch.equal(f, torch.relu(pre) * (pre > sae.threshold))
+    else:
+        assert ((f > 0).sum(-1) <= sae.k).all()
+        top = pre.topk(sae.k, -1)
+        assert torch.allclose(f.gather(-1, top.indices), torch.relu(top.values))
+    assert torch.allclose(sae.decode(f), f @ sae.W_dec + sae.b_dec)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saelens_v6_round_trip(tmp_path, arch):
+    sae = tiny_sae(architecture=arch)
+    sae.save(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == arch and cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
+    back = dsg.SAE.load(tmp_path / "sae")
+    assert back.sha256() == sae.sha256()
+    assert back.hook_name == sae.hook_name and back.k == sae.k
+    assert torch.equal(back.encode(x_batch()), sae.encode(x_batch()))
+
+
+def test_saelens_flat_pre_v6_config(tmp_path):
+    sae = tiny_sae(architecture="topk", k=5)
+    d = tmp_path / "old"
+    d.mkdir()
+    save_file({n: t.contiguous() for n, t in sae.tensors().items()}, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({
+        "d_in": 32, "d_sae": 64, "hook_point": "blocks.4.hook_resid_post", "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 5}, "apply_b_dec_to_input": True, "model_name": "tiny",
+    }))
+    back = dsg.SAE.load(d)
+    assert back.architecture == "topk" and back.k == 5 and back.hook_name == "blocks.4.hook_resid_post"
+    assert back.model_name == "tiny"
+    assert back.sha256() == sae.sha256()
+
+
+def test_sparsify_folder_with_transposed_encoder(tmp_path):
+    sae = tiny_sae(architecture="topk", k=6)
+    d = tmp_path / "layers.3"
+    d.mkdir()
+    save_file({
+        "encoder.weight": sae.W_enc.data.T.contiguous(), "encoder.bias": sae.b_enc.data,
+        "W_dec": sae.W_dec.data, "b_dec": sae.b_dec.data,
+    }, str(d / "sae.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"activation": "topk", "k": 6, "num_latents": 64, "d_in": 32,
+                                            "expansion_factor": 2, "normalize_decoder": True}))
+    back = dsg.SAE.load(d)
+    assert back.hook_name == "layers.3"
+    assert back.sha256() == sae.sha256()
+    assert torch.equal(back.encode(x_batch()), sae.encode(x_batch()))
+    # saving a sparsify SAE writes SAELens, which reads back to the same SAE
+    back.save(tmp_path / "as_saelens")
+    assert dsg.SAE.load(tmp_path / "as_saelens").sha256() == sae.sha256()
+    # a run folder with several hookpoints names them
+    with pytest.raises(dsg.DSGError, match="layers.3"):
+        dsg.SAE.load(tmp_path)
+
+
+def test_gemma_scope_npz(tmp_path):
+    sae = tiny_sae(architecture="jumprelu")
+    arrays = {n: t.numpy() for n, t in sae.tensors().items()}
+    np.savez(tmp_path / "params.npz", **arrays)
+    with pytest.raises(dsg.DSGError, match="hook"):
+        dsg.SAE.load(tmp_path / "params.npz")
+    back = dsg.SAE.load(tmp_path / "params.npz", hook_name="blocks.3.hook_resid_post")
+    assert back.architecture == "jumprelu" and not back.apply_b_dec_to_input
+    x = x_batch()
+    pre = x @ sae.W_enc + sae.b_enc  # Gemma Scope does not subtract b_dec from the input
+    assert torch.equal(back.encode(x), torch.relu(pre) * (pre > sae.threshold))
+    back.save(tmp_path / "gs")
+    assert dsg.SAE.load(tmp_path / "gs").sha256() == back.sha256()
+
+
+def test_shapes_and_files_are_checked(tmp_path):
+    sae = tiny_sae()
+    with pytest.raises(dsg.DSGError, match="W_dec"):
+        dsg.SAE(sae.W_enc.data, sae.W_dec.data[:10], sae.b_enc.data, sae.b_dec.data)
+    with pytest.raises(dsg.DSGError, match="threshold"):
+        dsg.SAE(sae.W_enc.data, sae.W_dec.data, sae.b_enc.data, sae.b_dec.data, architecture="jumprelu")
+    with pytest.raises(dsg.DSGError, match="integer k"):
+        dsg.SAE(sae.W_enc.data, sae.W_dec.data, sae.b_enc.data, sae.b_dec.data, architecture="topk")
+    with pytest.raises(dsg.DSGError, match="does not exist"):
+        dsg.SAE.load(tmp_path / "missing")
+    sae.save(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 65}))
+    with pytest.raises(dsg.DSGError, match="d_sae=65"):
+        dsg.SAE.load(tmp_path / "s")
+    (tmp_path / "s" / "cfg.json").write_text("{not json")
+    with pytest.raises(dsg.DSGError, match="JSON"):
+        dsg.SAE.load(tmp_path / "s")
+
+
+def test_failed_save_leaves_nothing(tmp_path):
+    sae = tiny_sae()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(dsg.DSGError, match="not a directory"):
+        sae.save(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
