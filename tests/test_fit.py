@@ -1,0 +1,170 @@
+"""Fitting, guardrail files (round trip, byte-identical, refusal on a different SAE or model) and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dsg
+from dsg.cli import main
+from tiny import tiny_sae
+
+FORGET = [
+    "The exploit injects a malicious payload through an unchecked buffer in the server.",
+    "An attacker escalates privileges with a crafted packet and a stolen password hash.",
+    "The malware spreads through the network and exfiltrates the stolen credentials.",
+    "A buffer overflow lets the attacker run shellcode with root privileges.",
+] * 3
+RETAIN = [
+    "The capital of France is Paris and the river Seine runs through the city.",
+    "Sodium is a soft metal and its chemical symbol is Na.",
+    "The garden had roses, tulips and a small pond with fish.",
+    "The train left the station early in the morning for the coast.",
+] * 3
+
+
+@pytest.fixture
+def fitted(tiny_llama):
+    model, tok = tiny_llama
+    sae = tiny_sae(d_in=model.config.hidden_size)
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=16, batch_size=3)
+    return model, tok, sae, dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+
+
+def test_fit_selects_by_the_rule_and_calibrates_the_threshold(fitted):
+    model, tok, sae, guard = fitted
+    t = guard.tensors
+    assert len(guard.features) == 4
+    assert guard.features == dsg.select_features(t["forget_mean"], t["retain_mean"], 4, 80, 5)
+    rho = t["calibration_rho"].double().numpy()
+    assert guard.threshold == pytest.approx(float(np.percentile(rho, 95)))
+    assert guard.info["data"]["calibration"]["source"] == "retain"
+    assert guard.info["sae"]["sha256"] == sae.sha256()
+    assert guard.info["model"]["weights_sha256"]
+
+
+def test_save_load_round_trip_is_byte_identical_and_behaves_the_same(fitted, tmp_path):
+    model, tok, sae, guard = fitted
+    guard.save(tmp_path / "a")
+    again = dsg.fit(model, tok, sae, FORGET, RETAIN,
+                    config=dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=16, batch_size=3),
+                    progress=False)
+    again.save(tmp_path / "b")
+    for name in ("guardrail.json", "guardrail.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    loaded = dsg.Guardrail.load(tmp_path / "a", sae=sae, model=model)
+    assert (loaded.features, loaded.threshold, loaded.clamp, loaded.hook) == (
+        guard.features, guard.threshold, guard.clamp, guard.hook)
+    ids = tok(FORGET[:2] + RETAIN[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        with guard.attach(model) as s1:
+            a = model(**ids).logits
+        # self-contained: loads and runs without the SAE it was cut from
+        with dsg.Guardrail.load(tmp_path / "a").attach(model) as s2:
+            b = model(**ids).logits
+    assert torch.equal(a, b) and torch.equal(s1.gated, s2.gated)
+
+
+def test_topk_guardrail_carries_its_sae(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    sae = tiny_sae(d_in=model.config.hidden_size, architecture="topk", k=8)
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=dsg.FitConfig(n_features=3, max_length=16),
+                    progress=False)
+    guard.save(tmp_path / "g")
+    assert (tmp_path / "g" / "sae" / "cfg.json").exists()
+    assert dsg.Guardrail.load(tmp_path / "g").sae.sha256() == sae.sha256()
+
+
+def test_loading_against_another_sae_or_model_refuses(fitted, tmp_path, tiny_gpt2):
+    model, tok, sae, guard = fitted
+    guard.save(tmp_path / "g")
+    other_sae = tiny_sae(d_in=model.config.hidden_size, seed=5)
+    with pytest.raises(dsg.DSGError, match="fitted on SAE"):
+        dsg.Guardrail.load(tmp_path / "g", sae=other_sae)
+    tweaked = type(model)(model.config).eval()
+    tweaked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        tweaked.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(dsg.DSGError, match="refit it for this model"):
+        dsg.Guardrail.load(tmp_path / "g", model=tweaked)
+    with pytest.raises(dsg.DSGError, match="refit it for this model"):
+        guard.attach(tweaked).__enter__()
+    with guard.attach(tweaked, verify=False):
+        pass
+    # later layers do not feed the hook, so editing them keeps the guardrail valid
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight.mul_(1.0)
+    dsg.Guardrail.load(tmp_path / "g", model=model)
+
+
+def test_fit_rejects_bad_config():
+    with pytest.raises(dsg.DSGError, match="scorer"):
+        dsg.FitConfig(scorer="magic")
+    with pytest.raises(dsg.DSGError, match="gate_percentile"):
+        dsg.FitConfig(gate_percentile=101)
+
+
+def test_static_frequency_scorer_fits(tiny_llama):
+    model, tok = tiny_llama
+    sae = tiny_sae(d_in=model.config.hidden_size)
+    config = dsg.FitConfig(scorer="frequency", retain_cutoff=1.0, gated=False, clamp_mode="active", n_features=3,
+                           max_length=16)
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+    freq = guard.tensors["forget_frequency"]
+    assert guard.features == dsg.select_by_frequency(freq, guard.tensors["retain_frequency"], 3, 1.0)
+    assert not guard.gated
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    tiny_sae(d_in=model.config.hidden_size).save(tmp_path / "sae")
+    (tmp_path / "forget.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in FORGET))
+    (tmp_path / "retain.txt").write_text("\n\n".join(RETAIN))
+    return tmp_path
+
+
+def test_cli_fit_inspect_generate(files, capsys):
+    out = files / "guard"
+    code = main(["fit", "--model", str(files / "model"), "--sae", str(files / "sae"), "--forget",
+                 str(files / "forget.jsonl"), "--retain", str(files / "retain.txt"), "--out", str(out),
+                 "--n-features", "4", "--ratio-percentile", "80", "--max-length", "16"])
+    assert code == 0
+    meta = json.loads((out / "guardrail.json").read_text())
+    assert len(meta["features"]) == 4 and meta["config"]["n_features"] == 4
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "Selected latents (4)" in text and "calibration rho" in text
+    assert main(["generate", "--model", str(files / "model"), "--guardrail", str(out), "--guardrail", str(out),
+                 "--max-new-tokens", "3", "--no-chat", "--json", "the exploit", "the garden"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["prompt"] for r in rows] == ["the exploit", "the garden"]
+    assert all(isinstance(r["gated"], bool) for r in rows)
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "does not exist"),
+    ("badjson", "line 2 is not valid JSON"),
+    ("nofield", "no string field 'text'"),
+])
+def test_cli_bad_input_is_one_sentence_and_no_output(files, capsys, problem, message):
+    forget = files / "bad.jsonl"
+    if problem == "badjson":
+        forget.write_text('{"text": "ok"}\n{oops\n')
+    elif problem == "nofield":
+        forget.write_text('{"body": "no text field"}\n')
+    out = files / "guard"
+    code = main(["fit", "--model", str(files / "model"), "--sae", str(files / "sae"), "--forget", str(forget),
+                 "--retain", str(files / "retain.txt"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and err.count("\n") == 0 and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in files.iterdir() if p.name.startswith(".guard")]
