@@ -364,6 +364,10 @@ class Attachment:
     guardrails: list[Guardrail]
     gated_by: list[torch.Tensor | None] = field(default_factory=list)  # per guardrail, [B] bool latched gate
     prompt_length: int | None = None  # set by reference_generate: positions beyond it are treated as generated
+    fixed_gates: torch.Tensor | None = None
+    """[B, n_guardrails] bool. When set, each row's gate is taken from here instead of being judged: flagged
+    tokens of gated rows are clamped, other rows pass through. Scoring uses it to hold a prompt's decision fixed
+    over several continuations forked from one prefill (which must not share or advance each other's state)."""
 
     @property
     def gated(self) -> torch.Tensor | None:
@@ -433,14 +437,17 @@ def attach(model: torch.nn.Module, *guardrails: Guardrail, verify: bool = True, 
             out = None
             for i in members:
                 g = guardrails[i]
-                prev = states[i] if ctx["continuation"] else None
-                if ctx["continuation"] and (prev is None or prev.gated.shape[0] != B):
-                    raise DSGError(
-                        "A cached continuation reached the guardrail without its prefill; start generation inside attach()."
-                    )
                 f, a = g.flags(x_BTD, real)
-                clamp_BT, states[i] = g.gate(a, real, n_prompt, prev)
-                session.gated_by[i] = states[i].gated
+                if session.fixed_gates is not None:
+                    clamp_BT = a & session.fixed_gates[:, i, None].to(a.device)
+                else:
+                    prev = states[i] if ctx["continuation"] else None
+                    if ctx["continuation"] and (prev is None or prev.gated.shape[0] != B):
+                        raise DSGError(
+                            "A cached continuation reached the guardrail without its prefill; start generation inside attach()."
+                        )
+                    clamp_BT, states[i] = g.gate(a, real, n_prompt, prev)
+                    session.gated_by[i] = states[i].gated
                 if clamp_BT.any():
                     pos, d = g.delta(f, clamp_BT)
                     out = x_BTD.clone() if out is None else out

@@ -1,0 +1,396 @@
+"""Multiple-choice scoring and perplexity: cached scoring equals naive full-sequence scoring, results do not
+depend on batching, and the gate judges the prompt alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import dsg
+from dsg.evaluate import (
+    PerplexityResult,
+    accuracy,
+    base_correct_subset,
+    choice_orderings,
+    evaluate_files,
+    gate_rate,
+    letter_prompt,
+    perplexity,
+    perplexity_stats,
+    read_questions,
+    score_mcq,
+)
+
+WORDS = [f"w{i}" for i in range(240)] + ["paris", "london", "rome", "Answer", "A", "B", "C", "D", "E", "user", "model"]
+PUNCT = [":", ".", "(", "?", "<", ">", "</", ",", "!"]
+CHAT = "{% for m in messages %}< user > {{ m['content'] }} </ user >{% endfor %}{% if add_generation_prompt %} < model > {% endif %}"
+
+
+# ---- tiny model, tokenizer, guardrail (private: built from configs in code) -----------------------------------
+
+
+def make_tokenizer() -> tf.PreTrainedTokenizerFast:
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[BOS]", "[EOS]", "[UNK]", *WORDS, *PUNCT])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                      pad_token="[PAD]", unk_token="[UNK]")
+    fast.chat_template = CHAT
+    return fast
+
+
+def make_model(arch: str, vocab: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, **ids)
+        return tf.LlamaForCausalLM(cfg).eval()
+    cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread handoffs cost
+    tens of times the work itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request, tok):
+    return make_model(request.param, len(tok))
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    return make_model("llama", len(tok))
+
+
+def make_questions(n: int, seed: int = 0, n_choices: int = 4) -> list[dict]:
+    rng = random.Random(seed)
+    qs = []
+    for i in range(n):
+        words = " ".join(rng.choice(WORDS[:240]) for _ in range(rng.randint(3, 14)))
+        choices = [" ".join(rng.choice(WORDS[:240]) for _ in range(rng.randint(1, 4))) for _ in range(n_choices)]
+        qs.append({"id": f"q{i}", "question": words + " ?", "choices": choices, "answer": rng.randrange(n_choices)})
+    return qs
+
+
+def make_sae(seed: int = 0) -> dsg.SAE:
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(64, 32, generator=g)
+    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+    b_enc = torch.full((64,), -0.02)  # residuals here have norm ~0.1: each latent fires on roughly 1 token in 5
+    return dsg.SAE(W_dec.T.clone(), W_dec, b_enc, torch.zeros(32),
+                   architecture="standard", hook_name="blocks.0.hook_resid_post")
+
+
+def prompt_rho(model, tok, guard: dsg.Guardrail, prompt: str) -> float:
+    """rho of one prompt, from the hooked activations (the rule in guardrail.py's docstring)."""
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    seen = {}
+    with dsg.hooks.hooked(model, guard.hook, lambda x: seen.setdefault("x", x)):
+        model(input_ids=ids)
+    real = dsg.corpus.real_token_mask(ids, None, [0, 1, 2])
+    _, a = guard.flags(seen["x"], real)
+    return float(guard.rho(a, real)[0])
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return make_questions(10)
+
+
+@pytest.fixture(scope="module")
+def guard(llama, tok, questions):
+    """A guardrail whose threshold is the median prompt rho, so about half the questions are gated."""
+    sae = make_sae()
+    probe = dsg.Guardrail(sae, features=[3, 17, 40, 51], threshold=0.0, clamp=2.0)
+    rhos = sorted(prompt_rho(llama, tok, probe, q["question"]) for q in questions)
+    threshold = (rhos[len(rhos) // 2 - 1] + rhos[len(rhos) // 2]) / 2
+    return dsg.Guardrail(sae, features=[3, 17, 40, 51], threshold=threshold, clamp=2.0)
+
+
+# ---- naive references -----------------------------------------------------------------------------------------
+
+
+def naive_choice_logprob(model, tok, prompt: str, choice: str) -> float:
+    """log P(" " + choice | prompt) from one full forward of prompt + choice, no cache, no padding."""
+    ctx = tok(prompt)["input_ids"]
+    whole = tok(prompt + " " + choice)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([whole])).logits[0].float()
+    lp = logits.log_softmax(-1)
+    return sum(float(lp[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
+
+
+def gated_alone(model, tok, guard, prompt: str) -> bool:
+    with dsg.attach(model, guard) as session, torch.no_grad():
+        model(input_ids=torch.tensor([tok(prompt)["input_ids"]]))
+    return bool(session.gated[0])
+
+
+# ---- reading questions ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('{"question": "q", "choices": ["a", "b"], "answer": 2}', ["line 2", "'answer'", "0..1"]),
+        ('{"question": "q", "choices": ["a"], "answer": 0}', ["line 2", "'choices'", "at least 2"]),
+        ('{"choices": ["a", "b"], "answer": 0}', ["line 2", "'question'"]),
+        ('{"question": "q", "answer": 0}', ["line 2", "'choices'"]),
+        ('{"question": "q", "choices": ["a", "b"]}', ["line 2", "'answer'"]),
+        ('{"question": "q", "choices": ["a", "b"], "answer": true}', ["line 2", "'answer'"]),
+        ('{"question": "q", "choices": ["a", 3], "answer": 0}', ["line 2", "'choices'"]),
+        ('{"question": "q", "choices": ', ["line 2", "not valid JSON"]),
+        ('["q"]', ["line 2", "JSON object"]),
+    ],
+)
+def test_read_questions_rejects_bad_lines(tmp_path, line, words):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "ok", "choices": ["x", "y"], "answer": 1, "id": 7}\n' + line + "\n")
+    with pytest.raises(dsg.DSGError) as e:
+        read_questions(path)
+    msg = str(e.value)
+    assert "bad.jsonl" in msg and all(w in msg for w in words), msg
+
+
+def test_read_questions_keeps_extra_fields_and_rejects_empty(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"question": "q", "choices": ["x", "y"], "answer": 1, "id": 7, "subject": "s"}\n\n')
+    assert read_questions(path) == [{"question": "q", "choices": ["x", "y"], "answer": 1, "id": 7, "subject": "s"}]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(dsg.DSGError, match="no questions"):
+        read_questions(tmp_path / "empty.jsonl")
+    with pytest.raises(dsg.DSGError, match="does not exist"):
+        read_questions(tmp_path / "missing.jsonl")
+
+
+# ---- likelihood mode ------------------------------------------------------------------------------------------
+
+
+def test_likelihood_equals_naive_full_sequence(model, tok, questions):
+    questions = questions[:7]
+    results = score_mcq(model, tok, questions, batch_size=3, progress=False)
+    for q, r in zip(questions, results):
+        naive = [naive_choice_logprob(model, tok, q["question"], c) for c in q["choices"]]
+        assert r.scores == pytest.approx(naive, abs=1e-4)
+        assert r.prediction == max(range(4), key=lambda i: naive[i])
+        assert r.scores_norm == pytest.approx([s / len(c) for s, c in zip(naive, q["choices"])], abs=1e-4)
+        assert r.correct == (r.prediction == q["answer"]) and r.gated is None and r.id == q["id"]
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_batch_size_invariance(llama, tok, questions, guard, guarded):
+    guards = (guard,) if guarded else ()
+    runs = [score_mcq(llama, tok, questions, guardrails=guards, batch_size=bs, progress=False) for bs in (1, 3, 4)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert a.scores == pytest.approx(b.scores, abs=1e-4)
+            assert (a.prediction, a.gated) == (b.prediction, b.gated)
+    if guarded:
+        assert 0 < gate_rate(runs[0]) < 1  # the threshold splits the questions, so both paths are exercised
+
+
+def test_gate_decision_is_the_prompt_alone(llama, tok, questions, guard):
+    results = score_mcq(llama, tok, questions, guardrails=[guard], batch_size=4, progress=False)
+    assert [r.gated for r in results] == [gated_alone(llama, tok, guard, q["question"]) for q in questions]
+
+
+def test_guarded_scores_hold_the_prompt_decision_fixed(llama, tok, questions, guard):
+    """Gated question: every flagged token of prompt and choice clamped (a static guardrail on the full sequence);
+    ungated question: the plain model."""
+    static = dsg.Guardrail(guard.sae, features=guard.features, clamp=guard.clamp, gated=False)
+    results = score_mcq(llama, tok, questions, guardrails=[guard], batch_size=4, progress=False)
+    plain = score_mcq(llama, tok, questions, batch_size=4, progress=False)
+    for q, r, p in zip(questions, results, plain):
+        if r.gated:
+            with dsg.attach(llama, static):
+                naive = [naive_choice_logprob(llama, tok, q["question"], c) for c in q["choices"]]
+            assert max(abs(x - y) for x, y in zip(r.scores, p.scores)) > 1e-3  # the clamp did something
+        else:
+            naive = [naive_choice_logprob(llama, tok, q["question"], c) for c in q["choices"]]
+        assert r.scores == pytest.approx(naive, abs=1e-4)
+
+
+def test_two_guardrails_each_keep_their_prompt_decision(tok, questions):
+    """Guardrails on two layers: each clamps the choices exactly when it gated the prompt (under attach, where
+    the later layer judges the prompt as the earlier one edited it)."""
+    model = make_model("gpt2", len(tok))
+    g0 = dsg.Guardrail(make_sae(0), features=[3, 17, 40, 51], threshold=0.0, clamp=2.0)
+    g1 = dsg.Guardrail(make_sae(1), hook="blocks.1.hook_resid_post", features=[1, 2, 5, 9], threshold=0.0, clamp=2.0)
+    for g in (g0, g1):
+        rhos = sorted(prompt_rho(model, tok, g, q["question"]) for q in questions)
+        g.threshold = (rhos[4] + rhos[5]) / 2
+    results = score_mcq(model, tok, questions, guardrails=[g0, g1], batch_size=4, progress=False)
+    patterns = set()
+    for q, r in zip(questions, results):
+        with dsg.attach(model, g0, g1) as session, torch.no_grad():
+            model(input_ids=torch.tensor([tok(q["question"])["input_ids"]]))
+        on = [bool(x[0]) for x in session.gated_by]
+        patterns.add(tuple(on))
+        assert r.gated == any(on)
+        static = [dsg.Guardrail(g.sae, hook=g.hook, features=g.features, clamp=g.clamp, gated=False)
+                  for g, gated in zip((g0, g1), on) if gated]
+        with dsg.attach(model, *static) if static else torch.no_grad():
+            naive = [naive_choice_logprob(model, tok, q["question"], c) for c in q["choices"]]
+        assert r.scores == pytest.approx(naive, abs=1e-4)
+    assert len(patterns) >= 3  # gated by neither, by one only, by both
+
+
+def test_prompt_format_uses_question_fields(llama, tok):
+    q = {"question": "w1 w2", "choices": ["w3", "w4"], "answer": 0, "subject": "w9"}
+    r = score_mcq(llama, tok, [q], prompt_format="{subject} : {question}", progress=False)[0]
+    assert r.scores[0] == pytest.approx(naive_choice_logprob(llama, tok, "w9 : w1 w2", "w3"), abs=1e-4)
+    with pytest.raises(dsg.DSGError, match="prompt_format"):
+        score_mcq(llama, tok, [q], prompt_format="{topic} {question}", progress=False)
+
+
+# ---- letter mode ----------------------------------------------------------------------------------------------
+
+
+def test_letter_mode_picks_the_highest_letter_logit(llama, tok, questions):
+    results = score_mcq(llama, tok, questions, mode="letter", description="w5 w6 .\n\n", progress=False, batch_size=4)
+    letters = [tok.convert_tokens_to_ids(x) for x in "ABCD"]
+    for q, r in zip(questions, results):
+        prompt = letter_prompt(q, "w5 w6 .\n\n")
+        assert prompt.endswith("\nD. " + q["choices"][3] + "\nAnswer:") and prompt.startswith("w5 w6 .\n\n")
+        with torch.no_grad():
+            last = llama(input_ids=torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1]
+        assert r.prediction == int(last[letters].argmax())
+        assert r.scores == pytest.approx(last.log_softmax(-1)[letters].tolist(), abs=1e-4)
+
+
+def test_chat_letter_mode_uses_the_template(llama, tok, questions):
+    results = score_mcq(llama, tok, questions[:4], mode="letter", chat=True, progress=False)
+    q = questions[0]
+    text = letter_prompt(q, chat=True, tokenizer=tok)
+    assert text.startswith("< user > " + q["question"]) and text.endswith(" < model > Answer: (")
+    with torch.no_grad():
+        last = llama(input_ids=torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])).logits[0, -1]
+    letters = [tok.convert_tokens_to_ids(x) for x in "ABCD"]
+    assert results[0].scores == pytest.approx(last.log_softmax(-1)[letters].tolist(), abs=1e-4)
+    with pytest.raises(dsg.DSGError, match="letter"):
+        score_mcq(llama, tok, questions, chat=True, progress=False)
+
+
+# ---- base-correct subset --------------------------------------------------------------------------------------
+
+
+class Picker(torch.nn.Module):
+    """A stand-in LM for letter mode: it answers the letter whose choice is "paris", else "A"."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.tok = len(tok), tok
+        self.paris, self.dot = tok.convert_tokens_to_ids("paris"), tok.convert_tokens_to_ids(".")
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0, **_):
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        for b, row in enumerate(input_ids.tolist()):
+            pick = "A"
+            for t in range(2, len(row)):
+                if row[t] == self.paris and row[t - 1] == self.dot:
+                    pick = self.tok.convert_ids_to_tokens(row[t - 2])
+            logits[b, 0, self.tok.convert_tokens_to_ids(pick)] = 5.0
+        return tf.modeling_outputs.CausalLMOutputWithPast(logits=logits, past_key_values=None)
+
+
+def test_base_correct_subset_with_permutations(tok):
+    qs = [
+        {"question": "w1 ?", "choices": ["london", "paris", "rome", "w2"], "answer": 1},  # always right
+        {"question": "w1 ?", "choices": ["london", "paris", "rome", "w2"], "answer": 0},  # never right
+        {"question": "w1 ?", "choices": ["london", "rome", "w2", "w3"], "answer": 0},  # right only as "A"
+        {"question": "w1 ?", "choices": ["paris", "rome", "w3"], "answer": 0},  # 3 choices: 6 orderings
+    ]
+    picker = Picker(tok)
+    assert base_correct_subset(picker, tok, qs, mode="letter", progress=False) == [0, 2, 3]
+    assert base_correct_subset(picker, tok, qs, mode="letter", permutations=True, progress=False) == [0, 3]
+    assert len(choice_orderings(4)) == 24 and len(choice_orderings(3)) == 6
+    with pytest.raises(dsg.DSGError, match="120 orderings"):
+        choice_orderings(5)
+
+
+def test_accuracy_and_gate_rate_over_subsets(llama, tok, questions, guard):
+    results = score_mcq(llama, tok, questions, guardrails=[guard], progress=False)
+    assert accuracy(results) == sum(r.correct for r in results) / len(results)
+    assert accuracy(results, [0, 1]) == (results[0].correct + results[1].correct) / 2
+    assert gate_rate(results, [0]) == float(results[0].gated)
+    assert gate_rate(score_mcq(llama, tok, questions[:2], progress=False)) is None
+    with pytest.raises(dsg.DSGError):
+        accuracy(results, [])
+    with pytest.raises(dsg.DSGError):
+        accuracy(results, [99])
+
+
+# ---- perplexity -----------------------------------------------------------------------------------------------
+
+
+def test_perplexity_equals_naive(model, tok):
+    rng = random.Random(1)
+    texts = [" ".join(rng.choice(WORDS[:240]) for _ in range(rng.randint(2, 30))) for _ in range(7)]
+    got = perplexity_stats(model, tok, texts, max_length=12, batch_size=3, progress=False)
+    nll, n = 0.0, 0
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        for s in range(0, len(ids), 12):
+            w = ids[s : s + 12]
+            if len(w) < 2:
+                continue
+            with torch.no_grad():
+                lp = model(input_ids=torch.tensor([w])).logits[0].float().log_softmax(-1)
+            nll -= sum(float(lp[t - 1, w[t]]) for t in range(1, len(w)))
+            n += len(w) - 1
+    assert isinstance(got, PerplexityResult) and got.n_tokens == n and got.gate_rate is None
+    assert got.perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert perplexity(model, tok, texts, max_length=12, batch_size=1, progress=False) == pytest.approx(got.perplexity, rel=1e-5)
+
+
+def test_guarded_perplexity_is_batch_invariant(llama, tok, guard):
+    texts = [q["question"] for q in make_questions(9, seed=3)]
+    a = perplexity_stats(llama, tok, texts, guardrails=[guard], batch_size=1, progress=False)
+    b = perplexity_stats(llama, tok, texts, guardrails=[guard], batch_size=4, progress=False)
+    assert a.perplexity == pytest.approx(b.perplexity, rel=1e-5) and a.gate_rate == b.gate_rate
+    assert 0 < a.gate_rate < 1
+
+
+# ---- files ----------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_files_summary(tmp_path, llama, tok, guard):
+    files = []
+    for name, seed in (("bio", 0), ("mmlu_geo", 5)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(q) + "\n" for q in make_questions(6, seed=seed)))
+        files.append(path)
+    out = evaluate_files(llama, tok, files, guardrails=[guard], base_correct=True, progress=False, batch_size=4)
+    json.dumps(out)
+    assert set(out["tasks"]) == {"bio", "mmlu_geo"} and out["all"]["n"] == 12
+    bio = out["tasks"]["bio"]
+    direct = score_mcq(llama, tok, make_questions(6, seed=0), guardrails=[guard], progress=False)
+    base = score_mcq(llama, tok, make_questions(6, seed=0), progress=False)
+    assert bio["accuracy"] == accuracy(direct) and bio["gate_rate"] == gate_rate(direct)
+    assert bio["base_accuracy"] == accuracy(base)
+    assert bio["base_correct"]["indices"] == [r.index for r in base if r.correct]
+    given = evaluate_files(llama, tok, files[:1], base_subsets={"bio": [0, 1]}, progress=False)
+    assert given["tasks"]["bio"]["base_correct"]["n"] == 2 and given["tasks"]["bio"]["gate_rate"] is None
+    with pytest.raises(dsg.DSGError, match="distinct"):
+        evaluate_files(llama, tok, [files[0], files[0]], progress=False)
