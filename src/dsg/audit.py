@@ -41,7 +41,7 @@ def describe(path: str | os.PathLike, top: int | None = None) -> str:
     out = [
         f"Guardrail {path}" + (f" ({guard.name})" if guard.name else ""),
         f"  hook       {guard.hook}",
-        f"  gate       " + (f"rho > {guard.threshold:.4f}" if guard.gated else "static (every input)"),
+        "  gate       " + (f"rho > {guard.threshold:.4f}" if guard.gated else "static (every input)"),
         f"  clamp      -{guard.clamp:g} on {'all selected latents' if guard.clamp_mode == 'all' else 'active selected latents'} at flagged tokens",
         f"  SAE        {info.get('sae', {}).get('architecture')} d_sae={info.get('sae', {}).get('d_sae')} sha256={guard.sae_sha256[:16]}",
     ]
