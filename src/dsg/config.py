@@ -44,8 +44,12 @@ def _base_type(tp):
     return tp
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One `--field-name` option per dataclass field, with its docstring as help and its default shown."""
+def add_arguments(parser: argparse.ArgumentParser, cls_or_default, skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` option per dataclass field, with its docstring as help and its default shown.
+
+    Pass an instance instead of the class to show (and later apply, see `from_args`) other defaults.
+    """
+    cls = cls_or_default if isinstance(cls_or_default, type) else type(cls_or_default)
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
@@ -54,21 +58,25 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
             continue
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        default = f.default if isinstance(cls_or_default, type) else getattr(cls_or_default, f.name)
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=help_text)
 
 
-def from_args(cls, args: argparse.Namespace, **overrides):
-    """Build `cls` from parsed arguments: given options override the dataclass defaults."""
+def from_args(cls_or_default, args: argparse.Namespace):
+    """Build a config from parsed arguments: options given on the command line override the defaults of the
+    dataclass (or of the default instance passed in)."""
+    cls = cls_or_default if isinstance(cls_or_default, type) else type(cls_or_default)
     values = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
         if getattr(args, f.name, None) is not None
     }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
+    if isinstance(cls_or_default, type):
+        return cls(**values)
+    return dataclasses.replace(cls_or_default, **values)
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -15,6 +15,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from .guardrail import CLAMP_MODES, Guardrail
 from .hooks import check_width, resolve
 from .identity import model_fingerprint
 from .selection import SCORERS, scores, select_by_frequency, select_features
-from .stats import collect_stats, gate_rates
+from .stats import LatentSums, collect_stats, gate_rates
 
 
 @dataclass
@@ -78,8 +79,54 @@ class FitConfig:
             raise DSGError("max_length must be >= 2 and max_sequences, batch_size >= 1.")
 
 
+class CorpusStats(NamedTuple):
+    """Latent statistics of the forget and retain corpora, reusable across selection settings."""
+
+    forget: LatentSums
+    retain: LatentSums
+    forget_sequences: list[list[int]]
+    retain_sequences: list[list[int]]
+
+
 def corpus_sha256(texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
+
+
+def _sequences(tokenizer, texts: Sequence[str], config: FitConfig, salt: int) -> list[list[int]]:
+    return subsample(tokenize(tokenizer, texts, config.max_length), config.max_sequences, config.seed + salt)
+
+
+def _checked_hook(model, sae, config: FitConfig):
+    hook = config.hook or sae.hook_name
+    if not hook:
+        raise DSGError("No hook point: the SAE's config names none, so set FitConfig.hook (--hook).")
+    point = resolve(model, hook)
+    check_width(model, point, sae.d_in)
+    return hook, point
+
+
+def measure(
+    model: torch.nn.Module, tokenizer, sae, forget: Sequence[str], retain: Sequence[str],
+    config: FitConfig | None = None, *, progress: bool = True,
+) -> CorpusStats:
+    """Latent statistics of both corpora (the expensive part of `fit`); pass the result to `fit(stats=...)` to try
+    several selection settings without recomputing it. Depends on config.hook, max_length, max_sequences,
+    batch_size and seed only."""
+    config = config or FitConfig()
+    hook, _ = _checked_hook(model, sae, config)
+    for label, texts in (("forget", forget), ("retain", retain)):
+        if not any(t.strip() for t in texts):
+            raise DSGError(f"The {label} corpus is empty.")
+    forget_seqs, retain_seqs = _sequences(tokenizer, forget, config, 1), _sequences(tokenizer, retain, config, 2)
+    if not forget_seqs or not retain_seqs:
+        raise DSGError("The forget and retain corpora must each hold at least one text of two or more tokens.")
+    sae = sae.to(next(model.parameters()).device)
+    kw = dict(batch_size=config.batch_size, pad_id=pad_id_of(tokenizer, model), progress=progress)
+    return CorpusStats(
+        collect_stats(model, sae, hook, forget_seqs, desc="forget statistics", **kw),
+        collect_stats(model, sae, hook, retain_seqs, desc="retain statistics", **kw),
+        forget_seqs, retain_seqs,
+    )
 
 
 def fit(
@@ -93,30 +140,20 @@ def fit(
     *,
     name: str | None = None,
     progress: bool = True,
+    stats: CorpusStats | None = None,
 ) -> Guardrail:
-    """Fit a Dynamic SAE Guardrail for the domain of `forget` against `retain`."""
+    """Fit a Dynamic SAE Guardrail for the domain of `forget` against `retain`.
+
+    `stats` (from `measure` with the same corpora and data settings) skips the statistics pass.
+    """
     config = config or FitConfig()
-    hook = config.hook or sae.hook_name
-    if not hook:
-        raise DSGError("No hook point: the SAE's config names none, so set FitConfig.hook (--hook).")
-    point = resolve(model, hook)
-    check_width(model, point, sae.d_in)
-    for label, texts in (("forget", forget), ("retain", retain), ("calibration", calibration)):
-        if texts is not None and not any(t.strip() for t in texts):
-            raise DSGError(f"The {label} corpus is empty.")
-    sae = sae.to(next(model.parameters()).device)
-    pad = pad_id_of(tokenizer, model)
-    kw = dict(batch_size=config.batch_size, pad_id=pad, progress=progress)
-
-    def sequences(texts, salt):
-        seqs = tokenize(tokenizer, texts, config.max_length)
-        return subsample(seqs, config.max_sequences, config.seed + salt)
-
-    forget_seqs, retain_seqs = sequences(forget, 1), sequences(retain, 2)
-    if not forget_seqs or not retain_seqs:
-        raise DSGError("The forget and retain corpora must each hold at least one text of two or more tokens.")
-    f_sums = collect_stats(model, sae, hook, forget_seqs, desc="forget statistics", **kw)
-    r_sums = collect_stats(model, sae, hook, retain_seqs, desc="retain statistics", **kw)
+    hook, point = _checked_hook(model, sae, config)
+    if calibration is not None and not any(t.strip() for t in calibration):
+        raise DSGError("The calibration corpus is empty.")
+    stats = stats or measure(model, tokenizer, sae, forget, retain, config, progress=progress)
+    f_sums, r_sums = stats.forget, stats.retain
+    retain_seqs = stats.retain_sequences
+    kw = dict(batch_size=config.batch_size, pad_id=pad_id_of(tokenizer, model), progress=progress)
 
     if config.scorer == "frequency":
         features = select_by_frequency(f_sums.frequency, r_sums.frequency, config.n_features, config.retain_cutoff)
@@ -134,7 +171,7 @@ def fit(
     clamp = config.clamp * r_sums.mean_norm if config.clamp_relative_to_norm else config.clamp
 
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, name=name)
-    calib_seqs = retain_seqs if calibration is None else sequences(calibration, 3)
+    calib_seqs = retain_seqs if calibration is None else _sequences(tokenizer, calibration, config, 3)
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
     threshold = float(np.percentile(rho.double().numpy(), config.gate_percentile))
 
@@ -146,7 +183,7 @@ def fit(
         "model": model_fingerprint(model, point),
         "sae": {"sha256": sae.sha256()},
         "data": {
-            "forget": {"documents": len(forget), "sequences": len(forget_seqs), "tokens": int(f_sums.n_tokens), "sha256": corpus_sha256(forget)},
+            "forget": {"documents": len(forget), "sequences": len(stats.forget_sequences), "tokens": int(f_sums.n_tokens), "sha256": corpus_sha256(forget)},
             "retain": {"documents": len(retain), "sequences": len(retain_seqs), "tokens": int(r_sums.n_tokens), "sha256": corpus_sha256(retain)},
             "calibration": {
                 "source": "retain" if calibration is None else "calibration",
