@@ -124,7 +124,132 @@ def add_inspect(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-COMMANDS = [add_fit, add_generate, add_inspect]
+# ---- eval -----------------------------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_files
+
+    model, tokenizer = _model(args)
+    guards = _guardrails(args.guardrail, model, verify=not args.allow_model_mismatch)
+    summary = evaluate_files(
+        model, tokenizer, args.questions, guardrails=guards, mode=args.mode, base_correct=args.base_correct,
+        permutations=args.permutations, chat=args.chat, prompt_format=args.prompt_format,
+        description=args.description, batch_size=args.batch_size, verify=False, details=args.details,
+    )
+    text = json.dumps(summary, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="Score multiple-choice question files, with or without guardrails.")
+    p.add_argument("--model", required=True, help="HF model folder, or an embedded name such as smollm2-135m.")
+    p.add_argument("--guardrail", action="append", default=[], help="Guardrail directory (repeat for several).")
+    p.add_argument("--questions", nargs="+", required=True, help="WMDP/MMLU-shaped JSONL files; task name = file stem.")
+    p.add_argument("--mode", choices=["likelihood", "letter"], default="likelihood",
+                   help="likelihood: log-prob of each choice's text; letter: lm-eval's ' A'..' D' convention.")
+    p.add_argument("--prompt-format", default="{question}", help="likelihood mode: the prompt built from a question.")
+    p.add_argument("--description", default="", help="letter mode: text before each question.")
+    p.add_argument("--chat", action="store_true", help="letter mode: the SAEBench/DSG chat-template prompt.")
+    p.add_argument("--base-correct", action="store_true", help="Also report accuracy on the base model's correct subset.")
+    p.add_argument("--permutations", action="store_true", help="Base-correct means correct under all 24 choice orders.")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--details", action="store_true", help="Include every question's result.")
+    p.add_argument("--allow-model-mismatch", action="store_true")
+    p.add_argument("--out", default=None, help="Also write the JSON summary here.")
+    p.set_defaults(func=cmd_eval)
+
+
+# ---- train-sae ------------------------------------------------------------------------------------------------
+
+
+def cmd_train_sae(args) -> int:
+    from .corpus import read_corpus
+    from .train_sae import TrainConfig, save_trained_sae, train_sae
+
+    config = from_args(TrainConfig, args)
+    if args.text:
+        texts = [t for path in args.text for t in read_corpus(path)]
+    else:
+        from .data import load_domain
+
+        texts = [t for name in args.domains.split(",") for t in load_domain(name.strip()).texts["fit"]]
+    model, tokenizer = _model(args)
+    sae, metrics = train_sae(model, tokenizer, texts, config)
+    save_trained_sae(args.out, sae, metrics, model)
+    shown = {k: metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "train_tokens")}
+    print(json.dumps(shown, indent=2))
+    print(f"Wrote {args.out}")
+    return 0
+
+
+def add_train_sae(sub) -> None:
+    from .train_sae import TrainConfig
+
+    p = sub.add_parser("train-sae", help="Train a TopK (or ReLU+L1) SAE on one hook of a model; SAELens format.")
+    p.add_argument("--model", required=True, help="HF model folder, or an embedded name such as smollm2-135m.")
+    p.add_argument("--text", action="append", default=[], help="Training corpus file (.txt/.jsonl); repeatable.")
+    p.add_argument("--domains", default="cyber,hpo,geography,chemistry,general",
+                   help="Without --text: train on the 'fit' texts of these embedded data domains.")
+    p.add_argument("--out", required=True, help="Output SAE folder (cfg.json, sae_weights.safetensors, training.json).")
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_train_sae)
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+
+def cmd_data(args) -> int:
+    from .data import available_domains, export, load_domain
+
+    if args.action == "list":
+        for name in available_domains():
+            d = load_domain(name)
+            sizes = ", ".join(f"{k} {len(v)}" for k, v in {**d.texts, **d.questions}.items())
+            print(f"{name:<10} {d.role:<7} {d.description} ({sizes})")
+        return 0
+    names = args.domains.split(",") if args.domains else available_domains()
+    paths = export([n.strip() for n in names], args.out)
+    print(f"Wrote {len(paths)} files under {args.out}")
+    return 0
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="The embedded data packs: list them, or export them as JSONL files.")
+    p.add_argument("action", choices=["list", "export"])
+    p.add_argument("--domains", default=None, help="Comma-separated domains (default: all available).")
+    p.add_argument("--out", default="dsg-data", help="export: output folder.")
+    p.set_defaults(func=cmd_data)
+
+
+# ---- demo -----------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> int:
+    from .demo import DEMO_FIT, DemoConfig, main_demo
+    from .fit import FitConfig
+
+    demo = from_args(DemoConfig, args)
+    fit_config = from_args(DEMO_FIT, args)
+    assert isinstance(fit_config, FitConfig)
+    return main_demo(demo, fit_config)
+
+
+def add_demo(sub) -> None:
+    from .demo import DEMO_FIT, DemoConfig
+
+    p = sub.add_parser("demo", help="Forget cyber security in SmolLM2-135M while keeping geography and chemistry.",
+                       description="The whole pipeline on the embedded default: model, data, SAE, fit, evaluate, report.")
+    add_arguments(p, DemoConfig)
+    add_arguments(p, DEMO_FIT)
+    p.set_defaults(func=cmd_demo)
+
+
+COMMANDS = [add_demo, add_fit, add_eval, add_generate, add_inspect, add_train_sae, add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

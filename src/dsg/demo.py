@@ -48,8 +48,8 @@ class DemoConfig:
     """Test questions per task (a fixed, unbiased prefix of the test split)."""
     perplexity_texts: int = 120
     """Held-out retain documents for perplexity."""
-    batch_size: int = 16
-    """Questions or windows per forward pass."""
+    eval_batch_size: int = 16
+    """Questions per forward pass when scoring."""
     quick: bool = False
     """A reduced run for CI: 48 questions per task, 128 fit sequences, 24 perplexity texts."""
     out: str = "dsg-demo"
@@ -144,7 +144,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, fit_config, name=f"forget-{config.forget}")
     with stage("evaluate", "scoring base and guarded model"):
         evaluation = evaluate_guardrail(model, tok, guard, forget, retain, general, "test", config.questions,
-                                        config.perplexity_texts, config.batch_size)
+                                        config.perplexity_texts, config.eval_batch_size)
     forget_tasks, retain_tasks = evaluation["forget"], evaluation["retain"]
 
     results = {
