@@ -46,10 +46,20 @@ class atomic_directory:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=parent))
         return self.tmp
 
+    def _publishable(self) -> None:
+        """mkdtemp makes a private (0700) folder; give the result the permissions of an ordinary new folder."""
+        umask = os.umask(0)
+        os.umask(umask)
+        for root, dirs, files in os.walk(self.tmp):
+            os.chmod(root, 0o777 & ~umask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        self._publishable()
         if self.path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
             os.replace(self.path, old / "x")
