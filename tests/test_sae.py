@@ -126,3 +126,16 @@ def test_failed_save_leaves_nothing(tmp_path):
         sae.save(tmp_path / "file")
     assert (tmp_path / "file").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_topk_sparse_statistics_equal_dense_ones():
+    from dsg.stats import LatentSums
+
+    sae = tiny_sae(architecture="topk", k=5)
+    x = x_batch(n=50)
+    dense, sparse = LatentSums.zeros(sae.d_sae), LatentSums.zeros(sae.d_sae)
+    dense.add(sae.encode(x), x)
+    sparse.add_sparse(*sae.encode_topk(x), x)
+    for a, b in zip(dense.as_tensors(), sparse.as_tensors()):
+        assert torch.allclose(a, b, atol=1e-9)
+    assert sparse.fire_count.sum() > 0

