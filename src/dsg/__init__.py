@@ -13,6 +13,6 @@ from .stats import LatentSums, collect_stats, gate_rates
 
 __all__ += ["FitConfig", "fit", "select_features", "select_by_frequency", "LatentSums", "collect_stats", "gate_rates"]
 from .models import KNOWN_MODELS, load_model
-from .train_sae import TrainConfig, save_trained_sae, train_sae
 
-__all__ += ["KNOWN_MODELS", "load_model", "TrainConfig", "train_sae", "save_trained_sae"]
+# The SAE trainer stays at dsg.train_sae (a function of the same name would shadow the module).
+__all__ += ["KNOWN_MODELS", "load_model"]

@@ -145,6 +145,24 @@ def hooked(model: torch.nn.Module, hook: HookPoint | str, fn: Callable[[torch.Te
         handle.remove()
 
 
+def forward_to_hook(model: torch.nn.Module, hook: HookPoint | str, **inputs) -> torch.Tensor:
+    """The activation at `hook` for `model(**inputs)`, running the model only as far as the hook."""
+    captured = []
+
+    def capture(x):
+        captured.append(x)
+        raise StopForward
+
+    with hooked(model, hook, capture):
+        try:
+            model(**inputs, use_cache=False)
+        except StopForward:
+            pass
+    if not captured:
+        raise DSGError(f"The forward pass never reached hook point {getattr(hook, 'name', hook)!r}.")
+    return captured[0]
+
+
 @contextmanager
 def model_inputs(model: torch.nn.Module, fn: Callable[[dict], None]):
     """Call `fn(inputs)` before each forward of `model` with its keyword inputs (first positional as input_ids)."""

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import batches, real_token_mask, special_token_ids
-from .hooks import HookPoint, StopForward, hooked, resolve
+from .hooks import forward_to_hook, resolve
 
 
 @dataclass
@@ -86,20 +86,6 @@ class LatentSums:
         }
 
 
-def _forward_to_hook(model, point: HookPoint, ids: torch.Tensor, mask: torch.Tensor, on_acts) -> None:
-    """Run `model` on a batch only as far as `point`, handing the activations to `on_acts`."""
-
-    def capture(x):
-        on_acts(x)
-        raise StopForward
-
-    with hooked(model, point, capture):
-        try:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        except StopForward:
-            pass
-
-
 @torch.inference_mode()
 def collect_stats(
     model: torch.nn.Module,
@@ -122,14 +108,11 @@ def collect_stats(
         ids, mask = ids.to(device), mask.to(device)
         real = real_token_mask(ids, mask, specials)
 
-        def on_acts(x_BTD):
-            x_ND = x_BTD[real]
-            if sae.architecture == "topk":
-                sums.add_sparse(*sae.encode_topk(x_ND), x_ND)
-            else:
-                sums.add(sae.encode(x_ND), x_ND)
-
-        _forward_to_hook(model, point, ids, mask, on_acts)
+        x_ND = forward_to_hook(model, point, input_ids=ids, attention_mask=mask)[real]
+        if sae.architecture == "topk":
+            sums.add_sparse(*sae.encode_topk(x_ND), x_ND)
+        else:
+            sums.add(sae.encode(x_ND), x_ND)
         bar.update(int(mask.sum()))
     bar.close()
     return sums
@@ -158,9 +141,6 @@ def gate_rates(
         ids, mask = ids.to(device), mask.to(device)
         real = real_token_mask(ids, mask, specials)
 
-        def on_acts(x_BTD):
-            _, a = guardrail.flags(x_BTD, real)
-            out[idx] = guardrail.rho(a, real).cpu()
-
-        _forward_to_hook(model, point, ids, mask, on_acts)
+        _, a = guardrail.flags(forward_to_hook(model, point, input_ids=ids, attention_mask=mask), real)
+        out[idx] = guardrail.rho(a, real).cpu()
     return out

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from .corpus import batches, pad_id_of, real_token_mask, special_token_ids, tokenize
 from .errors import DSGError
 from .files import atomic_directory, write_json
-from .hooks import HookPoint, StopForward, hidden_size, hooked, resolve
+from .hooks import HookPoint, forward_to_hook, hidden_size, hooked, resolve
 from .sae import SAE
 
 TRAINING_RECORD = "training.json"
@@ -400,18 +400,7 @@ def collect_activations(
             break
         ids, mask = ids.to(device), mask.to(device)
         real = real_token_mask(ids, mask, specials)
-        captured = {}
-
-        def capture(x_BTD):
-            captured["x"] = x_BTD
-            raise StopForward
-
-        with hooked(model, point, capture):
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except StopForward:
-                pass
-        acts = captured["x"][real][: limit - filled]
+        acts = forward_to_hook(model, point, input_ids=ids, attention_mask=mask)[real][: limit - filled]
         out[filled : filled + len(acts)] = acts.to("cpu", dtype)
         filled += len(acts)
         bar.update(len(acts))
