@@ -11,7 +11,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (2 threads make them ~30x slower on a loaded 2-core machine);
+    end-to-end tests on the real model keep two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if request.node.get_closest_marker("e2e") else 1)
+    yield
+    torch.set_num_threads(before)
 
 TRAINING_TEXT = [
     "The capital of France is Paris. The capital of Japan is Tokyo. The capital of Peru is Lima.",

@@ -249,7 +249,13 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-COMMANDS = [add_demo, add_fit, add_eval, add_generate, add_inspect, add_train_sae, add_data]
+def add_compare(sub) -> None:
+    from .compare import add_compare as add
+
+    add(sub)
+
+
+COMMANDS = [add_demo, add_compare, add_fit, add_eval, add_generate, add_inspect, add_train_sae, add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:
