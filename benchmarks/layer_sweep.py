@@ -31,6 +31,8 @@ from dsg.train_sae import TrainConfig, save_trained_sae, train_sae
 
 GRIDS = {
     "default": [dict()],
+    "n": [dict(n_features=n) for n in (20, 50, 100, 200)],  # the official code's Bio sweep over N
+    "clamp": [dict(n_features=n, clamp=c) for n in (50, 100) for c in (100.0, 2000.0)],
     "wide": [
         dict(n_features=n, ratio_percentile=p, gate_percentile=g, clamp=c)
         for n, p, g, c in itertools.product([10, 20, 40], [95, 99], [95, 98], [50.0, 500.0])

@@ -50,6 +50,9 @@ class DemoConfig:
     """Held-out retain documents for perplexity."""
     eval_batch_size: int = 16
     """Questions per forward pass when scoring."""
+    normalized: bool = True
+    """Pick each question's answer by log-likelihood per character of the choice (lm-eval acc_norm); choices
+    differ a lot in length here. --no-normalized uses the summed log-likelihood (acc)."""
     quick: bool = False
     """A reduced run for CI: 48 questions per task, 128 fit sequences, 24 perplexity texts."""
     out: str = "dsg-demo"
@@ -94,7 +97,7 @@ def _questions(domain, split: str, n: int) -> list[dict]:
     return [q.to_json() for q in domain.questions[split][:n]]
 
 
-def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict) -> dict:
+def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict, norm: bool = True) -> dict:
     from .evaluate import accuracy, correct_indices, gate_rate, score_mcq
 
     key = ("mcq", name, tuple(str(q.get("id")) for q in questions))
@@ -102,14 +105,15 @@ def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict)
         cache[key] = score_mcq(model, tok, questions, batch_size=batch_size, progress=True)
     base = cache[key]
     guarded = score_mcq(model, tok, questions, guardrails=[guard], batch_size=batch_size, progress=True, verify=False)
-    subset = correct_indices(base)
+    subset = correct_indices(base, norm=norm)
     return {
         "task": name,
         "n": len(questions),
-        "base_accuracy": accuracy(base),
-        "guarded_accuracy": accuracy(guarded),
+        "scoring": "length-normalised" if norm else "summed",
+        "base_accuracy": accuracy(base, norm=norm),
+        "guarded_accuracy": accuracy(guarded, norm=norm),
         "n_base_correct": len(subset),
-        "guarded_accuracy_base_correct": accuracy(guarded, subset) if subset else None,
+        "guarded_accuracy_base_correct": accuracy(guarded, subset, norm=norm) if subset else None,
         "gate_rate": gate_rate(guarded),
         "gate_rate_base_correct": gate_rate(guarded, subset) if subset else None,
         "gated": [bool(r.gated) for r in guarded],
@@ -144,7 +148,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, fit_config, name=f"forget-{config.forget}")
     with stage("evaluate", "scoring base and guarded model"):
         evaluation = evaluate_guardrail(model, tok, guard, forget, retain, general, "test", config.questions,
-                                        config.perplexity_texts, config.eval_batch_size)
+                                        config.perplexity_texts, config.eval_batch_size, norm=config.normalized)
     forget_tasks, retain_tasks = evaluation["forget"], evaluation["retain"]
 
     results = {
@@ -191,15 +195,15 @@ def fit_corpora(forget, retain: list, general) -> tuple[list[str], list[str], li
 
 
 def evaluate_guardrail(model, tok, guard, forget, retain: list, general, split: str, n_questions: int,
-                       n_perplexity: int, batch_size: int, base_cache: dict | None = None) -> dict:
+                       n_perplexity: int, batch_size: int, base_cache: dict | None = None, norm: bool = True) -> dict:
     """Base vs guarded on `split` ("validation" or "test") questions of every domain, and perplexity on held-out
     retain text. Pass the same `base_cache` dict to reuse unguarded results across guardrails."""
     from .evaluate import perplexity_stats
 
     cache = {} if base_cache is None else base_cache
-    forget_tasks = [_task(forget.name, model, tok, _questions(forget, split, n_questions), guard, batch_size, cache)]
+    forget_tasks = [_task(forget.name, model, tok, _questions(forget, split, n_questions), guard, batch_size, cache, norm)]
     retain_tasks = [
-        _task(d.name, model, tok, _questions(d, split, n_questions), guard, batch_size, cache) for d in retain
+        _task(d.name, model, tok, _questions(d, split, n_questions), guard, batch_size, cache, norm) for d in retain
     ]
     ppl_texts = _perplexity_texts([general] + retain, n_perplexity)
     kw = dict(max_length=256, batch_size=max(1, batch_size // 2), progress=True)
