@@ -33,7 +33,7 @@ def test_demo_quick_writes_results_that_show_forgetting(demo):
     # the guardrail must do something and be selective: it gates forget questions far more often than retain ones
     assert forget["guarded_accuracy"] < forget["base_accuracy"]
     assert forget["gate_rate"] > max(t["gate_rate"] for t in results["retain"])
-    assert len(results["guardrail"]["features"]) == 20
+    assert len(results["guardrail"]["features"]) == results["fit_config"]["n_features"]
     assert set(results["seconds"]) >= {"model", "data", "sae", "fit", "evaluate", "report"}
     assert (demo / "report.md").read_text().startswith("# dsg demo")
     assert (demo / "report.png").stat().st_size > 1000

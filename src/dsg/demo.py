@@ -65,7 +65,7 @@ class DemoConfig:
 
 
 # Fit settings for the embedded default, chosen by the layer/N/percentile sweep reported in the README.
-DEMO_FIT = FitConfig(n_features=20, ratio_percentile=95, gate_percentile=95, clamp=500.0, max_length=128,
+DEMO_FIT = FitConfig(n_features=50, ratio_percentile=95, gate_percentile=95, clamp=500.0, max_length=128,
                      max_sequences=512, batch_size=16)
 QUICK_FIT_SEQUENCES = 128
 
