@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import random_ids, tiny_model, tiny_sae
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, random_ids, tiny_model, tiny_sae
 
 import dsg
 from dsg.baselines import (
@@ -34,28 +34,8 @@ from dsg.errors import DSGError
 from dsg.hooks import hooked, resolve
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads can be 30x
-    slower than one; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-FORGET = [
-    "The exploit injects a malicious payload through an unchecked buffer in the server.",
-    "An attacker escalates privileges with a crafted packet and a stolen password hash.",
-    "The malware spreads through the network and exfiltrates the stolen credentials.",
-    "A buffer overflow lets the attacker run shellcode with root privileges.",
-] * 2
-RETAIN = [
-    "The capital of France is Paris and the river Seine runs through the city.",
-    "Sodium is a soft metal and its chemical symbol is Na.",
-    "The garden had roses, tulips and a small pond with fish.",
-    "The train left the station early in the morning for the coast.",
-] * 2
+FORGET = FORGET_TEXTS * 2
+RETAIN = RETAIN_TEXTS * 2
 
 
 def ids_corpus(seed, n=8, length=12):

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-import torch
-from tiny import tiny_sae
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, tiny_sae
 
 from dsg import compare as cmp
 from dsg.compare import (
@@ -19,28 +18,8 @@ from dsg.errors import DSGError
 from dsg.fit import FitConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads can be 30x
-    slower than one; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-FORGET = [
-    "The exploit injects a malicious payload through an unchecked buffer in the server.",
-    "An attacker escalates privileges with a crafted packet and a stolen password hash.",
-    "The malware spreads through the network and exfiltrates the stolen credentials.",
-    "A buffer overflow lets the attacker run shellcode with root privileges.",
-] * 3
-RETAIN = [
-    "The capital of France is Paris and the river Seine runs through the city.",
-    "Sodium is a soft metal and its chemical symbol is Na.",
-    "The garden had roses, tulips and a small pond with fish.",
-    "The train left the station early in the morning for the coast.",
-] * 3
+FORGET = FORGET_TEXTS * 3
+RETAIN = RETAIN_TEXTS * 3
 
 
 def questions(stem, answers, n, offset=0):

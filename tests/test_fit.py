@@ -8,20 +8,10 @@ import torch
 
 import dsg
 from dsg.cli import main
-from tiny import tiny_sae
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, tiny_sae
 
-FORGET = [
-    "The exploit injects a malicious payload through an unchecked buffer in the server.",
-    "An attacker escalates privileges with a crafted packet and a stolen password hash.",
-    "The malware spreads through the network and exfiltrates the stolen credentials.",
-    "A buffer overflow lets the attacker run shellcode with root privileges.",
-] * 3
-RETAIN = [
-    "The capital of France is Paris and the river Seine runs through the city.",
-    "Sodium is a soft metal and its chemical symbol is Na.",
-    "The garden had roses, tulips and a small pond with fish.",
-    "The train left the station early in the morning for the coast.",
-] * 3
+FORGET = FORGET_TEXTS * 3
+RETAIN = RETAIN_TEXTS * 3
 
 
 @pytest.fixture

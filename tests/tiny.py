@@ -9,6 +9,21 @@ VOCAB = 96
 SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+# A few sentences of a forget domain (offensive cyber) and of unrelated retain text, for fitting on tiny models.
+FORGET_TEXTS = [
+    "The exploit injects a malicious payload through an unchecked buffer in the server.",
+    "An attacker escalates privileges with a crafted packet and a stolen password hash.",
+    "The malware spreads through the network and exfiltrates the stolen credentials.",
+    "A buffer overflow lets the attacker run shellcode with root privileges.",
+]
+RETAIN_TEXTS = [
+    "The capital of France is Paris and the river Seine runs through the city.",
+    "Sodium is a soft metal and its chemical symbol is Na.",
+    "The garden had roses, tulips and a small pond with fish.",
+    "The train left the station early in the morning for the coast.",
+]
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, d: int = 32) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, **SPECIAL)
