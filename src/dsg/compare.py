@@ -370,7 +370,7 @@ class GuardrailMethod:
                 return [{"n_features": 20, "ratio_percentile": 95.0, "clamp": 500.0}]
             if level == "default":
                 return [{"n_features": n, "ratio_percentile": p, "clamp": 500.0}
-                        for n, p in ((10, 95.0), (20, 95.0), (40, 95.0), (20, 90.0))]
+                        for n, p in ((10, 95.0), (20, 95.0), (50, 95.0), (20, 90.0))]
             return [{"n_features": n, "ratio_percentile": p, "clamp": c}
                     for n in (10, 20, 30, 50) for p in (90.0, 95.0) for c in (100.0, 500.0)]
         variant = self.name.removesuffix("_clamp")
