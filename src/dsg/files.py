@@ -23,6 +23,19 @@ def read_json(path: str | os.PathLike) -> dict:
     return data
 
 
+def read_artifact_json(folder: str | os.PathLike, name: str, fmt: str, version: int, what: str) -> dict:
+    """The JSON header of a dsg artifact folder, checked for its format tag and a version this dsg can read."""
+    folder = Path(folder)
+    if not (folder / name).is_file():
+        raise DSGError(f"{str(folder)!r} is not a {what} directory: it has no {name}.")
+    meta = read_json(folder / name)
+    if meta.get("format") != fmt:
+        raise DSGError(f"{str(folder / name)!r} is not a dsg {what} file (format={meta.get('format')!r}).")
+    if int(meta.get("format_version", 0)) > version:
+        raise DSGError(f"{str(folder / name)!r} has format_version {meta['format_version']}; this dsg reads up to {version}.")
+    return meta
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     """Deterministic JSON: sorted keys, fixed indentation, trailing newline (so equal inputs give equal bytes)."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

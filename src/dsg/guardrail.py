@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .corpus import real_token_mask, special_token_ids
 from .errors import DSGError
-from .files import atomic_directory, read_json, write_json
+from .files import atomic_directory, read_artifact_json, write_json
 from .hooks import HookPoint, check_width, hooked, model_inputs, resolve
 from .identity import model_fingerprint
 from .sae import SAE
@@ -290,15 +290,7 @@ class Guardrail:
     ) -> "Guardrail":
         """Read a saved guardrail. Passing the `sae` or `model` checks that it is the one the guardrail was made for."""
         path = Path(path)
-        if not (path / JSON_NAME).is_file():
-            raise DSGError(f"{str(path)!r} is not a guardrail directory: it has no {JSON_NAME}.")
-        meta = read_json(path / JSON_NAME)
-        if meta.get("format") != FORMAT:
-            raise DSGError(f"{str(path / JSON_NAME)!r} is not a dsg guardrail file (format={meta.get('format')!r}).")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise DSGError(
-                f"{str(path / JSON_NAME)!r} has format_version {meta['format_version']}; this dsg reads up to {FORMAT_VERSION}."
-            )
+        meta = read_artifact_json(path, JSON_NAME, FORMAT, FORMAT_VERSION, "guardrail")
         try:
             t = load_file(str(path / TENSORS_NAME))
         except Exception as e:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import DSGError
-from ..files import atomic_directory, read_json, write_json
+from ..files import atomic_directory, read_artifact_json, write_json
 from ..hooks import decoder_layers, resolve
 from ..identity import model_fingerprint, tensor_digest
 
@@ -85,14 +85,7 @@ class Edit:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Edit:
         path = Path(path)
-        if not (path / JSON_NAME).is_file():
-            raise DSGError(f"{str(path)!r} is not a weight-edit directory: it has no {JSON_NAME}.")
-        meta = read_json(path / JSON_NAME)
-        if meta.get("format") != FORMAT:
-            raise DSGError(f"{str(path / JSON_NAME)!r} is not a dsg weight edit (format={meta.get('format')!r}).")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise DSGError(f"{str(path / JSON_NAME)!r} has format_version {meta['format_version']}; "
-                           f"this dsg reads up to {FORMAT_VERSION}.")
+        meta = read_artifact_json(path, JSON_NAME, FORMAT, FORMAT_VERSION, "weight-edit")
         try:
             tensors = load_file(str(path / TENSORS_NAME))
         except Exception as e:
