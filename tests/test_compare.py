@@ -88,6 +88,19 @@ def test_config_refuses_unknown_methods_and_metrics():
         CompareConfig(forget_metric="mean")
 
 
+def test_summaries_follow_the_chosen_scoring():
+    base = {"cyber": {"correct": [True, True, False], "correct_norm": [False, True, True], "gated": [None] * 3},
+            "geo": {"correct": [True, False], "correct_norm": [True, True], "gated": [None] * 2}}
+    run = {"cyber": {"correct": [False, True, False], "correct_norm": [False, False, True], "gated": [True, True, False]},
+           "geo": {"correct": [True, True], "correct_norm": [False, True], "gated": [False, False]}}
+    summed = cmp.summarize(run, base, "cyber", norm=False)
+    normed = cmp.summarize(run, base, "cyber", norm=True)
+    assert summed["forget_accuracy_base_correct"] == 0.5 and summed["retain_pooled"] == 1.0  # subset {0, 1}
+    assert normed["forget_accuracy_base_correct"] == 0.5 and normed["retain_pooled"] == 0.5  # subset {1, 2}
+    assert summed["tasks"]["cyber"]["n_base_correct"] == normed["tasks"]["cyber"]["n_base_correct"] == 2
+    assert normed["tasks"]["cyber"]["accuracy"] == pytest.approx(1 / 3) and normed["tasks"]["cyber"]["gate_rate"] == pytest.approx(2 / 3)
+
+
 # ---- a whole (tiny) run ---------------------------------------------------------------------------------------
 
 
@@ -131,6 +144,7 @@ def test_compare_writes_json_and_a_self_contained_html_report(compared):
     assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
     assert "How does the exploit work?" in page and "<h3>geo</h3>" in page
     assert "fit FLOPs" in cmp.print_table(result)
+    assert data["scoring"].startswith("length-normalised") and "acc_norm" in page
 
 
 def test_a_second_run_in_the_same_folder_computes_nothing(compared, monkeypatch):

@@ -56,7 +56,7 @@ from .errors import DSGError
 from .files import read_json
 from .fit import FitConfig
 
-COMPARE_VERSION = 1
+COMPARE_VERSION = 2
 METHODS = ("dsg", "static_clamp", "conditional_clamp", "rmu", "ga", "graddiff", "npo")
 LABELS = {
     "dsg": "DSG (gated clamp)",
@@ -125,6 +125,9 @@ class CompareConfig:
     """Sequences per corpus for DSG/clamp latent statistics."""
     retain_threshold: float = 0.99
     """Selection rule: pooled retain accuracy must be at least this fraction of the base model's."""
+    normalized: bool = True
+    """Pick each question's answer by log-likelihood per character (lm-eval acc_norm), as `dsg demo` does;
+    --no-normalized uses the summed log-likelihood (acc). Both are stored; this picks which one selects and reports."""
     forget_metric: str = "base_correct"
     """Forget accuracy on the base model's correctly answered questions (base_correct, the paper's) or on all."""
     eval_batch_size: int = 16
@@ -567,28 +570,30 @@ def score_tasks(bench: Bench, split: str, guardrails: Sequence, batch_size: int,
     for task, qs in bench.questions[split].items():
         res = score_mcq(bench.model, bench.tokenizer, qs, guardrails=guardrails, batch_size=batch_size,
                         progress=progress, verify=False)
-        out[task] = {"correct": [bool(r.correct) for r in res], "gated": [r.gated for r in res]}
+        out[task] = {"correct": [bool(r.correct) for r in res], "correct_norm": [bool(r.correct_norm) for r in res],
+                     "gated": [r.gated for r in res]}
     return out
 
 
-def summarize(scores: dict, base: dict, forget_task: str) -> dict:
+def summarize(scores: dict, base: dict, forget_task: str, norm: bool = False) -> dict:
     """Per task (forget task first, then the retain tasks by name): accuracy, accuracy on the base-correct subset,
-    gate rate; forget metrics; pooled retain accuracy."""
+    gate rate; forget metrics; pooled retain accuracy. norm: by the length-normalised answers (acc_norm)."""
+    field = "correct_norm" if norm else "correct"
     tasks = {}
     for task in [forget_task] + sorted(t for t in scores if t != forget_task):
         s = scores[task]
-        subset = [i for i, ok in enumerate(base[task]["correct"]) if ok]
+        subset = [i for i, ok in enumerate(base[task][field]) if ok]
         gated = [g for g in s["gated"] if g is not None]
         tasks[task] = {
-            "n": len(s["correct"]),
-            "accuracy": sum(s["correct"]) / len(s["correct"]),
+            "n": len(s[field]),
+            "accuracy": sum(s[field]) / len(s[field]),
             "n_base_correct": len(subset),
-            "accuracy_base_correct": sum(s["correct"][i] for i in subset) / len(subset) if subset else None,
+            "accuracy_base_correct": sum(s[field][i] for i in subset) / len(subset) if subset else None,
             "gate_rate": sum(gated) / len(gated) if gated else None,
         }
     retain = [t for t in scores if t != forget_task]
-    n = sum(len(scores[t]["correct"]) for t in retain)
-    pooled = sum(sum(scores[t]["correct"]) for t in retain) / n if n else None
+    n = sum(len(scores[t][field]) for t in retain)
+    pooled = sum(sum(scores[t][field]) for t in retain) / n if n else None
     return {"tasks": tasks, "forget_accuracy": tasks[forget_task]["accuracy"],
             "forget_accuracy_base_correct": tasks[forget_task]["accuracy_base_correct"], "retain_pooled": pooled}
 
@@ -710,7 +715,7 @@ def run_compare(config: CompareConfig, *, bench: Bench | None = None, methods: S
         _log("scoring the base model on the validation questions")
         base_val = {"scores": score_tasks(bench, "validation", [], bs, progress)}
         store.put("base", ctx_key, base_val, ".validation")
-    base_val_summary = summarize(base_val["scores"], base_val["scores"], bench.forget_task)
+    base_val_summary = summarize(base_val["scores"], base_val["scores"], bench.forget_task, config.normalized)
 
     # -- sweep
     sweeps: dict[str, list[dict]] = {}
@@ -744,7 +749,8 @@ def run_compare(config: CompareConfig, *, bench: Bench | None = None, methods: S
             if "error" in run:
                 failed.append(run)
                 continue
-            run["validation"]["summary"] = summarize(run["validation"]["scores"], base_val["scores"], bench.forget_task)
+            run["validation"]["summary"] = summarize(run["validation"]["scores"], base_val["scores"], bench.forget_task,
+                                                     config.normalized)
             runs.append(run)
         failures[method.name] = [{"key": r["key"], "config": r["config"], "error": r["error"]} for r in failed]
         if runs:
@@ -775,7 +781,7 @@ def run_compare(config: CompareConfig, *, bench: Bench | None = None, methods: S
                                    if bench.perplexity_texts else None)
         base_test["generations"] = _generate(bench, [], config.generation_tokens)
         store.put("base", ctx_key, base_test, ".test")
-    base_test_summary = summarize(base_test["scores"], base_test["scores"], bench.forget_task)
+    base_test_summary = summarize(base_test["scores"], base_test["scores"], bench.forget_task, config.normalized)
 
     results: dict[str, dict] = {}
     for method in methods:
@@ -832,6 +838,7 @@ def run_compare(config: CompareConfig, *, bench: Bench | None = None, methods: S
         "retain_tasks": sorted(bench.retain_tasks("test")),
         "config": dataclasses.asdict(config),
         "context": context,
+        "scoring": "length-normalised log-likelihood (acc_norm)" if config.normalized else "summed log-likelihood (acc)",
         "selection_rule": (f"lowest forget accuracy ({config.forget_metric}) with pooled retain accuracy >= "
                            f"{config.retain_threshold:g} x base, on the validation questions; if none qualifies, "
                            "the highest pooled retain accuracy"),
@@ -870,7 +877,7 @@ def _generate(bench: Bench, guards, tokens: int) -> list[dict]:
 
 def _method_result(method, runs, idx, qualified, test, base_test, base_test_summary, bench, config, on_front) -> dict:
     run = runs[idx]
-    summary = summarize(test["scores"], base_test["scores"], bench.forget_task)
+    summary = summarize(test["scores"], base_test["scores"], bench.forget_task, config.normalized)
     ppl = test.get("perplexity")
     base_ppl = base_test.get("perplexity")
     ppl_change = ppl["perplexity"] / base_ppl["perplexity"] - 1 if ppl and base_ppl else None
@@ -1019,7 +1026,7 @@ def report_html(compare: dict, sweeps: dict, config: CompareConfig) -> str:
         ".gen{white-space:pre-wrap;font-family:monospace;font-size:12px}</style></head><body>",
         f"<h1>DSG against the unlearning baselines</h1><p>{e(compare['bench'])}; dsg {e(compare['dsg_version'])}; "
         f"budget {config.budget:g}; {compare['seconds']:.0f} s for this invocation.</p>",
-        f"<p>Selection rule: {e(compare['selection_rule'])}. Configurations are chosen on validation questions and "
+        f"<p>Answers by {e(compare['scoring'])}. Selection rule: {e(compare['selection_rule'])}. Configurations are chosen on validation questions and "
         "reported on disjoint test questions.</p>",
     ]
     header, rows = table_rows(compare)
