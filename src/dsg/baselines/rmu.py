@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -136,6 +137,31 @@ def steering_vector(d: int, coeff: float, seed: int) -> torch.Tensor:
     return (coeff * u / u.norm()).float()
 
 
+class _Setup(NamedTuple):
+    layer: int
+    point: Any
+    device: torch.device
+    pad_id: int
+    specials: Any
+    f_seqs: list
+    r_seqs: list
+    f_batches: list
+    r_batches: list
+
+
+def _setup(model, tokenizer, forget, retain, config: RMUConfig) -> _Setup:
+    """What training and the objective share: the steered layer, its hook, the token windows and the fixed batch
+    orders (forget and retain, each from its own seed)."""
+    layer = default_layer(model) if config.layer is None else config.layer
+    point = resolve(model, f"blocks.{layer}.hook_resid_post")
+    pad_id = pad_id_of(tokenizer, model) if tokenizer is not None else (model.config.pad_token_id or 0)
+    f_seqs = as_sequences(tokenizer, forget, config.max_length)
+    r_seqs = as_sequences(tokenizer, retain, config.max_length)
+    return _Setup(layer, point, next(model.parameters()).device, pad_id, special_token_ids(model), f_seqs, r_seqs,
+                  fixed_batches(len(f_seqs), config.batch_size, config.seed + 1),
+                  fixed_batches(len(r_seqs), config.batch_size, config.seed + 2))
+
+
 def rmu(
     model: torch.nn.Module,
     tokenizer,
@@ -147,17 +173,11 @@ def rmu(
 ) -> Edit:
     """Train RMU on `model` (texts or token-id lists) and return the edit; the model itself is left unchanged."""
     config = config or RMUConfig()
-    layer = default_layer(model) if config.layer is None else config.layer
+    s = _setup(model, tokenizer, forget, retain, config)
+    layer, point, device, pad_id, specials = s.layer, s.point, s.device, s.pad_id, s.specials
+    f_seqs, r_seqs, f_batches, r_batches = s.f_seqs, s.r_seqs, s.f_batches, s.r_batches
     layers = updated_layers(model, layer)
     names = down_projection_names(model, layers)
-    point = resolve(model, f"blocks.{layer}.hook_resid_post")
-    device = next(model.parameters()).device
-    pad_id = pad_id_of(tokenizer, model) if tokenizer is not None else (model.config.pad_token_id or 0)
-    specials = special_token_ids(model)
-    f_seqs = as_sequences(tokenizer, forget, config.max_length)
-    r_seqs = as_sequences(tokenizer, retain, config.max_length)
-    f_batches = fixed_batches(len(f_seqs), config.batch_size, config.seed + 1)
-    r_batches = fixed_batches(len(r_seqs), config.batch_size, config.seed + 2)
     base_fp = whole_model_fingerprint(model)
     seed_everything(config.seed)
     cost = Cost()
@@ -211,20 +231,14 @@ def rmu_loss(model, tokenizer, forget, retain, config: RMUConfig, edit: Edit | N
     For tests and diagnostics."""
     from .weights import edited
 
-    layer = default_layer(model) if config.layer is None else config.layer
-    point = resolve(model, f"blocks.{layer}.hook_resid_post")
-    device = next(model.parameters()).device
-    pad_id = pad_id_of(tokenizer, model) if tokenizer is not None else (model.config.pad_token_id or 0)
-    specials = special_token_ids(model)
-    f_seqs = as_sequences(tokenizer, forget, config.max_length)
-    r_seqs = as_sequences(tokenizer, retain, config.max_length)
-    f_batches = fixed_batches(len(f_seqs), config.batch_size, config.seed + 1)[: config.steps]
-    r_batches = fixed_batches(len(r_seqs), config.batch_size, config.seed + 2)[: config.steps]
-    frozen = frozen_activations(model, point, r_seqs, r_batches, pad_id, specials, device)
+    s = _setup(model, tokenizer, forget, retain, config)
+    f_batches, r_batches = s.f_batches[: config.steps], s.r_batches[: config.steps]
+    args = (s.pad_id, s.specials, s.device)
+    frozen = frozen_activations(model, s.point, s.r_seqs, r_batches, *args)
     with edited(model, edit if edit is not None else {}, verify=edit is not None):
-        h_f = frozen_activations(model, point, f_seqs, f_batches, pad_id, specials, device)
-        h_r = frozen_activations(model, point, r_seqs, r_batches, pad_id, specials, device)
-    control = steering_vector(h_f[0].shape[-1], config.steering_coeff, config.seed).to(device)
+        h_f = frozen_activations(model, s.point, s.f_seqs, f_batches, *args)
+        h_r = frozen_activations(model, s.point, s.r_seqs, r_batches, *args)
+    control = steering_vector(h_f[0].shape[-1], config.steering_coeff, config.seed).to(s.device)
     forget_loss = torch.cat([(h - control).square().sum(-1) for h in h_f]).mean()
     retain_loss = torch.cat([(h - z).square().sum(-1) for h, z in zip(h_r, frozen)]).mean()
     return {"loss": float(forget_loss + config.alpha * retain_loss), "forget": float(forget_loss),
