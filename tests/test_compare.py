@@ -1,5 +1,6 @@
 """`dsg compare`: selection rule, Pareto front, resumability and the report, on a tiny model and synthetic data."""
 
+import dataclasses
 import json
 
 import pytest
@@ -227,6 +228,14 @@ def test_cli_options_come_from_the_config_dataclass():
     assert (config.budget, config.method_names(), config.keep_edits, config.out) == (0.1, ["dsg", "rmu"], True, "x")
     assert args.func is cmp.cmd_compare
     assert "paper's rule" in sub.choices["compare"].format_help()
+    # options shared with `dsg demo` come from the common base, with their help text
+    from dsg.config import field_docs
+    from dsg.demo import DemoConfig
+
+    docs = field_docs(CompareConfig)
+    assert set(docs) == {f.name for f in dataclasses.fields(CompareConfig)}
+    assert docs["normalized"] == field_docs(DemoConfig)["normalized"] and "acc_norm" in docs["normalized"]
+    assert "acc_norm" in " ".join(sub.choices["compare"].format_help().split())
 
 
 def test_compare_on_your_own_model_and_files_through_the_command(tiny_llama, tmp_path, capsys):

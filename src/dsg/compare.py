@@ -54,6 +54,7 @@ import torch
 from . import __version__
 from .errors import DSGError
 from .files import read_json
+from .demo import BenchSetting
 from .fit import FitConfig
 
 COMPARE_VERSION = 2
@@ -82,19 +83,9 @@ PROMPTS = {
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(BenchSetting):
     """What `dsg compare` runs on, how much it sweeps, and where it writes."""
 
-    model: str = "smollm2-135m"
-    """Model: an embedded name or a local HF folder."""
-    sae: str | None = None
-    """SAE folder; default: the SAE shipped for the embedded model."""
-    forget: str = "cyber"
-    """Forget domain (embedded data; see `dsg data list`)."""
-    retain: str = "geography,chemistry"
-    """Comma-separated retain domains with questions (embedded data)."""
-    general: str = "general"
-    """Retain domain of general text (fit corpora, calibration, perplexity, prompts)."""
     forget_corpus: str | None = None
     """Your own data instead of the embedded domains: forget corpus (.txt/.jsonl)."""
     retain_corpus: str | None = None
@@ -125,13 +116,8 @@ class CompareConfig:
     """Sequences per corpus for DSG/clamp latent statistics."""
     retain_threshold: float = 0.99
     """Selection rule: pooled retain accuracy must be at least this fraction of the base model's."""
-    normalized: bool = True
-    """Pick each question's answer by log-likelihood per character (lm-eval acc_norm), as `dsg demo` does;
-    --no-normalized uses the summed log-likelihood (acc). Both are stored; this picks which one selects and reports."""
     forget_metric: str = "base_correct"
     """Forget accuracy on the base model's correctly answered questions (base_correct, the paper's) or on all."""
-    eval_batch_size: int = 16
-    """Questions per forward pass when scoring."""
     keep_edits: bool = False
     """Keep every configuration's weight edit (default: only the chosen ones)."""
     seed: int = 0

@@ -24,10 +24,13 @@ from .errors import DSGError
 
 @cache
 def field_docs(cls) -> dict[str, str]:
-    """{field name: the docstring literal written under it}."""
+    """{field name: the docstring literal written under it}, including fields inherited from dataclass bases."""
+    docs = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
-    docs = {}
     for prev, node in zip(body, body[1:]):
         if (
             isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)

@@ -31,28 +31,34 @@ from .fit import FitConfig
 
 
 @dataclass
-class DemoConfig:
-    """What the demo runs on and how big it is."""
+class BenchSetting:
+    """What `dsg demo` and `dsg compare` both run on: model, SAE, domains, and how questions are scored."""
 
     model: str = "smollm2-135m"
     """Model: an embedded name or a local HF folder."""
     sae: str | None = None
     """SAE folder; default: the SAE shipped for the embedded model."""
     forget: str = "cyber"
-    """Forget domain (see `dsg data list`)."""
+    """Forget domain (embedded data; see `dsg data list`)."""
     retain: str = "geography,chemistry"
-    """Comma-separated retain domains with questions."""
+    """Comma-separated retain domains with questions (embedded data)."""
     general: str = "general"
     """Retain domain of general text (fit statistics, calibration, perplexity)."""
-    questions: int = 300
-    """Test questions per task (a fixed, unbiased prefix of the test split)."""
-    perplexity_texts: int = 120
-    """Held-out retain documents for perplexity."""
     eval_batch_size: int = 16
     """Questions per forward pass when scoring."""
     normalized: bool = True
     """Pick each question's answer by log-likelihood per character of the choice (lm-eval acc_norm); choices
     differ a lot in length here. --no-normalized uses the summed log-likelihood (acc)."""
+
+
+@dataclass
+class DemoConfig(BenchSetting):
+    """What the demo runs on and how big it is."""
+
+    questions: int = 300
+    """Test questions per task (a fixed, unbiased prefix of the test split)."""
+    perplexity_texts: int = 120
+    """Held-out retain documents for perplexity."""
     quick: bool = False
     """A reduced run for CI: 48 questions per task, 128 fit sequences, 24 perplexity texts."""
     out: str = "dsg-demo"
