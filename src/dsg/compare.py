@@ -104,9 +104,10 @@ class CompareConfig(BenchSetting):
     """Scales training steps linearly; < 0.5 runs one configuration per method, >= 2 the wide grids."""
     grid: str | None = None
     """JSON file {method: [config, ...]} replacing those methods' built-in grids (keys: the method's config fields)."""
-    validation_questions: int = 60
-    """Validation questions per task (used to pick each method's configuration)."""
-    test_questions: int = 120
+    validation_questions: int = 120
+    """Validation questions per task (used to pick each method's configuration). With 2 retain tasks the 99 % rule
+    then tolerates 2 lost retain questions; fewer questions make the rule mostly noise."""
+    test_questions: int = 150
     """Test questions per task (reported for the chosen configurations)."""
     perplexity_texts: int = 32
     """Held-out retain documents for perplexity (test phase only)."""
@@ -364,12 +365,13 @@ class GuardrailMethod:
                     for n in (10, 20, 30, 50) for p in (90.0, 95.0) for c in (100.0, 500.0)]
         variant = self.name.removesuffix("_clamp")
         if level == "smoke":
-            return [{"variant": variant, "n_features": 20, "retain_cutoff": 0.01, "clamp": 200.0}]
+            return [{"variant": variant, "n_features": 20, "retain_cutoff": 0.01, "clamp": 100.0}]
         if level == "default":
+            # small clamps too: ungated, a large -c on every token where a latent fires wrecks retain perplexity
             return [{"variant": variant, "n_features": n, "retain_cutoff": 0.01, "clamp": c}
-                    for n, c in ((10, 200.0), (20, 200.0), (20, 500.0))]
+                    for n, c in ((10, 25.0), (20, 25.0), (20, 100.0))]
         return [{"variant": variant, "n_features": n, "retain_cutoff": r, "clamp": c}
-                for n in (10, 20, 50) for r in (0.001, 0.01) for c in (50.0, 200.0, 500.0)]
+                for n in (10, 20, 50) for r in (0.001, 0.01) for c in (10.0, 50.0, 200.0)]
 
     def fit_config(self, bench: Bench, cfg: dict) -> FitConfig:
         from .baselines.sae_clamp import ClampConfig, clamp_fit_config
@@ -425,26 +427,31 @@ class TrainingMethod:
 
     def grid(self, bench: Bench, budget: float) -> list[dict]:
         level = _level(budget)
+        # Step counts and learning rates are scaled for a CPU budget: the paper trains 400-800 steps at lr 5e-6 to
+        # 5e-5 on a 2B model; here ~20-120 steps at larger rates, which probes on the embedded default showed to be
+        # the range between "no effect" (RMU at lr 1e-4, GA at 2e-5: forget accuracy unchanged) and collapse (GA at
+        # 1e-4: perplexity +430 %).
         if self.name == "rmu":
             # steering coefficient as a multiple of the mean residual norm at layer ℓ (absolute c transfers badly)
-            base = {"layer": bench.layer, "steps": _steps(40, budget), "batch_size": 4, "max_length": 128, "lr": 1e-4}
+            base = {"layer": bench.layer, "steps": _steps(120, budget), "batch_size": 4, "max_length": 128}
             if level == "smoke":
-                pts = [(2.0, 100.0, 1e-4)]
+                pts = [(3.0, 100.0, 1e-3)]
             elif level == "default":
-                pts = [(m, a, 1e-4) for m in (1.0, 3.0) for a in (10.0, 100.0)]
+                pts = [(m, a, 1e-3) for m, a in ((1.0, 100.0), (3.0, 100.0), (3.0, 300.0), (6.0, 100.0))]
             else:
-                pts = [(m, a, lr) for m in (0.5, 1.0, 2.0, 4.0) for a in (10.0, 100.0, 1000.0) for lr in (5e-5, 1e-4)]
+                pts = [(m, a, lr) for m in (1.0, 3.0, 6.0) for a in (30.0, 100.0, 300.0, 1000.0) for lr in (5e-4, 1e-3)]
             return [base | {"steering_norm_multiple": m, "alpha": a, "lr": lr} for m, a, lr in pts]
         base = {"method": self.name, "steps": _steps(20, budget), "batch_size": 4, "max_length": 64, "params": "mlp"}
         if self.name == "ga":
-            lrs = {"smoke": (1e-4,), "default": (2e-5, 1e-4), "wide": (1e-5, 2e-5, 5e-5, 1e-4)}[level]
+            lrs = {"smoke": (5e-5,), "default": (3e-5, 5e-5, 7e-5), "wide": (2e-5, 3e-5, 5e-5, 7e-5, 1e-4)}[level]
             return [base | {"lr": lr} for lr in lrs]
         if self.name == "graddiff":
-            pts = {"smoke": [(1e-4, 1.0, "nll")], "default": [(1e-4, 1.0, "nll"), (1e-4, 5.0, "nll")],
-                   "wide": [(lr, a, r) for lr in (2e-5, 5e-5, 1e-4) for a in (0.1, 1.0, 5.0, 10.0) for r in ("nll", "kl")]}[level]
+            pts = {"smoke": [(1e-4, 1.0, "nll")], "default": [(5e-5, 1.0, "nll"), (1e-4, 1.0, "nll"), (1e-4, 5.0, "nll")],
+                   "wide": [(lr, a, r) for lr in (5e-5, 1e-4, 2e-4) for a in (0.1, 1.0, 5.0, 10.0) for r in ("nll", "kl")]}[level]
             return [base | {"lr": lr, "alpha": a, "retain_loss": r} for lr, a, r in pts]
-        pts = {"smoke": [(1e-4, 1.0, 0.1, "nll")], "default": [(1e-4, 1.0, 0.1, "nll"), (1e-4, 1.0, 0.1, "kl")],
-               "wide": [(lr, a, b, r) for lr in (5e-5, 1e-4) for a in (0.1, 1.0) for b in (0.1, 1.0) for r in ("nll", "kl")]}[level]
+        pts = {"smoke": [(1e-4, 1.0, 0.1, "nll")],
+               "default": [(5e-5, 1.0, 0.1, "nll"), (1e-4, 1.0, 0.1, "nll"), (1e-4, 1.0, 0.1, "kl")],
+               "wide": [(lr, a, b, r) for lr in (5e-5, 1e-4, 2e-4) for a in (0.1, 1.0) for b in (0.1, 1.0) for r in ("nll", "kl")]}[level]
         return [base | {"lr": lr, "alpha": a, "beta": b, "retain_loss": r} for lr, a, b, r in pts]
 
     def fit(self, bench: Bench, cfg: dict, shared: SharedStats, run_dir: Path, progress: bool) -> Fitted:
