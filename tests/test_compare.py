@@ -137,6 +137,12 @@ def test_compare_writes_json_and_a_self_contained_html_report(compared):
         assert len(r["generations"]) == 2
         assert isinstance(r["chosen"]["qualified"], bool)
         assert (r["dominated_by_dsg_validation"] is None) == (name == "dsg")
+        if name != "dsg":  # the test-split position agrees with the test numbers
+            a = {"forget": data["methods"]["dsg"]["test"]["forget"], "retain": data["methods"]["dsg"]["test"]["retain_pooled"]}
+            b = {"forget": r["test"]["forget"], "retain": r["test"]["retain_pooled"]}
+            expected = ("dsg dominates" if dominates(a, b) else "dominates dsg" if dominates(b, a)
+                        else "equal" if a == b else "trade-off")
+            assert r["test_vs_dsg"] == expected
     assert data["fit_time_ratio_rmu_over_dsg"] > 0
     assert data["pareto_front_validation"]
     assert len(list((out / "runs" / "rmu").glob("*.json"))) == 2  # the sweep result and the test result
@@ -144,7 +150,7 @@ def test_compare_writes_json_and_a_self_contained_html_report(compared):
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
     assert "How does the exploit work?" in page and "<h3>geo</h3>" in page
-    assert "fit FLOPs" in cmp.print_table(result)
+    assert "fit FLOPs" in cmp.print_table(result) and "against DSG (test)" in cmp.print_table(result)
     assert data["scoring"].startswith("length-normalised") and "acc_norm" in page
 
 
@@ -301,7 +307,7 @@ def test_a_grid_file_replaces_built_in_grids_and_refuses_unknown_settings(tiny_l
     grids = {m.name: m.grid(bench, 1.0) for m in methods}
     assert grids["conditional_clamp"] == [{"variant": "conditional", "n_features": 5, "clamp": 25.0}]
     assert grids["npo"] == [{"method": "npo", "beta": 1.0, "retain_loss": "kl"}]
-    assert len(grids["dsg"]) == 4  # untouched
+    assert grids["dsg"] == cmp.make_methods(["dsg"])[0].grid(bench, 1.0)  # untouched
     edit = methods[2].fit(bench, grids["rmu"][0], None, tmp_path / "e", False).edit
     assert edit.info["config"]["steering_coeff"] == 6.5 and edit.info["config"]["layer"] == bench.layer
     path.write_text(json.dumps({"rmu": [{"learning_rate": 1e-4}]}))

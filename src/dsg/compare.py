@@ -359,10 +359,14 @@ class GuardrailMethod:
             if level == "smoke":
                 return [{"n_features": 20, "ratio_percentile": 95.0, "clamp": 500.0}]
             if level == "default":
-                return [{"n_features": n, "ratio_percentile": p, "clamp": 500.0}
-                        for n, p in ((10, 95.0), (20, 95.0), (50, 95.0), (20, 90.0))]
-            return [{"n_features": n, "ratio_percentile": p, "clamp": c}
-                    for n in (10, 20, 30, 50) for p in (90.0, 95.0) for c in (100.0, 500.0)]
+                # the gate percentile defaults to the bench's (95, the paper's); stricter gates trade forget-domain
+                # coverage for fewer retain inputs clamped
+                return ([{"n_features": n, "ratio_percentile": p, "clamp": 500.0}
+                         for n, p in ((10, 95.0), (20, 95.0), (50, 95.0), (20, 90.0))]
+                        + [{"n_features": n, "ratio_percentile": 95.0, "clamp": 500.0, "gate_percentile": g}
+                           for n, g in ((20, 99.0), (50, 98.0), (50, 99.0))])
+            return [{"n_features": n, "ratio_percentile": p, "clamp": c, "gate_percentile": g}
+                    for n in (10, 20, 30, 50) for p in (90.0, 95.0) for c in (100.0, 500.0) for g in (95.0, 98.0)]
         variant = self.name.removesuffix("_clamp")
         if level == "smoke":
             return [{"variant": variant, "n_features": 20, "retain_cutoff": 0.01, "clamp": 100.0}]
@@ -923,12 +927,13 @@ def table_rows(compare: dict) -> tuple[list[str], list[list[str]]]:
     methods = compare["methods"]
     forget_task, retain_tasks = compare["forget_task"], compare["retain_tasks"]
     header = (["method", "chosen config", "qualified", f"{forget_task} acc %", f"{forget_task} base-correct %"]
-              + [f"{t} %" for t in retain_tasks] + ["ppl change", "fit s", "fit FLOPs", "dominated by DSG (val)"])
+              + [f"{t} %" for t in retain_tasks]
+              + ["ppl change", "fit s", "fit FLOPs", "dominated by DSG (val)", "against DSG (test)"])
     base = compare["base"]["test"]
     ppl = compare["base"]["perplexity"]
     rows = [["base model", "-", "-", _pct(base["forget_accuracy"]), _pct(base["forget_accuracy_base_correct"])]
             + [_pct(base["tasks"][t]["accuracy"]) for t in retain_tasks]
-            + [f"ppl {ppl['perplexity']:.2f}" if ppl else "-", "-", "-", "-"]]
+            + [f"ppl {ppl['perplexity']:.2f}" if ppl else "-", "-", "-", "-", "-"]]
     for name, r in methods.items():
         t = r["test"]
         dom = r.get("dominated_by_dsg_validation")
@@ -936,7 +941,8 @@ def table_rows(compare: dict) -> tuple[list[str], list[list[str]]]:
                      _pct(t["forget_accuracy"]), _pct(t["forget_accuracy_base_correct"])]
                     + [_pct(t["retain"].get(k)) for k in retain_tasks]
                     + ["-" if t["perplexity_change"] is None else f"{100 * t['perplexity_change']:+.2f}%",
-                       f"{r['fit_seconds']:.1f}", _flops(r["flops"]), "-" if dom is None else ("yes" if dom else "no")])
+                       f"{r['fit_seconds']:.1f}", _flops(r["flops"]), "-" if dom is None else ("yes" if dom else "no"),
+                       r.get("test_vs_dsg", "-")])
     return header, rows
 
 
