@@ -360,11 +360,14 @@ class GuardrailMethod:
                 return [{"n_features": 20, "ratio_percentile": 95.0, "clamp": 500.0}]
             if level == "default":
                 # the gate percentile defaults to the bench's (95, the paper's); stricter gates trade forget-domain
-                # coverage for fewer retain inputs clamped
+                # coverage for fewer retain inputs clamped. clamp_mode "active" (only the latents that fire) is
+                # gentler on the retain inputs the gate lets through by mistake.
                 return ([{"n_features": n, "ratio_percentile": p, "clamp": 500.0}
                          for n, p in ((10, 95.0), (20, 95.0), (50, 95.0), (20, 90.0))]
                         + [{"n_features": n, "ratio_percentile": 95.0, "clamp": 500.0, "gate_percentile": g}
-                           for n, g in ((20, 99.0), (50, 98.0), (50, 99.0))])
+                           for n, g in ((20, 99.0), (50, 98.0), (50, 99.0))]
+                        + [{"n_features": 50, "ratio_percentile": 95.0, "clamp": 500.0, "gate_percentile": 98.0,
+                            "clamp_mode": "active"}])
             return [{"n_features": n, "ratio_percentile": p, "clamp": c, "gate_percentile": g}
                     for n in (10, 20, 30, 50) for p in (90.0, 95.0) for c in (100.0, 500.0) for g in (95.0, 98.0)]
         variant = self.name.removesuffix("_clamp")
