@@ -504,9 +504,8 @@ class TrainingMethod:
 def residual_norm(bench: Bench, layer: int, max_length: int, n: int = 32) -> float:
     """Mean L2 norm of layer `layer`'s output over the real tokens of the first `n` retain windows."""
     from .baselines.common import as_sequences, batch_tensors
-    from .baselines.rmu import layer_output
     from .corpus import pad_id_of, real_token_mask, special_token_ids
-    from .hooks import resolve
+    from .hooks import forward_to_hook, resolve
 
     seqs = as_sequences(bench.tokenizer, bench.retain_texts, max_length)[:n]
     point = resolve(bench.model, f"blocks.{layer}.hook_resid_post")
@@ -514,7 +513,8 @@ def residual_norm(bench: Bench, layer: int, max_length: int, n: int = 32) -> flo
     total, count = 0.0, 0
     for s in range(0, len(seqs), 8):
         ids, mask = batch_tensors(seqs, range(s, min(s + 8, len(seqs))), pad, next(bench.model.parameters()).device)
-        h = layer_output(bench.model, point, ids, mask)[real_token_mask(ids, mask, specials)]
+        h = forward_to_hook(bench.model, point, input_ids=ids, attention_mask=mask)
+        h = h[real_token_mask(ids, mask, specials)]
         total += float(h.float().norm(dim=-1).sum())
         count += h.shape[0]
     return total / max(count, 1)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..corpus import pad_id_of, real_token_mask, special_token_ids
 from ..errors import DSGError
-from ..hooks import StopForward, decoder_layers, hidden_size, hooked, resolve
+from ..hooks import decoder_layers, forward_to_hook, hidden_size, resolve
 from .common import (
     Cost,
     as_sequences,
@@ -104,22 +104,6 @@ def updated_layers(model: torch.nn.Module, layer: int) -> list[int]:
     return list(range(max(0, layer - 2), layer + 1))
 
 
-def layer_output(model: torch.nn.Module, point, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """h_ℓ [B, T, D] for a batch, running the model only as far as layer ℓ (with gradients if enabled)."""
-    seen = []
-
-    def grab(x):
-        seen.append(x)
-        raise StopForward
-
-    with hooked(model, point, grab):
-        try:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        except StopForward:
-            pass
-    return seen[0]
-
-
 @torch.no_grad()
 def frozen_activations(model, point, seqs, batches, pad_id: int, specials, device) -> list[torch.Tensor]:
     """Per fixed batch, the layer-ℓ activations at its real tokens [N_real, D] under the current weights."""
@@ -127,7 +111,7 @@ def frozen_activations(model, point, seqs, batches, pad_id: int, specials, devic
     for idx in batches:
         ids, mask = batch_tensors(seqs, idx, pad_id, device)
         real = real_token_mask(ids, mask, specials)
-        out.append(layer_output(model, point, ids, mask)[real].detach().clone())
+        out.append(forward_to_hook(model, point, input_ids=ids, attention_mask=mask)[real].detach().clone())
     return out
 
 
@@ -197,13 +181,13 @@ def rmu(
             fi, ri = step % len(f_batches), step % len(r_batches)
             ids, mask = batch_tensors(f_seqs, f_batches[fi], pad_id, device)
             real = real_token_mask(ids, mask, specials)
-            h_f = layer_output(model, point, ids, mask)[real]
+            h_f = forward_to_hook(model, point, input_ids=ids, attention_mask=mask)[real]
             forget_loss = (h_f - control.to(h_f.dtype)).square().sum(-1).mean()
             tokens = ids.numel()
 
             ids, mask = batch_tensors(r_seqs, r_batches[ri], pad_id, device)
             real = real_token_mask(ids, mask, specials)
-            h_r = layer_output(model, point, ids, mask)[real]
+            h_r = forward_to_hook(model, point, input_ids=ids, attention_mask=mask)[real]
             retain_loss = (h_r - frozen[ri]).square().sum(-1).mean()
             tokens += ids.numel()
 
