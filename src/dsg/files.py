@@ -1,4 +1,4 @@
-"""Small file helpers shared by every artifact writer and reader: atomic output and checked JSON."""
+"""Small file helpers shared by every artifact writer and reader: atomic output, checked JSON and safetensors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from safetensors.torch import load_file
 
 from .errors import DSGError
 
@@ -21,6 +23,19 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise DSGError(f"{str(path)!r} must hold a JSON object.")
     return data
+
+
+def read_safetensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict:
+    """The tensors of a safetensors file, or a DSGError naming the file (and any `required` tensor it lacks)."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several exception types for missing or corrupt files
+        raise DSGError(f"Cannot read {str(path)!r} as safetensors: {e}.") from None
+    missing = [n for n in required if n not in tensors]
+    if missing:
+        raise DSGError(f"{str(path)!r} lacks tensor(s) {missing}; it holds {sorted(tensors)}.")
+    return tensors
 
 
 def read_artifact_json(folder: str | os.PathLike, name: str, fmt: str, version: int, what: str) -> dict:

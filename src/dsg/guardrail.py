@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
 from .corpus import real_token_mask, special_token_ids
 from .errors import DSGError
-from .files import atomic_directory, read_artifact_json, write_json
+from .files import atomic_directory, read_artifact_json, read_safetensors, write_json
 from .hooks import HookPoint, check_width, hooked, model_inputs, resolve
 from .identity import model_fingerprint
 from .sae import SAE
@@ -291,10 +291,7 @@ class Guardrail:
         """Read a saved guardrail. Passing the `sae` or `model` checks that it is the one the guardrail was made for."""
         path = Path(path)
         meta = read_artifact_json(path, JSON_NAME, FORMAT, FORMAT_VERSION, "guardrail")
-        try:
-            t = load_file(str(path / TENSORS_NAME))
-        except Exception as e:
-            raise DSGError(f"Cannot read {str(path / TENSORS_NAME)!r}: {e}.") from None
+        t = read_safetensors(path / TENSORS_NAME)
         sae_meta = meta["sae"]
         if sae is not None and sae.sha256() != sae_meta["sha256"]:
             raise DSGError(

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import DSGError
+from .files import atomic_directory, read_json, read_safetensors, write_json
 from .identity import tensor_digest
-from .files import atomic_directory, read_json, write_json
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -219,17 +219,6 @@ class SAE(torch.nn.Module):
 # ---- readers ------------------------------------------------------------------------------------------------
 
 
-def _read_safetensors(path: Path, required: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises several exception types for corrupt files
-        raise DSGError(f"Cannot read {str(path)!r} as safetensors: {e}.") from None
-    missing = [n for n in required if n not in tensors]
-    if missing:
-        raise DSGError(f"{str(path)!r} lacks tensor(s) {missing}; it holds {sorted(tensors)}.")
-    return tensors
-
-
 def _check_dims(cfg: dict, sae: SAE, path: Path) -> SAE:
     for key in ("d_in", "d_sae"):
         if key in cfg and cfg[key] is not None and int(cfg[key]) != getattr(sae, key):
@@ -261,7 +250,7 @@ def _load_saelens(path: Path) -> SAE:
     if arch not in ARCHITECTURES:
         raise DSGError(f"{str(path / 'cfg.json')!r}: architecture {arch!r} is not supported; expected one of {ARCHITECTURES}.")
     required = ("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
-    t = _read_safetensors(path / SAELENS_WEIGHTS, required)
+    t = read_safetensors(path / SAELENS_WEIGHTS, required)
     sae = SAE(
         t["W_enc"], t["W_dec"], t["b_enc"], t["b_dec"], architecture=arch, threshold=t.get("threshold"),
         k=int(k) if k is not None else None, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
@@ -277,7 +266,7 @@ def _load_sparsify(path: Path) -> SAE:
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise DSGError(f"{str(path / 'cfg.json')!r}: sparsify activation {activation!r} is not supported; expected 'topk'.")
-    t = _read_safetensors(path / SPARSIFY_WEIGHTS, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
+    t = read_safetensors(path / SPARSIFY_WEIGHTS, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
     sae = SAE(
         t["encoder.weight"].T.contiguous(), t["W_dec"], t["encoder.bias"], t["b_dec"], architecture="topk",
         k=int(cfg["k"]) if "k" in cfg else None, apply_b_dec_to_input=True,

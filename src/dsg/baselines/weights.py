@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .. import __version__
 from ..errors import DSGError
-from ..files import atomic_directory, read_artifact_json, write_json
+from ..files import atomic_directory, read_artifact_json, read_safetensors, write_json
 from ..hooks import decoder_layers, resolve
 from ..identity import model_fingerprint, tensor_digest
 
@@ -86,10 +86,7 @@ class Edit:
     def load(cls, path: str | os.PathLike) -> Edit:
         path = Path(path)
         meta = read_artifact_json(path, JSON_NAME, FORMAT, FORMAT_VERSION, "weight-edit")
-        try:
-            tensors = load_file(str(path / TENSORS_NAME))
-        except Exception as e:
-            raise DSGError(f"Cannot read {str(path / TENSORS_NAME)!r}: {e}.") from None
+        tensors = read_safetensors(path / TENSORS_NAME)
         info = {k: v for k, v in meta.items() if k not in ("format", "format_version", "tensors")}
         return cls(tensors, info)
 
