@@ -23,10 +23,11 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
-from ..corpus import pad_batch, tokenize
+from ..corpus import pad_batch, pad_id_of, tokenize
 from ..errors import DSGError
 from ..hooks import decoder_layers
 
@@ -57,6 +58,27 @@ def fixed_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return [order[s : s + batch_size] for s in range(0, n, batch_size)]
+
+
+class Windows(NamedTuple):
+    """Both corpora as token windows, with their fixed batch orders and the id that pads them."""
+
+    pad_id: int
+    forget: list[list[int]]
+    retain: list[list[int]]
+    forget_batches: list[list[int]]
+    retain_batches: list[list[int]]
+
+
+def training_windows(model: torch.nn.Module, tokenizer, forget: Sequence, retain: Sequence, max_length: int,
+                     batch_size: int, seed: int, use_retain: bool = True) -> Windows:
+    """What every training baseline and its diagnostic objective read: forget and retain windows (texts or token-id
+    lists), each batch order from its own seed (forget seed+1, retain seed+2); no retain windows if not use_retain."""
+    pad_id = pad_id_of(tokenizer, model) if tokenizer is not None else (model.config.pad_token_id or 0)
+    f_seqs = as_sequences(tokenizer, forget, max_length)
+    r_seqs = as_sequences(tokenizer, retain, max_length) if use_retain else []
+    return Windows(pad_id, f_seqs, r_seqs, fixed_batches(len(f_seqs), batch_size, seed + 1),
+                   fixed_batches(len(r_seqs), batch_size, seed + 2) if use_retain else [])
 
 
 def batch_tensors(seqs: Sequence[Sequence[int]], idx: Sequence[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,19 +36,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import check_choice
-from ..corpus import pad_id_of
 from ..errors import DSGError
 from .common import (
     Cost,
-    as_sequences,
     batch_tensors,
-    fixed_batches,
     forward_params,
     layer_of,
     layer_params,
     mlp_parameter_names,
     seed_everything,
     training,
+    training_windows,
 )
 from .weights import Edit, make_edit, whole_model_fingerprint
 
@@ -178,6 +176,11 @@ def _reference(model, seqs, batches, pad_id, device, what: str, k: int) -> list:
     return out
 
 
+def _windows(model, tokenizer, forget, retain, config: GradientConfig):
+    return training_windows(model, tokenizer, forget, retain, config.max_length, config.batch_size, config.seed,
+                            use_retain=config.uses_retain)
+
+
 def unlearn_gradient(
     model: torch.nn.Module,
     tokenizer,
@@ -191,13 +194,7 @@ def unlearn_gradient(
     config = config or GradientConfig()
     names = trainable_names(model, config.params)
     device = next(model.parameters()).device
-    pad_id = pad_id_of(tokenizer, model) if tokenizer is not None else (model.config.pad_token_id or 0)
-    f_seqs = as_sequences(tokenizer, forget, config.max_length)
-    f_batches = fixed_batches(len(f_seqs), config.batch_size, config.seed + 1)
-    r_seqs, r_batches = [], []
-    if config.uses_retain:
-        r_seqs = as_sequences(tokenizer, retain, config.max_length)
-        r_batches = fixed_batches(len(r_seqs), config.batch_size, config.seed + 2)
+    pad_id, f_seqs, r_seqs, f_batches, r_batches = _windows(model, tokenizer, forget, retain, config)
     base_fp = whole_model_fingerprint(model)
     seed_everything(config.seed)
 
@@ -273,11 +270,8 @@ def gradient_loss(model, tokenizer, forget, retain, config: GradientConfig, edit
     from .weights import edited
 
     device = next(model.parameters()).device
-    pad_id = pad_id_of(tokenizer, model) if tokenizer is not None else (model.config.pad_token_id or 0)
-    f_seqs = as_sequences(tokenizer, forget, config.max_length)
-    f_batches = fixed_batches(len(f_seqs), config.batch_size, config.seed + 1)[: config.steps]
-    r_seqs = as_sequences(tokenizer, retain, config.max_length) if config.uses_retain else []
-    r_batches = fixed_batches(len(r_seqs), config.batch_size, config.seed + 2)[: config.steps] if r_seqs else []
+    pad_id, f_seqs, r_seqs, f_batches, r_batches = _windows(model, tokenizer, forget, retain, config)
+    f_batches, r_batches = f_batches[: config.steps], r_batches[: config.steps]
     ref_f = _reference(model, f_seqs, f_batches, pad_id, device, "sequence", 0)
     ref_r = _reference(model, r_seqs, r_batches, pad_id, device, "topk", config.kl_top_k) if r_batches else []
     forget_terms, retain_terms = [], []

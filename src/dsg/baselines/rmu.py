@@ -26,18 +26,17 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ..corpus import pad_id_of, real_token_mask, special_token_ids
+from ..corpus import real_token_mask, special_token_ids
 from ..errors import DSGError
 from ..hooks import decoder_layers, forward_to_hook, hidden_size, resolve
 from .common import (
     Cost,
-    as_sequences,
     batch_tensors,
-    fixed_batches,
     forward_params,
     layer_params,
     seed_everything,
     training,
+    training_windows,
 )
 from .weights import Edit, make_edit, whole_model_fingerprint
 
@@ -138,12 +137,9 @@ def _setup(model, tokenizer, forget, retain, config: RMUConfig) -> _Setup:
     orders (forget and retain, each from its own seed)."""
     layer = default_layer(model) if config.layer is None else config.layer
     point = resolve(model, f"blocks.{layer}.hook_resid_post")
-    pad_id = pad_id_of(tokenizer, model) if tokenizer is not None else (model.config.pad_token_id or 0)
-    f_seqs = as_sequences(tokenizer, forget, config.max_length)
-    r_seqs = as_sequences(tokenizer, retain, config.max_length)
-    return _Setup(layer, point, next(model.parameters()).device, pad_id, special_token_ids(model), f_seqs, r_seqs,
-                  fixed_batches(len(f_seqs), config.batch_size, config.seed + 1),
-                  fixed_batches(len(r_seqs), config.batch_size, config.seed + 2))
+    w = training_windows(model, tokenizer, forget, retain, config.max_length, config.batch_size, config.seed)
+    return _Setup(layer, point, next(model.parameters()).device, w.pad_id, special_token_ids(model),
+                  w.forget, w.retain, w.forget_batches, w.retain_batches)
 
 
 def rmu(
