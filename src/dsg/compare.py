@@ -389,7 +389,7 @@ class GuardrailMethod:
 
     def fit(self, bench: Bench, cfg: dict, shared: SharedStats, run_dir: Path, progress: bool) -> Fitted:
         from .baselines.common import forward_params
-        from .fit import _sequences, fit
+        from .fit import fit
 
         stats = shared.get()
         fc = self.fit_config(bench, cfg)
@@ -398,8 +398,7 @@ class GuardrailMethod:
         guard = fit(bench.model, bench.tokenizer, bench.sae, bench.forget_texts, bench.retain_texts, calibration, fc,
                     name=self.name, progress=progress, stats=stats)
         own = time.perf_counter() - t
-        calib = calibration if calibration is not None else bench.retain_texts
-        calib_tokens = sum(len(s) for s in _sequences(bench.tokenizer, calib, fc, 3))
+        calib_tokens = guard.info["data"]["calibration"]["tokens"]
         own_flops = 2.0 * (forward_params(bench.model, bench.layer) + bench.sae.d_in * len(guard.features)) * calib_tokens
         cost = {
             "seconds": round(shared.cost["seconds"] + own, 3),

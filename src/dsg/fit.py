@@ -188,6 +188,7 @@ def fit(
             "calibration": {
                 "source": "retain" if calibration is None else "calibration",
                 "sequences": len(calib_seqs),
+                "tokens": sum(len(s) for s in calib_seqs),
                 "sha256": corpus_sha256(retain if calibration is None else calibration),
             },
         },
