@@ -1,8 +1,8 @@
 """Which layer (and which guardrail settings) for the embedded default: train an SAE per layer, fit, evaluate.
 
 Everything is chosen on the *validation* questions; the demo reports the *test* questions. Per layer:
-  1. train a TopK SAE on the "fit" texts of every data domain (dsg.train_sae),
-  2. measure latent statistics once (dsg.fit.measure),
+  1. train a TopK SAE on the "fit" texts of every data domain (dsg.sae.train),
+  2. measure latent statistics once (dsg.guard.fit.measure),
   3. fit guardrails over a small grid of (N, p_ratio, p_dyn, clamp) reusing those statistics,
   4. score base vs guarded on validation questions and held-out retain perplexity.
 
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from dsg.bench.demo import evaluate_guardrail
+from dsg.bench.setting import DEMO_FIT, fit_corpora
 from dsg.data import load_domain
-from dsg.demo import DEMO_FIT, evaluate_guardrail, fit_corpora
-from dsg.fit import fit, measure
-from dsg.models import load_model
+from dsg.guard.fit import fit, measure
+from dsg.lm.models import load_model
 from dsg.sae import SAE
-from dsg.train_sae import TrainConfig, save_trained_sae, train_sae
+from dsg.sae.train import TrainConfig, save_trained_sae, train_sae
 
 GRIDS = {
     "default": [dict()],
@@ -43,9 +44,12 @@ GRIDS = {
 def summarize(ev: dict) -> dict:
     f = ev["forget"][0]
     out = {
-        "forget_base": f["base_accuracy"], "forget_guarded": f["guarded_accuracy"],
-        "forget_base_correct": f["guarded_accuracy_base_correct"], "forget_gate": f["gate_rate"],
-        "ppl_change": ev["perplexity"]["relative_change"], "ppl_gate": ev["perplexity"]["gate_rate"],
+        "forget_base": f["base_accuracy"],
+        "forget_guarded": f["guarded_accuracy"],
+        "forget_base_correct": f["guarded_accuracy_base_correct"],
+        "forget_gate": f["gate_rate"],
+        "ppl_change": ev["perplexity"]["relative_change"],
+        "ppl_gate": ev["perplexity"]["gate_rate"],
     }
     for t in ev["retain"]:
         out[f"{t['task']}_relative"] = t["guarded_accuracy"] / t["base_accuracy"] if t["base_accuracy"] else None
@@ -69,8 +73,14 @@ def main() -> None:
     torch.set_num_threads(2)
 
     model, tok = load_model(args.model)
-    forget, retain, general = load_domain("cyber"), [load_domain("geography"), load_domain("chemistry")], load_domain("general")
-    train_texts = [t for name in ("cyber", "hpo", "geography", "chemistry", "general") for t in load_domain(name).texts["fit"]]
+    forget, retain, general = (
+        load_domain("cyber"),
+        [load_domain("geography"), load_domain("chemistry")],
+        load_domain("general"),
+    )
+    train_texts = [
+        t for name in ("cyber", "hpo", "geography", "chemistry", "general") for t in load_domain(name).texts["fit"]
+    ]
     forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general)
     base_cache: dict = {}
     rows = []
@@ -81,7 +91,9 @@ def main() -> None:
             sae = SAE.load(sae_path)
             sae_metrics = json.loads((sae_path / "training.json").read_text())["metrics"]
         else:
-            cfg = TrainConfig(hook=hook, d_sae=args.d_sae, k=args.k, n_tokens=args.n_tokens, unique_tokens=args.n_tokens)
+            cfg = TrainConfig(
+                hook=hook, d_sae=args.d_sae, k=args.k, n_tokens=args.n_tokens, unique_tokens=args.n_tokens
+            )
             t = time.perf_counter()
             sae, sae_metrics = train_sae(model, tok, train_texts, cfg)
             save_trained_sae(sae_path, sae, sae_metrics, model)
@@ -91,18 +103,51 @@ def main() -> None:
         for overrides in GRIDS[args.grid]:
             cfg = dataclasses.replace(config, **overrides)
             guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, cfg, stats=stats)
-            ev = evaluate_guardrail(model, tok, guard, forget, retain, general, "validation", args.questions,
-                                    args.perplexity_texts, 16, base_cache)
-            row = {"layer": layer, **overrides, "threshold": guard.threshold, "features": guard.features,
-                   "sae": {k: sae_metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered")},
-                   **summarize(ev)}
+            ev = evaluate_guardrail(
+                model,
+                tok,
+                guard,
+                forget,
+                retain,
+                general,
+                "validation",
+                args.questions,
+                args.perplexity_texts,
+                16,
+                base_cache,
+            )
+            row = {
+                "layer": layer,
+                **overrides,
+                "threshold": guard.threshold,
+                "features": guard.features,
+                "sae": {k: sae_metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered")},
+                **summarize(ev),
+            }
             rows.append(row)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "features"}), flush=True)
+            print(
+                json.dumps(
+                    {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "features"}
+                ),
+                flush=True,
+            )
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
 
-    keys = ["layer", "n_features", "ratio_percentile", "gate_percentile", "clamp", "forget_base_correct",
-            "forget_gate", "geography_relative", "chemistry_relative", "geography_gate", "chemistry_gate", "ppl_change"]
+    keys = [
+        "layer",
+        "n_features",
+        "ratio_percentile",
+        "gate_percentile",
+        "clamp",
+        "forget_base_correct",
+        "forget_gate",
+        "geography_relative",
+        "chemistry_relative",
+        "geography_gate",
+        "chemistry_gate",
+        "ppl_change",
+    ]
     print("\n" + "  ".join(f"{k[:14]:>14}" for k in keys))
     for r in rows:
         vals = [r.get(k, DEMO_FIT.__dict__.get(k)) for k in keys]

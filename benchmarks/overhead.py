@@ -17,21 +17,32 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dsg
-from dsg.hooks import StopForward, hooked, resolve
-from dsg.stats import collect_stats
+from dsg.guard.stats import collect_stats
+from dsg.lm.hooks import StopForward, hooked, resolve
 
 
 def smollm2_shaped(layers: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -41,9 +52,16 @@ def random_sae(d_in: int, d_sae: int, arch: str, hook: str, always_on: list[int]
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     b_enc = torch.randn(d_sae, generator=g) * 0.1
     b_enc[always_on] = 1e4  # these latents fire on every token: the worst case for the clamp
-    return dsg.SAE(W_dec.T.clone(), W_dec, b_enc, torch.zeros(d_in), architecture=arch,
-                   threshold=torch.full((d_sae,), 0.05) if arch == "jumprelu" else None,
-                   k=64 if arch == "topk" else None, hook_name=hook)
+    return dsg.SAE(
+        W_dec.T.clone(),
+        W_dec,
+        b_enc,
+        torch.zeros(d_in),
+        architecture=arch,
+        threshold=torch.full((d_sae,), 0.05) if arch == "jumprelu" else None,
+        k=64 if arch == "topk" else None,
+        hook_name=hook,
+    )
 
 
 def timed(fn) -> float:
@@ -86,22 +104,26 @@ def main() -> None:
             with g.attach(model, verify=False) as session:
                 forward()
             assert bool(session.gated.all()) == (g is always)
+
         return run
 
     def to_hook():
         def stop(_x):
             raise StopForward
-        with hooked(model, point, stop):
-            try:
-                forward()
-            except StopForward:
-                pass
+
+        with hooked(model, point, stop), suppress(StopForward):
+            forward()
 
     def stats():
         collect_stats(model, sae, hook, seqs, batch_size=args.batch, pad_id=2, progress=False)
 
-    runs = {"unguarded": forward, "guarded_all_gated": guarded(always), "guarded_none_gated": guarded(never),
-            "forward_to_hook": to_hook, "statistics": stats}
+    runs = {
+        "unguarded": forward,
+        "guarded_all_gated": guarded(always),
+        "guarded_none_gated": guarded(never),
+        "forward_to_hook": to_hook,
+        "statistics": stats,
+    }
     with torch.inference_mode():
         for fn in runs.values():  # warm-up
             fn()
@@ -109,7 +131,10 @@ def main() -> None:
         for r in range(args.repeats):
             for name, fn in runs.items():
                 times[name].append(timed(fn))
-            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+            print(
+                f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+                flush=True,
+            )
 
     def ratio(a, b):
         return statistics.median(x / y for x, y in zip(times[a], times[b]))

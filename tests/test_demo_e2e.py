@@ -38,21 +38,69 @@ def test_demo_quick_writes_results_that_show_forgetting(demo):
     assert (demo / "report.md").read_text().startswith("# dsg demo")
     assert (demo / "report.png").stat().st_size > 1000
     assert (demo / "guardrail" / "guardrail.json").exists()
+    for name, check in results["targets"].items():  # each target's verdict follows from its recorded value
+        assert check["met"] == _meets(name, check["value"]), name
+
+
+def _meets(name: str, value: float) -> bool:
+    from dsg.bench.demo import TARGETS
+
+    if name == "forget_base_correct_accuracy":
+        return value <= TARGETS["forget_base_correct_accuracy_max"]
+    if name == "forget_gate_rate":
+        return value >= TARGETS["forget_gate_rate_min"]
+    if name == "perplexity_relative_change":
+        return abs(value) <= TARGETS["perplexity_relative_change_max"]
+    if name.endswith("_relative_accuracy"):
+        return value >= TARGETS["retain_relative_accuracy_min"]
+    return value <= TARGETS["retain_gate_rate_max"]
+
+
+def test_the_written_guardrail_reproduces_the_reported_forget_numbers(demo):
+    """results.json is not a claim: scoring the same test questions with the saved guardrail gives its numbers."""
+    from dsg import Guardrail
+    from dsg.bench.setting import domain_questions
+    from dsg.data import load_domain
+    from dsg.eval import score_mcq, summarize_task
+    from dsg.models import load_model
+
+    results = json.loads((demo / "results.json").read_text())
+    reported = results["forget"][0]
+    model, tok = load_model("smollm2-135m")
+    guard = Guardrail.load(demo / "guardrail", model=model)
+    assert guard.features == results["guardrail"]["features"] and guard.threshold == results["guardrail"]["threshold"]
+    qs = domain_questions(load_domain("cyber"), "test", reported["n"])
+    bs = results["config"]["eval_batch_size"]  # as the demo batched them, so not even float rounding differs
+    base = score_mcq(model, tok, qs, batch_size=bs, progress=False)
+    guarded = score_mcq(model, tok, qs, intervention=guard, batch_size=bs, progress=False)
+    s = summarize_task([r.correct_norm for r in guarded], [r.gated for r in guarded], [r.correct_norm for r in base])
+    assert (s.accuracy, s.base_accuracy, s.gate_rate) == (
+        reported["guarded_accuracy"],
+        reported["base_accuracy"],
+        reported["gate_rate"],
+    )
+    assert s.accuracy_base_correct == reported["guarded_accuracy_base_correct"]
 
 
 def test_cached_generation_matches_reference_on_smollm2(demo):
     from dsg import Guardrail
-    from dsg.corpus import pad_batch
-    from dsg.generation import reference_generate
+    from dsg.lm.text import pad_batch
     from dsg.models import load_model
+    from dsg.runtime.generation import reference_generate
 
     model, tok = load_model("smollm2-135m")
     guard = Guardrail.load(demo / "guardrail", model=model)
     prompts = ["CWE-79 is a weakness where an attacker injects scripts into", "The capital city of Norway is"]
     ids, mask = pad_batch([tok(p)["input_ids"] for p in prompts], tok.pad_token_id, side="left")
     with torch.no_grad(), guard.attach(model) as session:
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=None)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=None,
+        )
     ref, gated = reference_generate(model, ids, mask, [guard], 8)
-    assert torch.equal(out[:, ids.shape[1]:], ref)
+    assert torch.equal(out[:, ids.shape[1] :], ref)
     assert torch.equal(session.gated, gated)

@@ -13,11 +13,10 @@ import transformers as tf
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import dsg
-from dsg.evaluate import (
+from dsg.eval import (
     PerplexityResult,
     accuracy,
     base_correct_subset,
-    choice_orderings,
     evaluate_files,
     gate_rate,
     letter_prompt,
@@ -26,10 +25,19 @@ from dsg.evaluate import (
     read_questions,
     score_mcq,
 )
+from dsg.eval.mcq import choice_orderings
+from dsg.guard import rule
+from dsg.lm.hooks import hooked
+from dsg.lm.text import real_token_mask
+
+from tiny import tiny_model
 
 WORDS = [f"w{i}" for i in range(240)] + ["paris", "london", "rome", "Answer", "A", "B", "C", "D", "E", "user", "model"]
 PUNCT = [":", ".", "(", "?", "<", ">", "</", ",", "!"]
-CHAT = "{% for m in messages %}< user > {{ m['content'] }} </ user >{% endfor %}{% if add_generation_prompt %} < model > {% endif %}"
+CHAT = (
+    "{% for m in messages %}< user > {{ m['content'] }} </ user >{% endfor %}"
+    "{% if add_generation_prompt %} < model > {% endif %}"
+)
 
 
 # ---- tiny model, tokenizer, guardrail (private: built from configs in code) -----------------------------------
@@ -40,31 +48,11 @@ def make_tokenizer() -> tf.PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
-                                      pad_token="[PAD]", unk_token="[UNK]")
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]"
+    )
     fast.chat_template = CHAT
     return fast
-
-
-def make_model(arch: str, vocab: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, **ids)
-        return tf.LlamaForCausalLM(cfg).eval()
-    cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
-    return tf.GPT2LMHeadModel(cfg).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread handoffs cost
-    tens of times the work itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +62,12 @@ def tok():
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def model(request, tok):
-    return make_model(request.param, len(tok))
+    return tiny_model(request.param, seed=0, vocab=len(tok), positions=256)
 
 
 @pytest.fixture(scope="module")
 def llama(tok):
-    return make_model("llama", len(tok))
+    return tiny_model("llama", seed=0, vocab=len(tok))
 
 
 def make_questions(n: int, seed: int = 0, n_choices: int = 4) -> list[dict]:
@@ -97,19 +85,20 @@ def make_sae(seed: int = 0) -> dsg.SAE:
     W_dec = torch.randn(64, 32, generator=g)
     W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
     b_enc = torch.full((64,), -0.02)  # residuals here have norm ~0.1: each latent fires on roughly 1 token in 5
-    return dsg.SAE(W_dec.T.clone(), W_dec, b_enc, torch.zeros(32),
-                   architecture="standard", hook_name="blocks.0.hook_resid_post")
+    return dsg.SAE(
+        W_dec.T.clone(), W_dec, b_enc, torch.zeros(32), architecture="standard", hook_name="blocks.0.hook_resid_post"
+    )
 
 
 def prompt_rho(model, tok, guard: dsg.Guardrail, prompt: str) -> float:
     """rho of one prompt, from the hooked activations (the rule in guardrail.py's docstring)."""
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     seen = {}
-    with dsg.hooks.hooked(model, guard.hook, lambda x: seen.setdefault("x", x)):
+    with hooked(model, guard.hook, lambda x: seen.setdefault("x", x)):
         model(input_ids=ids)
-    real = dsg.corpus.real_token_mask(ids, None, [0, 1, 2])
+    real = real_token_mask(ids, None, [0, 1, 2])
     _, a = guard.flags(seen["x"], real)
-    return float(guard.rho(a, real)[0])
+    return float(rule.rho(a, real)[0])
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +189,7 @@ def test_likelihood_equals_naive_full_sequence(model, tok, questions):
 @pytest.mark.parametrize("guarded", [False, True])
 def test_batch_size_invariance(llama, tok, questions, guard, guarded):
     guards = (guard,) if guarded else ()
-    runs = [score_mcq(llama, tok, questions, guardrails=guards, batch_size=bs, progress=False) for bs in (1, 3, 4)]
+    runs = [score_mcq(llama, tok, questions, intervention=guards, batch_size=bs, progress=False) for bs in (1, 3, 4)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert a.scores == pytest.approx(b.scores, abs=1e-4)
@@ -210,7 +199,7 @@ def test_batch_size_invariance(llama, tok, questions, guard, guarded):
 
 
 def test_gate_decision_is_the_prompt_alone(llama, tok, questions, guard):
-    results = score_mcq(llama, tok, questions, guardrails=[guard], batch_size=4, progress=False)
+    results = score_mcq(llama, tok, questions, intervention=[guard], batch_size=4, progress=False)
     assert [r.gated for r in results] == [gated_alone(llama, tok, guard, q["question"]) for q in questions]
 
 
@@ -218,7 +207,7 @@ def test_guarded_scores_hold_the_prompt_decision_fixed(llama, tok, questions, gu
     """Gated question: every flagged token of prompt and choice clamped (a static guardrail on the full sequence);
     ungated question: the plain model."""
     static = dsg.Guardrail(guard.sae, features=guard.features, clamp=guard.clamp, gated=False)
-    results = score_mcq(llama, tok, questions, guardrails=[guard], batch_size=4, progress=False)
+    results = score_mcq(llama, tok, questions, intervention=[guard], batch_size=4, progress=False)
     plain = score_mcq(llama, tok, questions, batch_size=4, progress=False)
     for q, r, p in zip(questions, results, plain):
         if r.gated:
@@ -233,22 +222,25 @@ def test_guarded_scores_hold_the_prompt_decision_fixed(llama, tok, questions, gu
 def test_two_guardrails_each_keep_their_prompt_decision(tok, questions):
     """Guardrails on two layers: each clamps the choices exactly when it gated the prompt (under attach, where
     the later layer judges the prompt as the earlier one edited it)."""
-    model = make_model("gpt2", len(tok))
+    model = tiny_model("gpt2", seed=0, vocab=len(tok), positions=256)
     g0 = dsg.Guardrail(make_sae(0), features=[3, 17, 40, 51], threshold=0.0, clamp=2.0)
     g1 = dsg.Guardrail(make_sae(1), hook="blocks.1.hook_resid_post", features=[1, 2, 5, 9], threshold=0.0, clamp=2.0)
     for g in (g0, g1):
         rhos = sorted(prompt_rho(model, tok, g, q["question"]) for q in questions)
         g.threshold = (rhos[4] + rhos[5]) / 2
-    results = score_mcq(model, tok, questions, guardrails=[g0, g1], batch_size=4, progress=False)
+    results = score_mcq(model, tok, questions, intervention=[g0, g1], batch_size=4, progress=False)
     patterns = set()
     for q, r in zip(questions, results):
         with dsg.attach(model, g0, g1) as session, torch.no_grad():
             model(input_ids=torch.tensor([tok(q["question"])["input_ids"]]))
-        on = [bool(x[0]) for x in session.gated_by]
+        on = [bool(x) for x in session.decisions()[0]]
         patterns.add(tuple(on))
         assert r.gated == any(on)
-        static = [dsg.Guardrail(g.sae, hook=g.hook, features=g.features, clamp=g.clamp, gated=False)
-                  for g, gated in zip((g0, g1), on) if gated]
+        static = [
+            dsg.Guardrail(g.sae, hook=g.hook, features=g.features, clamp=g.clamp, gated=False)
+            for g, gated in zip((g0, g1), on)
+            if gated
+        ]
         with dsg.attach(model, *static) if static else torch.no_grad():
             naive = [naive_choice_logprob(model, tok, q["question"], c) for c in q["choices"]]
         assert r.scores == pytest.approx(naive, abs=1e-4)
@@ -330,7 +322,7 @@ def test_base_correct_subset_with_permutations(tok):
 
 
 def test_accuracy_and_gate_rate_over_subsets(llama, tok, questions, guard):
-    results = score_mcq(llama, tok, questions, guardrails=[guard], progress=False)
+    results = score_mcq(llama, tok, questions, intervention=[guard], progress=False)
     assert accuracy(results) == sum(r.correct for r in results) / len(results)
     assert accuracy(results, [0, 1]) == (results[0].correct + results[1].correct) / 2
     assert gate_rate(results, [0]) == float(results[0].gated)
@@ -361,13 +353,15 @@ def test_perplexity_equals_naive(model, tok):
             n += len(w) - 1
     assert isinstance(got, PerplexityResult) and got.n_tokens == n and got.gate_rate is None
     assert got.perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
-    assert perplexity(model, tok, texts, max_length=12, batch_size=1, progress=False) == pytest.approx(got.perplexity, rel=1e-5)
+    assert perplexity(model, tok, texts, max_length=12, batch_size=1, progress=False) == pytest.approx(
+        got.perplexity, rel=1e-5
+    )
 
 
 def test_guarded_perplexity_is_batch_invariant(llama, tok, guard):
     texts = [q["question"] for q in make_questions(9, seed=3)]
-    a = perplexity_stats(llama, tok, texts, guardrails=[guard], batch_size=1, progress=False)
-    b = perplexity_stats(llama, tok, texts, guardrails=[guard], batch_size=4, progress=False)
+    a = perplexity_stats(llama, tok, texts, intervention=[guard], batch_size=1, progress=False)
+    b = perplexity_stats(llama, tok, texts, intervention=[guard], batch_size=4, progress=False)
     assert a.perplexity == pytest.approx(b.perplexity, rel=1e-5) and a.gate_rate == b.gate_rate
     assert 0 < a.gate_rate < 1
 
@@ -381,11 +375,11 @@ def test_evaluate_files_summary(tmp_path, llama, tok, guard):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps(q) + "\n" for q in make_questions(6, seed=seed)))
         files.append(path)
-    out = evaluate_files(llama, tok, files, guardrails=[guard], base_correct=True, progress=False, batch_size=4)
+    out = evaluate_files(llama, tok, files, intervention=[guard], base_correct=True, progress=False, batch_size=4)
     json.dumps(out)
     assert set(out["tasks"]) == {"bio", "mmlu_geo"} and out["all"]["n"] == 12
     bio = out["tasks"]["bio"]
-    direct = score_mcq(llama, tok, make_questions(6, seed=0), guardrails=[guard], progress=False)
+    direct = score_mcq(llama, tok, make_questions(6, seed=0), intervention=[guard], progress=False)
     base = score_mcq(llama, tok, make_questions(6, seed=0), progress=False)
     assert bio["accuracy"] == accuracy(direct) and bio["gate_rate"] == gate_rate(direct)
     assert bio["base_accuracy"] == accuracy(base)

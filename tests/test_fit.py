@@ -8,6 +8,7 @@ import torch
 
 import dsg
 from dsg.cli import main
+
 from tiny import FORGET_TEXTS, RETAIN_TEXTS, tiny_sae
 
 FORGET = FORGET_TEXTS * 3
@@ -37,15 +38,25 @@ def test_fit_selects_by_the_rule_and_calibrates_the_threshold(fitted):
 def test_save_load_round_trip_is_byte_identical_and_behaves_the_same(fitted, tmp_path):
     model, tok, sae, guard = fitted
     guard.save(tmp_path / "a")
-    again = dsg.fit(model, tok, sae, FORGET, RETAIN,
-                    config=dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=16, batch_size=3),
-                    progress=False)
+    again = dsg.fit(
+        model,
+        tok,
+        sae,
+        FORGET,
+        RETAIN,
+        config=dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=16, batch_size=3),
+        progress=False,
+    )
     again.save(tmp_path / "b")
     for name in ("guardrail.json", "guardrail.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     loaded = dsg.Guardrail.load(tmp_path / "a", sae=sae, model=model)
     assert (loaded.features, loaded.threshold, loaded.clamp, loaded.hook) == (
-        guard.features, guard.threshold, guard.clamp, guard.hook)
+        guard.features,
+        guard.threshold,
+        guard.clamp,
+        guard.hook,
+    )
     ids = tok(FORGET[:2] + RETAIN[:2], return_tensors="pt", padding=True)
     with torch.no_grad():
         with guard.attach(model) as s1:
@@ -59,11 +70,11 @@ def test_save_load_round_trip_is_byte_identical_and_behaves_the_same(fitted, tmp
 def test_topk_guardrail_carries_its_sae(tiny_llama, tmp_path):
     model, tok = tiny_llama
     sae = tiny_sae(d_in=model.config.hidden_size, architecture="topk", k=8)
-    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=dsg.FitConfig(n_features=3, max_length=16),
-                    progress=False)
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=dsg.FitConfig(n_features=3, max_length=16), progress=False)
     guard.save(tmp_path / "g")
     assert (tmp_path / "g" / "sae" / "cfg.json").exists()
-    assert dsg.Guardrail.load(tmp_path / "g").sae.sha256() == sae.sha256()
+    loaded = dsg.Guardrail.load(tmp_path / "g")
+    assert loaded.sae.sha256() == sae.sha256() == loaded.sae_sha256
 
 
 def test_loading_against_another_sae_or_model_refuses(fitted, tmp_path, tiny_gpt2):
@@ -98,8 +109,9 @@ def test_fit_rejects_bad_config():
 def test_static_frequency_scorer_fits(tiny_llama):
     model, tok = tiny_llama
     sae = tiny_sae(d_in=model.config.hidden_size)
-    config = dsg.FitConfig(scorer="frequency", retain_cutoff=1.0, gated=False, clamp_mode="active", n_features=3,
-                           max_length=16)
+    config = dsg.FitConfig(
+        scorer="frequency", retain_cutoff=1.0, gated=False, clamp_mode="active", n_features=3, max_length=16
+    )
     guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
     freq = guard.tensors["forget_frequency"]
     assert guard.features == dsg.select_by_frequency(freq, guard.tensors["retain_frequency"], 3, 1.0)
@@ -122,9 +134,27 @@ def files(tiny_llama, tmp_path):
 
 def test_cli_fit_inspect_generate(files, capsys):
     out = files / "guard"
-    code = main(["fit", "--model", str(files / "model"), "--sae", str(files / "sae"), "--forget",
-                 str(files / "forget.jsonl"), "--retain", str(files / "retain.txt"), "--out", str(out),
-                 "--n-features", "4", "--ratio-percentile", "80", "--max-length", "16"])
+    code = main(
+        [
+            "fit",
+            "--model",
+            str(files / "model"),
+            "--sae",
+            str(files / "sae"),
+            "--forget",
+            str(files / "forget.jsonl"),
+            "--retain",
+            str(files / "retain.txt"),
+            "--out",
+            str(out),
+            "--n-features",
+            "4",
+            "--ratio-percentile",
+            "80",
+            "--max-length",
+            "16",
+        ]
+    )
     assert code == 0
     meta = json.loads((out / "guardrail.json").read_text())
     assert len(meta["features"]) == 4 and meta["config"]["n_features"] == 4
@@ -132,18 +162,39 @@ def test_cli_fit_inspect_generate(files, capsys):
     assert main(["inspect", str(out), "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "Selected latents (4)" in text and "calibration rho" in text
-    assert main(["generate", "--model", str(files / "model"), "--guardrail", str(out), "--guardrail", str(out),
-                 "--max-new-tokens", "3", "--no-chat", "--json", "the exploit", "the garden"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(files / "model"),
+                "--guardrail",
+                str(out),
+                "--guardrail",
+                str(out),
+                "--max-new-tokens",
+                "3",
+                "--no-chat",
+                "--json",
+                "the exploit",
+                "the garden",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert [r["prompt"] for r in rows] == ["the exploit", "the garden"]
     assert all(isinstance(r["gated"], bool) for r in rows)
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("missing", "does not exist"),
-    ("badjson", "line 2 is not valid JSON"),
-    ("nofield", "no string field 'text'"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing", "does not exist"),
+        ("badjson", "line 2 is not valid JSON"),
+        ("nofield", "no string field 'text'"),
+    ],
+)
 def test_cli_bad_input_is_one_sentence_and_no_output(files, capsys, problem, message):
     forget = files / "bad.jsonl"
     if problem == "badjson":
@@ -151,8 +202,21 @@ def test_cli_bad_input_is_one_sentence_and_no_output(files, capsys, problem, mes
     elif problem == "nofield":
         forget.write_text('{"body": "no text field"}\n')
     out = files / "guard"
-    code = main(["fit", "--model", str(files / "model"), "--sae", str(files / "sae"), "--forget", str(forget),
-                 "--retain", str(files / "retain.txt"), "--out", str(out)])
+    code = main(
+        [
+            "fit",
+            "--model",
+            str(files / "model"),
+            "--sae",
+            str(files / "sae"),
+            "--forget",
+            str(forget),
+            "--retain",
+            str(files / "retain.txt"),
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and err.count("\n") == 0 and "Traceback" not in err

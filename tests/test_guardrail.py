@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import dsg
-from dsg.corpus import pad_batch, real_token_mask
-from dsg.generation import position_ids, reference_generate
-from dsg.hooks import hooked
-from dsg.stats import gate_rates
+from dsg.guard.stats import gate_rates
+from dsg.lm.hooks import hooked
+from dsg.lm.text import pad_batch, position_ids, real_token_mask
+from dsg.runtime.generation import reference_generate
+
 from tiny import features_firing_about, random_ids, tiny_model, tiny_sae
 
 ARCHS = ["standard", "jumprelu", "topk"]
@@ -97,7 +98,7 @@ def test_padded_batch_equals_each_input_alone(arch, side):
             alone_gates.append(bool(session.gated[0]))
     assert gates.tolist() == alone_gates
     assert 0 < sum(alone_gates) < len(seqs), "the test needs gated and ungated inputs"
-    for i, s in enumerate(seqs):
+    for i in range(len(seqs)):
         rows = mask[i].bool()
         assert torch.allclose(batched[i][rows], alone[i], atol=1e-5)
 
@@ -106,10 +107,30 @@ def test_static_guardrail_gates_everything_and_active_mode_spares_silent_latents
     model = tiny_model("llama")
     sae = tiny_sae()
     ids = random_ids(4, 10)
-    static = dsg.Guardrail(sae, features=[1, 2], threshold=1.0, gated=False, clamp_mode="active")
-    with torch.no_grad(), static.attach(model) as session:
-        model(ids)
+    hook = "blocks.0.hook_resid_post"
+    with torch.no_grad():
+        ctx, clean = capture_after(model, hook)
+        with ctx:
+            model(ids)
+        f = sae.encode(clean[0])
+        fires = (f > 0).float().mean((0, 1))
+        features = (fires - 0.3).abs().argsort()[:2].tolist()  # two latents that fire at some tokens only
+        # threshold 1.0 would gate nothing; a static guardrail ignores it
+        static = dsg.Guardrail(sae, features=features, threshold=1.0, gated=False, clamp=5.0, clamp_mode="active")
+        with static.attach(model) as session:
+            ctx, edited = capture_after(model, hook)
+            with ctx:
+                model(ids)
     assert session.gated.all()
+    f_S = f[..., features]
+    real = real_token_mask(ids, None, [0, 1, 2])
+    coef = torch.where(f_S > 0, -5.0 - f_S, torch.zeros_like(f_S)) * (real[..., None] & (f_S > 0).any(-1, keepdim=True))
+    expected = clean[0] + coef @ sae.W_dec[features]
+    only_one = ((f_S > 0).sum(-1) == 1) & real
+    assert only_one.any(), "the test needs tokens where one latent fires and the other is silent"
+    assert torch.allclose(edited[0], expected, atol=1e-5)
+    untouched = ~(f_S > 0).any(-1) | ~real
+    assert torch.equal(edited[0][untouched], clean[0][untouched])
 
 
 def test_gate_is_strictly_greater_than_threshold():
@@ -148,12 +169,19 @@ def test_cached_generation_equals_no_cache_reference(arch):
     guard.threshold = rho_quantile(model, guard, seqs, 0.5)
     with torch.no_grad():
         with guard.attach(model) as session:
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)
-        cached, cached_gates = out[:, ids.shape[1]:], session.gated.clone()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=10,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        cached, cached_gates = out[:, ids.shape[1] :], session.gated.clone()
         ref, ref_gates = reference_generate(model, ids, mask, [guard], 10)
-        unguarded = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                   pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+        unguarded = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None
+        )[:, ids.shape[1] :]
     assert torch.equal(cached, ref)
     assert torch.equal(cached_gates, ref_gates)
     assert 0 < int(ref_gates.sum()) < len(seqs), "the test needs gated and ungated sequences"
@@ -171,8 +199,8 @@ def test_several_guardrails_each_keep_their_own_gate():
             only_a = model(ids).logits
         with dsg.attach(model, a, never) as s2:
             both = model(ids).logits
-    assert torch.equal(s2.gated_by[0], s1.gated_by[0])
-    assert not s2.gated_by[1].any()
+    assert torch.equal(s2.decisions()[:, 0], s1.decisions()[:, 0])
+    assert not s2.decisions()[:, 1].any() and s1.decisions()[:, 0].any()
     assert torch.allclose(only_a, both, atol=0)
     # two gating guardrails on the same hook: the deltas add up, each judged on the unedited activations
     b = dsg.Guardrail(sae, features=[2, 3], threshold=0.0, clamp=5.0)
@@ -197,9 +225,8 @@ def test_hooks_are_removed_after_the_block_even_on_error():
     ids = random_ids(2, 8)
     with torch.no_grad():
         base = model(ids).logits
-        with pytest.raises(RuntimeError):
-            with guard.attach(model):
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError), guard.attach(model):
+            raise RuntimeError("boom")
         assert torch.equal(model(ids).logits, base)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import dsg
-from dsg.hooks import StopForward, hooked, resolve
+from dsg.lm.hooks import StopForward, hooked, resolve
+
 from tiny import random_ids, tiny_model
 
 ARCHS = ["llama", "gpt2", "qwen2", "gemma2", "gemma3", "gpt_neox"]
@@ -20,7 +21,9 @@ def test_resid_post_is_the_decoder_layer_output(arch):
         for layer in range(3):
             with hooked(model, f"blocks.{layer}.hook_resid_post", lambda x, layer=layer: seen.__setitem__(layer, x)):
                 model(ids)
-            with hooked(model, f"blocks.{layer}.hook_resid_pre", lambda x, layer=layer: seen.__setitem__(("pre", layer), x)):
+            with hooked(
+                model, f"blocks.{layer}.hook_resid_pre", lambda x, layer=layer: seen.__setitem__(("pre", layer), x)
+            ):
                 model(ids)
     # hidden_states[L] is the input of layer L; the last entry is taken after the final norm, so compare up to it
     for layer in range(3):
@@ -62,9 +65,8 @@ def test_stop_forward_ends_the_pass_and_hooks_are_removed():
         calls.append(x.shape)
         raise StopForward
 
-    with hooked(model, "blocks.0.hook_resid_post", stop):
-        with pytest.raises(StopForward):
-            model(random_ids(1, 4))
+    with hooked(model, "blocks.0.hook_resid_post", stop), pytest.raises(StopForward):
+        model(random_ids(1, 4))
     assert len(model.model.layers[0]._forward_hooks) == 0
     model(random_ids(1, 4))
     assert calls == [torch.Size([1, 4, 32])]

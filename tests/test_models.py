@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-import dsg.models as models
+import dsg.lm.models as models
 from dsg.errors import DSGError
 from dsg.models import KNOWN_MODELS, load_model, model_cache_dir
 
@@ -35,7 +35,9 @@ def test_local_folder_round_trip(fixture, request, tmp_path):
     loaded, loaded_tok = load_model(str(tmp_path / "m"))
     assert not loaded.training
     assert loaded.dtype == torch.float32
-    assert loaded_tok("The capital of France is Paris")["input_ids"] == tok("The capital of France is Paris")["input_ids"]
+    assert (
+        loaded_tok("The capital of France is Paris")["input_ids"] == tok("The capital of France is Paris")["input_ids"]
+    )
     torch.testing.assert_close(_logits(loaded, loaded_tok), _logits(model, tok), rtol=0, atol=0)
 
 
@@ -125,7 +127,7 @@ def test_embedded_smollm2_loads_and_knows_paris():
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=5, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 def test_unreadable_cache_says_how_to_recover(cache, monkeypatch, tiny_llama, tmp_path):

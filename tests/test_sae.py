@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import dsg
+
 from tiny import tiny_sae
 
 ARCHS = ["standard", "jumprelu", "topk"]
@@ -52,10 +53,19 @@ def test_saelens_flat_pre_v6_config(tmp_path):
     d = tmp_path / "old"
     d.mkdir()
     save_file({n: t.contiguous() for n, t in sae.tensors().items()}, str(d / "sae_weights.safetensors"))
-    (d / "cfg.json").write_text(json.dumps({
-        "d_in": 32, "d_sae": 64, "hook_point": "blocks.4.hook_resid_post", "activation_fn_str": "topk",
-        "activation_fn_kwargs": {"k": 5}, "apply_b_dec_to_input": True, "model_name": "tiny",
-    }))
+    (d / "cfg.json").write_text(
+        json.dumps(
+            {
+                "d_in": 32,
+                "d_sae": 64,
+                "hook_point": "blocks.4.hook_resid_post",
+                "activation_fn_str": "topk",
+                "activation_fn_kwargs": {"k": 5},
+                "apply_b_dec_to_input": True,
+                "model_name": "tiny",
+            }
+        )
+    )
     back = dsg.SAE.load(d)
     assert back.architecture == "topk" and back.k == 5 and back.hook_name == "blocks.4.hook_resid_post"
     assert back.model_name == "tiny"
@@ -66,12 +76,27 @@ def test_sparsify_folder_with_transposed_encoder(tmp_path):
     sae = tiny_sae(architecture="topk", k=6)
     d = tmp_path / "layers.3"
     d.mkdir()
-    save_file({
-        "encoder.weight": sae.W_enc.data.T.contiguous(), "encoder.bias": sae.b_enc.data,
-        "W_dec": sae.W_dec.data, "b_dec": sae.b_dec.data,
-    }, str(d / "sae.safetensors"))
-    (d / "cfg.json").write_text(json.dumps({"activation": "topk", "k": 6, "num_latents": 64, "d_in": 32,
-                                            "expansion_factor": 2, "normalize_decoder": True}))
+    save_file(
+        {
+            "encoder.weight": sae.W_enc.data.T.contiguous(),
+            "encoder.bias": sae.b_enc.data,
+            "W_dec": sae.W_dec.data,
+            "b_dec": sae.b_dec.data,
+        },
+        str(d / "sae.safetensors"),
+    )
+    (d / "cfg.json").write_text(
+        json.dumps(
+            {
+                "activation": "topk",
+                "k": 6,
+                "num_latents": 64,
+                "d_in": 32,
+                "expansion_factor": 2,
+                "normalize_decoder": True,
+            }
+        )
+    )
     back = dsg.SAE.load(d)
     assert back.hook_name == "layers.3"
     assert back.sha256() == sae.sha256()
@@ -129,7 +154,7 @@ def test_failed_save_leaves_nothing(tmp_path):
 
 
 def test_topk_sparse_statistics_equal_dense_ones():
-    from dsg.stats import LatentSums
+    from dsg.guard.stats import LatentSums
 
     sae = tiny_sae(architecture="topk", k=5)
     x = x_batch(n=50)

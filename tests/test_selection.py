@@ -12,7 +12,8 @@ def reference_rule(m_f, m_r, n, p_ratio, p_forget):
     retain_score = m_r**2
     ratio = forget_score / (retain_score + 1e-21)
     keep = [
-        j for j in range(len(m_f))
+        j
+        for j in range(len(m_f))
         if ratio[j] >= np.percentile(ratio, p_ratio) and forget_score[j] >= np.percentile(forget_score, p_forget)
     ]
     keep.sort(key=lambda j: (-forget_score[j], j))

@@ -10,18 +10,22 @@ import random
 import pytest
 import torch
 
-import dsg.train_sae as train_module
+import dsg.sae.train as train_module
 from dsg.config import field_docs
 from dsg.errors import DSGError
 from dsg.sae import SAE
-from dsg.train_sae import TrainConfig, _SparseDecode, _TopKEncode, save_trained_sae, train_sae
+from dsg.sae.train import TrainConfig, _SparseDecode, _TopKEncode, save_trained_sae, train_sae
 
 SENTENCES = [
-    "The capital of France is Paris.", "The capital of Japan is Tokyo.", "The capital of Peru is Lima.",
-    "Sodium is a soft metal and its chemical symbol is Na.", "Gold has the symbol Au.",
+    "The capital of France is Paris.",
+    "The capital of Japan is Tokyo.",
+    "The capital of Peru is Lima.",
+    "Sodium is a soft metal and its chemical symbol is Na.",
+    "Gold has the symbol Au.",
     "The exploit injects a malicious payload through an unchecked buffer in the server.",
     "An attacker escalates privileges with a crafted packet and a stolen password hash.",
-    "The garden had roses, tulips and a small pond with fish.", "The train left the station.",
+    "The garden had roses, tulips and a small pond with fish.",
+    "The train left the station.",
     "Question: Answer: A B C D.",
 ]
 
@@ -32,8 +36,20 @@ def make_texts(n: int = 60, seed: int = 0) -> list[str]:
 
 
 def small_config(**overrides) -> TrainConfig:
-    values = dict(hook="blocks.1.hook_resid_post", d_sae=64, k=4, batch_size=256, n_tokens=8192, max_length=32,
-                  eval_tokens=1024, ce_eval_tokens=256, dead_tokens=1024, lr=5e-3, lr_warmup_steps=2, val_fraction=0.2)
+    values = dict(
+        hook="blocks.1.hook_resid_post",
+        d_sae=64,
+        k=4,
+        batch_size=256,
+        n_tokens=8192,
+        max_length=32,
+        eval_tokens=1024,
+        ce_eval_tokens=256,
+        dead_tokens=1024,
+        lr=5e-3,
+        lr_warmup_steps=2,
+        val_fraction=0.2,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -46,9 +62,22 @@ def trained(tiny_llama):
 
 def test_training_reduces_fvu_and_reports_metrics(trained, tiny_llama):
     sae, metrics = trained
-    for key in ("fvu", "fvu_at_init", "l0", "dead_fraction", "ce_clean", "ce_zero_ablation", "ce_with_sae",
-                "ce_loss_recovered", "train_tokens", "unique_tokens", "collect_tokens_per_s", "train_tokens_per_s",
-                "wall_time_s", "config"):
+    for key in (
+        "fvu",
+        "fvu_at_init",
+        "l0",
+        "dead_fraction",
+        "ce_clean",
+        "ce_zero_ablation",
+        "ce_with_sae",
+        "ce_loss_recovered",
+        "train_tokens",
+        "unique_tokens",
+        "collect_tokens_per_s",
+        "train_tokens_per_s",
+        "wall_time_s",
+        "config",
+    ):
         assert key in metrics, key
     assert metrics["fvu"] < 0.8 * metrics["fvu_at_init"]
     assert 0 < metrics["l0"] <= 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 VOCAB = 96
 SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -24,38 +25,70 @@ RETAIN_TEXTS = [
 ]
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, d: int = 32) -> torch.nn.Module:
+def tiny_model(
+    arch: str = "llama", seed: int = 0, layers: int = 2, d: int = 32, vocab: int = VOCAB, positions: int = 128
+) -> torch.nn.Module:
+    """A randomly initialised (seeded) causal LM of the given architecture, built from a config in code."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, **SPECIAL)
+    common = dict(vocab_size=vocab, **SPECIAL)
     if arch == "llama":
-        cfg = tf.LlamaConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4,
-                             num_key_value_heads=2, **common)
+        cfg = tf.LlamaConfig(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=d, n_layer=layers, n_head=4, n_positions=128, **common)
+        cfg = tf.GPT2Config(n_embd=d, n_layer=layers, n_head=4, n_positions=positions, **common)
         model = tf.GPT2LMHeadModel(cfg)
     elif arch == "qwen2":
-        cfg = tf.Qwen2Config(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4,
-                             num_key_value_heads=2, **common)
+        cfg = tf.Qwen2Config(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
         model = tf.Qwen2ForCausalLM(cfg)
     elif arch == "gemma2":
-        cfg = tf.Gemma2Config(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=8, **common)
+        cfg = tf.Gemma2Config(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            **common,
+        )
         model = tf.Gemma2ForCausalLM(cfg)
     elif arch == "gemma3":
-        cfg = tf.Gemma3TextConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)
+        cfg = tf.Gemma3TextConfig(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            **common,
+        )
         model = tf.Gemma3ForCausalLM(cfg)
     elif arch == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4,
-                               **common)
+        cfg = tf.GPTNeoXConfig(
+            hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4, **common
+        )
         model = tf.GPTNeoXForCausalLM(cfg)
     else:
         raise ValueError(arch)
     return model.eval()
 
 
-def tiny_sae(d_in: int = 32, d_sae: int = 64, architecture: str = "standard", seed: int = 0, hook="blocks.0.hook_resid_post", k=8):
+def tiny_sae(
+    d_in: int = 32, d_sae: int = 64, architecture: str = "standard", seed: int = 0, hook="blocks.0.hook_resid_post", k=8
+):
     """A random SAE whose latents fire on a reasonable share of tokens."""
     import dsg
 
@@ -65,8 +98,16 @@ def tiny_sae(d_in: int = 32, d_sae: int = 64, architecture: str = "standard", se
     W_enc = W_dec.T.clone() * 0.5
     b_enc = torch.randn(d_sae, generator=g) * 0.05
     threshold = torch.rand(d_sae, generator=g) * 0.02 if architecture == "jumprelu" else None
-    return dsg.SAE(W_enc, W_dec, b_enc, torch.randn(d_in, generator=g) * 0.01, architecture=architecture,
-                   threshold=threshold, k=k if architecture == "topk" else None, hook_name=hook)
+    return dsg.SAE(
+        W_enc,
+        W_dec,
+        b_enc,
+        torch.randn(d_in, generator=g) * 0.01,
+        architecture=architecture,
+        threshold=threshold,
+        k=k if architecture == "topk" else None,
+        hook_name=hook,
+    )
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -76,8 +117,8 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 def features_firing_about(model, sae, seqs, rate: float, n: int = 1, hook="blocks.0.hook_resid_post") -> list[int]:
     """The n latents whose firing frequency on `seqs` is closest to `rate` (so gates split the inputs)."""
-    from dsg.corpus import pad_batch
-    from dsg.hooks import hooked
+    from dsg.lm.hooks import hooked
+    from dsg.lm.text import pad_batch
 
     ids, mask = pad_batch([list(s) for s in seqs], 0)
     seen = []
@@ -85,3 +126,36 @@ def features_firing_about(model, sae, seqs, rate: float, n: int = 1, hook="block
         model(input_ids=ids, attention_mask=mask)
     freq = (sae.encode(seen[0][mask.bool()]) > 0).float().mean(0)
     return (freq - rate).abs().argsort()[:n].tolist()
+
+
+TRAINING_TEXT = [
+    "The capital of France is Paris. The capital of Japan is Tokyo. The capital of Peru is Lima.",
+    "Sodium is a soft metal and its chemical symbol is Na. Gold has the symbol Au.",
+    "The exploit injects a malicious payload through an unchecked buffer in the server.",
+    "An attacker escalates privileges with a crafted packet and a stolen password hash.",
+    "The garden had roses, tulips and a small pond with fish. The train left the station.",
+    "Question: Answer: A B C D. The following are multiple choice questions (with answers).",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def bpe_tokenizer(add_bos: bool) -> tf.PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer (ids 0/1/2 = pad/bos/eos) trained in code on a few sentences."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TRAINING_TEXT * 4, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

@@ -2,17 +2,34 @@
 
 __version__ = "0.1.0"
 
-from .errors import DSGError
-from .sae import SAE
-from .guardrail import Guardrail, attach
+from .errors import DSGError  # noqa: E402
+from .guard import (  # noqa: E402  # noqa: E402
+    FitConfig,
+    Guardrail,
+    LatentSums,
+    collect_stats,
+    fit,
+    gate_rates,
+    select_by_frequency,
+    select_features,
+)
+from .lm.models import KNOWN_MODELS, load_model  # noqa: E402
+from .runtime import attach  # noqa: E402
+from .sae import SAE  # noqa: E402
 
-__all__ = ["DSGError", "SAE", "Guardrail", "attach", "__version__"]
-from .fit import FitConfig, fit
-from .selection import select_by_frequency, select_features
-from .stats import LatentSums, collect_stats, gate_rates
-
-__all__ += ["FitConfig", "fit", "select_features", "select_by_frequency", "LatentSums", "collect_stats", "gate_rates"]
-from .models import KNOWN_MODELS, load_model
-
-# The SAE trainer stays at dsg.train_sae (a function of the same name would shadow the module).
-__all__ += ["KNOWN_MODELS", "load_model"]
+__all__ = [
+    "KNOWN_MODELS",
+    "DSGError",
+    "FitConfig",
+    "Guardrail",
+    "LatentSums",
+    "SAE",
+    "__version__",
+    "attach",
+    "collect_stats",
+    "fit",
+    "gate_rates",
+    "load_model",
+    "select_by_frequency",
+    "select_features",
+]

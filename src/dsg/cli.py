@@ -1,8 +1,6 @@
-"""The `dsg` command line.
+"""The `dsg` command line: argument parsing only; each command calls one library function.
 
-    dsg fit --model PATH --sae PATH --forget FILE --retain FILE [--calibration FILE] --out DIR
-    dsg generate --model PATH --guardrail DIR [--guardrail DIR2] PROMPT
-    dsg inspect DIR
+    dsg demo | compare | fit | eval | generate | inspect | train-sae | data
 
 A wrong file, field or value prints one sentence and exits with status 2; outputs are written atomically, so a
 failed command leaves no partial directory behind.
@@ -15,21 +13,32 @@ import json
 import os
 import sys
 
+from . import __version__
+from .bench.demo import DEMO_FIT, DemoConfig, main_demo
+from .bench.report import print_table
+from .bench.sweep import CompareConfig, run_compare
 from .config import add_arguments, from_args
+from .data import available_domains, export, load_domain
 from .errors import DSGError
+from .eval.files import evaluate_files
+from .guard.fit import FitConfig, fit
+from .guard.guardrail import Guardrail
+from .guard.inspect import describe
+from .lm.models import load_model
+from .lm.text import read_corpus
+from .runtime.generation import generate
+from .sae import SAE
+from .sae.embedded import embedded_sae
+from .sae.train import TrainConfig, save_trained_sae, train_sae
 
 EXIT_USAGE = 2
 
 
 def _model(args):
-    from .models import load_model
-
     return load_model(args.model)
 
 
 def _guardrails(paths, model, verify: bool):
-    from .guardrail import Guardrail
-
     guards = [Guardrail.load(p) for p in paths]
     if verify:
         for g in guards:
@@ -41,10 +50,6 @@ def _guardrails(paths, model, verify: bool):
 
 
 def cmd_fit(args) -> int:
-    from .corpus import read_corpus
-    from .fit import FitConfig, fit
-    from .sae import SAE
-
     config = from_args(FitConfig, args)
     forget, retain = read_corpus(args.forget), read_corpus(args.retain)
     calibration = read_corpus(args.calibration) if args.calibration else None
@@ -58,10 +63,11 @@ def cmd_fit(args) -> int:
 
 
 def add_fit(sub) -> None:
-    from .fit import FitConfig
-
-    p = sub.add_parser("fit", help="Fit a guardrail from a forget corpus and a retain corpus.",
-                       description="Select the SAE latents of a forget domain and calibrate the gate.")
+    p = sub.add_parser(
+        "fit",
+        help="Fit a guardrail from a forget corpus and a retain corpus.",
+        description="Select the SAE latents of a forget domain and calibrate the gate.",
+    )
     p.add_argument("--model", required=True, help="HF model folder, or an embedded name such as smollm2-135m.")
     p.add_argument("--sae", required=True, help="SAE folder (SAELens or sparsify) or Gemma Scope params.npz.")
     p.add_argument("--sae-hook", default=None, help="Hook point for SAE files that do not record one (params.npz).")
@@ -78,12 +84,11 @@ def add_fit(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .generation import generate
-
     model, tokenizer = _model(args)
     guards = _guardrails(args.guardrail, model, verify=not args.allow_model_mismatch)
-    rows = generate(model, tokenizer, args.prompt, guards, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                    verify=False)
+    rows = generate(
+        model, tokenizer, args.prompt, guards, max_new_tokens=args.max_new_tokens, chat=args.chat, verify=False
+    )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -98,10 +103,17 @@ def add_generate(sub) -> None:
     p.add_argument("--model", required=True, help="HF model folder, or an embedded name such as smollm2-135m.")
     p.add_argument("--guardrail", action="append", default=[], help="Guardrail directory (repeat for several).")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                   help="Wrap each prompt in the tokenizer's chat template.")
-    p.add_argument("--allow-model-mismatch", action="store_true",
-                   help="Apply guardrails fitted on different weights (e.g. to test a fine-tuning attack).")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Wrap each prompt in the tokenizer's chat template.",
+    )
+    p.add_argument(
+        "--allow-model-mismatch",
+        action="store_true",
+        help="Apply guardrails fitted on different weights (e.g. to test a fine-tuning attack).",
+    )
     p.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     p.add_argument("prompt", nargs="+")
     p.set_defaults(func=cmd_generate)
@@ -111,8 +123,6 @@ def add_generate(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from .audit import describe
-
     print(describe(args.guardrail, top=args.top))
     return 0
 
@@ -120,7 +130,9 @@ def cmd_inspect(args) -> int:
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="Show a guardrail: features, threshold, scores, firing rates.")
     p.add_argument("guardrail", help="Guardrail directory.")
-    p.add_argument("--top", type=int, default=None, help="Also list this many top-scoring latents that were not selected.")
+    p.add_argument(
+        "--top", type=int, default=None, help="Also list this many top-scoring latents that were not selected."
+    )
     p.set_defaults(func=cmd_inspect)
 
 
@@ -128,14 +140,22 @@ def add_inspect(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_files
-
     model, tokenizer = _model(args)
     guards = _guardrails(args.guardrail, model, verify=not args.allow_model_mismatch)
     summary = evaluate_files(
-        model, tokenizer, args.questions, guardrails=guards, mode=args.mode, base_correct=args.base_correct,
-        permutations=args.permutations, chat=args.chat, prompt_format=args.prompt_format,
-        description=args.description, batch_size=args.batch_size, verify=False, details=args.details,
+        model,
+        tokenizer,
+        args.questions,
+        intervention=guards,
+        mode=args.mode,
+        base_correct=args.base_correct,
+        permutations=args.permutations,
+        chat=args.chat,
+        prompt_format=args.prompt_format,
+        description=args.description,
+        batch_size=args.batch_size,
+        verify=False,
+        details=args.details,
     )
     text = json.dumps(summary, indent=2)
     if args.out:
@@ -150,12 +170,18 @@ def add_eval(sub) -> None:
     p.add_argument("--model", required=True, help="HF model folder, or an embedded name such as smollm2-135m.")
     p.add_argument("--guardrail", action="append", default=[], help="Guardrail directory (repeat for several).")
     p.add_argument("--questions", nargs="+", required=True, help="WMDP/MMLU-shaped JSONL files; task name = file stem.")
-    p.add_argument("--mode", choices=["likelihood", "letter"], default="likelihood",
-                   help="likelihood: log-prob of each choice's text; letter: lm-eval's ' A'..' D' convention.")
+    p.add_argument(
+        "--mode",
+        choices=["likelihood", "letter"],
+        default="likelihood",
+        help="likelihood: log-prob of each choice's text; letter: lm-eval's ' A'..' D' convention.",
+    )
     p.add_argument("--prompt-format", default="{question}", help="likelihood mode: the prompt built from a question.")
     p.add_argument("--description", default="", help="letter mode: text before each question.")
     p.add_argument("--chat", action="store_true", help="letter mode: the SAEBench/DSG chat-template prompt.")
-    p.add_argument("--base-correct", action="store_true", help="Also report accuracy on the base model's correct subset.")
+    p.add_argument(
+        "--base-correct", action="store_true", help="Also report accuracy on the base model's correct subset."
+    )
     p.add_argument("--permutations", action="store_true", help="Base-correct means correct under all 24 choice orders.")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--details", action="store_true", help="Include every question's result.")
@@ -168,15 +194,10 @@ def add_eval(sub) -> None:
 
 
 def cmd_train_sae(args) -> int:
-    from .corpus import read_corpus
-    from .train_sae import TrainConfig, save_trained_sae, train_sae
-
     config = from_args(TrainConfig, args)
     if args.text:
         texts = [t for path in args.text for t in read_corpus(path)]
     else:
-        from .data import load_domain
-
         texts = [t for name in args.domains.split(",") for t in load_domain(name.strip()).texts["fit"]]
     model, tokenizer = _model(args)
     sae, metrics = train_sae(model, tokenizer, texts, config)
@@ -188,13 +209,14 @@ def cmd_train_sae(args) -> int:
 
 
 def add_train_sae(sub) -> None:
-    from .train_sae import TrainConfig
-
     p = sub.add_parser("train-sae", help="Train a TopK (or ReLU+L1) SAE on one hook of a model; SAELens format.")
     p.add_argument("--model", required=True, help="HF model folder, or an embedded name such as smollm2-135m.")
     p.add_argument("--text", action="append", default=[], help="Training corpus file (.txt/.jsonl); repeatable.")
-    p.add_argument("--domains", default="cyber,hpo,geography,chemistry,general",
-                   help="Without --text: train on the 'fit' texts of these embedded data domains.")
+    p.add_argument(
+        "--domains",
+        default="cyber,hpo,geography,chemistry,general",
+        help="Without --text: train on the 'fit' texts of these embedded data domains.",
+    )
     p.add_argument("--out", required=True, help="Output SAE folder (cfg.json, sae_weights.safetensors, training.json).")
     add_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_train_sae)
@@ -204,8 +226,6 @@ def add_train_sae(sub) -> None:
 
 
 def cmd_data(args) -> int:
-    from .data import available_domains, export, load_domain
-
     if args.action == "list":
         for name in available_domains():
             d = load_domain(name)
@@ -230,37 +250,49 @@ def add_data(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DEMO_FIT, DemoConfig, main_demo
-    from .fit import FitConfig
-
-    demo = from_args(DemoConfig, args)
-    fit_config = from_args(DEMO_FIT, args)
-    assert isinstance(fit_config, FitConfig)
-    return main_demo(demo, fit_config)
+    return main_demo(from_args(DemoConfig, args), from_args(DEMO_FIT, args))
 
 
 def add_demo(sub) -> None:
-    from .demo import DEMO_FIT, DemoConfig
-
-    p = sub.add_parser("demo", help="Forget cyber security in SmolLM2-135M while keeping geography and chemistry.",
-                       description="The whole pipeline on the embedded default: model, data, SAE, fit, evaluate, report.")
+    p = sub.add_parser(
+        "demo",
+        help="Forget cyber security in SmolLM2-135M while keeping geography and chemistry.",
+        description="The whole pipeline on the embedded default: model, data, SAE, fit, evaluate, report.",
+    )
     add_arguments(p, DemoConfig)
     add_arguments(p, DEMO_FIT)
     p.set_defaults(func=cmd_demo)
 
 
-def add_compare(sub) -> None:
-    from .compare import add_compare as add
+# ---- compare --------------------------------------------------------------------------------------------------
 
-    add(sub)
+
+def cmd_compare(args) -> int:
+    config = from_args(CompareConfig, args)
+    config.method_names()  # fail early on a typo
+    if not config.sae and not config.forget_corpus:
+        embedded_sae(config.model)  # fail before the slow stages when no SAE ships for this model
+    compare = run_compare(config)
+    print(print_table(compare))
+    print(f"\nwrote {config.out}/compare.json, {config.out}/report.html")
+    return 0
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="DSG against RMU, GA, GradDiff, NPO and ungated SAE clamps on the same model and data.",
+        description="Sweep every method, pick each configuration on validation questions by the paper's rule "
+        "(lowest forget accuracy with retain >= 99% of base), report it on test questions. Resumable.",
+    )
+    add_arguments(p, CompareConfig)
+    p.set_defaults(func=cmd_compare)
 
 
 COMMANDS = [add_demo, add_compare, add_fit, add_eval, add_generate, add_inspect, add_train_sae, add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="dsg", description="Precision unlearning with Dynamic SAE Guardrails.")
     parser.add_argument("--version", action="version", version=f"dsg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,4 +1,8 @@
-"""Small file helpers shared by every artifact writer and reader: atomic output, checked JSON and safetensors."""
+"""Small file helpers shared by every artifact writer and reader: atomic output, checked JSON and safetensors.
+
+Atomic output: a file or directory is built under a temporary sibling name and renamed into place only when
+complete, so a reader (or a resumed run) never sees half of it.
+"""
 
 from __future__ import annotations
 
@@ -47,13 +51,46 @@ def read_artifact_json(folder: str | os.PathLike, name: str, fmt: str, version: 
     if meta.get("format") != fmt:
         raise DSGError(f"{str(folder / name)!r} is not a dsg {what} file (format={meta.get('format')!r}).")
     if int(meta.get("format_version", 0)) > version:
-        raise DSGError(f"{str(folder / name)!r} has format_version {meta['format_version']}; this dsg reads up to {version}.")
+        raise DSGError(
+            f"{str(folder / name)!r} has format_version {meta['format_version']}; this dsg reads up to {version}."
+        )
     return meta
 
 
-def write_json(path: str | os.PathLike, data) -> None:
+def json_text(data) -> str:
     """Deterministic JSON: sorted keys, fixed indentation, trailing newline (so equal inputs give equal bytes)."""
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """`json_text(data)` into `path` (inside a directory that is itself written atomically)."""
+    Path(path).write_text(json_text(data))
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary sibling and rename it into place, with an ordinary new file's mode."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp files are 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """`json_text(data)` written atomically: a reader never sees half a file."""
+    write_text_atomic(path, json_text(data))
 
 
 class atomic_directory:
@@ -76,9 +113,8 @@ class atomic_directory:
 
     def _publishable(self) -> None:
         """mkdtemp makes a private (0700) folder; give the result the permissions of an ordinary new folder."""
-        umask = os.umask(0)
-        os.umask(umask)
-        for root, dirs, files in os.walk(self.tmp):
+        umask = _umask()
+        for root, _, files in os.walk(self.tmp):
             os.chmod(root, 0o777 & ~umask)
             for f in files:
                 os.chmod(os.path.join(root, f), 0o666 & ~umask)

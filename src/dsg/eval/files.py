@@ -1,0 +1,114 @@
+"""`dsg eval`: question files scored with and without an intervention, summarised per file and pooled."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import DSGError
+from ..runtime.intervention import Intervention, as_intervention
+from .mcq import base_correct_subset, read_questions, score_mcq
+from .metrics import correct_indices, summarize_task
+
+
+def evaluate_files(
+    model,
+    tokenizer,
+    question_files: Sequence[str | os.PathLike],
+    *,
+    intervention: Intervention | Sequence | None = None,
+    mode: str = "likelihood",
+    base_correct: bool = False,
+    permutations: bool = False,
+    base_subsets: Mapping[str, Sequence[int]] | None = None,
+    details: bool = False,
+    **score_options,
+) -> dict:
+    """A JSON-able summary per question file (task = file stem), plus "all" pooled over the tasks.
+
+    Per task: n, accuracy (and accuracy_norm in likelihood mode), gate_rate (None without a gated intervention).
+    With base_correct=True the base model is scored too (base_accuracy) and its correctly answered questions
+    (under every ordering with permutations=True) form the base-correct subset; `base_subsets` gives such subsets
+    instead, by task name (e.g. cached from an earlier run). On the subset: its size, the accuracy and gate rate
+    there. details=True adds every question's result.
+    """
+    paths = [Path(p) for p in question_files]
+    if not paths:
+        raise DSGError("No question files were given.")
+    names = [p.stem for p in paths]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DSGError(f"Question files must have distinct names (the task name is the file stem); {dupes} repeat.")
+    intervention = as_intervention(intervention)
+    if score_options.pop("verify", True) and intervention is not None:
+        intervention.check_model(model)
+    options = {"mode": mode, "verify": False, **score_options}
+
+    tasks: dict[str, dict] = {}
+    pooled = {"n": 0, "correct": 0, "gated": 0, "subset_n": 0, "subset_correct": 0}
+    for name, path in zip(names, paths):
+        questions = read_questions(path)
+        results = score_mcq(model, tokenizer, questions, intervention=intervention, **options)
+        correct, gated = [r.correct for r in results], [r.gated for r in results]
+        whole = summarize_task(correct, gated, correct)
+        entry: dict[str, Any] = {
+            "file": str(path),
+            "n": whole.n,
+            "accuracy": whole.accuracy,
+            "gate_rate": whole.gate_rate,
+        }
+        if mode == "likelihood":
+            entry["accuracy_norm"] = summarize_task([r.correct_norm for r in results], gated, correct).accuracy
+        subset, computed = None, False
+        if base_subsets is not None and name in base_subsets:
+            subset = sorted({int(i) for i in base_subsets[name]})
+            if subset and not 0 <= subset[0] <= subset[-1] < len(questions):
+                raise DSGError(
+                    f"The base-correct subset for task {name!r} names questions outside 0..{len(questions) - 1}."
+                )
+        elif base_correct:
+            base = score_mcq(model, tokenizer, questions, **options) if intervention is not None else results
+            subset, computed = correct_indices(base), True
+            if permutations:
+                subset = base_correct_subset(model, tokenizer, questions, permutations=True, **options)
+            entry["base_accuracy"] = summarize_task(correct, gated, [r.correct for r in base]).base_accuracy
+        if subset is not None:
+            in_subset = set(subset)
+            on = summarize_task(correct, gated, [i in in_subset for i in range(len(results))])
+            entry["base_correct"] = {
+                "n": len(subset),
+                "source": "computed" if computed else "given",
+                "permutations": bool(permutations) if computed else None,
+                "accuracy": on.accuracy_base_correct,
+                "gate_rate": on.gate_rate_base_correct,
+                "indices": subset,
+            }
+            pooled["subset_n"] += len(subset)
+            pooled["subset_correct"] += sum(correct[i] for i in subset)
+        if details:
+            entry["questions"] = [r._asdict() for r in results]
+        tasks[name] = entry
+        pooled["n"] += len(results)
+        pooled["correct"] += sum(correct)
+        pooled["gated"] += sum(bool(g) for g in gated)
+
+    gate_known = all(t["gate_rate"] is not None for t in tasks.values())
+    summary_all: dict[str, Any] = {
+        "n": pooled["n"],
+        "accuracy": pooled["correct"] / pooled["n"],
+        "gate_rate": pooled["gated"] / pooled["n"] if gate_known else None,
+    }
+    if any("base_correct" in t for t in tasks.values()):
+        summary_all["base_correct"] = {
+            "n": pooled["subset_n"],
+            "accuracy": pooled["subset_correct"] / pooled["subset_n"] if pooled["subset_n"] else None,
+        }
+    return {
+        "mode": mode,
+        "options": {k: v for k, v in score_options.items() if k in ("prompt_format", "description", "chat")},
+        "intervention": repr(intervention) if intervention is not None else None,
+        "tasks": tasks,
+        "all": summary_all,
+    }

@@ -1,0 +1,390 @@
+"""Multiple-choice scoring of a model, with or without an intervention (guardrails, a weight edit) applied.
+
+Questions come in the WMDP/MMLU JSONL shape `{"question": str, "choices": [str, ...], "answer": int}`; other
+fields ("id", "subject", ...) pass through. Two scoring conventions:
+
+  likelihood  (default; what the embedded benchmark uses) the log-probability of each choice as the continuation
+              `" " + choice` of the prompt `prompt_format.format(**question)`, tokenized the lm-eval way (encode
+              prompt + continuation together, take the tokens past the prompt's). `prediction` is the argmax of the
+              summed log-probabilities (lm-eval `acc`); `prediction_norm` the argmax of the sum divided by the
+              choice's length in characters (lm-eval `acc_norm`).
+  letter      lm-eval's `wmdp_*`/`mmlu` prompt: description + question + "\\nA. c0\\nB. c1 ...\\nAnswer:", scored by
+              log P(" A"), log P(" B"), ... (one forward: single-token continuations need no second pass).
+              With chat=True, the SAEBench/DSG-paper prompt instead: description + question + the lettered choices
+              as the user turn of the tokenizer's chat template, then "Answer: (", and each letter scored by
+              max(log P("A"), log P(" A")) at the last position.
+
+Every score is a log-probability. Each question's prompt is computed once: the prompts of a batch are prefilled
+(left padding, position ids from the attention mask, so results do not depend on batch size or padding), and all
+choices' remaining tokens are then scored in one batched forward that reuses the prompt's KV cache.
+
+With a gated intervention (guardrails), the gate judges the prompt alone, so one decision holds for all of a
+question's choices (as in lm-eval's shared forward for single-token choices). The prefill runs inside
+`intervention.applied(...)`, which decides the gate and clamps the prompt; the choice tokens are then scored with
+those decisions held fixed (`session.hold`): in a gated question every flagged token of every choice is clamped, in
+an ungated one nothing is. Holding it fixed is deliberate: under the generation rule the running rho of a
+continuation can still switch the gate on inside a choice, and sibling continuations forked from one prefill would
+share (and advance) one per-row gate state, making a choice's score depend on the choices scored before it.
+
+`base_correct_subset` gives the paper's question subset: the questions the base model answers correctly,
+optionally under every ordering of the choices (24 for four choices); accuracy on it is 100 % for the base model
+by construction.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import math
+import os
+import string
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import DSGError
+from ..lm.models import evaluating, model_device
+from ..lm.text import pad_batch, pad_id_of, position_ids
+from ..runtime.intervention import Intervention, as_intervention
+from .metrics import QuestionResult, argmax, correct_indices
+
+MODES = ("likelihood", "letter")
+LETTERS = string.ascii_uppercase
+MAX_PERMUTATIONS = 24  # all orderings of 4 choices, the paper's check
+
+
+# ---- questions ------------------------------------------------------------------------------------------------
+
+
+def read_questions(path: str | os.PathLike) -> list[dict]:
+    """Questions from a JSONL file, one `{"question", "choices", "answer"}` object a line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DSGError(f"Question file {str(path)!r} does not exist.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DSGError(f"Cannot read question file {str(path)!r} as UTF-8 text: {e}.") from None
+    questions = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{str(path)!r} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DSGError(f"{where} is not valid JSON: {e.msg}.") from None
+        questions.append(check_question(obj, where))
+    if not questions:
+        raise DSGError(f"Question file {str(path)!r} holds no questions.")
+    return questions
+
+
+def check_question(q: Any, where: str = "question") -> dict:
+    """`q` itself if it is a well-formed question, else a DSGError naming `where` and the field."""
+    if not isinstance(q, dict):
+        raise DSGError(
+            f"{where} must be a JSON object with 'question', 'choices' and 'answer', got {type(q).__name__}."
+        )
+    if not isinstance(q.get("question"), str):
+        raise DSGError(f"{where} needs a string field 'question'.")
+    choices = q.get("choices")
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise DSGError(f"{where} needs a field 'choices' that is a list of strings.")
+    if len(choices) < 2:
+        raise DSGError(f"{where} has {len(choices)} choice(s) in 'choices'; a question needs at least 2.")
+    if len(choices) > len(LETTERS):
+        raise DSGError(f"{where} has {len(choices)} choices; at most {len(LETTERS)} are supported.")
+    answer = q.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise DSGError(
+            f"{where} has 'answer' {answer!r}; expected an integer index into its {len(choices)} choices "
+            f"(0..{len(choices) - 1})."
+        )
+    return q
+
+
+def permute_choices(q: dict, order: Sequence[int]) -> dict:
+    """A copy of `q` whose choices are `[choices[i] for i in order]`, with the answer index moved along."""
+    return {**q, "choices": [q["choices"][i] for i in order], "answer": list(order).index(q["answer"])}
+
+
+def choice_orderings(n: int) -> list[tuple[int, ...]]:
+    """All n! orderings of n choices (the identity first); refused beyond 24."""
+    if math.factorial(n) > MAX_PERMUTATIONS:
+        raise DSGError(
+            f"Checking every ordering of {n} choices means {math.factorial(n)} orderings; "
+            f"at most {MAX_PERMUTATIONS} (4 choices) are supported."
+        )
+    return list(itertools.permutations(range(n)))
+
+
+# ---- prompts --------------------------------------------------------------------------------------------------
+
+
+def _fill(template: str, q: dict, what: str) -> str:
+    try:
+        return template.format(**q)
+    except (KeyError, IndexError) as e:
+        raise DSGError(f"The {what} {template!r} refers to {e}, which the question does not have.") from None
+
+
+def letter_prompt(q: dict, description: str = "", chat: bool = False, tokenizer=None) -> str:
+    """The letter-mode prompt text. `description` may use the question's fields, e.g. "... about {subject}.\\n\\n".
+
+    chat=False (lm-eval): `description + question.strip() + "\\nA. c0 ...\\nAnswer:"`.
+    chat=True (SAEBench/DSG): the user turn `description + question + "\\nA. c0 ..."` in the tokenizer's chat
+    template with the generation prompt, followed by `"Answer: ("`.
+    """
+    lines = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(q["choices"]))
+    pre = _fill(description, q, "description")
+    if not chat:
+        return f"{pre}{q['question'].strip()}{lines}\nAnswer:"
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DSGError("chat=True needs a tokenizer with a chat template, and this one has none.")
+    user = [{"role": "user", "content": f"{pre}{q['question']}{lines}"}]
+    return tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) + "Answer: ("
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _encode_pair(tokenizer, context: str, continuation: str, special: bool = True) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval splits them: trailing spaces of the context move to the
+    continuation, and the continuation is the tail of the jointly encoded text."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    bare = _encode(tokenizer, context, False)
+    whole = _encode(tokenizer, context + continuation, False)
+    return _encode(tokenizer, context, special), whole[len(bare) :]
+
+
+# ---- the scoring engine ---------------------------------------------------------------------------------------
+
+
+class _Request(NamedTuple):
+    prompt: list[int]
+    candidates: list[list[int]]  # token ids of each scored continuation (non-empty)
+
+
+def _keeps_last_logits(model: torch.nn.Module) -> dict:
+    """`logits_to_keep=1` where the model takes it: a prefill needs only its last position's logits."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def _select_rows(cache, rows: torch.Tensor):
+    """The KV cache with batch rows `rows` (repeats allowed), for DynamicCache and legacy tuples alike."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(rows)
+        return cache
+    return tuple(tuple(t[rows] for t in layer) for layer in cache)
+
+
+def _loglikelihoods(
+    model: torch.nn.Module,
+    requests: Sequence[_Request],
+    pad_id: int,
+    intervention: Intervention | None,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> tuple[list[list[float]], list[bool | None]]:
+    """Summed log-probability of every candidate continuation of every prompt, and each prompt's gate decision
+    (None where the intervention has no gate).
+
+    Prompts are prefilled once, longest first, `batch_size` at a time; the candidates' tokens after their first
+    are scored in one forward over the repeated prompt cache.
+    """
+    if batch_size < 1:
+        raise DSGError(f"batch_size must be at least 1, got {batch_size}.")
+    device = model_device(model)
+    keep = _keeps_last_logits(model)
+    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i))
+    scores: list[list[float]] = [[0.0] * len(r.candidates) for r in requests]
+    gated: list[bool | None] = [None] * len(requests)
+    starts = range(0, len(order), batch_size)
+    with evaluating(model):
+        for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+            rows = order[start : start + batch_size]
+            ids, mask = pad_batch([requests[i].prompt for i in rows], pad_id, side="left")
+            ids, mask = ids.to(device), mask.to(device)
+            applied = intervention.applied(model, verify=False) if intervention is not None else nullcontext()
+            with applied as session:
+                out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **keep)
+                decisions_BG = session.decisions() if session is not None else None
+                if decisions_BG is not None:
+                    for b, i in enumerate(rows):
+                        gated[i] = bool(decisions_BG[b].any())
+                first_BV = out.logits[:, -1].float().log_softmax(-1)
+                for b, i in enumerate(rows):
+                    for k, cand in enumerate(requests[i].candidates):
+                        scores[i][k] = float(first_BV[b, cand[0]])
+
+                pairs = [(b, k) for b, i in enumerate(rows) for k, c in enumerate(requests[i].candidates) if len(c) > 1]
+                if not pairs:
+                    continue
+                row_P = torch.tensor([b for b, _ in pairs], device=device)
+                cands = [requests[rows[b]].candidates[k] for b, k in pairs]
+                cids, cmask = pad_batch([c[:-1] for c in cands], pad_id, side="right")
+                tgt, _ = pad_batch([c[1:] for c in cands], pad_id, side="right")
+                cids, cmask, tgt = cids.to(device), cmask.to(device), tgt.to(device)
+                full_mask = torch.cat([mask[row_P], cmask], 1)
+                cpos = mask.sum(1)[row_P, None] + torch.arange(cids.shape[1], device=device)
+                cache = _select_rows(out.past_key_values, row_P)
+                if decisions_BG is not None:
+                    # Every choice of a question is scored under its prompt's gate decision (see module docstring).
+                    session.hold(decisions_BG[row_P])
+                logits = model(
+                    input_ids=cids, attention_mask=full_mask, position_ids=cpos, past_key_values=cache, use_cache=True
+                ).logits
+            lp_PL = logits.float().log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
+            sums = (lp_PL * cmask).sum(1).tolist()
+            for (b, k), s in zip(pairs, sums):
+                scores[rows[b]][k] += s
+            del out, cache, logits
+    return scores, gated
+
+
+def score_mcq(
+    model: torch.nn.Module,
+    tokenizer,
+    questions: Sequence[dict],
+    *,
+    mode: str = "likelihood",
+    prompt_format: str = "{question}",
+    description: str = "",
+    chat: bool = False,
+    intervention: Intervention | Sequence | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    verify: bool = True,
+) -> list[QuestionResult]:
+    """Score multiple-choice questions; see the module docstring for the two modes.
+
+    prompt_format (likelihood mode) and description (letter mode) are filled with the question's fields.
+    `intervention`: a guardrail, a list of guardrails, a weight edit, or None. With verify=True it first checks
+    that `model` is the model it was made for.
+    """
+    if mode not in MODES:
+        raise DSGError(f"mode must be one of {MODES}, got {mode!r}.")
+    if chat and mode != "letter":
+        raise DSGError("chat=True applies to mode='letter' only.")
+    questions = [check_question(q, f"questions[{i}]") for i, q in enumerate(questions)]
+    intervention = as_intervention(intervention)
+    if verify and intervention is not None:
+        intervention.check_model(model)
+
+    requests, owners = [], []  # owners[i][k]: the choice candidate k of question i stands for
+    for q in questions:
+        n = len(q["choices"])
+        if mode == "likelihood":
+            prompt = _fill(prompt_format, q, "prompt_format")
+            pairs = [_encode_pair(tokenizer, prompt, " " + c) for c in q["choices"]]
+            ids, cands, owner = pairs[0][0], [p[1] for p in pairs], list(range(n))
+        elif not chat:
+            prompt = letter_prompt(q, description)
+            pairs = [_encode_pair(tokenizer, prompt, " " + LETTERS[c]) for c in range(n)]
+            ids, cands, owner = pairs[0][0], [p[1] for p in pairs], list(range(n))
+        else:
+            ids = _encode(tokenizer, letter_prompt(q, description, chat=True, tokenizer=tokenizer), False)
+            cands, owner = [], []
+            for c in range(n):
+                for variant in _letter_tokens(tokenizer, LETTERS[c]):
+                    cands.append([variant])
+                    owner.append(c)
+        if any(not c for c in cands):
+            raise DSGError(f"A choice of question {q['question'][:60]!r} encodes to no tokens.")
+        if not ids:  # lm-eval scores a continuation of nothing as a continuation of the end-of-text token
+            ids = [pad_id_of(tokenizer, model) if tokenizer.eos_token_id is None else tokenizer.eos_token_id]
+        requests.append(_Request(ids, cands))
+        owners.append(owner)
+
+    desc = f"mcq ({mode}{', chat' if chat else ''}{', guarded' if intervention is not None else ''})"
+    lls, gated = _loglikelihoods(model, requests, pad_id_of(tokenizer, model), intervention, batch_size, progress, desc)
+
+    results = []
+    for i, q in enumerate(questions):
+        n = len(q["choices"])
+        scores = [-math.inf] * n
+        for k, c in enumerate(owners[i]):
+            scores[c] = max(scores[c], lls[i][k])  # chat mode: max(log P("A"), log P(" A"))
+        if mode == "likelihood":
+            norm = [s / max(len(c), 1) for s, c in zip(scores, q["choices"])]
+        else:
+            norm = list(scores)  # lm-eval's acc_norm divides by len("A") = 1
+        pred, pred_norm = argmax(scores), argmax(norm)
+        results.append(
+            QuestionResult(
+                i,
+                q.get("id"),
+                q["answer"],
+                pred,
+                pred == q["answer"],
+                tuple(scores),
+                pred_norm,
+                pred_norm == q["answer"],
+                tuple(norm),
+                gated[i],
+            )
+        )
+    return results
+
+
+def _letter_tokens(tokenizer, letter: str) -> list[int]:
+    """The single-token ids of "A" and " A" (the SAEBench candidates); a DSGError if neither is one token."""
+    found = []
+    for text in (letter, " " + letter):
+        ids = _encode(tokenizer, text, False)
+        if len(ids) == 1 and ids[0] not in found:
+            found.append(ids[0])
+    if not found:
+        raise DSGError(
+            f"The tokenizer has no single token for {letter!r} or {' ' + letter!r}; chat letter mode needs one."
+        )
+    return found
+
+
+# ---- the base-correct subset ----------------------------------------------------------------------------------
+
+
+def base_correct_subset(
+    model: torch.nn.Module,
+    tokenizer,
+    questions: Sequence[dict],
+    *,
+    permutations: bool = False,
+    norm: bool = False,
+    **score_options,
+) -> list[int]:
+    """Indices of the questions the model (without an intervention, unless passed in `score_options`) answers
+    correctly.
+
+    With permutations=True a question counts only if it is answered correctly under every ordering of its
+    choices (24 for four choices; the paper's subset). That matters in letter mode; in likelihood mode each
+    choice is scored on its own, so the ordering changes nothing but the cost.
+    """
+    questions = [check_question(q, f"questions[{i}]") for i, q in enumerate(questions)]
+    if not permutations:
+        return correct_indices(score_mcq(model, tokenizer, questions, **score_options), norm=norm)
+    expanded, owner = [], []
+    for i, q in enumerate(questions):
+        try:
+            orderings = choice_orderings(len(q["choices"]))
+        except DSGError as e:
+            raise DSGError(f"Question {i}: {e}") from None
+        for order in orderings:
+            expanded.append(permute_choices(q, order))
+            owner.append(i)
+    results = score_mcq(model, tokenizer, expanded, **score_options)
+    ok = [True] * len(questions)
+    for r, i in zip(results, owner):
+        ok[i] &= r.correct_norm if norm else r.correct
+    return [i for i, good in enumerate(ok) if good]

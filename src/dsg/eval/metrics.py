@@ -1,0 +1,99 @@
+"""Scores of multiple-choice runs: per-question results, accuracy, gate rate, and the one task summary that the
+demo, the comparison and `dsg eval` all report (accuracy, the base model's correctly answered subset, and how
+often the gate opened)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from ..errors import DSGError
+
+
+class QuestionResult(NamedTuple):
+    """One question's scores. All scores are log-probabilities, one per choice."""
+
+    index: int  # position in the question list
+    id: Any  # the question's "id" field, None if it has none
+    answer: int
+    prediction: int  # argmax of `scores` (lm-eval acc)
+    correct: bool
+    scores: tuple[float, ...]
+    prediction_norm: int  # argmax of `scores_norm` (lm-eval acc_norm)
+    correct_norm: bool
+    scores_norm: tuple[float, ...]  # likelihood: score per character of the choice; letter: = scores
+    gated: bool | None  # whether the intervention gated the prompt; None without a gated intervention
+
+
+def argmax(xs: Sequence[float]) -> int:
+    """The first maximum, as numpy's argmax."""
+    return max(range(len(xs)), key=lambda i: (xs[i], -i))
+
+
+def _subset(results: Sequence[QuestionResult], subset: Iterable[int] | None) -> list[QuestionResult]:
+    if subset is None:
+        return list(results)
+    by_index = {r.index: r for r in results}
+    wanted = list(subset)
+    missing = [i for i in wanted if i not in by_index]
+    if missing:
+        raise DSGError(f"Question indices {missing[:5]} of the subset are not among the {len(results)} results.")
+    return [by_index[i] for i in wanted]
+
+
+def accuracy(results: Sequence[QuestionResult], subset: Iterable[int] | None = None, *, norm: bool = False) -> float:
+    """Share of questions answered correctly, over all results or over the question indices in `subset`."""
+    chosen = _subset(results, subset)
+    if not chosen:
+        raise DSGError("Accuracy over an empty set of questions is undefined.")
+    return sum(r.correct_norm if norm else r.correct for r in chosen) / len(chosen)
+
+
+def gate_rate(results: Sequence[QuestionResult], subset: Iterable[int] | None = None) -> float | None:
+    """Share of questions whose prompt the intervention gated; None when the results were made without a gate."""
+    chosen = _subset(results, subset)
+    if not chosen or any(r.gated is None for r in chosen):
+        return None
+    return sum(bool(r.gated) for r in chosen) / len(chosen)
+
+
+def correct_indices(results: Sequence[QuestionResult], *, norm: bool = False) -> list[int]:
+    """Indices of the questions answered correctly."""
+    return [r.index for r in results if (r.correct_norm if norm else r.correct)]
+
+
+class TaskSummary(NamedTuple):
+    """One task under an intervention, against the base model on the same questions."""
+
+    n: int
+    accuracy: float
+    base_accuracy: float
+    n_base_correct: int
+    accuracy_base_correct: float | None  # None when the base model answers nothing correctly
+    gate_rate: float | None  # None without a gated intervention
+    gate_rate_base_correct: float | None
+
+
+def summarize_task(correct: Sequence[bool], gated: Sequence[bool | None], base_correct: Sequence[bool]) -> TaskSummary:
+    """The summary of one task from per-question correctness (under the intervention and for the base model) and
+    gate decisions."""
+    if not correct or len(correct) != len(base_correct) or len(gated) != len(correct):
+        raise DSGError(f"A task summary needs equally many results: {len(correct)}, {len(gated)}, {len(base_correct)}.")
+    subset = [i for i, ok in enumerate(base_correct) if ok]
+
+    def share(flags: Sequence[bool | None], idx: Sequence[int]) -> float | None:
+        chosen = [flags[i] for i in idx]
+        if not chosen or any(f is None for f in chosen):
+            return None
+        return sum(bool(f) for f in chosen) / len(chosen)
+
+    everything = range(len(correct))
+    return TaskSummary(
+        len(correct),
+        share(correct, everything),
+        share(base_correct, everything),
+        len(subset),
+        share(correct, subset),
+        share(gated, everything),
+        share(gated, subset),
+    )

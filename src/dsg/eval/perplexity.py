@@ -1,0 +1,76 @@
+"""Perplexity of held-out text under an intervention, token-weighted, with each window judged as one prompt."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import NamedTuple
+
+from tqdm.auto import tqdm
+
+from ..errors import DSGError
+from ..lm.models import evaluating, model_device
+from ..lm.text import batches, pad_id_of, position_ids, tokenize
+from ..runtime.intervention import Intervention, as_intervention
+
+
+class PerplexityResult(NamedTuple):
+    perplexity: float  # exp(nll)
+    nll: float  # mean negative log-likelihood per predicted token, nats
+    n_tokens: int  # predicted tokens
+    n_windows: int
+    gate_rate: float | None  # share of windows the intervention gated; None without a gated intervention
+
+
+def perplexity_stats(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 256,
+    intervention: Intervention | Sequence | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    verify: bool = True,
+) -> PerplexityResult:
+    """Token-weighted perplexity of `texts`, split into windows of `max_length` tokens.
+
+    Each window predicts its tokens 1..T-1 from the ones before (padding excluded), so the first token of every
+    window is context only.
+    """
+    windows = tokenize(tokenizer, texts, max_length)
+    if not windows:
+        raise DSGError("No text window has the 2 tokens perplexity needs.")
+    intervention = as_intervention(intervention)
+    if verify and intervention is not None:
+        intervention.check_model(model)
+    device = model_device(model)
+    nll, n_tokens, n_gated = 0.0, 0, None
+    n_batches = math.ceil(len(windows) / batch_size)
+    with evaluating(model):
+        for _, ids, mask in tqdm(
+            batches(windows, batch_size, pad_id_of(tokenizer, model)),
+            total=n_batches,
+            desc="perplexity",
+            disable=not progress,
+            unit="batch",
+        ):
+            ids, mask = ids.to(device), mask.to(device)
+            applied = intervention.applied(model, verify=False) if intervention is not None else nullcontext()
+            with applied as session:
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            if session is not None and session.gated is not None:
+                n_gated = (n_gated or 0) + int(session.gated.sum())
+            lp_BT = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            target = mask[:, 1:].bool()
+            nll -= float(lp_BT[target].double().sum())
+            n_tokens += int(target.sum())
+    mean = nll / n_tokens
+    rate = n_gated / len(windows) if n_gated is not None else None
+    return PerplexityResult(math.exp(mean), mean, n_tokens, len(windows), rate)
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], **options) -> float:
+    """exp(mean NLL per predicted token) of `texts`; options as `perplexity_stats`."""
+    return perplexity_stats(model, tokenizer, texts, **options).perplexity

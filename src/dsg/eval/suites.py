@@ -1,0 +1,105 @@
+"""What the comparison bench measures for an intervention, one registered suite per kind of measurement.
+
+    scores       multiple-choice questions of every task: per question correct / correct_norm / gated
+    perplexity   held-out retain text (test split only)
+    generations  greedy completions of fixed open-ended prompts (test split only; shown, not scored)
+
+A suite has a `name` (the key its results are stored under), the `splits` it runs on, and
+`run(bench, split, intervention, progress) -> JSON`. A new suite is one class with one registration line, here
+or in its own module imported below; `dsg compare` then runs and stores it for every configuration.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..registry import Registry
+from ..runtime.generation import generate
+from .mcq import score_mcq
+from .perplexity import perplexity_stats
+
+SUITES: Registry[type] = Registry("evaluation suite")
+
+
+class Suite:
+    name: ClassVar[str]
+    splits: ClassVar[tuple[str, ...]] = ("validation", "test")
+
+    @staticmethod
+    def run(bench, split: str, intervention, progress: bool):
+        raise NotImplementedError
+
+
+@SUITES.register("scores")
+class MultipleChoice(Suite):
+    name = "scores"
+
+    @staticmethod
+    def run(bench, split, intervention, progress) -> dict:
+        """{task: {"correct": [bool], "correct_norm": [bool], "gated": [bool | None]}}."""
+        out = {}
+        for task, qs in bench.questions[split].items():
+            res = score_mcq(
+                bench.model,
+                bench.tokenizer,
+                qs,
+                intervention=intervention,
+                batch_size=bench.batch_size,
+                progress=progress,
+                verify=False,
+            )
+            out[task] = {
+                "correct": [bool(r.correct) for r in res],
+                "correct_norm": [bool(r.correct_norm) for r in res],
+                "gated": [r.gated for r in res],
+            }
+        return out
+
+
+@SUITES.register("perplexity")
+class Perplexity(Suite):
+    name = "perplexity"
+    splits = ("test",)
+
+    @staticmethod
+    def run(bench, split, intervention, progress) -> dict | None:
+        if not bench.perplexity_texts:
+            return None
+        return perplexity_stats(
+            bench.model,
+            bench.tokenizer,
+            bench.perplexity_texts,
+            max_length=256,
+            intervention=intervention,
+            batch_size=max(1, bench.batch_size // 2),
+            progress=progress,
+            verify=False,
+        )._asdict()
+
+
+@SUITES.register("generations")
+class Generations(Suite):
+    name = "generations"
+    splits = ("test",)
+
+    @staticmethod
+    def run(bench, split, intervention, progress) -> list[dict]:
+        if not bench.prompts or bench.generation_tokens < 1:
+            return []
+        rows = generate(
+            bench.model,
+            bench.tokenizer,
+            [p["prompt"] for p in bench.prompts],
+            intervention,
+            max_new_tokens=bench.generation_tokens,
+            chat=True,
+            verify=False,
+        )
+        return [{**p, "completion": r["completion"], "gated": r["gated"]} for p, r in zip(bench.prompts, rows)]
+
+
+def run_suites(bench, split: str, intervention, progress: bool) -> dict:
+    """Every registered suite that runs on `split`, keyed by its name."""
+    return {
+        name: suite.run(bench, split, intervention, progress) for name, suite in SUITES.items() if split in suite.splits
+    }

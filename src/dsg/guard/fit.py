@@ -1,0 +1,212 @@
+"""Fitting a guardrail: statistics on forget and retain text, latent selection, gate calibration.
+
+    guard = dsg.fit(model, tokenizer, sae, forget_texts, retain_texts, config=dsg.FitConfig(n_features=20))
+
+Forward passes only, each stopped at the hooked layer. The threshold is the `gate_percentile` of rho over the
+calibration texts (default: the retain texts), so by construction about (100 - gate_percentile)% of inputs like
+the calibration texts are gated. Calibrate on text shaped like the traffic the model will see: if it serves chat
+prompts, pass chat-formatted benign prompts as `calibration`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..config import check_choice
+from ..errors import DSGError
+from ..lm.fingerprint import model_fingerprint
+from ..lm.hooks import check_width, resolve
+from ..lm.text import pad_id_of, subsample, tokenize
+from .guardrail import Guardrail
+from .rule import CLAMP_MODES
+from .scorers import SCORERS, scores
+from .stats import LatentSums, collect_stats, gate_rates
+
+
+@dataclass
+class FitConfig:
+    """How to fit a guardrail. Defaults are the paper's (N=20, p_ratio=95, p_dyn=95, c=500)."""
+
+    hook: str | None = None
+    """Hook point, e.g. blocks.3.hook_resid_post; defaults to the hook named in the SAE's config."""
+    n_features: int = 20
+    """Number of SAE latents to select (N)."""
+    scorer: str = "ratio"
+    """Latent scorer: ratio (paper: mean activation squared, forget over retain), fisher (E[f^2] ratio), or
+    frequency (SAEBench static clamp: forget firing frequency after a retain cut-off)."""
+    ratio_percentile: float = 95.0
+    """Keep latents whose forget/retain score ratio is at or above this percentile over all latents (p_ratio)."""
+    min_forget_percentile: float = 5.0
+    """Keep latents whose forget score is at or above this percentile over all latents."""
+    retain_cutoff: float = 0.01
+    """frequency scorer only: drop latents that fire on at least this fraction of retain tokens."""
+    gate_percentile: float = 95.0
+    """Gate threshold = this percentile of rho over the calibration texts (p_dyn)."""
+    gated: bool = True
+    """Gate per input (dynamic); --no-gated clamps every input (static)."""
+    clamp: float = 500.0
+    """Clamp strength c: flagged latents are set to -c."""
+    clamp_relative_to_norm: bool = False
+    """Read clamp as a multiple of the mean residual-stream norm at the hook (on retain text), so it transfers
+    across models."""
+    clamp_mode: str = "all"
+    """all: at a flagged token set every selected latent to -c (paper); active: only the ones that fire (SAEBench)."""
+    max_length: int = 256
+    """Tokens per sequence; longer documents are split into windows of this size."""
+    max_sequences: int = 1024
+    """At most this many sequences per corpus, drawn with the seed."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    seed: int = 0
+    """Seed for subsampling the corpora."""
+
+    def __post_init__(self):
+        check_choice("scorer", self.scorer, SCORERS.names())
+        check_choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
+        if self.n_features < 1:
+            raise DSGError(f"n_features must be at least 1, got {self.n_features}.")
+        for name in ("ratio_percentile", "min_forget_percentile", "gate_percentile"):
+            if not 0 <= getattr(self, name) <= 100:
+                raise DSGError(f"{name} must lie in [0, 100], got {getattr(self, name)}.")
+        if self.clamp <= 0:
+            raise DSGError(f"clamp must be positive (latents are set to -clamp), got {self.clamp}.")
+        if self.max_length < 2 or self.max_sequences < 1 or self.batch_size < 1:
+            raise DSGError("max_length must be >= 2 and max_sequences, batch_size >= 1.")
+
+
+class CorpusStats(NamedTuple):
+    """Latent statistics of the forget and retain corpora, reusable across selection settings."""
+
+    forget: LatentSums
+    retain: LatentSums
+    forget_sequences: list[list[int]]
+    retain_sequences: list[list[int]]
+
+
+def corpus_sha256(texts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
+
+
+def _sequences(tokenizer, texts: Sequence[str], config: FitConfig, salt: int) -> list[list[int]]:
+    return subsample(tokenize(tokenizer, texts, config.max_length), config.max_sequences, config.seed + salt)
+
+
+def _checked_hook(model, sae, config: FitConfig):
+    hook = config.hook or sae.hook_name
+    if not hook:
+        raise DSGError("No hook point: the SAE's config names none, so set FitConfig.hook (--hook).")
+    point = resolve(model, hook)
+    check_width(model, point, sae.d_in)
+    return hook, point
+
+
+def measure(
+    model: torch.nn.Module,
+    tokenizer,
+    sae,
+    forget: Sequence[str],
+    retain: Sequence[str],
+    config: FitConfig | None = None,
+    *,
+    progress: bool = True,
+) -> CorpusStats:
+    """Latent statistics of both corpora (the expensive part of `fit`); pass the result to `fit(stats=...)` to try
+    several selection settings without recomputing it. Depends on config.hook, max_length, max_sequences,
+    batch_size and seed only."""
+    config = config or FitConfig()
+    hook, _ = _checked_hook(model, sae, config)
+    for label, texts in (("forget", forget), ("retain", retain)):
+        if not any(t.strip() for t in texts):
+            raise DSGError(f"The {label} corpus is empty.")
+    forget_seqs, retain_seqs = _sequences(tokenizer, forget, config, 1), _sequences(tokenizer, retain, config, 2)
+    if not forget_seqs or not retain_seqs:
+        raise DSGError("The forget and retain corpora must each hold at least one text of two or more tokens.")
+    sae = sae.to(next(model.parameters()).device)
+    kw = dict(batch_size=config.batch_size, pad_id=pad_id_of(tokenizer, model), progress=progress)
+    return CorpusStats(
+        collect_stats(model, sae, hook, forget_seqs, desc="forget statistics", **kw),
+        collect_stats(model, sae, hook, retain_seqs, desc="retain statistics", **kw),
+        forget_seqs,
+        retain_seqs,
+    )
+
+
+def fit(
+    model: torch.nn.Module,
+    tokenizer,
+    sae,
+    forget: Sequence[str],
+    retain: Sequence[str],
+    calibration: Sequence[str] | None = None,
+    config: FitConfig | None = None,
+    *,
+    name: str | None = None,
+    progress: bool = True,
+    stats: CorpusStats | None = None,
+) -> Guardrail:
+    """Fit a Dynamic SAE Guardrail for the domain of `forget` against `retain`.
+
+    `stats` (from `measure` with the same corpora and data settings) skips the statistics pass.
+    """
+    config = config or FitConfig()
+    hook, point = _checked_hook(model, sae, config)
+    if calibration is not None and not any(t.strip() for t in calibration):
+        raise DSGError("The calibration corpus is empty.")
+    stats = stats or measure(model, tokenizer, sae, forget, retain, config, progress=progress)
+    f_sums, r_sums = stats.forget, stats.retain
+    retain_seqs = stats.retain_sequences
+    kw = dict(batch_size=config.batch_size, pad_id=pad_id_of(tokenizer, model), progress=progress)
+
+    features = SCORERS[config.scorer].select(f_sums, r_sums, config)
+    if not features:
+        raise DSGError(
+            "No latent passed the selection filters; lower ratio_percentile / min_forget_percentile, raise "
+            "retain_cutoff, or use more forget text."
+        )
+    clamp = config.clamp * r_sums.mean_norm if config.clamp_relative_to_norm else config.clamp
+
+    guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, name=name)
+    calib_seqs = retain_seqs if calibration is None else _sequences(tokenizer, calibration, config, 3)
+    rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
+    threshold = float(np.percentile(rho.double().numpy(), config.gate_percentile))
+
+    tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
+    tensors["calibration_rho"] = rho
+    info = {
+        "config": dataclasses.asdict(config) | {"hook": hook},
+        "seed": config.seed,
+        "model": model_fingerprint(model, point),
+        "sae": {"sha256": sae.sha256()},
+        "data": {
+            "forget": {
+                "documents": len(forget),
+                "sequences": len(stats.forget_sequences),
+                "tokens": int(f_sums.n_tokens),
+                "sha256": corpus_sha256(forget),
+            },
+            "retain": {
+                "documents": len(retain),
+                "sequences": len(retain_seqs),
+                "tokens": int(r_sums.n_tokens),
+                "sha256": corpus_sha256(retain),
+            },
+            "calibration": {
+                "source": "retain" if calibration is None else "calibration",
+                "sequences": len(calib_seqs),
+                "tokens": sum(len(s) for s in calib_seqs),
+                "sha256": corpus_sha256(retain if calibration is None else calibration),
+            },
+        },
+        "residual_norm": r_sums.mean_norm,
+    }
+    return Guardrail(
+        sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, name=name, info=info, tensors=tensors
+    )

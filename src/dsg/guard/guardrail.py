@@ -1,0 +1,293 @@
+"""The Guardrail value object: which latents, at which hook, gated how, clamped how hard; and its files.
+
+A guardrail holds only what its rule (guard/rule.py) needs: the selected latents' encoder (for ReLU/JumpReLU the
+selected encoder columns, an SAE cut to those latents; for TopK the whole SAE, since a TopK latent depends on all
+the others) and their decoder rows. Applying it to a model is a runtime's job (`guard.applied(model)`, see
+dsg.runtime.hf).
+
+On disk: `guardrail.json` (features, threshold, clamp, hook, config, seed, dsg version, SHA-256 of the SAE and of
+the model weights upstream of the hook, corpus hashes) + `guardrail.safetensors` (the selected latents' slices and
+per-latent statistics), plus the whole SAE under `sae/` for TopK.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..errors import DSGError
+from ..files import atomic_directory, read_artifact_json, read_safetensors, write_json
+from ..lm.fingerprint import model_fingerprint
+from ..lm.hooks import HookPoint, resolve
+from ..sae import ARCHITECTURES, SAE
+from . import rule
+from .rule import CLAMP_MODES
+
+FORMAT = "dsg-guardrail"
+FORMAT_VERSION = 1
+JSON_NAME = "guardrail.json"
+TENSORS_NAME = "guardrail.safetensors"
+SAE_DIR = "sae"
+RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")
+
+
+class SelectedLatents(torch.nn.Module):
+    """The part of an SAE a guardrail needs: an encoder giving the selected latents' activations, and their
+    decoder rows."""
+
+    def __init__(self, encoder: SAE, features: Sequence[int], W_dec_SD: torch.Tensor, b_dec: torch.Tensor):
+        super().__init__()
+        self.encoder = encoder  # the SAE cut to the selected latents, or (TopK) the whole SAE
+        self.register_buffer("features", torch.tensor(list(features), dtype=torch.long))
+        self.register_buffer("W_dec", W_dec_SD)  # [S, D]
+        self.register_buffer("b_dec", b_dec)
+
+    @classmethod
+    def of(cls, sae: SAE, features: Sequence[int]) -> SelectedLatents:
+        idx = torch.tensor(list(features), dtype=torch.long)
+        encoder = sae.restricted(features) if sae.encodes_latents_independently else sae
+        return cls(encoder, features, sae.W_dec.data[idx].clone(), sae.b_dec.data.clone())
+
+    @property
+    def whole_sae(self) -> bool:
+        """True when the encoder is the whole SAE (TopK) rather than one cut to the selected latents."""
+        return not self.encoder.encodes_latents_independently
+
+    def encode(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Activations of the selected latents, f [B, T, S]."""
+        if self.whole_sae:
+            return self.encoder.encode(x_BTD)[..., self.features]
+        return self.encoder.encode(x_BTD)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"features": self.features, "W_dec_selected": self.W_dec, "b_dec": self.b_dec}
+        if not self.whole_sae:
+            t = self.encoder.tensors()
+            out |= {"W_enc_selected": t["W_enc"], "b_enc_selected": t["b_enc"]}
+            if "threshold" in t:
+                out["threshold_selected"] = t["threshold"]
+        return out
+
+
+def _sae_record(sae: SAE, sha256: str) -> dict:
+    return {
+        "sha256": sha256,
+        "architecture": sae.architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "hook_name": sae.hook_name,
+    }
+
+
+class Guardrail:
+    """A Dynamic SAE Guardrail: which latents, at which hook, gated how, clamped how hard."""
+
+    def __init__(
+        self,
+        sae: SAE,
+        hook: str | None = None,
+        features: Sequence[int] = (),
+        threshold: float = 0.0,
+        clamp: float = 500.0,
+        clamp_mode: str = "all",
+        gated: bool = True,
+        *,
+        name: str | None = None,
+        info: dict | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ):
+        hook = hook or getattr(sae, "hook_name", None)
+        if not hook:
+            raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
+        features = _checked_features(features, sae.d_sae)
+        info = dict(info or {})
+        record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
+        self._setup(
+            SelectedLatents.of(sae, features),
+            record,
+            sae,
+            hook,
+            features,
+            threshold,
+            clamp,
+            clamp_mode,
+            gated,
+            name,
+            info,
+            tensors,
+        )
+
+    def _setup(
+        self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors
+    ) -> None:
+        if clamp_mode not in CLAMP_MODES:
+            raise DSGError(f"clamp_mode must be one of {CLAMP_MODES}, got {clamp_mode!r}.")
+        self.latents = latents
+        self.sae_record = sae_record
+        self.sae = sae  # the whole SAE when known (fitted here, or a TopK guardrail's sae/ copy), else None
+        self.hook = hook
+        self.features = list(features)
+        self.threshold = float(threshold)
+        self.clamp = float(clamp)
+        self.clamp_mode = clamp_mode
+        self.gated = bool(gated)
+        self.name = name
+        self.info = dict(info or {})
+        self.tensors = dict(tensors or {})
+
+    @property
+    def sae_sha256(self) -> str:
+        return self.sae_record["sha256"]
+
+    @property
+    def d_in(self) -> int:
+        return int(self.sae_record["d_in"])
+
+    def __repr__(self) -> str:
+        gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
+        return (
+            f"Guardrail(hook={self.hook!r}, features={self.features}, {gate}, clamp={self.clamp:g}, "
+            f"clamp_mode={self.clamp_mode!r})"
+        )
+
+    # ---- the rule, on this guardrail's parameters ------------------------------------------------------------
+
+    def flags(self, x_BTD: torch.Tensor, real_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f [B, T, S], a [B, T]): selected activations and which real tokens have any of them firing."""
+        f = self.latents.encode(x_BTD)
+        return f, rule.flagged_tokens(f, real_BT)
+
+    def gate(self, a_BT, real_BT, n_prompt: int, state: rule.GateState | None):
+        """Which tokens to clamp [B, T] and the new gate state (see rule.gate)."""
+        return rule.gate(a_BT, real_BT, n_prompt, state, self.threshold if self.gated else None)
+
+    def delta(self, f_BTS: torch.Tensor, clamp_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions [P, 2], residual deltas [P, D]) for the clamped tokens only."""
+        return rule.clamp_delta(f_BTS, clamp_BT, self.latents.W_dec, self.clamp, self.clamp_mode)
+
+    # ---- use ------------------------------------------------------------------------------------------------
+
+    def applied(self, model: torch.nn.Module, verify: bool = True):
+        """The Intervention protocol: `with guard.applied(model) as session: model(...)` (dsg.runtime.hf.attach)."""
+        from ..runtime.hf import attach  # the runtime imports this module
+
+        return attach(model, self, verify=verify)
+
+    attach = applied
+
+    def check_model(self, model: torch.nn.Module, hook: HookPoint | None = None) -> None:
+        """Refuse a model whose weights upstream of the hook differ from the one the guardrail was fitted on."""
+        expected = self.info.get("model", {}).get("weights_sha256")
+        if not expected:
+            return
+        hook = hook or resolve(model, self.hook)
+        got = model_fingerprint(model, hook)["weights_sha256"]
+        if got != expected:
+            raise DSGError(
+                f"This guardrail was fitted on model {self.info['model'].get('name_or_path')!r} "
+                f"(weights {expected[:12]}...), but the given model's weights up to {self.hook!r} hash to "
+                f"{got[:12]}...; refit it for this model, or pass verify=False (--allow-model-mismatch) to apply it "
+                "anyway."
+            )
+
+    # ---- files ----------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dsg_version": __version__,
+            "name": self.name,
+            "hook": self.hook,
+            "features": self.features,
+            "threshold": self.threshold,
+            "clamp": self.clamp,
+            "clamp_mode": self.clamp_mode,
+            "gated": self.gated,
+            **{k: v for k, v in self.info.items() if k != "sae"},
+            "sae": {**self.info.get("sae", {}), **self.sae_record},
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `guardrail.json` + `guardrail.safetensors` (and, for TopK SAEs, the SAE) atomically."""
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            write_json(tmp / JSON_NAME, self.to_json())
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.latents.tensors().items()}
+            tensors |= {f"stats.{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+            save_file(tensors, str(tmp / TENSORS_NAME))
+            if self.latents.whole_sae:
+                self.latents.encoder.save(tmp / SAE_DIR)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, sae: SAE | None = None, model: torch.nn.Module | None = None) -> Guardrail:
+        """Read a saved guardrail. Passing the `sae` or `model` checks that it is the one the guardrail was made for."""
+        path = Path(path)
+        meta = read_artifact_json(path, JSON_NAME, FORMAT, FORMAT_VERSION, "guardrail")
+        t = read_safetensors(path / TENSORS_NAME)
+        record = meta["sae"]
+        if sae is not None and sae.sha256() != record["sha256"]:
+            raise DSGError(
+                f"The guardrail in {str(path)!r} was fitted on SAE {record['sha256'][:12]}..., but the given SAE "
+                f"hashes to {sae.sha256()[:12]}...; pass the SAE it was fitted on."
+            )
+        features = _checked_features(meta["features"], int(record["d_sae"]))
+        if sae is None and (path / SAE_DIR).is_dir():
+            sae = SAE.load(path / SAE_DIR)
+        if sae is not None:
+            latents = SelectedLatents.of(sae, features)
+        else:  # a self-contained ReLU/JumpReLU guardrail: the saved slices are an SAE over the selected latents
+            arch = ARCHITECTURES[record["architecture"]]
+            encoder = arch(
+                t["W_enc_selected"],
+                t["W_dec_selected"],
+                t["b_enc_selected"],
+                t["b_dec"],
+                threshold=t.get("threshold_selected"),
+                apply_b_dec_to_input=record["apply_b_dec_to_input"],
+                hook_name=record.get("hook_name"),
+            )
+            latents = SelectedLatents(encoder, features, t["W_dec_selected"], t["b_dec"])
+        stats = {k.removeprefix("stats."): v for k, v in t.items() if k.startswith("stats.")}
+        info = {
+            k: v for k, v in meta.items() if k not in ("format", "format_version", "dsg_version", "name", *RULE_FIELDS)
+        }
+        keys = ("sha256", "architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input", "hook_name")
+        guard = cls.__new__(cls)
+        guard._setup(
+            latents,
+            {k: record.get(k) for k in keys},
+            sae,
+            meta["hook"],
+            features,
+            meta["threshold"],
+            meta["clamp"],
+            meta.get("clamp_mode", "all"),
+            meta.get("gated", True),
+            meta.get("name"),
+            info,
+            stats,
+        )
+        if model is not None:
+            guard.check_model(model)
+        return guard
+
+
+def _checked_features(features: Sequence[int], d_sae: int) -> list[int]:
+    features = [int(j) for j in features]
+    if not features:
+        raise DSGError("The guardrail needs at least one feature.")
+    bad = [j for j in features if not 0 <= j < d_sae]
+    if bad:
+        raise DSGError(f"Feature ids {bad} are out of range for an SAE with d_sae={d_sae}.")
+    if len(set(features)) != len(features):
+        raise DSGError(f"Feature ids must be distinct, got {features}.")
+    return features

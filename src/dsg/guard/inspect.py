@@ -1,0 +1,82 @@
+"""What a guardrail removes, in a form a reviewer can read: `dsg inspect DIR`.
+
+For each selected latent: its statistics on forget and retain text (mean activation, firing frequency), its
+score under the scorer used, and its rank; then the gate threshold against the calibration rho distribution,
+and where the guardrail came from (model and SAE hashes, corpora, config).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..tables import table
+from .guardrail import Guardrail
+
+
+def latent_rows(guard: Guardrail, latents: list[int]) -> list[list]:
+    t = guard.tensors
+
+    def get(key: str, j: int) -> float:
+        return float(t[key][j]) if key in t else float("nan")
+
+    return [
+        [
+            j,
+            f"{get('forget_mean', j):.4f}",
+            f"{get('retain_mean', j):.4f}",
+            f"{get('forget_frequency', j):.3f}",
+            f"{get('retain_frequency', j):.3f}",
+            f"{get('score_ratio', j):.3g}",
+        ]
+        for j in latents
+    ]
+
+
+def describe(path: str | os.PathLike, top: int | None = None) -> str:
+    guard = Guardrail.load(path)
+    info = guard.info
+    header = ["latent", "forget mean", "retain mean", "forget freq", "retain freq", "score ratio"]
+    out = [
+        f"Guardrail {path}" + (f" ({guard.name})" if guard.name else ""),
+        f"  hook       {guard.hook}",
+        "  gate       " + (f"rho > {guard.threshold:.4f}" if guard.gated else "static (every input)"),
+        f"  clamp      -{guard.clamp:g} on {'all' if guard.clamp_mode == 'all' else 'active'} selected latents at "
+        "flagged tokens",
+        f"  SAE        {guard.sae_record['architecture']} d_sae={guard.sae_record['d_sae']} "
+        f"sha256={guard.sae_sha256[:16]}",
+    ]
+    model = info.get("model") or {}
+    if model:
+        out.append(
+            f"  model      {model.get('class')} {model.get('name_or_path')!r} "
+            f"sha256={model.get('weights_sha256', '')[:16]}"
+        )
+    config = info.get("config") or {}
+    if config:
+        out.append(
+            f"  selection  scorer={config.get('scorer')} N={config.get('n_features')} "
+            f"p_ratio={config.get('ratio_percentile')} p_dyn={config.get('gate_percentile')} seed={info.get('seed')}"
+        )
+    for label, d in (info.get("data") or {}).items():
+        out.append(f"  {label:<10} " + ", ".join(f"{k}={v if k != 'sha256' else v[:12]}" for k, v in d.items()))
+    rho = guard.tensors.get("calibration_rho")
+    if rho is not None and rho.numel():
+        q = torch.quantile(rho.double(), torch.tensor([0.5, 0.9, 0.95, 0.99], dtype=torch.double)).tolist()
+        gated = float((rho > guard.threshold).float().mean())
+        out.append(
+            f"  calibration rho: median {q[0]:.3f}, p90 {q[1]:.3f}, p95 {q[2]:.3f}, p99 {q[3]:.3f}; "
+            f"{gated:.1%} of calibration inputs gated"
+        )
+    out += ["", f"Selected latents ({len(guard.features)}):", table(header, latent_rows(guard, guard.features))]
+    if top and "score_forget" in guard.tensors:
+        chosen = set(guard.features)
+        order = guard.tensors["score_forget"].argsort(descending=True).tolist()
+        others = [j for j in order if j not in chosen][:top]
+        out += [
+            "",
+            f"Highest forget-score latents not selected ({len(others)}):",
+            table(header, latent_rows(guard, others)),
+        ]
+    return "\n".join(out)

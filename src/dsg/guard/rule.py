@@ -1,0 +1,108 @@
+"""The guardrail's rule as pure tensor functions: the only code every runtime (HF hooks today, a serving engine
+tomorrow) shares. No hooks, no models, no files: tensors in, tensors out, and the per-sequence gate state passed
+in and returned explicitly.
+
+For a sequence with real tokens t (see lm.text.real_token_mask) and the activations f_t of the selected latents S:
+
+    a_t    = 1 if any latent in S fires (f_tj > 0) at token t                       flagged_tokens
+    rho    = mean of a_t over the real tokens                                       rho
+    gated  = rho > threshold              (always true for a static guardrail)      gate
+    x'_t   = x_t + sum_{j in S} (f'_tj - f_tj) W_dec[j]   at clamped tokens         clamp_delta
+             f'_tj = -c for every j (mode "all", the paper) or for the active j only (mode "active")
+
+Across prefill and decoding the gate is per-sequence state (`GateState`: flagged and real counts so far, and the
+latched decision):
+  * prompt positions share one decision, rho(prompt so far) > threshold;
+  * each later (generated) position extends the running counts, and the gate latches: once on, it stays on. A
+    token is clamped iff it is flagged and the gate is on at that token. Only a real token can move the gate.
+A decision held fixed from elsewhere (several continuations scored under one prompt's decision) uses `held`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+CLAMP_MODES = ("all", "active")
+
+
+class GateState(NamedTuple):
+    """Per-sequence gate state carried from prefill through decoding."""
+
+    flagged: torch.Tensor  # [B] long, flagged real tokens so far
+    real: torch.Tensor  # [B] long, real tokens so far
+    gated: torch.Tensor  # [B] bool, latched decision
+
+    @classmethod
+    def start(cls, batch: int, device=None) -> GateState:
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        return cls(zeros, zeros.clone(), torch.zeros(batch, dtype=torch.bool, device=device))
+
+
+def flagged_tokens(f_BTS: torch.Tensor, real_BT: torch.Tensor) -> torch.Tensor:
+    """a [B, T]: real tokens at which any selected latent fires."""
+    return (f_BTS > 0).any(-1) & real_BT
+
+
+def rho(a_BT: torch.Tensor, real_BT: torch.Tensor) -> torch.Tensor:
+    """Fraction of real tokens flagged, per sequence [B] (0 for a sequence with no real token)."""
+    return a_BT.sum(1).float() / real_BT.sum(1).clamp(min=1).float()
+
+
+def gate(
+    a_BT: torch.Tensor, real_BT: torch.Tensor, n_prompt: int, state: GateState | None, threshold: float | None
+) -> tuple[torch.Tensor, GateState]:
+    """Which tokens to clamp [B, T] and the new state, given that the first `n_prompt` positions are (the rest of)
+    a prompt and the others are generated. `threshold=None` is a static guardrail: the gate is always on."""
+    B, T = a_BT.shape
+    state = state if state is not None else GateState.start(B, a_BT.device)
+    clamp_BT = torch.zeros_like(a_BT)
+    flagged, real, gated = state
+    if n_prompt:
+        a_p, r_p = a_BT[:, :n_prompt], real_BT[:, :n_prompt]
+        flagged = flagged + a_p.sum(1)
+        real = real + r_p.sum(1)
+        if threshold is None:
+            decision = torch.ones_like(gated)
+        else:
+            decision = flagged.float() / real.clamp(min=1).float() > threshold
+        gated = gated | decision
+        clamp_BT[:, :n_prompt] = a_p & gated[:, None]
+    if n_prompt < T:
+        a_g, r_g = a_BT[:, n_prompt:], real_BT[:, n_prompt:]
+        run_flagged = flagged[:, None] + a_g.long().cumsum(1)
+        run_real = real[:, None] + r_g.long().cumsum(1)
+        if threshold is None:
+            on = torch.ones_like(a_g)
+        else:
+            crossed = run_flagged.float() / run_real.clamp(min=1).float() > threshold
+            crossed = crossed & r_g  # only a real token can move the gate
+            on = gated[:, None] | (crossed.long().cummax(1).values > 0)
+        clamp_BT[:, n_prompt:] = a_g & on
+        flagged, real, gated = run_flagged[:, -1], run_real[:, -1], on[:, -1]
+    return clamp_BT, GateState(flagged, real, gated)
+
+
+def held(a_BT: torch.Tensor, gated_B: torch.Tensor) -> torch.Tensor:
+    """Clamp [B, T] under a decision held fixed: flagged tokens of gated rows."""
+    return a_BT & gated_B[:, None].to(a_BT.device)
+
+
+def clamp_delta(
+    f_BTS: torch.Tensor, clamp_BT: torch.Tensor, W_dec_SD: torch.Tensor, clamp: float, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [P, 2], residual deltas [P, D]) for the clamped tokens only: sum_j (f'_j - f_j) W_dec[j]."""
+    pos = clamp_BT.nonzero()
+    f = f_BTS[pos[:, 0], pos[:, 1]]  # [P, S]
+    coef = -clamp - f
+    if mode == "active":
+        coef = torch.where(f > 0, coef, torch.zeros_like(coef))
+    return pos, coef @ W_dec_SD
+
+
+def apply_delta(x_BTD: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`out` (or a copy of x) with the deltas added at `pos`; untouched positions stay bit-for-bit."""
+    out = x_BTD.clone() if out is None else out
+    out[pos[:, 0], pos[:, 1]] += delta.to(out.dtype)
+    return out

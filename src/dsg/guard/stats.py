@@ -1,0 +1,142 @@
+"""Streamed per-latent statistics over a corpus, and per-input gate rates.
+
+Every forward pass stops right after the hooked layer (lm.hooks.StopForward), and only running sums are kept:
+memory is O(d_sae) whatever the corpus size. The sums are plain float64 tensors, so statistics from several
+processes or shards combine by addition (`LatentSums.merge`, or an all-reduce of `as_tensors()`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..lm.hooks import activations_by_batch
+from ..lm.text import batches
+from . import rule
+
+
+@dataclass
+class LatentSums:
+    """Running sums over real tokens: f, 1[f > 0], f², and the residual norm at the hook."""
+
+    n_tokens: torch.Tensor  # [] float64
+    act_sum: torch.Tensor  # [d_sae] float64
+    fire_count: torch.Tensor  # [d_sae] float64
+    sq_sum: torch.Tensor  # [d_sae] float64
+    norm_sum: torch.Tensor  # [] float64, sum of ||x_t||
+
+    @classmethod
+    def zeros(cls, d_sae: int) -> LatentSums:
+        def z(*shape):
+            return torch.zeros(*shape, dtype=torch.float64)
+
+        return cls(z(()), z(d_sae), z(d_sae), z(d_sae), z(()))
+
+    def add(self, f_NF: torch.Tensor, x_ND: torch.Tensor) -> None:
+        self.n_tokens += f_NF.shape[0]
+        self.act_sum += f_NF.sum(0).double()
+        self.fire_count += (f_NF > 0).sum(0).double()
+        self.sq_sum += f_NF.square().sum(0).double()
+        self.norm_sum += x_ND.float().norm(dim=-1).sum().double()
+
+    def add_sparse(self, values_NK: torch.Tensor, indices_NK: torch.Tensor, x_ND: torch.Tensor) -> None:
+        """Same as `add` for a TopK encoding given as k values and latent ids per token (no dense [N, d_sae])."""
+        idx, v = indices_NK.reshape(-1), values_NK.reshape(-1).double()
+        self.n_tokens += values_NK.shape[0]
+        self.act_sum.index_add_(0, idx, v)
+        self.fire_count.index_add_(0, idx, (v > 0).double())
+        self.sq_sum.index_add_(0, idx, v * v)
+        self.norm_sum += x_ND.float().norm(dim=-1).sum().double()
+
+    def merge(self, other: LatentSums) -> LatentSums:
+        return LatentSums(*(a + b for a, b in zip(self.as_tensors(), other.as_tensors())))
+
+    def as_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.n_tokens, self.act_sum, self.fire_count, self.sq_sum, self.norm_sum)
+
+    def _per_token(self, t: torch.Tensor) -> torch.Tensor:
+        return (t / self.n_tokens.clamp(min=1)).float()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean activation per latent, E[f_j]."""
+        return self._per_token(self.act_sum)
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """Firing frequency per latent, P(f_j > 0)."""
+        return self._per_token(self.fire_count)
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """Mean squared activation per latent, E[f_j²] (the diagonal Fisher proxy)."""
+        return self._per_token(self.sq_sum)
+
+    @property
+    def mean_norm(self) -> float:
+        """Mean L2 norm of the residual at the hook."""
+        return float(self._per_token(self.norm_sum))
+
+    def summary(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}_mean": self.mean,
+            f"{prefix}_frequency": self.frequency,
+            f"{prefix}_mean_square": self.mean_square,
+            f"{prefix}_tokens": self.n_tokens.float().reshape(1),
+            f"{prefix}_mean_norm": torch.tensor([self.mean_norm]),
+        }
+
+
+@torch.inference_mode()
+def collect_stats(
+    model: torch.nn.Module,
+    sae,
+    hook: str,
+    sequences: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    desc: str = "statistics",
+    progress: bool = True,
+) -> LatentSums:
+    """Per-latent sums of the SAE's activations at `hook` over the real tokens of `sequences`.
+
+    An SAE that gives its codes as (values, latent ids) pairs (TopK: `encode_topk`) is summed sparsely.
+    """
+    sums = LatentSums.zeros(sae.d_sae)
+    sparse = getattr(sae, "encode_topk", None)
+    bar = tqdm(total=sum(len(s) for s in sequences), desc=desc, unit="tok", disable=not progress, leave=False)
+    for _, mask, x_BTD, real in activations_by_batch(model, hook, batches(sequences, batch_size, pad_id)):
+        x_ND = x_BTD[real]
+        if sparse is not None:
+            sums.add_sparse(*sparse(x_ND), x_ND)
+        else:
+            sums.add(sae.encode(x_ND), x_ND)
+        bar.update(int(mask.sum()))
+    bar.close()
+    return sums
+
+
+@torch.inference_mode()
+def gate_rates(
+    model: torch.nn.Module,
+    guardrail,
+    sequences: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    desc: str = "calibration",
+    progress: bool = True,
+) -> torch.Tensor:
+    """rho(x) for each sequence [n]: the fraction of its real tokens on which any selected latent fires."""
+    guardrail.latents.to(next(model.parameters()).device)
+    out = torch.zeros(len(sequences))
+    chunks = list(batches(sequences, batch_size, pad_id))
+    bar = tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False)
+    for idx, _, x_BTD, real in activations_by_batch(model, guardrail.hook, bar):
+        _, a = guardrail.flags(x_BTD, real)
+        out[idx] = rule.rho(a, real).cpu()
+    return out

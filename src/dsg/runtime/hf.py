@@ -1,0 +1,163 @@
+"""Guardrails on a HuggingFace model: forward hooks that run the rule (guard/rule.py) at each guardrail's hook.
+
+    with dsg.attach(model, guard_bio, guard_cyber) as session:
+        model.generate(...)
+    session.gated          # [B] inputs that any guardrail guarded
+
+Each forward is classified from its inputs: a forward without a KV cache (or the prefill of one) is a prompt, and
+its positions share one decision; a forward that continues a cache holds generated tokens, which extend the
+running counts and can latch the gate (see rule.gate). `session.prompt_length` (set by the no-cache reference
+generator) says where the prompt ends inside a full-sequence forward. `session.hold(decisions)` fixes the
+decisions for the following forwards instead (scoring several continuations under one prompt's decision).
+
+Guardrails on the same hook point judge the same (unedited) activations and their deltas add up, so each keeps
+its own gate. Tokens that are not clamped are returned bit-for-bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DSGError
+from ..guard import rule
+from ..guard.guardrail import Guardrail
+from ..lm.hooks import check_width, hooked, model_inputs, resolve
+from ..lm.text import real_token_mask, special_token_ids
+
+
+@dataclass
+class Attachment:
+    """What `attach` yields: the gate decisions of the latest forward pass, and generation state."""
+
+    guardrails: list[Guardrail]
+    _gated_by: list[torch.Tensor | None] = field(default_factory=list)  # per guardrail, [B] bool latched gate
+    prompt_length: int | None = None  # set by reference_generate: positions beyond it are treated as generated
+    _held: torch.Tensor | None = None  # [B, G] decisions held fixed (see hold)
+
+    @property
+    def gated(self) -> torch.Tensor | None:
+        """[B] bool: inputs in the latest forward that any attached guardrail gated."""
+        present = [g for g in self._gated_by if g is not None]
+        if not present:
+            return None
+        out = present[0].clone()
+        for g in present[1:]:
+            out |= g
+        return out
+
+    def decisions(self) -> torch.Tensor | None:
+        """[B, G] bool: each guardrail's decision for each input of the latest prompt forward."""
+        if any(g is None for g in self._gated_by):
+            return None
+        return torch.stack(self._gated_by, 1)
+
+    def hold(self, decisions: torch.Tensor | None) -> None:
+        """Judge no more: in the following forwards, flagged tokens of rows whose decision is on are clamped and
+        other rows pass through (None judges again)."""
+        self._held = decisions
+
+
+class Guardrails:
+    """Several guardrails as one intervention (each keeps its own gate)."""
+
+    def __init__(self, *guardrails: Guardrail):
+        self.guardrails = guardrails
+
+    def __repr__(self) -> str:
+        return f"Guardrails({', '.join(map(repr, self.guardrails))})"
+
+    def applied(self, model: torch.nn.Module, verify: bool = True):
+        return attach(model, *self.guardrails, verify=verify)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        for g in self.guardrails:
+            g.check_model(model)
+
+
+@contextmanager
+def attach(
+    model: torch.nn.Module, *guardrails: Guardrail, verify: bool = True, special_ids: Sequence[int] | None = None
+):
+    """Apply one or more guardrails to every forward pass of `model` inside the block.
+
+    With verify=True each guardrail first checks that `model` is the model it was fitted on.
+    """
+    if not guardrails:
+        raise DSGError("attach() needs at least one guardrail.")
+    specials = list(special_ids) if special_ids is not None else special_token_ids(model)
+    by_hook: dict[str, list[int]] = {}
+    for i, g in enumerate(guardrails):
+        by_hook.setdefault(g.hook, []).append(i)
+    points = {}
+    for name, members in by_hook.items():
+        point = resolve(model, name)
+        for i in members:
+            check_width(model, point, guardrails[i].d_in, f"Guardrail {i} (SAE)")
+            if verify:
+                guardrails[i].check_model(model, point)
+        points[name] = point
+    session = Attachment(list(guardrails), [None] * len(guardrails))
+    states: list[rule.GateState | None] = [None] * len(guardrails)
+    ctx: dict = {}
+
+    def on_inputs(inputs: dict) -> None:
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        past = inputs.get("past_key_values")
+        past_len = 0
+        if past is not None:
+            past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
+        ctx.clear()
+        ctx["continuation"] = past_len > 0
+        if ids is None and inputs.get("inputs_embeds") is not None:
+            ctx["shape"] = tuple(inputs["inputs_embeds"].shape[:2])
+        ctx["ids"], ctx["mask"] = ids, mask
+
+    device = next(model.parameters()).device
+    for g in guardrails:
+        g.latents.to(device)
+
+    def make_hook(members: list[int]):
+        def fn(x_BTD: torch.Tensor):
+            B, T = x_BTD.shape[:2]
+            if "continuation" not in ctx:  # forward called on a submodule: the whole input is one prompt
+                ctx.update(continuation=False, ids=None, mask=None, shape=(B, T))
+            real = real_token_mask(ctx["ids"], ctx["mask"], specials, ctx.get("shape", (B, T)), ctx["continuation"])
+            real = real.to(x_BTD.device)
+            if real.shape != (B, T):
+                raise DSGError(
+                    f"Hook {members} saw activations of shape {(B, T)} for inputs of shape {tuple(real.shape)}."
+                )
+            if ctx["continuation"]:
+                n_prompt = 0
+            else:
+                n_prompt = T if session.prompt_length is None else min(session.prompt_length, T)
+            out = None
+            for i in members:
+                g = guardrails[i]
+                f, a = g.flags(x_BTD, real)
+                if session._held is not None:
+                    clamp_BT = rule.held(a, session._held[:, i])
+                else:
+                    prev = states[i] if ctx["continuation"] else None
+                    if ctx["continuation"] and (prev is None or prev.gated.shape[0] != B):
+                        raise DSGError(
+                            "A cached continuation reached the guardrail without its prefill; start generation "
+                            "inside attach()."
+                        )
+                    clamp_BT, states[i] = g.gate(a, real, n_prompt, prev)
+                    session._gated_by[i] = states[i].gated
+                if clamp_BT.any():
+                    pos, d = g.delta(f, clamp_BT)
+                    out = rule.apply_delta(x_BTD, pos, d, out)
+            return out
+
+        return fn
+
+    with model_inputs(model, on_inputs), ExitStack() as hooks:
+        for name, members in by_hook.items():
+            hooks.enter_context(hooked(model, points[name], make_hook(members)))
+        yield session

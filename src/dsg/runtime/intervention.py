@@ -1,0 +1,85 @@
+"""What every way of changing a model's behaviour at evaluation time has in common.
+
+An `Intervention` (a guardrail, several guardrails, a weight edit) is applied to a model for the duration of a
+block and yields a `Session`:
+
+    with intervention.applied(model) as session:
+        model(...)                       # the intervention acts on every forward inside the block
+        session.gated                    # [B] which inputs of the latest forward it chose to act on (None: n/a)
+        d = session.decisions()          # [B, G] the decision of each of its G gates (None: it has no gate)
+        session.hold(d[rows])            # later forwards (continuations of those rows) keep those decisions
+
+Evaluation, generation and the comparison bench talk to interventions only through this protocol, so a new
+runtime or a new kind of intervention plugs in without touching them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+class Session(Protocol):
+    @property
+    def gated(self) -> torch.Tensor | None: ...
+
+    def decisions(self) -> torch.Tensor | None: ...
+
+    def hold(self, decisions: torch.Tensor | None) -> None: ...
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    def applied(self, model: torch.nn.Module, verify: bool = True) -> AbstractContextManager[Session]: ...
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse (DSGError) a model other than the one the intervention was made for."""
+
+
+class Ungated:
+    """The session of an intervention that has no gate (a weight edit): it acts on every input."""
+
+    gated = None
+
+    def decisions(self) -> None:
+        return None
+
+    def hold(self, decisions) -> None:
+        pass
+
+
+class Stack:
+    """Several interventions applied together (outermost first); the session is the last gated one's."""
+
+    def __init__(self, *interventions: Intervention):
+        self.interventions = list(interventions)
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module, verify: bool = True) -> Iterator[Session]:
+        with ExitStack() as stack:
+            sessions = [stack.enter_context(i.applied(model, verify=verify)) for i in self.interventions]
+            gated = [s for s in sessions if not isinstance(s, Ungated)]
+            yield gated[-1] if gated else Ungated()
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        for i in self.interventions:
+            i.check_model(model)
+
+
+def as_intervention(x: Intervention | Sequence | None) -> Intervention | None:
+    """None for nothing; an intervention as it is; a sequence of guardrails as one attachment (each keeps its own
+    gate), and any other sequence as a Stack."""
+    if x is None or isinstance(x, Intervention):
+        return x
+    items = list(x)
+    if not items:
+        return None
+    from ..guard.guardrail import Guardrail
+    from .hf import Guardrails
+
+    if all(isinstance(i, Guardrail) for i in items):
+        return Guardrails(*items)
+    return Stack(*(as_intervention(i) for i in items))

@@ -1,0 +1,73 @@
+"""SAE file formats: one module per format, each registered in `FORMATS` with how to recognise it.
+
+    saelens      cfg.json + sae_weights.safetensors (SAELens v6 nested `metadata` config, or the older flat one);
+                 read and written
+    sparsify     cfg.json + sae.safetensors (EleutherAI sparsify; encoder stored transposed); read
+    gemma_scope  params.npz (Gemma Scope JumpReLU); read, with the hook point given by the caller
+
+A format is a class with `name`, `description`, `detect(path) -> bool`, `read(path, hook_name) -> SAE` and,
+optionally, `write(sae, folder)`. `read_sae` takes the named format, or the first registered one that detects
+the path. A new format is one file here plus its import below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from ...errors import DSGError
+from ...files import atomic_directory
+from ...registry import Registry
+from ..base import SAE
+
+
+class SAEFormat(Protocol):
+    name: str
+    description: str
+
+    @staticmethod
+    def detect(path: Path) -> bool: ...
+
+    @staticmethod
+    def read(path: Path, hook_name: str | None) -> SAE: ...
+
+
+FORMATS: Registry[type[SAEFormat]] = Registry("SAE file format")
+
+
+def read_sae(path: str | os.PathLike, hook_name: str | None = None, format: str | None = None) -> SAE:
+    path = Path(path)
+    if not path.exists():
+        raise DSGError(f"SAE path {str(path)!r} does not exist.")
+    if format is not None:
+        return FORMATS[format].read(path, hook_name)
+    for fmt in FORMATS._items.values():
+        if fmt.detect(path):
+            return fmt.read(path, hook_name)
+    inner = sorted(p.name for p in path.iterdir() if (p / "cfg.json").exists()) if path.is_dir() else []
+    hint = f" It contains SAE folders {inner}; pass one of them." if inner else ""
+    expected = ", ".join(f.description for f in FORMATS._items.values())
+    raise DSGError(f"{str(path)!r} is not an SAE: expected one of: {expected}.{hint}")
+
+
+def write_sae(sae: SAE, path: str | os.PathLike, format: str = "saelens") -> Path:
+    fmt = FORMATS[format]
+    if not hasattr(fmt, "write"):
+        raise DSGError(f"SAE file format {format!r} is read-only.")
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        fmt.write(sae, tmp)
+    return path
+
+
+def check_dims(cfg: dict, sae: SAE, path: Path) -> SAE:
+    """Refuse a config whose d_in/d_sae disagree with the weights."""
+    for key in ("d_in", "d_sae"):
+        if key in cfg and cfg[key] is not None and int(cfg[key]) != getattr(sae, key):
+            raise DSGError(f"{str(path)!r} says {key}={cfg[key]} but the weights have {key}={getattr(sae, key)}.")
+    return sae
+
+
+# Registration order is detection order.
+from . import gemma_scope, saelens, sparsify  # noqa: E402,F401

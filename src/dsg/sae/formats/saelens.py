@@ -1,0 +1,79 @@
+"""SAELens folders: `cfg.json` + `sae_weights.safetensors`, v6 (model facts nested under "metadata") or older
+flat configs (hook named "hook_point" or "hook_name"; TopK given as activation_fn "topk")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ...errors import DSGError
+from ...files import read_json, read_safetensors, write_json
+from ..base import ARCHITECTURES, SAE
+from . import FORMATS, check_dims
+
+WEIGHTS = "sae_weights.safetensors"
+
+
+@FORMATS.register("saelens")
+class SAELens:
+    name = "saelens"
+    description = f"a SAELens folder (cfg.json + {WEIGHTS})"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        return path.is_dir() and (path / "cfg.json").exists() and (path / WEIGHTS).exists()
+
+    @staticmethod
+    def read(path: Path, hook_name: str | None = None) -> SAE:
+        cfg_path = path / "cfg.json"
+        cfg = read_json(cfg_path)
+        meta = cfg.get("metadata") or {}
+        hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+        arch, k = cfg.get("architecture", "standard"), cfg.get("k")
+        act_fn = cfg.get("activation_fn_str") or cfg.get("activation_fn")
+        if act_fn == "topk":
+            arch = "topk"
+            k = k or (cfg.get("activation_fn_kwargs") or {}).get("k")
+        if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+            raise DSGError(f"{str(cfg_path)!r}: rescale_acts_by_decoder_norm=true TopK SAEs are not supported.")
+        norm = cfg.get("normalize_activations", "none") or "none"
+        if norm != "none":
+            raise DSGError(f"{str(cfg_path)!r}: normalize_activations={norm!r} is not supported; expected 'none'.")
+        if arch not in ARCHITECTURES:
+            raise DSGError(
+                f"{str(cfg_path)!r}: architecture {arch!r} is not supported; expected one of {ARCHITECTURES.names()}."
+            )
+        required = ("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
+        t = read_safetensors(path / WEIGHTS, required)
+        sae = SAE(
+            t["W_enc"],
+            t["W_dec"],
+            t["b_enc"],
+            t["b_dec"],
+            architecture=arch,
+            threshold=t.get("threshold"),
+            k=int(k) if k is not None else None,
+            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+            hook_name=hook,
+            model_name=meta.get("model_name") or cfg.get("model_name"),
+        )
+        return check_dims(cfg, sae, cfg_path)
+
+    @staticmethod
+    def write(sae: SAE, folder: Path) -> None:
+        """The SAELens v6 layout."""
+        cfg = {
+            "architecture": sae.architecture,
+            "d_in": sae.d_in,
+            "d_sae": sae.d_sae,
+            "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+            "device": "cpu",
+            "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": {"hook_name": sae.hook_name, "model_name": sae.model_name},
+            **sae.config_extra(),
+        }
+        write_json(folder / "cfg.json", cfg)
+        save_file({n: t.detach().cpu().contiguous() for n, t in sae.tensors().items()}, str(folder / WEIGHTS))

@@ -1,0 +1,49 @@
+"""EleutherAI sparsify folders: `cfg.json` + `sae.safetensors` with the encoder stored as `encoder.weight`
+[d_sae, d_in] (transposed) and `encoder.bias`; TopK only, no transcoders or skip connections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...errors import DSGError
+from ...files import read_json, read_safetensors
+from ..base import SAE
+from . import FORMATS, check_dims
+
+WEIGHTS = "sae.safetensors"
+
+
+@FORMATS.register("sparsify")
+class Sparsify:
+    name = "sparsify"
+    description = f"a sparsify folder (cfg.json + {WEIGHTS})"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        return path.is_dir() and (path / "cfg.json").exists() and (path / WEIGHTS).exists()
+
+    @staticmethod
+    def read(path: Path, hook_name: str | None = None) -> SAE:
+        cfg_path = path / "cfg.json"
+        cfg = read_json(cfg_path)
+        if cfg.get("transcode") or cfg.get("skip_connection"):
+            raise DSGError(
+                f"{str(path)!r} is a sparsify transcoder or has a skip connection; only plain SAEs are supported."
+            )
+        activation = cfg.get("activation", "topk")
+        if activation != "topk":
+            raise DSGError(f"{str(cfg_path)!r}: sparsify activation {activation!r} is not supported; expected 'topk'.")
+        t = read_safetensors(path / WEIGHTS, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
+        sae = SAE(
+            t["encoder.weight"].T.contiguous(),
+            t["W_dec"],
+            t["encoder.bias"],
+            t["b_dec"],
+            architecture="topk",
+            k=int(cfg["k"]) if "k" in cfg else None,
+            apply_b_dec_to_input=True,
+            hook_name=cfg.get("hookpoint") or path.name,
+        )
+        if cfg.get("num_latents") and int(cfg["num_latents"]) != sae.d_sae:
+            raise DSGError(f"{str(cfg_path)!r} says num_latents={cfg['num_latents']} but the weights have {sae.d_sae}.")
+        return check_dims(cfg, sae, cfg_path)

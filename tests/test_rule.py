@@ -1,0 +1,55 @@
+"""The guardrail's rule as pure tensor functions (guard/rule.py): no model, no hooks."""
+
+import pytest
+import torch
+
+from dsg.guard import rule
+
+
+def test_a_static_rule_clamps_every_flagged_token_and_gates_every_row():
+    a = torch.tensor([[True, False, True], [False, False, False]])
+    clamp, state = rule.gate(a, torch.ones_like(a), n_prompt=3, state=None, threshold=None)
+    assert torch.equal(clamp, a) and state.gated.all()
+
+
+def test_prompt_positions_share_one_decision_and_padding_does_not_count():
+    a = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    real = torch.tensor([[True, True, True, False], [True, True, True, True]])  # row 0: last position is padding
+    clamp, state = rule.gate(a, real, n_prompt=4, state=None, threshold=0.5)
+    assert state.flagged.tolist() == [2, 1] and state.real.tolist() == [3, 4]
+    assert state.gated.tolist() == [True, False]  # 2/3 > 0.5; 1/4 is not
+    assert clamp[0].tolist() == [True, True, False, False] and not clamp[1].any()
+    assert rule.rho(a, real).tolist() == pytest.approx([2 / 3, 0.25])
+
+
+def test_generated_tokens_extend_the_counts_and_a_padding_token_cannot_move_the_gate():
+    state = rule.GateState(torch.tensor([1]), torch.tensor([2]), torch.tensor([False]))
+    a = torch.tensor([[True]])
+    _, pad_state = rule.gate(a & False, torch.tensor([[False]]), 0, state, 0.5)
+    assert not pad_state.gated.any() and pad_state.real.tolist() == [2]
+    clamp, state = rule.gate(a, torch.tensor([[True]]), 0, state, 0.5)  # 2/3 > 0.5
+    assert state.gated.tolist() == [True] and clamp.tolist() == [[True]]
+
+
+def test_a_held_decision_clamps_only_the_rows_it_holds_on():
+    a = torch.tensor([[True, False], [True, True]])
+    assert rule.held(a, torch.tensor([False, True])).tolist() == [[False, False], [True, True]]
+
+
+def test_clamp_delta_sets_latents_to_minus_c_and_active_mode_spares_silent_ones():
+    f = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])  # [B=1, T=2, S=2]
+    W_dec = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    clamp = torch.tensor([[True, False]])
+    pos, delta = rule.clamp_delta(f, clamp, W_dec, 10.0, "all")
+    assert pos.tolist() == [[0, 0]] and delta.tolist() == [[-12.0, -10.0, 0.0]]
+    _, delta = rule.clamp_delta(f, clamp, W_dec, 10.0, "active")
+    assert delta.tolist() == [[-12.0, 0.0, 0.0]]
+
+
+def test_apply_delta_touches_only_the_clamped_positions():
+    x = torch.randn(2, 3, 4)
+    out = rule.apply_delta(x, torch.tensor([[1, 2]]), torch.ones(1, 4), None)
+    assert torch.equal(out[1, 2], x[1, 2] + 1)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    assert torch.equal(out[mask], x[mask]) and out is not x
