@@ -33,8 +33,11 @@ def field_docs(cls) -> dict[str, str]:
     body = tree.body[0].body
     for prev, node in zip(body, body[1:]):
         if (
-            isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
-            and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
         ):
             docs[prev.target.id] = " ".join(node.value.value.split())
     return docs
@@ -73,10 +76,7 @@ def from_args(cls_or_default, args: argparse.Namespace):
     """Build a config from parsed arguments: options given on the command line override the defaults of the
     dataclass (or of the default instance passed in)."""
     cls = cls_or_default if isinstance(cls_or_default, type) else type(cls_or_default)
-    values = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-        if getattr(args, f.name, None) is not None
-    }
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
     if isinstance(cls_or_default, type):
         return cls(**values)
     return dataclasses.replace(cls_or_default, **values)

@@ -63,9 +63,15 @@ def read_techniques(json_path: str) -> list[dict]:
         tid, name = t["external_id"], clean(t["name"])
         if t.get("is_subtechnique") and tid.split(".")[0] in names:
             name = f"{names[tid.split('.')[0]]}: {name}"
-        out.append(dict(id=tid, name=name, tactics=[tactic_label(s) for s in t.get("tactics") or []],
-                        platforms=list(t.get("platforms") or []),
-                        description=clean_description(t.get("description", ""))))
+        out.append(
+            dict(
+                id=tid,
+                name=name,
+                tactics=[tactic_label(s) for s in t.get("tactics") or []],
+                platforms=list(t.get("platforms") or []),
+                description=clean_description(t.get("description", "")),
+            )
+        )
     return out
 
 
@@ -85,12 +91,24 @@ def records_and_probes(json_path: str) -> tuple[list[Record], list[Probe]]:
         rid = f"attack:{t['id']}"
         records.append(Record(rid, technique_text(t)))
         if t["tactics"]:
-            probes.append(Probe(rid, "attack_name_tactic",
-                                f'In MITRE ATT&CK, the technique "{t["name"]}" belongs to the tactic',
-                                t["tactics"][0], exclude=frozenset(t["tactics"])))
+            probes.append(
+                Probe(
+                    rid,
+                    "attack_name_tactic",
+                    f'In MITRE ATT&CK, the technique "{t["name"]}" belongs to the tactic',
+                    t["tactics"][0],
+                    exclude=frozenset(t["tactics"]),
+                )
+            )
         probes.append(Probe(rid, "attack_id_name", f"MITRE ATT&CK technique {t['id']} is named", t["name"]))
         if len(t["description"]) >= 60:
-            probes.append(Probe(rid, "attack_description_name",
-                                f"ATT&CK technique description: {t['description']}\nName of this technique:",
-                                t["name"], leak_key=t["description"][:150]))
+            probes.append(
+                Probe(
+                    rid,
+                    "attack_description_name",
+                    f"ATT&CK technique description: {t['description']}\nName of this technique:",
+                    t["name"],
+                    leak_key=t["description"][:150],
+                )
+            )
     return records, probes

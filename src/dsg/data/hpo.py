@@ -57,13 +57,13 @@ def read_obo(path: str) -> dict[str, dict]:
             elif key == "name":
                 cur["name"] = clean(value)
             elif key == "def" and value.startswith('"'):
-                cur["definition"] = clean(value[1:value.rindex('"')].replace('\\"', '"'))
+                cur["definition"] = clean(value[1 : value.rindex('"')].replace('\\"', '"'))
             elif key == "is_a":
                 cur["is_a"].append(value.split(" ! ")[0].strip())
             elif key == "is_obsolete" and value.strip() == "true":
                 cur["obsolete"] = True
             elif key == "synonym" and value.startswith('"') and " EXACT" in value:
-                cur["synonyms"].append(clean(value[1:value.index('"', 1)]))
+                cur["synonyms"].append(clean(value[1 : value.index('"', 1)]))
     return terms
 
 
@@ -90,7 +90,7 @@ def read_terms(obo_path: str, hpoa_path: str) -> list[dict]:
     by_term, disease_names = read_annotations(hpoa_path)
     top = {k for k, v in terms.items() if PHENOTYPIC_ABNORMALITY in v["is_a"]}
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def ancestors(k: str) -> frozenset[str]:
         out: set[str] = set()
         for p in terms.get(k, {}).get("is_a", []):
@@ -101,20 +101,36 @@ def read_terms(obo_path: str, hpoa_path: str) -> list[dict]:
     out = []
     for k in sorted(terms):
         t = terms[k]
-        if (t["obsolete"] or not t.get("definition") or not t.get("name") or k in top
-                or PHENOTYPIC_ABNORMALITY not in ancestors(k) or len(by_term.get(k, ())) < MIN_DISEASES):
+        if (
+            t["obsolete"]
+            or not t.get("definition")
+            or not t.get("name")
+            or k in top
+            or PHENOTYPIC_ABNORMALITY not in ancestors(k)
+            or len(by_term.get(k, ())) < MIN_DISEASES
+        ):
             continue
         cats = sorted(terms[a]["name"] for a in ancestors(k) if a in top)
         diseases = sorted(by_term[k], key=lambda d: hashlib.sha256(f"{k}:{d}".encode()).hexdigest())
-        out.append(dict(id=k, name=t["name"], definition=t["definition"], categories=cats,
-                        synonyms=[s for s in t["synonyms"] if s.casefold() != t["name"].casefold()][:3],
-                        diseases=[disease_names[d] for d in diseases[:MAX_DISEASES_IN_TEXT]]))
+        out.append(
+            dict(
+                id=k,
+                name=t["name"],
+                definition=t["definition"],
+                categories=cats,
+                synonyms=[s for s in t["synonyms"] if s.casefold() != t["name"].casefold()][:3],
+                diseases=[disease_names[d] for d in diseases[:MAX_DISEASES_IN_TEXT]],
+            )
+        )
     return out
 
 
 def term_text(t: dict) -> str:
-    parts = [f"{t['name']} ({t['id']}) is a phenotypic abnormality classified under "
-             f"{join_list([c[0].lower() + c[1:] for c in t['categories']])}.", t["definition"]]
+    parts = [
+        f"{t['name']} ({t['id']}) is a phenotypic abnormality classified under "
+        f"{join_list([c[0].lower() + c[1:] for c in t['categories']])}.",
+        t["definition"],
+    ]
     if t["synonyms"]:
         parts.append("Also known as " + join_list(t["synonyms"]) + ".")
     if t["diseases"]:
@@ -127,12 +143,24 @@ def records_and_probes(obo_path: str, hpoa_path: str) -> tuple[list[Record], lis
     for t in read_terms(obo_path, hpoa_path):
         rid = f"hpo:{t['id']}"
         records.append(Record(rid, term_text(t)))
-        probes.append(Probe(rid, "hpo_definition_name",
-                            f"Clinical definition: {truncate(t['definition'], 300)}\nName of this phenotype:",
-                            t["name"], leak_key=t["definition"][:150]))
+        probes.append(
+            Probe(
+                rid,
+                "hpo_definition_name",
+                f"Clinical definition: {truncate(t['definition'], 300)}\nName of this phenotype:",
+                t["name"],
+                leak_key=t["definition"][:150],
+            )
+        )
         if t["categories"]:
             # The category named first (alphabetically) is the answer; the others are excluded as distractors.
-            probes.append(Probe(rid, "hpo_name_category",
-                                f'In the Human Phenotype Ontology, the phenotype "{t["name"]}" is classified under',
-                                t["categories"][0], exclude=frozenset(t["categories"])))
+            probes.append(
+                Probe(
+                    rid,
+                    "hpo_name_category",
+                    f'In the Human Phenotype Ontology, the phenotype "{t["name"]}" is classified under',
+                    t["categories"][0],
+                    exclude=frozenset(t["categories"]),
+                )
+            )
     return records, probes
