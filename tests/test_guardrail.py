@@ -238,3 +238,38 @@ def test_bad_guardrail_arguments_are_clear_errors():
         dsg.Guardrail(sae, features=[1], clamp_mode="some")
     with pytest.raises(dsg.DSGError, match="d_in=48"):
         dsg.Guardrail(tiny_sae(d_in=48), features=[1]).attach(tiny_model("llama")).__enter__()
+
+
+def test_guardrails_reach_a_model_through_the_runtime_that_supports_it():
+    from contextlib import contextmanager
+
+    from dsg.runtime import RUNTIMES
+
+    guard = dsg.Guardrail(tiny_sae(), features=[0, 1], threshold=0.0, clamp=5.0)
+    with pytest.raises(dsg.DSGError, match="No runtime"):
+        dsg.attach(object(), guard)
+
+    class Engine:  # a model another runtime knows how to run
+        pass
+
+    calls = []
+
+    class EngineRuntime:
+        @staticmethod
+        def supports(model):
+            return isinstance(model, Engine)
+
+        @staticmethod
+        @contextmanager
+        def attach(model, *guardrails, verify=True):
+            calls.append((model, guardrails, verify))
+            yield "session"
+
+    RUNTIMES.register("test-engine")(EngineRuntime)
+    try:
+        engine = Engine()
+        with guard.applied(engine, verify=False) as session:
+            assert session == "session"
+        assert calls == [(engine, (guard,), False)]
+    finally:
+        RUNTIMES._items.pop("test-engine")

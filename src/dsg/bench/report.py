@@ -161,78 +161,70 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
+    ".gen{white-space:pre-wrap;font-family:monospace;font-size:12px}"
+)
+SWEEP_HEADER = ["method", "config", "forget %", "forget base-correct %", "retain pooled %", "fit s", "FLOPs", "",
+                "Pareto front"]  # fmt: skip
+
+
 def report_html(compare: dict, config) -> str:
+    """A self-contained page: summary table, trade-off plot, a table per task, the sweep and the generations."""
     e = html.escape
     parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>dsg compare</title><style>"
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
-        ".gen{white-space:pre-wrap;font-family:monospace;font-size:12px}</style></head><body>",
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dsg compare</title><style>{_STYLE}</style></head>"
+        "<body>",
         f"<h1>DSG against the unlearning baselines</h1><p>{e(compare['bench'])}; dsg {e(compare['dsg_version'])}; "
         f"budget {config.budget:g}; {compare['seconds']:.0f} s for this invocation.</p>",
         f"<p>Answers by {e(compare['scoring'])}. Selection rule: {e(compare['selection_rule'])}. Configurations "
         "are chosen on validation questions and reported on disjoint test questions.</p>",
+        "<h2>Summary (test questions)</h2>",
+        _html_table(*table_rows(compare)),
     ]
-    header, rows = table_rows(compare)
-    parts += ["<h2>Summary (test questions)</h2>", _html_table(header, rows)]
     ratio = compare.get("fit_time_ratio_rmu_over_dsg")
     if ratio is not None:
         parts.append(f"<p>Fit time RMU / DSG (chosen configurations): {ratio:.2f}x.</p>")
     png = plot_tradeoff(compare, config)
     if png:
         parts += ["<h2>Trade-off (validation)</h2>", f"<img alt='forget vs retain' src='data:image/png;base64,{png}'>"]
+    parts += _task_tables(compare) + ["<h2>Every swept configuration (validation)</h2>"]
+    parts.append(_html_table(SWEEP_HEADER, _sweep_rows(compare)))
+    parts += _generations(compare) + ["</body></html>"]
+    return "\n".join(parts)
 
-    parts.append("<h2>Per task (test questions)</h2>")
+
+def _task_tables(compare: dict) -> list[str]:
+    parts = ["<h2>Per task (test questions)</h2>"]
     base_tasks = compare["base"]["test"]["tasks"]
     for task in [compare["forget_task"]] + compare["retain_tasks"]:
         rows = [["base model", str(base_tasks[task]["n"]), pct(base_tasks[task]["accuracy"]), "100.0", "-"]]
         for name, r in compare["methods"].items():
             t = r["test"]["tasks"][task]
             rows.append([name, str(t["n"]), pct(t["accuracy"]), pct(t["accuracy_base_correct"]), pct(t["gate_rate"])])
-        parts += [
-            f"<h3>{e(task)}</h3>",
-            _html_table(["method", "n", "accuracy %", "on base-correct %", "gated %"], rows),
-        ]
+        header = ["method", "n", "accuracy %", "on base-correct %", "gated %"]
+        parts += [f"<h3>{html.escape(task)}</h3>", _html_table(header, rows)]
+    return parts
 
-    parts.append("<h2>Every swept configuration (validation)</h2>")
+
+def _sweep_rows(compare: dict) -> list[list[str]]:
     rows = []
     for name, r in compare["methods"].items():
         for s in r["sweep"]:
             v = s["validation"]
-            rows.append(
-                [
-                    name,
-                    short_config(s["config"]),
-                    pct(v["forget_accuracy"]),
-                    pct(v["forget_accuracy_base_correct"]),
-                    pct(v["retain_pooled"]),
-                    f"{s['fit_seconds']:.1f}",
-                    _flops(s["flops"]),
-                    "chosen" if s["key"] == r["chosen"]["key"] else "",
-                    "yes" if s["on_pareto_front"] else "",
-                ]
-            )
-    parts.append(
-        _html_table(
-            [
-                "method",
-                "config",
-                "forget %",
-                "forget base-correct %",
-                "retain pooled %",
-                "fit s",
-                "FLOPs",
-                "",
-                "Pareto front",
-            ],
-            rows,
-        )
-    )
+            chosen = "chosen" if s["key"] == r["chosen"]["key"] else ""
+            rows.append([name, short_config(s["config"]), pct(v["forget_accuracy"]),
+                         pct(v["forget_accuracy_base_correct"]), pct(v["retain_pooled"]), f"{s['fit_seconds']:.1f}",
+                         _flops(s["flops"]), chosen, "yes" if s["on_pareto_front"] else ""])  # fmt: skip
+    return rows
 
-    parts.append("<h2>Generations (greedy, chosen configurations)</h2>")
+
+def _generations(compare: dict) -> list[str]:
+    e = html.escape
+    parts = ["<h2>Generations (greedy, chosen configurations)</h2>"]
     gens = {"base model": compare["base"]["generations"]} | {n: r["generations"] for n, r in compare["methods"].items()}
-    prompts = compare["base"]["generations"]
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(compare["base"]["generations"]):
         parts.append(f"<h3>{e(p['role'])} ({e(p['domain'])}): {e(p['prompt'])}</h3>")
         rows = []
         for name, g in gens.items():
@@ -240,8 +232,7 @@ def report_html(compare: dict, config) -> str:
                 gate = "" if g[i].get("gated") is None else (" [gated]" if g[i]["gated"] else "")
                 rows.append(f"<tr><td>{e(name)}{e(gate)}</td><td class='gen'>{e(g[i]['completion'])}</td></tr>")
         parts.append("<table>" + "".join(rows) + "</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 # ---- dsg demo ------------------------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ class Sweep:
         """(successful runs with their validation summaries, failed runs) over the method's grid."""
         runs, failed = [], []
         for cfg in grid:
-            cfg = dict(cfg) if method.kind == "guardrail" else {**cfg, "seed": self.config.seed}
+            cfg = {**cfg, "seed": self.config.seed} if method.seeded else dict(cfg)
             run = self.run_config(method, cfg)
             if "error" in run:
                 failed.append(run)
@@ -324,13 +324,12 @@ def run_compare(
     methods = list(methods) if methods is not None else [METHODS[n]() for n in config.method_names()]
     grids = read_grid(config.grid, [m.name for m in methods]) if config.grid else {}
     sweep = Sweep(config, bench if bench is not None else config.bench(), progress)
-    bench = sweep.bench
 
     base_val = sweep.base("validation")
     base_val_summary = sweep.summary(base_val["scores"], base_val["scores"])
     sweeps, failures = {}, {}
     for method in methods:
-        runs, failed = sweep.sweep(method, grids.get(method.name) or method.grid(bench, config.budget), base_val)
+        runs, failed = sweep.sweep(method, grids.get(method.name) or method.grid(sweep.bench, config.budget), base_val)
         failures[method.name] = [{"key": r["key"], "config": r["config"], "error": r["error"]} for r in failed]
         if runs:
             sweeps[method.name] = runs
@@ -340,8 +339,7 @@ def run_compare(
 
     # selection on validation, Pareto front over every swept configuration
     all_points = [(m, i, sweep.point(r)) for m, runs in sweeps.items() for i, r in enumerate(runs)]
-    front = pareto_front([p for _, _, p in all_points])
-    on_front = {(all_points[i][0], all_points[i][1]) for i in front}
+    front = [all_points[i][:2] for i in pareto_front([p for _, _, p in all_points])]
     chosen = {
         m: select_config([sweep.point(r) for r in runs], base_val_summary["retain_pooled"], config.retain_threshold)
         for m, runs in sweeps.items()
@@ -351,20 +349,31 @@ def run_compare(
     base_test = sweep.base("test")
     results = {}
     for method in methods:
-        idx, qualified = chosen[method.name]
-        test = sweep.test(method, sweeps[method.name][idx])
-        results[method.name] = sweep.result(method, sweeps[method.name], idx, qualified, test, base_test, on_front)
+        runs, (idx, qualified) = sweeps[method.name], chosen[method.name]
+        test = sweep.test(method, runs[idx])
+        results[method.name] = sweep.result(method, runs, idx, qualified, test, base_test, set(front))
         results[method.name]["failed_configs"] = failures[method.name]
         if not config.keep_edits:
-            sweep.store.prune_edits(
-                method.name, [r["key"] for r in sweeps[method.name]], sweeps[method.name][idx]["key"]
-            )
+            sweep.store.prune_edits(method.name, [r["key"] for r in runs], runs[idx]["key"])
     _positions_against_dsg(sweep, results, sweeps, chosen)
 
+    compare = _record(sweep, base_val_summary, base_test, results)
+    compare["failed_methods"] = sorted(set(failures) - set(results))
+    compare["pareto_front_validation"] = [{"method": m, "key": sweeps[m][i]["key"]} for m, i in front]
+    compare["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(out / "compare.json", compare)
+    write_text_atomic(out / "report.html", report_html(compare, config))
+    return compare
+
+
+def _record(sweep: Sweep, base_val_summary: dict, base_test: dict, results: dict) -> dict:
+    """compare.json's description of the run: what it ran on, how it chose, the base model and each method."""
+    config, bench = sweep.config, sweep.bench
     ratio = None
     if "rmu" in results and "dsg" in results and results["dsg"]["fit_seconds"]:
         ratio = results["rmu"]["fit_seconds"] / results["dsg"]["fit_seconds"]
-    compare = {
+    scoring = "length-normalised log-likelihood (acc_norm)" if config.normalized else "summed log-likelihood (acc)"
+    return {
         "format": "dsg-compare",
         "dsg_version": __version__,
         "bench": bench.name,
@@ -372,9 +381,7 @@ def run_compare(
         "retain_tasks": sorted(bench.retain_tasks("test")),
         "config": dataclasses.asdict(config),
         "context": sweep.context,
-        "scoring": "length-normalised log-likelihood (acc_norm)"
-        if config.normalized
-        else "summed log-likelihood (acc)",
+        "scoring": scoring,
         "selection_rule": (
             f"lowest forget accuracy ({config.forget_metric}) with pooled retain accuracy >= "
             f"{config.retain_threshold:g} x base, on the validation questions; if none qualifies, "
@@ -387,13 +394,5 @@ def run_compare(
             "generations": base_test["generations"],
         },
         "methods": results,
-        "failed_methods": sorted(set(failures) - set(results)),
-        "pareto_front_validation": [
-            {"method": all_points[i][0], "key": sweeps[all_points[i][0]][all_points[i][1]]["key"]} for i in front
-        ],
         "fit_time_ratio_rmu_over_dsg": ratio,
-        "seconds": round(time.perf_counter() - t0, 1),
     }
-    write_json_atomic(out / "compare.json", compare)
-    write_text_atomic(out / "report.html", report_html(compare, config))
-    return compare

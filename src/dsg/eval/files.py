@@ -46,53 +46,28 @@ def evaluate_files(
         intervention.check_model(model)
     options = {"mode": mode, "verify": False, **score_options}
 
-    tasks: dict[str, dict] = {}
-    pooled = {"n": 0, "correct": 0, "gated": 0, "subset_n": 0, "subset_correct": 0}
+    tasks, pooled = {}, {"n": 0, "correct": 0, "gated": 0, "subset_n": 0, "subset_correct": 0}
     for name, path in zip(names, paths):
         questions = read_questions(path)
         results = score_mcq(model, tokenizer, questions, intervention=intervention, **options)
-        correct, gated = [r.correct for r in results], [r.gated for r in results]
-        whole = summarize_task(correct, gated, correct)
-        entry: dict[str, Any] = {
-            "file": str(path),
-            "n": whole.n,
-            "accuracy": whole.accuracy,
-            "gate_rate": whole.gate_rate,
-        }
-        if mode == "likelihood":
-            entry["accuracy_norm"] = summarize_task([r.correct_norm for r in results], gated, correct).accuracy
-        subset, computed = None, False
+        subset, source = None, None
         if base_subsets is not None and name in base_subsets:
-            subset = sorted({int(i) for i in base_subsets[name]})
-            if subset and not 0 <= subset[0] <= subset[-1] < len(questions):
-                raise DSGError(
-                    f"The base-correct subset for task {name!r} names questions outside 0..{len(questions) - 1}."
-                )
+            subset, source = _given_subset(name, base_subsets[name], len(questions)), "given"
         elif base_correct:
             base = score_mcq(model, tokenizer, questions, **options) if intervention is not None else results
-            subset, computed = correct_indices(base), True
+            subset, source = correct_indices(base), "computed"
             if permutations:
                 subset = base_correct_subset(model, tokenizer, questions, permutations=True, **options)
-            entry["base_accuracy"] = summarize_task(correct, gated, [r.correct for r in base]).base_accuracy
-        if subset is not None:
-            in_subset = set(subset)
-            on = summarize_task(correct, gated, [i in in_subset for i in range(len(results))])
-            entry["base_correct"] = {
-                "n": len(subset),
-                "source": "computed" if computed else "given",
-                "permutations": bool(permutations) if computed else None,
-                "accuracy": on.accuracy_base_correct,
-                "gate_rate": on.gate_rate_base_correct,
-                "indices": subset,
-            }
-            pooled["subset_n"] += len(subset)
-            pooled["subset_correct"] += sum(correct[i] for i in subset)
-        if details:
-            entry["questions"] = [r._asdict() for r in results]
-        tasks[name] = entry
+        tasks[name] = _task_entry(path, results, subset, source, permutations, mode, details)
+        if source == "computed":
+            tasks[name]["base_accuracy"] = sum(r.correct for r in base) / len(base)
+        correct = [r.correct for r in results]
         pooled["n"] += len(results)
         pooled["correct"] += sum(correct)
-        pooled["gated"] += sum(bool(g) for g in gated)
+        pooled["gated"] += sum(bool(r.gated) for r in results)
+        if subset is not None:
+            pooled["subset_n"] += len(subset)
+            pooled["subset_correct"] += sum(correct[i] for i in subset)
 
     gate_known = all(t["gate_rate"] is not None for t in tasks.values())
     summary_all: dict[str, Any] = {
@@ -112,3 +87,32 @@ def evaluate_files(
         "tasks": tasks,
         "all": summary_all,
     }
+
+
+def _given_subset(name: str, indices: Sequence[int], n: int) -> list[int]:
+    subset = sorted({int(i) for i in indices})
+    if subset and not 0 <= subset[0] <= subset[-1] < n:
+        raise DSGError(f"The base-correct subset for task {name!r} names questions outside 0..{n - 1}.")
+    return subset
+
+
+def _task_entry(path: Path, results, subset, source, permutations: bool, mode: str, details: bool) -> dict:
+    correct, gated = [r.correct for r in results], [r.gated for r in results]
+    whole = summarize_task(correct, gated, correct)
+    entry: dict[str, Any] = {"file": str(path), "n": whole.n, "accuracy": whole.accuracy, "gate_rate": whole.gate_rate}
+    if mode == "likelihood":
+        entry["accuracy_norm"] = summarize_task([r.correct_norm for r in results], gated, correct).accuracy
+    if subset is not None:
+        in_subset = set(subset)
+        on = summarize_task(correct, gated, [i in in_subset for i in range(len(results))])
+        entry["base_correct"] = {
+            "n": len(subset),
+            "source": source,
+            "permutations": bool(permutations) if source == "computed" else None,
+            "accuracy": on.accuracy_base_correct,
+            "gate_rate": on.gate_rate_base_correct,
+            "indices": subset,
+        }
+    if details:
+        entry["questions"] = [r._asdict() for r in results]
+    return entry

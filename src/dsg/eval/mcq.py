@@ -282,60 +282,51 @@ def score_mcq(
     if verify and intervention is not None:
         intervention.check_model(model)
 
-    requests, owners = [], []  # owners[i][k]: the choice candidate k of question i stands for
-    for q in questions:
-        n = len(q["choices"])
-        if mode == "likelihood":
-            prompt = _fill(prompt_format, q, "prompt_format")
-            pairs = [_encode_pair(tokenizer, prompt, " " + c) for c in q["choices"]]
-            ids, cands, owner = pairs[0][0], [p[1] for p in pairs], list(range(n))
-        elif not chat:
-            prompt = letter_prompt(q, description)
-            pairs = [_encode_pair(tokenizer, prompt, " " + LETTERS[c]) for c in range(n)]
-            ids, cands, owner = pairs[0][0], [p[1] for p in pairs], list(range(n))
-        else:
-            ids = _encode(tokenizer, letter_prompt(q, description, chat=True, tokenizer=tokenizer), False)
-            cands, owner = [], []
-            for c in range(n):
-                for variant in _letter_tokens(tokenizer, LETTERS[c]):
-                    cands.append([variant])
-                    owner.append(c)
-        if any(not c for c in cands):
-            raise DSGError(f"A choice of question {q['question'][:60]!r} encodes to no tokens.")
-        if not ids:  # lm-eval scores a continuation of nothing as a continuation of the end-of-text token
-            ids = [pad_id_of(tokenizer, model) if tokenizer.eos_token_id is None else tokenizer.eos_token_id]
-        requests.append(_Request(ids, cands))
-        owners.append(owner)
-
+    built = [_request(model, tokenizer, q, mode, prompt_format, description, chat) for q in questions]
+    requests, owners = [r for r, _ in built], [o for _, o in built]
     desc = f"mcq ({mode}{', chat' if chat else ''}{', guarded' if intervention is not None else ''})"
     lls, gated = _loglikelihoods(model, requests, pad_id_of(tokenizer, model), intervention, batch_size, progress, desc)
+    return [_result(i, q, lls[i], owners[i], gated[i], mode) for i, q in enumerate(questions)]
 
-    results = []
-    for i, q in enumerate(questions):
-        n = len(q["choices"])
-        scores = [-math.inf] * n
-        for k, c in enumerate(owners[i]):
-            scores[c] = max(scores[c], lls[i][k])  # chat mode: max(log P("A"), log P(" A"))
-        if mode == "likelihood":
-            norm = [s / max(len(c), 1) for s, c in zip(scores, q["choices"])]
-        else:
-            norm = list(scores)  # lm-eval's acc_norm divides by len("A") = 1
-        pred, pred_norm = argmax(scores), argmax(norm)
-        results.append(
-            QuestionResult(
-                i,
-                q.get("id"),
-                q["answer"],
-                pred,
-                pred == q["answer"],
-                tuple(scores),
-                pred_norm,
-                pred_norm == q["answer"],
-                tuple(norm),
-                gated[i],
-            )
-        )
-    return results
+
+def _request(model, tokenizer, q: dict, mode: str, prompt_format: str, description: str, chat: bool):
+    """(the question's prompt ids and candidate continuations, the choice each candidate stands for)."""
+    n = len(q["choices"])
+    if mode == "likelihood":
+        prompt = _fill(prompt_format, q, "prompt_format")
+        pairs = [_encode_pair(tokenizer, prompt, " " + c) for c in q["choices"]]
+        ids, cands, owner = pairs[0][0], [p[1] for p in pairs], list(range(n))
+    elif not chat:
+        prompt = letter_prompt(q, description)
+        pairs = [_encode_pair(tokenizer, prompt, " " + LETTERS[c]) for c in range(n)]
+        ids, cands, owner = pairs[0][0], [p[1] for p in pairs], list(range(n))
+    else:
+        ids = _encode(tokenizer, letter_prompt(q, description, chat=True, tokenizer=tokenizer), False)
+        cands, owner = [], []
+        for c in range(n):
+            for variant in _letter_tokens(tokenizer, LETTERS[c]):
+                cands.append([variant])
+                owner.append(c)
+    if any(not c for c in cands):
+        raise DSGError(f"A choice of question {q['question'][:60]!r} encodes to no tokens.")
+    if not ids:  # lm-eval scores a continuation of nothing as a continuation of the end-of-text token
+        ids = [pad_id_of(tokenizer, model) if tokenizer.eos_token_id is None else tokenizer.eos_token_id]
+    return _Request(ids, cands), owner
+
+
+def _result(i: int, q: dict, lls: list[float], owner: list[int], gated: bool | None, mode: str) -> QuestionResult:
+    scores = [-math.inf] * len(q["choices"])
+    for k, c in enumerate(owner):
+        scores[c] = max(scores[c], lls[k])  # chat mode: max(log P("A"), log P(" A"))
+    if mode == "likelihood":
+        norm = [s / max(len(c), 1) for s, c in zip(scores, q["choices"])]
+    else:
+        norm = list(scores)  # lm-eval's acc_norm divides by len("A") = 1
+    pred, pred_norm = argmax(scores), argmax(norm)
+    answer = q["answer"]
+    return QuestionResult(
+        i, q.get("id"), answer, pred, pred == answer, tuple(scores), pred_norm, pred_norm == answer, tuple(norm), gated
+    )
 
 
 def _letter_tokens(tokenizer, letter: str) -> list[int]:

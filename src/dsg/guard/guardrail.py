@@ -175,8 +175,9 @@ class Guardrail:
     # ---- use ------------------------------------------------------------------------------------------------
 
     def applied(self, model: torch.nn.Module, verify: bool = True):
-        """The Intervention protocol: `with guard.applied(model) as session: model(...)` (dsg.runtime.hf.attach)."""
-        from ..runtime.hf import attach  # the runtime imports this module
+        """The Intervention protocol: `with guard.applied(model) as session: model(...)`, run by the runtime that
+        supports the model (dsg.runtime)."""
+        from ..runtime import attach  # the runtimes import this module
 
         return attach(model, self, verify=verify)
 

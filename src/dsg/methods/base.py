@@ -49,6 +49,7 @@ class UnlearningMethod:
     label: ClassVar[str]
     kind: ClassVar[str]  # "guardrail" or "edit"
     config_class: ClassVar[type]
+    seeded: ClassVar[bool] = False  # the run's --seed is part of every configuration (training methods)
     fixed: ClassVar[dict[str, Any]] = {}
     extra_fields: ClassVar[frozenset[str]] = frozenset()
 

@@ -202,6 +202,7 @@ class TrainedEdit(UnlearningMethod):
     """A weight edit trained on the forget and retain corpora; subclasses define the terms."""
 
     kind = "edit"
+    seeded = True
     uses_retain: bool = True
 
     # -- what a subclass defines

@@ -1,12 +1,15 @@
 """Applying interventions to a model: the `Intervention` protocol that guardrails and weight edits implement,
-the HuggingFace hook runtime (`attach`), weight edits, generation with the no-cache reference, and lm-eval."""
+the runtime registry and `attach`, the HuggingFace hook runtime (`hf`), weight edits, generation with the no-cache
+reference, and lm-eval."""
 
+from . import hf  # noqa: F401  (registers the HuggingFace runtime)
 from .edit import Edit, apply_edit, edited
 from .generation import generate, reference_generate
-from .hf import Attachment, Guardrails, attach
-from .intervention import Intervention, Session, Stack, Ungated, as_intervention
+from .hf import Attachment, Guardrails
+from .intervention import RUNTIMES, Intervention, Session, Stack, Ungated, as_intervention, attach
 
 __all__ = [
+    "RUNTIMES",
     "Attachment",
     "Edit",
     "Guardrails",

@@ -27,6 +27,8 @@ from ..guard import rule
 from ..guard.guardrail import Guardrail
 from ..lm.hooks import check_width, hooked, model_inputs, resolve
 from ..lm.text import real_token_mask, special_token_ids
+from .intervention import RUNTIMES
+from .intervention import attach as attach_with_runtime
 
 
 @dataclass
@@ -71,11 +73,44 @@ class Guardrails:
         return f"Guardrails({', '.join(map(repr, self.guardrails))})"
 
     def applied(self, model: torch.nn.Module, verify: bool = True):
-        return attach(model, *self.guardrails, verify=verify)
+        return attach_with_runtime(model, *self.guardrails, verify=verify)
 
     def check_model(self, model: torch.nn.Module) -> None:
         for g in self.guardrails:
             g.check_model(model)
+
+
+class _Forward:
+    """What the hooks need to know about the forward in progress: its inputs, and whether it continues a cache."""
+
+    def __init__(self, specials: list[int]):
+        self.specials = specials
+        self.clear()
+
+    def clear(self) -> None:
+        self.seen, self.continuation, self.ids, self.mask, self.shape = False, False, None, None, None
+
+    def on_inputs(self, inputs: dict) -> None:
+        past = inputs.get("past_key_values")
+        past_len = 0
+        if past is not None:
+            past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
+        self.clear()
+        self.seen, self.continuation = True, past_len > 0
+        self.ids, self.mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if self.ids is None and inputs.get("inputs_embeds") is not None:
+            self.shape = tuple(inputs["inputs_embeds"].shape[:2])
+
+    def real(self, B: int, T: int, device) -> torch.Tensor:
+        """The real-token mask [B, T] of the forward's inputs."""
+        if not self.seen:  # forward called on a submodule: the whole input is one prompt
+            self.seen, self.shape = True, (B, T)
+        real = real_token_mask(self.ids, self.mask, self.specials, self.shape or (B, T), self.continuation)
+        if real.shape != (B, T):
+            raise DSGError(
+                f"A guardrail hook saw activations of shape {(B, T)} for inputs of shape {tuple(real.shape)}."
+            )
+        return real.to(device)
 
 
 @contextmanager
@@ -88,53 +123,29 @@ def attach(
     """
     if not guardrails:
         raise DSGError("attach() needs at least one guardrail.")
-    specials = list(special_ids) if special_ids is not None else special_token_ids(model)
     by_hook: dict[str, list[int]] = {}
     for i, g in enumerate(guardrails):
         by_hook.setdefault(g.hook, []).append(i)
-    points = {}
+    points = {name: resolve(model, name) for name in by_hook}
     for name, members in by_hook.items():
-        point = resolve(model, name)
         for i in members:
-            check_width(model, point, guardrails[i].d_in, f"Guardrail {i} (SAE)")
+            check_width(model, points[name], guardrails[i].d_in, f"Guardrail {i} (SAE)")
             if verify:
-                guardrails[i].check_model(model, point)
-        points[name] = point
-    session = Attachment(list(guardrails), [None] * len(guardrails))
-    states: list[rule.GateState | None] = [None] * len(guardrails)
-    ctx: dict = {}
-
-    def on_inputs(inputs: dict) -> None:
-        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
-        past = inputs.get("past_key_values")
-        past_len = 0
-        if past is not None:
-            past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
-        ctx.clear()
-        ctx["continuation"] = past_len > 0
-        if ids is None and inputs.get("inputs_embeds") is not None:
-            ctx["shape"] = tuple(inputs["inputs_embeds"].shape[:2])
-        ctx["ids"], ctx["mask"] = ids, mask
-
+                guardrails[i].check_model(model, points[name])
     device = next(model.parameters()).device
     for g in guardrails:
         g.latents.to(device)
+    session = Attachment(list(guardrails), [None] * len(guardrails))
+    states: list[rule.GateState | None] = [None] * len(guardrails)
+    forward = _Forward(list(special_ids) if special_ids is not None else special_token_ids(model))
 
     def make_hook(members: list[int]):
         def fn(x_BTD: torch.Tensor):
             B, T = x_BTD.shape[:2]
-            if "continuation" not in ctx:  # forward called on a submodule: the whole input is one prompt
-                ctx.update(continuation=False, ids=None, mask=None, shape=(B, T))
-            real = real_token_mask(ctx["ids"], ctx["mask"], specials, ctx.get("shape", (B, T)), ctx["continuation"])
-            real = real.to(x_BTD.device)
-            if real.shape != (B, T):
-                raise DSGError(
-                    f"Hook {members} saw activations of shape {(B, T)} for inputs of shape {tuple(real.shape)}."
-                )
-            if ctx["continuation"]:
-                n_prompt = 0
-            else:
-                n_prompt = T if session.prompt_length is None else min(session.prompt_length, T)
+            real = forward.real(B, T, x_BTD.device)
+            n_prompt = (
+                0 if forward.continuation else T if session.prompt_length is None else min(session.prompt_length, T)
+            )
             out = None
             for i in members:
                 g = guardrails[i]
@@ -142,8 +153,8 @@ def attach(
                 if session._held is not None:
                     clamp_BT = rule.held(a, session._held[:, i])
                 else:
-                    prev = states[i] if ctx["continuation"] else None
-                    if ctx["continuation"] and (prev is None or prev.gated.shape[0] != B):
+                    prev = states[i] if forward.continuation else None
+                    if forward.continuation and (prev is None or prev.gated.shape[0] != B):
                         raise DSGError(
                             "A cached continuation reached the guardrail without its prefill; start generation "
                             "inside attach()."
@@ -151,13 +162,23 @@ def attach(
                     clamp_BT, states[i] = g.gate(a, real, n_prompt, prev)
                     session._gated_by[i] = states[i].gated
                 if clamp_BT.any():
-                    pos, d = g.delta(f, clamp_BT)
-                    out = rule.apply_delta(x_BTD, pos, d, out)
+                    out = rule.apply_delta(x_BTD, *g.delta(f, clamp_BT), out)
             return out
 
         return fn
 
-    with model_inputs(model, on_inputs), ExitStack() as hooks:
+    with model_inputs(model, forward.on_inputs), ExitStack() as hooks:
         for name, members in by_hook.items():
             hooks.enter_context(hooked(model, points[name], make_hook(members)))
         yield session
+
+
+@RUNTIMES.register("hf")
+class HFRuntime:
+    """PyTorch modules with a HuggingFace-style config: forward hooks at each guardrail's hook point."""
+
+    @staticmethod
+    def supports(model) -> bool:
+        return isinstance(model, torch.nn.Module) and hasattr(model, "config")
+
+    attach = staticmethod(attach)

@@ -11,6 +11,11 @@ block and yields a `Session`:
 
 Evaluation, generation and the comparison bench talk to interventions only through this protocol, so a new
 runtime or a new kind of intervention plugs in without touching them.
+
+A runtime is what runs guardrails inside a kind of model (runtime/hf.py: forward hooks on a HuggingFace model).
+Each registers itself in `RUNTIMES` with `supports(model)` and `attach(model, *guardrails, verify)`; `attach`
+here picks the first runtime that supports the model. A new runtime is one module plus its registration line
+and its import in `runtime/__init__.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from ..errors import DSGError
+from ..registry import Registry
+
+RUNTIMES: Registry[type] = Registry("runtime")
 
 
 class Session(Protocol):
@@ -67,6 +77,15 @@ class Stack:
     def check_model(self, model: torch.nn.Module) -> None:
         for i in self.interventions:
             i.check_model(model)
+
+
+def attach(model, *guardrails, verify: bool = True, **options) -> AbstractContextManager[Session]:
+    """Apply guardrails to every forward of `model` inside the block, with the runtime that supports the model:
+    `with dsg.attach(model, guard_bio, guard_cyber) as session: ...` (each guardrail keeps its own gate)."""
+    for runtime in RUNTIMES._items.values():
+        if runtime.supports(model):
+            return runtime.attach(model, *guardrails, verify=verify, **options)
+    raise DSGError(f"No runtime can apply guardrails to a {type(model).__name__}; known: {', '.join(RUNTIMES)}.")
 
 
 def as_intervention(x: Intervention | Sequence | None) -> Intervention | None:

@@ -524,24 +524,17 @@ def train_sae(
     was_training = model.training
     model.eval()
 
-    train_texts, val_texts = _split_texts(texts, cfg.val_fraction, cfg.seed)
-    train_windows = _choose_windows(tokenize(tokenizer, train_texts, cfg.max_length), cfg.unique_tokens, cfg.seed)
-    if not train_windows:
-        raise DSGError(f"The training texts hold no window of at least 2 tokens (max_length={cfg.max_length}).")
+    def activations(texts: list[str], budget: int, desc: str, dtype: torch.dtype = torch.float32):
+        return _activations_of(model, point, tokenizer, texts, budget, cfg, pad_id, desc, progress, dtype)
 
+    train_texts, val_texts = _split_texts(texts, cfg.val_fraction, cfg.seed)
     t0 = time.perf_counter()
-    cache_ND = collect_activations(
-        model,
-        point,
-        train_windows,
-        limit=cfg.unique_tokens,
-        batch_size=cfg.forward_batch_size,
-        pad_id=pad_id,
-        dtype=CACHE_DTYPES[cfg.cache_dtype],
-        desc="collect activations",
-        progress=progress,
+    train_windows, cache_ND = activations(
+        train_texts, cfg.unique_tokens, "collect activations", CACHE_DTYPES[cfg.cache_dtype]
     )
     collect_s = time.perf_counter() - t0
+    if not train_windows:
+        raise DSGError(f"The training texts hold no window of at least 2 tokens (max_length={cfg.max_length}).")
     if len(cache_ND) == 0:
         raise DSGError("The training texts hold no real tokens (only special tokens and first positions).")
 
@@ -550,42 +543,15 @@ def train_sae(
         mean_D += cache_ND[s : s + 65536].double().sum(0)
     trainer = _Trainer(cfg, d_in, (mean_D / len(cache_ND)).float(), generator)
 
-    val_acts = None
-    val_windows: list[list[int]] = []
+    val_windows, val_acts = [], None
     if val_texts and cfg.eval_tokens > 0:
-        val_windows = _choose_windows(tokenize(tokenizer, val_texts, cfg.max_length), cfg.eval_tokens, cfg.seed)
-        val_acts = collect_activations(
-            model,
-            point,
-            val_windows,
-            limit=cfg.eval_tokens,
-            batch_size=cfg.forward_batch_size,
-            pad_id=pad_id,
-            desc="held-out activations",
-            progress=progress,
-        )
+        val_windows, val_acts = activations(val_texts, cfg.eval_tokens, "held-out activations")
     metrics: dict = {}
     if val_acts is not None and len(val_acts):
         metrics["fvu_at_init"] = _reconstruction_metrics(trainer.sae(cfg.hook, model_name), val_acts)["fvu"]
 
-    n_steps = math.ceil(cfg.n_tokens / cfg.batch_size)
     t0 = time.perf_counter()
-    bar = tqdm(total=n_steps * cfg.batch_size, desc="train SAE", unit="tok", disable=not progress, file=sys.stderr)
-    perm, pos, last, fvu_ema = None, 0, {}, None
-    for step in range(n_steps):
-        # A new shuffle per epoch; a final partial batch is dropped (unless the cache is smaller than a batch).
-        if perm is None or (pos > 0 and pos + cfg.batch_size > len(cache_ND)):
-            perm, pos = torch.randperm(len(cache_ND), generator=generator), 0
-        idx = perm[pos : pos + cfg.batch_size]
-        pos += len(idx)
-        last = trainer.step(cache_ND[idx].float(), _lr_at(step, n_steps, cfg))
-        fvu_ema = last["fvu"] if fvu_ema is None else 0.9 * fvu_ema + 0.1 * last["fvu"]
-        bar.update(cfg.batch_size)
-        if step % 10 == 0 or step == n_steps - 1:
-            bar.set_postfix(
-                fvu=f"{fvu_ema:.3f}", l0=f"{last['l0']:.0f}", dead=f"{float(trainer.dead_F.float().mean()):.1%}"
-            )
-    bar.close()
+    last, fvu_ema, n_steps = _train_steps(trainer, cache_ND, cfg, generator, progress)
     train_s = time.perf_counter() - t0
 
     sae = trainer.sae(cfg.hook, model_name)
@@ -603,18 +569,75 @@ def train_sae(
         }
     )
     if val_acts is not None and len(val_acts):
-        t0 = time.perf_counter()
-        metrics.update(_reconstruction_metrics(sae, val_acts))
-        metrics["val_tokens"] = len(val_acts)
-        if cfg.ce_eval_tokens > 0:
-            ce_windows = _choose_windows(val_windows, cfg.ce_eval_tokens, cfg.seed)
-            metrics.update(_ce_metrics(model, point, sae, ce_windows, cfg.eval_batch_size, pad_id, progress))
-        metrics["eval_s"] = time.perf_counter() - t0
+        metrics.update(_heldout_metrics(model, point, sae, val_acts, val_windows, cfg, pad_id, progress))
     metrics["config"] = asdict(cfg)
     metrics["wall_time_s"] = time.perf_counter() - start
     if was_training:
         model.train()
     return sae, metrics
+
+
+def _activations_of(
+    model,
+    point,
+    tokenizer,
+    texts,
+    budget: int,
+    cfg: TrainConfig,
+    pad_id: int,
+    desc: str,
+    progress: bool,
+    dtype: torch.dtype = torch.float32,
+):
+    """(windows, activations at their real tokens): a seeded choice of windows holding about `budget` tokens."""
+    windows = _choose_windows(tokenize(tokenizer, texts, cfg.max_length), budget, cfg.seed)
+    if not windows:
+        return windows, None
+    acts = collect_activations(
+        model,
+        point,
+        windows,
+        limit=budget,
+        batch_size=cfg.forward_batch_size,
+        pad_id=pad_id,
+        dtype=dtype,
+        desc=desc,
+        progress=progress,
+    )
+    return windows, acts
+
+
+def _train_steps(trainer: _Trainer, cache_ND: torch.Tensor, cfg: TrainConfig, generator, progress: bool):
+    """(last step's numbers, smoothed FVU, steps): n_tokens / batch_size steps over shuffled cache batches."""
+    n_steps = math.ceil(cfg.n_tokens / cfg.batch_size)
+    bar = tqdm(total=n_steps * cfg.batch_size, desc="train SAE", unit="tok", disable=not progress, file=sys.stderr)
+    perm, pos, last, fvu_ema = None, 0, {}, None
+    for step in range(n_steps):
+        # A new shuffle per epoch; a final partial batch is dropped (unless the cache is smaller than a batch).
+        if perm is None or (pos > 0 and pos + cfg.batch_size > len(cache_ND)):
+            perm, pos = torch.randperm(len(cache_ND), generator=generator), 0
+        idx = perm[pos : pos + cfg.batch_size]
+        pos += len(idx)
+        last = trainer.step(cache_ND[idx].float(), _lr_at(step, n_steps, cfg))
+        fvu_ema = last["fvu"] if fvu_ema is None else 0.9 * fvu_ema + 0.1 * last["fvu"]
+        bar.update(cfg.batch_size)
+        if step % 10 == 0 or step == n_steps - 1:
+            dead = float(trainer.dead_F.float().mean())
+            bar.set_postfix(fvu=f"{fvu_ema:.3f}", l0=f"{last['l0']:.0f}", dead=f"{dead:.1%}")
+    bar.close()
+    return last, fvu_ema, n_steps
+
+
+def _heldout_metrics(model, point, sae: SAE, val_acts, val_windows, cfg: TrainConfig, pad_id: int, progress: bool):
+    """FVU, L0 and dead latents on held-out activations, and CE loss recovered on held-out windows."""
+    t0 = time.perf_counter()
+    metrics = _reconstruction_metrics(sae, val_acts)
+    metrics["val_tokens"] = len(val_acts)
+    if cfg.ce_eval_tokens > 0:
+        ce_windows = _choose_windows(val_windows, cfg.ce_eval_tokens, cfg.seed)
+        metrics.update(_ce_metrics(model, point, sae, ce_windows, cfg.eval_batch_size, pad_id, progress))
+    metrics["eval_s"] = time.perf_counter() - t0
+    return metrics
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------
