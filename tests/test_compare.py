@@ -137,7 +137,7 @@ def compared(tiny_llama, tmp_path_factory):
     model, tok = tiny_llama
     bench = tiny_bench(model, tok)
     out = tmp_path_factory.mktemp("compare") / "out"
-    config = CompareConfig(out=str(out), budget=0.1)
+    config = CompareConfig(out=str(out), budget=0.1, generation_tokens=6, eval_batch_size=8)
     methods = [FakeGuard(), FakeEdit()]
     result = run_compare(config, bench=bench, methods=methods, progress=False)
     return config, bench, methods, result, out
@@ -300,6 +300,33 @@ def test_a_pruned_edit_is_retrained_when_needed(compared):
     assert again["methods"]["shift"]["test"]["tasks"] == result["methods"]["shift"]["test"]["tasks"]
 
 
+def test_a_suite_registered_later_runs_on_the_finished_configurations(compared):
+    from dsg.eval.suites import SUITES, Suite
+
+    config, bench, methods, result, out = compared
+
+    class Length(Suite):
+        name, splits = "prompt_length", ("validation", "test")
+
+        @staticmethod
+        def run(bench, split, intervention, progress):
+            return sum(len(q["question"]) for qs in bench.questions[split].values() for q in qs)
+
+    before = [len(m.fits) for m in methods]
+    SUITES.register("prompt_length")(Length)
+    try:
+        again = run_compare(config, bench=bench, methods=methods, progress=False)
+    finally:
+        SUITES._items.pop("prompt_length")
+    expected = sum(len(q["question"]) for qs in bench.questions["test"].values() for q in qs)
+    assert all(r["suites"] == {} for r in result["methods"].values())
+    assert all(r["suites"] == {"prompt_length": expected} for r in again["methods"].values())
+    # guardrails are restored from their records, the chosen edit from disk; the pruned one is retrained once
+    assert [len(m.fits) - b for m, b in zip(methods, before)] == [0, 1]
+    stored = json.loads(next((out / "runs" / "dsg").glob("*[0-9a-f].json")).read_text())
+    assert "prompt_length" in stored["validation"]
+
+
 def test_a_changed_bench_is_a_new_run(compared, tmp_path):
     config, bench, methods, result, out = compared
     other = dataclasses.replace(bench, forget_texts=FORGET[:-1], _context=None, _stats=None)
@@ -326,6 +353,9 @@ def test_a_grid_file_replaces_built_in_grids_and_refuses_unknown_settings(tmp_pa
     assert grids["rmu"] == [{"steering_coeff": 6.5, "alpha": 1200.0, "steps": 3}]
     assert "dsg" not in grids  # untouched: the built-in grid
     assert "steering_norm_multiple" in METHODS["rmu"].grid_fields() and "method" not in METHODS["npo"].grid_fields()
+    with pytest.raises(DSGError, match="no setting 'alpha'"):
+        METHODS["ga"]().config({"method": "ga", "lr": 1e-4, "alpha": 1.0})
+    assert METHODS["static_clamp"]().config({"variant": "static", "clamp": 5.0}).variant == "static"
     for bad, word in (
         ({"rmu": [{"learning_rate": 1e-4}]}, "learning_rate"),
         ({"npo": [{"method": "ga"}]}, "method"),

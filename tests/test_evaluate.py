@@ -388,3 +388,21 @@ def test_evaluate_files_summary(tmp_path, llama, tok, guard):
     assert given["tasks"]["bio"]["base_correct"]["n"] == 2 and given["tasks"]["bio"]["gate_rate"] is None
     with pytest.raises(dsg.DSGError, match="distinct"):
         evaluate_files(llama, tok, [files[0], files[0]], progress=False)
+
+
+def test_two_guardrails_and_a_weight_edit_score_as_one_intervention(tok, questions):
+    """A list mixing guardrails and an edit: the guardrails are attached together inside the edit, so each keeps its
+    prompt decision over the choices, exactly as attaching them to the edited model."""
+    from dsg.runtime import Edit, as_intervention, edited
+
+    model = tiny_model("gpt2", seed=0, vocab=len(tok), positions=256)
+    g0 = dsg.Guardrail(make_sae(0), features=[3, 17, 40, 51], threshold=0.0, clamp=2.0)
+    g1 = dsg.Guardrail(make_sae(1), hook="blocks.1.hook_resid_post", features=[1, 2, 5, 9], threshold=0.0, clamp=2.0)
+    head = model.get_output_embeddings().weight
+    edit = Edit({next(n for n, p in model.named_parameters() if p is head): head.detach() * 0.5})
+    mixed = score_mcq(model, tok, questions, intervention=[g0, edit, g1], batch_size=4, progress=False)
+    with edited(model, edit):
+        separate = score_mcq(model, tok, questions, intervention=[g0, g1], batch_size=4, progress=False)
+    assert [r.scores for r in mixed] == [r.scores for r in separate]
+    assert [r.gated for r in mixed] == [r.gated for r in separate] and any(r.gated for r in mixed)
+    assert repr(as_intervention([g0, edit, g1])).startswith("<dsg.runtime.intervention.Stack")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import DSGError
-from ..eval.suites import run_suites
+from ..eval.suites import missing_suites, run_suites
 from ..files import read_json, write_json_atomic, write_text_atomic
 from ..methods import METHODS, UnlearningMethod
 from .report import report_html, short_config
@@ -47,7 +47,6 @@ from .selection import dominates, forget_value, pareto_front, select_config, sum
 from .setting import Bench, BenchSetting, embedded_bench, files_bench
 from .store import RunStore, config_key
 
-DEFAULT_METHODS = ("dsg", "static_clamp", "conditional_clamp", "rmu", "ga", "graddiff", "npo")
 FORGET_METRICS = ("base_correct", "all")
 
 
@@ -67,8 +66,9 @@ class CompareConfig(BenchSetting):
     """Your own data: comma-separated retain question files (JSONL; task = file stem), split like the forget ones."""
     heldout: str | None = None
     """Your own data: held-out retain text for perplexity (.txt/.jsonl; none: perplexity is skipped)."""
-    methods: str = ",".join(DEFAULT_METHODS)
-    """Comma-separated methods to run: dsg, static_clamp, conditional_clamp, rmu, ga, graddiff, npo."""
+    methods: str = "all"
+    """Comma-separated methods to run (dsg, static_clamp, conditional_clamp, rmu, ga, graddiff, npo, or any other
+    registered in dsg.methods), or all."""
     budget: float = 1.0
     """Scales training steps linearly; < 0.5 runs one configuration per method, >= 2 the wide grids."""
     grid: str | None = None
@@ -106,6 +106,8 @@ class CompareConfig(BenchSetting):
             raise DSGError("validation_questions and test_questions must be at least 1.")
 
     def method_names(self) -> list[str]:
+        if self.methods.strip() == "all":
+            return list(METHODS.names())
         names = [m.strip() for m in self.methods.split(",") if m.strip()]
         bad = [m for m in names if m not in METHODS]
         if bad or not names:
@@ -168,6 +170,10 @@ class Sweep:
     """One comparison: the bench, the store, the base model's results and each method's swept runs."""
 
     def __init__(self, config: CompareConfig, bench: Bench, progress: bool):
+        # how the suites batch and how long generations run are options of this run, not of the bench
+        bench = dataclasses.replace(
+            bench, batch_size=config.eval_batch_size, generation_tokens=config.generation_tokens
+        )
         self.config, self.bench, self.progress = config, bench, progress
         self.store = RunStore(config.out)
         self.context = bench.context()
@@ -181,11 +187,12 @@ class Sweep:
         return {"forget": forget_value(s, self.config.forget_metric), "retain": s["retain_pooled"]}
 
     def base(self, split: str) -> dict:
-        """The base model's results on `split` (stored once)."""
-        found = self.store.get("base", self.base_key, f".{split}")
-        if found is None:
-            _log(f"scoring the base model on the {split} split")
-            found = run_suites(self.bench, split, None, self.progress)
+        """The base model's results on `split` (stored once; a suite registered since is run and added)."""
+        found = self.store.get("base", self.base_key, f".{split}") or {}
+        missing = missing_suites(found, split)
+        if missing:
+            _log(f"scoring the base model on the {split} split: {', '.join(missing)}")
+            found |= run_suites(self.bench, split, None, self.progress, only=missing)
             self.store.put("base", self.base_key, found, f".{split}")
         return found
 
@@ -196,6 +203,11 @@ class Sweep:
         run = self.store.get(method.name, key)
         if run is not None:
             _log(f"[{method.name}] done before: {short_config(cfg)}  ({key})")
+            missing = [] if "error" in run else missing_suites(run["validation"], "validation")
+            if missing:
+                fitted = self.refit(method, run, self.store.edit_dir(method.name, key))
+                run["validation"] |= run_suites(self.bench, "validation", fitted.intervention, self.progress, missing)
+                self.store.put(method.name, key, run)
             return run
         _log(f"[{method.name}] fitting {short_config(cfg)}  ({key})")
         record = {"method": method.name, "key": key, "config": cfg, "dsg_version": __version__}
@@ -205,6 +217,7 @@ class Sweep:
             _log(f"[{method.name}] failed: {e}")
             run = record | {"error": str(e)}
         else:
+            fitted.intervention.check_model(self.bench.model)
             t = time.perf_counter()
             scores = run_suites(self.bench, "validation", fitted.intervention, self.progress)
             run = record | {
@@ -231,17 +244,25 @@ class Sweep:
             _log(f"[{method.name}] every configuration failed; the method is left out of the comparison")
         return runs, failed
 
+    def refit(self, method: UnlearningMethod, run: dict, edit_dir: Path):
+        """A stored configuration's intervention again: restored, or (a pruned edit) retrained from its seed; its
+        recorded cost stays the first run's."""
+        fitted = method.restore(self.bench, run, edit_dir)
+        if fitted is None:
+            fitted = method.fit(self.bench, run["config"], edit_dir, self.progress)
+        fitted.intervention.check_model(self.bench.model)
+        return fitted
+
     def test(self, method: UnlearningMethod, run: dict) -> dict:
-        """The chosen configuration's results on the test split (stored once; a pruned edit is retrained)."""
+        """The chosen configuration's results on the test split (stored once; a suite registered since is run and
+        added)."""
         key = run["key"]
-        found = self.store.get(method.name, key, ".test")
-        if found is None:
+        found = self.store.get(method.name, key, ".test") or {}
+        missing = missing_suites(found, "test")
+        if missing:
             _log(f"[{method.name}] test split for the chosen configuration {short_config(run['config'])}")
-            edit_dir = self.store.edit_dir(method.name, key)
-            fitted = method.restore(self.bench, run, edit_dir)
-            if fitted is None:  # a pruned edit: retrain it from its seed (its recorded cost stays the first run's)
-                fitted = method.fit(self.bench, run["config"], edit_dir, self.progress)
-            found = run_suites(self.bench, "test", fitted.intervention, self.progress)
+            fitted = self.refit(method, run, self.store.edit_dir(method.name, key))
+            found |= run_suites(self.bench, "test", fitted.intervention, self.progress, only=missing)
             self.store.put(method.name, key, found, ".test")
         return found
 
@@ -269,6 +290,7 @@ class Sweep:
                 "perplexity_change": ppl["perplexity"] / base_ppl["perplexity"] - 1 if ppl and base_ppl else None,
             },
             "generations": test.get("generations", []),
+            "suites": {k: v for k, v in test.items() if k not in ("scores", "perplexity", "generations")},
             "fit_seconds": run["cost"]["seconds"],
             "flops": run["cost"]["flops"],
             "cost": run["cost"],

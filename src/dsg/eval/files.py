@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DSGError
-from ..runtime.intervention import Intervention, as_intervention
+from ..runtime.intervention import Intervention, as_intervention, guardrails_in
 from .mcq import base_correct_subset, read_questions, score_mcq
-from .metrics import correct_indices, summarize_task
+from .metrics import accuracy, correct_indices, summarize_task
 
 
 def evaluate_files(
@@ -60,7 +60,7 @@ def evaluate_files(
                 subset = base_correct_subset(model, tokenizer, questions, permutations=True, **options)
         tasks[name] = _task_entry(path, results, subset, source, permutations, mode, details)
         if source == "computed":
-            tasks[name]["base_accuracy"] = sum(r.correct for r in base) / len(base)
+            tasks[name]["base_accuracy"] = accuracy(base)
         correct = [r.correct for r in results]
         pooled["n"] += len(results)
         pooled["correct"] += sum(correct)
@@ -83,7 +83,7 @@ def evaluate_files(
     return {
         "mode": mode,
         "options": {k: v for k, v in score_options.items() if k in ("prompt_format", "description", "chat")},
-        "intervention": repr(intervention) if intervention is not None else None,
+        "guardrails": [repr(g) for g in guardrails_in(intervention)],
         "tasks": tasks,
         "all": summary_all,
     }

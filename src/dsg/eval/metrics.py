@@ -30,31 +30,37 @@ def argmax(xs: Sequence[float]) -> int:
     return max(range(len(xs)), key=lambda i: (xs[i], -i))
 
 
-def _subset(results: Sequence[QuestionResult], subset: Iterable[int] | None) -> list[QuestionResult]:
+def share(flags: Sequence[bool | None], idx: Iterable[int] | None = None) -> float | None:
+    """The share of true flags (over the positions `idx`, default all); None for no flags or an unknown one."""
+    chosen = list(flags) if idx is None else [flags[i] for i in idx]
+    if not chosen or any(f is None for f in chosen):
+        return None
+    return sum(bool(f) for f in chosen) / len(chosen)
+
+
+def _positions(results: Sequence[QuestionResult], subset: Iterable[int] | None) -> list[int]:
+    """Positions in `results` of the question indices in `subset` (all positions when None)."""
     if subset is None:
-        return list(results)
-    by_index = {r.index: r for r in results}
+        return list(range(len(results)))
+    where = {r.index: k for k, r in enumerate(results)}
     wanted = list(subset)
-    missing = [i for i in wanted if i not in by_index]
+    missing = [i for i in wanted if i not in where]
     if missing:
         raise DSGError(f"Question indices {missing[:5]} of the subset are not among the {len(results)} results.")
-    return [by_index[i] for i in wanted]
+    return [where[i] for i in wanted]
 
 
 def accuracy(results: Sequence[QuestionResult], subset: Iterable[int] | None = None, *, norm: bool = False) -> float:
     """Share of questions answered correctly, over all results or over the question indices in `subset`."""
-    chosen = _subset(results, subset)
-    if not chosen:
+    value = share([r.correct_norm if norm else r.correct for r in results], _positions(results, subset))
+    if value is None:
         raise DSGError("Accuracy over an empty set of questions is undefined.")
-    return sum(r.correct_norm if norm else r.correct for r in chosen) / len(chosen)
+    return value
 
 
 def gate_rate(results: Sequence[QuestionResult], subset: Iterable[int] | None = None) -> float | None:
     """Share of questions whose prompt the intervention gated; None when the results were made without a gate."""
-    chosen = _subset(results, subset)
-    if not chosen or any(r.gated is None for r in chosen):
-        return None
-    return sum(bool(r.gated) for r in chosen) / len(chosen)
+    return share([r.gated for r in results], _positions(results, subset))
 
 
 def correct_indices(results: Sequence[QuestionResult], *, norm: bool = False) -> list[int]:
@@ -80,13 +86,6 @@ def summarize_task(correct: Sequence[bool], gated: Sequence[bool | None], base_c
     if not correct or len(correct) != len(base_correct) or len(gated) != len(correct):
         raise DSGError(f"A task summary needs equally many results: {len(correct)}, {len(gated)}, {len(base_correct)}.")
     subset = [i for i, ok in enumerate(base_correct) if ok]
-
-    def share(flags: Sequence[bool | None], idx: Sequence[int]) -> float | None:
-        chosen = [flags[i] for i in idx]
-        if not chosen or any(f is None for f in chosen):
-            return None
-        return sum(bool(f) for f in chosen) / len(chosen)
-
     everything = range(len(correct))
     return TaskSummary(
         len(correct),

@@ -5,8 +5,10 @@
     generations  greedy completions of fixed open-ended prompts (test split only; shown, not scored)
 
 A suite has a `name` (the key its results are stored under), the `splits` it runs on, and
-`run(bench, split, intervention, progress) -> JSON`. A new suite is one class with one registration line, here
-or in its own module imported below; `dsg compare` then runs and stores it for every configuration.
+`run(bench, split, intervention, progress) -> JSON`. A new suite is one class with one registration line (here,
+or in a module imported by dsg/eval/__init__.py); `dsg compare` then runs and stores it for every configuration
+(on a resumed run, for the finished ones too) and puts its test results under each method's "suites" in
+compare.json.
 """
 
 from __future__ import annotations
@@ -98,8 +100,15 @@ class Generations(Suite):
         return [{**p, "completion": r["completion"], "gated": r["gated"]} for p, r in zip(bench.prompts, rows)]
 
 
-def run_suites(bench, split: str, intervention, progress: bool) -> dict:
-    """Every registered suite that runs on `split`, keyed by its name."""
+def run_suites(bench, split: str, intervention, progress: bool, only: list[str] | None = None) -> dict:
+    """Every registered suite that runs on `split` (or those named in `only`), keyed by its name."""
     return {
-        name: suite.run(bench, split, intervention, progress) for name, suite in SUITES.items() if split in suite.splits
+        name: suite.run(bench, split, intervention, progress)
+        for name, suite in SUITES.items()
+        if split in suite.splits and (only is None or name in only)
     }
+
+
+def missing_suites(stored: dict, split: str) -> list[str]:
+    """The registered suites for `split` whose results `stored` lacks (a suite registered after a run)."""
+    return [name for name, suite in SUITES.items() if split in suite.splits and name not in stored]

@@ -10,7 +10,13 @@ Guardrail methods return a Guardrail; trained methods share one training loop (m
 weight Edit. Both are Interventions (dsg.runtime).
 """
 
-from . import dsg, ga, graddiff, npo, rmu, sae_clamp  # noqa: F401  (each registers its methods)
+# Each module registers its methods; registration order is the order `dsg compare` runs and reports them.
+from . import dsg  # noqa: F401  # isort: skip
+from . import sae_clamp  # noqa: F401  # isort: skip
+from . import rmu  # noqa: F401  # isort: skip
+from . import ga  # noqa: F401  # isort: skip
+from . import graddiff  # noqa: F401  # isort: skip
+from . import npo  # noqa: F401  # isort: skip
 from .base import METHODS, Fitted, UnlearningMethod
 from .ga import GAConfig, GradientAscent
 from .graddiff import GradDiff, GradDiffConfig

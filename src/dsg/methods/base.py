@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from ..errors import DSGError
 from ..registry import Registry
 from ..runtime.intervention import Intervention
 
@@ -75,7 +76,11 @@ class UnlearningMethod:
         return [self.fixed | dict(c) for c in configs]
 
     def config(self, cfg: dict):
-        """The config dataclass for one grid entry (keys that are not its fields, such as a fixed "method" or an
-        extra field the method reads itself, are left out; grid files are checked against `grid_fields`)."""
+        """The config dataclass for one grid entry. Fixed and extra keys that are not config fields (a method
+        name, a setting the method reads itself) are left out; any other unknown key is an error."""
         names = {f.name for f in dataclasses.fields(self.config_class)}
+        skip = (set(self.fixed) | set(self.extra_fields)) - names
+        unknown = sorted(set(cfg) - names - skip)
+        if unknown:
+            raise DSGError(f"{self.name} has no setting {unknown[0]!r}; its settings: {', '.join(sorted(names))}.")
         return self.config_class(**{k: v for k, v in cfg.items() if k in names})

@@ -17,7 +17,7 @@ from ..errors import DSGError
 from .base import METHODS, budget_level
 from .ga import GAConfig, GradientAscent, likelihood_grid_base
 from .losses import mean_nll, reference_topk, target_logprobs, topk_kl
-from .trained import batch_tensors, batch_tokens
+from .trained import batch_tokens, reference_outputs
 
 RETAIN_LOSSES = ("nll", "kl")
 
@@ -40,16 +40,6 @@ class GradDiffConfig(GAConfig):
             raise DSGError(f"kl_top_k must be >= 0, got {self.kl_top_k}.")
 
 
-@torch.no_grad()
-def reference_retain_topk(model, w, config, device) -> list:
-    out = []
-    for idx in w.retain_batches[: config.steps]:
-        ids, mask = batch_tensors(w.retain, idx, w.pad_id, device)
-        logp, tmask = target_logprobs(model, ids, mask)
-        out.append(reference_topk(logp[tmask], config.kl_top_k))
-    return out
-
-
 @METHODS.register("graddiff")
 class GradDiff(GradientAscent):
     name = "graddiff"
@@ -70,7 +60,12 @@ class GradDiff(GradientAscent):
     def prepare(self, model, w, config, cost, p_fwd) -> dict:
         state = {}
         if config.retain_loss == "kl":
-            state["retain_ref"] = reference_retain_topk(model, w, config, next(model.parameters()).device)
+
+            def topk(model, ids, mask):
+                logp, tmask = target_logprobs(model, ids, mask)
+                return reference_topk(logp[tmask], config.kl_top_k)
+
+            state["retain_ref"] = reference_outputs(model, w.retain, w.retain_batches[: config.steps], w.pad_id, topk)
             cost.forward(p_fwd, batch_tokens(w.retain, w.retain_batches[: config.steps]), "reference retain top-k")
         return state
 

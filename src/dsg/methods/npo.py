@@ -18,7 +18,7 @@ from .base import METHODS, budget_level
 from .ga import likelihood_grid_base
 from .graddiff import GradDiff, GradDiffConfig
 from .losses import npo_loss, sequence_logprob, target_logprobs
-from .trained import batch_tensors, batch_tokens
+from .trained import batch_tokens, reference_outputs
 
 
 @dataclass
@@ -57,17 +57,16 @@ class NPO(GradDiff):
         return [base | {"lr": lr, "alpha": a, "beta": b, "retain_loss": r} for lr, a, b, r in pts[budget_level(budget)]]
 
     def prepare(self, model, w, config, cost, p_fwd) -> dict:
-        device = next(model.parameters()).device
         used = w.forget_batches[: config.steps]
-        with torch.no_grad():
-            refs = []
-            for idx in used:
-                ids, mask = batch_tensors(w.forget, idx, w.pad_id, device)
-                logp, tmask = target_logprobs(model, ids, mask)
-                refs.append(sequence_logprob(logp, ids, tmask))
+        refs = reference_outputs(model, w.forget, used, w.pad_id, _sequence_logprob)
         cost.forward(p_fwd, batch_tokens(w.forget, used), "reference forget log-probs")
         return {"forget_ref": refs, **super().prepare(model, w, config, cost, p_fwd)}
 
     def forget_term(self, model, ids, mask, batch, state, config) -> torch.Tensor:
         logp, tmask = target_logprobs(model, ids, mask)
         return npo_loss(sequence_logprob(logp, ids, tmask), state["forget_ref"][batch], config.beta)
+
+
+def _sequence_logprob(model, ids, mask):
+    logp, tmask = target_logprobs(model, ids, mask)
+    return sequence_logprob(logp, ids, tmask)

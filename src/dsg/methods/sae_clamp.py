@@ -32,7 +32,7 @@ from ..config import check_choice
 from ..guard.fit import CorpusStats, FitConfig, fit
 from ..guard.guardrail import Guardrail
 from .base import METHODS, budget_level
-from .dsg import GuardrailMethod
+from .guardrail import GuardrailMethod
 
 VARIANTS = {"static": "all", "conditional": "active"}
 
@@ -53,6 +53,11 @@ class ClampConfig:
 
     def __post_init__(self):
         check_choice("variant", self.variant, tuple(VARIANTS))
+
+
+def unused_calibration(retain: Sequence[str]) -> list[str]:
+    """An ungated guardrail never reads its threshold, so the gate calibration pass runs on one text only."""
+    return [next((t for t in retain if t.strip()), "")]
 
 
 def clamp_fit_config(config: ClampConfig, base: FitConfig | None = None) -> FitConfig:
@@ -84,8 +89,7 @@ def fit_clamp(
     """An ungated clamp guardrail. Pass `stats` (dsg.fit.measure with `base`'s data settings) to reuse statistics."""
     config = config or ClampConfig()
     fc = clamp_fit_config(config, base)
-    # An ungated guardrail never reads its threshold, so the gate calibration pass runs on one text only.
-    calibration = [next((t for t in retain if t.strip()), "")]
+    calibration = unused_calibration(retain)
     guard = fit(
         model,
         tokenizer,
@@ -129,7 +133,7 @@ class SAEClamp(GuardrailMethod):
         return clamp_fit_config(self.config(cfg), bench.fit)
 
     def calibration(self, bench) -> list[str]:
-        return [bench.retain_texts[0]]  # an ungated guardrail never reads its threshold
+        return unused_calibration(bench.retain_texts)
 
 
 @METHODS.register("static_clamp")

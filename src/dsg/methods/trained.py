@@ -131,6 +131,14 @@ def batch_tensors(
     return ids.to(device), mask.to(device)
 
 
+@torch.no_grad()
+def reference_outputs(model: torch.nn.Module, seqs, batches, pad_id: int, fn) -> list:
+    """`fn(model, ids, mask)` for each fixed batch, under the current (frozen) weights: what a method caches up
+    front instead of holding a reference model."""
+    device = next(model.parameters()).device
+    return [fn(model, *batch_tensors(seqs, idx, pad_id, device)) for idx in batches]
+
+
 def batch_tokens(seqs: Sequence[Sequence[int]], batches: Sequence[Sequence[int]]) -> int:
     """Token positions the padded batches hold (what a forward over them computes)."""
     return sum(len(b) * max(len(seqs[i]) for i in b) for b in batches)

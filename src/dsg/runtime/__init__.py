@@ -5,8 +5,18 @@ reference, and lm-eval."""
 from . import hf  # noqa: F401  (registers the HuggingFace runtime)
 from .edit import Edit, apply_edit, edited
 from .generation import generate, reference_generate
-from .hf import Attachment, Guardrails
-from .intervention import RUNTIMES, Intervention, Session, Stack, Ungated, as_intervention, attach
+from .hf import Attachment
+from .intervention import (
+    RUNTIMES,
+    Guardrails,
+    Intervention,
+    Session,
+    Stack,
+    Ungated,
+    as_intervention,
+    attach,
+    guardrails_in,
+)
 
 __all__ = [
     "RUNTIMES",
@@ -20,6 +30,7 @@ __all__ = [
     "apply_edit",
     "as_intervention",
     "attach",
+    "guardrails_in",
     "edited",
     "generate",
     "reference_generate",

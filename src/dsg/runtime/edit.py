@@ -6,7 +6,7 @@ originals back, handing out an `Edit`: the new values of exactly the tensors tha
 config, seed, cost) and the identity of the base they apply to:
 
     changed_sha256   sha256 over the *original* values of the changed tensors (names, dtypes, shapes, bytes)
-    model            dsg.identity.model_fingerprint of the whole base model (every parameter)
+    model            dsg.lm.fingerprint.model_fingerprint of the whole base model (every parameter)
 
 So one base model in memory serves every configuration of a sweep:
 

@@ -28,7 +28,6 @@ from ..guard.guardrail import Guardrail
 from ..lm.hooks import check_width, hooked, model_inputs, resolve
 from ..lm.text import real_token_mask, special_token_ids
 from .intervention import RUNTIMES
-from .intervention import attach as attach_with_runtime
 
 
 @dataclass
@@ -61,23 +60,6 @@ class Attachment:
         """Judge no more: in the following forwards, flagged tokens of rows whose decision is on are clamped and
         other rows pass through (None judges again)."""
         self._held = decisions
-
-
-class Guardrails:
-    """Several guardrails as one intervention (each keeps its own gate)."""
-
-    def __init__(self, *guardrails: Guardrail):
-        self.guardrails = guardrails
-
-    def __repr__(self) -> str:
-        return f"Guardrails({', '.join(map(repr, self.guardrails))})"
-
-    def applied(self, model: torch.nn.Module, verify: bool = True):
-        return attach_with_runtime(model, *self.guardrails, verify=verify)
-
-    def check_model(self, model: torch.nn.Module) -> None:
-        for g in self.guardrails:
-            g.check_model(model)
 
 
 class _Forward:

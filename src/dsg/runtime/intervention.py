@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..errors import DSGError
+from ..guard.guardrail import Guardrail
 from ..registry import Registry
 
 RUNTIMES: Registry[type] = Registry("runtime")
@@ -61,8 +62,26 @@ class Ungated:
         pass
 
 
+class Guardrails:
+    """Several guardrails as one intervention, attached together by the model's runtime (each keeps its gate)."""
+
+    def __init__(self, *guardrails):
+        self.guardrails = guardrails
+
+    def __repr__(self) -> str:
+        return f"Guardrails({', '.join(map(repr, self.guardrails))})"
+
+    def applied(self, model: torch.nn.Module, verify: bool = True):
+        return attach(model, *self.guardrails, verify=verify)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        for g in self.guardrails:
+            g.check_model(model)
+
+
 class Stack:
-    """Several interventions applied together (outermost first); the session is the last gated one's."""
+    """Ungated interventions (weight edits) applied together, and at most one gated one, applied last: its session
+    is the stack's (as_intervention puts all guardrails of a list into one `Guardrails`)."""
 
     def __init__(self, *interventions: Intervention):
         self.interventions = list(interventions)
@@ -72,7 +91,9 @@ class Stack:
         with ExitStack() as stack:
             sessions = [stack.enter_context(i.applied(model, verify=verify)) for i in self.interventions]
             gated = [s for s in sessions if not isinstance(s, Ungated)]
-            yield gated[-1] if gated else Ungated()
+            if len(gated) > 1:
+                raise DSGError("A Stack holds at most one gated intervention; put all guardrails in one Guardrails.")
+            yield gated[0] if gated else Ungated()
 
     def check_model(self, model: torch.nn.Module) -> None:
         for i in self.interventions:
@@ -82,23 +103,36 @@ class Stack:
 def attach(model, *guardrails, verify: bool = True, **options) -> AbstractContextManager[Session]:
     """Apply guardrails to every forward of `model` inside the block, with the runtime that supports the model:
     `with dsg.attach(model, guard_bio, guard_cyber) as session: ...` (each guardrail keeps its own gate)."""
-    for runtime in RUNTIMES._items.values():
+    for runtime in RUNTIMES.values():
         if runtime.supports(model):
             return runtime.attach(model, *guardrails, verify=verify, **options)
     raise DSGError(f"No runtime can apply guardrails to a {type(model).__name__}; known: {', '.join(RUNTIMES)}.")
 
 
 def as_intervention(x: Intervention | Sequence | None) -> Intervention | None:
-    """None for nothing; an intervention as it is; a sequence of guardrails as one attachment (each keeps its own
-    gate), and any other sequence as a Stack."""
+    """None for nothing; an intervention as it is; a sequence as one intervention: its guardrails attached together
+    (each keeps its own gate), applied inside its other interventions (weight edits)."""
     if x is None or isinstance(x, Intervention):
         return x
     items = list(x)
     if not items:
         return None
-    from ..guard.guardrail import Guardrail
-    from .hf import Guardrails
+    guards = [i for i in items if isinstance(i, Guardrail)]
+    others = [as_intervention(i) for i in items if not isinstance(i, Guardrail)]
+    together = [Guardrails(*guards)] if guards else []
+    if not others and len(together) == 1:
+        return together[0]
+    return Stack(*others, *together)
 
-    if all(isinstance(i, Guardrail) for i in items):
-        return Guardrails(*items)
-    return Stack(*(as_intervention(i) for i in items))
+
+def guardrails_in(intervention: Intervention | None) -> list:
+    """The guardrails an intervention applies (none for a weight edit)."""
+    if intervention is None:
+        return []
+    if isinstance(intervention, Guardrail):
+        return [intervention]
+    if isinstance(intervention, Guardrails):
+        return list(intervention.guardrails)
+    if isinstance(intervention, Stack):
+        return [g for i in intervention.interventions for g in guardrails_in(i)]
+    return []

@@ -34,6 +34,8 @@ class SAE(torch.nn.Module):
     """A sparse autoencoder on one hook point of a language model."""
 
     architecture: ClassVar[str] = ""
+    extra_tensors: ClassVar[tuple[str, ...]] = ()
+    """Per-latent tensors [d_sae] this architecture needs besides W_enc, W_dec, b_enc, b_dec (JumpReLU: threshold)."""
     encodes_latents_independently: ClassVar[bool] = True
     """True when a latent's activation depends only on its own encoder column (ReLU, JumpReLU; not TopK)."""
 
@@ -62,7 +64,13 @@ class SAE(torch.nn.Module):
         if architecture is not None and architecture != self.architecture:
             raise DSGError(f"{type(self).__name__} is the {self.architecture!r} architecture, not {architecture!r}.")
         d_in, d_sae = W_enc.shape
-        given = {"W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec} | self._extra_tensors(threshold)
+        if "threshold" in self.extra_tensors and threshold is None:
+            raise DSGError(
+                f"A {self.architecture} SAE needs a 'threshold' tensor of shape [d_sae], and none was given."
+            )
+        given = {"W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+        if threshold is not None:
+            given["threshold"] = threshold
         expected = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
         for name, tensor in given.items():
             if tuple(tensor.shape) != expected[name]:
@@ -77,18 +85,14 @@ class SAE(torch.nn.Module):
         self.W_dec = torch.nn.Parameter(W_dec, requires_grad=False)
         self.b_enc = torch.nn.Parameter(b_enc, requires_grad=False)
         self.b_dec = torch.nn.Parameter(b_dec, requires_grad=False)
-        # Only the tensors an architecture asks for are kept (a threshold given to a ReLU SAE is not used).
-        self.threshold = torch.nn.Parameter(given["threshold"], requires_grad=False) if "threshold" in given else None
+        # A threshold given to an architecture that does not use it is kept (it is part of the SAE's identity).
+        self.threshold = torch.nn.Parameter(threshold, requires_grad=False) if threshold is not None else None
         self.k = self._check_k(k, d_sae)
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.hook_name = hook_name
         self.model_name = model_name
 
     # ---- what an architecture defines ----------------------------------------------------------------------
-
-    def _extra_tensors(self, threshold: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Architecture-specific tensors to validate (JumpReLU: the threshold)."""
-        return {}
 
     def _check_k(self, k: int | None, d_sae: int) -> int | None:
         """The k this architecture keeps (TopK), None for the others."""
@@ -101,6 +105,12 @@ class SAE(torch.nn.Module):
     def config_extra(self) -> dict:
         """Architecture-specific SAELens `cfg.json` fields."""
         return {}
+
+    def config(self) -> dict:
+        """The SAELens v6 `cfg.json` content for this SAE."""
+        from .formats.saelens import saelens_config  # the formats import this module
+
+        return saelens_config(self)
 
     # ---- the math -------------------------------------------------------------------------------------------
 

@@ -2,18 +2,13 @@
 
 import torch
 
-from ..errors import DSGError
 from .base import ARCHITECTURES, SAE
 
 
 @ARCHITECTURES.register("jumprelu")
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
-
-    def _extra_tensors(self, threshold):
-        if threshold is None:
-            raise DSGError("A jumprelu SAE needs a 'threshold' tensor of shape [d_sae], and none was given.")
-        return {"threshold": threshold}
+    extra_tensors = ("threshold",)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre) * (pre > self.threshold)

@@ -42,12 +42,12 @@ def read_sae(path: str | os.PathLike, hook_name: str | None = None, format: str 
         raise DSGError(f"SAE path {str(path)!r} does not exist.")
     if format is not None:
         return FORMATS[format].read(path, hook_name)
-    for fmt in FORMATS._items.values():
+    for fmt in FORMATS.values():
         if fmt.detect(path):
             return fmt.read(path, hook_name)
     inner = sorted(p.name for p in path.iterdir() if (p / "cfg.json").exists()) if path.is_dir() else []
     hint = f" It contains SAE folders {inner}; pass one of them." if inner else ""
-    expected = ", ".join(f.description for f in FORMATS._items.values())
+    expected = ", ".join(f.description for f in FORMATS.values())
     raise DSGError(f"{str(path)!r} is not an SAE: expected one of: {expected}.{hint}")
 
 

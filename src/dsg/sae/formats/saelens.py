@@ -44,8 +44,7 @@ class SAELens:
             raise DSGError(
                 f"{str(cfg_path)!r}: architecture {arch!r} is not supported; expected one of {ARCHITECTURES.names()}."
             )
-        required = ("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
-        t = read_safetensors(path / WEIGHTS, required)
+        t = read_safetensors(path / WEIGHTS, ("W_enc", "W_dec", "b_enc", "b_dec") + ARCHITECTURES[arch].extra_tensors)
         sae = SAE(
             t["W_enc"],
             t["W_dec"],
@@ -63,17 +62,21 @@ class SAELens:
     @staticmethod
     def write(sae: SAE, folder: Path) -> None:
         """The SAELens v6 layout."""
-        cfg = {
-            "architecture": sae.architecture,
-            "d_in": sae.d_in,
-            "d_sae": sae.d_sae,
-            "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
-            "device": "cpu",
-            "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-            "normalize_activations": "none",
-            "reshape_activations": "none",
-            "metadata": {"hook_name": sae.hook_name, "model_name": sae.model_name},
-            **sae.config_extra(),
-        }
-        write_json(folder / "cfg.json", cfg)
+        write_json(folder / "cfg.json", saelens_config(sae))
         save_file({n: t.detach().cpu().contiguous() for n, t in sae.tensors().items()}, str(folder / WEIGHTS))
+
+
+def saelens_config(sae: SAE) -> dict:
+    """SAELens v6 `cfg.json` content."""
+    return {
+        "architecture": sae.architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"hook_name": sae.hook_name, "model_name": sae.model_name},
+        **sae.config_extra(),
+    }

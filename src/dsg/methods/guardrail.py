@@ -1,0 +1,68 @@
+"""The base of every method whose result is a guardrail fitted from the bench's shared latent statistics (DSG,
+the ungated SAE clamps).
+
+The statistics pass is the expensive part and does not depend on the selection settings, so the bench measures
+it once (`bench.latent_stats`) and every configuration reuses it; each configuration's cost counts it in full.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..guard.fit import FitConfig, fit
+from ..guard.guardrail import Guardrail
+from .base import Fitted, UnlearningMethod
+from .cost import forward_params
+
+
+class GuardrailMethod(UnlearningMethod):
+    """A guardrail fitted with dsg.fit from the bench's shared statistics."""
+
+    kind = "guardrail"
+
+    def fit_config(self, bench, cfg: dict) -> FitConfig:
+        raise NotImplementedError
+
+    def calibration(self, bench) -> list[str] | None:
+        return bench.calibration
+
+    def fit(self, bench, cfg: dict, run_dir: Path, progress: bool) -> Fitted:
+        stats, shared = bench.latent_stats(progress)
+        t = time.perf_counter()
+        guard = fit(
+            bench.model,
+            bench.tokenizer,
+            bench.sae,
+            bench.forget_texts,
+            bench.retain_texts,
+            self.calibration(bench),
+            self.fit_config(bench, cfg),
+            name=self.name,
+            progress=progress,
+            stats=stats,
+        )
+        own = time.perf_counter() - t
+        calib_tokens = guard.info["data"]["calibration"]["tokens"]
+        own_flops = (
+            2.0 * (forward_params(bench.model, bench.layer) + bench.sae.d_in * len(guard.features)) * calib_tokens
+        )
+        cost = {
+            "seconds": round(shared["seconds"] + own, 3),
+            "flops": shared["flops"] + own_flops,
+            "statistics_seconds": shared["seconds"],
+            "statistics_flops": shared["flops"],
+            "own_seconds": round(own, 3),
+            "own_flops": own_flops,
+            "note": "forward passes only: latent statistics (shared by all DSG/clamp configurations, counted in full "
+            "for each) + gate calibration",
+        }
+        record = {k: getattr(guard, k) for k in ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")}
+        return Fitted(guard, cost, record)
+
+    def restore(self, bench, run: dict, run_dir: Path) -> Fitted:
+        r = run["record"]
+        guard = Guardrail(
+            bench.sae, r["hook"], r["features"], r["threshold"], r["clamp"], r["clamp_mode"], r["gated"], name=self.name
+        )
+        return Fitted(guard, run["cost"], r)
