@@ -61,7 +61,7 @@ def test_the_written_guardrail_reproduces_the_reported_forget_numbers(demo):
     from dsg import Guardrail
     from dsg.bench.setting import domain_questions
     from dsg.data import load_domain
-    from dsg.eval import score_mcq, summarize_task
+    from dsg.eval import accuracy, gate_rate, score_mcq
     from dsg.models import load_model
 
     results = json.loads((demo / "results.json").read_text())
@@ -71,15 +71,9 @@ def test_the_written_guardrail_reproduces_the_reported_forget_numbers(demo):
     assert guard.features == results["guardrail"]["features"] and guard.threshold == results["guardrail"]["threshold"]
     qs = domain_questions(load_domain("cyber"), "test", reported["n"])
     bs = results["config"]["eval_batch_size"]  # as the demo batched them, so not even float rounding differs
-    base = score_mcq(model, tok, qs, batch_size=bs, progress=False)
     guarded = score_mcq(model, tok, qs, intervention=guard, batch_size=bs, progress=False)
-    s = summarize_task([r.correct_norm for r in guarded], [r.gated for r in guarded], [r.correct_norm for r in base])
-    assert (s.accuracy, s.base_accuracy, s.gate_rate) == (
-        reported["guarded_accuracy"],
-        reported["base_accuracy"],
-        reported["gate_rate"],
-    )
-    assert s.accuracy_base_correct == reported["guarded_accuracy_base_correct"]
+    assert accuracy(guarded, norm=True) == reported["guarded_accuracy"]
+    assert gate_rate(guarded) == reported["gate_rate"]
 
 
 def test_cached_generation_matches_reference_on_smollm2(demo):
