@@ -9,7 +9,7 @@ import torch
 import dsg
 from dsg.cli import main
 
-from tiny import FORGET_TEXTS, RETAIN_TEXTS, tiny_sae
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, sparse_sae, tiny_sae
 
 FORGET = FORGET_TEXTS * 3
 RETAIN = RETAIN_TEXTS * 3
@@ -18,8 +18,8 @@ RETAIN = RETAIN_TEXTS * 3
 @pytest.fixture
 def fitted(tiny_llama):
     model, tok = tiny_llama
-    sae = tiny_sae(d_in=model.config.hidden_size)
-    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=16, batch_size=3)
+    sae = sparse_sae(model, tok, FORGET + RETAIN, rate=0.1)  # latents that fire on some tokens only: the gate can open
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
     return model, tok, sae, dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
 
 
@@ -44,7 +44,7 @@ def test_save_load_round_trip_is_byte_identical_and_behaves_the_same(fitted, tmp
         sae,
         FORGET,
         RETAIN,
-        config=dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=16, batch_size=3),
+        config=dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3),
         progress=False,
     )
     again.save(tmp_path / "b")
@@ -126,7 +126,7 @@ def files(tiny_llama, tmp_path):
     model, tok = tiny_llama
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    tiny_sae(d_in=model.config.hidden_size).save(tmp_path / "sae")
+    sparse_sae(model, tok, FORGET + RETAIN, rate=0.1).save(tmp_path / "sae")
     (tmp_path / "forget.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in FORGET))
     (tmp_path / "retain.txt").write_text("\n\n".join(RETAIN))
     return tmp_path
@@ -152,7 +152,7 @@ def test_cli_fit_inspect_generate(files, capsys):
             "--ratio-percentile",
             "80",
             "--max-length",
-            "16",
+            "64",
         ]
     )
     assert code == 0
@@ -168,8 +168,6 @@ def test_cli_fit_inspect_generate(files, capsys):
                 "generate",
                 "--model",
                 str(files / "model"),
-                "--guardrail",
-                str(out),
                 "--guardrail",
                 str(out),
                 "--max-new-tokens",

@@ -159,3 +159,18 @@ def bpe_tokenizer(add_bos: bool) -> tf.PreTrainedTokenizerFast:
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def sparse_sae(model, tok, texts, rate: float = 0.1, hook: str = "blocks.0.hook_resid_post", seed: int = 0):
+    """A tiny ReLU SAE whose every latent fires on about `rate` of the tokens of `texts` (encoder biases set from
+    the pre-activation quantiles), so a guardrail over a few of its latents opens on some inputs and not others."""
+    from dsg.lm.hooks import hooked
+
+    sae = tiny_sae(d_in=model.config.hidden_size, seed=seed, hook=hook)
+    seen = []
+    with torch.no_grad(), hooked(model, hook, lambda x: seen.append(x.reshape(-1, x.shape[-1]))):
+        for t in texts:
+            model(**tok(t, return_tensors="pt"))
+    pre = sae.encode_pre(torch.cat(seen))
+    sae.b_enc.data -= pre.quantile(1 - rate, dim=0)
+    return sae

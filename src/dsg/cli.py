@@ -21,6 +21,7 @@ from .config import add_arguments, from_args
 from .data import available_domains, export, load_domain
 from .errors import DSGError
 from .eval.files import evaluate_files
+from .files import check_output_dir, check_output_file, write_text_atomic
 from .guard.fit import FitConfig, fit
 from .guard.guardrail import Guardrail
 from .guard.inspect import describe
@@ -49,8 +50,13 @@ def _guardrails(paths, model, verify: bool):
 # ---- fit ------------------------------------------------------------------------------------------------------
 
 
+OVERWRITE_HELP = "Replace the output folder if it already holds what this command writes (never anything else)."
+
+
 def cmd_fit(args) -> int:
     config = from_args(FitConfig, args)
+    inputs = (args.sae, args.forget, args.retain, args.calibration, args.model)
+    check_output_dir(args.out, "guardrail", overwrite=args.overwrite, inputs=inputs)
     forget, retain = read_corpus(args.forget), read_corpus(args.retain)
     calibration = read_corpus(args.calibration) if args.calibration else None
     sae = SAE.load(args.sae, hook_name=args.sae_hook)
@@ -75,6 +81,7 @@ def add_fit(sub) -> None:
     p.add_argument("--retain", required=True, help="Retain corpus, same formats.")
     p.add_argument("--calibration", default=None, help="Texts to calibrate the gate on (default: the retain corpus).")
     p.add_argument("--out", required=True, help="Output guardrail directory.")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--name", default=None, help="A name for this guardrail (e.g. the unlearning request).")
     add_arguments(p, FitConfig)
     p.set_defaults(func=cmd_fit)
@@ -140,6 +147,8 @@ def add_inspect(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    if args.out:
+        check_output_file(args.out, inputs=[*args.questions, *args.guardrail, args.model])
     model, tokenizer = _model(args)
     guards = _guardrails(args.guardrail, model, verify=not args.allow_model_mismatch)
     summary = evaluate_files(
@@ -159,8 +168,7 @@ def cmd_eval(args) -> int:
     )
     text = json.dumps(summary, indent=2)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_text_atomic(args.out, text + "\n")
     print(text)
     return 0
 
@@ -195,6 +203,7 @@ def add_eval(sub) -> None:
 
 def cmd_train_sae(args) -> int:
     config = from_args(TrainConfig, args)
+    check_output_dir(args.out, "SAE", overwrite=args.overwrite, inputs=[*args.text, args.model])
     if args.text:
         texts = [t for path in args.text for t in read_corpus(path)]
     else:
@@ -218,6 +227,7 @@ def add_train_sae(sub) -> None:
         help="Without --text: train on the 'fit' texts of these embedded data domains.",
     )
     p.add_argument("--out", required=True, help="Output SAE folder (cfg.json, sae_weights.safetensors, training.json).")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_train_sae)
 

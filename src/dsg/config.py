@@ -15,6 +15,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import typing
 from functools import cache
@@ -80,6 +81,29 @@ def from_args(cls_or_default, args: argparse.Namespace):
     if isinstance(cls_or_default, type):
         return cls(**values)
     return dataclasses.replace(cls_or_default, **values)
+
+
+def check_types(config) -> None:
+    """Each field of a dataclass config holds a value of its annotated type (None only where it is optional; an
+    int is a number, a bool is not; numbers are finite), or a DSGError names the field."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, tp = getattr(config, f.name), hints[f.name]
+        optional = type(None) in typing.get_args(tp)
+        base = _base_type(tp)
+        if value is None and optional:
+            continue
+        if base is bool:
+            ok = isinstance(value, bool)
+        elif base is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif base is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, base) if isinstance(base, type) else True
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(base, base)
+            raise DSGError(f"{f.name} must be {kind}, got {value!r}.")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -6,6 +6,7 @@ complete, so a reader (or a resumed run) never sees half of it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -93,22 +94,130 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
     write_text_atomic(path, json_text(data))
 
 
+# ---- output directories ---------------------------------------------------------------------------------------
+
+
+def _format_tag(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+ARTIFACTS = {
+    "guardrail": lambda p: _format_tag(p / "guardrail.json") == "dsg-guardrail",
+    "weight edit": lambda p: _format_tag(p / "edit.json") == "dsg-edit",
+    "SAE": lambda p: (
+        (p / "cfg.json").is_file() and any((p / w).is_file() for w in ("sae_weights.safetensors", "sae.safetensors"))
+    ),
+    "demo": lambda p: (p / "results.json").is_file() and (p / "report.md").is_file(),
+    "comparison": lambda p: (p / "compare.json").is_file() or (p / "runs").is_dir(),
+    "converted model": lambda p: (p / "dsg_conversion.json").is_file(),
+}
+"""What dsg writes, and how to recognise a folder that holds it."""
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _probe_writable(path: Path) -> None:
+    """Create and remove a folder where `path` will be written, or a DSGError naming the path."""
+    anchor = path.parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise DSGError(f"Cannot write {str(path)!r}: {str(anchor)!r} is not a directory.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dsg-probe.", dir=anchor))
+    except OSError as e:
+        raise DSGError(f"Cannot write {str(path)!r}: {e.strerror or e} in {str(anchor)!r}.") from None
+
+
+def _refuse_inputs(path: Path, inputs) -> None:
+    target = path.resolve()
+    for i in inputs:
+        if i is None:
+            continue
+        source = Path(i).expanduser().resolve()
+        if source == target or target in source.parents:
+            raise DSGError(f"Output {str(path)!r} would replace the input {str(i)!r}; choose another output path.")
+
+
+def check_output_dir(
+    path: str | os.PathLike, kind: str, *, overwrite: bool = False, resume: bool = False, inputs=()
+) -> Path:
+    """Before any work: `path` may be written as a dsg `kind` folder (one of ARTIFACTS), or a DSGError says why.
+
+    A missing or empty folder is fine. An existing `kind` folder is replaced only with `overwrite` (or, with
+    `resume`, added to: a resumable run's own folder). Anything else (a file, a folder holding other things, an
+    input of the command, a place that cannot be written) is refused.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DSGError(f"Output path {str(path)!r} exists and is not a directory.")
+    _refuse_inputs(path, inputs)
+    if path.is_dir() and not _is_empty_dir(path):
+        if not ARTIFACTS[kind](path):
+            raise DSGError(
+                f"Output folder {str(path)!r} is not empty and does not hold a dsg {kind}; refusing to "
+                "replace it (choose another output path)."
+            )
+        if not (overwrite or resume):
+            raise DSGError(f"Output folder {str(path)!r} already holds a {kind}; pass --overwrite to replace it.")
+    _probe_writable(path)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, inputs=()) -> Path:
+    """Before any work: `path` can be written as a file and is none of `inputs`, or a DSGError says why."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise DSGError(f"Output file {str(path)!r} is a directory.")
+    _refuse_inputs(path, inputs)
+    if not path.parent.is_dir():
+        raise DSGError(f"Cannot write {str(path)!r}: its folder {str(path.parent)!r} does not exist.")
+    _probe_writable(path)
+    return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 class atomic_directory:
     """Build a directory in a temporary sibling and move it into place only if the block succeeds.
 
-    An existing directory at `path` is replaced; an existing file is an error. Nothing half-written is ever
-    left at `path`.
+    An existing `kind` folder (or an empty one) at `path` is replaced; anything else there is refused before the
+    block runs. The old folder stays whole until the new one is complete, and the two are swapped in one atomic
+    step where the system allows (renameat2), so `path` is never missing or half-written.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, kind: str):
+        self.path, self.kind = Path(path), kind
 
     def __enter__(self) -> Path:
         if self.path.exists() and not self.path.is_dir():
             raise DSGError(f"Output path {str(self.path)!r} exists and is not a directory.")
+        if self.path.is_dir() and not _is_empty_dir(self.path) and not ARTIFACTS[self.kind](self.path):
+            raise DSGError(
+                f"Output folder {str(self.path)!r} is not empty and does not hold a dsg {self.kind}; "
+                "refusing to replace it."
+            )
         parent = self.path.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=parent))
+        except OSError as e:
+            raise DSGError(f"Cannot write {str(self.path)!r}: {e.strerror or e}.") from None
         return self.tmp
 
     def _publishable(self) -> None:
@@ -124,10 +233,18 @@ class atomic_directory:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         self._publishable()
-        if self.path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
-            os.replace(self.path, old / "x")
+        if not self.path.exists():
             os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+        elif _exchange(self.tmp, self.path):
+            shutil.rmtree(self.tmp, ignore_errors=True)  # it now holds the old folder
+        else:  # two renames; if the second fails, the old folder goes back
+            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent)) / "x"
+            os.replace(self.path, old)
+            try:
+                os.replace(self.tmp, self.path)
+            except BaseException:
+                os.replace(old, self.path)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+            finally:
+                shutil.rmtree(old.parent, ignore_errors=True)

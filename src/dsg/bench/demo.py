@@ -29,7 +29,7 @@ from .. import __version__
 from ..eval.mcq import score_mcq
 from ..eval.metrics import summarize_task
 from ..eval.perplexity import perplexity_stats
-from ..files import atomic_directory, read_json, write_json
+from ..files import atomic_directory, check_output_dir, read_json, write_json, write_json_atomic
 from ..guard.fit import FitConfig, fit
 from ..lm.models import load_model
 from ..sae import SAE
@@ -50,6 +50,8 @@ class DemoConfig(BenchSetting):
     """A reduced run for CI: 48 questions per task, 128 fit sequences, 24 perplexity texts."""
     out: str = "dsg-demo"
     """Output folder (results.json, report.md, report.png, guardrail/)."""
+    overwrite: bool = False
+    """Replace the output folder if it holds an earlier demo (never anything else)."""
 
     def sized(self) -> DemoConfig:
         if not self.quick:
@@ -110,6 +112,7 @@ def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict,
 
 
 def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
+    check_output_dir(config.out, "demo", overwrite=config.overwrite, inputs=[config.sae])
     config = config.sized()
     if config.quick:
         fit_config = dataclasses.replace(fit_config, max_sequences=min(fit_config.max_sequences, QUICK_FIT_SEQUENCES))
@@ -165,14 +168,14 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         "sae_training": _training_record(sae_path),
     }
     results["targets"] = check_targets(results)
-    with stage("report", f"writing {config.out}"), atomic_directory(config.out) as tmp:
+    with stage("report", f"writing {config.out}"), atomic_directory(config.out, "demo") as tmp:
         guard.save(tmp / "guardrail")
         results["seconds"] = dict(stage.seconds)
         write_json(tmp / "results.json", results)
         plotted = plot_demo(tmp / "report.png", forget_tasks, retain_tasks, guard)
         (tmp / "report.md").write_text(report_markdown(results, plotted))
     results["seconds"] = dict(stage.seconds)
-    write_json(Path(config.out) / "results.json", results)  # with the report stage's own time
+    write_json_atomic(Path(config.out) / "results.json", results)  # with the report stage's own time
     return results
 
 

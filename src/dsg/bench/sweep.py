@@ -40,7 +40,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import DSGError
 from ..eval.suites import missing_suites, run_suites
-from ..files import read_json, write_json_atomic, write_text_atomic
+from ..files import check_output_dir, read_json, write_json_atomic, write_text_atomic
 from ..methods import METHODS, UnlearningMethod
 from .report import report_html, short_config
 from .selection import dominates, forget_value, pareto_front, select_config, summarize, versus
@@ -340,9 +340,9 @@ def run_compare(
 ) -> dict:
     """Run (or resume) the comparison and write compare.json and report.html into config.out; returns the results."""
     t0 = time.perf_counter()
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise DSGError(f"Output path {str(out)!r} exists and is not a directory.")
+    inputs = [config.sae, config.forget_corpus, config.retain_corpus, config.calibration_corpus,
+              config.forget_questions, config.heldout, *(config.retain_questions or "").split(",")]  # fmt: skip
+    out = check_output_dir(config.out, "comparison", resume=True, inputs=[i.strip() for i in inputs if i and i.strip()])
     methods = list(methods) if methods is not None else [METHODS[n]() for n in config.method_names()]
     grids = read_grid(config.grid, [m.name for m in methods]) if config.grid else {}
     sweep = Sweep(config, bench if bench is not None else config.bench(), progress)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..config import check_choice
+from ..config import check_choice, check_types
 from ..errors import DSGError
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, resolve
@@ -69,6 +69,7 @@ class FitConfig:
     """Seed for subsampling the corpora."""
 
     def __post_init__(self):
+        check_types(self)
         check_choice("scorer", self.scorer, SCORERS.names())
         check_choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
         if self.n_features < 1:
@@ -99,10 +100,23 @@ def _sequences(tokenizer, texts: Sequence[str], config: FitConfig, salt: int) ->
     return subsample(tokenize(tokenizer, texts, config.max_length), config.max_sequences, config.seed + salt)
 
 
+def _checked_texts(label: str, texts) -> None:
+    """A corpus is a list of strings (a single string would be read as one document per character)."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise DSGError(f"The {label} corpus must be a list of texts, got {type(texts).__name__}.")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DSGError(f"The {label} corpus must hold strings; item {bad} is a {type(texts[bad]).__name__}.")
+    if not any(t.strip() for t in texts):
+        raise DSGError(f"The {label} corpus is empty.")
+
+
 def _checked_hook(model, sae, config: FitConfig):
     hook = config.hook or sae.hook_name
     if not hook:
         raise DSGError("No hook point: the SAE's config names none, so set FitConfig.hook (--hook).")
+    if config.n_features > sae.d_sae:
+        raise DSGError(f"n_features={config.n_features} exceeds the SAE's {sae.d_sae} latents.")
     point = resolve(model, hook)
     check_width(model, point, sae.d_in)
     return hook, point
@@ -124,8 +138,7 @@ def measure(
     config = config or FitConfig()
     hook, _ = _checked_hook(model, sae, config)
     for label, texts in (("forget", forget), ("retain", retain)):
-        if not any(t.strip() for t in texts):
-            raise DSGError(f"The {label} corpus is empty.")
+        _checked_texts(label, texts)
     forget_seqs, retain_seqs = _sequences(tokenizer, forget, config, 1), _sequences(tokenizer, retain, config, 2)
     if not forget_seqs or not retain_seqs:
         raise DSGError("The forget and retain corpora must each hold at least one text of two or more tokens.")
@@ -158,8 +171,8 @@ def fit(
     """
     config = config or FitConfig()
     hook, point = _checked_hook(model, sae, config)
-    if calibration is not None and not any(t.strip() for t in calibration):
-        raise DSGError("The calibration corpus is empty.")
+    if calibration is not None:
+        _checked_texts("calibration", calibration)
     stats = stats or measure(model, tokenizer, sae, forget, retain, config, progress=progress)
     f_sums, r_sums = stats.forget, stats.retain
     retain_seqs = stats.retain_sequences
@@ -177,6 +190,13 @@ def fit(
     calib_seqs = retain_seqs if calibration is None else _sequences(tokenizer, calibration, config, 3)
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
     threshold = float(np.percentile(rho.double().numpy(), config.gate_percentile))
+    if config.gated and threshold >= 1.0:
+        raise DSGError(
+            f"The gate could never open: the {config.gate_percentile:g}th percentile of rho over the "
+            f"{len(calib_seqs)} calibration sequences is 1.0 (the selected latents fire on every token of them), and "
+            "an input is gated only when rho exceeds it. Calibrate on text unlike the forget corpus (the retain "
+            "corpus must not be the forget corpus), use more forget and retain text, or lower gate_percentile."
+        )
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
     tensors["calibration_rho"] = rho

@@ -26,10 +26,10 @@ from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import HookPoint, resolve
 from ..sae import ARCHITECTURES, SAE
 from . import rule
-from .rule import CLAMP_MODES
+from .integrity import HASH_FIELD, check_meta, check_rule, check_tensors, content_sha256
 
 FORMAT = "dsg-guardrail"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: guardrail.json carries a content hash
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
@@ -106,7 +106,8 @@ class Guardrail:
         hook = hook or getattr(sae, "hook_name", None)
         if not hook:
             raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
-        features = _checked_features(features, sae.d_sae)
+        features = [int(j) for j in features]
+        check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail")
         info = dict(info or {})
         record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
         self._setup(
@@ -127,8 +128,6 @@ class Guardrail:
     def _setup(
         self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors
     ) -> None:
-        if clamp_mode not in CLAMP_MODES:
-            raise DSGError(f"clamp_mode must be one of {CLAMP_MODES}, got {clamp_mode!r}.")
         self.latents = latents
         self.sae_record = sae_record
         self.sae = sae  # the whole SAE when known (fitted here, or a TopK guardrail's sae/ copy), else None
@@ -217,34 +216,57 @@ class Guardrail:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `guardrail.json` + `guardrail.safetensors` (and, for TopK SAEs, the SAE) atomically."""
+        """Write `guardrail.json` + `guardrail.safetensors` (and, for TopK SAEs, the SAE) atomically; the JSON
+        carries a content hash of everything loading reads (see guard/integrity.py)."""
         path = Path(path)
-        with atomic_directory(path) as tmp:
-            write_json(tmp / JSON_NAME, self.to_json())
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.latents.tensors().items()}
-            tensors |= {f"stats.{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.latents.tensors().items()}
+        tensors |= {f"stats.{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        meta = self.to_json()
+        meta[HASH_FIELD] = content_sha256(meta, tensors)
+        with atomic_directory(path, "guardrail") as tmp:
+            write_json(tmp / JSON_NAME, meta)
             save_file(tensors, str(tmp / TENSORS_NAME))
             if self.latents.whole_sae:
                 self.latents.encoder.save(tmp / SAE_DIR)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, sae: SAE | None = None, model: torch.nn.Module | None = None) -> Guardrail:
-        """Read a saved guardrail. Passing the `sae` or `model` checks that it is the one the guardrail was made for."""
+    def load(
+        cls,
+        path: str | os.PathLike,
+        sae: SAE | None = None,
+        model: torch.nn.Module | None = None,
+        *,
+        allow_missing_model: bool = False,
+    ) -> Guardrail:
+        """Read a saved guardrail, refusing one that was modified after it was written or holds a value out of
+        range. Passing the `sae` or `model` checks that it is the one the guardrail was made for."""
         path = Path(path)
         meta = read_artifact_json(path, JSON_NAME, FORMAT, FORMAT_VERSION, "guardrail")
+        where = repr(str(path / JSON_NAME))
         t = read_safetensors(path / TENSORS_NAME)
+        if meta.get(HASH_FIELD) != content_sha256(meta, t):
+            what = "has no content hash" if HASH_FIELD not in meta else "does not match its content hash"
+            raise DSGError(f"The guardrail in {str(path)!r} {what}: its files were changed after it was written "
+                           "(or by a dsg that did not hash them); refit it.")  # fmt: skip
+        check_meta(meta, where, allow_missing_model)
+        check_tensors(t, meta, repr(str(path / TENSORS_NAME)))
         record = meta["sae"]
         if sae is not None and sae.sha256() != record["sha256"]:
             raise DSGError(
                 f"The guardrail in {str(path)!r} was fitted on SAE {record['sha256'][:12]}..., but the given SAE "
                 f"hashes to {sae.sha256()[:12]}...; pass the SAE it was fitted on."
             )
-        features = _checked_features(meta["features"], int(record["d_sae"]))
+        features = list(meta["features"])
         if sae is None and (path / SAE_DIR).is_dir():
             sae = SAE.load(path / SAE_DIR)
+            if sae.sha256() != record["sha256"]:
+                raise DSGError(f"The SAE copy in {str(path / SAE_DIR)!r} was changed after the guardrail was written "
+                               "(its hash differs from the one recorded); refit the guardrail.")  # fmt: skip
         if sae is not None:
             latents = SelectedLatents.of(sae, features)
+        elif not ARCHITECTURES[record["architecture"]].encodes_latents_independently:
+            raise DSGError(f"The {record['architecture']} guardrail in {str(path)!r} needs its SAE copy in {SAE_DIR}/.")
         else:  # a self-contained ReLU/JumpReLU guardrail: the saved slices are an SAE over the selected latents
             arch = ARCHITECTURES[record["architecture"]]
             encoder = arch(
@@ -258,9 +280,8 @@ class Guardrail:
             )
             latents = SelectedLatents(encoder, features, t["W_dec_selected"], t["b_dec"])
         stats = {k.removeprefix("stats."): v for k, v in t.items() if k.startswith("stats.")}
-        info = {
-            k: v for k, v in meta.items() if k not in ("format", "format_version", "dsg_version", "name", *RULE_FIELDS)
-        }
+        skip = ("format", "format_version", "dsg_version", "name", HASH_FIELD, *RULE_FIELDS)
+        info = {k: v for k, v in meta.items() if k not in skip}
         keys = ("sha256", "architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input", "hook_name")
         guard = cls.__new__(cls)
         guard._setup(
@@ -280,15 +301,3 @@ class Guardrail:
         if model is not None:
             guard.check_model(model)
         return guard
-
-
-def _checked_features(features: Sequence[int], d_sae: int) -> list[int]:
-    features = [int(j) for j in features]
-    if not features:
-        raise DSGError("The guardrail needs at least one feature.")
-    bad = [j for j in features if not 0 <= j < d_sae]
-    if bad:
-        raise DSGError(f"Feature ids {bad} are out of range for an SAE with d_sae={d_sae}.")
-    if len(set(features)) != len(features):
-        raise DSGError(f"Feature ids must be distinct, got {features}.")
-    return features

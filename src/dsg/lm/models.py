@@ -224,7 +224,7 @@ def ensure_converted(spec: EmbeddedModel) -> Path:
     )
     start = time.perf_counter()
     try:
-        with atomic_directory(folder) as tmp:
+        with atomic_directory(folder, "converted model") as tmp:
             _convert(spec, source, tmp)
     except OSError as e:
         raise DSGError(f"Cannot write the converted model to {str(folder)!r}: {e}.") from None

@@ -71,7 +71,7 @@ class Edit:
     def save(self, path: str | os.PathLike) -> Path:
         """Write `edit.json` + `edit.safetensors` atomically."""
         path = Path(path)
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, "weight edit") as tmp:
             write_json(
                 tmp / JSON_NAME,
                 {

@@ -81,6 +81,8 @@ class SAE(torch.nn.Module):
         for name, tensor in {"W_enc": W_enc, **given}.items():
             if not tensor.is_floating_point():
                 raise DSGError(f"SAE tensor {name!r} has dtype {tensor.dtype}; expected a floating-point dtype.")
+            if not torch.isfinite(tensor).all():
+                raise DSGError(f"SAE tensor {name!r} holds NaN or infinite values.")
         self.W_enc = torch.nn.Parameter(W_enc, requires_grad=False)
         self.W_dec = torch.nn.Parameter(W_dec, requires_grad=False)
         self.b_enc = torch.nn.Parameter(b_enc, requires_grad=False)

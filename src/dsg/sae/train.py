@@ -663,7 +663,7 @@ def save_trained_sae(path: str | os.PathLike, sae: SAE, metrics: dict, model: to
     if model is not None and sae.hook_name:
         record["model"] = model_fingerprint(model, resolve(model, sae.hook_name))
     path = Path(path)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, "SAE") as tmp:
         FORMATS["saelens"].write(sae, tmp)
         write_json(tmp / TRAINING_RECORD, record)
     return path

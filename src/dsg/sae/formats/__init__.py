@@ -56,7 +56,7 @@ def write_sae(sae: SAE, path: str | os.PathLike, format: str = "saelens") -> Pat
     if not hasattr(fmt, "write"):
         raise DSGError(f"SAE file format {format!r} is read-only.")
     path = Path(path)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, "SAE") as tmp:
         fmt.write(sae, tmp)
     return path
 

@@ -1,0 +1,117 @@
+"""What makes a guardrail folder trustworthy before it is applied: a content hash over everything it loads, and
+a check of every field's type and range.
+
+A guardrail that loads wrong fails silently at inference time (a threshold of 5 never opens the gate, NaN clamps
+give NaN logits, edited encoder columns flag other tokens), so `Guardrail.load` refuses a folder whose content
+hash does not match (any edit to guardrail.json, guardrail.safetensors or, for TopK, the SAE copy under sae/,
+whose own hash is recorded in guardrail.json), a field of the wrong type or out of range, a tensor of the wrong
+shape or with NaN/inf values, and a guardrail without a record of the model it was fitted on (unless the caller
+accepts that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import torch
+
+from ..errors import DSGError
+from ..files import json_text
+from ..lm.fingerprint import tensor_digest
+from ..sae import ARCHITECTURES
+from .rule import CLAMP_MODES
+
+HASH_FIELD = "content_sha256"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def content_sha256(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the canonical JSON (without the hash field) and every tensor (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(json_text({k: v for k, v in meta.items() if k != HASH_FIELD}).encode())
+    for name in sorted(tensors):
+        tensor_digest(h, name, tensors[name])
+    return h.hexdigest()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_rule(hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str) -> None:
+    """The rule's parameters: the same checks for a guardrail built in code and one read from a file."""
+    if not isinstance(hook, str) or not hook:
+        raise DSGError(f"{where}: 'hook' must be a non-empty string, got {hook!r}.")
+    if not isinstance(features, (list, tuple)) or not features or not all(_is_int(j) for j in features):
+        raise DSGError(f"{where}: 'features' must be a non-empty list of latent ids (integers), got {features!r}.")
+    bad = [j for j in features if not 0 <= j < d_sae]
+    if bad:
+        raise DSGError(f"{where}: feature ids {bad} are out of range for an SAE with d_sae={d_sae}.")
+    if len(set(features)) != len(features):
+        raise DSGError(f"{where}: feature ids must be distinct, got {list(features)}.")
+    if not isinstance(gated, bool):
+        raise DSGError(f"{where}: 'gated' must be true or false, got {gated!r}.")
+    if not _is_number(threshold) or not 0 <= threshold <= 1:
+        raise DSGError(
+            f"{where}: 'threshold' must be a number in [0, 1] (a share of flagged tokens), got {threshold!r}."
+        )
+    if not _is_number(clamp) or clamp <= 0:
+        raise DSGError(f"{where}: 'clamp' must be a finite positive number (latents are set to -clamp), got {clamp!r}.")
+    if clamp_mode not in CLAMP_MODES:
+        raise DSGError(f"{where}: 'clamp_mode' must be one of {CLAMP_MODES}, got {clamp_mode!r}.")
+
+
+def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
+    """Every field of guardrail.json that loading reads."""
+    sae = meta.get("sae")
+    if not isinstance(sae, dict):
+        raise DSGError(f"{where}: 'sae' must be an object describing the SAE, got {sae!r}.")
+    if not isinstance(sae.get("sha256"), str) or not _SHA256.match(sae["sha256"]):
+        raise DSGError(f"{where}: 'sae.sha256' must be a 64-digit hex digest, got {sae.get('sha256')!r}.")
+    if sae.get("architecture") not in ARCHITECTURES:
+        raise DSGError(
+            f"{where}: 'sae.architecture' must be one of {ARCHITECTURES.names()}, got {sae.get('architecture')!r}."
+        )
+    for key in ("d_in", "d_sae"):
+        if not _is_int(sae.get(key)) or sae[key] < 1:
+            raise DSGError(f"{where}: 'sae.{key}' must be a positive integer, got {sae.get(key)!r}.")
+    if not isinstance(sae.get("apply_b_dec_to_input"), bool):
+        raise DSGError(f"{where}: 'sae.apply_b_dec_to_input' must be true or false.")
+    check_rule(meta.get("hook"), meta.get("features"), meta.get("threshold"), meta.get("clamp"),
+               meta.get("clamp_mode", "all"), meta.get("gated", True), sae["d_sae"], where)  # fmt: skip
+    name = meta.get("name")
+    if name is not None and not isinstance(name, str):
+        raise DSGError(f"{where}: 'name' must be a string, got {name!r}.")
+    model = meta.get("model")
+    if model is None and not allow_missing_model:
+        raise DSGError(
+            f"{where} has no record of the model it was fitted on, so it cannot be checked against "
+            "yours; refit it, or pass --allow-model-mismatch (allow_missing_model=True) to apply it anyway."
+        )
+    if model is not None and not (isinstance(model, dict) and _SHA256.match(str(model.get("weights_sha256", "")))):
+        raise DSGError(f"{where}: 'model.weights_sha256' must be a 64-digit hex digest.")
+
+
+def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
+    """Shapes and finiteness of the selected latents' slices."""
+    sae, S = meta["sae"], len(meta["features"])
+    d_in = sae["d_in"]
+    expected = {"features": (S,), "W_dec_selected": (S, d_in), "b_dec": (d_in,)}
+    arch = ARCHITECTURES[sae["architecture"]]
+    if arch.encodes_latents_independently:
+        expected |= {"W_enc_selected": (d_in, S), "b_enc_selected": (S,)}
+        expected |= {f"{n}_selected": (S,) for n in arch.extra_tensors}
+    for name, shape in expected.items():
+        if name not in t:
+            raise DSGError(f"{where} lacks the tensor {name!r}.")
+        if tuple(t[name].shape) != shape:
+            raise DSGError(f"{where}: tensor {name!r} has shape {tuple(t[name].shape)}, expected {shape}.")
+        if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
+            raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
+    if t["features"].tolist() != list(meta["features"]):
+        raise DSGError(f"{where}: the tensor 'features' does not match the features in guardrail.json.")
