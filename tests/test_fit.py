@@ -220,3 +220,22 @@ def test_cli_bad_input_is_one_sentence_and_no_output(files, capsys, problem, mes
     assert message in err and err.count("\n") == 0 and "Traceback" not in err
     assert not out.exists()
     assert not [p for p in files.iterdir() if p.name.startswith(".guard")]
+
+
+def test_fit_refuses_a_gate_that_could_never_open(tiny_llama):
+    """Latents that fire on nearly every token of short windows give rho = 1 at the 95th percentile: strict
+    rho > threshold could never hold, so no guardrail is made (this setup used to write one silently)."""
+    model, tok = tiny_llama
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=16, batch_size=3)
+    with pytest.raises(dsg.DSGError, match="could never open"):
+        dsg.fit(model, tok, tiny_sae(d_in=model.config.hidden_size), FORGET, RETAIN, config=config, progress=False)
+
+
+def test_overwrite_replaces_an_earlier_guardrail(files, capsys):
+    inputs = ["--forget", str(files / "forget.jsonl"), "--retain", str(files / "retain.txt")]
+    args = ["fit", "--model", str(files / "model"), "--sae", str(files / "sae"), "--max-length", "64", *inputs]
+    args += ["--out", str(files / "g")]
+    assert main(args + ["--n-features", "3"]) == 0
+    assert main(args + ["--n-features", "4"]) == 2  # refused without --overwrite
+    assert main(args + ["--n-features", "4", "--overwrite"]) == 0
+    assert len(dsg.Guardrail.load(files / "g").features) == 4

@@ -273,3 +273,69 @@ def test_guardrails_reach_a_model_through_the_runtime_that_supports_it():
         assert calls == [(engine, (guard,), False)]
     finally:
         RUNTIMES._items.pop("test-engine")
+
+
+def test_threads_sharing_a_model_each_get_their_own_decisions():
+    """Two guarded threads and an unguarded one on one model, interleaved: each sees exactly what it sees alone."""
+    import threading
+
+    model = tiny_model("llama")
+    sae = tiny_sae()
+    ids = random_ids(6, 10, seed=3)
+    seqs = [list(s) for s in ids]
+    picked = features_firing_about(model, sae, seqs, 0.3, n=2)
+    strict = dsg.Guardrail(sae, features=picked, clamp=5.0)
+    strict.threshold = rho_quantile(model, strict, seqs)
+    static = dsg.Guardrail(sae, features=[2, 3], gated=False, clamp=5.0)
+    with torch.no_grad():
+        alone = {"plain": (model(ids).logits, None)}
+        for key, guard in (("strict", strict), ("static", static)):
+            with dsg.attach(model, guard) as session:
+                alone[key] = (model(ids).logits, session.gated.clone())
+    assert 0 < int(alone["strict"][1].sum()) < len(seqs) and not torch.equal(alone["static"][0], alone["plain"][0])
+
+    barrier, seen, errors = threading.Barrier(3), {k: [] for k in alone}, []
+
+    def worker(key):
+        try:
+            guard = {"strict": strict, "static": static}.get(key)
+            with torch.no_grad():
+                for _ in range(5):
+                    barrier.wait(timeout=30)
+                    if guard is None:
+                        seen[key].append((model(ids).logits, None))
+                    else:
+                        with dsg.attach(model, guard) as session:
+                            logits = model(ids).logits
+                        seen[key].append((logits, session.gated.clone()))
+        except Exception as e:  # reported below with its thread
+            errors.append((key, e))
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for key, runs in seen.items():
+        assert len(runs) == 5
+        for logits, gated in runs:
+            assert torch.equal(logits, alone[key][0]), key
+            assert (gated is None and alone[key][1] is None) or torch.equal(gated, alone[key][1]), key
+
+
+def test_the_same_guardrail_twice_is_refused_and_a_non_residual_hook_is_a_clear_error():
+    model = tiny_model("llama")
+    sae = tiny_sae()
+    guard = dsg.Guardrail(sae, features=[0, 1], threshold=0.0)
+    twin = dsg.Guardrail(sae, features=[0, 1], threshold=0.0)
+    with pytest.raises(dsg.DSGError, match="attached twice"):
+        dsg.attach(model, guard, twin).__enter__()
+    with dsg.attach(model, guard), pytest.raises(dsg.DSGError, match="attached twice"):
+        dsg.attach(model, twin).__enter__()
+    head = dsg.Guardrail(sae, hook="lm_head", features=[0, 1], threshold=0.0)
+    with pytest.raises(dsg.DSGError, match="width"), torch.no_grad(), dsg.attach(model, head):
+        model(random_ids(1, 5))
+    with torch.no_grad():  # and every hook is gone afterwards
+        assert torch.equal(model(random_ids(1, 5)).logits, tiny_model("llama")(random_ids(1, 5)).logits)

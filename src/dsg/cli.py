@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from tqdm.auto import tqdm
+
 from . import __version__
 from .bench.demo import DEMO_FIT, DemoConfig, main_demo
 from .bench.report import print_table
@@ -31,6 +33,7 @@ from .runtime.generation import generate
 from .sae import SAE
 from .sae.embedded import embedded_sae
 from .sae.train import TrainConfig, save_trained_sae, train_sae
+from .tables import printable
 
 EXIT_USAGE = 2
 
@@ -40,7 +43,7 @@ def _model(args):
 
 
 def _guardrails(paths, model, verify: bool):
-    guards = [Guardrail.load(p) for p in paths]
+    guards = [Guardrail.load(p, allow_missing_model=not verify) for p in paths]
     if verify:
         for g in guards:
             g.check_model(model)
@@ -318,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DSGError as e:
-        print(f"dsg {args.command}: error: {e}", file=sys.stderr)
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short must not share the error's line
+            bar.close()
+        message = " ".join(printable(str(e)).split())  # one line, and nothing that drives the terminal
+        print(f"dsg {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"dsg {args.command}: interrupted", file=sys.stderr)

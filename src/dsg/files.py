@@ -165,7 +165,10 @@ def check_output_dir(
                 "replace it (choose another output path)."
             )
         if not (overwrite or resume):
-            raise DSGError(f"Output folder {str(path)!r} already holds a {kind}; pass --overwrite to replace it.")
+            article = "an" if kind == "SAE" or kind[0] in "aeiou" else "a"
+            raise DSGError(
+                f"Output folder {str(path)!r} already holds {article} {kind}; pass --overwrite to replace it."
+            )
     _probe_writable(path)
     return path
 

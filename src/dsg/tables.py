@@ -17,3 +17,9 @@ def table(header: list[str], rows: list[list]) -> str:
 def pct(x) -> str:
     """A share as a percentage with one decimal, "-" for None."""
     return "-" if x is None else f"{100 * x:.1f}"
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (terminal escape sequences among them) shown as escapes, newlines kept:
+    names and paths read from files must not drive the user's terminal."""
+    return "".join(c if c == "\n" or (c.isprintable() or c == "\t") else repr(c)[1:-1] for c in text)

@@ -100,6 +100,10 @@ def check_question(q: Any, where: str = "question") -> dict:
         raise DSGError(f"{where} has {len(choices)} choice(s) in 'choices'; a question needs at least 2.")
     if len(choices) > len(LETTERS):
         raise DSGError(f"{where} has {len(choices)} choices; at most {len(LETTERS)} are supported.")
+    if len(set(choices)) != len(choices):
+        raise DSGError(
+            f"{where} repeats a choice in 'choices'; identical choices score alike and make the answer ambiguous."
+        )
     answer = q.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise DSGError(
@@ -132,6 +136,10 @@ def _fill(template: str, q: dict, what: str) -> str:
         return template.format(**q)
     except (KeyError, IndexError) as e:
         raise DSGError(f"The {what} {template!r} refers to {e}, which the question does not have.") from None
+    except (ValueError, AttributeError) as e:
+        raise DSGError(
+            f"The {what} {template!r} is not a valid format string ({e}); write fields as {{question}}."
+        ) from None
 
 
 def letter_prompt(q: dict, description: str = "", chat: bool = False, tokenizer=None) -> str:

@@ -139,6 +139,8 @@ def measure(
     hook, _ = _checked_hook(model, sae, config)
     for label, texts in (("forget", forget), ("retain", retain)):
         _checked_texts(label, texts)
+    if corpus_sha256(forget) == corpus_sha256(retain):
+        raise DSGError("The forget and retain corpora are the same texts; nothing could tell the domain apart.")
     forget_seqs, retain_seqs = _sequences(tokenizer, forget, config, 1), _sequences(tokenizer, retain, config, 2)
     if not forget_seqs or not retain_seqs:
         raise DSGError("The forget and retain corpora must each hold at least one text of two or more tokens.")

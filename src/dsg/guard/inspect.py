@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..tables import table
+from ..tables import printable, table
 from .guardrail import Guardrail
 
 
@@ -35,7 +35,7 @@ def latent_rows(guard: Guardrail, latents: list[int]) -> list[list]:
 
 
 def describe(path: str | os.PathLike, top: int | None = None) -> str:
-    guard = Guardrail.load(path)
+    guard = Guardrail.load(path, allow_missing_model=True)  # reading it applies it to nothing
     info = guard.info
     header = ["latent", "forget mean", "retain mean", "forget freq", "retain freq", "score ratio"]
     out = [
@@ -79,4 +79,4 @@ def describe(path: str | os.PathLike, top: int | None = None) -> str:
             f"Highest forget-score latents not selected ({len(others)}):",
             table(header, latent_rows(guard, others)),
         ]
-    return "\n".join(out)
+    return printable("\n".join(out))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import DSGError
 from ..lm.hooks import activations_by_batch
 from ..lm.text import batches
 from . import rule
@@ -110,6 +111,9 @@ def collect_stats(
     sparse = getattr(sae, "encode_topk", None)
     bar = tqdm(total=sum(len(s) for s in sequences), desc=desc, unit="tok", disable=not progress, leave=False)
     for _, mask, x_BTD, real in activations_by_batch(model, hook, batches(sequences, batch_size, pad_id)):
+        if x_BTD.shape[-1] != sae.d_in:
+            raise DSGError(f"Hook point {hook!r} gives activations of width {x_BTD.shape[-1]}, but the SAE reads width "
+                           f"{sae.d_in}; hook a residual-stream point such as 'blocks.L.hook_resid_post'.")  # fmt: skip
         x_ND = x_BTD[real]
         if sparse is not None:
             sums.add_sparse(*sparse(x_ND), x_ND)

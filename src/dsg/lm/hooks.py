@@ -163,23 +163,6 @@ def forward_to_hook(model: torch.nn.Module, hook: HookPoint | str, **inputs) -> 
     return captured[0]
 
 
-@contextmanager
-def model_inputs(model: torch.nn.Module, fn: Callable[[dict], None]):
-    """Call `fn(inputs)` before each forward of `model` with its keyword inputs (first positional as input_ids)."""
-
-    def pre(_module, args, kwargs):
-        inputs = dict(kwargs)
-        if args:
-            inputs.setdefault("input_ids", args[0])
-        fn(inputs)
-
-    handle = model.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def activations_by_batch(
     model: torch.nn.Module, hook: HookPoint | str, batches: Iterable[tuple[Sequence[int], torch.Tensor, torch.Tensor]]
 ) -> Iterator[tuple[Sequence[int], torch.Tensor, torch.Tensor, torch.Tensor]]:

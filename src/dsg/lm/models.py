@@ -138,11 +138,14 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
 
 def _load_folder(path: Path, dtype: torch.dtype):
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **_dtype_kwargs(dtype))
+        # custom model code in a folder is never run (and never asked about on the terminal)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False, **_dtype_kwargs(dtype)
+        )
     except Exception as e:  # transformers and safetensors raise many types for unreadable folders
         raise DSGError(f"Cannot load a causal language model from {str(path)!r}: {_first_line(e)}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise DSGError(f"Cannot load a tokenizer from {str(path)!r}: {_first_line(e)}") from None
     model.eval()

@@ -25,6 +25,8 @@ from ..errors import DSGError
 def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
     """Documents from a `.txt` or `.jsonl` file."""
     path = Path(path)
+    if path.is_dir():
+        raise DSGError(f"Corpus {str(path)!r} is a directory; pass a .txt or .jsonl file.")
     if not path.is_file():
         raise DSGError(f"Corpus file {str(path)!r} does not exist.")
     try:
@@ -47,6 +49,11 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
         docs = [block.strip() for block in raw.split("\n\n")]
     else:
         raise DSGError(f"Corpus file {str(path)!r} must end in .txt or .jsonl.")
+    nul = next((i for i, d in enumerate(docs) if "\x00" in d), None)
+    if nul is not None:
+        raise DSGError(
+            f"Corpus file {str(path)!r} holds a NUL byte (document {nul + 1}); it looks like a binary file, not text."
+        )
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DSGError(f"Corpus file {str(path)!r} holds no documents.")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import DSGError
 from ..guard.guardrail import Guardrail
 from ..lm.text import pad_batch, pad_id_of, position_ids
 from .hf import attach
@@ -66,6 +67,10 @@ def generate(
     Returns one dict per prompt: prompt, completion, gated (None without a gated intervention).
     """
     intervention = as_intervention(intervention)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise DSGError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise DSGError("prompts must be a non-empty list of strings.")
     texts = []
     for p in prompts:
         if chat and getattr(tokenizer, "chat_template", None):
@@ -77,6 +82,9 @@ def generate(
         else:
             texts.append(p)
     encoded = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    empty = [p for p, e in zip(prompts, encoded) if not e]
+    if empty:
+        raise DSGError(f"Prompt {empty[0]!r} encodes to no tokens; give a non-empty prompt.")
     pad = pad_id_of(tokenizer, model)
     ids, mask = pad_batch(encoded, pad, side="left")
     device = next(model.parameters()).device

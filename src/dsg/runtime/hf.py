@@ -12,12 +12,19 @@ decisions for the following forwards instead (scoring several continuations unde
 
 Guardrails on the same hook point judge the same (unedited) activations and their deltas add up, so each keeps
 its own gate. Tokens that are not clamped are returned bit-for-bit.
+
+Guardrail state belongs to the call, not to the model: the hooks are installed once per model (and removed when
+the last attachment ends), and each forward applies only the attachments active in the calling thread (or async
+task: a context variable holds them). Threads sharing one model each get their own decisions, and a thread that
+attached nothing runs the plain model.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +32,7 @@ import torch
 from ..errors import DSGError
 from ..guard import rule
 from ..guard.guardrail import Guardrail
-from ..lm.hooks import check_width, hooked, model_inputs, resolve
+from ..lm.hooks import HookPoint, check_width, hooked, resolve
 from ..lm.text import real_token_mask, special_token_ids
 from .intervention import RUNTIMES
 
@@ -95,16 +102,136 @@ class _Forward:
         return real.to(device)
 
 
+class _Attached:
+    """One `attach` call: its guardrails by hook point, its gate states, its session, its forward bookkeeping."""
+
+    def __init__(self, model, guardrails, by_hook: dict[str, list[int]], specials: list[int]):
+        self.model, self.guardrails, self.by_hook = model, guardrails, by_hook
+        self.session = Attachment(list(guardrails), [None] * len(guardrails))
+        self.states: list[rule.GateState | None] = [None] * len(guardrails)
+        self.forward = _Forward(specials)
+
+    def apply(self, name: str, x_BTD: torch.Tensor) -> torch.Tensor | None:
+        """The guardrails at hook `name` all judge x and add up their deltas: the edited activations, or None when
+        nothing was clamped."""
+        out = None
+        B, T = x_BTD.shape[:2]
+        session, forward = self.session, self.forward
+        real = forward.real(B, T, x_BTD.device)
+        n_prompt = 0 if forward.continuation else T if session.prompt_length is None else min(session.prompt_length, T)
+        for i in self.by_hook[name]:
+            g = self.guardrails[i]
+            if x_BTD.shape[-1] != g.d_in:
+                raise DSGError(
+                    f"Hook point {name!r} gives activations of width {x_BTD.shape[-1]}, but guardrail {i}'s SAE reads "
+                    f"width {g.d_in}; hook a residual-stream point such as 'blocks.L.hook_resid_post'."
+                )
+            f, a = g.flags(x_BTD, real)
+            if session._held is not None:
+                clamp_BT = rule.held(a, session._held[:, i])
+            else:
+                prev = self.states[i] if forward.continuation else None
+                if forward.continuation and (prev is None or prev.gated.shape[0] != B):
+                    raise DSGError(
+                        "A cached continuation reached the guardrail without its prefill; start generation inside "
+                        "attach()."
+                    )
+                clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev)
+                session._gated_by[i] = self.states[i].gated
+            if clamp_BT.any():
+                out = rule.apply_delta(x_BTD, *g.delta(f, clamp_BT), out)
+        return out
+
+
+_ACTIVE: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_attached", default=())
+"""The attachments active in this thread or task, outermost first."""
+
+
+class _ModelHooks:
+    """The hooks installed on one model, shared by every attachment to it and removed with the last one."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.users, self.points = model, 0, {}
+        self.inputs = model.register_forward_pre_hook(self.on_inputs, with_kwargs=True)
+
+    def mine(self) -> list[_Attached]:
+        return [att for att in _ACTIVE.get() if att.model is self.model]
+
+    def on_inputs(self, _module, args, kwargs) -> None:
+        attached = self.mine()
+        if attached:
+            inputs = dict(kwargs)
+            if args:
+                inputs.setdefault("input_ids", args[0])
+            for att in attached:
+                att.forward.on_inputs(inputs)
+
+    def add(self, point: HookPoint) -> None:
+        if point.name not in self.points:
+
+            def dispatch(x_BTD: torch.Tensor, name=point.name):
+                # nested attachments act in turn, each on what the ones before it made of the activations
+                out = None
+                for att in self.mine():
+                    if name in att.by_hook:
+                        edited = att.apply(name, x_BTD if out is None else out)
+                        out = edited if edited is not None else out
+                return out
+
+            hook = hooked(self.model, point, dispatch)
+            hook.__enter__()
+            self.points[point.name] = hook
+
+    def remove(self) -> None:
+        for hook in self.points.values():
+            hook.__exit__(None, None, None)
+        self.inputs.remove()
+
+
+_HOOKS: dict[int, _ModelHooks] = {}
+_HOOKS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _hooks_on(model: torch.nn.Module, points: list[HookPoint]):
+    with _HOOKS_LOCK:
+        hooks = _HOOKS.get(id(model))
+        if hooks is None or hooks.model is not model:
+            hooks = _HOOKS[id(model)] = _ModelHooks(model)
+        hooks.users += 1
+        for point in points:
+            hooks.add(point)
+    try:
+        yield
+    finally:
+        with _HOOKS_LOCK:
+            hooks.users -= 1
+            if hooks.users == 0:
+                hooks.remove()
+                del _HOOKS[id(model)]
+
+
+def _identity(g: Guardrail) -> tuple:
+    return (g.sae_sha256, g.hook, tuple(g.features), g.threshold, g.clamp, g.clamp_mode, g.gated)
+
+
 @contextmanager
 def attach(
     model: torch.nn.Module, *guardrails: Guardrail, verify: bool = True, special_ids: Sequence[int] | None = None
 ):
-    """Apply one or more guardrails to every forward pass of `model` inside the block.
+    """Apply one or more guardrails to every forward pass of `model` inside the block, in this thread.
 
-    With verify=True each guardrail first checks that `model` is the model it was fitted on.
+    With verify=True each guardrail first checks that `model` is the model it was fitted on. The same guardrail
+    twice (in one call, or in nested calls on one model) is refused: it would clamp twice.
     """
     if not guardrails:
         raise DSGError("attach() needs at least one guardrail.")
+    active = [_identity(g) for att in _ACTIVE.get() if att.model is model for g in att.guardrails]
+    seen = set(active)
+    for g in guardrails:
+        if _identity(g) in seen:
+            raise DSGError(f"{g!r} is attached twice to the same model; it would clamp twice.")
+        seen.add(_identity(g))
     by_hook: dict[str, list[int]] = {}
     for i, g in enumerate(guardrails):
         by_hook.setdefault(g.hook, []).append(i)
@@ -117,42 +244,14 @@ def attach(
     device = next(model.parameters()).device
     for g in guardrails:
         g.latents.to(device)
-    session = Attachment(list(guardrails), [None] * len(guardrails))
-    states: list[rule.GateState | None] = [None] * len(guardrails)
-    forward = _Forward(list(special_ids) if special_ids is not None else special_token_ids(model))
-
-    def make_hook(members: list[int]):
-        def fn(x_BTD: torch.Tensor):
-            B, T = x_BTD.shape[:2]
-            real = forward.real(B, T, x_BTD.device)
-            n_prompt = (
-                0 if forward.continuation else T if session.prompt_length is None else min(session.prompt_length, T)
-            )
-            out = None
-            for i in members:
-                g = guardrails[i]
-                f, a = g.flags(x_BTD, real)
-                if session._held is not None:
-                    clamp_BT = rule.held(a, session._held[:, i])
-                else:
-                    prev = states[i] if forward.continuation else None
-                    if forward.continuation and (prev is None or prev.gated.shape[0] != B):
-                        raise DSGError(
-                            "A cached continuation reached the guardrail without its prefill; start generation "
-                            "inside attach()."
-                        )
-                    clamp_BT, states[i] = g.gate(a, real, n_prompt, prev)
-                    session._gated_by[i] = states[i].gated
-                if clamp_BT.any():
-                    out = rule.apply_delta(x_BTD, *g.delta(f, clamp_BT), out)
-            return out
-
-        return fn
-
-    with model_inputs(model, forward.on_inputs), ExitStack() as hooks:
-        for name, members in by_hook.items():
-            hooks.enter_context(hooked(model, points[name], make_hook(members)))
-        yield session
+    specials = list(special_ids) if special_ids is not None else special_token_ids(model)
+    att = _Attached(model, guardrails, by_hook, specials)
+    with _hooks_on(model, list(points.values())):
+        token = _ACTIVE.set((*_ACTIVE.get(), att))
+        try:
+            yield att.session
+        finally:
+            _ACTIVE.reset(token)
 
 
 @RUNTIMES.register("hf")

@@ -1,0 +1,306 @@
+"""Bad inputs and tampered files, through the CLI and the API: each gets one clear sentence (a DSGError; exit
+status 2 and one `dsg CMD: error: ...` line on the command line, no traceback), and nothing is written, changed
+or deleted. The workspace holds a real tiny model, SAE, corpora, question files, guardrails and a folder of the
+user's own files; each case snapshots it before and after."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsg
+from dsg.cli import main
+from dsg.eval import score_mcq
+from dsg.runtime import generate
+
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, bpe_tokenizer, sparse_sae, tiny_model, tiny_sae
+
+FORGET, RETAIN = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
+
+
+def _question(i: int, **change) -> dict:
+    return {
+        "question": f"The capital number {i} is",
+        "choices": ["Paris", "Tokyo", "Lima", "Rome"],
+        "answer": 0,
+    } | change
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """The workspace: model/, model_nobos/, sae/, topk/, corpora, questions, guardrails, keep/ (user files)."""
+    root = tmp_path_factory.mktemp("ws")
+    tok = bpe_tokenizer(add_bos=True)
+    model = tiny_model("llama", seed=0, vocab=len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    nobos = bpe_tokenizer(add_bos=False)
+    tiny_model("gpt2", seed=1, vocab=len(nobos), positions=256).save_pretrained(root / "model_nobos")
+    nobos.save_pretrained(root / "model_nobos")
+    sae = sparse_sae(model, tok, FORGET + RETAIN, rate=0.1)
+    sae.save(root / "sae")
+    (root / "forget.txt").write_text("\n\n".join(FORGET))
+    (root / "retain.txt").write_text("\n\n".join(RETAIN))
+    (root / "nul.txt").write_text("a normal line\n\nand a \x00 byte")
+    (root / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    (root / "table.csv").write_text("a,b\n")
+    (root / "q.jsonl").write_text("".join(json.dumps(_question(i)) + "\n" for i in range(6)))
+    (root / "dup.jsonl").write_text(json.dumps(_question(0, choices=["Paris", "Paris", "Lima", "Rome"])) + "\n")
+    (root / "badanswer.jsonl").write_text(json.dumps(_question(0, answer=7)) + "\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "q.jsonl").write_text((root / "q.jsonl").read_text())
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+    guard.save(root / "guard")
+    for name, edit in {
+        "guard_threshold": lambda m: m | {"threshold": 5},
+        "guard_gated_string": lambda m: m | {"gated": "false"},
+        "guard_no_model": lambda m: {k: v for k, v in m.items() if k != "model"},
+    }.items():
+        shutil.copytree(root / "guard", root / name)
+        meta = json.loads((root / name / "guardrail.json").read_text())
+        (root / name / "guardrail.json").write_text(json.dumps(edit(meta)))
+    shutil.copytree(root / "guard", root / "guard_bytes")
+    tensors = load_file(str(root / "guard_bytes" / "guardrail.safetensors"))
+    tensors["W_enc_selected"] = tensors["W_enc_selected"] * 1.01
+    save_file(tensors, str(root / "guard_bytes" / "guardrail.safetensors"))
+    dsg.Guardrail(sae, features=[1, 2], threshold=0.1).save(root / "guard_unrecorded")  # saved without a model
+    topk = dsg.fit(model, tok, tiny_sae(d_in=32, architecture="topk", k=4), FORGET, RETAIN, progress=False,
+                   config=dsg.FitConfig(n_features=2, max_length=64, gated=False))  # fmt: skip
+    topk.save(root / "guard_topk")
+    sae_copy = load_file(str(root / "guard_topk" / "sae" / "sae_weights.safetensors"))
+    save_file({k: torch.zeros_like(v) if k == "W_enc" else v for k, v in sae_copy.items()},
+              str(root / "guard_topk" / "sae" / "sae_weights.safetensors"))  # fmt: skip
+    (root / "keep").mkdir()
+    (root / "keep" / "notes.txt").write_text("the user's own file")
+    (root / "a_file").write_text("not a folder")
+    return root
+
+
+def snapshot(root: Path) -> dict:
+    """Every file (its bytes' hash) and folder under root."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _cli(ws, args):
+    return [a.format(ws=ws) for a in args]
+
+
+FIT = ["fit", "--model", "{ws}/model", "--sae", "{ws}/sae", "--forget", "{ws}/forget.txt", "--retain",
+       "{ws}/retain.txt", "--max-length", "64", "--ratio-percentile", "80"]  # fmt: skip
+GEN = ["generate", "--model", "{ws}/model", "--max-new-tokens", "2", "--no-chat"]
+EVAL = ["eval", "--model", "{ws}/model"]
+
+CLI_CASES = {
+    # outputs
+    "fit --out the input SAE": (FIT + ["--out", "{ws}/sae"], "would replace the input"),
+    "fit --out a folder of user files": (FIT + ["--out", "{ws}/keep"], "does not hold a dsg guardrail"),
+    "fit --out an existing guardrail": (FIT + ["--out", "{ws}/guard"], "pass --overwrite"),
+    "fit --out an existing file": (FIT + ["--out", "{ws}/a_file"], "exists and is not a directory"),
+    "fit --out under /proc": (FIT + ["--out", "/proc/dsg-out"], "Cannot write"),
+    "fit --overwrite a folder of user files": (FIT + ["--out", "{ws}/keep", "--overwrite"], "does not hold"),
+    "train-sae --out a folder of user files": (
+        [
+            "train-sae",
+            "--model",
+            "{ws}/model",
+            "--text",
+            "{ws}/forget.txt",
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--out",
+            "{ws}/keep",
+        ],
+        "does not hold",
+    ),  # fmt: skip
+    "train-sae --out an existing SAE": (
+        [
+            "train-sae",
+            "--model",
+            "{ws}/model",
+            "--text",
+            "{ws}/forget.txt",
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--out",
+            "{ws}/sae",
+        ],
+        "already holds an SAE; pass --overwrite",
+    ),  # fmt: skip
+    "compare --out a folder of user files": (["compare", "--out", "{ws}/keep"], "does not hold a dsg comparison"),
+    "demo --out a folder of user files": (["demo", "--out", "{ws}/keep"], "does not hold a dsg demo"),
+    "eval --out a question file": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/q.jsonl"],
+        "would replace the input",
+    ),  # fmt: skip
+    "eval --out in a missing folder": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/nowhere/x.json"],
+        "does not exist",
+    ),  # fmt: skip
+    "eval --out a folder": (EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/keep"], "is a directory"),
+    # numbers
+    "fit --clamp nan": (FIT + ["--out", "{ws}/new", "--clamp", "nan"], "clamp must be a finite number"),
+    "fit --clamp inf": (FIT + ["--out", "{ws}/new", "--clamp", "inf"], "clamp must be a finite number"),
+    "fit --clamp -5": (FIT + ["--out", "{ws}/new", "--clamp", "-5"], "clamp must be positive"),
+    "fit --n-features 0": (FIT + ["--out", "{ws}/new", "--n-features", "0"], "n_features must be at least 1"),
+    "fit --n-features beyond the SAE": (FIT + ["--out", "{ws}/new", "--n-features", "100000"], "exceeds the SAE"),
+    "fit --gate-percentile 150": (FIT + ["--out", "{ws}/new", "--gate-percentile", "150"], "gate_percentile"),
+    "fit --scorer unknown": (FIT + ["--out", "{ws}/new", "--scorer", "magic"], "scorer must be one of"),
+    "fit --clamp-mode unknown": (FIT + ["--out", "{ws}/new", "--clamp-mode", "some"], "clamp_mode must be one of"),
+    "fit --hook beyond the model": (
+        FIT + ["--out", "{ws}/new", "--hook", "blocks.9.hook_resid_post"],
+        "asks for layer 9",
+    ),  # fmt: skip
+    "fit --hook on lm_head": (FIT + ["--out", "{ws}/new", "--hook", "lm_head"], "width"),
+    "fit with forget == retain": (
+        [
+            "fit",
+            "--model",
+            "{ws}/model",
+            "--sae",
+            "{ws}/sae",
+            "--forget",
+            "{ws}/retain.txt",
+            "--retain",
+            "{ws}/retain.txt",
+            "--out",
+            "{ws}/new",
+        ],
+        "are the same texts",
+    ),  # fmt: skip
+    # files
+    "fit --forget missing": (FIT[:6] + ["{ws}/missing.txt"] + FIT[7:] + ["--out", "{ws}/new"], "does not exist"),
+    "fit --forget a folder": (FIT[:6] + ["{ws}/keep"] + FIT[7:] + ["--out", "{ws}/new"], "is a directory"),
+    "fit --forget with a NUL byte": (FIT[:6] + ["{ws}/nul.txt"] + FIT[7:] + ["--out", "{ws}/new"], "NUL byte"),
+    "fit --forget bad JSONL": (FIT[:6] + ["{ws}/bad.jsonl"] + FIT[7:] + ["--out", "{ws}/new"], "not valid JSON"),
+    "fit --forget a .csv": (
+        FIT[:6] + ["{ws}/table.csv"] + FIT[7:] + ["--out", "{ws}/new"],
+        "must end in .txt or .jsonl",
+    ),  # fmt: skip
+    "fit --sae missing": (FIT[:4] + ["{ws}/nosae"] + FIT[5:] + ["--out", "{ws}/new"], "does not exist"),
+    "fit --sae not an SAE": (FIT[:4] + ["{ws}/keep"] + FIT[5:] + ["--out", "{ws}/new"], "is not an SAE"),
+    "fit --model missing": (FIT[:2] + ["{ws}/nomodel"] + FIT[3:] + ["--out", "{ws}/new"], "does not exist"),
+    "fit --model not a model": (FIT[:2] + ["{ws}/keep"] + FIT[3:] + ["--out", "{ws}/new"], "not a HuggingFace model"),
+    # guardrails
+    "a guardrail whose threshold was edited": (GEN + ["--guardrail", "{ws}/guard_threshold", "x"], "content hash"),
+    "a guardrail whose gated was edited": (GEN + ["--guardrail", "{ws}/guard_gated_string", "x"], "content hash"),
+    "a guardrail whose model record was deleted": (
+        GEN + ["--guardrail", "{ws}/guard_no_model", "x"],
+        "content hash",
+    ),  # fmt: skip
+    "a guardrail whose encoder was edited": (GEN + ["--guardrail", "{ws}/guard_bytes", "x"], "content hash"),
+    "a guardrail without a model record": (
+        GEN + ["--guardrail", "{ws}/guard_unrecorded", "x"],
+        "no record of the model",
+    ),  # fmt: skip
+    "a TopK guardrail whose SAE copy was zeroed": (GEN + ["--guardrail", "{ws}/guard_topk", "x"], "was changed"),
+    "the same guardrail twice": (
+        GEN + ["--guardrail", "{ws}/guard", "--guardrail", "{ws}/guard", "x"],
+        "attached twice",
+    ),  # fmt: skip
+    "a folder that is not a guardrail": (GEN + ["--guardrail", "{ws}/keep", "x"], "is not a guardrail directory"),
+    "inspect a missing guardrail": (["inspect", "{ws}/nothing"], "is not a guardrail directory"),
+    # generation
+    "generate --max-new-tokens 0": (GEN[:4] + ["0", "--no-chat", "x"], "max_new_tokens must be a positive"),
+    "generate --max-new-tokens -5": (GEN[:4] + ["-5", "--no-chat", "x"], "max_new_tokens must be a positive"),
+    "generate an empty prompt without BOS": (["generate", "--model", "{ws}/model_nobos", "--no-chat", ""], "no tokens"),
+    # questions
+    "eval duplicate choices": (EVAL + ["--questions", "{ws}/dup.jsonl"], "repeats a choice"),
+    "eval an answer out of range": (EVAL + ["--questions", "{ws}/badanswer.jsonl"], "'answer'"),
+    "eval a broken --prompt-format": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--prompt-format", "{{question"],
+        "not a valid format string",
+    ),  # fmt: skip
+    "eval a --prompt-format with an unknown field": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--prompt-format", "{{subject}}"],
+        "refers to",
+    ),  # fmt: skip
+    "eval two files with one stem": (EVAL + ["--questions", "{ws}/q.jsonl", "{ws}/sub/q.jsonl"], "distinct names"),
+    # options
+    "train-sae --k 0": (
+        ["train-sae", "--model", "{ws}/model", "--text", "{ws}/forget.txt", "--k", "0", "--out", "{ws}/new"],
+        "k=0",
+    ),  # fmt: skip
+    "compare an unknown method": (["compare", "--methods", "dsg,sgd", "--out", "{ws}/new"], "Unknown method"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_bad_input_is_one_sentence_and_touches_nothing(ws, case, capsys):
+    args, expected = CLI_CASES[case]
+    before = snapshot(ws)
+    code = main(_cli(ws, args))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith(f"dsg {args[0]}: error: "), err
+    import re
+
+    assert re.search(expected, errors[0]), errors[0]
+    assert errors[0].rstrip().endswith((".", ")", "'")), errors[0]
+    assert snapshot(ws) == before  # nothing written, changed or deleted
+
+
+# ---- the API ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(ws):
+    model, tok = dsg.load_model(ws / "model")
+    return model, tok, dsg.SAE.load(ws / "sae")
+
+
+def _api_cases(ws, model, tok, sae):
+    nan = float("nan")
+    return {
+        "fit on a string corpus": (lambda: dsg.fit(model, tok, sae, "a string", RETAIN), "must be a list of texts"),
+        "fit on a list of bytes": (lambda: dsg.fit(model, tok, sae, [b"x"], RETAIN), "must hold strings"),
+        "FitConfig clamp nan": (lambda: dsg.FitConfig(clamp=nan), "clamp must be a finite number"),
+        "FitConfig n_features as text": (lambda: dsg.FitConfig(n_features="5"), "n_features must be an integer"),
+        "FitConfig gated as text": (lambda: dsg.FitConfig(gated="false"), "gated must be true or false"),
+        "Guardrail threshold 5": (lambda: dsg.Guardrail(sae, features=[1], threshold=5), "'threshold'"),
+        "Guardrail clamp nan": (lambda: dsg.Guardrail(sae, features=[1], clamp=nan), "'clamp'"),
+        "Guardrail gated as text": (lambda: dsg.Guardrail(sae, features=[1], gated="false"), "'gated'"),
+        "load a tampered guardrail": (lambda: dsg.Guardrail.load(ws / "guard_threshold"), "content hash"),
+        "attach one guardrail twice": (
+            lambda: dsg.attach(model, *[dsg.Guardrail.load(ws / "guard")] * 2).__enter__(),
+            "attached twice",
+        ),
+        "an SAE with NaN weights": (
+            lambda: dsg.SAE(torch.full((4, 8), nan), torch.zeros(8, 4), torch.zeros(8), torch.zeros(4)),
+            "NaN",
+        ),  # fmt: skip
+        "score duplicate choices": (lambda: score_mcq(model, tok, [_question(0, choices=["a", "a"])]), "repeats"),
+        "generate zero tokens": (lambda: generate(model, tok, ["x"], max_new_tokens=0), "max_new_tokens"),
+        "generate from one string": (lambda: generate(model, tok, "x"), "list of strings"),
+    }
+
+
+API_NAMES = list(_api_cases(None, None, None, None))
+
+
+@pytest.mark.parametrize("case", API_NAMES)
+def test_api_bad_input_raises_one_clear_sentence(ws, loaded, case):
+    model, tok, sae = loaded
+    call, expected = _api_cases(ws, model, tok, sae)[case]
+    before = snapshot(ws)
+    with pytest.raises(dsg.DSGError, match=expected) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and not math.isnan(len(message))
+    assert snapshot(ws) == before
+
+
+def test_the_suite_is_large_enough():
+    assert len(CLI_CASES) + len(API_NAMES) >= 40

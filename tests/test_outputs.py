@@ -1,0 +1,76 @@
+"""Outputs: folders are replaced only when they hold what dsg wrote, in one atomic step, and never lost."""
+
+import os
+
+import pytest
+
+import dsg
+from dsg import files
+from dsg.files import atomic_directory, check_output_dir
+
+
+def _guardrail_folder(path, marker):
+    path.mkdir()
+    (path / "guardrail.json").write_text('{"format": "dsg-guardrail"}')
+    (path / "marker").write_text(marker)
+
+
+def test_exchange_swaps_two_folders_in_one_step(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("b")
+    if not files._exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("renameat2 is not available here")
+    assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_an_own_artifact_is_replaced_whole_and_kept_when_the_block_fails(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    target = tmp_path / "g"
+    _guardrail_folder(target, "old")
+    with pytest.raises(RuntimeError), atomic_directory(target, "guardrail") as tmp:
+        (tmp / "marker").write_text("half")
+        raise RuntimeError("crash while writing")
+    assert (target / "marker").read_text() == "old"
+    with atomic_directory(target, "guardrail") as tmp:
+        (tmp / "guardrail.json").write_text('{"format": "dsg-guardrail"}')
+        (tmp / "marker").write_text("new")
+    assert (target / "marker").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["g"]  # no staging or old folders left
+
+
+def test_a_failed_second_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    target = tmp_path / "g"
+    _guardrail_folder(target, "old")
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new folder's move into place
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", flaky)
+    with pytest.raises(OSError), atomic_directory(target, "guardrail") as tmp:
+        (tmp / "marker").write_text("new")
+    monkeypatch.setattr(files.os, "replace", real)
+    assert (target / "marker").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["g"]
+
+
+def test_a_folder_dsg_did_not_write_is_never_replaced(tmp_path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(dsg.DSGError, match="does not hold a dsg guardrail"), atomic_directory(keep, "guardrail"):
+        pass
+    with pytest.raises(dsg.DSGError, match="does not hold"):
+        check_output_dir(keep, "guardrail", overwrite=True)
+    assert (keep / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    assert check_output_dir(tmp_path / "empty", "guardrail") == tmp_path / "empty"  # an empty folder is fine
+    assert check_output_dir(tmp_path / "new" / "deeper", "guardrail").name == "deeper"  # so is a new path
+    assert not (tmp_path / "new").exists()  # checking creates nothing
