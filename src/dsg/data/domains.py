@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dsg.data import attack, countries, cwe, elements, general, hpo
+from dsg.data import attack, computing, countries, cwe, elements, general, hpo
 from dsg.data.common import QUESTION_SPLITS, TEXT_SPLITS, Domain, build_domain, data_file
 from dsg.errors import DSGError
 
@@ -57,6 +57,11 @@ def _chemistry() -> Sources:
     return rec, probes, frozenset(elements.CLOSED_TEMPLATES)
 
 
+def _computing() -> Sources:
+    rec, probes = computing.records_and_probes()
+    return rec, probes, frozenset()
+
+
 def _general() -> Sources:
     return general.records(), [], frozenset()
 
@@ -71,6 +76,7 @@ SPECS: dict[str, _Spec] = {
     "hpo": _Spec("forget", hpo.DESCRIPTION, ((hpo.PACKAGE, hpo.PIP_SPEC),), _hpo),
     "geography": _Spec("retain", countries.DESCRIPTION, ((countries.PACKAGE, countries.PIP_SPEC),), _geography),
     "chemistry": _Spec("retain", elements.DESCRIPTION, ((elements.PACKAGE, elements.PIP_SPEC),), _chemistry),
+    "computing": _Spec("retain", computing.DESCRIPTION, (), _computing),
     "general": _Spec("retain", general.DESCRIPTION, (), _general, lambda: os.path.isfile(general.ASSET)),
 }
 DOMAIN_NAMES: tuple[str, ...] = tuple(SPECS)
@@ -158,9 +164,14 @@ def export(names: list[str], out_dir: str) -> list[str]:
     parent = os.path.dirname(out_dir)
     if not os.path.isdir(parent):
         raise DSGError(f"Cannot export to {out_dir}: its parent folder {parent} does not exist.")
+    exported = {f"{s}.jsonl" for s in TEXT_SPLITS} | {f"{s}_questions.jsonl" for s in QUESTION_SPLITS}
     for n in names:
-        if os.path.exists(os.path.join(out_dir, n)) and not os.path.isdir(os.path.join(out_dir, n)):
-            raise DSGError(f"Cannot export domain {n!r}: {os.path.join(out_dir, n)} exists and is not a directory.")
+        target = os.path.join(out_dir, n)
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise DSGError(f"Cannot export domain {n!r}: {target} exists and is not a directory.")
+        if os.path.isdir(target) and not set(os.listdir(target)) <= exported:
+            raise DSGError(f"Cannot export domain {n!r}: {target} holds files an export does not write; refusing to "
+                           "replace it (choose another --out).")  # fmt: skip
     domains = [load_domain(n) for n in names]  # every DSGError about data comes before any write
 
     try:
