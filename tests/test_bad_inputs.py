@@ -80,6 +80,16 @@ def ws(tmp_path_factory):
               str(root / "guard_topk" / "sae" / "sae_weights.safetensors"))  # fmt: skip
     (root / "keep").mkdir()
     (root / "keep" / "notes.txt").write_text("the user's own file")
+    shutil.copytree(root / "guard", root / "guard_plus")
+    (root / "guard_plus" / "notes.md").write_text("the user's notes, kept beside the guardrail")
+    (root / "tensorboard" / "runs").mkdir(parents=True)
+    (root / "tensorboard" / "runs" / "events.out").write_text("not a comparison")
+    (root / "link").symlink_to(root / "keep")
+    (root / "exported" / "geography").mkdir(parents=True)
+    (root / "exported" / "geography" / "mine.txt").write_text("the user's own file")
+    shutil.copytree(root / "guard", root / "guard_version")
+    meta = json.loads((root / "guard_version" / "guardrail.json").read_text())
+    (root / "guard_version" / "guardrail.json").write_text(json.dumps(meta | {"format_version": "x"}))
     (root / "a_file").write_text("not a folder")
     return root
 
@@ -109,6 +119,25 @@ CLI_CASES = {
     "fit --out an existing file": (FIT + ["--out", "{ws}/a_file"], "exists and is not a directory"),
     "fit --out under /proc": (FIT + ["--out", "/proc/dsg-out"], "Cannot write"),
     "fit --overwrite a folder of user files": (FIT + ["--out", "{ws}/keep", "--overwrite"], "does not hold"),
+    "fit --overwrite a guardrail the user added a file to": (
+        FIT + ["--out", "{ws}/guard_plus", "--overwrite"],
+        "does not hold",
+    ),  # fmt: skip
+    "fit --out a symbolic link": (FIT + ["--out", "{ws}/link"], "symbolic link"),
+    "fit --clamp beyond any use": (FIT + ["--out", "{ws}/new", "--clamp", "1e39"], "up to"),
+    "compare --out a folder with someone else's runs/": (
+        ["compare", "--out", "{ws}/tensorboard"],
+        "does not hold a dsg comparison",
+    ),  # fmt: skip
+    "eval --out inside a guardrail folder": (
+        EVAL + ["--guardrail", "{ws}/guard", "--questions", "{ws}/q.jsonl", "--out", "{ws}/guard/eval.json"],
+        "inside the input folder",
+    ),  # fmt: skip
+    "data export over a folder of user files": (
+        ["data", "export", "--domains", "geography", "--out", "{ws}/exported"],
+        "does not write",
+    ),  # fmt: skip
+    "inspect a guardrail with a broken format_version": (["inspect", "{ws}/guard_version"], "format_version"),
     "train-sae --out a folder of user files": (
         [
             "train-sae",

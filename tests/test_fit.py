@@ -239,3 +239,13 @@ def test_overwrite_replaces_an_earlier_guardrail(files, capsys):
     assert main(args + ["--n-features", "4"]) == 2  # refused without --overwrite
     assert main(args + ["--n-features", "4", "--overwrite"]) == 0
     assert len(dsg.Guardrail.load(files / "g").features) == 4
+
+
+def test_a_topk_guardrail_fitted_with_a_bf16_sae_loads(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    sae = tiny_sae(d_in=model.config.hidden_size, architecture="topk", k=8).to(torch.bfloat16)
+    config = dsg.FitConfig(n_features=3, max_length=64, gated=False)
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+    guard.save(tmp_path / "g")
+    loaded = dsg.Guardrail.load(tmp_path / "g", model=model)
+    assert loaded.sae.W_enc.dtype == torch.bfloat16 and loaded.sae_sha256 == sae.sha256()

@@ -339,3 +339,67 @@ def test_the_same_guardrail_twice_is_refused_and_a_non_residual_hook_is_a_clear_
         model(random_ids(1, 5))
     with torch.no_grad():  # and every hook is gone afterwards
         assert torch.equal(model(random_ids(1, 5)).logits, tiny_model("llama")(random_ids(1, 5)).logits)
+
+
+def test_attachments_may_end_in_any_order():
+    """Two streaming generators served in turn in one thread: each keeps its guardrail until it ends."""
+    model = tiny_model("llama")
+    sae = tiny_sae()
+    ids = random_ids(2, 6)
+    a = dsg.Guardrail(sae, features=[0, 1], gated=False, clamp=5.0)
+    b = dsg.Guardrail(sae, features=[2, 3], gated=False, clamp=5.0)
+    with torch.no_grad():
+        plain = model(ids).logits
+        with dsg.attach(model, b):
+            only_b = model(ids).logits
+
+    def stream(guard):
+        with dsg.attach(model, guard):
+            yield model(ids).logits.detach()
+            yield model(ids).logits.detach()
+
+    first, second = stream(a), stream(b)
+    next(first), next(second)
+    next(first)
+    first.close()  # a's attachment ends before b's
+    assert torch.equal(next(second), only_b)  # b still applies, a no longer does
+    second.close()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain)
+        with dsg.attach(model, a):  # a is not left behind as "attached twice"
+            pass
+
+
+def test_an_attachment_carried_into_threads_keeps_their_gate_states_apart():
+    """asyncio.to_thread-style: one attachment's context copied into two threads running at once."""
+    import contextvars
+    import threading
+
+    model = tiny_model("llama")
+    sae = tiny_sae()
+    ids = random_ids(6, 10, seed=3)
+    seqs = [list(s) for s in ids]
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.3, n=2), clamp=5.0)
+    guard.threshold = rho_quantile(model, guard, seqs)
+    with torch.no_grad(), dsg.attach(model, guard) as session:
+        want_a, want_b = model(ids[:3]).logits, model(ids[3:]).logits
+        barrier, got, errors = threading.Barrier(2), {}, []
+
+        def run(key, batch):
+            try:
+                for _ in range(5):
+                    barrier.wait(timeout=30)
+                    got.setdefault(key, []).append(model(batch).logits)
+            except Exception as e:
+                errors.append(e)
+                barrier.abort()
+
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, k, b))
+                   for k, b in (("a", ids[:3]), ("b", ids[3:]))]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors
+    assert all(torch.equal(x, want_a) for x in got["a"]) and all(torch.equal(x, want_b) for x in got["b"])
+    assert session.gated is not None

@@ -12,7 +12,7 @@ from dsg.files import atomic_directory, check_output_dir
 def _guardrail_folder(path, marker):
     path.mkdir()
     (path / "guardrail.json").write_text('{"format": "dsg-guardrail"}')
-    (path / "marker").write_text(marker)
+    (path / "guardrail.safetensors").write_text(marker)
 
 
 def test_exchange_swaps_two_folders_in_one_step(tmp_path):
@@ -32,13 +32,13 @@ def test_an_own_artifact_is_replaced_whole_and_kept_when_the_block_fails(tmp_pat
     target = tmp_path / "g"
     _guardrail_folder(target, "old")
     with pytest.raises(RuntimeError), atomic_directory(target, "guardrail") as tmp:
-        (tmp / "marker").write_text("half")
+        (tmp / "guardrail.safetensors").write_text("half")
         raise RuntimeError("crash while writing")
-    assert (target / "marker").read_text() == "old"
+    assert (target / "guardrail.safetensors").read_text() == "old"
     with atomic_directory(target, "guardrail") as tmp:
         (tmp / "guardrail.json").write_text('{"format": "dsg-guardrail"}')
-        (tmp / "marker").write_text("new")
-    assert (target / "marker").read_text() == "new"
+        (tmp / "guardrail.safetensors").write_text("new")
+    assert (target / "guardrail.safetensors").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["g"]  # no staging or old folders left
 
 
@@ -56,9 +56,9 @@ def test_a_failed_second_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files.os, "replace", flaky)
     with pytest.raises(OSError), atomic_directory(target, "guardrail") as tmp:
-        (tmp / "marker").write_text("new")
+        (tmp / "guardrail.safetensors").write_text("new")
     monkeypatch.setattr(files.os, "replace", real)
-    assert (target / "marker").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["g"]
+    assert (target / "guardrail.safetensors").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["g"]
 
 
 def test_a_folder_dsg_did_not_write_is_never_replaced(tmp_path):

@@ -51,7 +51,10 @@ def read_artifact_json(folder: str | os.PathLike, name: str, fmt: str, version: 
     meta = read_json(folder / name)
     if meta.get("format") != fmt:
         raise DSGError(f"{str(folder / name)!r} is not a dsg {what} file (format={meta.get('format')!r}).")
-    if int(meta.get("format_version", 0)) > version:
+    found = meta.get("format_version", 0)
+    if isinstance(found, bool) or not isinstance(found, int):
+        raise DSGError(f"{str(folder / name)!r}: format_version must be an integer, got {found!r}.")
+    if found > version:
         raise DSGError(
             f"{str(folder / name)!r} has format_version {meta['format_version']}; this dsg reads up to {version}."
         )
@@ -105,17 +108,37 @@ def _format_tag(path: Path) -> str | None:
     return data.get("format") if isinstance(data, dict) else None
 
 
+def _holds(*names: str):
+    """A folder that holds only files dsg writes, `names[0]` among them (a folder the user added to is not ours)."""
+
+    def test(p: Path) -> bool:
+        entries = {e.name for e in p.iterdir()}
+        return names[0] in entries and entries <= set(names)
+
+    return test
+
+
+def _is_run_store(runs: Path) -> bool:
+    """A comparison's run store: one folder per method holding run records (*.json) and weight edits (*.edit)."""
+    methods = list(runs.iterdir())
+    return all(
+        m.is_dir() and all(e.suffix == ".json" or (e.suffix == ".edit" and e.is_dir()) for e in m.iterdir())
+        for m in methods
+    ) and any(e.suffix == ".json" for m in methods for e in m.iterdir())
+
+
 ARTIFACTS = {
-    "guardrail": lambda p: _format_tag(p / "guardrail.json") == "dsg-guardrail",
-    "weight edit": lambda p: _format_tag(p / "edit.json") == "dsg-edit",
-    "SAE": lambda p: (
-        (p / "cfg.json").is_file() and any((p / w).is_file() for w in ("sae_weights.safetensors", "sae.safetensors"))
+    "guardrail": lambda p: (
+        _holds("guardrail.json", "guardrail.safetensors", "sae")(p)
+        and _format_tag(p / "guardrail.json") == "dsg-guardrail"
     ),
-    "demo": lambda p: (p / "results.json").is_file() and (p / "report.md").is_file(),
-    "comparison": lambda p: (p / "compare.json").is_file() or (p / "runs").is_dir(),
+    "weight edit": lambda p: _holds("edit.json", "edit.safetensors")(p) and _format_tag(p / "edit.json") == "dsg-edit",
+    "SAE": _holds("cfg.json", "sae_weights.safetensors", "training.json"),
+    "demo": _holds("results.json", "report.md", "report.png", "guardrail"),
+    "comparison": lambda p: _holds("runs", "compare.json", "report.html")(p) and _is_run_store(p / "runs"),
     "converted model": lambda p: (p / "dsg_conversion.json").is_file(),
 }
-"""What dsg writes, and how to recognise a folder that holds it."""
+"""What dsg writes, and how to recognise a folder that holds it (and nothing else)."""
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -143,6 +166,8 @@ def _refuse_inputs(path: Path, inputs) -> None:
         source = Path(i).expanduser().resolve()
         if source == target or target in source.parents:
             raise DSGError(f"Output {str(path)!r} would replace the input {str(i)!r}; choose another output path.")
+        if source.is_dir() and source in target.parents:
+            raise DSGError(f"Output {str(path)!r} lies inside the input folder {str(i)!r}; choose another output path.")
 
 
 def check_output_dir(
@@ -155,6 +180,8 @@ def check_output_dir(
     input of the command, a place that cannot be written) is refused.
     """
     path = Path(path).expanduser()
+    if path.is_symlink():
+        raise DSGError(f"Output path {str(path)!r} is a symbolic link; give the folder it should be written to.")
     if path.exists() and not path.is_dir():
         raise DSGError(f"Output path {str(path)!r} exists and is not a directory.")
     _refuse_inputs(path, inputs)
@@ -178,6 +205,8 @@ def check_output_file(path: str | os.PathLike, inputs=()) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise DSGError(f"Output file {str(path)!r} is a directory.")
+    if path.is_symlink():
+        raise DSGError(f"Output file {str(path)!r} is a symbolic link; give the file it should be written to.")
     _refuse_inputs(path, inputs)
     if not path.parent.is_dir():
         raise DSGError(f"Cannot write {str(path)!r}: its folder {str(path.parent)!r} does not exist.")
@@ -208,6 +237,8 @@ class atomic_directory:
         self.path, self.kind = Path(path), kind
 
     def __enter__(self) -> Path:
+        if self.path.is_symlink():
+            raise DSGError(f"Output path {str(self.path)!r} is a symbolic link; give the folder to write to.")
         if self.path.exists() and not self.path.is_dir():
             raise DSGError(f"Output path {str(self.path)!r} exists and is not a directory.")
         if self.path.is_dir() and not _is_empty_dir(self.path) and not ARTIFACTS[self.kind](self.path):
@@ -237,7 +268,11 @@ class atomic_directory:
             return
         self._publishable()
         if not self.path.exists():
-            os.replace(self.tmp, self.path)
+            try:
+                os.replace(self.tmp, self.path)
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
         elif _exchange(self.tmp, self.path):
             shutil.rmtree(self.tmp, ignore_errors=True)  # it now holds the old folder
         else:  # two renames; if the second fails, the old folder goes back

@@ -139,7 +139,7 @@ def measure(
     hook, _ = _checked_hook(model, sae, config)
     for label, texts in (("forget", forget), ("retain", retain)):
         _checked_texts(label, texts)
-    if corpus_sha256(forget) == corpus_sha256(retain):
+    if corpus_sha256(sorted(forget)) == corpus_sha256(sorted(retain)):
         raise DSGError("The forget and retain corpora are the same texts; nothing could tell the domain apart.")
     forget_seqs, retain_seqs = _sequences(tokenizer, forget, config, 1), _sequences(tokenizer, retain, config, 2)
     if not forget_seqs or not retain_seqs:
@@ -172,6 +172,7 @@ def fit(
     `stats` (from `measure` with the same corpora and data settings) skips the statistics pass.
     """
     config = config or FitConfig()
+    config.__post_init__()  # a config changed after it was built is checked again
     hook, point = _checked_hook(model, sae, config)
     if calibration is not None:
         _checked_texts("calibration", calibration)

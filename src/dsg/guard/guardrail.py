@@ -259,7 +259,7 @@ class Guardrail:
             )
         features = list(meta["features"])
         if sae is None and (path / SAE_DIR).is_dir():
-            sae = SAE.load(path / SAE_DIR)
+            sae = SAE.load(path / SAE_DIR, dtype=None)  # in the dtype it was fitted and hashed in
             if sae.sha256() != record["sha256"]:
                 raise DSGError(f"The SAE copy in {str(path / SAE_DIR)!r} was changed after the guardrail was written "
                                "(its hash differs from the one recorded); refit the guardrail.")  # fmt: skip

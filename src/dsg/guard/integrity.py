@@ -24,6 +24,7 @@ from ..sae import ARCHITECTURES
 from .rule import CLAMP_MODES
 
 HASH_FIELD = "content_sha256"
+MAX_CLAMP = 1e6  # far above any useful clamp (500 is the paper's), far below float overflow in the residual delta
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -60,8 +61,9 @@ def check_rule(hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, 
         raise DSGError(
             f"{where}: 'threshold' must be a number in [0, 1] (a share of flagged tokens), got {threshold!r}."
         )
-    if not _is_number(clamp) or clamp <= 0:
-        raise DSGError(f"{where}: 'clamp' must be a finite positive number (latents are set to -clamp), got {clamp!r}.")
+    if not _is_number(clamp) or not 0 < clamp <= MAX_CLAMP:
+        raise DSGError(f"{where}: 'clamp' must be a positive number up to {MAX_CLAMP:g} (latents are set to -clamp), "
+                       f"got {clamp!r}.")  # fmt: skip
     if clamp_mode not in CLAMP_MODES:
         raise DSGError(f"{where}: 'clamp_mode' must be one of {CLAMP_MODES}, got {clamp_mode!r}.")
 

@@ -16,7 +16,9 @@ its own gate. Tokens that are not clamped are returned bit-for-bit.
 Guardrail state belongs to the call, not to the model: the hooks are installed once per model (and removed when
 the last attachment ends), and each forward applies only the attachments active in the calling thread (or async
 task: a context variable holds them). Threads sharing one model each get their own decisions, and a thread that
-attached nothing runs the plain model.
+attached nothing runs the plain model. A thread started inside `attach` (HF's streaming pattern,
+`Thread(target=model.generate)`) starts with an empty context and so runs unguarded: start it with
+`contextvars.copy_context().run` to carry the attachment into it (its gate state is then kept per thread).
 """
 
 from __future__ import annotations
@@ -106,10 +108,22 @@ class _Attached:
     """One `attach` call: its guardrails by hook point, its gate states, its session, its forward bookkeeping."""
 
     def __init__(self, model, guardrails, by_hook: dict[str, list[int]], specials: list[int]):
-        self.model, self.guardrails, self.by_hook = model, guardrails, by_hook
+        self.model, self.guardrails, self.by_hook, self.specials = model, guardrails, by_hook, specials
         self.session = Attachment(list(guardrails), [None] * len(guardrails))
-        self.states: list[rule.GateState | None] = [None] * len(guardrails)
-        self.forward = _Forward(specials)
+        # per thread: a context copied into several threads (asyncio.to_thread) must not share a forward's state
+        self.local = threading.local()
+
+    @property
+    def forward(self) -> _Forward:
+        if not hasattr(self.local, "forward"):
+            self.local.forward = _Forward(self.specials)
+        return self.local.forward
+
+    @property
+    def states(self) -> list[rule.GateState | None]:
+        if not hasattr(self.local, "states"):
+            self.local.states = [None] * len(self.guardrails)
+        return self.local.states
 
     def apply(self, name: str, x_BTD: torch.Tensor) -> torch.Tensor | None:
         """The guardrails at hook `name` all judge x and add up their deltas: the edited activations, or None when
@@ -198,9 +212,9 @@ def _hooks_on(model: torch.nn.Module, points: list[HookPoint]):
         hooks = _HOOKS.get(id(model))
         if hooks is None or hooks.model is not model:
             hooks = _HOOKS[id(model)] = _ModelHooks(model)
-        hooks.users += 1
         for point in points:
             hooks.add(point)
+        hooks.users += 1
     try:
         yield
     finally:
@@ -247,11 +261,11 @@ def attach(
     specials = list(special_ids) if special_ids is not None else special_token_ids(model)
     att = _Attached(model, guardrails, by_hook, specials)
     with _hooks_on(model, list(points.values())):
-        token = _ACTIVE.set((*_ACTIVE.get(), att))
+        _ACTIVE.set((*_ACTIVE.get(), att))
         try:
             yield att.session
-        finally:
-            _ACTIVE.reset(token)
+        finally:  # by identity: attachments need not end in the order they began (interleaved generators)
+            _ACTIVE.set(tuple(a for a in _ACTIVE.get() if a is not att))
 
 
 @RUNTIMES.register("hf")

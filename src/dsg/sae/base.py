@@ -192,18 +192,19 @@ class SAE(torch.nn.Module):
         cls,
         path: str | os.PathLike,
         hook_name: str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
         device: str | torch.device = "cpu",
         format: str | None = None,
     ) -> SAE:
         """Read an SAE from a SAELens folder, a sparsify folder or a Gemma Scope `params.npz` (any registered
         format; `format` names one instead of recognising it from the files).
 
-        `hook_name` overrides (or, for Gemma Scope files, supplies) the hook point the SAE was trained on.
+        `hook_name` overrides (or, for Gemma Scope files, supplies) the hook point the SAE was trained on;
+        `dtype=None` keeps the dtype the weights were saved in.
         """
         from .formats import read_sae  # the formats import this module
 
         sae = read_sae(path, hook_name, format)
         if hook_name is not None:
             sae.hook_name = hook_name
-        return sae.to(device=device, dtype=dtype)
+        return sae.to(device=device) if dtype is None else sae.to(device=device, dtype=dtype)

@@ -45,6 +45,11 @@ class SAELens:
                 f"{str(cfg_path)!r}: architecture {arch!r} is not supported; expected one of {ARCHITECTURES.names()}."
             )
         t = read_safetensors(path / WEIGHTS, ("W_enc", "W_dec", "b_enc", "b_dec") + ARCHITECTURES[arch].extra_tensors)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+            raise DSGError(f"{str(cfg_path)!r}: k must be an integer, got {k!r}.")
+        apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+        if not isinstance(apply_b_dec, bool):
+            raise DSGError(f"{str(cfg_path)!r}: apply_b_dec_to_input must be true or false, got {apply_b_dec!r}.")
         sae = SAE(
             t["W_enc"],
             t["W_dec"],
@@ -52,8 +57,8 @@ class SAELens:
             t["b_dec"],
             architecture=arch,
             threshold=t.get("threshold"),
-            k=int(k) if k is not None else None,
-            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+            k=k,
+            apply_b_dec_to_input=apply_b_dec,
             hook_name=hook,
             model_name=meta.get("model_name") or cfg.get("model_name"),
         )
