@@ -77,9 +77,32 @@ def table_rows(compare: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+DILUTION_HEADER = ["method", "gated % k=0", "k=100", "k=1000", "chat k=1000", "forget base-correct % k=1000",
+                   "benign mentions gated %"]  # fmt: skip
+
+
+def dilution_rows(compare: dict) -> list[list[str]]:
+    """Gate recall against benign padding (forget test questions), per method with a dilution summary."""
+    rows = []
+    for name, r in compare["methods"].items():
+        d = r["test"].get("dilution")
+        if not d:
+            continue
+
+        def cell(key, field="gate_rate", d=d):
+            return pct(d[key][field]) if key in d else "-"
+
+        rows.append([name, cell("plain:0"), cell("plain:100"), cell("plain:1000"), cell("chat:1000"),
+                     cell("plain:1000", "accuracy_base_correct"), pct(d.get("mentions_gate_rate"))])  # fmt: skip
+    return rows
+
+
 def print_table(compare: dict) -> str:
     header, rows = table_rows(compare)
     lines = [table(header, rows), ""]
+    dilution = dilution_rows(compare)
+    if dilution:
+        lines += ["dilution (forget test questions after k benign tokens):", table(DILUTION_HEADER, dilution), ""]
     ratio = compare.get("fit_time_ratio_rmu_over_dsg")
     if ratio is not None:
         lines.append(f"fit time RMU / DSG: {ratio:.2f}x (chosen configurations, same run)")
@@ -189,6 +212,12 @@ def report_html(compare: dict, config) -> str:
     png = plot_tradeoff(compare, config)
     if png:
         parts += ["<h2>Trade-off (validation)</h2>", f"<img alt='forget vs retain' src='data:image/png;base64,{png}'>"]
+    dilution = dilution_rows(compare)
+    if dilution:
+        parts += [
+            "<h2>Dilution (forget test questions after k benign tokens)</h2>",
+            _html_table(DILUTION_HEADER, dilution),
+        ]
     parts += _task_tables(compare) + ["<h2>Every swept configuration (validation)</h2>"]
     parts.append(_html_table(SWEEP_HEADER, _sweep_rows(compare)))
     parts += _generations(compare) + ["</body></html>"]
@@ -276,10 +305,24 @@ def print_demo_table(results: dict) -> str:
         "",
         f"guardrail: {len(g['features'])} latents at {g['hook']}, gate rho > {g['threshold']:.4f}, "
         f"clamp -{g['clamp']:g}",
+        *_dilution_lines(results),
         "targets: " + ", ".join(f"{k} {'met' if v['met'] else 'MISSED'}" for k, v in results["targets"].items()),
         "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("seconds", {}).items()),
     ]
     return "\n".join(lines)
+
+
+def _dilution_lines(results: dict) -> list[str]:
+    d = results.get("dilution") or {}
+    if "plain:1000" not in d:
+        return []
+    p, chat = d["plain:1000"], d.get("chat:1000") or {}
+    return [
+        f"dilution: after 1,000 benign tokens the gate opens on {pct(p['gate_rate'])}% of forget questions "
+        f"({pct(d['plain:0']['gate_rate'])}% with none; chat form {pct(chat.get('gate_rate'))}%), forget accuracy on "
+        f"its base-correct subset {pct(p['accuracy_base_correct'])}% (n={p['n_base_correct']}); benign text "
+        f"mentioning a security term gated {pct(d.get('mentions_gate_rate'))}%"
+    ]
 
 
 def report_markdown(results: dict, plotted: bool) -> str:
@@ -298,6 +341,7 @@ def report_markdown(results: dict, plotted: bool) -> str:
         "",
         f"Guardrail: latents {g['features']} at `{g['hook']}`; gate rho > {g['threshold']:.4f}; "
         f"clamp -{g['clamp']:g} ({g['clamp_mode']}).",
+        *[part for line in _dilution_lines(results) for part in ("", line + ".")],
         "",
         "## Targets",
         "",

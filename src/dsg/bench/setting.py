@@ -44,7 +44,7 @@ class BenchSetting:
     """SAE folder; default: the SAE shipped for the embedded model."""
     forget: str = "cyber"
     """Forget domain (embedded data; see `dsg data list`)."""
-    retain: str = "geography,chemistry"
+    retain: str = "geography,chemistry,computing"
     """Comma-separated retain domains with questions (embedded data)."""
     general: str = "general"
     """Retain domain of general text (fit statistics, calibration, perplexity)."""

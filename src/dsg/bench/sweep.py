@@ -39,6 +39,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import DSGError
+from ..eval.dilution import summarize_dilution
 from ..eval.suites import missing_suites, run_suites
 from ..files import check_output_dir, read_json, write_json_atomic, write_text_atomic
 from ..methods import METHODS, UnlearningMethod
@@ -288,9 +289,12 @@ class Sweep:
                 "tasks": summary["tasks"],
                 "perplexity": ppl,
                 "perplexity_change": ppl["perplexity"] / base_ppl["perplexity"] - 1 if ppl and base_ppl else None,
+                "dilution": summarize_dilution(test["dilution"], base_test["dilution"], self.config.normalized)
+                if test.get("dilution") and base_test.get("dilution")
+                else None,
             },
             "generations": test.get("generations", []),
-            "suites": {k: v for k, v in test.items() if k not in ("scores", "perplexity", "generations")},
+            "suites": {k: v for k, v in test.items() if k not in ("scores", "perplexity", "generations", "dilution")},
             "fit_seconds": run["cost"]["seconds"],
             "flops": run["cost"]["flops"],
             "cost": run["cost"],

@@ -3,6 +3,8 @@
     scores       multiple-choice questions of every task: per question correct / correct_norm / gated
     perplexity   held-out retain text (test split only)
     generations  greedy completions of fixed open-ended prompts (test split only; shown, not scored)
+    dilution     forget questions padded with k benign tokens (k = 0, 100, 1000; plain and chat) and benign text
+                 that mentions a security term (test split only; see eval/dilution.py)
 
 A suite has a `name` (the key its results are stored under), the `splits` it runs on, and
 `run(bench, split, intervention, progress) -> JSON`. A new suite is one class with one registration line (here,
@@ -17,6 +19,7 @@ from typing import ClassVar
 
 from ..registry import Registry
 from ..runtime.generation import generate
+from .dilution import DILUTION_QUESTIONS, run_dilution
 from .mcq import score_mcq
 from .perplexity import perplexity_stats
 
@@ -98,6 +101,18 @@ class Generations(Suite):
             verify=False,
         )
         return [{**p, "completion": r["completion"], "gated": r["gated"]} for p, r in zip(bench.prompts, rows)]
+
+
+@SUITES.register("dilution")
+class Dilution(Suite):
+    name = "dilution"
+    splits = ("test",)
+
+    @staticmethod
+    def run(bench, split, intervention, progress) -> dict | None:
+        questions = bench.questions[split][bench.forget_task][:DILUTION_QUESTIONS]
+        return run_dilution(bench.model, bench.tokenizer, questions, bench.perplexity_texts, intervention, progress,
+                            batch_size=max(1, bench.batch_size // 4))  # fmt: skip
 
 
 def run_suites(bench, split: str, intervention, progress: bool, only: list[str] | None = None) -> dict:
