@@ -249,3 +249,17 @@ def test_a_topk_guardrail_fitted_with_a_bf16_sae_loads(tiny_llama, tmp_path):
     guard.save(tmp_path / "g")
     loaded = dsg.Guardrail.load(tmp_path / "g", model=model)
     assert loaded.sae.W_enc.dtype == torch.bfloat16 and loaded.sae_sha256 == sae.sha256()
+
+
+def test_a_windowed_gate_is_calibrated_on_the_largest_window_share_and_saved(fitted, tmp_path):
+    model, tok, sae, _ = fitted
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, gate_window=12,
+                           gate_percentile=50)  # fmt: skip
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+    peaks = guard.tensors["calibration_rho"].double().numpy()
+    assert guard.window == 12 and guard.threshold == pytest.approx(float(np.percentile(peaks, 50)))
+    plain_config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
+    plain = dsg.fit(model, tok, sae, FORGET, RETAIN, config=plain_config, progress=False)
+    assert (peaks >= plain.tensors["calibration_rho"].double().numpy() - 1e-6).all()  # a window's share >= the whole's
+    guard.save(tmp_path / "g")
+    assert dsg.Guardrail.load(tmp_path / "g").window == 12 and "window" not in plain.to_json()

@@ -53,3 +53,46 @@ def test_apply_delta_touches_only_the_clamped_positions():
     mask = torch.ones(2, 3, dtype=torch.bool)
     mask[1, 2] = False
     assert torch.equal(out[mask], x[mask]) and out is not x
+
+
+def _windowed_reference(a, real, threshold, w):
+    """The windowed gate written as a loop over tokens: the definition the vectorised rule must equal."""
+    clamp, gated, peaks = torch.zeros_like(a), [], []
+    for b in range(a.shape[0]):
+        recent, on, peak = [], False, 0.0
+        for t in range(a.shape[1]):
+            if real[b, t]:
+                recent = (recent + [int(a[b, t])])[-w:]
+                share = sum(recent) / w
+                peak, on = max(peak, share), on or share > threshold
+            clamp[b, t] = bool(a[b, t]) and on
+        gated.append(on)
+        peaks.append(peak)
+    return clamp, torch.tensor(gated), torch.tensor(peaks)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_windowed_gate_equals_its_definition_whole_chunked_or_token_by_token(seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(4, 30, generator=g) < 0.3
+    real = torch.rand(4, 30, generator=g) < 0.9
+    a = a & real
+    want, gated, peaks = _windowed_reference(a, real, 0.5, 5)
+    for chunk in (30, 7, 1):
+        state, parts = None, []
+        for t in range(0, 30, chunk):
+            c, state = rule.window_gate(a[:, t : t + chunk], real[:, t : t + chunk], state, 0.5, 5)
+            parts.append(c)
+        assert torch.equal(torch.cat(parts, 1), want), chunk
+        assert torch.equal(state.gated, gated) and torch.allclose(state.peak, peaks.float())
+
+
+def test_benign_padding_cannot_dilute_the_windowed_gate():
+    burst = torch.tensor([[False] * 3 + [True] * 4 + [False] * 3])
+    for pad in (0, 50, 500):
+        a = torch.cat([torch.zeros(1, pad, dtype=torch.bool), burst], 1)
+        real = torch.ones_like(a)
+        whole_input = float(rule.rho(a, real)[0])
+        _, state = rule.window_gate(a, real, None, 0.5, 5)
+        assert state.gated.all(), pad  # 4 of 5 consecutive tokens: open, however long the preamble
+        assert (whole_input > 0.3) == (pad == 0)  # the paper's share falls with the padding

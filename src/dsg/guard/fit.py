@@ -52,6 +52,10 @@ class FitConfig:
     """Gate threshold = this percentile of rho over the calibration texts (p_dyn)."""
     gated: bool = True
     """Gate per input (dynamic); --no-gated clamps every input (static)."""
+    gate_window: int | None = None
+    """Prefix-causal gate: open (and latch) at the first token where more than the threshold's share of the last
+    GATE_WINDOW real tokens is flagged, calibrated on the largest such share per calibration text; benign padding
+    cannot dilute it. Default: the paper's whole-input share."""
     clamp: float = 500.0
     """Clamp strength c: flagged latents are set to -c."""
     clamp_relative_to_norm: bool = False
@@ -81,6 +85,8 @@ class FitConfig:
             raise DSGError(f"clamp must be positive (latents are set to -clamp), got {self.clamp}.")
         if self.max_length < 2 or self.max_sequences < 1 or self.batch_size < 1:
             raise DSGError("max_length must be >= 2 and max_sequences, batch_size >= 1.")
+        if self.gate_window is not None and self.gate_window < 1:
+            raise DSGError(f"gate_window must be at least 1 token, got {self.gate_window}.")
 
 
 class CorpusStats(NamedTuple):
@@ -189,7 +195,8 @@ def fit(
         )
     clamp = config.clamp * r_sums.mean_norm if config.clamp_relative_to_norm else config.clamp
 
-    guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, name=name)
+    guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
+                      name=name)  # fmt: skip
     calib_seqs = retain_seqs if calibration is None else _sequences(tokenizer, calibration, config, 3)
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
     threshold = float(np.percentile(rho.double().numpy(), config.gate_percentile))
@@ -230,6 +237,5 @@ def fit(
         },
         "residual_norm": r_sums.mean_norm,
     }
-    return Guardrail(
-        sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, name=name, info=info, tensors=tensors
-    )
+    return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
+                     name=name, info=info, tensors=tensors)  # fmt: skip

@@ -33,7 +33,7 @@ FORMAT_VERSION = 2  # 2: guardrail.json carries a content hash
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
-RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")
+RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated", "window")
 
 
 class SelectedLatents(torch.nn.Module):
@@ -99,6 +99,7 @@ class Guardrail:
         clamp_mode: str = "all",
         gated: bool = True,
         *,
+        window: int | None = None,
         name: str | None = None,
         info: dict | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
@@ -107,7 +108,7 @@ class Guardrail:
         if not hook:
             raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
         features = [int(j) for j in features]
-        check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail")
+        check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window)
         info = dict(info or {})
         record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
         self._setup(
@@ -123,11 +124,13 @@ class Guardrail:
             name,
             info,
             tensors,
+            window,
         )
 
     def _setup(
-        self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors
-    ) -> None:
+        self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors,
+        window=None,
+    ) -> None:  # fmt: skip
         self.latents = latents
         self.sae_record = sae_record
         self.sae = sae  # the whole SAE when known (fitted here, or a TopK guardrail's sae/ copy), else None
@@ -137,6 +140,7 @@ class Guardrail:
         self.clamp = float(clamp)
         self.clamp_mode = clamp_mode
         self.gated = bool(gated)
+        self.window = window  # None: the paper's whole-input gate; w: the prefix-causal windowed gate
         self.name = name
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
@@ -151,6 +155,7 @@ class Guardrail:
 
     def __repr__(self) -> str:
         gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
+        gate += f", window={self.window}" if self.window is not None else ""
         return (
             f"Guardrail(hook={self.hook!r}, features={self.features}, {gate}, clamp={self.clamp:g}, "
             f"clamp_mode={self.clamp_mode!r})"
@@ -163,8 +168,11 @@ class Guardrail:
         f = self.latents.encode(x_BTD)
         return f, rule.flagged_tokens(f, real_BT)
 
-    def gate(self, a_BT, real_BT, n_prompt: int, state: rule.GateState | None):
-        """Which tokens to clamp [B, T] and the new gate state (see rule.gate)."""
+    def gate(self, a_BT, real_BT, n_prompt: int, state):
+        """Which tokens to clamp [B, T] and the new gate state (see rule.gate; with a window, rule.window_gate,
+        which treats prompt and generated tokens alike)."""
+        if self.gated and self.window is not None:
+            return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window)
         return rule.gate(a_BT, real_BT, n_prompt, state, self.threshold if self.gated else None)
 
     def delta(self, f_BTS: torch.Tensor, clamp_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +219,7 @@ class Guardrail:
             "clamp": self.clamp,
             "clamp_mode": self.clamp_mode,
             "gated": self.gated,
+            **({"window": self.window} if self.window is not None else {}),
             **{k: v for k, v in self.info.items() if k != "sae"},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
         }
@@ -297,6 +306,7 @@ class Guardrail:
             meta.get("name"),
             info,
             stats,
+            meta.get("window"),
         )
         if model is not None:
             guard.check_model(model)

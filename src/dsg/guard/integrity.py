@@ -44,8 +44,10 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def check_rule(hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str) -> None:
+def check_rule(hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str, window=None) -> None:
     """The rule's parameters: the same checks for a guardrail built in code and one read from a file."""
+    if window is not None and (not _is_int(window) or window < 1):
+        raise DSGError(f"{where}: 'window' must be a positive integer (tokens) or absent, got {window!r}.")
     if not isinstance(hook, str) or not hook:
         raise DSGError(f"{where}: 'hook' must be a non-empty string, got {hook!r}.")
     if not isinstance(features, (list, tuple)) or not features or not all(_is_int(j) for j in features):
@@ -84,8 +86,9 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
             raise DSGError(f"{where}: 'sae.{key}' must be a positive integer, got {sae.get(key)!r}.")
     if not isinstance(sae.get("apply_b_dec_to_input"), bool):
         raise DSGError(f"{where}: 'sae.apply_b_dec_to_input' must be true or false.")
-    check_rule(meta.get("hook"), meta.get("features"), meta.get("threshold"), meta.get("clamp"),
-               meta.get("clamp_mode", "all"), meta.get("gated", True), sae["d_sae"], where)  # fmt: skip
+    rule = [meta.get(k) for k in ("hook", "features", "threshold", "clamp")]
+    rule += [meta.get("clamp_mode", "all"), meta.get("gated", True), sae["d_sae"], where, meta.get("window")]
+    check_rule(*rule)
     name = meta.get("name")
     if name is not None and not isinstance(name, str):
         raise DSGError(f"{where}: 'name' must be a string, got {name!r}.")

@@ -106,3 +106,59 @@ def apply_delta(x_BTD: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor, out
     out = x_BTD.clone() if out is None else out
     out[pos[:, 0], pos[:, 1]] += delta.to(out.dtype)
     return out
+
+
+# ---- the windowed, prefix-causal gate ---------------------------------------------------------------------------
+
+
+class WindowState(NamedTuple):
+    """Per-sequence state of the windowed gate: the flags of the last (up to) w real tokens, and the latch."""
+
+    recent: torch.Tensor  # [B, w] long, flags of the most recent real tokens, right-aligned
+    count: torch.Tensor  # [B] long, how many of them are real (<= w)
+    gated: torch.Tensor  # [B] bool, latched decision
+    peak: torch.Tensor  # [B] float, the largest window share seen so far
+
+    @classmethod
+    def start(cls, batch: int, window: int, device=None) -> WindowState:
+        long = torch.zeros(batch, window, dtype=torch.long, device=device)
+        return cls(long, long[:, 0].clone(), torch.zeros(batch, dtype=torch.bool, device=device),
+                   torch.zeros(batch, device=device))  # fmt: skip
+
+
+def window_gate(
+    a_BT: torch.Tensor, real_BT: torch.Tensor, state: WindowState | None, threshold: float, window: int
+) -> tuple[torch.Tensor, WindowState]:
+    """The prefix-causal gate: at each real token, the share of flagged tokens among the last `window` real tokens
+    (a sequence's start counts as unflagged, so a few flagged tokens in a short input do not make a full window);
+    the gate opens (and stays open) at the first token where that share
+    exceeds `threshold`, and from there on every flagged token is clamped. The decision at a token depends only
+    on the tokens up to it, so a prompt may arrive whole, in chunks, or one token at a time (streaming, chunked
+    prefill, a prefix cache) with the same result; benign text before or after a burst of forget-domain tokens
+    cannot dilute it."""
+    B, T = a_BT.shape
+    state = state if state is not None else WindowState.start(B, window, a_BT.device)
+    w = state.recent.shape[1]
+    slots = torch.arange(w, device=a_BT.device)
+    valid = torch.cat([slots[None, :] >= (w - state.count)[:, None], real_BT.bool()], 1)  # [B, w + T]
+    flags = torch.cat([state.recent, a_BT.long()], 1) * valid
+    cum_flags, cum_real = flags.cumsum(1), valid.long().cumsum(1)
+    # flagged real tokens in the window ending at p: cum_flags[p] minus cum_flags at the last position whose real
+    # count is at most cum_real[p] - w
+    before = torch.searchsorted(cum_real.contiguous(), (cum_real - w).contiguous(), right=True) - 1
+    outside = torch.where(before >= 0, cum_flags.gather(1, before.clamp(min=0)), torch.zeros_like(cum_flags))
+    share = (cum_flags - outside).float() / w
+    share = torch.where(valid, share, torch.zeros_like(share))[:, w:]  # [B, T]
+    opens = real_BT.bool() & (share > threshold)
+    on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
+    clamp_BT = a_BT & on
+    # the new window: the last w real flags, right-aligned
+    total = cum_real[:, -1:]
+    rank = total - cum_real  # 0 for the last real token
+    keep = valid & (rank < w)
+    recent = torch.zeros_like(state.recent)
+    rows = torch.arange(B, device=a_BT.device)[:, None].expand_as(keep)
+    recent[rows[keep], (w - 1 - rank)[keep]] = flags[keep]
+    peak = torch.maximum(state.peak, share.max(1).values) if T else state.peak
+    gated = on[:, -1] if T else state.gated
+    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak)

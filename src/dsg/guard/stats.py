@@ -135,12 +135,17 @@ def gate_rates(
     desc: str = "calibration",
     progress: bool = True,
 ) -> torch.Tensor:
-    """rho(x) for each sequence [n]: the fraction of its real tokens on which any selected latent fires."""
+    """The statistic the guardrail's gate compares with its threshold, for each sequence [n]: rho(x), the fraction
+    of its real tokens on which any selected latent fires, or (windowed gate) the largest such fraction over any
+    `window` consecutive real tokens."""
     guardrail.latents.to(next(model.parameters()).device)
     out = torch.zeros(len(sequences))
     chunks = list(batches(sequences, batch_size, pad_id))
     bar = tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False)
     for idx, _, x_BTD, real in activations_by_batch(model, guardrail.hook, bar):
         _, a = guardrail.flags(x_BTD, real)
-        out[idx] = rule.rho(a, real).cpu()
+        if getattr(guardrail, "window", None) is None:
+            out[idx] = rule.rho(a, real).cpu()
+        else:
+            out[idx] = rule.window_gate(a, real, None, 1.0, guardrail.window)[1].peak.cpu()
     return out
