@@ -1,0 +1,97 @@
+"""Precision where it is hard: forget offensive cyber, keep neighbouring computing knowledge, and hold the gate
+under benign padding. One row per guardrail variant, fitted on the embedded default and scored on VALIDATION
+questions (the demo and `dsg compare` report test questions):
+
+    forget base-correct %   accuracy on the cyber questions the base model answers (lower is better)
+    <task> %  / gated %     accuracy relative to the base model, and the share of questions gated, per retain task
+                            (computing is the neighbour domain)
+    k=0/100/1000 gated %    gate recall on forget questions after k benign tokens (eval/dilution.py)
+    ppl change              held-out retain perplexity, guarded vs base
+
+    python benchmarks/precision.py [--questions 100] [--variants paper,window16,window32]
+
+Prints the table and writes benchmarks/results/precision.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dsg.bench.demo import evaluate_guardrail
+from dsg.bench.setting import DEMO_FIT, BenchSetting, fit_corpora
+from dsg.guard.fit import fit, measure
+from dsg.lm.models import load_model
+from dsg.tables import pct, table
+
+VARIANTS = {
+    "paper": {},  # the whole-input share, rho > tau (the shipped default)
+    "window16": {"gate_window": 16},
+    "window32": {"gate_window": 32},
+    "window16-active": {"gate_window": 16, "clamp_mode": "active"},
+}
+
+
+def row(name: str, ev: dict) -> tuple[list[str], dict]:
+    forget = ev["forget"][0]
+    cells = [name, pct(forget["guarded_accuracy_base_correct"]), pct(forget["gate_rate"])]
+    out = {"forget_base_correct": forget["guarded_accuracy_base_correct"], "forget_gate": forget["gate_rate"]}
+    for t in ev["retain"]:
+        rel = t["guarded_accuracy"] / t["base_accuracy"] if t["base_accuracy"] else None
+        cells += [pct(rel), pct(t["gate_rate"])]
+        out[f"{t['task']}_relative"], out[f"{t['task']}_gate"] = rel, t["gate_rate"]
+    d = ev["dilution"]
+    for key in ("plain:0", "plain:100", "plain:1000"):
+        cells.append(pct(d[key]["gate_rate"]) if key in d else "-")
+        out[f"gate_{key}"] = d.get(key, {}).get("gate_rate")
+    out["forget_base_correct_k1000"] = d.get("plain:1000", {}).get("accuracy_base_correct")
+    cells += [pct(out["forget_base_correct_k1000"]), f"{100 * ev['perplexity']['relative_change']:+.2f}%"]
+    out["perplexity_change"] = ev["perplexity"]["relative_change"]
+    return cells, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", type=int, default=100, help="validation questions per task")
+    ap.add_argument("--perplexity-texts", type=int, default=40)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default="benchmarks/results/precision.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    setting = BenchSetting()
+    model, tok = load_model(setting.model)
+    sae = setting.load_sae()
+    forget, retain, general = setting.domains()
+    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general)
+    stats = measure(model, tok, sae, forget_texts, retain_texts, DEMO_FIT)
+    header = ["variant", "forget base-correct %", "forget gated %"]
+    header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
+    header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "forget base-correct % k=1000", "ppl change"]
+    rows, results, cache = [], {}, {}
+    for name in args.variants.split(","):
+        t = time.perf_counter()
+        config = dataclasses.replace(DEMO_FIT, **VARIANTS[name])
+        guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, config, stats=stats)
+        ev = evaluate_guardrail(model, tok, guard, forget, retain, general, "validation", args.questions,
+                                args.perplexity_texts, 16, base_cache=cache)  # fmt: skip
+        cells, out = row(name, ev)
+        rows.append(cells)
+        results[name] = out | {
+            "config": VARIANTS[name],
+            "threshold": guard.threshold,
+            "seconds": time.perf_counter() - t,
+        }
+        print(table(header, rows), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"split": "validation", "questions": args.questions, "results": results},
+                                         indent=2) + "\n")  # fmt: skip
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
