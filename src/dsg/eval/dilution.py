@@ -92,7 +92,7 @@ def gate_rate_on_texts(
 
 # The curve the comparison and the demo report: plain padding at three lengths, and the chat form at the longest.
 DILUTIONS = (("plain", 0), ("plain", 100), ("plain", 1000), ("chat", 1000))
-DILUTION_QUESTIONS = 40
+DILUTION_QUESTIONS = 40  # in dsg demo; dsg compare pads 24 per configuration (1,000-token prompts are slow on a CPU)
 
 
 def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[str], intervention, progress: bool,
