@@ -6,6 +6,8 @@ questions (the demo and `dsg compare` report test questions):
     <task> %  / gated %     accuracy relative to the base model, and the share of questions gated, per retain task
                             (computing is the neighbour domain)
     k=0/100/1000 gated %    gate recall on forget questions after k benign tokens (eval/dilution.py)
+    benign mentions gated % benign text that mentions a security term in passing (false positives)
+    held-out text gated %   256-token windows of held-out retain documents (false positives on long text)
     ppl change              held-out retain perplexity, guarded vs base
 
     python benchmarks/precision.py [--questions 100] [--variants paper,window16,window32]
@@ -50,7 +52,9 @@ def row(name: str, ev: dict) -> tuple[list[str], dict]:
         cells.append(pct(d[key]["gate_rate"]) if key in d else "-")
         out[f"gate_{key}"] = d.get(key, {}).get("gate_rate")
     out["forget_base_correct_k1000"] = d.get("plain:1000", {}).get("accuracy_base_correct")
-    cells += [pct(out["forget_base_correct_k1000"]), f"{100 * ev['perplexity']['relative_change']:+.2f}%"]
+    out["mentions_gate"], out["perplexity_gate"] = d.get("mentions_gate_rate"), ev["perplexity"]["gate_rate"]
+    cells += [pct(out["forget_base_correct_k1000"]), pct(out["mentions_gate"]), pct(out["perplexity_gate"])]
+    cells.append(f"{100 * ev['perplexity']['relative_change']:+.2f}%")
     out["perplexity_change"] = ev["perplexity"]["relative_change"]
     return cells, out
 
@@ -71,7 +75,8 @@ def main() -> None:
     stats = measure(model, tok, sae, forget_texts, retain_texts, DEMO_FIT)
     header = ["variant", "forget base-correct %", "forget gated %"]
     header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
-    header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "forget base-correct % k=1000", "ppl change"]
+    header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "forget base-correct % k=1000",
+               "benign mentions gated %", "held-out text gated %", "ppl change"]  # fmt: skip
     rows, results, cache = [], {}, {}
     for name in args.variants.split(","):
         t = time.perf_counter()
