@@ -31,7 +31,7 @@ def test_demo_quick_writes_results_that_show_forgetting(demo):
     assert forget["task"] == "cyber" and forget["n"] > 0
     assert {t["task"] for t in results["retain"]} == {"geography", "chemistry", "computing"}
     padded = results["dilution"]
-    assert {"plain:0", "plain:100", "plain:1000", "chat:1000"} <= set(padded) and padded["plain:1000"]["n"] == 40
+    assert {"plain:0", "plain:100", "plain:1000", "chat:1000"} <= set(padded) and padded["plain:1000"]["n"] == 8
     assert all(0 <= padded[k]["gate_rate"] <= 1 for k in ("plain:0", "plain:1000", "chat:1000"))
     # the guardrail must do something and be selective: it gates forget questions far more often than retain ones
     assert forget["guarded_accuracy"] < forget["base_accuracy"]

@@ -47,8 +47,10 @@ class DemoConfig(BenchSetting):
     """Test questions per task (a fixed, unbiased prefix of the test split)."""
     perplexity_texts: int = 120
     """Held-out retain documents for perplexity."""
+    dilution_questions: int = DILUTION_QUESTIONS
+    """Forget test questions asked again after 100 and 1,000 benign tokens (1,000-token prompts are slow on a CPU)."""
     quick: bool = False
-    """A reduced run for CI: 48 questions per task, 128 fit sequences, 24 perplexity texts."""
+    """A reduced run for CI: 48 questions per task, 128 fit sequences, 24 perplexity texts, 8 padded questions."""
     out: str = "dsg-demo"
     """Output folder (results.json, report.md, report.png, guardrail/)."""
     overwrite: bool = False
@@ -57,9 +59,8 @@ class DemoConfig(BenchSetting):
     def sized(self) -> DemoConfig:
         if not self.quick:
             return self
-        return dataclasses.replace(
-            self, questions=min(self.questions, 48), perplexity_texts=min(self.perplexity_texts, 24)
-        )
+        sizes = {"questions": 48, "perplexity_texts": 24, "dilution_questions": 8}
+        return dataclasses.replace(self, **{k: min(getattr(self, k), n) for k, n in sizes.items()})
 
 
 QUICK_FIT_SEQUENCES = 128
@@ -148,6 +149,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
             config.perplexity_texts,
             config.eval_batch_size,
             norm=config.normalized,
+            n_dilution=config.dilution_questions,
         )
     forget_tasks, retain_tasks = evaluation["forget"], evaluation["retain"]
 
@@ -196,6 +198,7 @@ def evaluate_guardrail(
     batch_size: int,
     base_cache: dict | None = None,
     norm: bool = True,
+    n_dilution: int = DILUTION_QUESTIONS,
 ) -> dict:
     """Base vs guarded on `split` ("validation" or "test") questions of every domain, and perplexity on held-out
     retain text. Pass the same `base_cache` dict to reuse base-model results across guardrails."""
@@ -215,9 +218,9 @@ def evaluate_guardrail(
     base = cache[key]
     guarded = perplexity_stats(model, tok, ppl_texts, intervention=guard, verify=False, **kw)
     # padding from everyday chat: the benign preamble an attacker (or an innocent user) puts before a question
-    padded = domain_questions(forget, split, DILUTION_QUESTIONS)
+    padded = domain_questions(forget, split, n_dilution)
     benign, dbs = list(general.texts["heldout"]), max(1, batch_size // 4)
-    key = ("dilution", split)
+    key = ("dilution", split, n_dilution)
     if key not in cache:
         cache[key] = run_dilution(model, tok, padded, benign, None, True, dbs)
     diluted = run_dilution(model, tok, padded, benign, guard, True, dbs)
