@@ -52,6 +52,10 @@ def _meets(name: str, value: float) -> bool:
         return value <= TARGETS["forget_base_correct_accuracy_max"]
     if name == "forget_gate_rate":
         return value >= TARGETS["forget_gate_rate_min"]
+    if name == "dilution_gate_rate":
+        return value >= TARGETS["dilution_gate_rate_min"]
+    if name == "dilution_forget_base_correct_accuracy":
+        return value <= TARGETS["dilution_forget_base_correct_accuracy_max"]
     if name == "perplexity_relative_change":
         return abs(value) <= TARGETS["perplexity_relative_change_max"]
     if name.endswith("_relative_accuracy"):
