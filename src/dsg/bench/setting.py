@@ -282,8 +282,9 @@ def files_bench(
     questions = {"validation": {}, "test": {}}
     for name, path in zip(names, files):
         qs = read_questions(path)
-        val = [q for q in qs if stable_unit(f"{name}:{q['question']}:{q['choices']}") < 0.4]
-        test = [q for q in qs if stable_unit(f"{name}:{q['question']}:{q['choices']}") >= 0.4]
+        unit = [stable_unit(f"{name}:{q['question']}:{q['choices']}") for q in qs]
+        val = [q for q, u in zip(qs, unit) if u < 0.4]
+        test = [q for q, u in zip(qs, unit) if u >= 0.4]
         if not val or not test:
             raise DSGError(f"{str(path)!r} holds too few questions to split into validation and test (need both).")
         questions["validation"][name] = val[:n_validation]

@@ -23,6 +23,8 @@ import torch
 from ..lm.models import evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
 from ..runtime.intervention import Intervention, as_intervention
+from .mcq import score_mcq
+from .metrics import summarize_task
 
 # Security terms a benign computing or everyday document may mention in passing.
 MENTIONS = (
@@ -99,8 +101,6 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
                  batch_size: int = 8) -> dict | None:  # fmt: skip
     """Per-question results of the diluted forget questions ({"plain:0": {"correct", "correct_norm", "gated"}, ...})
     and the gate rate on benign documents that mention a security term ("mentions")."""
-    from .mcq import score_mcq  # mcq imports nothing from here; kept beside its only use
-
     if not benign or not questions:
         return None
     filler = filler_ids(tokenizer, benign, max(k for _, k in DILUTIONS))
@@ -119,8 +119,6 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
 
 def summarize_dilution(run: dict, base: dict, norm: bool = True) -> dict:
     """For each dilution: gate recall and accuracy on the questions the base model answers under that dilution."""
-    from .metrics import summarize_task
-
     key = "correct_norm" if norm else "correct"
     out = {}
     for name, r in run.items():
