@@ -29,6 +29,7 @@ from .guard.guardrail import Guardrail
 from .guard.inspect import describe
 from .lm.models import load_model
 from .lm.text import read_corpus
+from .parallel import barrier, init_from_env, launched, sharded
 from .runtime.generation import generate
 from .sae import SAE
 from .sae.embedded import embedded_sae
@@ -64,10 +65,14 @@ def cmd_fit(args) -> int:
     calibration = read_corpus(args.calibration) if args.calibration else None
     sae = SAE.load(args.sae, hook_name=args.sae_hook)
     model, tokenizer = _model(args)
-    guard = fit(model, tokenizer, sae, forget, retain, calibration, config, name=args.name)
-    guard.save(args.out)
-    print(f"Fitted {guard!r}")
-    print(f"Wrote {args.out}")
+    with sharded() as world:  # under torchrun: each process runs its share of the batches
+        guard = fit(model, tokenizer, sae, forget, retain, calibration, config, name=args.name,
+                    progress=world.main)  # fmt: skip
+    if world.main:
+        guard.save(args.out)
+        print(f"Fitted {guard!r}" + (f" on {world.size} processes" if world.size > 1 else ""))
+        print(f"Wrote {args.out}")
+    barrier()  # the others return once the guardrail is on disk
     return 0
 
 
@@ -285,7 +290,15 @@ def cmd_compare(args) -> int:
     config.method_names()  # fail early on a typo
     if not config.sae and not config.forget_corpus:
         embedded_sae(config.model)  # fail before the slow stages when no SAE ships for this model
-    compare = run_compare(config)
+    bench = None
+    if launched():  # under torchrun the processes share the statistics pass; the rest runs in the first process
+        check_output_dir(config.out, "comparison", resume=True)
+        bench = config.bench()
+        with sharded() as world:
+            bench.latent_stats(progress=world.main)
+        if not world.main:
+            return 0
+    compare = run_compare(config, bench=bench)
     print(print_table(compare))
     print(f"\nwrote {config.out}/compare.json, {config.out}/report.html")
     return 0
@@ -302,6 +315,7 @@ def add_compare(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+SHARDED_COMMANDS = ("fit", "compare")  # the commands that shard their statistics pass under torchrun
 COMMANDS = [add_demo, add_compare, add_fit, add_eval, add_generate, add_inspect, add_train_sae, add_data]
 
 
@@ -319,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
+        if launched():
+            if args.command not in SHARDED_COMMANDS:
+                raise DSGError(f"Under torchrun only {' and '.join(SHARDED_COMMANDS)} shard their work; run "
+                               f"'dsg {args.command}' as one process.")  # fmt: skip
+            init_from_env()
         return args.func(args)
     except DSGError as e:
         for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short must not share the error's line

@@ -2,7 +2,9 @@
 
 Every forward pass stops right after the hooked layer (lm.hooks.StopForward), and only running sums are kept:
 memory is O(d_sae) whatever the corpus size. The sums are plain float64 tensors, so statistics from several
-processes or shards combine by addition (`LatentSums.merge`, or an all-reduce of `as_tensors()`).
+processes or shards combine by addition (`LatentSums.merge`). Under `torchrun` (inside `dsg.parallel.sharded()`)
+each process runs its share of the batches and the per-batch sums are folded in batch order on every process, so
+the result is bit-for-bit the single-process one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import DSGError
 from ..lm.hooks import activations_by_batch
 from ..lm.text import batches
+from ..parallel import gather_ordered, my_share, world
 from . import rule
 
 
@@ -30,9 +33,9 @@ class LatentSums:
     norm_sum: torch.Tensor  # [] float64, sum of ||x_t||
 
     @classmethod
-    def zeros(cls, d_sae: int) -> LatentSums:
+    def zeros(cls, d_sae: int, device=None) -> LatentSums:
         def z(*shape):
-            return torch.zeros(*shape, dtype=torch.float64)
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
 
         return cls(z(()), z(d_sae), z(d_sae), z(d_sae), z(()))
 
@@ -109,18 +112,29 @@ def collect_stats(
     """
     sums = LatentSums.zeros(sae.d_sae)
     sparse = getattr(sae, "encode_topk", None)
-    bar = tqdm(total=sum(len(s) for s in sequences), desc=desc, unit="tok", disable=not progress, leave=False)
-    for _, mask, x_BTD, real in activations_by_batch(model, hook, batches(sequences, batch_size, pad_id)):
+    shard = list(my_share(batches(sequences, batch_size, pad_id)))
+    mine = []  # (batch index, that batch's sums)
+    bar = tqdm(total=sum(int(m.sum()) for _, (_, _, m) in shard), desc=desc, unit="tok", leave=False,
+               disable=not progress or not world().main)  # fmt: skip
+    chunks = ((i, ids, mask) for i, (_, ids, mask) in shard)
+    for i, mask, x_BTD, real in activations_by_batch(model, hook, chunks):
         if x_BTD.shape[-1] != sae.d_in:
             raise DSGError(f"Hook point {hook!r} gives activations of width {x_BTD.shape[-1]}, but the SAE reads width "
                            f"{sae.d_in}; hook a residual-stream point such as 'blocks.L.hook_resid_post'.")  # fmt: skip
         x_ND = x_BTD[real]
+        part = LatentSums.zeros(sae.d_sae, x_ND.device)
         if sparse is not None:
-            sums.add_sparse(*sparse(x_ND), x_ND)
+            part.add_sparse(*sparse(x_ND), x_ND)
         else:
-            sums.add(sae.encode(x_ND), x_ND)
+            part.add(sae.encode(x_ND), x_ND)
+        if world().size == 1:  # fold as we go (the order is the batch order)
+            sums = sums.merge(LatentSums(*(t.cpu() for t in part.as_tensors())))
+        else:
+            mine.append((i, tuple(t.cpu() for t in part.as_tensors())))
         bar.update(int(mask.sum()))
     bar.close()
+    for part in gather_ordered(mine):  # in batch order, whichever process ran each batch
+        sums = sums.merge(LatentSums(*part))
     return sums
 
 
@@ -140,12 +154,16 @@ def gate_rates(
     `window` consecutive real tokens."""
     guardrail.latents.to(next(model.parameters()).device)
     out = torch.zeros(len(sequences))
-    chunks = list(batches(sequences, batch_size, pad_id))
-    bar = tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False)
-    for idx, _, x_BTD, real in activations_by_batch(model, guardrail.hook, bar):
+    shard = list(my_share(batches(sequences, batch_size, pad_id)))
+    bar = tqdm(shard, desc=desc, unit="batch", disable=not progress or not world().main, leave=False)
+    mine = []
+    for idx, _, x_BTD, real in activations_by_batch(model, guardrail.hook, (batch for _, batch in bar)):
         _, a = guardrail.flags(x_BTD, real)
         if getattr(guardrail, "window", None) is None:
-            out[idx] = rule.rho(a, real).cpu()
+            values = rule.rho(a, real)
         else:
-            out[idx] = rule.window_gate(a, real, None, 1.0, guardrail.window)[1].peak.cpu()
+            values = rule.window_gate(a, real, None, 1.0, guardrail.window)[1].peak
+        mine.append((idx[0], (idx, values.cpu())))
+    for idx, values in gather_ordered(mine):
+        out[idx] = values
     return out

@@ -1,0 +1,7 @@
+"""`python -m dsg ...` (and `torchrun ... -m dsg fit ...`): the `dsg` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

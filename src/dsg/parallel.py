@@ -1,0 +1,109 @@
+"""Forward-only passes sharded over the processes of a `torchrun` launch.
+
+    torchrun --nproc-per-node 2 -m dsg fit --model ... --out guard/
+
+The statistics pass and the gate calibration are sums (or per-sequence values) over batches of a corpus. Inside
+`sharded()` each process runs the batches whose index modulo the world size is its rank, and the per-batch
+results are gathered and folded **in batch order**, exactly as one process would fold them: the guardrail written
+by N processes is byte-identical to the one written by one (see tests/test_parallel.py). Outside `sharded()`, or
+without a process group, every pass runs whole in the calling process.
+
+`init_from_env()` starts the process group that torchrun describes in the environment (gloo on CPU, NCCL when
+the process owns a GPU); the CLI calls it, and writes outputs from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from .errors import DSGError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+_SHARDED: ContextVar[bool] = ContextVar("dsg_sharded", default=False)
+
+
+def launched() -> bool:
+    """True in a process that torchrun started as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> World:
+    """Join the process group torchrun set up (no-op for a single process)."""
+    if not launched():
+        return World()
+    dist = torch.distributed
+    if not dist.is_available():
+        raise DSGError("This PyTorch build has no torch.distributed; run without torchrun.")
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return process_world()
+
+
+def process_world() -> World:
+    """This process's rank and the number of processes (0 and 1 without a process group)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def world() -> World:
+    """The world the passes in progress are sharded over: the process group inside `sharded()`, else one process."""
+    return process_world() if _SHARDED.get() else World()
+
+
+@contextmanager
+def sharded():
+    """Shard the statistics and calibration passes inside the block over the processes of the group."""
+    token = _SHARDED.set(True)
+    try:
+        yield process_world()
+    finally:
+        _SHARDED.reset(token)
+
+
+def my_share(items: Iterable[T]) -> Iterator[tuple[int, T]]:
+    """(index, item) for the items this process handles: every world-size-th one, starting at its rank."""
+    w = world()
+    for i, item in enumerate(items):
+        if i % w.size == w.rank:
+            yield i, item
+
+
+def gather_ordered(mine: list[tuple[int, T]]) -> list[T]:
+    """Everyone's (index, result) pairs, as one list ordered by index, on every process."""
+    w = world()
+    if w.size == 1:
+        return [r for _, r in sorted(mine, key=lambda p: p[0])]
+    everyone: list[list[tuple[int, T]] | None] = [None] * w.size
+    torch.distributed.all_gather_object(everyone, mine)
+    merged = sorted((p for part in everyone for p in part), key=lambda p: p[0])
+    return [r for _, r in merged]
+
+
+def barrier() -> None:
+    if process_world().size > 1:
+        torch.distributed.barrier()

@@ -1,0 +1,76 @@
+"""Statistics on many processes: `torchrun --nproc-per-node 2 -m dsg fit` writes the same guardrail, byte for byte,
+as one process (the per-batch sums are folded in batch order whichever process ran each batch), for a ReLU SAE
+and for a TopK SAE (summed sparsely); and the sharding helpers hand every item to exactly one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsg import parallel
+from dsg.guard.guardrail import JSON_NAME, TENSORS_NAME
+
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, bpe_tokenizer, sparse_sae, tiny_model, tiny_sae
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    tok = bpe_tokenizer(add_bos=True)
+    model = tiny_model("llama", seed=0, vocab=len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.1).save(root / "relu")
+    tiny_sae(d_in=32, architecture="topk", k=4, hook="blocks.0.hook_resid_post").save(root / "topk")
+    # more documents than batches x processes, of different lengths, so the shards differ in shape
+    (root / "forget.txt").write_text("\n\n".join(f"{t} {i}" * (1 + i % 3) for i, t in enumerate(FORGET_TEXTS * 4)))
+    (root / "retain.txt").write_text("\n\n".join(f"{t} {i}" * (1 + i % 2) for i, t in enumerate(RETAIN_TEXTS * 4)))
+    return root
+
+
+def _fit(ws: Path, sae: str, out: str, nproc: int) -> subprocess.CompletedProcess:
+    args = ["fit", "--model", str(ws / "model"), "--sae", str(ws / sae), "--forget", str(ws / "forget.txt"),
+            "--retain", str(ws / "retain.txt"), "--max-length", "24", "--batch-size", "2", "--n-features", "3",
+            "--ratio-percentile", "50", "--out", str(ws / out)]  # fmt: skip
+    if sae == "topk":  # every token fires some of a random TopK SAE's latents: a static clamp
+        args.append("--no-gated")
+    if nproc > 1:
+        cmd = [*TORCHRUN, str(nproc), "-m", "dsg", *args]
+    else:
+        cmd = [sys.executable, "-m", "dsg", *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("sae", ["relu", "topk"])
+def test_torchrun_fit_writes_the_single_process_guardrail(ws, sae):
+    one, two = _fit(ws, sae, f"{sae}_1", 1), _fit(ws, sae, f"{sae}_2", 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert "on 2 processes" in two.stdout and two.stdout.count("Wrote") == 1  # one process writes and reports
+    for name in (JSON_NAME, TENSORS_NAME):
+        assert (ws / f"{sae}_1" / name).read_bytes() == (ws / f"{sae}_2" / name).read_bytes(), name
+
+
+def test_torchrun_refuses_commands_that_do_not_shard(ws):
+    cmd = [*TORCHRUN, "2", "-m", "dsg", "inspect", str(ws / "relu_1")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "only fit and compare shard" in done.stderr
+
+
+def test_shares_cover_every_item_once(monkeypatch):
+    items = list(range(11))
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(parallel, "process_world", lambda rank=rank: parallel.World(rank, 3))
+        with parallel.sharded():
+            seen += [i for i, _ in parallel.my_share(items)]
+        assert [i for i, _ in parallel.my_share(items)] == items  # outside sharded(): everything, here
+    assert sorted(seen) == items
