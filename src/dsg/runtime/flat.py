@@ -1,0 +1,195 @@
+"""Guardrails over a serving engine's flattened steps: many requests' tokens in one `[N, D]` batch.
+
+A serving engine (vLLM) runs one forward per scheduler step over the concatenated tokens of every running
+request: whole prompts, chunks of prompts, and one new token per decoding request, joined and left mid-flight.
+`RequestGates` applies guardrails to such a step given, for each request, where its tokens sit in the batch and
+where they sit in its sequence (`Chunk`), and keeps each request's gate state between steps, keyed by request
+id. The rule is guard/rule.py's, the same as the HuggingFace runtime's:
+
+  * the paper's gate judges a prompt whole, so a request's prompt must arrive in one step (no chunked prefill,
+    no prefix-cache hit); a chunk that starts or ends inside a prompt is refused (`ChunkRefused`);
+  * the windowed gate (`Guardrail(window=w)`) is prefix-causal, so prompts may arrive in chunks;
+  * a static guardrail clamps every flagged token;
+  * tokens past the prompt extend the running state and can latch the gate, as in `rule.gate`;
+  * a request seen again from position 0 (recomputed after preemption) starts afresh.
+
+A token's position 0 and special tokens (BOS/EOS/PAD) are not real tokens, as in lm.text.real_token_mask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DSGError
+from ..guard import rule
+from ..guard.guardrail import Guardrail
+
+
+class ChunkRefused(DSGError):
+    """A step holds a piece of a prompt that the guardrail's gate cannot judge on its own."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One request's tokens in a step: `length` tokens from offset `start` of the flattened batch, the first of
+    them at `position` in the request's sequence; the request's prompt is `prompt_length` tokens long."""
+
+    request_id: str
+    start: int
+    length: int
+    position: int
+    prompt_length: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        """How many of the chunk's tokens belong to the prompt."""
+        return max(0, min(self.prompt_length - self.position, self.length))
+
+
+def _stack(states: list) -> tuple:
+    return type(states[0])(*(torch.cat(parts) for parts in zip(*states)))
+
+
+def _unstack(state, n: int) -> list:
+    return [type(state)(*(t[i : i + 1] for t in state)) for i in range(n)]
+
+
+class RequestGates:
+    """Per-request gate state for guardrails applied inside a serving engine's steps."""
+
+    def __init__(
+        self,
+        guardrails: Sequence[Guardrail],
+        special_ids: Sequence[int],
+        on_event: Callable[[dict], None] | None = None,
+        labels: Sequence[dict] | None = None,
+    ):
+        self.guardrails = list(guardrails)
+        self.specials = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        self.states: dict[str, list] = {}  # request id -> per-guardrail state (None before its first chunk)
+        self.on_event = on_event
+        self.labels = list(labels) if labels is not None else [{"guardrail": g.name or f"guardrail-{i}"}
+                                                                for i, g in enumerate(self.guardrails)]  # fmt: skip
+
+    @property
+    def hooks(self) -> list[str]:
+        return sorted({g.hook for g in self.guardrails})
+
+    def keep_only(self, request_ids) -> None:
+        """Forget the state of every request not in `request_ids` (finished or aborted)."""
+        keep = set(request_ids)
+        for rid in [r for r in self.states if r not in keep]:
+            del self.states[rid]
+
+    def decision(self, request_id: str) -> list[bool] | None:
+        """Each guardrail's latched decision for a request (None before its prompt was judged)."""
+        states = self.states.get(request_id)
+        if states is None or any(s is None for s in states):
+            return None
+        return [bool(s.gated[0]) for s in states]
+
+    def real(self, input_ids_N: torch.Tensor, positions_N: torch.Tensor) -> torch.Tensor:
+        specials = self.specials.to(input_ids_N.device)
+        return (positions_N > 0) & ~torch.isin(input_ids_N, specials)
+
+    @torch.inference_mode()
+    def step(
+        self, hook: str, x_ND: torch.Tensor, input_ids_N: torch.Tensor, positions_N: torch.Tensor, chunks: list[Chunk]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The residual deltas for one step at `hook`: (token indices [P], deltas [P, D]) or None when nothing is
+        clamped. `x_ND` holds the step's activations at the hook (rows past the last chunk are padding)."""
+        members = [i for i, g in enumerate(self.guardrails) if g.hook == hook]
+        if not members or not chunks:
+            return None
+        n = max(c.start + c.length for c in chunks)
+        x = x_ND[:n]
+        real_N = self.real(input_ids_N[:n], positions_N[:n])
+        for c in chunks:
+            if c.position == 0 or c.request_id not in self.states:
+                if c.position and any(self.guardrails[i].gated for i in members):
+                    raise ChunkRefused(
+                        f"Request {c.request_id!r} arrived at position {c.position} with no gate state: a prefix-cache "
+                        "hit, which the guardrail cannot judge; serve it with prefix caching off."
+                    )
+                self.states[c.request_id] = [None] * len(self.guardrails)
+        out_idx, out_delta = [], []
+        for i in members:
+            g = self.guardrails[i]
+            f, a = g.flags(x[None], real_N[None])
+            clamp_N = torch.zeros(n, dtype=torch.bool, device=x.device)
+            decoding = [c for c in chunks if c.prompt_tokens == 0]
+            prefilling = [c for c in chunks if c.prompt_tokens > 0]
+            if decoding:
+                self._decode(i, g, decoding, a[0], real_N, clamp_N)
+            for c in prefilling:
+                self._prefill(i, g, c, a[0], real_N, clamp_N)
+            if clamp_N.any():
+                pos, delta = g.delta(f, clamp_N[None])
+                out_idx.append(pos[:, 1])
+                out_delta.append(delta)
+        if not out_idx:
+            return None
+        return torch.cat(out_idx), torch.cat(out_delta)
+
+    def _segment(self, chunks: list[Chunk], t_N: torch.Tensor) -> torch.Tensor:
+        """[R, Lmax] rows of t for the chunks, right-padded with False."""
+        L = max(c.length for c in chunks)
+        out = torch.zeros(len(chunks), L, dtype=t_N.dtype, device=t_N.device)
+        for r, c in enumerate(chunks):
+            out[r, : c.length] = t_N[c.start : c.start + c.length]
+        return out
+
+    def _decode(self, i: int, g: Guardrail, chunks: list[Chunk], a_N, real_N, clamp_N) -> None:
+        """Chunks of generated tokens only, all in one batched call of the rule."""
+        states = [self.states[c.request_id][i] for c in chunks]
+        missing = [c.request_id for c, s in zip(chunks, states) if s is None]
+        if missing and g.gated:
+            raise ChunkRefused(f"Request {missing[0]!r} is decoding, but its prompt never reached the guardrail.")
+        if missing:  # a static guardrail keeps no state worth having
+            states = [s if s is not None else rule.GateState.start(1, a_N.device) for s in states]
+        a, real = self._segment(chunks, a_N), self._segment(chunks, real_N)
+        before = [bool(s.gated[0]) for s in states]
+        clamp, state = g.gate(a, real, 0, _stack(states))
+        for r, (c, s) in enumerate(zip(chunks, _unstack(state, len(chunks)))):
+            self.states[c.request_id][i] = s
+            clamp_N[c.start : c.start + c.length] |= clamp[r, : c.length]
+            if g.gated and not before[r] and bool(s.gated[0]):
+                self._event(c, i, g, s, "latched")
+
+    def _prefill(self, i: int, g: Guardrail, c: Chunk, a_N, real_N, clamp_N) -> None:
+        whole = g.window is None and g.gated  # the paper's gate judges the prompt whole
+        if whole and (c.position != 0 or c.prompt_tokens < c.prompt_length):
+            raise ChunkRefused(
+                f"Request {c.request_id!r}'s prompt of {c.prompt_length} tokens arrived in pieces (tokens "
+                f"{c.position}..{c.position + c.prompt_tokens}): the paper's gate judges a prompt whole; serve with "
+                "chunked prefill off (max-num-batched-tokens at least max-model-len), or use a windowed guardrail."
+            )
+        prev = self.states[c.request_id][i]
+        sl = slice(c.start, c.start + c.length)
+        clamp, state = g.gate(a_N[None, sl], real_N[None, sl], c.prompt_tokens, prev)
+        self.states[c.request_id][i] = state
+        clamp_N[sl] |= clamp[0]
+        if c.position + c.prompt_tokens == c.prompt_length:
+            self._event(c, i, g, state, "prompt")
+
+    def _event(self, c: Chunk, i: int, g: Guardrail, state, event: str) -> None:
+        if self.on_event is None:
+            return
+        if isinstance(state, rule.WindowState):
+            score = float(state.peak[0])
+        else:
+            score = float(state.flagged[0]) / max(int(state.real[0]), 1)
+        self.on_event({
+            "time": time.time(),
+            "request_id": c.request_id,
+            "event": event,
+            **self.labels[i],
+            "rho": round(score, 6),
+            "threshold": g.threshold if g.gated else None,
+            "gated": bool(state.gated[0]),
+            "prompt_tokens": c.prompt_length,
+        })  # fmt: skip

@@ -1,0 +1,159 @@
+"""Guardrails over a serving engine's flattened steps (runtime/flat.py): whatever the schedule (requests joining
+and leaving mid-flight, prompts whole or in chunks, one token per decoding step, a request recomputed from
+position 0 after preemption), each request's clamped tokens and deltas are those of the rule applied to its whole
+sequence, the no-cache reference; and what cannot be judged is refused."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import dsg
+from dsg.guard import rule
+from dsg.lm.hooks import activations_by_batch
+from dsg.lm.text import real_token_mask, special_token_ids
+from dsg.runtime.flat import Chunk, ChunkRefused, RequestGates
+
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, sparse_sae
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_llama):
+    model, tok = tiny_llama
+    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.15)
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, gate_percentile=50)
+    paper = dsg.fit(model, tok, sae, FORGET_TEXTS * 3, RETAIN_TEXTS * 3, config=config, progress=False)
+    window = dsg.Guardrail(sae, paper.hook, paper.features, 0.25, window=4)
+    static = dsg.Guardrail(sae, paper.hook, paper.features, gated=False)
+    texts = [t + " " + u for t, u in zip(FORGET_TEXTS + RETAIN_TEXTS, RETAIN_TEXTS + FORGET_TEXTS)][:8]
+    seqs = [tok(t)["input_ids"][:40] for t in texts]
+    acts = {}
+    for idx, _, x, _ in activations_by_batch(model, paper.hook, [([i], torch.tensor([s]), torch.ones(1, len(s)))
+                                                                  for i, s in enumerate(seqs)]):  # fmt: skip
+        acts[idx[0]] = x[0]
+    prompts = [max(3, len(s) // 2 - 3 * (i % 3)) for i, s in enumerate(seqs)]
+    return {"paper": paper, "window": window, "static": static}, seqs, acts, prompts, special_token_ids(model)
+
+
+def reference(g, seq, x, n_prompt, specials):
+    """The rule on the whole sequence: {position: delta} of the clamped tokens."""
+    real = real_token_mask(torch.tensor([seq]), None, specials)
+    f, a = g.flags(x[None], real)
+    clamp, _ = g.gate(a, real, n_prompt, None)
+    pos, delta = g.delta(f, clamp)
+    return {int(p): d for p, d in zip(pos[:, 1], delta)}
+
+
+def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, preempt: int | None = None):
+    """Run the requests through a random continuous-batching schedule; {request: {position: delta}}."""
+    rng = random.Random(seed)
+    joins = {r: rng.randrange(0, 6) for r in range(len(seqs))}
+    done = {r: 0 for r in range(len(seqs))}  # tokens computed
+    out = {r: {} for r in range(len(seqs))}
+    preempted = False
+    step = 0
+    while any(done[r] < len(seqs[r]) for r in done):
+        live = [r for r in done if joins[r] <= step and done[r] < len(seqs[r])]
+        rng.shuffle(live)
+        if preempt is not None and not preempted and done[preempt] > prompts[preempt] + 2:
+            done[preempt], preempted = 0, True  # recomputed from scratch: prompt and generated tokens together
+            out[preempt] = {}
+            gates.keep_only([str(r) for r in live if r != preempt])
+        pieces, chunks, start = [], [], 0
+        for r in live:
+            pos = done[r]
+            if pos < prompts[r]:  # prefill: whole prompt (or a chunk), or the whole recomputed sequence
+                n = prompts[r] - pos if chunk is None else min(chunk, prompts[r] - pos)
+                if preempted and r == preempt and pos == 0:
+                    n = len(seqs[r]) - 3
+            else:
+                n = 1
+            pieces.append((r, pos, n))
+            chunks.append(Chunk(str(r), start, n, pos, prompts[r]))
+            start += n
+        if pieces:
+            x = torch.cat([acts[r][p : p + n] for r, p, n in pieces])
+            x = torch.cat([x, torch.randn(3, x.shape[1])])  # padding rows past the last chunk
+            ids = torch.tensor([t for r, p, n in pieces for t in seqs[r][p : p + n]] + [0, 0, 0])
+            positions = torch.tensor([p + k for r, p, n in pieces for k in range(n)] + [0, 0, 0])
+            found = gates.step(hook, x, ids, positions, chunks)
+            if found is not None:
+                owner = [(r, p + k) for r, p, n in pieces for k in range(n)]
+                for i, d in zip(found[0].tolist(), found[1]):
+                    r, p = owner[i]
+                    out[r][p] = d
+            for r, p, n in pieces:
+                done[r] = p + n
+        step += 1
+    return out
+
+
+@pytest.mark.parametrize("kind,chunk", [("paper", None), ("window", None), ("window", 3), ("static", 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, chunk, seed):
+    guards, seqs, acts, prompts, specials = setting
+    g = guards[kind]
+    events = []
+    gates = RequestGates([g], specials, on_event=events.append)
+    got = simulate(gates, g.hook, seqs, acts, prompts, chunk, seed, preempt=2 if seed else None)
+    clamped = 0
+    for r, seq in enumerate(seqs):
+        want = reference(g, seq, acts[r], prompts[r], specials)
+        assert sorted(got[r]) == sorted(want), f"request {r}"
+        for p in want:
+            torch.testing.assert_close(got[r][p], want[p], atol=1e-4, rtol=1e-4)
+        clamped += len(want)
+    assert clamped > 0  # the setting clamps something
+    if kind != "static":
+        decided = {e["request_id"] for e in events if e["event"] == "prompt"}
+        assert decided == {str(r) for r in range(len(seqs))}
+    if kind == "paper":
+        on = {e["request_id"] for e in events if e["gated"]}
+        assert 0 < len(on) < len(seqs)  # some requests gated, some not: the gates are per request
+
+
+def test_prompt_event_reports_the_prompts_rho(setting):
+    guards, seqs, acts, prompts, specials = setting
+    g = guards["paper"]
+    events = []
+    gates = RequestGates([g], specials, on_event=events.append)
+    simulate(gates, g.hook, seqs, acts, prompts, None, 0)
+    for e in (e for e in events if e["event"] == "prompt"):
+        r = int(e["request_id"])
+        ids = torch.tensor([seqs[r][: prompts[r]]])
+        real = real_token_mask(ids, None, specials)
+        _, a = g.flags(acts[r][None, : prompts[r]], real)
+        assert e["rho"] == pytest.approx(float(rule.rho(a, real)[0]), abs=1e-6)
+        assert e["gated"] == (e["rho"] > g.threshold) or any(
+            x["request_id"] == e["request_id"] and x["event"] == "latched" for x in events
+        )
+
+
+def test_a_prompt_in_pieces_is_refused_by_the_whole_prompt_gate(setting):
+    guards, seqs, acts, prompts, specials = setting
+    g = guards["paper"]
+    with pytest.raises(ChunkRefused, match="chunked prefill off"):
+        simulate(RequestGates([g], specials), g.hook, seqs, acts, prompts, 2, 0)
+
+
+def test_a_request_that_starts_mid_sequence_is_refused(setting):
+    guards, seqs, acts, _, specials = setting
+    for kind in ("paper", "window"):
+        g = guards[kind]
+        gates = RequestGates([g], specials)
+        x = acts[0][5:9]
+        with pytest.raises(ChunkRefused, match="prefix-cache hit"):
+            gates.step(g.hook, x, torch.tensor(seqs[0][5:9]), torch.arange(5, 9), [Chunk("a", 0, 4, 5, 8)])
+
+
+def test_finished_requests_are_forgotten_and_a_reused_id_starts_afresh(setting):
+    guards, seqs, acts, prompts, specials = setting
+    g = guards["paper"]
+    gates = RequestGates([g], specials)
+    n = prompts[0]
+    gates.step(g.hook, acts[0][:n], torch.tensor(seqs[0][:n]), torch.arange(n), [Chunk("a", 0, n, 0, n)])
+    assert gates.decision("a") is not None
+    gates.keep_only(["b"])
+    assert gates.decision("a") is None and not gates.states
