@@ -282,6 +282,49 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+# ---- serve ----------------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    from .runtime.serve import check_vllm, serve_command
+
+    check_vllm()
+    if args.guardrail and not args.allow_model_mismatch:
+        model, _ = _model(args)
+        _guardrails(args.guardrail, model, verify=True)
+        del model
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    argv, env = serve_command(args.model, args.guardrail, host=args.host, port=args.port, audit_log=args.audit_log,
+                              max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+                              prefix_caching=args.prefix_caching, extra=extra)  # fmt: skip
+    print(f"dsg serve: {args.model} with {len(args.guardrail)} guardrail(s) on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)  # fmt: skip
+    os.execvpe(argv[0], argv, env)  # vLLM's server takes this process over (signals reach it directly)
+    return 0  # pragma: no cover
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="Serve a guarded model with vLLM's OpenAI-compatible server (needs scripts/install-vllm.sh).",
+        description="Start vLLM's OpenAI-compatible server with guardrails inside its engine: each request is "
+        "gated on its own, responses carry x-dsg-gated / x-dsg-rho headers, and every decision is appended to the "
+        "audit log. Arguments after -- go to vLLM.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="Embedded model name or HF model folder.")
+    p.add_argument("--guardrail", action="append", default=[], help="Guardrail directory (repeatable; none: plain).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: loopback only).")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--audit-log", default=None, help="JSONL file the decisions are appended to (dsg-audit.jsonl).")
+    p.add_argument("--max-model-len", type=int, default=2048, help="Longest prompt + completion, in tokens.")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size on CPU, GiB (vLLM's default).")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="Enable prefix caching (refused with a gated guardrail).")  # fmt: skip
+    p.add_argument("--allow-model-mismatch", action="store_true", help="Skip checking the guardrails' model.")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then arguments for vLLM's server.")
+    p.set_defaults(func=cmd_serve)
+
+
 # ---- compare --------------------------------------------------------------------------------------------------
 
 
@@ -316,7 +359,7 @@ def add_compare(sub) -> None:
 
 
 SHARDED_COMMANDS = ("fit", "compare")  # the commands that shard their statistics pass under torchrun
-COMMANDS = [add_demo, add_compare, add_fit, add_eval, add_generate, add_inspect, add_train_sae, add_data]
+COMMANDS = [add_demo, add_compare, add_fit, add_eval, add_generate, add_serve, add_inspect, add_train_sae, add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,89 @@
+"""`dsg serve`: vLLM's own OpenAI-compatible server with guardrails, for the embedded default or a user's model.
+
+    dsg serve --guardrail dsg-demo/guardrail              # SmolLM2-135M-Instruct on 127.0.0.1:8000
+    dsg serve --model ./my-model --guardrail bio/ --guardrail cyber/ --port 9000 -- --max-num-seqs 64
+
+It checks each guardrail against the model (unless --allow-model-mismatch), then runs vLLM's server with the
+settings the guardrails need (runtime/vllm.py says why) and both dsg plugins enabled; arguments after `--` go to
+vLLM unchanged. Needs vLLM in the same environment (scripts/install-vllm.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import DSGError
+from ..guard.guardrail import Guardrail
+from ..lm.models import KNOWN_MODELS, ensure_converted
+
+PLUGINS = ("dsg", "dsg_http")
+
+
+def model_folder(name_or_path: str) -> Path:
+    """The HuggingFace folder vLLM loads: a known model's converted fp32 folder, or the user's folder."""
+    spec = KNOWN_MODELS.get(name_or_path.strip().lower())
+    if spec is not None:
+        return ensure_converted(spec)
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise DSGError(f"{name_or_path!r} is neither a known model ({', '.join(sorted(KNOWN_MODELS))}) nor a "
+                       "HuggingFace model folder with a config.json.")  # fmt: skip
+    return path
+
+
+def serve_command(
+    model: str,
+    guardrails: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    audit_log: str | None = None,
+    max_model_len: int = 2048,
+    kv_cache_gib: float | None = None,
+    prefix_caching: bool = False,
+    extra: Sequence[str] = (),
+    python: str = sys.executable,
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start vLLM's server with these guardrails."""
+    folder = model_folder(model)
+    guards = [Guardrail.load(p, allow_missing_model=True) for p in guardrails]
+    argv = [python, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(folder), "--served-model-name", model, "--host", host, "--port", str(port),
+            "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]  # fmt: skip
+    if kv_cache_gib is not None:
+        argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30)))]
+    argv += ["--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
+    whole = any(g.gated and g.window is None for g in guards)
+    argv += ["--no-enable-chunked-prefill"] if whole else []
+    env = dict(os.environ)
+    if guards:
+        from .vllm import settings_refusal
+
+        why = settings_refusal(guards, prefix_caching, chunked_prefill=False)
+        if why:
+            raise DSGError(f"These guardrails cannot be served with these settings: {why}.")
+        audit = Path(audit_log or "dsg-audit.jsonl").expanduser().resolve()
+        if audit.is_dir():
+            raise DSGError(f"--audit-log {str(audit)!r} is a folder; give a file (JSON lines are appended to it).")
+        audit.parent.mkdir(parents=True, exist_ok=True)
+        config = {"guardrails": [str(Path(p).resolve()) for p in guardrails], "audit_log": str(audit)}
+        argv += ["--additional-config", json.dumps({"dsg": config})]
+        named = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+        if named:  # the user allow-lists plugins: add ours to the list
+            env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*named, *PLUGINS]))
+        else:  # endpoint plugins load only when named; general plugins load when the list names them
+            env["VLLM_PLUGINS"] = ",".join(PLUGINS)
+    argv += list(extra)
+    return argv, env
+
+
+def check_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise DSGError("dsg serve needs vLLM in this environment: run scripts/install-vllm.sh (CPU) or install "
+                       "vllm next to dsg (GPU).") from None  # fmt: skip
