@@ -36,3 +36,13 @@ def tiny_gpt2():
     """(GPT2LMHeadModel with 2 layers, hidden 32; tokenizer without BOS, like SmolLM2's)."""
     tok = bpe_tokenizer(add_bos=False)
     return tiny_model("gpt2", seed=1, vocab=len(tok), positions=256), tok
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`dsg demo --quick` on the embedded default, run once per session: its folder (results, guardrail/)."""
+    from dsg.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out

@@ -12,15 +12,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from dsg.cli import main
-
-    out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    return out
-
-
 def test_demo_quick_writes_results_that_show_forgetting(demo):
     results = json.loads((demo / "results.json").read_text())
     for key in ("forget", "retain", "perplexity", "guardrail", "seconds", "targets"):

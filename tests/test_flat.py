@@ -50,7 +50,7 @@ def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, pre
     """Run the requests through a random continuous-batching schedule; {request: {position: delta}}."""
     rng = random.Random(seed)
     joins = {r: rng.randrange(0, 6) for r in range(len(seqs))}
-    done = {r: 0 for r in range(len(seqs))}  # tokens computed
+    done = dict.fromkeys(range(len(seqs)), 0)  # tokens computed
     out = {r: {} for r in range(len(seqs))}
     preempted = False
     step = 0

@@ -296,7 +296,7 @@ def cmd_serve(args) -> int:
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     argv, env = serve_command(args.model, args.guardrail, host=args.host, port=args.port, audit_log=args.audit_log,
                               max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                              prefix_caching=args.prefix_caching, extra=extra)  # fmt: skip
+                              prefix_caching=args.prefix_caching, dtype=args.dtype, extra=extra)  # fmt: skip
     print(f"dsg serve: {args.model} with {len(args.guardrail)} guardrail(s) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)  # fmt: skip
     os.execvpe(argv[0], argv, env)  # vLLM's server takes this process over (signals reach it directly)
@@ -320,6 +320,7 @@ def add_serve(sub) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size on CPU, GiB (vLLM's default).")
     p.add_argument("--prefix-caching", action="store_true",
                    help="Enable prefix caching (refused with a gated guardrail).")  # fmt: skip
+    p.add_argument("--dtype", default=None, help="Weights dtype in vLLM (float32 for embedded models, else auto).")
     p.add_argument("--allow-model-mismatch", action="store_true", help="Skip checking the guardrails' model.")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then arguments for vLLM's server.")
     p.set_defaults(func=cmd_serve)

@@ -45,14 +45,17 @@ def serve_command(
     max_model_len: int = 2048,
     kv_cache_gib: float | None = None,
     prefix_caching: bool = False,
+    dtype: str | None = None,
     extra: Sequence[str] = (),
     python: str = sys.executable,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start vLLM's server with these guardrails."""
     folder = model_folder(model)
+    if dtype is None:  # dsg runs the embedded models in fp32 (vLLM on CPU would cast them to bf16)
+        dtype = "float32" if model.strip().lower() in KNOWN_MODELS else "auto"
     guards = [Guardrail.load(p, allow_missing_model=True) for p in guardrails]
     argv = [python, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(folder), "--served-model-name", model, "--host", host, "--port", str(port),
+            "--model", str(folder), "--served-model-name", model, "--dtype", dtype, "--host", host, "--port", str(port),
             "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]  # fmt: skip
     if kv_cache_gib is not None:
         argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30)))]

@@ -162,36 +162,38 @@ class GuardedLayer(torch.nn.Module):
             raise DSGError(f"dsg expects vLLM decoder layers to return (hidden, residual); {type(self.layer).__name__} "
                            "does not.")  # fmt: skip
         hidden, residual = out
-        return hidden, torch.ops.dsg.guard_residual(hidden, residual, self.hook_id)
+        return torch.ops.dsg.guard_residual(hidden, residual, self.hook_id)
 
 
 _HOOK_IDS: dict[str, int] = {}
 
 
 @torch.library.custom_op("dsg::guard_residual", mutates_args=())
-def guard_residual(hidden: torch.Tensor, residual: torch.Tensor, hook_id: int) -> torch.Tensor:
-    """`residual` plus the guardrails' deltas at the clamped tokens of the step in progress (vLLM sums hidden and
-    residual in the next layer, so their sum is the residual stream after the hooked layer)."""
-    out = residual.clone()
+def guard_residual(hidden: torch.Tensor, residual: torch.Tensor, hook_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer output (hidden, residual) with the guardrails' deltas at the clamped tokens of the step in
+    progress. vLLM adds hidden and residual in the next layer, so a clamped token leaves here as (0, x + delta),
+    x = hidden + residual: the next layer reads x + delta exactly as the HuggingFace runtime writes it."""
+    hidden_out, residual_out = hidden.clone(), residual.clone()
     step = getattr(_STEP, "value", None)
     if step is None:  # warm-up and profiling runs
-        return out
+        return hidden_out, residual_out
     worker, input_ids, positions, chunks = step
     hook = next(h for h, i in _HOOK_IDS.items() if i == hook_id)
     n = max((c.start + c.length for c in chunks), default=0)
     if n == 0:
-        return out
-    x = hidden[:n].float() + residual[:n].float()
+        return hidden_out, residual_out
+    x = residual[:n].float() + hidden[:n].float()
     found = worker.gates.step(hook, x, input_ids[:n], positions[:n], chunks)
     if found is not None:
         idx, delta = found
-        out[idx] = (residual[idx].float() + delta).to(out.dtype)
-    return out
+        residual_out[idx] = (x[idx] + delta).to(residual.dtype)
+        hidden_out[idx] = 0
+    return hidden_out, residual_out
 
 
 @guard_residual.register_fake
 def _(hidden, residual, hook_id):
-    return torch.empty_like(residual)
+    return torch.empty_like(hidden), torch.empty_like(residual)
 
 
 def _tp_rank() -> int:

@@ -5,9 +5,12 @@ Entry point `vllm.endpoint_plugins: dsg_http` (loaded when `VLLM_PLUGINS` names 
 vLLM turns into the engine's request id; the engine side (runtime/vllm.py) appends each gate decision to the audit
 log under that id, and this plugin answers from the log:
 
-  * response headers `x-dsg-gated` (true when any guardrail gated the request, on its prompt or latched while
-    decoding) and `x-dsg-rho` (each guardrail's rho, comma-separated); a streamed response carries its prompt's
-    decision (sent with the first chunk);
+  * an extra `dsg` field in the response body: `{"gated": true, "guardrails": [{guardrail, event, rho,
+    threshold, gated}]}`, the final decision (gated when any guardrail gated the request, on its prompt or
+    latched while decoding); a streamed response sends it as one more event (`"object": "dsg.decision"`, no
+    choices) before `[DONE]`;
+  * response headers `x-dsg-gated` and `x-dsg-rho` (each guardrail's rho, comma-separated): the final decision,
+    or for a streamed response the prompt's (headers leave with the first chunk);
   * `GET /v1/dsg/decisions/{request_id}`: every audit record of a request.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -72,18 +76,24 @@ class AuditIndex:
         return list(self.by_id.get(request_id, []))
 
 
-def summary(records: list[dict]) -> dict[str, str]:
-    """The response headers for a request's audit records."""
+def decision(records: list[dict]) -> dict:
+    """A request's decision from its audit records: gated (by any guardrail, on its prompt or latched while
+    decoding), and each guardrail's latest record."""
     latest: dict[str, dict] = {}
-    gated = False
     for r in records:
-        latest.setdefault(r.get("guardrail", "?"), r)
-        if r.get("event") == "prompt":
-            latest[r.get("guardrail", "?")] = r
-        gated = gated or bool(r.get("gated"))
+        latest[r.get("guardrail", "?")] = r
     return {
-        "x-dsg-gated": "true" if gated else "false",
-        "x-dsg-rho": ",".join(f"{v.get('rho', 0):.6g}" for v in latest.values()),
+        "gated": any(bool(r.get("gated")) for r in records),
+        "guardrails": [{k: r.get(k) for k in ("guardrail", "event", "rho", "threshold", "gated")}
+                       for r in latest.values()],
+    }  # fmt: skip
+
+
+def headers_for(records: list[dict]) -> dict[str, str]:
+    d = decision(records)
+    return {
+        "x-dsg-gated": "true" if d["gated"] else "false",
+        "x-dsg-rho": ",".join(f"{g['rho']:.6g}" for g in d["guardrails"]),
     }
 
 
@@ -106,7 +116,7 @@ class DSGEndpoint:
 
     def attach_router(self, app) -> None:
         from fastapi.responses import JSONResponse
-        from starlette.responses import StreamingResponse
+        from starlette.responses import Response, StreamingResponse
 
         plugin = self
 
@@ -126,23 +136,38 @@ class DSGEndpoint:
             if response.status_code != 200:
                 return response
             body = response.body_iterator
-            first = None
+            first = b""
             async for chunk in body:  # the first chunk comes once the prompt has been through the engine
-                first = chunk
+                first = chunk if isinstance(chunk, bytes) else chunk.encode()
                 break
-            headers = dict(response.headers) | {"x-request-id": rid}
             records = await plugin._records(rid, 5.0)
-            if records:
-                headers |= summary(records)
+            headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+            headers |= {"x-request-id": rid} | (headers_for(records) if records else {})
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                data = first + b"".join([c if isinstance(c, bytes) else c.encode() async for c in body])
+                try:  # the final decision (a gate may latch while decoding) as an extra field of the body
+                    payload = json.loads(data)
+                    payload["dsg"] = decision(plugin.index.records(rid))
+                    data = json.dumps(payload).encode()
+                    headers |= headers_for(plugin.index.records(rid))
+                except ValueError:
+                    pass
+                return Response(data, status_code=response.status_code, headers=headers)
 
-            async def rest():
-                if first is not None:
-                    yield first
+            async def stream():  # the final decision as one more event before [DONE]
+                pending = first
                 async for chunk in body:
-                    yield chunk
+                    yield pending
+                    pending = chunk if isinstance(chunk, bytes) else chunk.encode()
+                if b"data: [DONE]" in pending:
+                    event = {"id": rid, "object": "dsg.decision", "created": int(time.time()), "model": "",
+                             "choices": [], "dsg": decision(plugin.index.records(rid))}  # fmt: skip
+                    pending = pending.replace(
+                        b"data: [DONE]", b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]"
+                    )
+                yield pending
 
-            return StreamingResponse(rest(), status_code=response.status_code, headers=headers,
-                                     media_type=response.media_type)  # fmt: skip
+            return StreamingResponse(stream(), status_code=response.status_code, headers=headers)
 
     async def init_state(self, engine_client, state, args) -> None:
         extra = getattr(args, "additional_config", None) or {}
