@@ -1,10 +1,21 @@
-"""The lm-eval route: a guarded (or edited) model wrapped as lm-eval's `HFLM`.
+"""The lm-eval route: guardrails (or a weight edit) on lm-eval's `HFLM`.
+
+From Python, any model with any intervention:
 
     with lm_eval_model(model, tokenizer, guard) as lm:
         lm_eval.simple_evaluate(model=lm, tasks=[...])
 
-lm-eval scores each (context, continuation) pair in one forward, so the gate judges the question *and* the
-scored choice together (dsg.eval.mcq judges the prompt alone). Needs `pip install lm-eval`.
+From lm-eval's command line, the registered model `dsg` (this module registers it; `python -m dsg.runtime.lm_eval`
+is lm-eval's own CLI with it registered, since lm-eval finds models only in modules it has imported):
+
+    python -m dsg.runtime.lm_eval run --model dsg --model_args pretrained=smollm2-135m,guardrail=dsg-demo/guardrail \\
+        --tasks wmdp_cyber                         # several guardrails: guardrail=a|b
+
+`pretrained` is an embedded model name or a HuggingFace folder. The `dsg` model judges each context (the question)
+alone and holds that decision for all of its continuations, exactly as `dsg eval` does (dsg.eval.mcq), so both
+give the same accuracy on the same questions. A row whose context cannot be found (a context longer than the
+model's window, cut on the left) is judged as a whole, context and continuation together. `lm_eval_model` keeps
+lm-eval's plain behaviour: each (context, continuation) forward is judged whole.
 """
 
 from __future__ import annotations
@@ -15,7 +26,16 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ..errors import DSGError
+from ..guard.guardrail import Guardrail
+from ..lm.text import pad_batch, pad_id_of, position_ids
+from .hf import attach
 from .intervention import Intervention, as_intervention
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError:  # lm-eval is optional
+    HFLM = None
 
 
 @contextmanager
@@ -23,10 +43,86 @@ def lm_eval_model(
     model: torch.nn.Module, tokenizer, intervention: Intervention | Sequence | None = None, **hflm_kwargs
 ) -> Iterator:
     """An lm-eval `HFLM` over `model` with `intervention` applied for the block."""
-    try:
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        raise DSGError("lm_eval_model needs lm-eval: pip install lm-eval.") from None
+    if HFLM is None:
+        raise DSGError("lm_eval_model needs lm-eval: pip install lm-eval.")
     intervention = as_intervention(intervention)
     with intervention.applied(model, verify=False) if intervention is not None else nullcontext():
         yield HFLM(pretrained=model, tokenizer=tokenizer, **hflm_kwargs)
+
+
+if HFLM is not None:
+
+    @register_model("dsg")
+    class DSGLM(HFLM):
+        """lm-eval's HF model with guardrails: each context judged alone, its decision held for its continuations."""
+
+        def __init__(
+            self, pretrained: str = "smollm2-135m", guardrail: str | None = None, allow_model_mismatch: bool = False,
+            **kwargs,
+        ):  # fmt: skip
+            from ..lm.models import load_model
+
+            model, tokenizer = load_model(str(pretrained))
+            kwargs.setdefault("batch_size", 8)
+            super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+            paths = [p for p in str(guardrail or "").split("|") if p.strip()]
+            self.guardrails = [Guardrail.load(p.strip(), allow_missing_model=allow_model_mismatch) for p in paths]
+            if not allow_model_mismatch:
+                for g in self.guardrails:
+                    g.check_model(model)
+            self._decisions: dict[tuple[int, ...], torch.Tensor] = {}
+            self._lengths: list[int] = []
+
+        @torch.inference_mode()
+        def _judge(self, contexts: list[tuple[int, ...]]) -> None:
+            """Each distinct context's decisions [G], judged alone (left-padded prompt batches, as dsg eval)."""
+            todo = [c for c in dict.fromkeys(contexts) if c and c not in self._decisions]
+            pad = pad_id_of(self.tokenizer, self.model)
+            for start in range(0, len(todo), self.batch_size if isinstance(self.batch_size, int) else 8):
+                chunk = todo[start : start + (self.batch_size if isinstance(self.batch_size, int) else 8)]
+                ids, mask = pad_batch([list(c) for c in chunk], pad, side="left")
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                with attach(self.model, *self.guardrails, verify=False) as session:
+                    self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+                for c, d in zip(chunk, session.decisions().cpu()):
+                    self._decisions[c] = d
+            self._lengths = sorted({len(c) for c in self._decisions}, reverse=True)
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            if self.guardrails:
+                self._judge([tuple(context_enc) for _, context_enc, _ in requests])
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+
+        def _held(self, inps: torch.Tensor) -> torch.Tensor | None:
+            """The held decisions [B, G] of the rows' contexts (longest context that prefixes the row), or None
+            when some row's context is unknown."""
+            rows = inps.tolist()
+            out = []
+            for row in rows:
+                found = next((self._decisions[tuple(row[:n])] for n in self._lengths
+                              if n <= len(row) and tuple(row[:n]) in self._decisions), None)  # fmt: skip
+                if found is None:
+                    return None
+                out.append(found)
+            return torch.stack(out)
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if not self.guardrails:
+                return super()._model_call(inps, attn_mask, labels)
+            with attach(self.model, *self.guardrails, verify=False) as session:
+                session.hold(self._held(inps.cpu()))
+                return super()._model_call(inps, attn_mask, labels)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            if not self.guardrails:
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            with attach(self.model, *self.guardrails, verify=False):
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+
+if __name__ == "__main__":
+    if HFLM is None:
+        raise SystemExit("python -m dsg.runtime.lm_eval needs lm-eval: pip install lm-eval.")
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

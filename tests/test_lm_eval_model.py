@@ -1,0 +1,77 @@
+"""The registered lm-eval model `dsg`, run by the real lm-eval command line on local tasks built from our question
+files, gives the accuracy `dsg eval` gives on the same questions, with the demo's guardrail and without."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed"),
+]
+
+TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _lm_eval(tmp, model_args: str, tasks: list[str], out: str) -> dict:
+    cmd = [sys.executable, "-m", "dsg.runtime.lm_eval", "run", "--model", "dsg", "--model_args", model_args,
+           "--tasks", *tasks, "--include_path", str(tmp), "--batch_size", "8", "--output_path", str(tmp / out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = sorted((tmp / out).rglob("results*.json"))
+    assert found, done.stdout[-2000:]
+    return json.loads(found[-1].read_text())["results"]
+
+
+def test_registered_lm_eval_model_matches_dsg_eval(demo, tmp_path):
+    from dsg import Guardrail
+    from dsg.data import load_domain
+    from dsg.eval import score_mcq
+    from dsg.models import load_model
+
+    tasks = {}
+    for domain in ("cyber", "geography"):
+        qs = [q.to_json() for q in load_domain(domain).questions["test"][:24]]
+        path = tmp_path / f"{domain}.jsonl"
+        path.write_text("".join(json.dumps(q) + "\n" for q in qs))
+        (tmp_path / f"{domain}.yaml").write_text(TASK.format(name=f"dsg_{domain}", path=path))
+        tasks[f"dsg_{domain}"] = qs
+    guard = demo / "guardrail"
+    guarded = _lm_eval(tmp_path, f"pretrained=smollm2-135m,guardrail={guard}", list(tasks), "guarded")
+    base = _lm_eval(tmp_path, "pretrained=smollm2-135m", list(tasks), "base")
+
+    model, tok = load_model("smollm2-135m")
+    g = Guardrail.load(guard, model=model)
+    changed = False
+    for name, qs in tasks.items():
+        for results, intervention in ((guarded, [g]), (base, None)):
+            ours = score_mcq(model, tok, qs, intervention=intervention, progress=False)
+            acc = sum(r.prediction == q["answer"] for r, q in zip(ours, qs)) / len(qs)
+            acc_norm = sum(r.prediction_norm == q["answer"] for r, q in zip(ours, qs)) / len(qs)
+            assert results[name]["acc,none"] == pytest.approx(acc, abs=1e-9), (name, intervention is not None)
+            assert results[name]["acc_norm,none"] == pytest.approx(acc_norm, abs=1e-9), (name, intervention is not None)
+        changed |= guarded[name]["acc,none"] != base[name]["acc,none"]
+    assert changed  # the guardrail acts inside lm-eval (the cyber accuracy moves)
