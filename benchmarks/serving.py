@@ -111,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(2)
     model, tok = load_model("smollm2-135m")
     guard = Guardrail.load(args.guardrail)
-    for rep in range(args.repeats):
+    for _ in range(args.repeats):
         for c in levels:
             runs["hf"][c].append(_hf(model, tok, guard, c, args.tokens))
     med = {k: {c: statistics.median(v) for c, v in per.items()} for k, per in runs.items()}

@@ -38,7 +38,8 @@ metric_list:
 
 def _lm_eval(tmp, model_args: str, tasks: list[str], out: str) -> dict:
     cmd = [sys.executable, "-m", "dsg.runtime.lm_eval", "run", "--model", "dsg", "--model_args", model_args,
-           "--tasks", *tasks, "--include_path", str(tmp), "--batch_size", "8", "--output_path", str(tmp / out)]  # fmt: skip
+           "--tasks", *tasks, "--include_path", str(tmp), "--batch_size", "8",
+           "--output_path", str(tmp / out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     found = sorted((tmp / out).rglob("results*.json"))
