@@ -1,0 +1,94 @@
+"""The parts of serving that need no vLLM: the command `dsg serve` builds (the settings each kind of guardrail
+needs, refusals, plugin allow-list), and the API server's reading of the audit log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import dsg
+from dsg.errors import DSGError
+from dsg.runtime.serve import serve_command
+from dsg.runtime.vllm import settings_refusal
+from dsg.runtime.vllm_http import AuditIndex, decision, headers_for
+
+from tiny import tiny_sae
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    sae = tiny_sae(d_in=32, hook="blocks.0.hook_resid_post")
+    dsg.Guardrail(sae, features=[1, 2], threshold=0.2).save(tmp_path / "paper")
+    dsg.Guardrail(sae, features=[1, 2], threshold=0.2, window=8).save(tmp_path / "window")
+    dsg.Guardrail(sae, features=[1, 2], gated=False).save(tmp_path / "static")
+    return tmp_path
+
+
+def _arg(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_serve_command_for_the_paper_gate(folder, monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    argv, env = serve_command(str(folder / "model"), [str(folder / "paper")], port=9001, audit_log=str(folder / "a"),
+                              max_model_len=1024, extra=["--max-num-seqs", "4"])  # fmt: skip
+    assert "--no-enable-prefix-caching" in argv and "--no-enable-chunked-prefill" in argv
+    assert _arg(argv, "--max-num-batched-tokens") == "1024"  # a whole prompt always fits one step
+    assert _arg(argv, "--port") == "9001" and _arg(argv, "--host") == "127.0.0.1"
+    assert _arg(argv, "--dtype") == "auto" and argv[-2:] == ["--max-num-seqs", "4"]
+    config = json.loads(_arg(argv, "--additional-config"))["dsg"]
+    assert config["guardrails"] == [str((folder / "paper").resolve())]
+    assert config["audit_log"] == str((folder / "a").resolve())
+    assert env["VLLM_PLUGINS"] == "dsg,dsg_http"
+
+
+def test_serve_command_keeps_the_users_plugins_and_lets_windows_chunk(folder, monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", "theirs")
+    argv, env = serve_command(str(folder / "model"), [str(folder / "window")])
+    assert "--no-enable-chunked-prefill" not in argv  # the windowed gate is prefix-causal
+    assert env["VLLM_PLUGINS"] == "theirs,dsg,dsg_http"
+
+
+def test_prefix_caching_is_refused_for_gated_guardrails_only(folder):
+    for kind in ("paper", "window"):
+        with pytest.raises(DSGError, match="prefix caching"):
+            serve_command(str(folder / "model"), [str(folder / kind)], prefix_caching=True)
+    argv, _ = serve_command(str(folder / "model"), [str(folder / "static")], prefix_caching=True)
+    assert "--enable-prefix-caching" in argv
+
+
+def test_settings_refusal_names_the_reason(folder):
+    paper = dsg.Guardrail.load(folder / "paper", allow_missing_model=True)
+    window = dsg.Guardrail.load(folder / "window", allow_missing_model=True)
+    assert "chunked prefill" in settings_refusal([paper], False, True)
+    assert settings_refusal([window], False, True) is None
+    assert settings_refusal([paper], False, False) is None
+
+
+def test_serve_refuses_a_folder_that_is_no_model(folder):
+    with pytest.raises(DSGError, match="config.json"):
+        serve_command(str(folder), [])
+
+
+def test_audit_index_reads_appended_lines_and_finds_requests_by_client_id(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    index = AuditIndex(log)
+    assert index.records("abc") == []  # no log yet
+    rows = [
+        {"request_id": "chatcmpl-abc-1a2b3c4d", "event": "prompt", "guardrail": "g", "rho": 0.1, "gated": False},
+        {"request_id": "cmpl-xyz-0-9f9f9f9f", "event": "prompt", "guardrail": "g", "rho": 0.6, "gated": True},
+    ]
+    log.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:20])  # the second line half-written
+    assert [r["rho"] for r in index.records("abc")] == [0.1]
+    assert index.records("xyz") == []
+    with open(log, "a") as f:
+        f.write(json.dumps(rows[1])[20:] + "\n")
+        f.write(json.dumps(rows[0] | {"event": "latched", "rho": 0.5, "gated": True}) + "\n")
+    assert [r["rho"] for r in index.records("xyz")] == [0.6]
+    found = index.records("abc")
+    assert decision(found)["gated"] is True  # latched while decoding
+    assert headers_for(found) == {"x-dsg-gated": "true", "x-dsg-rho": "0.5"}
+    assert headers_for(index.records("xyz"))["x-dsg-gated"] == "true"
