@@ -1,10 +1,12 @@
 """Serving throughput with guardrails: vLLM's OpenAI-compatible server with and without a guardrail, and HF
 `generate` with the guardrail, at the same concurrency, on the embedded default.
 
-Both vLLM servers run at once (loopback ports) and are measured in turns, repeat by repeat, so machine noise hits
-both alike; each cell is the median over repeats of output tokens per second (every request decodes exactly
+The two vLLM servers take turns, repeat by repeat (one at a time: vLLM binds its threads to the cores, so two
+engines on one small machine would fight over them), with the order alternating between repeats so that drift
+hits both alike; each cell is the median over repeats of output tokens per second (every request decodes exactly
 --tokens tokens: `ignore_eos`). Requests mix offensive-cyber and benign chat prompts, so the guarded server
-gates some and not others. HF generates each concurrency level as one left-padded batch under `dsg.attach`.
+gates some and not others. Both servers run with the settings the paper's gate needs (no chunked prefill, no
+prefix caching), so the ratio is the guardrail's own cost. HF generates each concurrency level as one left-padded batch under `dsg.attach`.
 
     bash scripts/install-vllm.sh && .venv/bin/dsg demo            # once: vLLM, and a guardrail to serve
     .venv/bin/python benchmarks/serving.py --guardrail dsg-demo/guardrail [--levels 1,8,32] [--repeats 3]
@@ -87,27 +89,23 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="dsg-serving-"))
-    plain, guarded = Server([], tmp), Server([Path(args.guardrail)], tmp)
     runs: dict[str, dict[int, list[float]]] = {k: {c: [] for c in levels} for k in ("plain", "guarded", "hf")}
     gated: dict[int, int] = {}
-    try:
-        plain.wait_ready()
-        guarded.wait_ready()
-        for url in (plain.url, guarded.url):  # warm both (first requests compile and fill caches)
-            asyncio.run(_load(url, 8, 8))
-        for rep in range(args.repeats):
-            for c in levels:
-                order = [("plain", plain.url), ("guarded", guarded.url)]
-                for name, url in order if rep % 2 == 0 else order[::-1]:
-                    seconds, n, g = asyncio.run(_load(url, c, args.tokens))
+    for rep in range(args.repeats):
+        order = [("plain", []), ("guarded", [Path(args.guardrail)])]
+        for name, guards in order if rep % 2 == 0 else order[::-1]:
+            server = Server(guards, tmp, ("--", "--no-enable-chunked-prefill"))  # both: the paper gate's settings
+            try:
+                server.wait_ready()
+                asyncio.run(_load(server.url, 8, 8))  # warm up
+                for c in levels:
+                    seconds, n, g = asyncio.run(_load(server.url, c, args.tokens))
                     runs[name][c].append(n / seconds)
                     if name == "guarded":
                         gated[c] = g
-                print(f"repeat {rep + 1}: concurrency {c}: plain {runs['plain'][c][-1]:.1f} tok/s, guarded "
-                      f"{runs['guarded'][c][-1]:.1f} tok/s", flush=True)  # fmt: skip
-    finally:
-        plain.stop()
-        guarded.stop()
+                    print(f"repeat {rep + 1}: {name}: concurrency {c}: {n / seconds:.1f} tok/s", flush=True)
+            finally:
+                server.stop()
     torch.set_num_threads(2)
     model, tok = load_model("smollm2-135m")
     guard = Guardrail.load(args.guardrail)

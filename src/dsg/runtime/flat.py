@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import DSGError
@@ -48,6 +49,11 @@ class Chunk:
     def prompt_tokens(self) -> int:
         """How many of the chunk's tokens belong to the prompt."""
         return max(0, min(self.prompt_length - self.position, self.length))
+
+
+def _gated(state) -> bool:
+    """The latched decision of a state: integer counts (the paper's gate) or tensors (the windowed gate)."""
+    return bool(state.gated) if isinstance(state.gated, bool) else bool(state.gated[0])
 
 
 def _stack(states: list) -> tuple:
@@ -90,7 +96,7 @@ class RequestGates:
         states = self.states.get(request_id)
         if states is None or any(s is None for s in states):
             return None
-        return [bool(s.gated[0]) for s in states]
+        return [_gated(s) for s in states]
 
     def real(self, input_ids_N: torch.Tensor, positions_N: torch.Tensor) -> torch.Tensor:
         specials = self.specials.to(input_ids_N.device)
@@ -144,21 +150,45 @@ class RequestGates:
         return out
 
     def _decode(self, i: int, g: Guardrail, chunks: list[Chunk], a_N, real_N, clamp_N) -> None:
-        """Chunks of generated tokens only, all in one batched call of the rule."""
+        """Chunks of generated tokens only (each decoding request's new token)."""
         states = [self.states[c.request_id][i] for c in chunks]
         missing = [c.request_id for c, s in zip(chunks, states) if s is None]
         if missing and g.gated:
             raise ChunkRefused(f"Request {missing[0]!r} is decoding, but its prompt never reached the guardrail.")
-        if missing:  # a static guardrail keeps no state worth having
-            states = [s if s is not None else rule.GateState.start(1, a_N.device) for s in states]
+        if g.window is None:
+            self._decode_counts(i, g, chunks, states, a_N, real_N, clamp_N)
+            return
         a, real = self._segment(chunks, a_N), self._segment(chunks, real_N)
         before = [bool(s.gated[0]) for s in states]
         clamp, state = g.gate(a, real, 0, _stack(states))
         for r, (c, s) in enumerate(zip(chunks, _unstack(state, len(chunks)))):
             self.states[c.request_id][i] = s
             clamp_N[c.start : c.start + c.length] |= clamp[r, : c.length]
-            if g.gated and not before[r] and bool(s.gated[0]):
+            if not before[r] and bool(s.gated[0]):
                 self._event(c, i, g, s, "latched")
+
+    def _decode_counts(self, i: int, g: Guardrail, chunks, states, a_N, real_N, clamp_N) -> None:
+        """The paper's gate (or a static clamp) on generated tokens, as rule.gate computes it (rho in float32, the
+        latch, only real tokens move the gate), on integer counts: one tensor read per step, whatever the number
+        of requests."""
+        a, real = a_N.tolist(), real_N.tolist()
+        threshold = np.float32(g.threshold)
+        clamped = []
+        for c, s in zip(chunks, states):
+            flagged, n_real, on = s if s is not None else (0, 0, True)
+            was = on
+            for t in range(c.start, c.start + c.length):
+                if real[t]:
+                    flagged, n_real = flagged + a[t], n_real + 1
+                    if g.gated and not on and np.float32(flagged) / np.float32(n_real) > threshold:
+                        on = True
+                if a[t] and (on or not g.gated):
+                    clamped.append(t)
+            self.states[c.request_id][i] = rule.GateState(flagged, n_real, on)
+            if g.gated and not was and on:
+                self._event(c, i, g, self.states[c.request_id][i], "latched")
+        if clamped:
+            clamp_N[torch.tensor(clamped, dtype=torch.long, device=clamp_N.device)] = True
 
     def _prefill(self, i: int, g: Guardrail, c: Chunk, a_N, real_N, clamp_N) -> None:
         whole = g.window is None and g.gated  # the paper's gate judges the prompt whole
@@ -169,8 +199,12 @@ class RequestGates:
                 "chunked prefill off (max-num-batched-tokens at least max-model-len), or use a windowed guardrail."
             )
         prev = self.states[c.request_id][i]
+        if g.window is None:  # integer counts between steps (see _decode_counts); a prompt starts afresh
+            prev = None
         sl = slice(c.start, c.start + c.length)
         clamp, state = g.gate(a_N[None, sl], real_N[None, sl], c.prompt_tokens, prev)
+        if g.window is None:
+            state = rule.GateState(int(state.flagged[0]), int(state.real[0]), bool(state.gated[0]))
         self.states[c.request_id][i] = state
         clamp_N[sl] |= clamp[0]
         if c.position + c.prompt_tokens == c.prompt_length:
@@ -182,7 +216,7 @@ class RequestGates:
         if isinstance(state, rule.WindowState):
             score = float(state.peak[0])
         else:
-            score = float(state.flagged[0]) / max(int(state.real[0]), 1)
+            score = int(state.flagged) / max(int(state.real), 1)
         self.on_event({
             "time": time.time(),
             "request_id": c.request_id,
@@ -190,6 +224,6 @@ class RequestGates:
             **self.labels[i],
             "rho": round(score, 6),
             "threshold": g.threshold if g.gated else None,
-            "gated": bool(state.gated[0]),
+            "gated": _gated(state),
             "prompt_tokens": c.prompt_length,
         })  # fmt: skip
