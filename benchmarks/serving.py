@@ -6,7 +6,8 @@ engines on one small machine would fight over them), with the order alternating 
 hits both alike; each cell is the median over repeats of output tokens per second (every request decodes exactly
 --tokens tokens: `ignore_eos`). Requests mix offensive-cyber and benign chat prompts, so the guarded server
 gates some and not others. Both servers run with the settings the paper's gate needs (no chunked prefill, no
-prefix caching), so the ratio is the guardrail's own cost. HF generates each concurrency level as one left-padded batch under `dsg.attach`.
+prefix caching), so the ratio is the guardrail's own cost. HF generates each concurrency level as one left-padded
+batch under `dsg.attach`.
 
     bash scripts/install-vllm.sh && .venv/bin/dsg demo            # once: vLLM, and a guardrail to serve
     .venv/bin/python benchmarks/serving.py --guardrail dsg-demo/guardrail [--levels 1,8,32] [--repeats 3]

@@ -59,9 +59,10 @@ class Server:
         self.audit = tmp / f"audit-{self.port}.jsonl"
         self.log = open(tmp / f"server-{self.port}.log", "w")  # noqa: SIM115 (closed in stop)
         args = [str(VLLM_PYTHON), "-m", "dsg", "serve", "--port", str(self.port), "--audit-log", str(self.audit),
-                "--kv-cache-gib", "1", *extra]  # fmt: skip
+                "--kv-cache-gib", "1"]  # fmt: skip
         for g in guardrails:
             args += ["--guardrail", str(g)]
+        args += list(extra)  # last: after `--` they go to vLLM
         env = os.environ | {"VLLM_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "2"}
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
