@@ -74,3 +74,32 @@ def test_shares_cover_every_item_once(monkeypatch):
             seen += [i for i, _ in parallel.my_share(items)]
         assert [i for i, _ in parallel.my_share(items)] == items  # outside sharded(): everything, here
     assert sorted(seen) == items
+
+
+def test_torchrun_compare_shares_the_statistics_pass_and_gives_the_single_process_results(ws):
+    """Under torchrun, compare's statistics pass is sharded and the rest runs in the first process: the same
+    comparison as one process (every swept configuration's validation summary, the choice, the test numbers)."""
+    import json
+
+    qs = {"cyber": ("The exploit", ["payload", "buffer", "shellcode", "packet"]),
+          "geo": ("The capital", ["Paris", "Tokyo", "Lima", "Rome"])}  # fmt: skip
+    for name, (stem, answers) in qs.items():
+        rows = [{"question": f"{stem} number {i} is", "choices": answers, "answer": i % 4} for i in range(12)]
+        (ws / f"{name}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in rows))
+    args = ["compare", "--model", str(ws / "model"), "--sae", str(ws / "relu"), "--forget-corpus",
+            str(ws / "forget.txt"), "--retain-corpus", str(ws / "retain.txt"), "--forget-questions",
+            str(ws / "cyber.jsonl"), "--retain-questions", str(ws / "geo.jsonl"), "--heldout", str(ws / "retain.txt"),
+            "--methods", "dsg", "--budget", "0.1", "--generation-tokens", "4", "--fit-sequences", "16"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    results = {}
+    for nproc, cmd in ((1, [sys.executable, "-m", "dsg"]), (2, [*TORCHRUN, "2", "-m", "dsg"])):
+        out = ws / f"compare_{nproc}"
+        done = subprocess.run([*cmd, *args, "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[nproc] = json.loads((out / "compare.json").read_text())
+    one, two = results[1]["methods"]["dsg"], results[2]["methods"]["dsg"]
+    for key in ("chosen", "test", "generations"):
+        assert one[key] == two[key], key
+    untimed = [[{k: v for k, v in r.items() if not k.endswith("seconds")} for r in x["sweep"]] for x in (one, two)]
+    assert untimed[0] == untimed[1] and untimed[0]  # wall times aside, every swept configuration is the same
+    assert results[1]["base"] == results[2]["base"]
