@@ -9,6 +9,7 @@ import pytest
 
 import dsg
 from dsg.errors import DSGError
+from dsg.guard.integrity import HASH_FIELD
 from dsg.runtime.serve import serve_command
 from dsg.runtime.vllm import settings_refusal
 from dsg.runtime.vllm_http import AuditIndex, decision, headers_for
@@ -66,6 +67,8 @@ def test_settings_refusal_names_the_reason(folder):
     assert "chunked prefill" in settings_refusal([paper], False, True)
     assert settings_refusal([window], False, True) is None
     assert settings_refusal([paper], False, False) is None
+    # the audit log names a loaded guardrail by the content hash it was verified against
+    assert paper.content_sha256 == json.loads((folder / "paper" / "guardrail.json").read_text())[HASH_FIELD]
 
 
 def test_serve_refuses_a_folder_that_is_no_model(folder):

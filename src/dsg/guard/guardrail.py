@@ -144,6 +144,7 @@ class Guardrail:
         self.name = name
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
+        self.content_sha256: str | None = None  # the hash of the files it was loaded from (None: not loaded)
 
     @property
     def sae_sha256(self) -> str:
@@ -308,6 +309,7 @@ class Guardrail:
             stats,
             meta.get("window"),
         )
+        guard.content_sha256 = meta[HASH_FIELD]  # verified above
         if model is not None:
             guard.check_model(model)
         return guard

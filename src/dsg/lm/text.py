@@ -62,10 +62,15 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
 
 def special_token_ids(model: torch.nn.Module) -> list[int]:
     """BOS, EOS and PAD ids from the model's config and generation config."""
+    return special_ids_in(getattr(model, "config", None), getattr(model, "generation_config", None))
+
+
+def special_ids_in(*configs) -> list[int]:
+    """BOS, EOS and PAD ids named by configs (objects with those attributes, or dicts; None is skipped)."""
     ids: set[int] = set()
-    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+    for cfg in configs:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(cfg, key, None)
+            value = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, (list, tuple)):

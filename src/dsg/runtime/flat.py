@@ -122,13 +122,13 @@ class RequestGates:
                         "hit, which the guardrail cannot judge; serve it with prefix caching off."
                     )
                 self.states[c.request_id] = [None] * len(self.guardrails)
+        decoding = [c for c in chunks if c.prompt_tokens == 0]
+        prefilling = [c for c in chunks if c.prompt_tokens > 0]
         out_idx, out_delta = [], []
         for i in members:
             g = self.guardrails[i]
             f, a = g.flags(x[None], real_N[None])
             clamp_N = torch.zeros(n, dtype=torch.bool, device=x.device)
-            decoding = [c for c in chunks if c.prompt_tokens == 0]
-            prefilling = [c for c in chunks if c.prompt_tokens > 0]
             if decoding:
                 self._decode(i, g, decoding, a[0], real_N, clamp_N)
             for c in prefilling:

@@ -78,8 +78,9 @@ if HFLM is not None:
             """Each distinct context's decisions [G], judged alone (left-padded prompt batches, as dsg eval)."""
             todo = [c for c in dict.fromkeys(contexts) if c and c not in self._decisions]
             pad = pad_id_of(self.tokenizer, self.model)
-            for start in range(0, len(todo), self.batch_size if isinstance(self.batch_size, int) else 8):
-                chunk = todo[start : start + (self.batch_size if isinstance(self.batch_size, int) else 8)]
+            size = self.batch_size if isinstance(self.batch_size, int) else 8  # "auto" sizes: judge 8 at a time
+            for start in range(0, len(todo), size):
+                chunk = todo[start : start + size]
                 ids, mask = pad_batch([list(c) for c in chunk], pad, side="left")
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 with attach(self.model, *self.guardrails, verify=False) as session:

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DSGError
-from ..guard.guardrail import JSON_NAME, Guardrail
-from ..guard.integrity import HASH_FIELD
+from ..guard.guardrail import Guardrail
+from ..lm.text import special_ids_in
 from .flat import Chunk, RequestGates
 
 CONFIG_KEY = "dsg"
@@ -74,10 +74,8 @@ class _Worker:
         self.guardrails = [Guardrail.load(p, allow_missing_model=True) for p in paths]
         if not self.guardrails:
             raise DSGError("additional_config.dsg.guardrails names no guardrail.")
-        labels = []
-        for p, g in zip(paths, self.guardrails):
-            meta = json.loads((Path(p) / JSON_NAME).read_text())
-            labels.append({"guardrail": g.name or Path(p).name, "guardrail_sha256": str(meta.get(HASH_FIELD, ""))})
+        labels = [{"guardrail": g.name or Path(p).name, "guardrail_sha256": g.content_sha256}
+                  for p, g in zip(paths, self.guardrails)]  # fmt: skip
         vc = runner.vllm_config
         sched, cache = vc.scheduler_config, vc.cache_config
         chunked = bool(sched.enable_chunked_prefill) and sched.max_num_batched_tokens < vc.model_config.max_model_len
@@ -91,16 +89,8 @@ class _Worker:
         self.audit = Path(config["audit_log"]) if config.get("audit_log") else None
         self.write_audit = self.audit is not None and _tp_rank() == 0
         self.lock = threading.Lock()
-        hf = vc.model_config.hf_config
-        specials = set()
-        generation = vc.model_config.try_get_generation_config() or {}
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            for v in (getattr(hf, key, None), generation.get(key)):
-                if isinstance(v, int):
-                    specials.add(v)
-                elif isinstance(v, (list, tuple)):
-                    specials.update(int(x) for x in v)
-        self.gates = RequestGates(self.guardrails, sorted(specials), on_event=self.record, labels=labels)
+        specials = special_ids_in(vc.model_config.hf_config, vc.model_config.try_get_generation_config() or {})
+        self.gates = RequestGates(self.guardrails, specials, on_event=self.record, labels=labels)
         self.hooks = {g.hook: _layer_index(g.hook) for g in self.guardrails}
         device = runner.device
         for g in self.guardrails:
@@ -153,8 +143,9 @@ class GuardedLayer(torch.nn.Module):
         super().__init__()
         self.layer = layer
         self.hook = hook
-        _HOOK_IDS.setdefault(hook, len(_HOOK_IDS))
-        self.hook_id = _HOOK_IDS[hook]
+        if hook not in _HOOKS:
+            _HOOKS.append(hook)
+        self.hook_id = _HOOKS.index(hook)
 
     def forward(self, *args, **kwargs):
         out = self.layer(*args, **kwargs)
@@ -165,7 +156,7 @@ class GuardedLayer(torch.nn.Module):
         return torch.ops.dsg.guard_residual(hidden, residual, self.hook_id)
 
 
-_HOOK_IDS: dict[str, int] = {}
+_HOOKS: list[str] = []  # hook names; the op receives an index (custom ops take no strings in compiled graphs)
 
 
 @torch.library.custom_op("dsg::guard_residual", mutates_args=())
@@ -178,7 +169,7 @@ def guard_residual(hidden: torch.Tensor, residual: torch.Tensor, hook_id: int) -
     if step is None:  # warm-up and profiling runs
         return hidden_out, residual_out
     worker, input_ids, positions, chunks = step
-    hook = next(h for h, i in _HOOK_IDS.items() if i == hook_id)
+    hook = _HOOKS[hook_id]
     n = max((c.start + c.length for c in chunks), default=0)
     if n == 0:
         return hidden_out, residual_out

@@ -147,9 +147,10 @@ class DSGEndpoint:
                 data = first + b"".join([c if isinstance(c, bytes) else c.encode() async for c in body])
                 try:  # the final decision (a gate may latch while decoding) as an extra field of the body
                     payload = json.loads(data)
-                    payload["dsg"] = decision(plugin.index.records(rid))
+                    final = plugin.index.records(rid)
+                    payload["dsg"] = decision(final)
                     data = json.dumps(payload).encode()
-                    headers |= headers_for(plugin.index.records(rid))
+                    headers |= headers_for(final)
                 except ValueError:
                     pass
                 return Response(data, status_code=response.status_code, headers=headers)
