@@ -81,7 +81,7 @@ def main() -> None:
     train_texts = [
         t for name in ("cyber", "hpo", "geography", "chemistry", "general") for t in load_domain(name).texts["fit"]
     ]
-    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general)
+    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general, tok)
     base_cache: dict = {}
     rows = []
     for layer in [int(x) for x in args.layers.split(",")]:

@@ -9,8 +9,10 @@ questions (the demo and `dsg compare` report test questions):
     benign mentions gated % benign text that mentions a security term in passing (false positives)
     held-out text gated %   256-token windows of held-out retain documents (false positives on long text)
     ppl change              held-out retain perplexity, guarded vs base
+    rep. 3-grams, answer ppl  fluency of greedy answers to forget prompts (eval/fluency.py): repeated 3-gram share
+                            (base -> guarded) and the guarded answers' perplexity under the base model
 
-    python benchmarks/precision.py [--questions 100] [--variants paper,window16,window32]
+    python benchmarks/precision.py [--questions 100] [--variants paper,window16,detector8]
 
 Prints the table and writes benchmarks/results/precision.json.
 """
@@ -32,10 +34,13 @@ from dsg.lm.models import load_model
 from dsg.tables import pct, table
 
 VARIANTS = {
-    "paper": {},  # the whole-input share, rho > tau (the shipped default)
+    "paper": {},  # the whole-input share, rho > tau
     "window16": {"gate_window": 16},
-    "window32": {"gate_window": 32},
-    "window16-active": {"gate_window": 16, "clamp_mode": "active"},
+    "detector8": {"gate_window": 8, "detector": True, "gate_percentile": 99.0},
+    "detector8-p95": {"gate_window": 8, "detector": True},
+    "detector16": {"gate_window": 16, "detector": True, "gate_percentile": 99.0},
+    "detector8-active": {"gate_window": 8, "detector": True, "gate_percentile": 99.0, "clamp_mode": "active"},
+    "detector8-c100": {"gate_window": 8, "detector": True, "gate_percentile": 99.0, "clamp": 100.0},
 }
 
 
@@ -56,6 +61,10 @@ def row(name: str, ev: dict) -> tuple[list[str], dict]:
     cells += [pct(out["forget_base_correct_k1000"]), pct(out["mentions_gate"]), pct(out["perplexity_gate"])]
     cells.append(f"{100 * ev['perplexity']['relative_change']:+.2f}%")
     out["perplexity_change"] = ev["perplexity"]["relative_change"]
+    flu = ev["fluency"]
+    cells += [f"{pct(flu['base']['repeated_3gram'])} -> {pct(flu['guarded']['repeated_3gram'])}",
+              f"{flu['guarded']['base_perplexity']:.1f}"]  # fmt: skip
+    out["fluency"] = {k: dict(flu[k]) for k in ("base", "guarded")}
     return cells, out
 
 
@@ -71,12 +80,13 @@ def main() -> None:
     model, tok = load_model(setting.model)
     sae = setting.load_sae()
     forget, retain, general = setting.domains()
-    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general)
+    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general, tok)
     stats = measure(model, tok, sae, forget_texts, retain_texts, DEMO_FIT)
     header = ["variant", "forget base-correct %", "forget gated %"]
     header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
     header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "forget base-correct % k=1000",
-               "benign mentions gated %", "held-out text gated %", "ppl change"]  # fmt: skip
+               "benign mentions gated %", "held-out text gated %", "ppl change", "rep. 3-grams % base -> guarded",
+               "answer ppl"]  # fmt: skip
     rows, results, cache = [], {}, {}
     for name in args.variants.split(","):
         t = time.perf_counter()
@@ -89,6 +99,7 @@ def main() -> None:
         results[name] = out | {
             "config": VARIANTS[name],
             "threshold": guard.threshold,
+            "detector_latents": len(guard.detector) if guard.detector is not None else None,
             "seconds": time.perf_counter() - t,
         }
         print(table(header, rows), flush=True)

@@ -97,7 +97,7 @@ def prompt_rho(model, tok, guard: dsg.Guardrail, prompt: str) -> float:
     with hooked(model, guard.hook, lambda x: seen.setdefault("x", x)):
         model(input_ids=ids)
     real = real_token_mask(ids, None, [0, 1, 2])
-    _, a = guard.flags(seen["x"], real)
+    _, a, _ = guard.flags(seen["x"], real)
     return float(rule.rho(a, real)[0])
 
 

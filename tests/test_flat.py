@@ -27,6 +27,9 @@ def setting(tiny_llama):
     paper = dsg.fit(model, tok, sae, FORGET_TEXTS * 3, RETAIN_TEXTS * 3, config=config, progress=False)
     window = dsg.Guardrail(sae, paper.hook, paper.features, 0.25, window=4)
     static = dsg.Guardrail(sae, paper.hook, paper.features, gated=False)
+    others = [j for j in range(sae.d_sae) if j not in paper.features][:6]
+    weights = dict.fromkeys(paper.features, 700) | {j: -300 - 50 * k for k, j in enumerate(others)}
+    detector = dsg.Guardrail(sae, paper.hook, paper.features, 150.0, window=4, detector=weights)
     texts = [t + " " + u for t, u in zip(FORGET_TEXTS + RETAIN_TEXTS, RETAIN_TEXTS + FORGET_TEXTS)][:8]
     seqs = [tok(t)["input_ids"][:40] for t in texts]
     acts = {}
@@ -34,14 +37,21 @@ def setting(tiny_llama):
                                                                   for i, s in enumerate(seqs)]):  # fmt: skip
         acts[idx[0]] = x[0]
     prompts = [max(3, len(s) // 2 - 3 * (i % 3)) for i, s in enumerate(seqs)]
-    return {"paper": paper, "window": window, "static": static}, seqs, acts, prompts, special_token_ids(model)
+    peaks = []  # the detector's threshold: the median of its window statistic, so some requests open and some not
+    for i, s in enumerate(seqs):
+        real = real_token_mask(torch.tensor([s]), None, special_token_ids(model))
+        _, a, e = detector.flags(acts[i][None], real)
+        peaks.append(float(rule.window_gate(a, real, None, 0.0, 4, e)[1].peak[0]))
+    detector.threshold = float(sorted(peaks)[len(peaks) // 2])
+    guards = {"paper": paper, "window": window, "static": static, "detector": detector}
+    return guards, seqs, acts, prompts, special_token_ids(model)
 
 
 def reference(g, seq, x, n_prompt, specials):
     """The rule on the whole sequence: {position: delta} of the clamped tokens."""
     real = real_token_mask(torch.tensor([seq]), None, specials)
-    f, a = g.flags(x[None], real)
-    clamp, _ = g.gate(a, real, n_prompt, None)
+    f, a, e = g.flags(x[None], real)
+    clamp, _ = g.gate(a, real, n_prompt, None, e)
     pos, delta = g.delta(f, clamp)
     return {int(p): d for p, d in zip(pos[:, 1], delta)}
 
@@ -90,7 +100,9 @@ def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, pre
     return out
 
 
-@pytest.mark.parametrize("kind,chunk", [("paper", None), ("window", None), ("window", 3), ("static", 2)])
+@pytest.mark.parametrize(
+    "kind,chunk", [("paper", None), ("window", None), ("window", 3), ("static", 2), ("detector", None), ("detector", 3)]
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, chunk, seed):
     guards, seqs, acts, prompts, specials = setting
@@ -109,7 +121,7 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
     if kind != "static":
         decided = {e["request_id"] for e in events if e["event"] == "prompt"}
         assert decided == {str(r) for r in range(len(seqs))}
-    if kind == "paper":
+    if kind in ("paper", "detector"):
         on = {e["request_id"] for e in events if e["gated"]}
         assert 0 < len(on) < len(seqs)  # some requests gated, some not: the gates are per request
 
@@ -124,7 +136,7 @@ def test_prompt_event_reports_the_prompts_rho(setting):
         r = int(e["request_id"])
         ids = torch.tensor([seqs[r][: prompts[r]]])
         real = real_token_mask(ids, None, specials)
-        _, a = g.flags(acts[r][None, : prompts[r]], real)
+        _, a, _ = g.flags(acts[r][None, : prompts[r]], real)
         assert e["rho"] == pytest.approx(float(rule.rho(a, real)[0]), abs=1e-6)
         assert e["gated"] == (e["rho"] > g.threshold) or any(
             x["request_id"] == e["request_id"] and x["event"] == "latched" for x in events

@@ -314,10 +314,19 @@ def print_demo_table(results: dict) -> str:
 
 def _dilution_lines(results: dict) -> list[str]:
     d = results.get("dilution") or {}
+    flu = results.get("fluency")
+    lines = []
+    if flu:
+        b, g = flu["base"], flu["guarded"]
+        lines.append(
+            f"fluency of answers to forget prompts (base -> guarded): repeated 3-grams {pct(b['repeated_3gram'])}% -> "
+            f"{pct(g['repeated_3gram'])}%, distinct-2 {pct(b['distinct_2'])}% -> {pct(g['distinct_2'])}%, "
+            f"perplexity under the base model {b['base_perplexity']:.1f} -> {g['base_perplexity']:.1f}"
+        )
     if "plain:1000" not in d:
-        return []
+        return lines
     p, chat = d["plain:1000"], d.get("chat:1000") or {}
-    return [
+    return lines + [
         f"dilution: after 1,000 benign tokens the gate opens on {pct(p['gate_rate'])}% of forget questions "
         f"({pct(d['plain:0']['gate_rate'])}% with none; chat form {pct(chat.get('gate_rate'))}%), forget accuracy on "
         f"its base-correct subset {pct(p['accuracy_base_correct'])}% (n={p['n_base_correct']}); benign text "

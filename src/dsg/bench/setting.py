@@ -103,15 +103,41 @@ def round_robin(pools: list[list], n: int) -> list[tuple[int, Any]]:
     return out
 
 
-def fit_corpora(forget, retain: list, general) -> tuple[list[str], list[str], list[str]]:
+CHAT_CALIBRATION = 100  # retain calibration questions per domain also sent through the chat template
+FORGET_QUESTIONS = 300  # forget calibration questions added to the forget corpus
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """`text` as the user turn of the tokenizer's chat template, ready for the assistant's reply."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+
+
+def fit_corpora(forget, retain: list, general, tokenizer=None) -> tuple[list[str], list[str], list[str]]:
     """(forget texts, retain texts, calibration inputs) from the "fit" and "calibration" splits only.
 
-    The gate is calibrated on inputs shaped like the traffic it will judge: retain-domain question prompts and
-    general chat, not long reference documents.
+    The forget corpus is the domain's reference documents plus some of its calibration questions (how the domain
+    is asked about, not only how it is catalogued). The gate is calibrated on inputs shaped like the traffic it
+    will judge: retain-domain question prompts, the same inside the chat template (given a `tokenizer` with one),
+    and general chat, not long reference documents.
     """
     retain_texts = list(general.texts["fit"]) + [t for d in retain for t in d.texts["fit"]]
     calibration = [q.question for d in retain for q in d.questions["calibration"]] + list(general.texts["fit"])
-    return list(forget.texts["fit"]), retain_texts, calibration
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        calibration += [chat_prompt(tokenizer, q.question) for d in retain
+                        for q in d.questions["calibration"][:CHAT_CALIBRATION]]  # fmt: skip
+    forget_texts = list(forget.texts["fit"]) + [q.question for q in forget.questions["calibration"][:FORGET_QUESTIONS]]
+    return forget_texts, retain_texts, calibration
+
+
+FLUENCY_PROMPTS = 12  # forget prompts whose guarded answers are scored for fluency
+
+
+def fluency_prompts(domain, split: str, n: int = FLUENCY_PROMPTS) -> list[str]:
+    """Open-ended forget-domain prompts: the domain's example prompts, then question stems from `split`."""
+    out = list(PROMPTS.get(domain.name, []))[:n]
+    out += [q.question for q in domain.questions[split][: n - len(out)]]
+    return out
 
 
 def perplexity_texts(domains, n: int) -> list[str]:
@@ -219,7 +245,7 @@ def embedded_bench(
     if model is None:
         model, tokenizer = load_model(setting.model)
     forget, retain, general = setting.domains()
-    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general)
+    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general, tokenizer)
     questions = {
         split: {d.name: domain_questions(d, split, n) for d in [forget] + retain}
         for split, n in (("validation", n_validation), ("test", n_test))

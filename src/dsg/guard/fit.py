@@ -25,6 +25,7 @@ from ..errors import DSGError
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, resolve
 from ..lm.text import pad_id_of, subsample, tokenize
+from .detector import fit_weights, window_features
 from .guardrail import Guardrail
 from .rule import CLAMP_MODES
 from .scorers import SCORERS, scores
@@ -56,6 +57,12 @@ class FitConfig:
     """Prefix-causal gate: open (and latch) at the first token where more than the threshold's share of the last
     GATE_WINDOW real tokens is flagged, calibrated on the largest such share per calibration text; benign padding
     cannot dilute it. Default: the paper's whole-input share."""
+    detector: bool = False
+    """Detector gate (needs gate_window): instead of counting tokens where any selected latent fires, the window
+    sums a sparse linear score over all SAE latents, fitted by L1 logistic regression on windows of forget text
+    against retain and calibration text (positive weights mark the forget domain, negative ones retain text)."""
+    detector_c: float = 0.3
+    """Detector only: inverse L1 strength of the logistic regression (smaller: fewer latents)."""
     clamp: float = 500.0
     """Clamp strength c: flagged latents are set to -c."""
     clamp_relative_to_norm: bool = False
@@ -87,6 +94,10 @@ class FitConfig:
             raise DSGError("max_length must be >= 2 and max_sequences, batch_size >= 1.")
         if self.gate_window is not None and self.gate_window < 1:
             raise DSGError(f"gate_window must be at least 1 token, got {self.gate_window}.")
+        if self.detector and self.gate_window is None:
+            raise DSGError("The detector gate reads windows of tokens: set gate_window (--gate-window) as well.")
+        if self.detector_c <= 0:
+            raise DSGError(f"detector_c must be positive, got {self.detector_c}.")
 
 
 class CorpusStats(NamedTuple):
@@ -195,12 +206,15 @@ def fit(
         )
     clamp = config.clamp * r_sums.mean_norm if config.clamp_relative_to_norm else config.clamp
 
-    guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                      name=name)  # fmt: skip
     calib_seqs = retain_seqs if calibration is None else _sequences(tokenizer, calibration, config, 3)
+    detector, detector_info = None, None
+    if config.detector and config.gated:
+        detector, detector_info = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)
+    guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
+                      detector=detector, name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
     threshold = float(np.percentile(rho.double().numpy(), config.gate_percentile))
-    if config.gated and threshold >= 1.0:
+    if config.gated and detector is None and threshold >= 1.0:
         raise DSGError(
             f"The gate could never open: the {config.gate_percentile:g}th percentile of rho over the "
             f"{len(calib_seqs)} calibration sequences is 1.0 (the selected latents fire on every token of them), and "
@@ -236,6 +250,20 @@ def fit(
             },
         },
         "residual_norm": r_sums.mean_norm,
+        **({"detector_fit": detector_info} if detector_info else {}),
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                     name=name, info=info, tensors=tensors)  # fmt: skip
+                     detector=detector, name=name, info=info, tensors=tensors)  # fmt: skip
+
+
+def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitConfig, kw) -> tuple[dict, dict]:
+    """The detector's {latent: integer weight}: windows of the forget sequences against windows of the retain and
+    calibration sequences (guard/detector.py), and a record of what it was fitted on."""
+    w = config.gate_window
+    positive = window_features(model, sae, hook, stats.forget_sequences, w, desc="detector: forget windows", **kw)
+    negative = window_features(model, sae, hook, stats.retain_sequences + list(calib_seqs), w,
+                               desc="detector: retain windows", **kw)  # fmt: skip
+    weights = fit_weights(positive, negative, config.detector_c, config.seed)
+    info = {"c": config.detector_c, "positive_windows": positive.shape[0], "negative_windows": negative.shape[0],
+            "latents": len(weights), "forget_latents": sum(q > 0 for q in weights.values())}  # fmt: skip
+    return weights, info

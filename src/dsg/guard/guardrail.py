@@ -7,7 +7,8 @@ dsg.runtime.hf).
 
 On disk: `guardrail.json` (features, threshold, clamp, hook, config, seed, dsg version, SHA-256 of the SAE and of
 the model weights upstream of the hook, corpus hashes) + `guardrail.safetensors` (the selected latents' slices and
-per-latent statistics), plus the whole SAE under `sae/` for TopK.
+per-latent statistics, and a detector gate's latents, integer weights and, for ReLU/JumpReLU, encoder slices),
+plus the whole SAE under `sae/` for TopK.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +28,7 @@ from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import HookPoint, resolve
 from ..sae import ARCHITECTURES, SAE
 from . import rule
+from .detector import MAX_WEIGHT, SCALE, Detector
 from .integrity import HASH_FIELD, check_meta, check_rule, check_tensors, content_sha256
 
 FORMAT = "dsg-guardrail"
@@ -34,6 +37,28 @@ JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
 RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated", "window")
+
+
+class Flags(NamedTuple):
+    """What a guardrail reads from the activations at its hook (Guardrail.flags)."""
+
+    f: torch.Tensor  # [B, T, S] activations of the selected latents
+    a: torch.Tensor  # [B, T] bool, real tokens where any selected latent fires (what the clamp acts on)
+    evidence: torch.Tensor | None  # [B, T] int64, the detector's evidence per token (None without a detector)
+
+
+def _detector_of(sae: SAE, detector: dict[int, int] | None, window: int | None) -> Detector | None:
+    """A Detector from {latent id: integer weight}; it needs the windowed gate."""
+    if detector is None:
+        return None
+    if window is None:
+        raise DSGError("A detector gate reads windows of tokens: give the guardrail a window as well.")
+    if not detector or not all(isinstance(j, int) and 0 <= j < sae.d_sae for j in detector):
+        raise DSGError(f"The detector's latents must be ids in [0, {sae.d_sae}), got {sorted(detector)[:8]}...")
+    if not all(isinstance(q, int) and abs(q) <= MAX_WEIGHT for q in detector.values()):
+        raise DSGError(f"The detector's weights must be integers of magnitude at most {MAX_WEIGHT}.")
+    latents = sorted(detector)
+    return Detector.of(sae, latents, torch.tensor([detector[j] for j in latents], dtype=torch.long))
 
 
 class SelectedLatents(torch.nn.Module):
@@ -100,6 +125,7 @@ class Guardrail:
         gated: bool = True,
         *,
         window: int | None = None,
+        detector: dict[int, int] | None = None,
         name: str | None = None,
         info: dict | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
@@ -108,7 +134,8 @@ class Guardrail:
         if not hook:
             raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
         features = [int(j) for j in features]
-        check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window)
+        check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
+                   detector is not None)  # fmt: skip
         info = dict(info or {})
         record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
         self._setup(
@@ -125,11 +152,12 @@ class Guardrail:
             info,
             tensors,
             window,
+            _detector_of(sae, detector, window),
         )
 
     def _setup(
         self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors,
-        window=None,
+        window=None, detector=None,
     ) -> None:  # fmt: skip
         self.latents = latents
         self.sae_record = sae_record
@@ -141,6 +169,7 @@ class Guardrail:
         self.clamp_mode = clamp_mode
         self.gated = bool(gated)
         self.window = window  # None: the paper's whole-input gate; w: the prefix-causal windowed gate
+        self.detector = detector  # None: the window counts flagged tokens; a Detector: it sums weighted evidence
         self.name = name
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
@@ -157,6 +186,7 @@ class Guardrail:
     def __repr__(self) -> str:
         gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
         gate += f", window={self.window}" if self.window is not None else ""
+        gate += f", detector={len(self.detector)} latents" if self.detector is not None else ""
         return (
             f"Guardrail(hook={self.hook!r}, features={self.features}, {gate}, clamp={self.clamp:g}, "
             f"clamp_mode={self.clamp_mode!r})"
@@ -164,16 +194,23 @@ class Guardrail:
 
     # ---- the rule, on this guardrail's parameters ------------------------------------------------------------
 
-    def flags(self, x_BTD: torch.Tensor, real_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(f [B, T, S], a [B, T]): selected activations and which real tokens have any of them firing."""
-        f = self.latents.encode(x_BTD)
-        return f, rule.flagged_tokens(f, real_BT)
+    def flags(self, x_BTD: torch.Tensor, real_BT: torch.Tensor) -> Flags:
+        """Selected activations f [B, T, S], which real tokens have any of them firing a [B, T], and (detector gate)
+        each token's evidence e [B, T]."""
+        det = self.detector
+        if det is not None and det.encoder is None:  # TopK: one whole-SAE encoding serves both
+            full = self.latents.encoder.encode(x_BTD)
+            f, d = full[..., self.latents.features], full[..., det.latents]
+        else:
+            f = self.latents.encode(x_BTD)
+            d = det.encode(x_BTD) if det is not None else None
+        return Flags(f, rule.flagged_tokens(f, real_BT), det.evidence(d, real_BT) if det is not None else None)
 
-    def gate(self, a_BT, real_BT, n_prompt: int, state):
+    def gate(self, a_BT, real_BT, n_prompt: int, state, evidence_BT=None):
         """Which tokens to clamp [B, T] and the new gate state (see rule.gate; with a window, rule.window_gate,
-        which treats prompt and generated tokens alike)."""
+        which treats prompt and generated tokens alike and, with a detector, sums `evidence_BT`)."""
         if self.gated and self.window is not None:
-            return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window)
+            return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window, evidence_BT)
         return rule.gate(a_BT, real_BT, n_prompt, state, self.threshold if self.gated else None)
 
     def delta(self, f_BTS: torch.Tensor, clamp_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +258,7 @@ class Guardrail:
             "clamp_mode": self.clamp_mode,
             "gated": self.gated,
             **({"window": self.window} if self.window is not None else {}),
+            **({"detector": {"latents": len(self.detector), "scale": SCALE}} if self.detector is not None else {}),
             **{k: v for k, v in self.info.items() if k != "sae"},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
         }
@@ -230,6 +268,8 @@ class Guardrail:
         carries a content hash of everything loading reads (see guard/integrity.py)."""
         path = Path(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.latents.tensors().items()}
+        if self.detector is not None:
+            tensors |= {k: v.detach().cpu().contiguous() for k, v in self.detector.tensors().items()}
         tensors |= {f"stats.{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         meta = self.to_json()
         meta[HASH_FIELD] = content_sha256(meta, tensors)
@@ -289,8 +329,28 @@ class Guardrail:
                 hook_name=record.get("hook_name"),
             )
             latents = SelectedLatents(encoder, features, t["W_dec_selected"], t["b_dec"])
+        detector = None
+        if "detector" in meta:
+            lat, q = t["detector.latents"].tolist(), t["detector.weights"]
+            if sae is not None:
+                detector = Detector.of(sae, lat, q)
+            elif latents.whole_sae:
+                detector = Detector(lat, q)
+            else:
+                W_enc = t["detector.W_enc"]
+                unused_dec = torch.zeros(len(lat), record["d_in"], dtype=W_enc.dtype)  # the detector only encodes
+                encoder = ARCHITECTURES[record["architecture"]](
+                    W_enc,
+                    unused_dec,
+                    t["detector.b_enc"],
+                    t["b_dec"],
+                    threshold=t.get("detector.threshold"),
+                    apply_b_dec_to_input=record["apply_b_dec_to_input"],
+                    hook_name=record.get("hook_name"),
+                )
+                detector = Detector(lat, q, encoder)
         stats = {k.removeprefix("stats."): v for k, v in t.items() if k.startswith("stats.")}
-        skip = ("format", "format_version", "dsg_version", "name", HASH_FIELD, *RULE_FIELDS)
+        skip = ("format", "format_version", "dsg_version", "name", HASH_FIELD, "detector", *RULE_FIELDS)
         info = {k: v for k, v in meta.items() if k not in skip}
         keys = ("sha256", "architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input", "hook_name")
         guard = cls.__new__(cls)
@@ -308,6 +368,7 @@ class Guardrail:
             info,
             stats,
             meta.get("window"),
+            detector,
         )
         guard.content_sha256 = meta[HASH_FIELD]  # verified above
         if model is not None:

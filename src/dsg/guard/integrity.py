@@ -21,6 +21,8 @@ from ..errors import DSGError
 from ..files import json_text
 from ..lm.fingerprint import tensor_digest
 from ..sae import ARCHITECTURES
+from .detector import MAX_WEIGHT as DETECTOR_MAX_WEIGHT
+from .detector import SCALE as DETECTOR_SCALE
 from .rule import CLAMP_MODES
 
 HASH_FIELD = "content_sha256"
@@ -44,10 +46,14 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def check_rule(hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str, window=None) -> None:
+def check_rule(
+    hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str, window=None, detector: bool = False
+) -> None:
     """The rule's parameters: the same checks for a guardrail built in code and one read from a file."""
     if window is not None and (not _is_int(window) or window < 1):
         raise DSGError(f"{where}: 'window' must be a positive integer (tokens) or absent, got {window!r}.")
+    if detector and window is None:
+        raise DSGError(f"{where}: a detector gate reads windows of tokens, so 'window' must be set.")
     if not isinstance(hook, str) or not hook:
         raise DSGError(f"{where}: 'hook' must be a non-empty string, got {hook!r}.")
     if not isinstance(features, (list, tuple)) or not features or not all(_is_int(j) for j in features):
@@ -59,7 +65,10 @@ def check_rule(hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, 
         raise DSGError(f"{where}: feature ids must be distinct, got {list(features)}.")
     if not isinstance(gated, bool):
         raise DSGError(f"{where}: 'gated' must be true or false, got {gated!r}.")
-    if not _is_number(threshold) or not 0 <= threshold <= 1:
+    if detector:
+        if not _is_number(threshold):
+            raise DSGError(f"{where}: 'threshold' must be a finite number (detector evidence), got {threshold!r}.")
+    elif not _is_number(threshold) or not 0 <= threshold <= 1:
         raise DSGError(
             f"{where}: 'threshold' must be a number in [0, 1] (a share of flagged tokens), got {threshold!r}."
         )
@@ -88,7 +97,14 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
         raise DSGError(f"{where}: 'sae.apply_b_dec_to_input' must be true or false.")
     rule = [meta.get(k) for k in ("hook", "features", "threshold", "clamp")]
     rule += [meta.get("clamp_mode", "all"), meta.get("gated", True), sae["d_sae"], where, meta.get("window")]
-    check_rule(*rule)
+    detector = meta.get("detector")
+    if detector is not None and not (
+        isinstance(detector, dict) and _is_int(detector.get("latents")) and detector["latents"] >= 1
+        and detector.get("scale") == DETECTOR_SCALE
+    ):  # fmt: skip
+        raise DSGError(f"{where}: 'detector' must be {{'latents': a positive count, 'scale': {DETECTOR_SCALE}}}, "
+                       f"got {detector!r}.")  # fmt: skip
+    check_rule(*rule, detector is not None)
     name = meta.get("name")
     if name is not None and not isinstance(name, str):
         raise DSGError(f"{where}: 'name' must be a string, got {name!r}.")
@@ -118,5 +134,24 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
             raise DSGError(f"{where}: tensor {name!r} has shape {tuple(t[name].shape)}, expected {shape}.")
         if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
             raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
+    if "detector" in meta:
+        L = meta["detector"]["latents"]
+        want = {"detector.latents": (L,), "detector.weights": (L,)}
+        if arch.encodes_latents_independently:
+            want |= {"detector.W_enc": (d_in, L), "detector.b_enc": (L,)}
+            want |= {f"detector.{n}": (L,) for n in arch.extra_tensors}
+        for name, shape in want.items():
+            if name not in t or tuple(t[name].shape) != shape:
+                got = tuple(t[name].shape) if name in t else "nothing"
+                raise DSGError(f"{where}: the detector's tensor {name!r} should have shape {shape}, found {got}.")
+            if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
+                raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
+        lat, q = t["detector.latents"], t["detector.weights"]
+        if lat.dtype != torch.long or q.dtype != torch.long:
+            raise DSGError(f"{where}: the detector's latents and weights must be int64 tensors.")
+        if not ((lat >= 0) & (lat < sae["d_sae"])).all() or len(set(lat.tolist())) != L:
+            raise DSGError(f"{where}: the detector's latent ids must be distinct ids below d_sae={sae['d_sae']}.")
+        if not (q.abs() <= DETECTOR_MAX_WEIGHT).all():
+            raise DSGError(f"{where}: the detector's weights must have magnitude at most {DETECTOR_MAX_WEIGHT}.")
     if t["features"].tolist() != list(meta["features"]):
         raise DSGError(f"{where}: the tensor 'features' does not match the features in guardrail.json.")

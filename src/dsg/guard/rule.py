@@ -127,7 +127,12 @@ class WindowState(NamedTuple):
 
 
 def window_gate(
-    a_BT: torch.Tensor, real_BT: torch.Tensor, state: WindowState | None, threshold: float, window: int
+    a_BT: torch.Tensor,
+    real_BT: torch.Tensor,
+    state: WindowState | None,
+    threshold: float,
+    window: int,
+    evidence_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """The prefix-causal gate: at each real token, the share of flagged tokens among the last `window` real tokens
     (a sequence's start counts as unflagged, so a few flagged tokens in a short input do not make a full window);
@@ -135,13 +140,17 @@ def window_gate(
     exceeds `threshold`, and from there on every flagged token is clamped. The decision at a token depends only
     on the tokens up to it, so a prompt may arrive whole, in chunks, or one token at a time (streaming, chunked
     prefill, a prefix cache) with the same result; benign text before or after a burst of forget-domain tokens
-    cannot dilute it."""
+    cannot dilute it.
+
+    With `evidence_BT` (integers per token, the detector gate: guard/detector.py) the window sums that evidence
+    instead of the flags; the clamp still falls on flagged tokens once the gate is open."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
     slots = torch.arange(w, device=a_BT.device)
     valid = torch.cat([slots[None, :] >= (w - state.count)[:, None], real_BT.bool()], 1)  # [B, w + T]
-    flags = torch.cat([state.recent, a_BT.long()], 1) * valid
+    signal = a_BT if evidence_BT is None else evidence_BT
+    flags = torch.cat([state.recent, signal.long()], 1) * valid
     cum_flags, cum_real = flags.cumsum(1), valid.long().cumsum(1)
     # flagged real tokens in the window ending at p: cum_flags[p] minus cum_flags at the last position whose real
     # count is at most cum_real[p] - w

@@ -140,7 +140,7 @@ class _Attached:
                     f"Hook point {name!r} gives activations of width {x_BTD.shape[-1]}, but guardrail {i}'s SAE reads "
                     f"width {g.d_in}; hook a residual-stream point such as 'blocks.L.hook_resid_post'."
                 )
-            f, a = g.flags(x_BTD, real)
+            f, a, e = g.flags(x_BTD, real)
             if session._held is not None:
                 clamp_BT = rule.held(a, session._held[:, i])
             else:
@@ -150,7 +150,7 @@ class _Attached:
                         "A cached continuation reached the guardrail without its prefill; start generation inside "
                         "attach()."
                     )
-                clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev)
+                clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e)
                 session._gated_by[i] = self.states[i].gated
             if clamp_BT.any():
                 out = rule.apply_delta(x_BTD, *g.delta(f, clamp_BT), out)

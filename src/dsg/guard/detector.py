@@ -1,0 +1,136 @@
+"""The detector gate: a sparse linear score over SAE latent firing, read in windows of the last w real tokens.
+
+The paper's gate asks whether *any* selected latent fires and averages that over the input. That signal is coarse:
+latents chosen because they fire more on the forget corpus also fire in bursts on neighbouring text (a Python
+manual, a chat preamble), and nothing in it can say "this is benign computing". The detector replaces that flag
+with evidence: each latent j carries a weight w_j (positive for forget-domain latents, negative for latents that
+mark retain text), fitted by an L1-regularised logistic regression on windows of forget versus retain and
+calibration text, so the weights are few and each names a latent that can be inspected.
+
+    e_t    = sum_j q_j 1[f_tj > 0]          at real token t (q_j = round(w_j * SCALE), integers)
+    window = sum of e over the last w real tokens / w   (a sequence's start counts as zero evidence)
+    gate   opens, and latches, at the first token where window > threshold
+
+The weights are integers so that window sums are exact: the decision is the same whether a prompt arrives whole,
+in chunks, or one token at a time (rule.window_gate), and it depends only on the tokens so far. The threshold is
+a percentile of the largest window score over the calibration texts, as for every gate here. The clamp is
+unchanged: once the gate is open, flagged tokens (any *selected* latent firing) are clamped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import DSGError
+from ..lm.hooks import activations_by_batch
+from ..lm.text import batches
+
+SCALE = 1024  # weight units per 1.0 of logistic-regression weight
+MAX_WEIGHT = 2**20  # |q_j| bound: sums over a window of 32 latents x 4096 tokens stay far inside int64 and float64
+
+
+class Detector(torch.nn.Module):
+    """The detector's latents and integer weights (and, for an SAE whose latents encode independently, an encoder
+    cut to those latents)."""
+
+    def __init__(self, latents: Sequence[int], weights: torch.Tensor, encoder=None):
+        super().__init__()
+        self.register_buffer("latents", torch.tensor(list(latents), dtype=torch.long))
+        self.register_buffer("weights", weights.to(torch.long))
+        self.encoder = encoder  # None: the latents are read from the guardrail's whole-SAE encoding (TopK)
+
+    @classmethod
+    def of(cls, sae, latents: Sequence[int], weights: torch.Tensor) -> Detector:
+        encoder = sae.restricted(latents) if sae.encodes_latents_independently else None
+        return cls(latents, weights, encoder)
+
+    def __len__(self) -> int:
+        return int(self.latents.numel())
+
+    def evidence(self, d_BTL: torch.Tensor, real_BT: torch.Tensor) -> torch.Tensor:
+        """e [B, T] (int64): the summed weights of the detector latents firing at each real token (0 elsewhere)."""
+        e = ((d_BTL > 0).to(torch.long) * self.weights).sum(-1)
+        return torch.where(real_BT.bool(), e, torch.zeros_like(e))
+
+    def encode(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode(x_BTD)
+
+    def named_weights(self) -> list[tuple[int, float]]:
+        """(latent id, weight) pairs, largest magnitude first: what the detector reads."""
+        pairs = [(int(j), int(q) / SCALE) for j, q in zip(self.latents.tolist(), self.weights.tolist())]
+        return sorted(pairs, key=lambda p: (-abs(p[1]), p[0]))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"detector.latents": self.latents, "detector.weights": self.weights}
+        if self.encoder is not None:
+            t = self.encoder.tensors()
+            out |= {"detector.W_enc": t["W_enc"], "detector.b_enc": t["b_enc"]}
+            if "threshold" in t:
+                out["detector.threshold"] = t["threshold"]
+        return out
+
+
+def window_features(
+    model, sae, hook, sequences: Sequence[Sequence[int]], window: int, *, batch_size: int, pad_id: int,
+    desc: str, progress: bool,
+):  # fmt: skip
+    """A sparse matrix [windows, d_sae]: for each window of `window` real tokens (stride window/2, the last one
+    ending at the sequence's end, shorter sequences giving one shorter window), the share of its tokens on which
+    each latent fires. Forwards stop at the hook; nothing dense over the corpus is kept."""
+    from scipy import sparse
+
+    rows, cols, vals, n = [], [], [], 0
+    stride = max(window // 2, 1)
+    bar = tqdm(total=len(sequences), desc=desc, unit="seq", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for idx, _, x_BTD, real in activations_by_batch(model, hook, batches(sequences, batch_size, pad_id)):
+            fires = sae.encode(x_BTD.to(sae.W_dec.dtype)) > 0  # [B, T, F]
+            for b in range(len(idx)):
+                on = fires[b][real[b]]  # [n_real, F]
+                m = on.shape[0]
+                if m == 0:
+                    continue
+                ends = list(range(min(window, m), m + 1, stride))
+                if ends[-1] != m:
+                    ends.append(m)
+                counts = torch.cat([torch.zeros(1, on.shape[1], dtype=torch.int32), on.int().cumsum(0)])
+                for e in ends:
+                    c = counts[e] - counts[max(0, e - window)]
+                    nz = c.nonzero().squeeze(1)
+                    rows.append(np.full(len(nz), n))
+                    cols.append(nz.numpy())
+                    vals.append(c[nz].numpy() / window)
+                    n += 1
+            bar.update(len(idx))
+    bar.close()
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return sparse.csr_matrix((cat(vals, np.float64), (cat(rows, np.int64), cat(cols, np.int64))),
+                             shape=(n, sae.d_sae))  # fmt: skip
+
+
+def fit_weights(positive, negative, c: float, seed: int) -> dict[int, int]:
+    """L1-regularised logistic regression of forget (positive) against retain windows, classes weighted equally:
+    {latent id: integer weight} for the latents it keeps. `c` is the inverse regularisation strength (smaller:
+    fewer latents)."""
+    from scipy import sparse
+    from sklearn.linear_model import LogisticRegression
+
+    if positive.shape[0] == 0 or negative.shape[0] == 0:
+        raise DSGError("The detector needs forget and retain windows to learn from; one of the corpora is empty.")
+    X = sparse.vstack([positive, negative]).tocsr()
+    y = np.concatenate([np.ones(positive.shape[0]), np.zeros(negative.shape[0])])
+    weight = np.where(y == 1, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    clf = LogisticRegression(l1_ratio=1.0, C=c, solver="liblinear", max_iter=1000, random_state=seed)
+    clf.fit(X, y, sample_weight=weight)
+    q = np.clip(np.rint(clf.coef_[0] * SCALE), -MAX_WEIGHT, MAX_WEIGHT).astype(np.int64)
+    out = {int(j): int(q[j]) for j in np.flatnonzero(q)}
+    if not any(v > 0 for v in out.values()):
+        raise DSGError(
+            f"The detector kept no latent that marks the forget domain (detector_c={c:g}); raise detector_c or use "
+            "more forget text."
+        )
+    return out

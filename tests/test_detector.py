@@ -1,0 +1,142 @@
+"""The detector gate: a sparse linear score over SAE latents, summed over windows of tokens (guard/detector.py).
+
+Fitted on tiny models; checked for what it promises: integer weights that name latents, a threshold calibrated
+on its own window statistic, a decision that depends only on the tokens so far (whole, chunked, padded), files
+that round-trip and refuse edits, and the same decisions from every runtime path."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsg
+from dsg.guard import rule
+from dsg.guard.detector import SCALE, fit_weights
+from dsg.guard.stats import gate_rates
+from dsg.lm.text import tokenize
+
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, sparse_sae, tiny_sae
+
+FORGET = FORGET_TEXTS * 3
+RETAIN = RETAIN_TEXTS * 3
+
+
+def _config(**kw):
+    base = dict(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, gate_window=6, detector=True,
+                detector_c=1.0, gate_percentile=90)  # fmt: skip
+    return dsg.FitConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def detected(tiny_llama):
+    model, tok = tiny_llama
+    sae = sparse_sae(model, tok, FORGET + RETAIN, rate=0.1)
+    return model, tok, sae, dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(), progress=False)
+
+
+def test_the_detector_is_fitted_calibrated_and_recorded(detected):
+    model, tok, sae, guard = detected
+    det = guard.detector
+    assert det is not None and len(det) == guard.info["detector_fit"]["latents"] >= 1
+    assert det.weights.dtype == torch.long and (det.weights != 0).all()
+    assert any(w > 0 for _, w in det.named_weights())
+    peaks = guard.tensors["calibration_rho"].double().numpy()
+    assert guard.threshold == pytest.approx(float(np.percentile(peaks, 90)))
+    # forget text scores above retain text on the detector's own statistic
+    seqs = lambda texts: tokenize(tok, texts, 64)  # noqa: E731
+    f = gate_rates(model, guard, seqs(FORGET_TEXTS), progress=False)
+    r = gate_rates(model, guard, seqs(RETAIN_TEXTS), progress=False)
+    assert f.mean() > r.mean()
+
+
+def test_fit_weights_are_sparse_integers_and_refuse_empty_input():
+    from scipy import sparse
+
+    rng = np.random.default_rng(0)
+    pos = sparse.csr_matrix((rng.random((60, 20)) < 0.3) * (np.arange(20) < 3) + (rng.random((60, 20)) < 0.05))
+    neg = sparse.csr_matrix((rng.random((60, 20)) < 0.3) * (np.arange(20) >= 17) + (rng.random((60, 20)) < 0.05))
+    w = fit_weights(pos.astype(float), neg.astype(float), c=1.0, seed=0)
+    assert all(isinstance(q, int) for q in w.values())
+    assert {0, 1, 2} & {j for j, q in w.items() if q > 0} and {17, 18, 19} & {j for j, q in w.items() if q < 0}
+    assert fit_weights(pos.astype(float), neg.astype(float), c=1.0, seed=0) == w  # deterministic
+    with pytest.raises(dsg.DSGError, match="empty"):
+        fit_weights(pos[:0], neg, c=1.0, seed=0)
+
+
+def test_evidence_windows_give_the_same_decisions_whole_chunked_and_token_by_token(detected):
+    model, tok, sae, guard = detected
+    torch.manual_seed(0)
+    B, T, w = 3, 40, guard.window
+    a = torch.rand(B, T) < 0.4
+    e = torch.randint(-3 * SCALE, 4 * SCALE, (B, T))
+    real = torch.rand(B, T) < 0.9
+    threshold = 0.5 * SCALE
+    whole, s_whole = rule.window_gate(a, real, None, threshold, w, e)
+    state, parts = None, []
+    for lo, hi in ((0, 7), (7, 8), (8, 25), (25, 40)):
+        c, state = rule.window_gate(a[:, lo:hi], real[:, lo:hi], state, threshold, w, e[:, lo:hi])
+        parts.append(c)
+    assert torch.equal(torch.cat(parts, 1), whole)
+    assert torch.equal(state.gated, s_whole.gated) and torch.equal(state.peak, s_whole.peak)
+    assert not (whole & ~a).any()  # the clamp falls on flagged tokens only
+    # a prefix of benign (negative-evidence) tokens cannot stop a later burst of evidence from opening the gate
+    burst = torch.cat([torch.full((1, 200), -SCALE), torch.full((1, w), 2 * SCALE)], 1)
+    ones = torch.ones_like(burst, dtype=torch.bool)
+    assert rule.window_gate(ones, ones, None, threshold, w, burst)[1].gated.all()
+
+
+def test_a_detector_guardrail_round_trips_and_refuses_edits(detected, tmp_path):
+    model, tok, sae, guard = detected
+    guard.save(tmp_path / "g")
+    loaded = dsg.Guardrail.load(tmp_path / "g", sae=sae, model=model)
+    assert torch.equal(loaded.detector.latents, guard.detector.latents)
+    assert torch.equal(loaded.detector.weights, guard.detector.weights)
+    self_contained = dsg.Guardrail.load(tmp_path / "g", model=model)  # ReLU: the detector's encoder slices
+    ids = tok(FORGET_TEXTS[:2] + RETAIN_TEXTS[:2], return_tensors="pt", padding=True)
+    decisions = []
+    for g in (guard, loaded, self_contained):
+        with torch.no_grad(), g.applied(model) as session:
+            model(**ids)
+        decisions.append(session.gated.clone())
+    assert torch.equal(decisions[0], decisions[1]) and torch.equal(decisions[0], decisions[2])
+    # an edited weight, or an edited latent count, is refused
+    t = load_file(tmp_path / "g" / "guardrail.safetensors")
+    t["detector.weights"][0] += 1
+    save_file(t, tmp_path / "g" / "guardrail.safetensors")
+    with pytest.raises(dsg.DSGError, match="content hash"):
+        dsg.Guardrail.load(tmp_path / "g", sae=sae)
+
+
+def test_detector_json_fields_are_checked(detected, tmp_path):
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    model, tok, sae, guard = detected
+    guard.save(tmp_path / "g")
+    path = tmp_path / "g" / "guardrail.json"
+    meta = json.loads(path.read_text())
+    meta["detector"]["latents"] += 1  # re-hashed, so only the field check can catch it
+    meta[HASH_FIELD] = content_sha256(meta, read_safetensors(tmp_path / "g" / "guardrail.safetensors"))
+    path.write_text(json.dumps(meta))
+    with pytest.raises(dsg.DSGError, match="detector"):
+        dsg.Guardrail.load(tmp_path / "g", sae=sae)
+
+
+def test_a_topk_detector_reads_one_whole_sae_encoding(tiny_llama):
+    model, tok = tiny_llama
+    sae = tiny_sae(d_in=model.config.hidden_size, architecture="topk", k=6)
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(), progress=False)
+    assert guard.detector.encoder is None
+    x = torch.randn(2, 9, model.config.hidden_size)
+    real = torch.ones(2, 9, dtype=torch.bool)
+    f, a, e = guard.flags(x, real)
+    full = sae.encode(x)
+    want = ((full[..., guard.detector.latents] > 0).long() * guard.detector.weights).sum(-1)
+    assert torch.equal(e, want) and torch.equal(f, full[..., guard.latents.features])
+
+
+def test_the_detector_needs_a_window():
+    with pytest.raises(dsg.DSGError, match="gate_window"):
+        dsg.FitConfig(detector=True)
