@@ -244,11 +244,11 @@ def evaluate_guardrail(
         cache[key] = run_dilution(model, tok, padded, benign, None, True, dbs)
     diluted = run_dilution(model, tok, padded, benign, guard, True, dbs)
     prompts = fluency_prompts(forget, split, n_fluency)
-    key = ("fluency", split, n_fluency)
-    if key not in cache:
-        cache[key] = fluency(model, tok, prompts, None)
+    fluency_key = ("fluency", split, n_fluency)
+    if fluency_key not in cache:
+        cache[fluency_key] = fluency(model, tok, prompts, None)
     return {
-        "fluency": {"base": cache[key], "guarded": fluency(model, tok, prompts, guard)},
+        "fluency": {"base": cache[fluency_key], "guarded": fluency(model, tok, prompts, guard)},
         "forget": forget_tasks,
         "retain": retain_tasks,
         "perplexity": {
