@@ -229,31 +229,36 @@ def fit(
         "seed": config.seed,
         "model": model_fingerprint(model, point),
         "sae": {"sha256": sae.sha256()},
-        "data": {
-            "forget": {
-                "documents": len(forget),
-                "sequences": len(stats.forget_sequences),
-                "tokens": int(f_sums.n_tokens),
-                "sha256": corpus_sha256(forget),
-            },
-            "retain": {
-                "documents": len(retain),
-                "sequences": len(retain_seqs),
-                "tokens": int(r_sums.n_tokens),
-                "sha256": corpus_sha256(retain),
-            },
-            "calibration": {
-                "source": "retain" if calibration is None else "calibration",
-                "sequences": len(calib_seqs),
-                "tokens": sum(len(s) for s in calib_seqs),
-                "sha256": corpus_sha256(retain if calibration is None else calibration),
-            },
-        },
+        "data": _data_record(forget, retain, calibration, stats, calib_seqs),
         "residual_norm": r_sums.mean_norm,
         **({"detector_fit": detector_info} if detector_info else {}),
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                      detector=detector, name=name, info=info, tensors=tensors)  # fmt: skip
+
+
+def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs) -> dict:
+    """What the guardrail was fitted and calibrated on: counts and corpus hashes."""
+    return {
+        "forget": {
+            "documents": len(forget),
+            "sequences": len(stats.forget_sequences),
+            "tokens": int(stats.forget.n_tokens),
+            "sha256": corpus_sha256(forget),
+        },
+        "retain": {
+            "documents": len(retain),
+            "sequences": len(stats.retain_sequences),
+            "tokens": int(stats.retain.n_tokens),
+            "sha256": corpus_sha256(retain),
+        },
+        "calibration": {
+            "source": "retain" if calibration is None else "calibration",
+            "sequences": len(calib_seqs),
+            "tokens": sum(len(s) for s in calib_seqs),
+            "sha256": corpus_sha256(retain if calibration is None else calibration),
+        },
+    }
 
 
 def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitConfig, kw) -> tuple[dict, dict]:

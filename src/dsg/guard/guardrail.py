@@ -61,6 +61,26 @@ def _detector_of(sae: SAE, detector: dict[int, int] | None, window: int | None) 
     return Detector.of(sae, latents, torch.tensor([detector[j] for j in latents], dtype=torch.long))
 
 
+def _sliced_encoder(record: dict, t: dict, W_enc: str, W_dec: str | None, b_enc: str, threshold: str) -> SAE:
+    """An SAE over a few latents, rebuilt from the slices (tensor names in `t`) that a self-contained ReLU/JumpReLU
+    guardrail saves; without decoder rows (`W_dec=None`) it can only encode."""
+    enc = t[W_enc]
+    dec = t[W_dec] if W_dec else torch.zeros(enc.shape[1], record["d_in"], dtype=enc.dtype)
+    return ARCHITECTURES[record["architecture"]](enc, dec, t[b_enc], t["b_dec"], threshold=t.get(threshold),
+                                                 apply_b_dec_to_input=record["apply_b_dec_to_input"],
+                                                 hook_name=record.get("hook_name"))  # fmt: skip
+
+
+def _load_detector(t: dict, record: dict, sae: SAE | None) -> Detector:
+    """The saved detector: over the whole SAE when it is known (always for TopK, whose guardrail keeps a copy),
+    else over its saved encoder slices."""
+    latents, weights = t["detector.latents"].tolist(), t["detector.weights"]
+    if sae is not None:
+        return Detector.of(sae, latents, weights)
+    encoder = _sliced_encoder(record, t, "detector.W_enc", None, "detector.b_enc", "detector.threshold")
+    return Detector(latents, weights, encoder)
+
+
 class SelectedLatents(torch.nn.Module):
     """The part of an SAE a guardrail needs: an encoder giving the selected latents' activations, and their
     decoder rows."""
@@ -318,37 +338,10 @@ class Guardrail:
         elif not ARCHITECTURES[record["architecture"]].encodes_latents_independently:
             raise DSGError(f"The {record['architecture']} guardrail in {str(path)!r} needs its SAE copy in {SAE_DIR}/.")
         else:  # a self-contained ReLU/JumpReLU guardrail: the saved slices are an SAE over the selected latents
-            arch = ARCHITECTURES[record["architecture"]]
-            encoder = arch(
-                t["W_enc_selected"],
-                t["W_dec_selected"],
-                t["b_enc_selected"],
-                t["b_dec"],
-                threshold=t.get("threshold_selected"),
-                apply_b_dec_to_input=record["apply_b_dec_to_input"],
-                hook_name=record.get("hook_name"),
-            )
+            encoder = _sliced_encoder(record, t, "W_enc_selected", "W_dec_selected", "b_enc_selected",
+                                      "threshold_selected")  # fmt: skip
             latents = SelectedLatents(encoder, features, t["W_dec_selected"], t["b_dec"])
-        detector = None
-        if "detector" in meta:
-            lat, q = t["detector.latents"].tolist(), t["detector.weights"]
-            if sae is not None:
-                detector = Detector.of(sae, lat, q)
-            elif latents.whole_sae:
-                detector = Detector(lat, q)
-            else:
-                W_enc = t["detector.W_enc"]
-                unused_dec = torch.zeros(len(lat), record["d_in"], dtype=W_enc.dtype)  # the detector only encodes
-                encoder = ARCHITECTURES[record["architecture"]](
-                    W_enc,
-                    unused_dec,
-                    t["detector.b_enc"],
-                    t["b_dec"],
-                    threshold=t.get("detector.threshold"),
-                    apply_b_dec_to_input=record["apply_b_dec_to_input"],
-                    hook_name=record.get("hook_name"),
-                )
-                detector = Detector(lat, q, encoder)
+        detector = _load_detector(t, record, sae) if "detector" in meta else None
         stats = {k.removeprefix("stats."): v for k, v in t.items() if k.startswith("stats.")}
         skip = ("format", "format_version", "dsg_version", "name", HASH_FIELD, "detector", *RULE_FIELDS)
         info = {k: v for k, v in meta.items() if k not in skip}

@@ -119,7 +119,8 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
 
 
 def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
-    """Shapes and finiteness of the selected latents' slices."""
+    """Shapes and finiteness of the selected latents' slices and of a detector's tensors (and the detector's dtypes
+    and ranges)."""
     sae, S = meta["sae"], len(meta["features"])
     d_in = sae["d_in"]
     expected = {"features": (S,), "W_dec_selected": (S, d_in), "b_dec": (d_in,)}
@@ -127,6 +128,12 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
     if arch.encodes_latents_independently:
         expected |= {"W_enc_selected": (d_in, S), "b_enc_selected": (S,)}
         expected |= {f"{n}_selected": (S,) for n in arch.extra_tensors}
+    if "detector" in meta:
+        L = meta["detector"]["latents"]
+        expected |= {"detector.latents": (L,), "detector.weights": (L,)}
+        if arch.encodes_latents_independently:
+            expected |= {"detector.W_enc": (d_in, L), "detector.b_enc": (L,)}
+            expected |= {f"detector.{n}": (L,) for n in arch.extra_tensors}
     for name, shape in expected.items():
         if name not in t:
             raise DSGError(f"{where} lacks the tensor {name!r}.")
@@ -135,21 +142,10 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
         if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
             raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
     if "detector" in meta:
-        L = meta["detector"]["latents"]
-        want = {"detector.latents": (L,), "detector.weights": (L,)}
-        if arch.encodes_latents_independently:
-            want |= {"detector.W_enc": (d_in, L), "detector.b_enc": (L,)}
-            want |= {f"detector.{n}": (L,) for n in arch.extra_tensors}
-        for name, shape in want.items():
-            if name not in t or tuple(t[name].shape) != shape:
-                got = tuple(t[name].shape) if name in t else "nothing"
-                raise DSGError(f"{where}: the detector's tensor {name!r} should have shape {shape}, found {got}.")
-            if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
-                raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
         lat, q = t["detector.latents"], t["detector.weights"]
         if lat.dtype != torch.long or q.dtype != torch.long:
             raise DSGError(f"{where}: the detector's latents and weights must be int64 tensors.")
-        if not ((lat >= 0) & (lat < sae["d_sae"])).all() or len(set(lat.tolist())) != L:
+        if not ((lat >= 0) & (lat < sae["d_sae"])).all() or len(set(lat.tolist())) != len(lat):
             raise DSGError(f"{where}: the detector's latent ids must be distinct ids below d_sae={sae['d_sae']}.")
         if not (q.abs() <= DETECTOR_MAX_WEIGHT).all():
             raise DSGError(f"{where}: the detector's weights must have magnitude at most {DETECTOR_MAX_WEIGHT}.")
