@@ -41,6 +41,20 @@ VARIANTS = {
     "detector16": {"gate_window": 16, "detector": True, "gate_percentile": 99.0},
     "detector8-active": {"gate_window": 8, "detector": True, "gate_percentile": 99.0, "clamp_mode": "active"},
     "detector8-c100": {"gate_window": 8, "detector": True, "gate_percentile": 99.0, "clamp": 100.0},
+    "detector8-active-c50": {
+        "gate_window": 8,
+        "detector": True,
+        "gate_percentile": 99.0,
+        "clamp_mode": "active",
+        "clamp": 50.0,
+    },
+    "detector8-active-n150": {
+        "gate_window": 8,
+        "detector": True,
+        "gate_percentile": 99.0,
+        "clamp_mode": "active",
+        "n_features": 150,
+    },
 }
 
 

@@ -44,6 +44,11 @@ def test_the_detector_is_fitted_calibrated_and_recorded(detected):
     assert any(w > 0 for _, w in det.named_weights())
     peaks = guard.tensors["calibration_rho"].double().numpy()
     assert guard.threshold == pytest.approx(float(np.percentile(peaks, 90)))
+    # the threshold is read from the sequences held out of the detector's fit, and only from them
+    held = guard.info["detector_fit"]["calibration_sequences"]
+    assert len(peaks) == held == guard.info["data"]["calibration"]["sequences"]
+    assert held == round(0.25 * guard.info["data"]["retain"]["sequences"])
+    assert guard.info["data"]["calibration"]["source"] == "retain (detector hold-out)"
     # forget text scores above retain text on the detector's own statistic
     seqs = lambda texts: tokenize(tok, texts, 64)  # noqa: E731
     f = gate_rates(model, guard, seqs(FORGET_TEXTS), progress=False)

@@ -232,3 +232,23 @@ def test_clamps_are_ungated_frequency_guardrails(tiny_llama, variant, mode):
 
     s = measure(model, tok, sae, FORGET, RETAIN, dsg.FitConfig(max_length=32), progress=False)
     assert guard.features == select_by_frequency(s.forget.frequency, s.retain.frequency, 4, 0.5)
+
+
+def test_dsg_sweeps_the_shipped_detector_gate_and_dsg_paper_the_papers_rule():
+    """Whatever the bench's fit settings, `dsg` fits the detector gate and `dsg_paper` the whole-input gate."""
+    from types import SimpleNamespace
+
+    from dsg.bench.setting import DEMO_FIT
+
+    for base in (dsg.FitConfig(), DEMO_FIT):
+        bench = SimpleNamespace(fit=base)
+        for budget in (0.1, 1.0, 2.0):
+            for cfg in METHODS["dsg"]().grid(bench, budget):
+                c = METHODS["dsg"]().fit_config(bench, cfg)
+                assert c.detector and c.gate_window and c.gated and c.clamp_mode == "active"
+            for cfg in METHODS["dsg_paper"]().grid(bench, budget):
+                c = METHODS["dsg_paper"]().fit_config(bench, cfg)
+                assert not c.detector and c.gate_window is None and c.gated
+                assert c.max_length == base.max_length  # data settings still come from the bench
+    clamp = dsg.methods.sae_clamp.clamp_fit_config(ClampConfig(), DEMO_FIT)
+    assert not clamp.gated and not clamp.detector and clamp.gate_window is None

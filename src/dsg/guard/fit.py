@@ -63,6 +63,10 @@ class FitConfig:
     against retain and calibration text (positive weights mark the forget domain, negative ones retain text)."""
     detector_c: float = 0.3
     """Detector only: inverse L1 strength of the logistic regression (smaller: fewer latents)."""
+    detector_holdout: float = 0.25
+    """Detector only: share of the retain and calibration sequences (drawn with the seed) kept out of the
+    detector's fit; its threshold is calibrated on them alone. A threshold read from the texts the weights were
+    fitted on sits too low: the weights have learnt those texts, not retain text in general."""
     clamp: float = 500.0
     """Clamp strength c: flagged latents are set to -c."""
     clamp_relative_to_norm: bool = False
@@ -98,6 +102,8 @@ class FitConfig:
             raise DSGError("The detector gate reads windows of tokens: set gate_window (--gate-window) as well.")
         if self.detector_c <= 0:
             raise DSGError(f"detector_c must be positive, got {self.detector_c}.")
+        if not 0 < self.detector_holdout < 1:
+            raise DSGError(f"detector_holdout must lie strictly between 0 and 1, got {self.detector_holdout}.")
 
 
 class CorpusStats(NamedTuple):
@@ -132,8 +138,6 @@ def _checked_hook(model, sae, config: FitConfig):
     hook = config.hook or sae.hook_name
     if not hook:
         raise DSGError("No hook point: the SAE's config names none, so set FitConfig.hook (--hook).")
-    if config.n_features > sae.d_sae:
-        raise DSGError(f"n_features={config.n_features} exceeds the SAE's {sae.d_sae} latents.")
     point = resolve(model, hook)
     check_width(model, point, sae.d_in)
     return hook, point
@@ -191,6 +195,8 @@ def fit(
     config = config or FitConfig()
     config.__post_init__()  # a config changed after it was built is checked again
     hook, point = _checked_hook(model, sae, config)
+    if config.n_features > sae.d_sae:  # measure() does not select, so only fit() checks this
+        raise DSGError(f"n_features={config.n_features} exceeds the SAE's {sae.d_sae} latents.")
     if calibration is not None:
         _checked_texts("calibration", calibration)
     stats = stats or measure(model, tokenizer, sae, forget, retain, config, progress=progress)
@@ -209,7 +215,7 @@ def fit(
     calib_seqs = retain_seqs if calibration is None else _sequences(tokenizer, calibration, config, 3)
     detector, detector_info = None, None
     if config.detector and config.gated:
-        detector, detector_info = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)
+        detector, detector_info, calib_seqs = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       detector=detector, name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
@@ -229,7 +235,7 @@ def fit(
         "seed": config.seed,
         "model": model_fingerprint(model, point),
         "sae": {"sha256": sae.sha256()},
-        "data": _data_record(forget, retain, calibration, stats, calib_seqs),
+        "data": _data_record(forget, retain, calibration, stats, calib_seqs, detector is not None),
         "residual_norm": r_sums.mean_norm,
         **({"detector_fit": detector_info} if detector_info else {}),
     }
@@ -237,8 +243,9 @@ def fit(
                      detector=detector, name=name, info=info, tensors=tensors)  # fmt: skip
 
 
-def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs) -> dict:
-    """What the guardrail was fitted and calibrated on: counts and corpus hashes."""
+def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, held: bool) -> dict:
+    """What the guardrail was fitted and calibrated on: counts and corpus hashes (`held`: the threshold was
+    calibrated on the detector's hold-out of the retain and calibration sequences)."""
     return {
         "forget": {
             "documents": len(forget),
@@ -253,7 +260,7 @@ def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs) ->
             "sha256": corpus_sha256(retain),
         },
         "calibration": {
-            "source": "retain" if calibration is None else "calibration",
+            "source": ("retain" if calibration is None else "calibration") + (" (detector hold-out)" if held else ""),
             "sequences": len(calib_seqs),
             "tokens": sum(len(s) for s in calib_seqs),
             "sha256": corpus_sha256(retain if calibration is None else calibration),
@@ -261,14 +268,24 @@ def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs) ->
     }
 
 
-def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitConfig, kw) -> tuple[dict, dict]:
-    """The detector's {latent: integer weight}: windows of the forget sequences against windows of the retain and
-    calibration sequences (guard/detector.py), and a record of what it was fitted on."""
+def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitConfig, kw):
+    """The detector's {latent: integer weight}, a record of what it was fitted on, and the sequences its threshold
+    is calibrated on. Windows of the forget sequences are fitted against windows of most of the retain and
+    calibration sequences (guard/detector.py); the rest, drawn with the seed, are held out for the threshold."""
     w = config.gate_window
+    negatives = list(stats.retain_sequences)
+    if calib_seqs is not stats.retain_sequences:  # no separate calibration corpus: the retain one stands in
+        negatives += calib_seqs
+    order = torch.randperm(len(negatives), generator=torch.Generator().manual_seed(config.seed + 4)).tolist()
+    n_held = min(max(1, round(config.detector_holdout * len(negatives))), len(negatives) - 1)
+    if n_held < 1:
+        raise DSGError("The detector needs at least two retain or calibration sequences: one to fit, one to calibrate.")
+    held = [negatives[i] for i in sorted(order[:n_held])]
+    fitted = [negatives[i] for i in sorted(order[n_held:])]
     positive = window_features(model, sae, hook, stats.forget_sequences, w, desc="detector: forget windows", **kw)
-    negative = window_features(model, sae, hook, stats.retain_sequences + list(calib_seqs), w,
-                               desc="detector: retain windows", **kw)  # fmt: skip
+    negative = window_features(model, sae, hook, fitted, w, desc="detector: retain windows", **kw)
     weights = fit_weights(positive, negative, config.detector_c, config.seed)
     info = {"c": config.detector_c, "positive_windows": positive.shape[0], "negative_windows": negative.shape[0],
-            "latents": len(weights), "forget_latents": sum(q > 0 for q in weights.values())}  # fmt: skip
-    return weights, info
+            "latents": len(weights), "forget_latents": sum(q > 0 for q in weights.values()),
+            "calibration_sequences": len(held)}  # fmt: skip
+    return weights, info, held

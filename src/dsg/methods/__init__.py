@@ -1,6 +1,7 @@
 """Unlearning methods compared by `dsg compare`, each registered by name in `METHODS`:
 
-    dsg                 DSG: the gated clamp of a guardrail (methods/dsg.py)
+    dsg, dsg_paper      DSG: the gated clamp of a guardrail, with the detector gate that ships and with the
+                        paper's whole-input gate (methods/dsg.py)
     static_clamp        ungated SAE clamps, SAEBench / Farrell et al. latent selection (methods/sae_clamp.py)
     conditional_clamp
     rmu                 RMU (methods/rmu.py)

@@ -1,5 +1,8 @@
-"""DSG as a compared method: the paper's gated clamp, fitted with dsg.fit over a grid of selection and gate
-settings."""
+"""DSG as a compared method, fitted with dsg.fit over a grid of selection, gate and clamp settings:
+
+dsg         the gate that ships (bench.setting.DEMO_FIT): the detector over windows of 8 tokens
+dsg_paper   the paper's rule: clamp every input whose whole-input share of flagged tokens exceeds tau
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,38 @@ from ..guard.fit import FitConfig
 from .base import METHODS, budget_level
 from .guardrail import GuardrailMethod
 
+DETECTOR = {"gate_window": 8, "detector": True, "gate_percentile": 99.0}
+PAPER_RULE = {"gate_window": None, "detector": False, "gate_percentile": 95.0, "clamp_mode": "all"}
+
 
 @METHODS.register("dsg")
 class DSG(GuardrailMethod):
     name = "dsg"
-    label = "DSG (gated clamp)"
+    label = "DSG (detector gate)"
+    config_class = FitConfig
+
+    def grid(self, bench, budget: float) -> list[dict]:
+        # clamp_mode "active" (only the selected latents that fire): clamping all of them at every flagged token
+        # breaks the guarded text into repetition (benchmarks/precision.py); with the detector's precision more
+        # latents can be clamped at little retain cost.
+        level = budget_level(budget)
+        if level == "smoke":
+            return [{"n_features": 50, "clamp": 500.0, "clamp_mode": "active"}]
+        grid = [{"n_features": n, "clamp": 500.0, "clamp_mode": "active"} for n in (50, 100, 150)]
+        grid.append({"n_features": 150, "clamp": 500.0, "clamp_mode": "active", "gate_percentile": 99.5})
+        if level == "wide":
+            grid += [{"n_features": n, "clamp": c, "clamp_mode": "active", "gate_window": w}
+                     for n in (50, 150) for c in (100.0, 1000.0) for w in (8, 16)]  # fmt: skip
+        return grid
+
+    def fit_config(self, bench, cfg: dict) -> FitConfig:
+        return _capped(dataclasses.replace(bench.fit, **(DETECTOR | cfg)), bench)
+
+
+@METHODS.register("dsg_paper")
+class DSGPaper(GuardrailMethod):
+    name = "dsg_paper"
+    label = "DSG (paper's whole-input gate)"
     config_class = FitConfig
 
     def grid(self, bench, budget: float) -> list[dict]:
@@ -22,27 +52,15 @@ class DSG(GuardrailMethod):
             return [{"n_features": 20, "ratio_percentile": 95.0, "clamp": 500.0}]
         if level == "default":
             # the gate percentile defaults to the bench's (95, the paper's); stricter gates trade forget-domain
-            # coverage for fewer retain inputs clamped. clamp_mode "active" (only the latents that fire) is gentler
-            # on the retain inputs the gate lets through by mistake.
-            return (
-                [
-                    {"n_features": n, "ratio_percentile": p, "clamp": 500.0}
-                    for n, p in ((10, 95.0), (20, 95.0), (50, 95.0), (20, 90.0))
-                ]
-                + [
-                    {"n_features": n, "ratio_percentile": 95.0, "clamp": 500.0, "gate_percentile": g}
-                    for n, g in ((20, 99.0), (50, 98.0), (50, 99.0))
-                ]
-                + [
-                    {
-                        "n_features": 50,
-                        "ratio_percentile": 95.0,
-                        "clamp": 500.0,
-                        "gate_percentile": 98.0,
-                        "clamp_mode": "active",
-                    }
-                ]
-            )
+            # coverage for fewer retain inputs clamped. clamp_mode "active" is gentler on the retain inputs the
+            # gate lets through by mistake.
+            return [
+                {"n_features": 20, "ratio_percentile": 95.0, "clamp": 500.0},
+                {"n_features": 50, "ratio_percentile": 95.0, "clamp": 500.0},
+                {"n_features": 50, "ratio_percentile": 95.0, "clamp": 500.0, "gate_percentile": 98.0},
+                {"n_features": 50, "ratio_percentile": 95.0, "clamp": 500.0, "gate_percentile": 98.0,
+                 "clamp_mode": "active"},
+            ]  # fmt: skip
         return [
             {"n_features": n, "ratio_percentile": p, "clamp": c, "gate_percentile": g}
             for n in (10, 20, 30, 50)
@@ -52,4 +70,12 @@ class DSG(GuardrailMethod):
         ]
 
     def fit_config(self, bench, cfg: dict) -> FitConfig:
-        return dataclasses.replace(bench.fit, **cfg)
+        return _capped(dataclasses.replace(bench.fit, **(PAPER_RULE | cfg)), bench)
+
+
+def _capped(config: FitConfig, bench) -> FitConfig:
+    """A grid written for the embedded SAE still runs on a smaller one: N is capped at its latent count."""
+    sae = getattr(bench, "sae", None)
+    if sae is not None and config.n_features > sae.d_sae:
+        return dataclasses.replace(config, n_features=sae.d_sae)
+    return config

@@ -58,10 +58,17 @@ class GuardrailMethod(UnlearningMethod):
             "for each) + gate calibration",
         }
         record = {k: getattr(guard, k) for k in ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")}
+        record["window"] = guard.window
+        if guard.detector is not None:
+            record["detector"] = [[j, w] for j, w in guard.detector.named_weights()]
         return Fitted(guard, cost, record)
 
-    def restore(self, bench, run: dict, run_dir: Path) -> Fitted:
+    def restore(self, bench, run: dict, run_dir: Path) -> Fitted | None:
+        """The stored guardrail rebuilt from its record; None (fit again, deterministically from the shared
+        statistics) for a windowed or detector gate, whose record does not carry every tensor it reads."""
         r = run["record"]
+        if r.get("window") is not None or r.get("detector"):
+            return None
         guard = Guardrail(
             bench.sae, r["hook"], r["features"], r["threshold"], r["clamp"], r["clamp_mode"], r["gated"], name=self.name
         )

@@ -66,6 +66,8 @@ def clamp_fit_config(config: ClampConfig, base: FitConfig | None = None) -> FitC
         base or FitConfig(),
         scorer="frequency",
         gated=False,
+        gate_window=None,
+        detector=False,
         clamp_mode=VARIANTS[config.variant],
         n_features=config.n_features,
         retain_cutoff=config.retain_cutoff,
