@@ -49,6 +49,7 @@ def test_the_detector_is_fitted_calibrated_and_recorded(detected):
     assert len(peaks) == held == guard.info["data"]["calibration"]["sequences"]
     assert held == round(0.25 * guard.info["data"]["retain"]["sequences"])
     assert guard.info["data"]["calibration"]["source"] == "retain (detector hold-out)"
+    assert guard.gate_rule().startswith(f"detector over {len(det)} latents") and "last 6 tokens" in guard.gate_rule()
     # forget text scores above retain text on the detector's own statistic
     seqs = lambda texts: tokenize(tok, texts, 64)  # noqa: E731
     f = gate_rates(model, guard, seqs(FORGET_TEXTS), progress=False)

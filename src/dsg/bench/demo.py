@@ -182,6 +182,9 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         "guardrail": {
             "features": guard.features,
             "threshold": guard.threshold,
+            "gate": guard.gate_rule(),
+            "window": guard.window,
+            "detector_latents": len(guard.detector) if guard.detector is not None else None,
             "clamp": guard.clamp,
             "clamp_mode": guard.clamp_mode,
             "hook": guard.hook,

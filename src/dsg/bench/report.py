@@ -303,13 +303,18 @@ def print_demo_table(results: dict) -> str:
     lines = [
         table(DEMO_HEADER, demo_rows(results)),
         "",
-        f"guardrail: {len(g['features'])} latents at {g['hook']}, gate rho > {g['threshold']:.4f}, "
-        f"clamp -{g['clamp']:g}",
+        f"guardrail: {len(g['features'])} latents at {g['hook']}, gate: {_gate(g)}, clamp -{g['clamp']:g} "
+        f"({g['clamp_mode']})",
         *_dilution_lines(results),
         "targets: " + ", ".join(f"{k} {'met' if v['met'] else 'MISSED'}" for k, v in results["targets"].items()),
         "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("seconds", {}).items()),
     ]
     return "\n".join(lines)
+
+
+def _gate(g: dict) -> str:
+    """The gate in words (results written before the gate was recorded name only the paper's rule)."""
+    return g.get("gate") or f"whole-input rho > {g['threshold']:.4f}"
 
 
 def _dilution_lines(results: dict) -> list[str]:
@@ -348,8 +353,8 @@ def report_markdown(results: dict, plotted: bool) -> str:
     g = results["guardrail"]
     md += [
         "",
-        f"Guardrail: latents {g['features']} at `{g['hook']}`; gate rho > {g['threshold']:.4f}; "
-        f"clamp -{g['clamp']:g} ({g['clamp_mode']}).",
+        f"Guardrail: latents {g['features']} at `{g['hook']}`; gate: {_gate(g)}; clamp -{g['clamp']:g} "
+        f"({g['clamp_mode']}).",
         *[part for line in _dilution_lines(results) for part in ("", line + ".")],
         "",
         "## Targets",
@@ -382,7 +387,7 @@ def plot_demo(path: Path, forget_tasks, retain_tasks, guard) -> bool:
     ax2.bar([t["task"] for t in tasks], [t["gate_rate"] for t in tasks], color=["C3"] + ["C2"] * len(retain_tasks))
     ax2.set_ylabel("share of questions gated")
     ax2.set_ylim(0, 1)
-    ax2.set_title(f"gate: rho > {guard.threshold:.3f}")
+    ax2.set_title("gate: " + ("detector" if guard.detector is not None else f"rho > {guard.threshold:.3f}"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

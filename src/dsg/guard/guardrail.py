@@ -203,6 +203,17 @@ class Guardrail:
     def d_in(self) -> int:
         return int(self.sae_record["d_in"])
 
+    def gate_rule(self) -> str:
+        """The gate in words, e.g. for reports."""
+        if not self.gated:
+            return "static (every input)"
+        if self.detector is not None:
+            return (f"detector over {len(self.detector)} latents: mean evidence over the last {self.window} tokens "
+                    f"> {self.threshold / SCALE:.4g}, latched")  # fmt: skip
+        if self.window is not None:
+            return f"share of flagged tokens over the last {self.window} tokens > {self.threshold:.4g}, latched"
+        return f"whole-input rho > {self.threshold:.4f}"
+
     def __repr__(self) -> str:
         gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
         gate += f", window={self.window}" if self.window is not None else ""
