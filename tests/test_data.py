@@ -374,3 +374,60 @@ def test_computing_is_everyday_python_knowledge_read_without_running_modules():
     assert not any("antigravity" in s or s.split()[-1] == "this" for s in stems)  # modules that act when imported
     fit = " ".join(d.texts["fit"])
     assert "exploit" not in fit.lower() or "payload" not in fit.lower()  # programming prose, not offensive cyber
+
+
+def test_tool_manuals_split_offensive_tools_from_everyday_ones():
+    from dsg.data import manuals
+
+    rows = manuals.read_asset()
+    by_role = {role: [r for r in rows if r["role"] == role] for role in manuals.ROLES}
+    assert len(by_role["offensive"]) >= 150 and len(by_role["everyday"]) >= 200
+    packages = {role: {r["package"] for r in rs} for role, rs in by_role.items()}
+    assert {"hydra", "john", "nmap", "dsniff", "aircrack-ng", "sqlmap"} <= packages["offensive"]
+    assert {"coreutils", "grep", "git-man", "rsync", "iputils-ping"} <= packages["everyday"]
+    assert not packages["offensive"] & packages["everyday"]
+    assert all(r["version"] and r["text"].strip() for r in rows)
+    # Both kinds sit in their domains: offensive manuals in the cyber forget domain, everyday ones in computing.
+    cyber, computing = need("cyber"), need("computing")
+    arpspoof = next(r["text"] for r in rows if r["id"] == "manual:dsniff/arpspoof.8")
+    ls = next(r["text"] for r in rows if r["id"] == "manual:coreutils/ls.1")
+    assert arpspoof in cyber.texts["fit"] + cyber.texts["heldout"]
+    assert ls in computing.texts["fit"] + computing.texts["heldout"]
+    assert not set(computing.texts["fit"] + computing.texts["heldout"]) & {r["text"] for r in by_role["offensive"]}
+    for d, template in ((cyber, "manual_summary"), (computing, "manual_summary"), (cyber, "package_summary")):
+        assert sum(q.subject == template for q in d.questions["test"]) >= 10, (d.name, template)
+
+
+def test_tool_manual_asset_errors_name_the_line(tmp_path):
+    from dsg.data import manuals
+
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"id": "x"}\n', encoding="utf-8")
+    with pytest.raises(DSGError, match="line 1"):
+        manuals.read_asset(str(bad))
+    with pytest.raises(DSGError, match="missing"):
+        manuals.read_asset(str(tmp_path / "absent.jsonl"))
+    row = dict.fromkeys(("id", "package", "version", "licence", "command", "summary", "text"), "x")
+    bad.write_text(json.dumps({**row, "role": "attacker"}) + "\n", encoding="utf-8")
+    with pytest.raises(DSGError, match="role must be one of"):
+        manuals.read_asset(str(bad))
+
+
+def test_requests_share_templates_across_domains_and_follow_the_record_split():
+    from dsg.data.common import REQUEST_TEMPLATES
+
+    def template_of(text):
+        for t in REQUEST_TEMPLATES:
+            head, tail = t.split("{topic}")
+            if text.startswith(head) and text.endswith(tail):
+                return t
+        return None
+
+    cyber, computing = need("cyber"), need("computing")
+    for d in (cyber, computing):
+        assert len(d.requests["fit"]) >= 200 and len(d.requests["heldout"]) >= 200
+        assert not set(d.requests["fit"]) & set(d.requests["heldout"])
+        used = {template_of(r) for r in d.requests["fit"] + d.requests["heldout"]}
+        assert used == set(REQUEST_TEMPLATES), d.name  # every template, on both sides: how one asks marks no side
+    assert any("arpspoof" in r for r in cyber.requests["fit"] + cyber.requests["heldout"])
+    assert need("geography").requests == {"fit": [], "heldout": []}

@@ -89,7 +89,7 @@ def records_and_probes(json_path: str) -> tuple[list[Record], list[Probe]]:
     records, probes = [], []
     for t in read_techniques(json_path):
         rid = f"attack:{t['id']}"
-        records.append(Record(rid, technique_text(t)))
+        records.append(Record(rid, technique_text(t), topic=t["name"]))
         if t["tactics"]:
             probes.append(
                 Probe(

@@ -131,8 +131,9 @@ class Domain:
     """A forget or retain knowledge domain with fixed, disjoint splits (see the module docstring).
 
     ``texts`` has the splits "fit" (feature statistics) and "heldout" (perplexity only); ``questions`` has
-    "calibration" (gate calibration, same records as "fit"), "validation" and "test". Objects returned by
-    `dsg.data.load_domain` are cached and shared: treat them as read-only.
+    "calibration" (gate calibration, same records as "fit"), "validation" and "test"; ``requests`` has "fit" and
+    "heldout" like ``texts``: one chat-shaped request per record with a topic (how users ask about the domain).
+    Objects returned by `dsg.data.load_domain` are cached and shared: treat them as read-only.
     """
 
     name: str
@@ -140,6 +141,7 @@ class Domain:
     description: str
     texts: dict[str, list[str]] = field(default_factory=dict)
     questions: dict[str, list[MCQ]] = field(default_factory=dict)
+    requests: dict[str, list[str]] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
         """Number of texts and questions per split, e.g. {"fit": 480, "heldout": 470, "calibration": 900, ...}."""
@@ -150,10 +152,30 @@ class Domain:
 
 @dataclass(frozen=True)
 class Record:
-    """One source record: a stable id and its one text document ("" when the source has none)."""
+    """One source record: a stable id, its one text document ("" when the source has none), and the name of what
+    it is about (a technique, a tool, a module) for the record's chat-shaped request ("" for none)."""
 
     id: str
     text: str
+    topic: str = ""
+
+
+# Chat-shaped requests about a record's topic, the same templates for every domain: forget and retain requests
+# then differ in what they ask about, not in how they ask, so no template word can mark the forget domain.
+REQUEST_TEMPLATES = (
+    "What is {topic}?",
+    "Can you explain {topic} in simple terms?",
+    "How does {topic} work in practice?",
+    "Give me a step-by-step guide to {topic}.",
+    "I'd like to learn about {topic}. Where should I start?",
+    "What should I know about {topic}?",
+)
+
+
+def request_text(record: Record) -> str:
+    """The record's request: one template, drawn from the record id, filled with its topic."""
+    template = seeded_rng(f"{SPLIT_SALT}:request:{record.id}").choice(REQUEST_TEMPLATES)
+    return template.format(topic=record.topic)
 
 
 @dataclass(frozen=True)
@@ -253,9 +275,12 @@ def build_domain(
         if r.text:
             text_count[r.text] = text_count.get(r.text, 0) + 1
     texts: dict[str, list[tuple[str, str]]] = {s: [] for s in TEXT_SPLITS}
+    requests: dict[str, list[tuple[str, str]]] = {s: [] for s in TEXT_SPLITS}
     for r in records:
         if r.text and text_count[r.text] == 1:
             texts["fit" if split[r.id] == "fit" else "heldout"].append((r.id, r.text))
+        if r.topic:
+            requests["fit" if split[r.id] == "fit" else "heldout"].append((r.id, request_text(r)))
 
     # Probes: known records only; a stem shared by two probes is dropped everywhere.
     probes = [p for p in probes if p.record_id in split and p.answer]
@@ -298,6 +323,7 @@ def build_domain(
         description=description,
         texts={s: [t for _, t in _by_hash(v, key=lambda x: x[0])] for s, v in texts.items()},
         questions={s: _by_hash(v, key=lambda q: q.id) for s, v in questions.items()},
+        requests={s: [t for _, t in _by_hash(v, key=lambda x: x[0])] for s, v in requests.items()},
     )
 
 

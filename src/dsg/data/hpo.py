@@ -142,7 +142,7 @@ def records_and_probes(obo_path: str, hpoa_path: str) -> tuple[list[Record], lis
     records, probes = [], []
     for t in read_terms(obo_path, hpoa_path):
         rid = f"hpo:{t['id']}"
-        records.append(Record(rid, term_text(t)))
+        records.append(Record(rid, term_text(t), topic=t["name"].lower()))
         probes.append(
             Probe(
                 rid,
