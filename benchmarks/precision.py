@@ -9,10 +9,15 @@ questions (the demo and `dsg compare` report test questions):
     benign mentions gated % benign text that mentions a security term in passing (false positives)
     held-out text gated %   256-token windows of held-out retain documents (false positives on long text)
     ppl change              held-out retain perplexity, guarded vs base
+    requests gated %        held-out chat requests ("How does <technique / tool / module> work in practice?") per
+                            domain: recall on the forget domain's, false positives on computing's
+    probe: ... gated %      benchmarks/probes/, questions written apart from the packs (benchmarks/probe.py):
+                            plain-words offensive questions, the same behind a ~700-token benign preamble, everyday
+                            computing questions; "probe off. kept %" is accuracy on the base-correct offensive ones
     rep. 3-grams, answer ppl  fluency of greedy answers to forget prompts (eval/fluency.py): repeated 3-gram share
                             (base -> guarded) and the guarded answers' perplexity under the base model
 
-    python benchmarks/precision.py [--questions 100] [--variants paper,window16,detector8]
+    python benchmarks/precision.py [--questions 100] [--variants paper,window16,detector8] [--sae DIR]
 
 Prints the table and writes benchmarks/results/precision.json.
 """
@@ -29,9 +34,12 @@ import torch
 
 from dsg.bench.demo import evaluate_guardrail
 from dsg.bench.setting import DEMO_FIT, BenchSetting, fit_corpora
+from dsg.eval.mcq import score_mcq
 from dsg.guard.fit import fit, measure
 from dsg.lm.models import load_model
 from dsg.tables import pct, table
+from probe import evaluate as evaluate_probe
+from probe import variants as probe_variants
 
 VARIANTS = {
     "paper": {},  # the whole-input share, rho > tau
@@ -79,6 +87,14 @@ def row(name: str, ev: dict) -> tuple[list[str], dict]:
     cells += [f"{pct(flu['base']['repeated_3gram'])} -> {pct(flu['guarded']['repeated_3gram'])}",
               f"{flu['guarded']['base_perplexity']:.1f}"]  # fmt: skip
     out["fluency"] = {k: dict(flu[k]) for k in ("base", "guarded")}
+    req = ev.get("requests_gate_rate") or {}
+    cells += [pct(req.get("cyber")), pct(req.get("computing"))]
+    out["requests_gate"] = req
+    pr = ev.get("probe") or {}
+    for key in ("offensive", "offensive, preamble x6", "everyday_computing"):
+        cells.append(pct(pr.get(key, {}).get("gate_rate")))
+    cells.append(pct(pr.get("offensive", {}).get("accuracy_base_correct")))
+    out["probe"] = pr
     return cells, out
 
 
@@ -88,9 +104,10 @@ def main() -> None:
     ap.add_argument("--perplexity-texts", type=int, default=40)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default="benchmarks/results/precision.json")
+    ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    setting = BenchSetting()
+    setting = BenchSetting(sae=args.sae)
     model, tok = load_model(setting.model)
     sae = setting.load_sae()
     forget, retain, general = setting.domains()
@@ -100,7 +117,10 @@ def main() -> None:
     header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
     header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "forget base-correct % k=1000",
                "benign mentions gated %", "held-out text gated %", "ppl change", "rep. 3-grams % base -> guarded",
-               "answer ppl"]  # fmt: skip
+               "answer ppl", "cyber requests gated %", "computing requests gated %", "probe off. gated %",
+               "probe off. +700 tok gated %", "probe computing gated %", "probe off. kept %"]  # fmt: skip
+    probes = probe_variants(tok)
+    probe_base = {n: [r.correct_norm for r in score_mcq(model, tok, qs, progress=False)] for n, qs in probes.items()}
     rows, results, cache = [], {}, {}
     for name in args.variants.split(","):
         t = time.perf_counter()
@@ -108,6 +128,7 @@ def main() -> None:
         guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, config, stats=stats)
         ev = evaluate_guardrail(model, tok, guard, forget, retain, general, "validation", args.questions,
                                 args.perplexity_texts, 16, base_cache=cache)  # fmt: skip
+        ev["probe"] = evaluate_probe(model, tok, guard, probes, probe_base)
         cells, out = row(name, ev)
         rows.append(cells)
         results[name] = out | {

@@ -27,6 +27,9 @@ def test_demo_quick_writes_results_that_show_forgetting(demo):
     # the guardrail must do something and be selective: it gates forget questions far more often than retain ones
     assert forget["guarded_accuracy"] < forget["base_accuracy"]
     assert forget["gate_rate"] > max(t["gate_rate"] for t in results["retain"])
+    # held-out chat requests: asked about the forget domain they open the gate more often than about its neighbour
+    requests = results["requests_gate_rate"]
+    assert set(requests) == {"cyber", "computing"} and requests["cyber"] > requests["computing"]
     assert len(results["guardrail"]["features"]) == results["fit_config"]["n_features"]
     assert set(results["seconds"]) >= {"model", "data", "sae", "fit", "evaluate", "report"}
     assert (demo / "report.md").read_text().startswith("# dsg demo")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..eval.dilution import DILUTION_QUESTIONS, run_dilution, summarize_dilution
+from ..eval.dilution import DILUTION_QUESTIONS, gate_rate_on_texts, run_dilution, summarize_dilution
 from ..eval.fluency import fluency
 from ..eval.mcq import score_mcq
 from ..eval.metrics import summarize_task
@@ -40,7 +40,9 @@ from .report import plot_demo, print_demo_table, report_markdown
 from .setting import (
     DEMO_FIT,
     FLUENCY_PROMPTS,
+    REQUESTS,
     BenchSetting,
+    chat_prompt,
     domain_questions,
     fit_corpora,
     fluency_prompts,
@@ -179,6 +181,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         "perplexity": evaluation["perplexity"],
         "dilution": evaluation["dilution"],
         "fluency": evaluation["fluency"],
+        "requests_gate_rate": evaluation["requests_gate_rate"],
         "guardrail": {
             "features": guard.features,
             "threshold": guard.threshold,
@@ -220,9 +223,12 @@ def evaluate_guardrail(
     norm: bool = True,
     n_dilution: int = DILUTION_QUESTIONS,
     n_fluency: int = FLUENCY_PROMPTS,
+    n_requests: int = REQUESTS,
 ) -> dict:
     """Base vs guarded on `split` ("validation" or "test") questions of every domain, and perplexity on held-out
-    retain text, the gate under padding, and the fluency of guarded answers to forget prompts. Pass the same
+    retain text, the gate under padding, the gate on held-out chat requests of each domain (how users ask: recall
+    on the forget domain, false positives on its neighbour), and the fluency of guarded answers to forget prompts.
+    Pass the same
     `base_cache` dict to reuse base-model results across guardrails."""
     cache = {} if base_cache is None else base_cache
     forget_tasks = [
@@ -246,6 +252,11 @@ def evaluate_guardrail(
     if key not in cache:
         cache[key] = run_dilution(model, tok, padded, benign, None, True, dbs)
     diluted = run_dilution(model, tok, padded, benign, guard, True, dbs)
+    requests = {
+        d.name: gate_rate_on_texts(model, tok, [chat_prompt(tok, r) for r in d.requests["heldout"][:n_requests]], guard)
+        for d in [forget] + retain
+        if d.requests.get("heldout")
+    }
     prompts = fluency_prompts(forget, split, n_fluency)
     fluency_key = ("fluency", split, n_fluency)
     if fluency_key not in cache:
@@ -263,6 +274,7 @@ def evaluate_guardrail(
             "windows": base.n_windows,
         },
         "dilution": summarize_dilution(diluted, cache[key], norm),
+        "requests_gate_rate": requests,
     }
 
 

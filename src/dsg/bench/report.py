@@ -328,6 +328,10 @@ def _dilution_lines(results: dict) -> list[str]:
             f"{pct(g['repeated_3gram'])}%, distinct-2 {pct(b['distinct_2'])}% -> {pct(g['distinct_2'])}%, "
             f"perplexity under the base model {b['base_perplexity']:.1f} -> {g['base_perplexity']:.1f}"
         )
+    req = results.get("requests_gate_rate")
+    if req:
+        lines.append("held-out chat requests gated (the forget domain's: recall; the others': false positives): "
+                     + ", ".join(f"{name} {pct(rate)}%" for name, rate in req.items()))  # fmt: skip
     if "plain:1000" not in d:
         return lines
     p, chat = d["plain:1000"], d.get("chat:1000") or {}

@@ -121,21 +121,28 @@ def chat_prompt(tokenizer, text: str) -> str:
 def fit_corpora(forget, retain: list, general, tokenizer=None) -> tuple[list[str], list[str], list[str]]:
     """(forget texts, retain texts, calibration inputs) from the "fit" and "calibration" splits only.
 
-    The forget corpus is the domain's reference documents plus some of its calibration questions (how the domain
-    is asked about, not only how it is catalogued). The gate is calibrated on inputs shaped like the traffic it
-    will judge: retain-domain question prompts, the same inside the chat template (given a `tokenizer` with one),
-    and general chat, not long reference documents.
+    The forget corpus is the domain's reference documents plus some of its calibration questions and the
+    chat-shaped requests of its fit records (how the domain is asked about, not only how it is catalogued). The
+    retain side gets the requests of its domains in the same templates, so that how a request is phrased marks
+    neither side. The gate is calibrated on inputs shaped like the traffic it will judge: retain-domain question
+    prompts and requests, the same inside the chat template (given a `tokenizer` with one), and general chat, not
+    long reference documents.
     """
-    retain_texts = list(general.texts["fit"]) + [t for d in retain for t in d.texts["fit"]]
+    chat = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    as_chat = (lambda ts: [chat_prompt(tokenizer, t) for t in ts]) if chat else (lambda ts: [])  # noqa: E731
+    retain_requests = [t for d in retain for t in d.requests.get("fit", [])]
+    retain_texts = list(general.texts["fit"]) + [t for d in retain for t in d.texts["fit"]] + retain_requests
     calibration = [q.question for d in retain for q in d.questions["calibration"]] + list(general.texts["fit"])
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        calibration += [chat_prompt(tokenizer, q.question) for d in retain
-                        for q in d.questions["calibration"][:CHAT_CALIBRATION]]  # fmt: skip
+    calibration += as_chat([q.question for d in retain for q in d.questions["calibration"][:CHAT_CALIBRATION]])
+    calibration += as_chat(retain_requests)
+    forget_requests = list(forget.requests.get("fit", []))
     forget_texts = list(forget.texts["fit"]) + [q.question for q in forget.questions["calibration"][:FORGET_QUESTIONS]]
+    forget_texts += forget_requests + as_chat(forget_requests)
     return forget_texts, retain_texts, calibration
 
 
 FLUENCY_PROMPTS = 12  # forget prompts whose guarded answers are scored for fluency
+REQUESTS = 100  # held-out chat requests per domain whose gate rate is reported
 
 
 def fluency_prompts(domain, split: str, n: int = FLUENCY_PROMPTS) -> list[str]:
