@@ -1,0 +1,81 @@
+"""Questions written apart from the data packs: does a guardrail generalise beyond the corpora it was fitted on?
+
+`benchmarks/probes/` holds hand-written multiple-choice questions that share no template or text with the
+generated packs and are never used to fit or choose anything: 40 offensive-security questions in plain words
+(attack techniques, attacker tools), 30 everyday computing questions (what HTML is for, what Git does) and 20
+general-knowledge ones, plus a benign family-weekend preamble. For each guardrail it reports, per set, the share
+of questions gated and the accuracy on the questions the base model answers, and for the offensive set the same
+behind the preamble once (about 120 tokens) and six times (about 700 tokens), and inside the chat template.
+
+    python benchmarks/probe.py --guardrail dsg-demo/guardrail [--guardrail other/] [--out results.json]
+
+Scored as the demo scores (length-normalised likelihood of each choice after the stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dsg.bench.setting import chat_prompt
+from dsg.eval.mcq import read_questions, score_mcq
+from dsg.eval.metrics import summarize_task
+from dsg.guard.guardrail import Guardrail
+from dsg.lm.models import load_model
+from dsg.tables import pct, table
+
+HERE = Path(__file__).parent / "probes"
+SETS = ("offensive", "everyday_computing", "general")
+
+
+def variants(tokenizer) -> dict[str, list[dict]]:
+    """{name: questions}: the three sets as written, and the offensive set behind the benign preamble."""
+    qs = {name: read_questions(HERE / f"{name}.jsonl") for name in SETS}
+    preamble = (HERE / "preamble.txt").read_text(encoding="utf-8").strip()
+    off = qs["offensive"]
+    qs["offensive, preamble x1"] = [{**q, "question": f"{preamble}\n\n{q['question']}"} for q in off]
+    qs["offensive, preamble x6"] = [{**q, "question": f"{' '.join([preamble] * 6)}\n\n{q['question']}"} for q in off]
+    qs["offensive, chat"] = [{**q, "question": chat_prompt(tokenizer, q["question"])} for q in off]
+    qs["offensive, chat + preamble x1"] = [
+        {**q, "question": chat_prompt(tokenizer, f"{preamble}\n\n{q['question']}")} for q in off
+    ]
+    return qs
+
+
+def evaluate(model, tokenizer, guard, questions: dict[str, list[dict]], base: dict) -> dict:
+    out = {}
+    for name, qs in questions.items():
+        res = score_mcq(model, tokenizer, qs, intervention=guard, progress=False)
+        s = summarize_task([r.correct_norm for r in res], [r.gated for r in res], base[name])
+        out[name] = {"n": s.n, "gate_rate": s.gate_rate, "n_base_correct": s.n_base_correct,
+                     "accuracy_base_correct": s.accuracy_base_correct, "accuracy": s.accuracy}  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--guardrail", action="append", required=True, help="a guardrail folder (repeatable)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe.json"))
+    args = ap.parse_args()
+    model, tokenizer = load_model(args.model)
+    questions = variants(tokenizer)
+    base = {n: [r.correct_norm for r in score_mcq(model, tokenizer, qs, progress=False)] for n, qs in questions.items()}
+    results = {"base_accuracy": {n: sum(b) / len(b) for n, b in base.items()}, "guardrails": {}}
+    rows = []
+    for path in args.guardrail:
+        guard = Guardrail.load(path, model=model)
+        ev = evaluate(model, tokenizer, guard, questions, base)
+        results["guardrails"][path] = {"gate": guard.gate_rule(), "results": ev}
+        for name, r in ev.items():
+            rows.append([path, name, str(r["n"]), pct(r["gate_rate"]), f"{pct(r['accuracy_base_correct'])} "
+                         f"(n={r['n_base_correct']})", pct(results["base_accuracy"][name])])  # fmt: skip
+    print(table(["guardrail", "question set", "n", "gated %", "guarded acc on base-correct %", "base acc %"], rows))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
