@@ -63,17 +63,20 @@ class BenchSetting:
         return load_domain(self.forget), retain, load_domain(self.general)
 
 
-# Fit settings for the embedded default: the detector gate over windows of 8 tokens, clamping the selected latents
-# that fire (clamping all of them breaks guarded text into repetition), chosen on validation questions with
-# benchmarks/precision.py (the layer and the SAE by benchmarks/layer_sweep.py); the README reports both.
+# Fit settings for the embedded default (the layer-12 SAE): the detector gate over windows of 8 tokens, chosen on
+# validation inputs with benchmarks/gate_sweep.py, and the clamp with benchmarks/clamp_sweep.py; the README reports
+# both. The gate percentile is the detector's trade: P99 / P97 / P95 open on 22 / 35 / 42 % of the hand-written
+# offensive questions and on 2 / 10 / 12 % of 256-token held-out retain documents. The clamp: 50 latents at -100,
+# all of them at each flagged token, forgets most (29 % of base-correct cyber answers kept) and repeats less than
+# the layer-3 setting carried over (150 latents that fire, at -500: 34 %, 86 % repeated 3-grams).
 DEMO_FIT = FitConfig(
-    n_features=150,
+    n_features=50,
     ratio_percentile=95,
     gate_window=8,
     detector=True,
-    gate_percentile=99,
-    clamp=500.0,
-    clamp_mode="active",
+    gate_percentile=97,
+    clamp=100.0,
+    clamp_mode="all",
     max_length=128,
     max_sequences=512,
     batch_size=16,

@@ -12,7 +12,8 @@ from ..guard.fit import FitConfig
 from .base import METHODS, budget_level
 from .guardrail import GuardrailMethod
 
-DETECTOR = {"gate_window": 8, "detector": True, "gate_percentile": 99.0}
+# The shipped gate (bench.setting.DEMO_FIT's; importing it from here would be circular: tests check they agree).
+DETECTOR = {"gate_window": 8, "detector": True, "gate_percentile": 97.0}
 PAPER_RULE = {"gate_window": None, "detector": False, "gate_percentile": 95.0, "clamp_mode": "all"}
 
 
@@ -23,17 +24,17 @@ class DSG(GuardrailMethod):
     config_class = FitConfig
 
     def grid(self, bench, budget: float) -> list[dict]:
-        # clamp_mode "active" (only the selected latents that fire): clamping all of them at every flagged token
-        # breaks the guarded text into repetition (benchmarks/precision.py); with the detector's precision more
-        # latents can be clamped at little retain cost.
+        # The shipped clamp first (50 latents at -100, all of them at a flagged token), then gentler and harder
+        # ones: at the layer-12 SAE a -500 clamp breaks guarded text into repetition, a -20 one forgets little
+        # (benchmarks/clamp_sweep.py).
         level = budget_level(budget)
+        shipped = {"n_features": 50, "clamp": 100.0, "clamp_mode": "all"}
         if level == "smoke":
-            return [{"n_features": 50, "clamp": 500.0, "clamp_mode": "active"}]
-        grid = [{"n_features": n, "clamp": 500.0, "clamp_mode": "active"} for n in (50, 100, 150)]
-        grid.append({"n_features": 150, "clamp": 500.0, "clamp_mode": "active", "gate_percentile": 99.5})
+            return [shipped]
+        grid = [shipped, shipped | {"clamp": 50.0}, shipped | {"n_features": 20}, shipped | {"gate_percentile": 99.0}]
         if level == "wide":
-            grid += [{"n_features": n, "clamp": c, "clamp_mode": "active", "gate_window": w}
-                     for n in (50, 150) for c in (100.0, 1000.0) for w in (8, 16)]  # fmt: skip
+            grid += [{"n_features": n, "clamp": c, "clamp_mode": m, "gate_window": w}
+                     for n in (50, 150) for c in (20.0, 500.0) for m in ("all", "active") for w in (8, 16)]  # fmt: skip
         return grid
 
     def fit_config(self, bench, cfg: dict) -> FitConfig:
