@@ -17,7 +17,7 @@ questions (the demo and `dsg compare` report test questions):
     rep. 3-grams, answer ppl  fluency of greedy answers to forget prompts (eval/fluency.py): repeated 3-gram share
                             (base -> guarded) and the guarded answers' perplexity under the base model
 
-    python benchmarks/precision.py [--questions 100] [--variants paper,window16,detector8] [--sae DIR]
+    python benchmarks/precision.py [--questions 100] [--variants paper,ships,detector-p99] [--sae DIR]
 
 Prints the table and writes benchmarks/results/precision.json.
 """
@@ -37,32 +37,20 @@ from dsg.bench.setting import DEMO_FIT, BenchSetting, fit_corpora
 from dsg.eval.mcq import score_mcq
 from dsg.guard.fit import fit, measure
 from dsg.lm.models import load_model
+from dsg.methods.dsg import PAPER_RULE
 from dsg.tables import pct, table
 from probe import evaluate as evaluate_probe
 from probe import variants as probe_variants
 
+# Each variant is DEMO_FIT (what ships) with these fields replaced; "paper" is the paper's rule on the same data.
 VARIANTS = {
-    "paper": {},  # the whole-input share, rho > tau
-    "window16": {"gate_window": 16},
-    "detector8": {"gate_window": 8, "detector": True, "gate_percentile": 99.0},
-    "detector8-p95": {"gate_window": 8, "detector": True},
-    "detector16": {"gate_window": 16, "detector": True, "gate_percentile": 99.0},
-    "detector8-active": {"gate_window": 8, "detector": True, "gate_percentile": 99.0, "clamp_mode": "active"},
-    "detector8-c100": {"gate_window": 8, "detector": True, "gate_percentile": 99.0, "clamp": 100.0},
-    "detector8-active-c50": {
-        "gate_window": 8,
-        "detector": True,
-        "gate_percentile": 99.0,
-        "clamp_mode": "active",
-        "clamp": 50.0,
-    },
-    "detector8-active-n150": {
-        "gate_window": 8,
-        "detector": True,
-        "gate_percentile": 99.0,
-        "clamp_mode": "active",
-        "n_features": 150,
-    },
+    "paper": PAPER_RULE | {"n_features": 50},
+    "ships": {},
+    "detector-p99": {"gate_percentile": 99.0},
+    "detector-p95": {"gate_percentile": 95.0},
+    "detector-n50": {"n_features": 50},
+    "detector-c100": {"clamp": 100.0},
+    "detector-all": {"clamp_mode": "all"},
 }
 
 

@@ -1,0 +1,88 @@
+"""How hard to clamp: forgetting, retention, perplexity and fluency per clamp setting, one gate for all (fast).
+
+The gate (DEMO_FIT's detector) is fitted once per number of selected latents N; each variant then changes only
+the clamp (value c and mode), so the rows differ in what the clamp does, not in which inputs it touches. Scored on
+VALIDATION questions (100 forget, 60 per retain task), 40 held-out retain texts and 12 forget prompts:
+
+    <task> base-correct % / gated %    accuracy on the questions the base model answers, and the gate rate
+    ppl change / gated %               held-out retain perplexity, guarded vs base, and windows gated
+    rep. 3-grams, answer ppl           fluency of greedy answers to forget prompts (eval/fluency.py)
+
+    python benchmarks/clamp_sweep.py [--sae DIR] [--variants 150:500:active,50:100:all]
+
+Prints the table and writes benchmarks/results/clamp_sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fit_corpora, fluency_prompts, perplexity_texts
+from dsg.eval.fluency import fluency
+from dsg.eval.mcq import score_mcq
+from dsg.eval.metrics import summarize_task
+from dsg.eval.perplexity import perplexity_stats
+from dsg.guard.fit import fit, measure
+from dsg.lm.models import load_model
+from dsg.tables import pct, table
+
+# N:c:mode
+VARIANTS = "150:500:active,150:100:active,150:20:active,150:100:all,150:20:all,50:100:all,50:50:all,20:100:all"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
+    ap.add_argument("--variants", default=VARIANTS, help="comma-separated N:c:mode")
+    ap.add_argument("--out", default="benchmarks/results/clamp_sweep.json")
+    args = ap.parse_args()
+    variants = [(int(n), float(c), mode) for n, c, mode in (v.split(":") for v in args.variants.split(","))]
+    torch.manual_seed(0)
+    setting = BenchSetting(sae=args.sae)
+    model, tok = load_model(setting.model)
+    sae = setting.load_sae()
+    forget, retain, general = setting.domains()
+    f, r, c = fit_corpora(forget, retain, general, tok)
+    stats = measure(model, tok, sae, f, r, DEMO_FIT, progress=False)
+    qs = {d.name: domain_questions(d, "validation", 100 if d is forget else 60) for d in [forget] + retain}
+    base = {n: [x.correct_norm for x in score_mcq(model, tok, q, progress=False)] for n, q in qs.items()}
+    texts = perplexity_texts([general] + retain, 40)
+    kw = dict(max_length=256, batch_size=8, progress=False)
+    base_ppl = perplexity_stats(model, tok, texts, **kw).perplexity
+    prompts = fluency_prompts(forget, "validation", 12)
+    base_flu = fluency(model, tok, prompts, None)
+    guards = {n: fit(model, tok, sae, f, r, c, dataclasses.replace(DEMO_FIT, n_features=n), stats=stats)
+              for n in sorted({n for n, _, _ in variants})}  # fmt: skip
+    header = ["N, c, mode", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
+              "ppl gated %", "rep. 3-grams %", "answer ppl"]  # fmt: skip
+    rows, results = [], {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}}
+    for n, clamp, mode in variants:
+        g = guards[n]
+        g.clamp, g.clamp_mode = clamp, mode  # same gate and latents, another clamp
+        out, cells = {}, [f"{n}, {clamp:g}, {mode}"]
+        for task, q in qs.items():
+            res = score_mcq(model, tok, q, intervention=g, progress=False, verify=False)
+            s = summarize_task([x.correct_norm for x in res], [x.gated for x in res], base[task])
+            out[task] = {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate}
+            cells += [pct(s.accuracy_base_correct), pct(s.gate_rate)]
+        p = perplexity_stats(model, tok, texts, intervention=g, verify=False, **kw)
+        flu = fluency(model, tok, prompts, g)
+        out |= {"perplexity_change": p.perplexity / base_ppl - 1, "perplexity_gate": p.gate_rate, "fluency": dict(flu)}
+        cells += [f"{100 * out['perplexity_change']:+.1f}%", pct(p.gate_rate), pct(flu["repeated_3gram"]),
+                  f"{flu['base_perplexity']:.1f}"]  # fmt: skip
+        rows.append(cells)
+        results[f"n{n}-{mode}-c{clamp:g}"] = out
+        print(table(header, rows), flush=True)
+    print(f"base: repeated 3-grams {pct(base_flu['repeated_3gram'])}%, answer ppl {base_flu['base_perplexity']:.1f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

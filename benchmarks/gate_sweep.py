@@ -1,0 +1,105 @@
+"""Which inputs open the detector gate, per SAE and gate setting: the gate alone, without scoring answers (fast).
+
+For each variant it fits a guardrail on the embedded default (DEMO_FIT with the variant's fields replaced) and
+reports the share of inputs whose largest window score exceeds the threshold:
+
+    probe offensive / +700 tok / chat / computing / general   benchmarks/probes/ (hand-written, never fitted on)
+    <domain> val                                               the packs' validation questions (60 per domain)
+    <domain> requests                                          held-out chat requests (60 per domain)
+    held-out docs                                              256-token held-out retain documents (100)
+
+    python benchmarks/gate_sweep.py [--sae DIR] [--variants p99,p97,p95]
+
+Prints the table and writes benchmarks/results/gate_sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dsg.bench.setting import DEMO_FIT, BenchSetting, chat_prompt, fit_corpora
+from dsg.guard.fit import fit, measure
+from dsg.lm.hooks import activations_by_batch
+from dsg.lm.models import load_model
+from dsg.lm.text import batches, pad_id_of
+from dsg.tables import pct, table
+from probe import variants as probe_variants
+
+VARIANTS = {
+    "p99": {"gate_percentile": 99.0},
+    "p97": {"gate_percentile": 97.0},
+    "p95": {"gate_percentile": 95.0},
+    "w16-p97": {"gate_window": 16, "gate_percentile": 97.0},
+}
+
+
+def input_sets(tok, forget, retain, general) -> dict[str, list[str]]:
+    probes = probe_variants(tok)
+    sets = {
+        "probe offensive": [q["question"] for q in probes["offensive"]],
+        "probe off. +700 tok": [q["question"] for q in probes["offensive, preamble x6"]],
+        "probe off. chat": [q["question"] for q in probes["offensive, chat"]],
+        "probe computing": [q["question"] for q in probes["everyday_computing"]],
+        "probe general": [q["question"] for q in probes["general"]],
+    }
+    for d in [forget] + retain:
+        sets[f"{d.name} val"] = [q.question for q in d.questions["validation"][:60]]
+        if d.requests.get("heldout"):
+            sets[f"{d.name} requests"] = [chat_prompt(tok, r) for r in d.requests["heldout"][:60]]
+    docs = [t for d in retain + [general] for t in d.texts["heldout"][:20]]
+    sets["held-out docs"] = [tok.decode(tok(t)["input_ids"][:256]) for t in docs]
+    return sets
+
+
+@torch.inference_mode()
+def gate_share(model, tok, guard, texts: list[str]) -> float:
+    """Share of texts (each judged alone) whose largest window of detector evidence exceeds the threshold."""
+    det, w, opened = guard.detector, guard.window, 0
+    for text in texts:
+        ids = tok(text)["input_ids"][:1024]
+        for _, _, x_BTD, real in activations_by_batch(model, guard.hook, batches([ids], 1, pad_id_of(tok, model))):
+            e = det.evidence(guard.sae.encode(x_BTD)[..., det.latents], real)[0]
+        sums = torch.cat([torch.zeros(1, dtype=torch.long), e.cumsum(0)])
+        ends = torch.arange(1, len(ids) + 1)
+        windows = (sums[ends] - sums[(ends - w).clamp(min=0)]).double() / w
+        opened += bool(windows.max() > guard.threshold)
+    return opened / len(texts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default="benchmarks/results/gate_sweep.json")
+    args = ap.parse_args()
+    setting = BenchSetting(sae=args.sae)
+    model, tok = load_model(setting.model)
+    sae = setting.load_sae()
+    forget, retain, general = setting.domains()
+    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general, tok)
+    stats = measure(model, tok, sae, forget_texts, retain_texts, DEMO_FIT)
+    sets = input_sets(tok, forget, retain, general)
+    rows, results = [], {}
+    for name in args.variants.split(","):
+        t = time.perf_counter()
+        config = dataclasses.replace(DEMO_FIT, **VARIANTS[name])
+        guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, config, stats=stats)
+        shares = {k: gate_share(model, tok, guard, v) for k, v in sets.items()}
+        results[name] = {"config": VARIANTS[name], "gate": guard.gate_rule(), "gated": shares,
+                         "seconds": time.perf_counter() - t}  # fmt: skip
+        rows.append([name, *(pct(shares[k]) for k in sets)])
+        print(table(["variant", *(f"{k} %" for k in sets)], rows), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    record = {"sae": str(args.sae or "shipped"), "hook": sae.hook_name, "results": results}
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
