@@ -48,9 +48,8 @@ VARIANTS = {
     "ships": {},
     "detector-p99": {"gate_percentile": 99.0},
     "detector-p95": {"gate_percentile": 95.0},
-    "detector-n50": {"n_features": 50},
-    "detector-c100": {"clamp": 100.0},
-    "detector-all": {"clamp_mode": "all"},
+    "detector-c50": {"clamp": 50.0},
+    "detector-layer3-clamp": {"n_features": 150, "clamp": 500.0, "clamp_mode": "active"},
 }
 
 
