@@ -431,3 +431,25 @@ def test_requests_share_templates_across_domains_and_follow_the_record_split():
         assert used == set(REQUEST_TEMPLATES), d.name  # every template, on both sides: how one asks marks no side
     assert any("arpspoof" in r for r in cyber.requests["fit"] + cyber.requests["heldout"])
     assert need("geography").requests == {"fit": [], "heldout": []}
+
+
+def test_fit_corpora_put_each_sides_requests_on_its_side():
+    from dsg.bench.setting import FORGET_QUESTIONS, fit_corpora
+
+    class ChatTokenizer:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return f"<user>{messages[0]['content']}</user><assistant>"
+
+    cyber, computing, general = need("cyber"), need("computing"), need("general")
+    forget, retain, calibration = fit_corpora(cyber, [computing], general, ChatTokenizer())
+    assert set(cyber.requests["fit"]) <= set(forget) and not set(cyber.requests["fit"]) & set(retain)
+    assert {f"<user>{r}</user><assistant>" for r in cyber.requests["fit"]} <= set(forget)
+    assert set(computing.requests["fit"]) <= set(retain)
+    assert {f"<user>{r}</user><assistant>" for r in computing.requests["fit"]} <= set(calibration)
+    held = set(cyber.requests["heldout"] + computing.requests["heldout"])
+    assert not held & set(forget + retain + calibration)  # held-out requests only measure the gate
+    plain_forget, _, plain_calibration = fit_corpora(cyber, [computing], general)  # no chat template: no chat copies
+    assert len(plain_forget) == len(cyber.texts["fit"]) + FORGET_QUESTIONS + len(cyber.requests["fit"])
+    assert not any(t.startswith("<user>") for t in plain_calibration)
