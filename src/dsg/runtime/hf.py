@@ -82,7 +82,8 @@ class _Forward:
         self.seen, self.continuation, self.ids, self.mask, self.shape = False, False, None, None, None
 
     def on_inputs(self, inputs: dict) -> None:
-        past = inputs.get("past_key_values")
+        # transformers 5.24 renamed the forward's cache argument from past_key_values to cache
+        past = next((inputs[k] for k in ("cache", "past_key_values") if inputs.get(k) is not None), None)
         past_len = 0
         if past is not None:
             past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
