@@ -96,3 +96,11 @@ def test_benign_padding_cannot_dilute_the_windowed_gate():
         _, state = rule.window_gate(a, real, None, 0.5, 5)
         assert state.gated.all(), pad  # 4 of 5 consecutive tokens: open, however long the preamble
         assert (whole_input > 0.3) == (pad == 0)  # the paper's share falls with the padding
+
+
+def test_a_held_decision_can_start_where_the_prompt_began_to_clamp():
+    a = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    gated = torch.tensor([True, False])
+    assert rule.held(a, gated).tolist() == [[True, True, False, True], [False] * 4]
+    start = torch.tensor([1, 0])  # a windowed gate opened after the first token of row 0
+    assert rule.held(a, gated, start).tolist() == [[False, True, False, True], [False] * 4]

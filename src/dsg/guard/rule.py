@@ -84,9 +84,13 @@ def gate(
     return clamp_BT, GateState(flagged, real, gated)
 
 
-def held(a_BT: torch.Tensor, gated_B: torch.Tensor) -> torch.Tensor:
-    """Clamp [B, T] under a decision held fixed: flagged tokens of gated rows."""
-    return a_BT & gated_B[:, None].to(a_BT.device)
+def held(a_BT: torch.Tensor, gated_B: torch.Tensor, start_B: torch.Tensor | None = None) -> torch.Tensor:
+    """Clamp [B, T] under a decision held fixed: flagged tokens of gated rows (from position `start_B` on, where
+    the prompt's own clamping began: a windowed gate opens mid-prompt and spares the tokens before)."""
+    clamp_BT = a_BT & gated_B[:, None].to(a_BT.device)
+    if start_B is not None:
+        clamp_BT &= torch.arange(a_BT.shape[1], device=a_BT.device)[None, :] >= start_B[:, None].to(a_BT.device)
+    return clamp_BT
 
 
 def clamp_delta(

@@ -47,6 +47,8 @@ class Attachment:
     _gated_by: list[torch.Tensor | None] = field(default_factory=list)  # per guardrail, [B] bool latched gate
     prompt_length: int | None = None  # set by reference_generate: positions beyond it are treated as generated
     _held: torch.Tensor | None = None  # [B, G] decisions held fixed (see hold)
+    _held_from: torch.Tensor | None = None  # [B, G] positions from which held rows are clamped (see hold)
+    _first_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B] first clamped position
 
     @property
     def gated(self) -> torch.Tensor | None:
@@ -65,10 +67,17 @@ class Attachment:
             return None
         return torch.stack(self._gated_by, 1)
 
-    def hold(self, decisions: torch.Tensor | None) -> None:
-        """Judge no more: in the following forwards, flagged tokens of rows whose decision is on are clamped and
-        other rows pass through (None judges again)."""
-        self._held = decisions
+    def first_clamped(self) -> torch.Tensor | None:
+        """[B, G] long: each guardrail's first clamped position in the latest prompt forward (its length when
+        none was clamped): where a windowed gate began to clamp."""
+        if len(self._first_by) != len(self.guardrails):
+            return None
+        return torch.stack([self._first_by[i] for i in range(len(self.guardrails))], 1)
+
+    def hold(self, decisions: torch.Tensor | None, start: torch.Tensor | None = None) -> None:
+        """Judge no more: in the following forwards, flagged tokens of rows whose decision is on are clamped (from
+        position `start` [B, G] on, when given) and other rows pass through (None judges again)."""
+        self._held, self._held_from = decisions, start
 
 
 class _Forward:
@@ -143,7 +152,8 @@ class _Attached:
                 )
             f, a, e = g.flags(x_BTD, real)
             if session._held is not None:
-                clamp_BT = rule.held(a, session._held[:, i])
+                start = None if session._held_from is None else session._held_from[:, i]
+                clamp_BT = rule.held(a, session._held[:, i], start)
             else:
                 prev = self.states[i] if forward.continuation else None
                 if forward.continuation and (prev is None or prev.gated.shape[0] != B):
@@ -153,6 +163,9 @@ class _Attached:
                     )
                 clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e)
                 session._gated_by[i] = self.states[i].gated
+                if not forward.continuation:
+                    first = clamp_BT.long().argmax(1)
+                    session._first_by[i] = torch.where(clamp_BT.any(1), first, torch.full_like(first, T))
             if clamp_BT.any():
                 out = rule.apply_delta(x_BTD, *g.delta(f, clamp_BT), out)
         return out

@@ -71,6 +71,7 @@ if HFLM is not None:
                 for g in self.guardrails:
                     g.check_model(model)
             self._decisions: dict[tuple[int, ...], torch.Tensor] = {}
+            self._starts: dict[tuple[int, ...], torch.Tensor] = {}  # first clamped position within the context
             self._lengths: list[int] = []
 
         @torch.inference_mode()
@@ -85,8 +86,10 @@ if HFLM is not None:
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 with attach(self.model, *self.guardrails, verify=False) as session:
                     self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-                for c, d in zip(chunk, session.decisions().cpu()):
+                first = session.first_clamped().cpu()
+                for row, (c, d) in enumerate(zip(chunk, session.decisions().cpu())):
                     self._decisions[c] = d
+                    self._starts[c] = first[row] - (ids.shape[1] - len(c))  # left padding removed
             self._lengths = sorted({len(c) for c in self._decisions}, reverse=True)
 
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
@@ -94,24 +97,27 @@ if HFLM is not None:
                 self._judge([tuple(context_enc) for _, context_enc, _ in requests])
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
 
-        def _held(self, inps: torch.Tensor) -> torch.Tensor | None:
-            """The held decisions [B, G] of the rows' contexts (longest context that prefixes the row), or None
-            when some row's context is unknown."""
+        def _held(self, inps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+            """The held decisions [B, G] of the rows' contexts (longest context that prefixes the row) and where
+            each context's own clamping began [B, G] (rows start at position 0), or (None, None) when some row's
+            context is unknown. A row holds its context's prompt rule: a windowed gate that opened mid-context
+            leaves the context tokens before the opening unclamped, as in dsg eval's prefill."""
             rows = inps.tolist()
-            out = []
+            decisions, starts = [], []
             for row in rows:
-                found = next((self._decisions[tuple(row[:n])] for n in self._lengths
+                found = next((tuple(row[:n]) for n in self._lengths
                               if n <= len(row) and tuple(row[:n]) in self._decisions), None)  # fmt: skip
                 if found is None:
-                    return None
-                out.append(found)
-            return torch.stack(out)
+                    return None, None
+                decisions.append(self._decisions[found])
+                starts.append(self._starts[found])
+            return torch.stack(decisions), torch.stack(starts)
 
         def _model_call(self, inps, attn_mask=None, labels=None):
             if not self.guardrails:
                 return super()._model_call(inps, attn_mask, labels)
             with attach(self.model, *self.guardrails, verify=False) as session:
-                session.hold(self._held(inps.cpu()))
+                session.hold(*self._held(inps.cpu()))
                 return super()._model_call(inps, attn_mask, labels)
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
