@@ -327,6 +327,27 @@ def build_domain(
     )
 
 
+def read_jsonl_asset(path: str, fields: tuple[str, ...], missing: str) -> list[dict[str, str]]:
+    """The rows of a committed JSONL asset, each the named fields as strings; DSGError `missing` when the file is
+    absent, or naming the line that is not a JSON object with those fields."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        raise DSGError(missing)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append({k: str(row[k]) for k in fields})
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DSGError(f"{path} line {n} is not a JSON object with {', '.join(fields)} ({exc}).") from None
+    return rows
+
+
 def require_package(module: str, pip_spec: str, domain: str) -> str:
     """The data folder of an installed package, found without importing it; DSGError when it is absent."""
     import importlib.util

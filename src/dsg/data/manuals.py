@@ -19,10 +19,9 @@ choices from the same template of other records of the same split):
 
 from __future__ import annotations
 
-import json
 import os
 
-from dsg.data.common import Probe, Record, truncate
+from dsg.data.common import Probe, Record, read_jsonl_asset, truncate
 from dsg.errors import DSGError
 
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tool_manuals.jsonl")
@@ -32,20 +31,11 @@ _FIELDS = ("id", "role", "package", "version", "licence", "command", "summary", 
 
 def read_asset(path: str = ASSET) -> list[dict]:
     """The committed records, each checked for its fields and role."""
-    if not os.path.isfile(path):
-        raise DSGError(f"The tool-manual corpus {path} is missing; reinstall dsg (the file ships inside it).")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append({k: str(row[k]) for k in _FIELDS})
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DSGError(f"{path} line {n} is not a JSON object with {', '.join(_FIELDS)} ({exc}).") from None
-            if rows[-1]["role"] not in ROLES:
-                raise DSGError(f"{path} line {n}: role must be one of {ROLES}, got {rows[-1]['role']!r}.")
+    rows = read_jsonl_asset(path, _FIELDS, f"The tool-manual corpus {path} is missing; reinstall dsg (the file "
+                            "ships inside it).")  # fmt: skip
+    for n, row in enumerate(rows, 1):
+        if row["role"] not in ROLES:
+            raise DSGError(f"{path} record {n}: role must be one of {ROLES}, got {row['role']!r}.")
     return rows
 
 
