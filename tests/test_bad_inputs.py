@@ -333,3 +333,16 @@ def test_api_bad_input_raises_one_clear_sentence(ws, loaded, case):
 
 def test_the_suite_is_large_enough():
     assert len(CLI_CASES) + len(API_NAMES) >= 40
+
+
+@pytest.mark.parametrize("command", ["demo", "compare", "fit", "eval", "generate", "serve", "inspect", "train-sae",
+                                     "data"])  # fmt: skip
+def test_every_help_text_prints_as_written(command, capsys):
+    """argparse %-formats help: a docstring's "99 % rule" must print as written, not as a dump of the option."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "option_strings" not in out and "%(" not in out
+    if command == "compare":
+        assert "the 99 % rule" in " ".join(out.split())

@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls_or_default, skip: tuple[s
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if isinstance(cls_or_default, type) else getattr(cls_or_default, f.name)
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        # argparse %-formats help text: a docstring's "99 % rule" would print as a format directive
+        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
