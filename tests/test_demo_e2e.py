@@ -32,6 +32,9 @@ def test_demo_quick_writes_results_that_show_forgetting(demo):
     assert set(requests) == {"cyber", "computing"} and requests["cyber"] > requests["computing"]
     assert len(results["guardrail"]["features"]) == results["fit_config"]["n_features"]
     assert set(results["seconds"]) >= {"model", "data", "sae", "fit", "evaluate", "report"}
+    parts = results["evaluate_seconds"]  # where the evaluation's time went; the parts fit inside the stage
+    assert set(parts) == {"questions", "perplexity", "dilution", "requests", "fluency"}
+    assert 0 < sum(parts.values()) <= results["seconds"]["evaluate"] + 0.05
     assert (demo / "report.md").read_text().startswith("# dsg demo")
     assert (demo / "report.png").stat().st_size > 1000
     assert (demo / "guardrail" / "guardrail.json").exists()

@@ -101,12 +101,15 @@ class Stages:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
-    def __call__(self, name: str, what: str):
-        print(f"[{len(self.seconds) + 1}] {what} ...", file=sys.stderr, flush=True)
+    def __call__(self, name: str, what: str | None = None):
+        """Time one stage; announce it and its time on stderr when it has a description."""
+        if what:
+            print(f"[{len(self.seconds) + 1}] {what} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - t, 2)
-        print(f"    done in {self.seconds[name]:.1f}s", file=sys.stderr, flush=True)
+        if what:
+            print(f"    done in {self.seconds[name]:.1f}s", file=sys.stderr, flush=True)
 
 
 def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict, norm: bool = True) -> dict:
@@ -196,6 +199,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         },
         "sae_training": _training_record(sae_path),
     }
+    results["evaluate_seconds"] = evaluation["seconds"]
     results["targets"] = check_targets(results)
     with stage("report", f"writing {config.out}"), atomic_directory(config.out, "demo") as tmp:
         guard.save(tmp / "guardrail")
@@ -231,38 +235,38 @@ def evaluate_guardrail(
     Pass the same
     `base_cache` dict to reuse base-model results across guardrails."""
     cache = {} if base_cache is None else base_cache
-    forget_tasks = [
-        _task(forget.name, model, tok, domain_questions(forget, split, n_questions), guard, batch_size, cache, norm)
-    ]
-    retain_tasks = [
-        _task(d.name, model, tok, domain_questions(d, split, n_questions), guard, batch_size, cache, norm)
-        for d in retain
-    ]
-    ppl_texts = perplexity_texts([general] + retain, n_perplexity)
-    kw = dict(max_length=256, batch_size=max(1, batch_size // 2), progress=True)
-    key = ("perplexity", split, n_perplexity)
-    if key not in cache:
-        cache[key] = perplexity_stats(model, tok, ppl_texts, **kw)
-    base = cache[key]
-    guarded = perplexity_stats(model, tok, ppl_texts, intervention=guard, verify=False, **kw)
+    clock = Stages()  # wall time per part, base and guarded model together
+    with clock("questions"):
+        forget_tasks, retain_tasks = _question_tasks(
+            model, tok, guard, forget, retain, split, n_questions, batch_size, cache, norm
+        )
+    with clock("perplexity"):
+        base, guarded = _perplexity(model, tok, guard, general, retain, split, n_perplexity, batch_size, cache)
     # padding from everyday chat: the benign preamble an attacker (or an innocent user) puts before a question
-    padded = domain_questions(forget, split, n_dilution)
-    benign, dbs = list(general.texts["heldout"]), max(1, batch_size // 4)
-    key = ("dilution", split, n_dilution)
-    if key not in cache:
-        cache[key] = run_dilution(model, tok, padded, benign, None, True, dbs)
-    diluted = run_dilution(model, tok, padded, benign, guard, True, dbs)
-    requests = {
-        d.name: gate_rate_on_texts(model, tok, [chat_prompt(tok, r) for r in d.requests["heldout"][:n_requests]], guard)
-        for d in [forget] + retain
-        if d.requests.get("heldout")
-    }
-    prompts = fluency_prompts(forget, split, n_fluency)
-    fluency_key = ("fluency", split, n_fluency)
-    if fluency_key not in cache:
-        cache[fluency_key] = fluency(model, tok, prompts, None)
+    with clock("dilution"):
+        padded = domain_questions(forget, split, n_dilution)
+        benign, dbs = list(general.texts["heldout"]), max(1, batch_size // 4)
+        key = ("dilution", split, n_dilution)
+        if key not in cache:
+            cache[key] = run_dilution(model, tok, padded, benign, None, True, dbs)
+        diluted = run_dilution(model, tok, padded, benign, guard, True, dbs)
+        dilution = summarize_dilution(diluted, cache[key], norm)
+    with clock("requests"):
+        requests = {
+            d.name: gate_rate_on_texts(
+                model, tok, [chat_prompt(tok, r) for r in d.requests["heldout"][:n_requests]], guard
+            )
+            for d in [forget] + retain
+            if d.requests.get("heldout")
+        }
+    with clock("fluency"):
+        prompts = fluency_prompts(forget, split, n_fluency)
+        fluency_key = ("fluency", split, n_fluency)
+        if fluency_key not in cache:
+            cache[fluency_key] = fluency(model, tok, prompts, None)
+        guarded_fluency = fluency(model, tok, prompts, guard)
     return {
-        "fluency": {"base": cache[fluency_key], "guarded": fluency(model, tok, prompts, guard)},
+        "fluency": {"base": cache[fluency_key], "guarded": guarded_fluency},
         "forget": forget_tasks,
         "retain": retain_tasks,
         "perplexity": {
@@ -273,9 +277,32 @@ def evaluate_guardrail(
             "tokens": base.n_tokens,
             "windows": base.n_windows,
         },
-        "dilution": summarize_dilution(diluted, cache[key], norm),
+        "dilution": dilution,
         "requests_gate_rate": requests,
+        "seconds": clock.seconds,
     }
+
+
+def _question_tasks(model, tok, guard, forget, retain, split, n_questions, batch_size, cache, norm):
+    forget_tasks = [
+        _task(forget.name, model, tok, domain_questions(forget, split, n_questions), guard, batch_size, cache, norm)
+    ]
+    retain_tasks = [
+        _task(d.name, model, tok, domain_questions(d, split, n_questions), guard, batch_size, cache, norm)
+        for d in retain
+    ]
+    return forget_tasks, retain_tasks
+
+
+def _perplexity(model, tok, guard, general, retain, split, n_perplexity, batch_size, cache):
+    ppl_texts = perplexity_texts([general] + retain, n_perplexity)
+    kw = dict(max_length=256, batch_size=max(1, batch_size // 2), progress=True)
+    key = ("perplexity", split, n_perplexity)
+    if key not in cache:
+        cache[key] = perplexity_stats(model, tok, ppl_texts, **kw)
+    base = cache[key]
+    guarded = perplexity_stats(model, tok, ppl_texts, intervention=guard, verify=False, **kw)
+    return base, guarded
 
 
 def _training_record(sae_path: Path) -> dict | None:

@@ -308,6 +308,7 @@ def print_demo_table(results: dict) -> str:
         *_dilution_lines(results),
         "targets: " + ", ".join(f"{k} {'met' if v['met'] else 'MISSED'}" for k, v in results["targets"].items()),
         "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("seconds", {}).items()),
+        "evaluate seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("evaluate_seconds", {}).items()),
     ]
     return "\n".join(lines)
 
