@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fit_corpora, fluency_prompts, perplexity_texts
+from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fluency_prompts, perplexity_texts
 from dsg.eval.fluency import fluency
 from dsg.eval.mcq import score_mcq
 from dsg.eval.metrics import summarize_task
 from dsg.eval.perplexity import perplexity_stats
-from dsg.guard.fit import fit, measure
-from dsg.lm.models import load_model
+from dsg.guard.fit import fit
 from dsg.tables import pct, table
 
 # N:c:mode
@@ -43,12 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     variants = [(int(n), float(c), mode) for n, c, mode in (v.split(":") for v in args.variants.split(","))]
     torch.manual_seed(0)
-    setting = BenchSetting(sae=args.sae)
-    model, tok = load_model(setting.model)
-    sae = setting.load_sae()
-    forget, retain, general = setting.domains()
-    f, r, c = fit_corpora(forget, retain, general, tok)
-    stats = measure(model, tok, sae, f, r, DEMO_FIT, progress=False)
+    model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
     qs = {d.name: domain_questions(d, "validation", 100 if d is forget else 60) for d in [forget] + retain}
     base = {n: [x.correct_norm for x in score_mcq(model, tok, q, progress=False)] for n, q in qs.items()}
     texts = perplexity_texts([general] + retain, 40)

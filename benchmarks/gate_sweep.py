@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from dsg.bench.setting import DEMO_FIT, BenchSetting, chat_prompt, fit_corpora
-from dsg.guard.fit import fit, measure
+from dsg.bench.setting import DEMO_FIT, BenchSetting, chat_prompt
+from dsg.guard.fit import fit
 from dsg.lm.hooks import activations_by_batch
-from dsg.lm.models import load_model
 from dsg.lm.text import batches, pad_id_of
 from dsg.tables import pct, table
 from probe import variants as probe_variants
@@ -78,12 +77,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default="benchmarks/results/gate_sweep.json")
     args = ap.parse_args()
-    setting = BenchSetting(sae=args.sae)
-    model, tok = load_model(setting.model)
-    sae = setting.load_sae()
-    forget, retain, general = setting.domains()
-    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general, tok)
-    stats = measure(model, tok, sae, forget_texts, retain_texts, DEMO_FIT)
+    setting = BenchSetting(sae=args.sae).prepared()
+    model, tok, sae, forget, retain, general, forget_texts, retain_texts, calibration, stats = setting
     sets = input_sets(tok, forget, retain, general)
     rows, results = [], {}
     for name in args.variants.split(","):

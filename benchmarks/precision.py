@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 
 from dsg.bench.demo import evaluate_guardrail
-from dsg.bench.setting import DEMO_FIT, BenchSetting, fit_corpora
+from dsg.bench.setting import DEMO_FIT, BenchSetting
 from dsg.eval.mcq import score_mcq
-from dsg.guard.fit import fit, measure
-from dsg.lm.models import load_model
+from dsg.guard.fit import fit
 from dsg.methods.dsg import PAPER_RULE
 from dsg.tables import pct, table
 from probe import evaluate as evaluate_probe
@@ -94,12 +93,8 @@ def main() -> None:
     ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    setting = BenchSetting(sae=args.sae)
-    model, tok = load_model(setting.model)
-    sae = setting.load_sae()
-    forget, retain, general = setting.domains()
-    forget_texts, retain_texts, calibration = fit_corpora(forget, retain, general, tok)
-    stats = measure(model, tok, sae, forget_texts, retain_texts, DEMO_FIT)
+    setting = BenchSetting(sae=args.sae).prepared()
+    model, tok, sae, forget, retain, general, forget_texts, retain_texts, calibration, stats = setting
     header = ["variant", "forget base-correct %", "forget gated %"]
     header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
     header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "forget base-correct % k=1000",

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -61,6 +61,31 @@ class BenchSetting:
         """(forget domain, retain domains, general domain) from the embedded data."""
         retain = [load_domain(r.strip()) for r in self.retain.split(",") if r.strip()]
         return load_domain(self.forget), retain, load_domain(self.general)
+
+    def prepared(self, config: FitConfig | None = None, progress: bool = True) -> Prepared:
+        """Everything a benchmark of fit settings starts from: model, SAE, domains, the demo's fit corpora and
+        their latent statistics under `config` (default: DEMO_FIT), measured once for every variant."""
+        model, tok = load_model(self.model)
+        sae = self.load_sae()
+        forget, retain, general = self.domains()
+        f, r, c = fit_corpora(forget, retain, general, tok)
+        stats = measure(model, tok, sae, f, r, config or DEMO_FIT, progress=progress)
+        return Prepared(model, tok, sae, forget, retain, general, f, r, c, stats)
+
+
+class Prepared(NamedTuple):
+    """A loaded bench setting with its fit corpora and latent statistics (BenchSetting.prepared)."""
+
+    model: Any
+    tokenizer: Any
+    sae: SAE
+    forget: Any
+    retain: list
+    general: Any
+    forget_texts: list[str]
+    retain_texts: list[str]
+    calibration: list[str]
+    stats: CorpusStats
 
 
 # Fit settings for the embedded default (the layer-12 SAE): the detector gate over windows of 8 tokens, chosen on
