@@ -188,6 +188,12 @@ def _keeps_last_logits(model: torch.nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+def _cache_name(model: torch.nn.Module) -> str:
+    """The forward's KV-cache argument (and output field): `cache` from transformers 5.24, `past_key_values`
+    before (the old name still works there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _select_rows(cache, rows: torch.Tensor):
     """The KV cache with batch rows `rows` (repeats allowed), for DynamicCache and legacy tuples alike."""
     if hasattr(cache, "batch_select_indices"):
@@ -214,7 +220,7 @@ def _loglikelihoods(
     if batch_size < 1:
         raise DSGError(f"batch_size must be at least 1, got {batch_size}.")
     device = model_device(model)
-    keep = _keeps_last_logits(model)
+    keep, cache_name = _keeps_last_logits(model), _cache_name(model)
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i))
     scores: list[list[float]] = [[0.0] * len(r.candidates) for r in requests]
     gated: list[bool | None] = [None] * len(requests)
@@ -246,12 +252,12 @@ def _loglikelihoods(
                 cids, cmask, tgt = cids.to(device), cmask.to(device), tgt.to(device)
                 full_mask = torch.cat([mask[row_P], cmask], 1)
                 cpos = mask.sum(1)[row_P, None] + torch.arange(cids.shape[1], device=device)
-                cache = _select_rows(out.past_key_values, row_P)
+                cache = _select_rows(getattr(out, cache_name), row_P)
                 if decisions_BG is not None:
                     # Every choice of a question is scored under its prompt's gate decision (see module docstring).
                     session.hold(decisions_BG[row_P])
                 logits = model(
-                    input_ids=cids, attention_mask=full_mask, position_ids=cpos, past_key_values=cache, use_cache=True
+                    input_ids=cids, attention_mask=full_mask, position_ids=cpos, use_cache=True, **{cache_name: cache}
                 ).logits
             lp_PL = logits.float().log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
             sums = (lp_PL * cmask).sum(1).tolist()
