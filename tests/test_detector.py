@@ -146,3 +146,45 @@ def test_a_topk_detector_reads_one_whole_sae_encoding(tiny_llama):
 def test_the_detector_needs_a_window():
     with pytest.raises(dsg.DSGError, match="gate_window"):
         dsg.FitConfig(detector=True)
+
+
+def test_window_features_are_each_windows_firing_share(tiny_llama):
+    """Rows: the windows of each sequence (stride w/2, the last ending at the sequence's end, one short window for
+    a short sequence); entries: the share of the window's tokens on which each latent fires."""
+    from dsg.guard.detector import window_features
+    from dsg.lm.hooks import activations_by_batch
+    from dsg.lm.text import batches
+
+    model, tok = tiny_llama
+    sae, w = tiny_sae(), 6
+    seqs = [list(range(5, 5 + n)) for n in (3, 6, 7, 13, 20)]
+    got = window_features(model, sae, "blocks.0.hook_resid_post", seqs, w, batch_size=2, pad_id=0, desc="",
+                          progress=False).toarray()  # fmt: skip
+    want = []
+    for _, _, x, real in activations_by_batch(model, "blocks.0.hook_resid_post", batches(seqs, 1, 0)):
+        fires = (sae.encode(x) > 0)[0][real[0]].double()
+        m = fires.shape[0]
+        ends = list(range(min(w, m), m + 1, w // 2))
+        ends += [m] if ends[-1] != m else []
+        want += [fires[max(0, e - w) : e].sum(0) / w for e in ends]
+    assert got.shape == (len(want), sae.d_sae) and len(want) == 1 + 1 + 1 + 3 + 6  # real: all but the first
+    np.testing.assert_allclose(got, torch.stack(want).numpy(), atol=1e-12)
+
+
+def test_fits_sharing_statistics_reuse_the_detector_windows(detected, monkeypatch):
+    """A sweep passes one `measure` to many fits: the detector's window features are computed once per window
+    and the guardrails are the same as fits that compute them afresh."""
+    import importlib
+
+    fit_module = importlib.import_module("dsg.guard.fit")  # the module (dsg.guard.fit is also the function)
+    model, tok, sae, _ = detected
+    calls = []
+    real = fit_module.window_features
+    monkeypatch.setattr(fit_module, "window_features", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    stats = fit_module.measure(model, tok, sae, FORGET, RETAIN, _config(), progress=False)
+    shared = [dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(**kw), stats=stats, progress=False)
+              for kw in ({}, {"n_features": 3}, {"gate_window": 8})]  # fmt: skip
+    assert calls == [6, 6, 8, 8]  # forget and retain windows, once per window size
+    fresh = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(n_features=3), progress=False)
+    assert shared[1].detector.weights.tolist() == fresh.detector.weights.tolist()
+    assert shared[1].threshold == fresh.threshold and shared[1].features == fresh.features

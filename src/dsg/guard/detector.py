@@ -98,13 +98,13 @@ def window_features(
                 if ends[-1] != m:
                     ends.append(m)
                 counts = torch.cat([torch.zeros(1, on.shape[1], dtype=torch.int32), on.int().cumsum(0)])
-                for e in ends:
-                    c = counts[e] - counts[max(0, e - window)]
-                    nz = c.nonzero().squeeze(1)
-                    rows.append(np.full(len(nz), n))
-                    cols.append(nz.numpy())
-                    vals.append(c[nz].numpy() / window)
-                    n += 1
+                e = torch.tensor(ends)
+                c = counts[e] - counts[(e - window).clamp(min=0)]  # [windows, F], all of the sequence's at once
+                r, j = c.nonzero(as_tuple=True)
+                rows.append(r.numpy() + n)
+                cols.append(j.numpy())
+                vals.append(c[r, j].numpy() / window)
+                n += len(ends)
             bar.update(len(idx))
     bar.close()
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731

@@ -113,6 +113,9 @@ class CorpusStats(NamedTuple):
     retain: LatentSums
     forget_sequences: list[list[int]]
     retain_sequences: list[list[int]]
+    windows: dict | None = None
+    """Detector window features already computed from these sequences (filled by `fit`, so that fits sharing
+    the statistics and the window do not repeat the forward passes); None: not kept."""
 
 
 def corpus_sha256(texts: Sequence[str]) -> str:
@@ -172,6 +175,7 @@ def measure(
         collect_stats(model, sae, hook, retain_seqs, desc="retain statistics", **kw),
         forget_seqs,
         retain_seqs,
+        {},
     )
 
 
@@ -282,10 +286,27 @@ def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitC
         raise DSGError("The detector needs at least two retain or calibration sequences: one to fit, one to calibrate.")
     held = [negatives[i] for i in sorted(order[:n_held])]
     fitted = [negatives[i] for i in sorted(order[n_held:])]
-    positive = window_features(model, sae, hook, stats.forget_sequences, w, desc="detector: forget windows", **kw)
-    negative = window_features(model, sae, hook, fitted, w, desc="detector: retain windows", **kw)
+    positive = _windows(stats, ("forget", w), model, sae, hook, stats.forget_sequences, w, "forget", kw)
+    negative = _windows(stats, ("negative", w, _ids_sha256(fitted)), model, sae, hook, fitted, w, "retain", kw)
     weights = fit_weights(positive, negative, config.detector_c, config.seed)
     info = {"c": config.detector_c, "positive_windows": positive.shape[0], "negative_windows": negative.shape[0],
             "latents": len(weights), "forget_latents": sum(q > 0 for q in weights.values()),
             "calibration_sequences": len(held)}  # fmt: skip
     return weights, info, held
+
+
+def _ids_sha256(sequences: Sequence[Sequence[int]]) -> str:
+    return hashlib.sha256(json.dumps([list(q) for q in sequences]).encode()).hexdigest()
+
+
+def _windows(stats: CorpusStats, key: tuple, model, sae, hook, sequences, w: int, label: str, kw):
+    """Window features of `sequences`, from the statistics' memo when an earlier fit computed them (the SAE and
+    hook are those the statistics were measured with: `fit` checks the hook, and a run shares one SAE)."""
+    memo = stats.windows
+    key = (hook, sae.sha256(), *key)
+    if memo is not None and key in memo:
+        return memo[key]
+    out = window_features(model, sae, hook, sequences, w, desc=f"detector: {label} windows", **kw)
+    if memo is not None:
+        memo[key] = out
+    return out
