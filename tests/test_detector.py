@@ -185,6 +185,8 @@ def test_fits_sharing_statistics_reuse_the_detector_windows(detected, monkeypatc
     shared = [dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(**kw), stats=stats, progress=False)
               for kw in ({}, {"n_features": 3}, {"gate_window": 8})]  # fmt: skip
     assert calls == [6, 6, 8, 8]  # forget and retain windows, once per window size
+    used, computed = stats.windows.take()  # what the three fits read: the w=6 windows twice, the w=8 ones once
+    assert computed > 0 and used > computed and stats.windows.take() == (0, 0)
     fresh = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(n_features=3), progress=False)
     assert shared[1].detector.weights.tolist() == fresh.detector.weights.tolist()
     assert shared[1].threshold == fresh.threshold and shared[1].features == fresh.features

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -113,9 +114,35 @@ class CorpusStats(NamedTuple):
     retain: LatentSums
     forget_sequences: list[list[int]]
     retain_sequences: list[list[int]]
-    windows: dict | None = None
+    windows: WindowMemo | None = None
     """Detector window features already computed from these sequences (filled by `fit`, so that fits sharing
     the statistics and the window do not repeat the forward passes); None: not kept."""
+
+
+class WindowMemo:
+    """Detector window features by (hook, SAE, which sequences, window), with what each took to compute, and the
+    entries the fits since the last `take` read (a sweep charges each fit the full cost of what it used)."""
+
+    def __init__(self):
+        self.features: dict[tuple, object] = {}
+        self.seconds: dict[tuple, float] = {}
+        self._used: list[tuple] = []
+        self._computed = 0.0
+
+    def get(self, key: tuple, compute):
+        if key not in self.features:
+            t = time.perf_counter()
+            self.features[key] = compute()
+            self.seconds[key] = time.perf_counter() - t
+            self._computed += self.seconds[key]
+        self._used.append(key)
+        return self.features[key]
+
+    def take(self) -> tuple[float, float]:
+        """(seconds the entries read since the last take cost to compute, seconds spent computing since then)."""
+        out = (sum(self.seconds[k] for k in self._used), self._computed)
+        self._used, self._computed = [], 0.0
+        return out
 
 
 def corpus_sha256(texts: Sequence[str]) -> str:
@@ -175,7 +202,7 @@ def measure(
         collect_stats(model, sae, hook, retain_seqs, desc="retain statistics", **kw),
         forget_seqs,
         retain_seqs,
-        {},
+        WindowMemo(),
     )
 
 
@@ -302,11 +329,8 @@ def _ids_sha256(sequences: Sequence[Sequence[int]]) -> str:
 def _windows(stats: CorpusStats, key: tuple, model, sae, hook, sequences, w: int, label: str, kw):
     """Window features of `sequences`, from the statistics' memo when an earlier fit computed them (the SAE and
     hook are those the statistics were measured with: `fit` checks the hook, and a run shares one SAE)."""
-    memo = stats.windows
-    key = (hook, sae.sha256(), *key)
-    if memo is not None and key in memo:
-        return memo[key]
-    out = window_features(model, sae, hook, sequences, w, desc=f"detector: {label} windows", **kw)
-    if memo is not None:
-        memo[key] = out
-    return out
+
+    def compute():
+        return window_features(model, sae, hook, sequences, w, desc=f"detector: {label} windows", **kw)
+
+    return compute() if stats.windows is None else stats.windows.get((hook, sae.sha256(), *key), compute)
