@@ -190,3 +190,9 @@ def test_fits_sharing_statistics_reuse_the_detector_windows(detected, monkeypatc
     fresh = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(n_features=3), progress=False)
     assert shared[1].detector.weights.tolist() == fresh.detector.weights.tolist()
     assert shared[1].threshold == fresh.threshold and shared[1].features == fresh.features
+    # another hold-out draw fits on other negatives: those windows are computed anew, the forget ones reused
+    calls.clear()
+    other = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(detector_holdout=0.5), stats=stats, progress=False)
+    assert calls == [6]
+    fresh = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(detector_holdout=0.5), progress=False)
+    assert other.detector.weights.tolist() == fresh.detector.weights.tolist() and other.threshold == fresh.threshold

@@ -90,7 +90,7 @@ def window_features(
         for idx, _, x_BTD, real in activations_by_batch(model, hook, batches(sequences, batch_size, pad_id)):
             fires = sae.encode(x_BTD.to(sae.W_dec.dtype)) > 0  # [B, T, F]
             for b in range(len(idx)):
-                on = fires[b][real[b]]  # [n_real, F]
+                on = fires[b][real[b]].cpu()  # [n_real, F]; the sparse matrix is built on the CPU
                 m = on.shape[0]
                 if m == 0:
                     continue

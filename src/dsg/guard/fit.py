@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,23 +121,28 @@ class CorpusStats(NamedTuple):
 
 
 class WindowMemo:
-    """Detector window features by (hook, SAE, which sequences, window), with what each took to compute, and the
-    entries the fits since the last `take` read (a sweep charges each fit the full cost of what it used)."""
+    """Detector window features by (hook, SAE, which sequences, window, batching), with what each took to
+    compute, and the entries the fits since the last `take` read (a sweep charges each fit the full cost of what
+    it used). It lives as long as its statistics (one entry per window size and negative set a sweep tries);
+    fits sharing it from several threads are serialised while they compute or read an entry, and should not use
+    `take`."""
 
     def __init__(self):
         self.features: dict[tuple, object] = {}
         self.seconds: dict[tuple, float] = {}
         self._used: list[tuple] = []
         self._computed = 0.0
+        self._lock = threading.Lock()
 
     def get(self, key: tuple, compute):
-        if key not in self.features:
-            t = time.perf_counter()
-            self.features[key] = compute()
-            self.seconds[key] = time.perf_counter() - t
-            self._computed += self.seconds[key]
-        self._used.append(key)
-        return self.features[key]
+        with self._lock:
+            if key not in self.features:
+                t = time.perf_counter()
+                self.features[key] = compute()
+                self.seconds[key] = time.perf_counter() - t
+                self._computed += self.seconds[key]
+            self._used.append(key)
+            return self.features[key]
 
     def take(self) -> tuple[float, float]:
         """(seconds the entries read since the last take cost to compute, seconds spent computing since then)."""
@@ -313,8 +319,9 @@ def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitC
         raise DSGError("The detector needs at least two retain or calibration sequences: one to fit, one to calibrate.")
     held = [negatives[i] for i in sorted(order[:n_held])]
     fitted = [negatives[i] for i in sorted(order[n_held:])]
-    positive = _windows(stats, ("forget", w), model, sae, hook, stats.forget_sequences, w, "forget", kw)
-    negative = _windows(stats, ("negative", w, _ids_sha256(fitted)), model, sae, hook, fitted, w, "retain", kw)
+    sae_sha = sae.sha256() if stats.windows is not None else None
+    positive = _windows(stats, sae_sha, model, sae, hook, stats.forget_sequences, w, "forget", kw)
+    negative = _windows(stats, sae_sha, model, sae, hook, fitted, w, "retain", kw)
     weights = fit_weights(positive, negative, config.detector_c, config.seed)
     info = {"c": config.detector_c, "positive_windows": positive.shape[0], "negative_windows": negative.shape[0],
             "latents": len(weights), "forget_latents": sum(q > 0 for q in weights.values()),
@@ -326,11 +333,14 @@ def _ids_sha256(sequences: Sequence[Sequence[int]]) -> str:
     return hashlib.sha256(json.dumps([list(q) for q in sequences]).encode()).hexdigest()
 
 
-def _windows(stats: CorpusStats, key: tuple, model, sae, hook, sequences, w: int, label: str, kw):
-    """Window features of `sequences`, from the statistics' memo when an earlier fit computed them (the SAE and
-    hook are those the statistics were measured with: `fit` checks the hook, and a run shares one SAE)."""
+def _windows(stats: CorpusStats, sae_sha: str | None, model, sae, hook, sequences, w: int, label: str, kw):
+    """Window features of `sequences`, from the statistics' memo when an earlier fit computed them: the key holds
+    everything they depend on (hook, SAE, the sequences themselves, window, batching)."""
 
     def compute():
         return window_features(model, sae, hook, sequences, w, desc=f"detector: {label} windows", **kw)
 
-    return compute() if stats.windows is None else stats.windows.get((hook, sae.sha256(), *key), compute)
+    if stats.windows is None:
+        return compute()
+    key = (hook, sae_sha, _ids_sha256(sequences), w, kw["batch_size"], kw["pad_id"])
+    return stats.windows.get(key, compute)

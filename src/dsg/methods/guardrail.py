@@ -60,8 +60,8 @@ class GuardrailMethod(UnlearningMethod):
             "statistics_flops": shared["flops"],
             "own_seconds": round(own, 3),
             "own_flops": own_flops,
-            "note": "forward passes only: latent statistics and detector windows (shared by all DSG/clamp "
-            "configurations, counted in full for each) + gate calibration",
+            "note": "forward passes only: latent statistics (shared by all DSG/clamp configurations, counted in "
+            "full for each; seconds also count the detector's window features in full) + gate calibration",
         }
         record = {k: getattr(guard, k) for k in ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")}
         record["window"] = guard.window
