@@ -8,7 +8,10 @@ VALIDATION questions (100 forget, 60 per retain task), 40 held-out retain texts 
     ppl change / gated %               held-out retain perplexity, guarded vs base, and windows gated
     rep. 3-grams, answer ppl           fluency of greedy answers to forget prompts (eval/fluency.py)
 
-    python benchmarks/clamp_sweep.py [--sae DIR] [--variants 150:500:active,50:100:all]
+    python benchmarks/clamp_sweep.py [--sae DIR] [--variants 150:500:active,50:100:all,50:100:all:1]
+
+A fourth field is an experiment the library does not ship: cap each clamped token's edit at that multiple of the
+token's residual-stream norm (the edit keeps its direction), by wrapping guard.rule.apply_delta for the row.
 
 Prints the table and writes benchmarks/results/clamp_sweep.json.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,11 +31,30 @@ from dsg.eval.fluency import fluency
 from dsg.eval.mcq import score_mcq
 from dsg.eval.metrics import summarize_task
 from dsg.eval.perplexity import perplexity_stats
+from dsg.guard import rule
 from dsg.guard.fit import fit
 from dsg.tables import pct, table
 
-# N:c:mode
+# N:c:mode[:edit cap]
 VARIANTS = "150:500:active,150:100:active,150:20:active,150:100:all,150:20:all,50:100:all,50:50:all,20:100:all"
+
+_apply_delta = rule.apply_delta
+
+
+@contextmanager
+def edit_capped(cap: float | None):
+    """Inside: each clamped token's residual edit is scaled down to at most `cap` x that token's residual norm."""
+
+    def capped(x_BTD, pos, delta, out):
+        norm = x_BTD[pos[:, 0], pos[:, 1]].norm(dim=-1, keepdim=True)
+        scale = (cap * norm / delta.norm(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
+        return _apply_delta(x_BTD, pos, delta * scale.to(delta.dtype), out)
+
+    rule.apply_delta = capped if cap is not None else _apply_delta
+    try:
+        yield
+    finally:
+        rule.apply_delta = _apply_delta
 
 
 def main() -> None:
@@ -40,7 +63,10 @@ def main() -> None:
     ap.add_argument("--variants", default=VARIANTS, help="comma-separated N:c:mode")
     ap.add_argument("--out", default="benchmarks/results/clamp_sweep.json")
     args = ap.parse_args()
-    variants = [(int(n), float(c), mode) for n, c, mode in (v.split(":") for v in args.variants.split(","))]
+    variants = []
+    for v in args.variants.split(","):
+        n, c, mode, *cap = v.split(":")
+        variants.append((int(n), float(c), mode, float(cap[0]) if cap else None))
     torch.manual_seed(0)
     model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
     qs = {d.name: domain_questions(d, "validation", 100 if d is forget else 60) for d in [forget] + retain}
@@ -51,26 +77,27 @@ def main() -> None:
     prompts = fluency_prompts(forget, "validation", 12)
     base_flu = fluency(model, tok, prompts, None)
     guards = {n: fit(model, tok, sae, f, r, c, dataclasses.replace(DEMO_FIT, n_features=n), stats=stats)
-              for n in sorted({n for n, _, _ in variants})}  # fmt: skip
-    header = ["N, c, mode", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
+              for n in sorted({n for n, _, _, _ in variants})}  # fmt: skip
+    header = ["N, c, mode, cap", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
               "ppl gated %", "rep. 3-grams %", "answer ppl"]  # fmt: skip
     rows, results = [], {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}}
-    for n, clamp, mode in variants:
+    for n, clamp, mode, cap in variants:
         g = guards[n]
         g.clamp, g.clamp_mode = clamp, mode  # same gate and latents, another clamp
-        out, cells = {}, [f"{n}, {clamp:g}, {mode}"]
-        for task, q in qs.items():
-            res = score_mcq(model, tok, q, intervention=g, progress=False, verify=False)
-            s = summarize_task([x.correct_norm for x in res], [x.gated for x in res], base[task])
-            out[task] = {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate}
-            cells += [pct(s.accuracy_base_correct), pct(s.gate_rate)]
-        p = perplexity_stats(model, tok, texts, intervention=g, verify=False, **kw)
-        flu = fluency(model, tok, prompts, g)
+        out, cells = {}, [f"{n}, {clamp:g}, {mode}, {'-' if cap is None else f'{cap:g}'}"]
+        with edit_capped(cap):
+            for task, q in qs.items():
+                res = score_mcq(model, tok, q, intervention=g, progress=False, verify=False)
+                s = summarize_task([x.correct_norm for x in res], [x.gated for x in res], base[task])
+                out[task] = {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate}
+                cells += [pct(s.accuracy_base_correct), pct(s.gate_rate)]
+            p = perplexity_stats(model, tok, texts, intervention=g, verify=False, **kw)
+            flu = fluency(model, tok, prompts, g)
         out |= {"perplexity_change": p.perplexity / base_ppl - 1, "perplexity_gate": p.gate_rate, "fluency": dict(flu)}
         cells += [f"{100 * out['perplexity_change']:+.1f}%", pct(p.gate_rate), pct(flu["repeated_3gram"]),
                   f"{flu['base_perplexity']:.1f}"]  # fmt: skip
         rows.append(cells)
-        results[f"n{n}-{mode}-c{clamp:g}"] = out
+        results[f"n{n}-{mode}-c{clamp:g}" + ("" if cap is None else f"-cap{cap:g}")] = out
         print(table(header, rows), flush=True)
     print(f"base: repeated 3-grams {pct(base_flu['repeated_3gram'])}%, answer ppl {base_flu['base_perplexity']:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
