@@ -196,3 +196,52 @@ def test_fits_sharing_statistics_reuse_the_detector_windows(detected, monkeypatc
     assert calls == [6]
     fresh = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(detector_holdout=0.5), progress=False)
     assert other.detector.weights.tolist() == fresh.detector.weights.tolist() and other.threshold == fresh.threshold
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_firing_kept_by_the_statistics_pass_gives_the_same_windows(tiny_llama, architecture):
+    """measure() keeps where latents fire for a detector config; the windows built from it, for all or some of
+    the sequences, equal the ones a second forward pass gives."""
+    import importlib
+
+    from dsg.guard.detector import window_features
+    from dsg.guard.stats import collect_stats
+
+    fit_module = importlib.import_module("dsg.guard.fit")
+    model, tok = tiny_llama
+    sae = tiny_sae(architecture=architecture)
+    seqs = [list(range(5 + i, 5 + i + n)) for i, n in enumerate((3, 6, 7, 13, 20, 9))]
+    fires: list = []
+    collect_stats(model, sae, "blocks.0.hook_resid_post", seqs, batch_size=4, pad_id=0, progress=False, fires=fires)
+    assert len(fires) == len(seqs) and all(f.n_real == len(q) - 1 for f, q in zip(fires, seqs))
+    kw = dict(batch_size=4, pad_id=0, desc="", progress=False)
+    fresh = window_features(model, sae, "blocks.0.hook_resid_post", seqs, 6, **kw).toarray()
+    for known in (fires, [f if i % 2 else None for i, f in enumerate(fires)]):
+        kept = window_features(model, sae, "blocks.0.hook_resid_post", seqs, 6, known=known, **kw).toarray()
+        np.testing.assert_array_equal(kept, fresh)
+    stats = fit_module.measure(model, tok, sparse_sae(model, tok, FORGET + RETAIN, rate=0.1), FORGET, RETAIN,
+                               _config(), progress=False)  # fmt: skip
+    assert len(stats.forget_fires) == len(stats.forget_sequences)
+    assert fit_module.measure(model, tok, sae, FORGET, RETAIN, _config(detector=False, gate_window=None),
+                              progress=False).forget_fires is None  # fmt: skip
+
+
+def test_a_detector_fit_reads_the_kept_firing_instead_of_a_second_pass(detected, monkeypatch):
+    """With the firing kept by measure(), the forget windows need no forward at all; the guardrail is the one
+    fitted without it."""
+    import importlib
+
+    fit_module = importlib.import_module("dsg.guard.fit")
+    model, tok, sae, _ = detected
+    stats = fit_module.measure(model, tok, sae, FORGET, RETAIN, _config(), progress=False)
+    forwards = []
+    real = fit_module.window_features.__globals__["activations_by_batch"]
+    monkeypatch.setitem(fit_module.window_features.__globals__, "activations_by_batch",
+                        lambda m, h, chunks: (forwards.append(1) or x for x in real(m, h, chunks)))  # fmt: skip
+    kept = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(), stats=stats, progress=False)
+    assert not forwards  # no calibration corpus: every negative is a retain sequence the statistics pass saw
+    bare = stats._replace(windows=None, forget_fires=None, retain_fires=None)
+    again = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(), stats=bare, progress=False)
+    assert forwards
+    assert kept.detector.weights.tolist() == again.detector.weights.tolist()
+    assert kept.detector.latents.tolist() == again.detector.latents.tolist() and kept.threshold == again.threshold

@@ -20,6 +20,7 @@ unchanged: once the gate is open, flagged tokens (any *selected* latent firing) 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,39 +75,70 @@ class Detector(torch.nn.Module):
         return out
 
 
+class Fires(NamedTuple):
+    """Where SAE latents fire in one sequence: (real-token position, latent id) pairs, and its real-token count."""
+
+    tokens: torch.Tensor  # [nnz] int32
+    latents: torch.Tensor  # [nnz] int32
+    n_real: int
+
+    def dense(self, d_sae: int) -> torch.Tensor:
+        on = torch.zeros(self.n_real, d_sae, dtype=torch.bool)
+        on[self.tokens.long(), self.latents.long()] = True
+        return on
+
+
+def firing(on_NF: torch.Tensor) -> Fires:
+    """Fires from a dense [n_real, F] bool matrix."""
+    t, j = on_NF.cpu().nonzero(as_tuple=True)
+    return Fires(t.to(torch.int32), j.to(torch.int32), on_NF.shape[0])
+
+
+def _windows_of(on: torch.Tensor, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(row, column, value, number of windows) of one sequence's windows, from its [n_real, F] firing matrix."""
+    m = on.shape[0]
+    if m == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), 0
+    stride = max(window // 2, 1)
+    ends = list(range(min(window, m), m + 1, stride))
+    if ends[-1] != m:
+        ends.append(m)
+    counts = torch.cat([torch.zeros(1, on.shape[1], dtype=torch.int32), on.int().cumsum(0)])
+    e = torch.tensor(ends)
+    c = counts[e] - counts[(e - window).clamp(min=0)]  # [windows, F], all of the sequence's at once
+    r, j = c.nonzero(as_tuple=True)
+    return r.numpy(), j.numpy(), c[r, j].numpy() / window, len(ends)
+
+
 def window_features(
     model, sae, hook, sequences: Sequence[Sequence[int]], window: int, *, batch_size: int, pad_id: int,
-    desc: str, progress: bool,
+    desc: str, progress: bool, known: Sequence[Fires | None] | None = None,
 ):  # fmt: skip
     """A sparse matrix [windows, d_sae]: for each window of `window` real tokens (stride window/2, the last one
     ending at the sequence's end, shorter sequences giving one shorter window), the share of its tokens on which
-    each latent fires. Forwards stop at the hook; nothing dense over the corpus is kept."""
+    each latent fires. Rows go sequence by sequence, longest first. Forwards stop at the hook, and are skipped for
+    the sequences whose firing is `known` (kept from the statistics pass); nothing dense over the corpus is kept."""
     from scipy import sparse
 
-    rows, cols, vals, n = [], [], [], 0
-    stride = max(window // 2, 1)
-    bar = tqdm(total=len(sequences), desc=desc, unit="seq", disable=not progress, leave=False)
+    known = list(known) if known is not None else [None] * len(sequences)
+    blocks: dict[int, tuple] = {i: _windows_of(f.dense(sae.d_sae), window) for i, f in enumerate(known) if f}
+    todo = [i for i in range(len(sequences)) if i not in blocks]
+    bar = tqdm(total=len(todo), desc=desc, unit="seq", disable=not progress or not todo, leave=False)
     with torch.inference_mode():
-        for idx, _, x_BTD, real in activations_by_batch(model, hook, batches(sequences, batch_size, pad_id)):
+        chunks = batches([sequences[i] for i in todo], batch_size, pad_id)
+        for idx, _, x_BTD, real in activations_by_batch(model, hook, chunks):
             fires = sae.encode(x_BTD.to(sae.W_dec.dtype)) > 0  # [B, T, F]
-            for b in range(len(idx)):
-                on = fires[b][real[b]].cpu()  # [n_real, F]; the sparse matrix is built on the CPU
-                m = on.shape[0]
-                if m == 0:
-                    continue
-                ends = list(range(min(window, m), m + 1, stride))
-                if ends[-1] != m:
-                    ends.append(m)
-                counts = torch.cat([torch.zeros(1, on.shape[1], dtype=torch.int32), on.int().cumsum(0)])
-                e = torch.tensor(ends)
-                c = counts[e] - counts[(e - window).clamp(min=0)]  # [windows, F], all of the sequence's at once
-                r, j = c.nonzero(as_tuple=True)
-                rows.append(r.numpy() + n)
-                cols.append(j.numpy())
-                vals.append(c[r, j].numpy() / window)
-                n += len(ends)
+            for b, i in enumerate(idx):
+                blocks[todo[i]] = _windows_of(fires[b][real[b]].cpu(), window)  # the matrix is built on the CPU
             bar.update(len(idx))
     bar.close()
+    rows, cols, vals, n = [], [], [], 0
+    for i in sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i)):  # the order batches() gives
+        r, j, v, w = blocks[i]
+        rows.append(r + n)
+        cols.append(j)
+        vals.append(v)
+        n += w
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     return sparse.csr_matrix((cat(vals, np.float64), (cat(rows, np.int64), cat(cols, np.int64))),
                              shape=(n, sae.d_sae))  # fmt: skip

@@ -118,6 +118,10 @@ class CorpusStats(NamedTuple):
     windows: WindowMemo | None = None
     """Detector window features already computed from these sequences (filled by `fit`, so that fits sharing
     the statistics and the window do not repeat the forward passes); None: not kept."""
+    forget_fires: list | None = None
+    """Per forget sequence, where the latents fire (detector.Fires), kept by `measure` for a detector config."""
+    retain_fires: list | None = None
+    """The same per retain sequence."""
 
 
 class WindowMemo:
@@ -203,12 +207,16 @@ def measure(
         raise DSGError("The forget and retain corpora must each hold at least one text of two or more tokens.")
     sae = sae.to(next(model.parameters()).device)
     kw = dict(batch_size=config.batch_size, pad_id=pad_id_of(tokenizer, model), progress=progress)
+    # a detector reads where latents fire in these same sequences: keep it from this pass
+    forget_fires, retain_fires = ([], []) if config.detector and config.gated else (None, None)
     return CorpusStats(
-        collect_stats(model, sae, hook, forget_seqs, desc="forget statistics", **kw),
-        collect_stats(model, sae, hook, retain_seqs, desc="retain statistics", **kw),
+        collect_stats(model, sae, hook, forget_seqs, desc="forget statistics", fires=forget_fires, **kw),
+        collect_stats(model, sae, hook, retain_seqs, desc="retain statistics", fires=retain_fires, **kw),
         forget_seqs,
         retain_seqs,
         WindowMemo(),
+        forget_fires,
+        retain_fires,
     )
 
 
@@ -311,17 +319,20 @@ def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitC
     calibration sequences (guard/detector.py); the rest, drawn with the seed, are held out for the threshold."""
     w = config.gate_window
     negatives = list(stats.retain_sequences)
+    known = list(stats.retain_fires or [None] * len(negatives))  # firing kept by the statistics pass
     if calib_seqs is not stats.retain_sequences:  # no separate calibration corpus: the retain one stands in
         negatives += calib_seqs
+        known += [None] * len(calib_seqs)
     order = torch.randperm(len(negatives), generator=torch.Generator().manual_seed(config.seed + 4)).tolist()
     n_held = min(max(1, round(config.detector_holdout * len(negatives))), len(negatives) - 1)
     if n_held < 1:
         raise DSGError("The detector needs at least two retain or calibration sequences: one to fit, one to calibrate.")
     held = [negatives[i] for i in sorted(order[:n_held])]
     fitted = [negatives[i] for i in sorted(order[n_held:])]
+    fitted_known = [known[i] for i in sorted(order[n_held:])]
     sae_sha = sae.sha256() if stats.windows is not None else None
-    positive = _windows(stats, sae_sha, model, sae, hook, stats.forget_sequences, w, "forget", kw)
-    negative = _windows(stats, sae_sha, model, sae, hook, fitted, w, "retain", kw)
+    positive = _windows(stats, sae_sha, model, sae, hook, stats.forget_sequences, w, "forget", kw, stats.forget_fires)
+    negative = _windows(stats, sae_sha, model, sae, hook, fitted, w, "retain", kw, fitted_known)
     weights = fit_weights(positive, negative, config.detector_c, config.seed)
     info = {"c": config.detector_c, "positive_windows": positive.shape[0], "negative_windows": negative.shape[0],
             "latents": len(weights), "forget_latents": sum(q > 0 for q in weights.values()),
@@ -333,12 +344,14 @@ def _ids_sha256(sequences: Sequence[Sequence[int]]) -> str:
     return hashlib.sha256(json.dumps([list(q) for q in sequences]).encode()).hexdigest()
 
 
-def _windows(stats: CorpusStats, sae_sha: str | None, model, sae, hook, sequences, w: int, label: str, kw):
+def _windows(stats: CorpusStats, sae_sha: str | None, model, sae, hook, sequences, w: int, label: str, kw,
+             known=None):  # fmt: skip
     """Window features of `sequences`, from the statistics' memo when an earlier fit computed them: the key holds
-    everything they depend on (hook, SAE, the sequences themselves, window, batching)."""
+    everything they depend on (hook, SAE, the sequences themselves, window, batching). `known`: the sequences'
+    firing where the statistics pass kept it (no forward needed for those)."""
 
     def compute():
-        return window_features(model, sae, hook, sequences, w, desc=f"detector: {label} windows", **kw)
+        return window_features(model, sae, hook, sequences, w, desc=f"detector: {label} windows", known=known, **kw)
 
     if stats.windows is None:
         return compute()

@@ -20,6 +20,7 @@ from ..lm.hooks import activations_by_batch
 from ..lm.text import batches
 from ..parallel import gather_ordered, my_share, world
 from . import rule
+from .detector import firing
 
 
 @dataclass
@@ -105,14 +106,20 @@ def collect_stats(
     pad_id: int = 0,
     desc: str = "statistics",
     progress: bool = True,
+    fires: list | None = None,
 ) -> LatentSums:
     """Per-latent sums of the SAE's activations at `hook` over the real tokens of `sequences`.
 
-    An SAE that gives its codes as (values, latent ids) pairs (TopK: `encode_topk`) is summed sparsely.
+    An SAE that gives its codes as (values, latent ids) pairs (TopK: `encode_topk`) is summed sparsely. With
+    `fires` (a list) it also receives, per sequence, where the latents fire (detector.Fires; None for the
+    sequences another process measured), so that the detector's window features need no second pass.
     """
     sums = LatentSums.zeros(sae.d_sae)
     sparse = getattr(sae, "encode_topk", None)
     shard = list(my_share(batches(sequences, batch_size, pad_id)))
+    index_of = {i: idx for i, (idx, _, _) in shard}
+    if fires is not None:
+        fires[:] = [None] * len(sequences)
     mine = []  # (batch index, that batch's sums)
     bar = tqdm(total=sum(int(m.sum()) for _, (_, _, m) in shard), desc=desc, unit="tok", leave=False,
                disable=not progress or not world().main)  # fmt: skip
@@ -124,9 +131,18 @@ def collect_stats(
         x_ND = x_BTD[real]
         part = LatentSums.zeros(sae.d_sae, x_ND.device)
         if sparse is not None:
-            part.add_sparse(*sparse(x_ND), x_ND)
+            values, ids = sparse(x_ND)
+            part.add_sparse(values, ids, x_ND)
+            if fires is not None:
+                on = torch.zeros(x_ND.shape[0], sae.d_sae, dtype=torch.bool, device=x_ND.device)
+                on.scatter_(1, ids, values > 0)
         else:
-            part.add(sae.encode(x_ND), x_ND)
+            f_NF = sae.encode(x_ND)
+            part.add(f_NF, x_ND)
+            on = f_NF > 0
+        if fires is not None:  # x_ND holds the batch's real tokens row after row
+            for seq, rows in zip(index_of[i], on.split(real.sum(1).tolist())):
+                fires[seq] = firing(rows)
         if world().size == 1:  # fold as we go (the order is the batch order)
             sums = sums.merge(LatentSums(*(t.cpu() for t in part.as_tensors())))
         else:
