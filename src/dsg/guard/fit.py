@@ -329,8 +329,8 @@ def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitC
     if n_held < 1:
         raise DSGError("The detector needs at least two retain or calibration sequences: one to fit, one to calibrate.")
     held = [negatives[i] for i in sorted(order[:n_held])]
-    fitted = [negatives[i] for i in sorted(order[n_held:])]
-    fitted_known = [known[i] for i in sorted(order[n_held:])]
+    fit_idx = sorted(order[n_held:])
+    fitted, fitted_known = [negatives[i] for i in fit_idx], [known[i] for i in fit_idx]
     sae_sha = sae.sha256() if stats.windows is not None else None
     positive = _windows(stats, sae_sha, model, sae, hook, stats.forget_sequences, w, "forget", kw, stats.forget_fires)
     negative = _windows(stats, sae_sha, model, sae, hook, fitted, w, "retain", kw, fitted_known)

@@ -139,7 +139,8 @@ def collect_stats(
         else:
             f_NF = sae.encode(x_ND)
             part.add(f_NF, x_ND)
-            on = f_NF > 0
+            if fires is not None:
+                on = f_NF > 0
         if fires is not None:  # x_ND holds the batch's real tokens row after row
             for seq, rows in zip(index_of[i], on.split(real.sum(1).tolist())):
                 fires[seq] = firing(rows)
