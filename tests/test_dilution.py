@@ -1,9 +1,15 @@
 """Dilution: forget questions padded with benign text, and benign text that mentions a security term."""
 
-import dsg
-from dsg.eval.dilution import DILUTIONS, dilute, filler_ids, mention_texts, run_dilution, summarize_dilution
+import pytest
 
-from tiny import RETAIN_TEXTS, tiny_sae
+import dsg
+from dsg.eval import mcq
+from dsg.eval.dilution import DILUTIONS, dilute, filler_ids, mention_texts, run_dilution, summarize_dilution
+from dsg.eval.mcq import score_mcq
+from dsg.guard.stats import gate_rates
+from dsg.runtime.intervention import prefix_causal
+
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, features_firing_about, sparse_sae, tiny_sae
 
 
 def _questions(n=4):
@@ -39,3 +45,64 @@ def test_a_static_guardrail_is_not_diluted_and_a_summary_reads_each_padding(tiny
     assert summary["plain:1000"]["gate_rate"] == 1.0 and summary["mentions_gate_rate"] == 1.0
     assert summary["plain:0"]["n_base_correct"] == sum(base["plain:0"]["correct_norm"])
     assert run_dilution(model, tok, qs, [], static, progress=False) is None  # no benign text: nothing to pad with
+
+
+def _padded_setting(model, tok, window):
+    """Padded questions (the same benign text before stems of different lengths) and a guardrail whose threshold
+    lies between the prompts' two lowest gate statistics, so some prompts are gated and some not."""
+    filler = filler_ids(tok, RETAIN_TEXTS, 60)
+    stems = [t.rsplit(" ", 1)[0] for t in FORGET_TEXTS + RETAIN_TEXTS]
+    qs = [dilute({"question": s, "choices": ["payload", "city", "metal hash", "pond"], "answer": i % 4}, filler, 60,
+                 tok) for i, s in enumerate(stems)]  # fmt: skip
+    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.15)
+    seqs = [tok(q["question"])["input_ids"] for q in qs]
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.05, 1), clamp=4.0, window=window)
+    values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
+    guard.threshold = (values[0] + values[1]) / 2
+    return qs, guard
+
+
+def _forward_shapes(model):
+    shapes = []
+    handle = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    return shapes, handle
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_padded_questions_prefill_their_shared_prefix_once_with_the_same_scores_and_gates(fixture, request,
+                                                                                          monkeypatch):  # fmt: skip
+    model, tok = request.getfixturevalue(fixture)
+    qs, guard = _padded_setting(model, tok, window=12)
+    for intervention in (None, guard):
+        shapes, handle = _forward_shapes(model)
+        try:
+            shared = score_mcq(model, tok, qs, intervention=intervention, batch_size=4, progress=False)
+        finally:
+            handle.remove()
+        prefix = [s for s in shapes if s[0] == 1]
+        assert len(prefix) == -(-len(qs) // 4) and all(s[1] >= mcq.SHARED_PREFIX_MIN for s in prefix)
+        with monkeypatch.context() as m:
+            m.setattr(mcq, "SHARED_PREFIX_MIN", 10**9)
+            whole = score_mcq(model, tok, qs, intervention=intervention, batch_size=4, progress=False)
+        assert [r.gated for r in shared] == [r.gated for r in whole]
+        for a, b in zip(shared, whole):
+            assert a.scores == pytest.approx(b.scores, abs=1e-4)
+    gated = [r.gated for r in shared]
+    assert 0 < sum(gated) < len(gated), "the test needs gated and ungated prompts"
+    base = score_mcq(model, tok, qs, progress=False)
+    assert any(r.scores != b.scores for r, b in zip(shared, base) if r.gated), "the clamp should change scores"
+
+
+def test_a_whole_input_gate_prefills_each_padded_prompt_whole(tiny_llama):
+    model, tok = tiny_llama
+    qs, guard = _padded_setting(model, tok, window=None)
+    assert not prefix_causal(guard) and prefix_causal(None) and prefix_causal(dsg.Guardrail(guard.sae, features=[0],
+                                                                                             gated=False))  # fmt: skip
+    shapes, handle = _forward_shapes(model)
+    try:
+        score_mcq(model, tok, qs, intervention=guard, batch_size=4, progress=False)
+    finally:
+        handle.remove()
+    assert not any(s[0] == 1 for s in shapes)  # rho of the whole prompt decides: no prefix run on its own

@@ -21,6 +21,7 @@ from dsg.eval import (
     evaluate_files,
     gate_rate,
     letter_prompt,
+    mcq,
     perplexity,
     perplexity_stats,
     read_questions,
@@ -61,7 +62,7 @@ def tok():
     return make_tokenizer()
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma2"])  # gemma2: eager attention, a float 4D mask
 def model(request, tok):
     return tiny_model(request.param, seed=0, vocab=len(tok), positions=256)
 
@@ -187,6 +188,19 @@ def test_likelihood_equals_naive_full_sequence(model, tok, questions):
         assert r.prediction == max(range(4), key=lambda i: naive[i])
         assert r.scores_norm == pytest.approx([s / len(c) for s, c in zip(naive, q["choices"])], abs=1e-4)
         assert r.correct == (r.prediction == q["answer"]) and r.gated is None and r.id == q["id"]
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_choices_side_by_side_score_as_one_row_per_choice(llama, tok, questions, guard, guarded, monkeypatch):
+    """A question's choices scored side by side in one row (a 4D mask) equal one row per choice over a repeated
+    cache (the path for attention kernels that take no custom mask)."""
+    guards = (guard,) if guarded else ()
+    assert mcq._mask_dtype(llama) is torch.bool
+    grouped = score_mcq(llama, tok, questions, intervention=guards, batch_size=4, progress=False)
+    monkeypatch.setattr(mcq, "_mask_dtype", lambda model: None)
+    repeated = score_mcq(llama, tok, questions, intervention=guards, batch_size=4, progress=False)
+    for a, b in zip(grouped, repeated):
+        assert a.scores == pytest.approx(b.scores, abs=1e-4) and a.gated == b.gated
 
 
 @pytest.mark.parametrize("guarded", [False, True])

@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..eval.dilution import DILUTION_QUESTIONS, gate_rate_on_texts, run_dilution, summarize_dilution
+from ..eval.dilution import (
+    DILUTION_QUESTIONS,
+    dilution_batch_size,
+    gate_rate_on_texts,
+    run_dilution,
+    summarize_dilution,
+)
 from ..eval.fluency import fluency
 from ..eval.mcq import score_mcq
 from ..eval.metrics import summarize_task
@@ -245,7 +251,7 @@ def evaluate_guardrail(
     # padding from everyday chat: the benign preamble an attacker (or an innocent user) puts before a question
     with clock("dilution"):
         padded = domain_questions(forget, split, n_dilution)
-        benign, dbs = list(general.texts["heldout"]), max(1, batch_size // 4)
+        benign, dbs = list(general.texts["heldout"]), dilution_batch_size(batch_size)
         key = ("dilution", split, n_dilution)
         if key not in cache:
             cache[key] = run_dilution(model, tok, padded, benign, None, True, dbs)

@@ -97,6 +97,12 @@ DILUTIONS = (("plain", 0), ("plain", 100), ("plain", 1000), ("chat", 1000))
 DILUTION_QUESTIONS = 40  # in dsg demo; dsg compare pads 24 per configuration (1,000-token prompts are slow on a CPU)
 
 
+def dilution_batch_size(batch_size: int) -> int:
+    """The batch size for padded prompts, from the usual one: half of it (1,000-token prompts hold more memory,
+    but the benign text they share is prefilled once per batch, so a batch should not be small either)."""
+    return max(1, batch_size // 2)
+
+
 def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[str], intervention, progress: bool,
                  batch_size: int = 8) -> dict | None:  # fmt: skip
     """Per-question results of the diluted forget questions ({"plain:0": {"correct", "correct_norm", "gated"}, ...})

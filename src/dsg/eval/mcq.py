@@ -16,7 +16,10 @@ fields ("id", "subject", ...) pass through. Two scoring conventions:
 
 Every score is a log-probability. Each question's prompt is computed once: the prompts of a batch are prefilled
 (left padding, position ids from the attention mask, so results do not depend on batch size or padding), and all
-choices' remaining tokens are then scored in one batched forward that reuses the prompt's KV cache.
+choices' remaining tokens are then scored in one batched forward that reuses the prompt's KV cache (a question's
+choices side by side in its row under a 4D attention mask, where the attention kernel takes one). Prompts of a
+batch that share a long prefix (questions padded with the same benign text) prefill it once, its cache and gate
+state forked to each (only under a prefix-causal intervention; equal up to float rounding).
 
 With a gated intervention (guardrails), the gate judges the prompt alone, so one decision holds for all of a
 question's choices (as in lm-eval's shared forward for single-token choices). The prefill runs inside
@@ -50,7 +53,7 @@ from tqdm.auto import tqdm
 from ..errors import DSGError
 from ..lm.models import evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
-from ..runtime.intervention import Intervention, as_intervention
+from ..runtime.intervention import Intervention, as_intervention, prefix_causal
 from .metrics import QuestionResult, argmax, correct_indices
 
 MODES = ("likelihood", "letter")
@@ -202,6 +205,125 @@ def _select_rows(cache, rows: torch.Tensor):
     return tuple(tuple(t[rows] for t in layer) for layer in cache)
 
 
+SHARED_PREFIX_MIN = 32  # tokens: shorter common prefixes are prefilled with each prompt
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens all of `seqs` share."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: bool, keep: dict, cache_name: str):
+    """(the prefill's output, its attention mask [B, T]) for a batch of prompts, inside the intervention's session.
+
+    Prompts that share a long prefix (padded questions: the same benign text before each) have it prefilled once
+    and its KV cache and gate state forked to every row, which then continues with its own tokens, left-padded
+    after the prefix. Allowed only where the intervention is prefix-causal (`share`): a whole-input gate judges
+    each prompt as one piece. Each row keeps at least one token of its own, so its last logits come from its
+    own forward."""
+    device = model_device(model)
+    P = common_prefix_length(prompts) if share and len(prompts) > 1 else 0
+    P = min(P, min(len(p) for p in prompts) - 1)
+    if P < SHARED_PREFIX_MIN:
+        ids, mask = (x.to(device) for x in pad_batch(prompts, pad_id, side="left"))
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **keep)
+        return out, mask
+    head = torch.tensor([prompts[0][:P]], device=device)
+    ones = torch.ones_like(head)
+    first = model(input_ids=head, attention_mask=ones, position_ids=position_ids(ones), use_cache=True, **keep)
+    fork = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    cache = _select_rows(getattr(first, cache_name), fork)
+    if session is not None:
+        session.fork(fork)
+    ids, tail = (x.to(device) for x in pad_batch([p[P:] for p in prompts], pad_id, side="left"))
+    mask = torch.cat([ones.expand(len(prompts), -1), tail], 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, P:], use_cache=True,
+                **{cache_name: cache}, **keep)  # fmt: skip
+    return out, mask
+
+
+def _mask_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of a custom 4D attention mask the model's attention takes as it is (transformers passes a 4D
+    mask through): bool for SDPA, additive float for eager attention; None for other kernels."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl == "sdpa":
+        return torch.bool
+    if impl == "eager":
+        return next(model.parameters()).dtype
+    return None
+
+
+def _repeated_choices(model, cache, mask, pairs, cands, pad_id, session, decisions_BG, cache_name) -> list[float]:
+    """Summed log-probabilities of the candidates' tokens after their first: one row per candidate, each over its
+    prompt's KV cache repeated (any attention kernel)."""
+    device = mask.device
+    row_P = torch.tensor([b for b, _ in pairs], device=device)
+    cids, cmask = pad_batch([c[:-1] for c in cands], pad_id, side="right")
+    tgt, _ = pad_batch([c[1:] for c in cands], pad_id, side="right")
+    cids, cmask, tgt = cids.to(device), cmask.to(device), tgt.to(device)
+    full_mask = torch.cat([mask[row_P], cmask], 1)
+    cpos = mask.sum(1)[row_P, None] + torch.arange(cids.shape[1], device=device)
+    cache = _select_rows(cache, row_P)
+    if decisions_BG is not None:
+        # Every choice of a question is scored under its prompt's gate decision (see module docstring).
+        session.hold(decisions_BG[row_P])
+    logits = model(
+        input_ids=cids, attention_mask=full_mask, position_ids=cpos, use_cache=True, **{cache_name: cache}
+    ).logits
+    lp_PL = logits.float().log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
+    return (lp_PL * cmask).sum(1).tolist()
+
+
+def _grouped_choices(model, cache, mask, pairs, cands, pad_id, session, decisions_BG, cache_name) -> list[float]:
+    """The same sums with all of a question's candidates side by side in its own row, over its prompt's cache as
+    it is (no copy per candidate): a 4D attention mask lets each candidate's tokens see the prompt and the tokens
+    of the same candidate before them, nothing else; positions restart after the prompt for each candidate.
+    Padding queries look at the prompt's last token only (an all-masked row would give NaN)."""
+    device, B = mask.device, mask.shape[0]
+    segments: list[list[tuple[int, list[int]]]] = [[] for _ in range(B)]
+    for p, ((b, _), c) in enumerate(zip(pairs, cands)):
+        segments[b].append((p, c))
+    L = max(sum(len(c) - 1 for _, c in seg) for seg in segments)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    tgt = torch.full((B, L), pad_id, dtype=torch.long)
+    owner = torch.full((B, L), -1, dtype=torch.long)  # the pair each position belongs to (-1: padding)
+    offset = torch.zeros(B, L, dtype=torch.long)
+    for b, seg in enumerate(segments):
+        at = 0
+        for p, c in seg:
+            n = len(c) - 1
+            ids[b, at : at + n], tgt[b, at : at + n] = torch.tensor(c[:-1]), torch.tensor(c[1:])
+            owner[b, at : at + n], offset[b, at : at + n] = p, torch.arange(n)
+            at += n
+    ids, tgt, owner, offset = ids.to(device), tgt.to(device), owner.to(device), offset.to(device)
+    real = owner >= 0
+    q, k = torch.arange(L, device=device)[:, None], torch.arange(L, device=device)[None, :]
+    own = (owner[:, :, None] == owner[:, None, :]) & (k <= q) & real[:, :, None]  # [B, L, L]
+    past = mask.bool()[:, None, :] & real[:, :, None]  # [B, L, K]
+    past[:, :, -1] |= ~real  # padding queries
+    allowed = torch.cat([past, own], 2)[:, None]  # [B, 1, L, K + L]
+    dtype = _mask_dtype(model)
+    if dtype != torch.bool:
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if decisions_BG is not None:
+        session.hold(decisions_BG)  # every choice under its prompt's gate decision (see module docstring)
+    positions = mask.sum(1)[:, None] + offset
+    logits = model(input_ids=ids, attention_mask=allowed, position_ids=positions, use_cache=True,
+                   **{cache_name: cache}).logits  # fmt: skip
+    lp_BL = logits.float().log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
+    sums = torch.zeros(len(pairs), device=device).index_add_(0, owner[real], lp_BL[real])
+    return sums.tolist()
+
+
 def _loglikelihoods(
     model: torch.nn.Module,
     requests: Sequence[_Request],
@@ -219,8 +341,8 @@ def _loglikelihoods(
     """
     if batch_size < 1:
         raise DSGError(f"batch_size must be at least 1, got {batch_size}.")
-    device = model_device(model)
     keep, cache_name = _keeps_last_logits(model), _cache_name(model)
+    share = prefix_causal(intervention)
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i))
     scores: list[list[float]] = [[0.0] * len(r.candidates) for r in requests]
     gated: list[bool | None] = [None] * len(requests)
@@ -228,11 +350,10 @@ def _loglikelihoods(
     with evaluating(model):
         for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
             rows = order[start : start + batch_size]
-            ids, mask = pad_batch([requests[i].prompt for i in rows], pad_id, side="left")
-            ids, mask = ids.to(device), mask.to(device)
+            prompts = [requests[i].prompt for i in rows]
             applied = intervention.applied(model, verify=False) if intervention is not None else nullcontext()
             with applied as session:
-                out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **keep)
+                out, mask = _prefill(model, prompts, pad_id, session, share, keep, cache_name)
                 decisions_BG = session.decisions() if session is not None else None
                 if decisions_BG is not None:
                     for b, i in enumerate(rows):
@@ -245,25 +366,13 @@ def _loglikelihoods(
                 pairs = [(b, k) for b, i in enumerate(rows) for k, c in enumerate(requests[i].candidates) if len(c) > 1]
                 if not pairs:
                     continue
-                row_P = torch.tensor([b for b, _ in pairs], device=device)
                 cands = [requests[rows[b]].candidates[k] for b, k in pairs]
-                cids, cmask = pad_batch([c[:-1] for c in cands], pad_id, side="right")
-                tgt, _ = pad_batch([c[1:] for c in cands], pad_id, side="right")
-                cids, cmask, tgt = cids.to(device), cmask.to(device), tgt.to(device)
-                full_mask = torch.cat([mask[row_P], cmask], 1)
-                cpos = mask.sum(1)[row_P, None] + torch.arange(cids.shape[1], device=device)
-                cache = _select_rows(getattr(out, cache_name), row_P)
-                if decisions_BG is not None:
-                    # Every choice of a question is scored under its prompt's gate decision (see module docstring).
-                    session.hold(decisions_BG[row_P])
-                logits = model(
-                    input_ids=cids, attention_mask=full_mask, position_ids=cpos, use_cache=True, **{cache_name: cache}
-                ).logits
-            lp_PL = logits.float().log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
-            sums = (lp_PL * cmask).sum(1).tolist()
+                score = _grouped_choices if _mask_dtype(model) is not None else _repeated_choices
+                sums = score(model, getattr(out, cache_name), mask, pairs, cands, pad_id, session, decisions_BG,
+                             cache_name)  # fmt: skip
             for (b, k), s in zip(pairs, sums):
                 scores[rows[b]][k] += s
-            del out, cache, logits
+            del out
     return scores, gated
 
 

@@ -237,6 +237,12 @@ class Guardrail:
             d = det.encode(x_BTD) if det is not None else None
         return Flags(f, rule.flagged_tokens(f, real_BT), det.evidence(d, real_BT) if det is not None else None)
 
+    @property
+    def prefix_causal(self) -> bool:
+        """Whether the decision at a token depends only on the tokens up to it (static, or a windowed gate): then
+        a prompt may arrive in pieces (a shared prefix, chunked prefill, a prefix cache) with the same result."""
+        return not self.gated or self.window is not None
+
     def gate(self, a_BT, real_BT, n_prompt: int, state, evidence_BT=None):
         """Which tokens to clamp [B, T] and the new gate state (see rule.gate; with a window, rule.window_gate,
         which treats prompt and generated tokens alike and, with a detector, sums `evidence_BT`)."""

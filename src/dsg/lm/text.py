@@ -88,13 +88,19 @@ def real_token_mask(
     """Bool [B, T]: attended, non-special tokens, excluding each sequence's first attended position.
 
     With `continuation=True` (decoding with a KV cache) the window holds only new tokens, none of which is a
-    sequence's first.
+    sequence's first. A 4D attention mask (several continuations side by side in one row, eval.mcq) marks a token
+    attended where it may see itself.
     """
     if input_ids is not None:
         shape = tuple(input_ids.shape)
     B, T = shape
     device = input_ids.device if input_ids is not None else None
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    if attention_mask is not None and attention_mask.ndim == 4:
+        # a custom [B, 1, T, past + T] mask (bool, or additive float): a token is attended if it sees itself
+        at = torch.arange(T, device=attention_mask.device)
+        diag = attention_mask[:, 0, at, attention_mask.shape[-1] - T + at]
+        attention_mask = diag if diag.dtype == torch.bool else diag == 0
     if attention_mask is not None:
         mask = attention_mask[:, -T:].bool()
     if input_ids is not None and len(special_ids):

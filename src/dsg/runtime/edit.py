@@ -61,6 +61,8 @@ class Edit:
     info: dict = field(default_factory=dict)
     """method, config, seed, base ({changed_sha256, model}), cost, log, dsg_version."""
 
+    prefix_causal = True  # new weights act on every token alike (runtime.intervention.prefix_causal)
+
     @property
     def names(self) -> list[str]:
         return sorted(self.tensors)

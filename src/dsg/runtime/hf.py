@@ -9,6 +9,9 @@ its positions share one decision; a forward that continues a cache holds generat
 running counts and can latch the gate (see rule.gate). `session.prompt_length` (set by the no-cache reference
 generator) says where the prompt ends inside a full-sequence forward. `session.hold(decisions)` fixes the
 decisions for the following forwards instead (scoring several continuations under one prompt's decision).
+`session.fork(rows)` repeats the gate state of the latest forward's rows for the following continuation: a prefix
+shared by several prompts is prefilled once and each prompt's own tokens continue it (exact for a prefix-causal
+gate, see runtime.intervention.prefix_causal).
 
 Guardrails on the same hook point judge the same (unedited) activations and their deltas add up, so each keeps
 its own gate. Tokens that are not clamped are returned bit-for-bit.
@@ -24,7 +27,7 @@ attached nothing runs the plain model. A thread started inside `attach` (HF's st
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -49,6 +52,7 @@ class Attachment:
     _held: torch.Tensor | None = None  # [B, G] decisions held fixed (see hold)
     _held_from: torch.Tensor | None = None  # [B, G] positions from which held rows are clamped (see hold)
     _first_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B] first clamped position
+    _fork: Callable[[torch.Tensor], None] | None = None  # set by the attachment: forks its per-thread gate states
 
     @property
     def gated(self) -> torch.Tensor | None:
@@ -78,6 +82,17 @@ class Attachment:
         """Judge no more: in the following forwards, flagged tokens of rows whose decision is on are clamped (from
         position `start` [B, G] on, when given) and other rows pass through (None judges again)."""
         self._held, self._held_from = decisions, start
+
+    def fork(self, rows: torch.Tensor) -> None:
+        """The following forwards continue rows `rows` (repeats allowed) of the latest forward: its gate states,
+        decisions and first clamped positions are repeated to match (a shared prefix extended by several
+        suffixes; the KV cache is forked alike by the caller)."""
+        pick = [g for g in self._gated_by if g is not None]
+        rows = rows.to(pick[0].device) if pick else rows
+        self._gated_by = [None if g is None else g[rows] for g in self._gated_by]
+        self._first_by = {i: t[rows.to(t.device)] for i, t in self._first_by.items()}
+        if self._fork is not None:
+            self._fork(rows)
 
 
 class _Forward:
@@ -120,6 +135,7 @@ class _Attached:
     def __init__(self, model, guardrails, by_hook: dict[str, list[int]], specials: list[int]):
         self.model, self.guardrails, self.by_hook, self.specials = model, guardrails, by_hook, specials
         self.session = Attachment(list(guardrails), [None] * len(guardrails))
+        self.session._fork = self.fork
         # per thread: a context copied into several threads (asyncio.to_thread) must not share a forward's state
         self.local = threading.local()
 
@@ -134,6 +150,13 @@ class _Attached:
         if not hasattr(self.local, "states"):
             self.local.states = [None] * len(self.guardrails)
         return self.local.states
+
+    def fork(self, rows: torch.Tensor) -> None:
+        """This thread's gate states, rows `rows` repeated (see Attachment.fork)."""
+        states = self.states
+        for i, st in enumerate(states):
+            if st is not None:
+                states[i] = type(st)(*(t[rows.to(t.device)] for t in st))
 
     def apply(self, name: str, x_BTD: torch.Tensor) -> torch.Tensor | None:
         """The guardrails at hook `name` all judge x and add up their deltas: the edited activations, or None when

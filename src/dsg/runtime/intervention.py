@@ -8,6 +8,7 @@ block and yields a `Session`:
         session.gated                    # [B] which inputs of the latest forward it chose to act on (None: n/a)
         d = session.decisions()          # [B, G] the decision of each of its G gates (None: it has no gate)
         session.hold(d[rows])            # later forwards (continuations of those rows) keep those decisions
+        session.fork(rows)               # later forwards continue rows `rows` of the latest one (a shared prefix)
 
 Evaluation, generation and the comparison bench talk to interventions only through this protocol, so a new
 runtime or a new kind of intervention plugs in without touching them.
@@ -41,6 +42,10 @@ class Session(Protocol):
 
     def hold(self, decisions: torch.Tensor | None) -> None: ...
 
+    def fork(self, rows: torch.Tensor) -> None:
+        """The following forwards continue rows `rows` (repeats allowed) of the latest forward: one prefix
+        prefilled once and extended by several suffixes. Only meaningful where `prefix_causal` holds."""
+
 
 @runtime_checkable
 class Intervention(Protocol):
@@ -59,6 +64,9 @@ class Ungated:
         return None
 
     def hold(self, decisions) -> None:
+        pass
+
+    def fork(self, rows) -> None:
         pass
 
 
@@ -123,6 +131,22 @@ def as_intervention(x: Intervention | Sequence | None) -> Intervention | None:
     if not others and len(together) == 1:
         return together[0]
     return Stack(*others, *together)
+
+
+def prefix_causal(intervention: Intervention | None) -> bool:
+    """Whether the intervention's effect on a token depends only on the tokens up to it, so that a prefix shared
+    by several inputs can be run once and its state forked to each (`Session.fork`): true for no intervention, a
+    weight edit, a static guardrail and a windowed gate; false for the whole-input gate (the paper's rule: every
+    prompt token waits for the prompt's rho) and for interventions that do not say."""
+    if intervention is None:
+        return True
+    if isinstance(intervention, Guardrail):
+        return intervention.prefix_causal
+    if isinstance(intervention, Guardrails):
+        return all(g.prefix_causal for g in intervention.guardrails)
+    if isinstance(intervention, Stack):
+        return all(prefix_causal(i) for i in intervention.interventions)
+    return bool(getattr(intervention, "prefix_causal", False))
 
 
 def guardrails_in(intervention: Intervention | None) -> list:
