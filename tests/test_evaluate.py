@@ -196,8 +196,11 @@ def test_choices_side_by_side_score_as_one_row_per_choice(llama, tok, questions,
     cache (the path for attention kernels that take no custom mask)."""
     guards = (guard,) if guarded else ()
     assert mcq._mask_dtype(llama) is torch.bool
+    with monkeypatch.context() as m:  # a custom mask would bypass a sliding window: longer rows take the other path
+        m.setattr(llama.config, "sliding_window", 8, raising=False)
+        assert mcq._mask_dtype(llama, 9) is None and mcq._mask_dtype(llama, 8) is torch.bool
     grouped = score_mcq(llama, tok, questions, intervention=guards, batch_size=4, progress=False)
-    monkeypatch.setattr(mcq, "_mask_dtype", lambda model: None)
+    monkeypatch.setattr(mcq, "_mask_dtype", lambda model, length=0: None)
     repeated = score_mcq(llama, tok, questions, intervention=guards, batch_size=4, progress=False)
     for a, b in zip(grouped, repeated):
         assert a.scores == pytest.approx(b.scores, abs=1e-4) and a.gated == b.gated

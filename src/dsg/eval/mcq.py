@@ -251,10 +251,15 @@ def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: b
     return out, mask
 
 
-def _mask_dtype(model: torch.nn.Module) -> torch.dtype | None:
+def _mask_dtype(model: torch.nn.Module, length: int = 0) -> torch.dtype | None:
     """The dtype of a custom 4D attention mask the model's attention takes as it is (transformers passes a 4D
-    mask through): bool for SDPA, additive float for eager attention; None for other kernels."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    mask through): bool for SDPA, additive float for eager attention; None for other kernels, and where `length`
+    keys exceed a sliding attention window (a custom mask would bypass it)."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and length > window:
+        return None
+    impl = getattr(config, "_attn_implementation", None)
     if impl == "sdpa":
         return torch.bool
     if impl == "eager":
@@ -311,7 +316,7 @@ def _grouped_choices(model, cache, mask, pairs, cands, pad_id, session, decision
     past = mask.bool()[:, None, :] & real[:, :, None]  # [B, L, K]
     past[:, :, -1] |= ~real  # padding queries
     allowed = torch.cat([past, own], 2)[:, None]  # [B, 1, L, K + L]
-    dtype = _mask_dtype(model)
+    dtype = _mask_dtype(model, allowed.shape[-1])
     if dtype != torch.bool:
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     if decisions_BG is not None:
@@ -367,7 +372,8 @@ def _loglikelihoods(
                 if not pairs:
                     continue
                 cands = [requests[rows[b]].candidates[k] for b, k in pairs]
-                score = _grouped_choices if _mask_dtype(model) is not None else _repeated_choices
+                longest = mask.shape[1] + sum(len(c) for c in cands)
+                score = _grouped_choices if _mask_dtype(model, longest) is not None else _repeated_choices
                 sums = score(model, getattr(out, cache_name), mask, pairs, cands, pad_id, session, decisions_BG,
                              cache_name)  # fmt: skip
             for (b, k), s in zip(pairs, sums):
