@@ -1,10 +1,20 @@
 """Dilution: forget questions padded with benign text, and benign text that mentions a security term."""
 
+from types import SimpleNamespace
+
 import pytest
 
 import dsg
 from dsg.eval import mcq
-from dsg.eval.dilution import DILUTIONS, dilute, filler_ids, mention_texts, run_dilution, summarize_dilution
+from dsg.eval.dilution import (
+    DILUTIONS,
+    dilute,
+    dilution_batch_size,
+    filler_ids,
+    mention_texts,
+    run_dilution,
+    summarize_dilution,
+)
 from dsg.eval.mcq import score_mcq
 from dsg.guard.stats import gate_rates
 from dsg.runtime.intervention import prefix_causal
@@ -106,3 +116,28 @@ def test_a_whole_input_gate_prefills_each_padded_prompt_whole(tiny_llama):
     finally:
         handle.remove()
     assert not any(s[0] == 1 for s in shapes)  # rho of the whole prompt decides: no prefix run on its own
+
+
+def test_padding_mid_sequence_is_left_to_attention_only_models_inside_their_window(tiny_llama, monkeypatch):
+    """A sliding window counts pads as positions and a recurrent layer reads tokens in order: there each padded
+    prompt is prefilled whole, and a question's choices get one row each."""
+    model, tok = tiny_llama
+    hybrid = SimpleNamespace(config=SimpleNamespace(layer_types=["full_attention", "linear_attention"]))
+    assert mcq._attention_layout(hybrid) == (False, None) and mcq._mask_dtype(hybrid) is None
+    assert mcq._attention_layout(model) == (True, None)
+    qs, _ = _padded_setting(model, tok, window=12)
+    shortest = min(len(tok(q["question"])["input_ids"]) for q in qs)
+    for name, patch in (("sliding window", ("config.sliding_window", shortest - 1)),
+                        ("recurrent layers", ("layout", (False, None)))):  # fmt: skip
+        with monkeypatch.context() as m:
+            if patch[0] == "layout":
+                m.setattr(mcq, "_attention_layout", lambda model, layout=patch[1]: layout)
+            else:
+                m.setattr(model.config, "sliding_window", patch[1], raising=False)
+            shapes, handle = _forward_shapes(model)
+            try:
+                score_mcq(model, tok, qs, batch_size=4, progress=False)
+            finally:
+                handle.remove()
+            assert not any(s[0] == 1 for s in shapes), name
+    assert dilution_batch_size(16) == 8 and dilution_batch_size(16, _padded_setting(model, tok, None)[1]) == 4

@@ -251,11 +251,11 @@ def evaluate_guardrail(
     # padding from everyday chat: the benign preamble an attacker (or an innocent user) puts before a question
     with clock("dilution"):
         padded = domain_questions(forget, split, n_dilution)
-        benign, dbs = list(general.texts["heldout"]), dilution_batch_size(batch_size)
+        benign = list(general.texts["heldout"])
         key = ("dilution", split, n_dilution)
         if key not in cache:
-            cache[key] = run_dilution(model, tok, padded, benign, None, True, dbs)
-        diluted = run_dilution(model, tok, padded, benign, guard, True, dbs)
+            cache[key] = run_dilution(model, tok, padded, benign, None, True, dilution_batch_size(batch_size))
+        diluted = run_dilution(model, tok, padded, benign, guard, True, dilution_batch_size(batch_size, guard))
         dilution = summarize_dilution(diluted, cache[key], norm)
     with clock("requests"):
         requests = {

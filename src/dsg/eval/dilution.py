@@ -22,7 +22,7 @@ import torch
 
 from ..lm.models import evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
-from ..runtime.intervention import Intervention, as_intervention
+from ..runtime.intervention import Intervention, as_intervention, prefix_causal
 from .mcq import score_mcq
 from .metrics import summarize_task
 
@@ -97,10 +97,11 @@ DILUTIONS = (("plain", 0), ("plain", 100), ("plain", 1000), ("chat", 1000))
 DILUTION_QUESTIONS = 40  # in dsg demo; dsg compare pads 24 per configuration (1,000-token prompts are slow on a CPU)
 
 
-def dilution_batch_size(batch_size: int) -> int:
-    """The batch size for padded prompts, from the usual one: half of it (1,000-token prompts hold more memory,
-    but the benign text they share is prefilled once per batch, so a batch should not be small either)."""
-    return max(1, batch_size // 2)
+def dilution_batch_size(batch_size: int, intervention=None) -> int:
+    """The batch size for padded prompts, from the usual one. Under a prefix-causal intervention (eval.mcq: the
+    benign text the prompts share is prefilled once per batch) half of it; otherwise a quarter (each row holds
+    its whole 1,000-token prompt)."""
+    return max(1, batch_size // 2 if prefix_causal(as_intervention(intervention)) else batch_size // 4)
 
 
 def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[str], intervention, progress: bool,

@@ -19,7 +19,8 @@ Every score is a log-probability. Each question's prompt is computed once: the p
 choices' remaining tokens are then scored in one batched forward that reuses the prompt's KV cache (a question's
 choices side by side in its row under a 4D attention mask, where the attention kernel takes one). Prompts of a
 batch that share a long prefix (questions padded with the same benign text) prefill it once, its cache and gate
-state forked to each (only under a prefix-causal intervention; equal up to float rounding).
+state forked to each (only under a prefix-causal intervention and an attention-only model; equal up to float
+rounding).
 
 With a gated intervention (guardrails), the gate judges the prompt alone, so one decision holds for all of a
 question's choices (as in lm-eval's shared forward for single-token choices). The prefill runs inside
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from ..errors import DSGError
@@ -57,6 +59,7 @@ from ..runtime.intervention import Intervention, as_intervention, prefix_causal
 from .metrics import QuestionResult, argmax, correct_indices
 
 MODES = ("likelihood", "letter")
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 LETTERS = string.ascii_uppercase
 MAX_PERMUTATIONS = 24  # all orderings of 4 choices, the paper's check
 
@@ -227,10 +230,13 @@ def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: b
 
     Prompts that share a long prefix (padded questions: the same benign text before each) have it prefilled once
     and its KV cache and gate state forked to every row, which then continues with its own tokens, left-padded
-    after the prefix. Allowed only where the intervention is prefix-causal (`share`): a whole-input gate judges
-    each prompt as one piece. Each row keeps at least one token of its own, so its last logits come from its
-    own forward."""
+    after the prefix. Allowed only where the intervention is prefix-causal (`share`: a whole-input gate judges
+    each prompt as one piece) and the model is attention only, with the prompts inside any sliding window (the
+    padding in mid-sequence would take window slots). Each row keeps at least one token of its own, so its last
+    logits come from its own forward."""
     device = model_device(model)
+    attention_only, window = _attention_layout(model)
+    share = share and attention_only and (window is None or max(len(p) for p in prompts) <= window)
     P = common_prefix_length(prompts) if share and len(prompts) > 1 else 0
     P = min(P, min(len(p) for p in prompts) - 1)
     if P < SHARED_PREFIX_MIN:
@@ -251,19 +257,33 @@ def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: b
     return out, mask
 
 
-def _mask_dtype(model: torch.nn.Module, length: int = 0) -> torch.dtype | None:
-    """The dtype of a custom 4D attention mask the model's attention takes as it is (transformers passes a 4D
-    mask through): bool for SDPA, additive float for eager attention; None for other kernels, and where `length`
-    keys exceed a sliding attention window (a custom mask would bypass it)."""
+def _attention_layout(model: torch.nn.Module) -> tuple[bool, int | None]:
+    """(whether every layer is plain full or sliding-window attention, the sliding window in tokens or None).
+
+    Both shortcuts below lean on it: padding in mid-sequence and a custom 4D mask are exact for softmax attention
+    over explicit positions, but a sliding window counts pads as positions and a recurrent layer (Mamba, linear
+    attention) reads tokens in order whatever the mask says."""
     config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and window > 0 and length > window:
+    window = window if isinstance(window, int) and window > 0 else None
+    return kinds <= {"full_attention", "sliding_attention"}, window
+
+
+def _mask_dtype(model: torch.nn.Module, length: int = 0) -> torch.dtype | None:
+    """The dtype of a custom 4D attention mask the model's attention takes as it is (transformers 5 passes a 4D
+    mask through): bool for SDPA, additive float for eager attention; None for other kernels, older transformers,
+    layers other than attention, and where `length` keys exceed a sliding window (the mask would bypass it)."""
+    attention_only, window = _attention_layout(model)
+    if not attention_only or (window is not None and length > window) or _TRANSFORMERS_MAJOR < 5:
         return None
-    impl = getattr(config, "_attn_implementation", None)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl == "sdpa":
         return torch.bool
     if impl == "eager":
-        return next(model.parameters()).dtype
+        dtype = getattr(model, "dtype", torch.float32)
+        return dtype if dtype.is_floating_point else torch.float32
     return None
 
 
@@ -341,8 +361,9 @@ def _loglikelihoods(
     """Summed log-probability of every candidate continuation of every prompt, and each prompt's gate decision
     (None where the intervention has no gate).
 
-    Prompts are prefilled once, longest first, `batch_size` at a time; the candidates' tokens after their first
-    are scored in one forward over the repeated prompt cache.
+    Prompts are prefilled once, longest first, `batch_size` at a time (a prefix they all share once, see
+    `_prefill`); the candidates' tokens after their first are scored in one forward over the prompt cache
+    (`_grouped_choices`, or `_repeated_choices` where a custom mask cannot be used).
     """
     if batch_size < 1:
         raise DSGError(f"batch_size must be at least 1, got {batch_size}.")

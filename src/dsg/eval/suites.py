@@ -112,7 +112,7 @@ class Dilution(Suite):
     def run(bench, split, intervention, progress) -> dict | None:
         questions = bench.questions[split][bench.forget_task][:24]  # a prompt of 1,000 tokens is slow on a CPU
         return run_dilution(bench.model, bench.tokenizer, questions, bench.perplexity_texts, intervention, progress,
-                            batch_size=dilution_batch_size(bench.batch_size))  # fmt: skip
+                            batch_size=dilution_batch_size(bench.batch_size, intervention))  # fmt: skip
 
 
 def run_suites(bench, split: str, intervention, progress: bool, only: list[str] | None = None) -> dict:

@@ -84,13 +84,13 @@ class Attachment:
         self._held, self._held_from = decisions, start
 
     def fork(self, rows: torch.Tensor) -> None:
-        """The following forwards continue rows `rows` (repeats allowed) of the latest forward: its gate states,
-        decisions and first clamped positions are repeated to match (a shared prefix extended by several
-        suffixes; the KV cache is forked alike by the caller)."""
+        """The following forwards continue rows `rows` (repeats allowed) of the latest forward: its gate states and
+        decisions are repeated to match (a shared prefix extended by several suffixes; the KV cache is forked
+        alike by the caller). `first_clamped` is None from here on: the prompt now arrives in pieces."""
         pick = [g for g in self._gated_by if g is not None]
         rows = rows.to(pick[0].device) if pick else rows
         self._gated_by = [None if g is None else g[rows] for g in self._gated_by]
-        self._first_by = {i: t[rows.to(t.device)] for i, t in self._first_by.items()}
+        self._first_by = {}
         if self._fork is not None:
             self._fork(rows)
 
