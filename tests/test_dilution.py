@@ -12,6 +12,8 @@ from dsg.eval.dilution import (
     dilution_batch_size,
     filler_ids,
     mention_texts,
+    padding_alone,
+    paddings,
     run_dilution,
     summarize_dilution,
 )
@@ -51,8 +53,11 @@ def test_a_static_guardrail_is_not_diluted_and_a_summary_reads_each_padding(tiny
     assert set(guarded) == {f"{f}:{k}" for f, k in DILUTIONS} | {"mentions"}
     assert all(len(guarded[key]["gated"]) == len(qs) for key in guarded if key != "mentions")
     assert base["mentions"] is None and guarded["mentions"] == 1.0  # a static guardrail acts on everything
+    assert guarded["plain:1000"]["padding_gate_rate"] == 1.0 and "padding_gate_rate" not in guarded["plain:0"]
+    assert base["plain:100"]["padding_gate_rate"] is None
     summary = summarize_dilution(guarded, base)
     assert summary["plain:1000"]["gate_rate"] == 1.0 and summary["mentions_gate_rate"] == 1.0
+    assert summary["plain:1000"]["padding_gate_rate"] == 1.0
     assert summary["plain:0"]["n_base_correct"] == sum(base["plain:0"]["correct_norm"])
     assert run_dilution(model, tok, qs, [], static, progress=False) is None  # no benign text: nothing to pad with
 
@@ -141,3 +146,20 @@ def test_padding_mid_sequence_is_left_to_attention_only_models_inside_their_wind
                 handle.remove()
             assert not any(s[0] == 1 for s in shapes), name
     assert dilution_batch_size(16) == 8 and dilution_batch_size(16, _padded_setting(model, tok, None)[1]) == 4
+
+
+def test_questions_take_different_paddings_in_turn_and_the_paddings_alone_are_judged(tiny_llama):
+    model, tok = tiny_llama
+    fills = paddings(tok, RETAIN_TEXTS, 40, 3)
+    assert len(fills) == 3 and len({tuple(f) for f in fills}) == 3 and all(len(f) == 40 for f in fills)
+    q = _questions(1)[0]
+    for chat in (False, True):
+        alone, padded = padding_alone(fills[1], 40, tok, chat), dilute(q, fills[1], 40, tok, chat=chat)["question"]
+        assert q["question"] not in alone and alone.split("\n\n")[0] in padded
+    shapes, handle = _forward_shapes(model)
+    try:
+        run_dilution(model, tok, _questions(8), RETAIN_TEXTS, None, progress=False)
+    finally:
+        handle.remove()
+    # each padding's questions are scored together: 4 paddings x 2 questions, one shared prefix each
+    assert sum(1 for s in shapes if s[0] == 1) >= 4

@@ -77,8 +77,8 @@ def table_rows(compare: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-DILUTION_HEADER = ["method", "gated % k=0", "k=100", "k=1000", "chat k=1000", "forget base-correct % k=1000",
-                   "benign mentions gated %"]  # fmt: skip
+DILUTION_HEADER = ["method", "gated % k=0", "k=100", "k=1000", "chat k=1000", "padding alone gated % k=1000",
+                   "forget base-correct % k=1000", "benign mentions gated %"]  # fmt: skip
 
 
 def dilution_rows(compare: dict) -> list[list[str]]:
@@ -93,6 +93,7 @@ def dilution_rows(compare: dict) -> list[list[str]]:
             return pct(d[key][field]) if key in d else "-"
 
         rows.append([name, cell("plain:0"), cell("plain:100"), cell("plain:1000"), cell("chat:1000"),
+                     pct(d.get("plain:1000", {}).get("padding_gate_rate")),
                      cell("plain:1000", "accuracy_base_correct"), pct(d.get("mentions_gate_rate"))])  # fmt: skip
     return rows
 
@@ -338,7 +339,8 @@ def _dilution_lines(results: dict) -> list[str]:
     p, chat = d["plain:1000"], d.get("chat:1000") or {}
     return lines + [
         f"dilution: after 1,000 benign tokens the gate opens on {pct(p['gate_rate'])}% of forget questions "
-        f"({pct(d['plain:0']['gate_rate'])}% with none; chat form {pct(chat.get('gate_rate'))}%), forget accuracy on "
+        f"({pct(d['plain:0']['gate_rate'])}% with none; chat form {pct(chat.get('gate_rate'))}%; the paddings alone "
+        f"{pct(p.get('padding_gate_rate'))}%), forget accuracy on "
         f"its base-correct subset {pct(p['accuracy_base_correct'])}% (n={p['n_base_correct']}); benign text "
         f"mentioning a security term gated {pct(d.get('mentions_gate_rate'))}%"
     ]

@@ -8,6 +8,8 @@ its recall as k grows, and must not open on long benign documents that merely me
     dilute(q, filler, k, tok)           the question with k tokens of benign text before its stem
     dilute(q, filler, k, tok, chat=True) the same inside the chat template's user turn, k/2 tokens before and
                                          k/2 after the question; the answer is scored as the assistant's reply
+    padding_alone(filler, k, tok, chat)  the padding without the question: a gate that opens on it is not
+                                         recalling the question, it is a false positive on benign text
     mention_texts(docs, terms)          benign documents with one security term dropped in mid-text
 
 Likelihood scoring reads the answer right after the stem, so in plain form the padding can only come before it;
@@ -104,28 +106,64 @@ def dilution_batch_size(batch_size: int, intervention=None) -> int:
     return max(1, batch_size // 2 if prefix_causal(as_intervention(intervention)) else batch_size // 4)
 
 
+PADDINGS = 4  # different benign paddings; question i takes padding i % PADDINGS
+
+
+def paddings(tokenizer, benign: Sequence[str], k: int, n: int = PADDINGS) -> list[list[int]]:
+    """`n` benign paddings of `k` tokens, each starting at another text of `benign` (a single padding would make
+    every padded question's gate hinge on that one text)."""
+    step = max(1, len(benign) // n)
+    texts = list(benign)
+    return [filler_ids(tokenizer, texts[j * step :] + texts[: j * step], k) for j in range(n)]
+
+
+def padding_alone(filler: list[int], k: int, tokenizer, chat: bool = False) -> str:
+    """The padding of `dilute(q, filler, k, tokenizer, chat)` without the question: the control that says whether
+    the benign text opens the gate by itself."""
+    if not chat:
+        return tokenizer.decode(filler[:k]).strip()
+    before, after = tokenizer.decode(filler[: k // 2]).strip(), tokenizer.decode(filler[k // 2 : k]).strip()
+    user = "\n\n".join(p for p in (before, after) if p)
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+
+
 def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[str], intervention, progress: bool,
                  batch_size: int = 8) -> dict | None:  # fmt: skip
-    """Per-question results of the diluted forget questions ({"plain:0": {"correct", "correct_norm", "gated"}, ...})
-    and the gate rate on benign documents that mention a security term ("mentions")."""
+    """Per-question results of the diluted forget questions ({"plain:0": {"correct", "correct_norm", "gated"}, ...}),
+    the gate rate on the paddings alone ("padding_gate_rate", k > 0) and on benign documents that mention a
+    security term ("mentions").
+
+    The questions take PADDINGS different benign paddings in turn; each padding's questions are scored together,
+    so that its shared text is prefilled once per batch (eval.mcq)."""
     if not benign or not questions:
         return None
-    filler = filler_ids(tokenizer, benign, max(k for _, k in DILUTIONS))
+    fills = paddings(tokenizer, benign, max(k for _, k in DILUTIONS), min(PADDINGS, len(questions)))
     out: dict = {}
     for form, k in DILUTIONS:
         if form == "chat" and not getattr(tokenizer, "chat_template", None):
             continue
-        qs = [dilute(q, filler, k, tokenizer, chat=form == "chat") for q in questions]
-        res = score_mcq(model, tokenizer, qs, intervention=intervention, batch_size=batch_size, progress=progress,
-                        verify=False)  # fmt: skip
+        chat = form == "chat"
+        res: list = [None] * len(questions)
+        for j, fill in enumerate(fills):
+            idx = list(range(j, len(questions), len(fills)))
+            qs = [dilute(questions[i], fill, k, tokenizer, chat=chat) for i in idx]
+            scored = score_mcq(model, tokenizer, qs, intervention=intervention, batch_size=batch_size,
+                               progress=progress, verify=False)  # fmt: skip
+            for i, r in zip(idx, scored):
+                res[i] = r
         out[f"{form}:{k}"] = {"correct": [r.correct for r in res], "correct_norm": [r.correct_norm for r in res],
                               "gated": [r.gated for r in res]}  # fmt: skip
+        if k:
+            alone = [padding_alone(fill, k, tokenizer, chat) for fill in fills]
+            out[f"{form}:{k}"]["padding_gate_rate"] = gate_rate_on_texts(model, tokenizer, alone, intervention)
     out["mentions"] = gate_rate_on_texts(model, tokenizer, mention_texts(benign[:16]), intervention)
     return out
 
 
 def summarize_dilution(run: dict, base: dict, norm: bool = True) -> dict:
-    """For each dilution: gate recall and accuracy on the questions the base model answers under that dilution."""
+    """For each dilution: gate recall and accuracy on the questions the base model answers under that dilution, and
+    how often the paddings alone open the gate (recall means little where they do)."""
     key = "correct_norm" if norm else "correct"
     out = {}
     for name, r in run.items():
@@ -133,6 +171,7 @@ def summarize_dilution(run: dict, base: dict, norm: bool = True) -> dict:
             continue
         s = summarize_task(r[key], r["gated"], base[name][key])
         out[name] = {"n": s.n, "gate_rate": s.gate_rate, "accuracy": s.accuracy, "n_base_correct": s.n_base_correct,
-                     "accuracy_base_correct": s.accuracy_base_correct}  # fmt: skip
+                     "accuracy_base_correct": s.accuracy_base_correct,
+                     "padding_gate_rate": r.get("padding_gate_rate")}  # fmt: skip
     out["mentions_gate_rate"] = run.get("mentions")
     return out
