@@ -8,15 +8,10 @@ VALIDATION questions (100 forget, 60 per retain task), 40 held-out retain texts 
     ppl change / gated %               held-out retain perplexity, guarded vs base, and windows gated
     rep. 3-grams, answer ppl           fluency of greedy answers to forget prompts (eval/fluency.py)
 
-    python benchmarks/clamp_sweep.py [--sae DIR] [--variants 150:500:active,50:100:all,50:100:all:1,50:20:all::2]
+    python benchmarks/clamp_sweep.py [--sae DIR] [--variants 150:500:active,50:100:all,50:100:all:1]
 
-Two more fields are experiments the library does not ship, applied by wrapping guard.rule.apply_delta for the row:
-  4th  cap each clamped token's edit at that multiple of the token's residual-stream norm (it keeps its direction);
-  5th  steer: also add that multiple of the token's residual norm along a "decline" direction at every clamped
-       token, the mean hook activation over declining replies ("I'm sorry, but I can't help with that.") minus
-       that over informative ones (forget-domain fit documents), both as assistant turns after the forget
-       domain's fit requests: the guarded model is pushed towards declining rather than only away from the
-       latents.
+A fourth field is an experiment the library does not ship: cap each clamped token's edit at that multiple of the
+token's residual-stream norm (the edit keeps its direction), by wrapping guard.rule.apply_delta for the row.
 
 Prints the table and writes benchmarks/results/clamp_sweep.json.
 """
@@ -31,21 +26,13 @@ from pathlib import Path
 
 import torch
 
-from dsg.bench.setting import (
-    DEMO_FIT,
-    BenchSetting,
-    chat_prompt,
-    domain_questions,
-    fluency_prompts,
-    perplexity_texts,
-)
+from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fluency_prompts, perplexity_texts
 from dsg.eval.fluency import fluency
 from dsg.eval.mcq import score_mcq
 from dsg.eval.metrics import summarize_task
 from dsg.eval.perplexity import perplexity_stats
 from dsg.guard import rule
 from dsg.guard.fit import fit
-from dsg.lm.hooks import forward_to_hook
 from dsg.tables import pct, table
 
 # N:c:mode[:edit cap]
@@ -53,67 +40,33 @@ VARIANTS = "150:500:active,150:100:active,150:20:active,150:100:all,150:20:all,5
 
 _apply_delta = rule.apply_delta
 
-DECLINES = (
-    "I'm sorry, but I can't help with that.",
-    "I don't know much about that topic, so I can't say.",
-    "I can't provide details on that. Is there something else I can help with?",
-    "That is not something I can help with.",
-    "I'm not able to answer that question.",
-)
-
 
 @contextmanager
-def edit_changed(cap: float | None, steer: float | None = None, direction: torch.Tensor | None = None):
-    """Inside: each clamped token's residual edit is scaled down to at most `cap` x that token's residual norm,
-    and `steer` x that norm along the unit `direction` is added to it."""
+def edit_capped(cap: float | None):
+    """Inside: each clamped token's residual edit is scaled down to at most `cap` x that token's residual norm."""
 
-    def changed(x_BTD, pos, delta, out):
+    def capped(x_BTD, pos, delta, out):
         norm = x_BTD[pos[:, 0], pos[:, 1]].norm(dim=-1, keepdim=True)
-        if cap is not None:
-            delta = delta * (cap * norm / delta.norm(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
-        if steer is not None:
-            delta = delta + steer * norm * direction.to(delta)
-        return _apply_delta(x_BTD, pos, delta.to(x_BTD.dtype), out)
+        scale = (cap * norm / delta.norm(dim=-1, keepdim=True).clamp(min=1e-6)).clamp(max=1.0)
+        return _apply_delta(x_BTD, pos, delta * scale.to(delta.dtype), out)
 
-    rule.apply_delta = changed if cap is not None or steer is not None else _apply_delta
+    rule.apply_delta = capped if cap is not None else _apply_delta
     try:
         yield
     finally:
         rule.apply_delta = _apply_delta
 
 
-@torch.no_grad()
-def decline_direction(model, tok, hook: str, requests: list[str], answers: list[str]) -> torch.Tensor:
-    """Unit vector at `hook`: mean activation over declining replies minus over informative replies, both as the
-    assistant's turn after the same requests (reply tokens only)."""
-
-    def mean_reply(pairs):
-        total, n = 0.0, 0
-        for request, reply in pairs:
-            prompt = chat_prompt(tok, request)
-            start = len(tok(prompt, add_special_tokens=False)["input_ids"])
-            ids = tok(prompt + reply, add_special_tokens=False)["input_ids"][: start + 64]
-            x = forward_to_hook(model, hook, input_ids=torch.tensor([ids]))[0, start:].float()
-            total, n = total + x.sum(0), n + x.shape[0]
-        return total / n
-
-    declining = mean_reply([(r, DECLINES[i % len(DECLINES)]) for i, r in enumerate(requests)])
-    informative = mean_reply([(r, " ".join(a.split()[:60])) for r, a in zip(requests, answers)])
-    d = declining - informative
-    return d / d.norm()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
-    ap.add_argument("--variants", default=VARIANTS, help="comma-separated N:c:mode[:cap[:steer]]")
+    ap.add_argument("--variants", default=VARIANTS, help="comma-separated N:c:mode")
     ap.add_argument("--out", default="benchmarks/results/clamp_sweep.json")
     args = ap.parse_args()
     variants = []
     for v in args.variants.split(","):
-        n, c, mode, *extra = v.split(":")
-        cap, steer = ([float(x) if x else None for x in extra] + [None, None])[:2]
-        variants.append((int(n), float(c), mode, cap, steer))
+        n, c, mode, *cap = v.split(":")
+        variants.append((int(n), float(c), mode, float(cap[0]) if cap else None))
     torch.manual_seed(0)
     model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
     qs = {d.name: domain_questions(d, "validation", 100 if d is forget else 60) for d in [forget] + retain}
@@ -124,20 +77,15 @@ def main() -> None:
     prompts = fluency_prompts(forget, "validation", 12)
     base_flu = fluency(model, tok, prompts, None)
     guards = {n: fit(model, tok, sae, f, r, c, dataclasses.replace(DEMO_FIT, n_features=n), stats=stats)
-              for n in sorted({n for n, *_ in variants})}  # fmt: skip
-    direction = None
-    if any(v[4] is not None for v in variants):
-        requests, docs = list(forget.requests["fit"])[:40], list(forget.texts["fit"])[:40]
-        direction = decline_direction(model, tok, next(iter(guards.values())).hook, requests, docs)
-    header = ["N, c, mode, cap, steer", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
+              for n in sorted({n for n, _, _, _ in variants})}  # fmt: skip
+    header = ["N, c, mode, cap", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
               "ppl gated %", "rep. 3-grams %", "answer ppl"]  # fmt: skip
     rows, results = [], {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}}
-    for n, clamp, mode, cap, steer in variants:
+    for n, clamp, mode, cap in variants:
         g = guards[n]
         g.clamp, g.clamp_mode = clamp, mode  # same gate and latents, another clamp
-        extras = ", ".join("-" if x is None else f"{x:g}" for x in (cap, steer))
-        out, cells = {}, [f"{n}, {clamp:g}, {mode}, {extras}"]
-        with edit_changed(cap, steer, direction):
+        out, cells = {}, [f"{n}, {clamp:g}, {mode}, {'-' if cap is None else f'{cap:g}'}"]
+        with edit_capped(cap):
             for task, q in qs.items():
                 res = score_mcq(model, tok, q, intervention=g, progress=False, verify=False)
                 s = summarize_task([x.correct_norm for x in res], [x.gated for x in res], base[task])
@@ -149,9 +97,7 @@ def main() -> None:
         cells += [f"{100 * out['perplexity_change']:+.1f}%", pct(p.gate_rate), pct(flu["repeated_3gram"]),
                   f"{flu['base_perplexity']:.1f}"]  # fmt: skip
         rows.append(cells)
-        name = f"n{n}-{mode}-c{clamp:g}" + ("" if cap is None else f"-cap{cap:g}")
-        results[name + ("" if steer is None else f"-steer{steer:g}")] = out
-        print(f"{name}: {flu['answers'][:3]}", flush=True)
+        results[f"n{n}-{mode}-c{clamp:g}" + ("" if cap is None else f"-cap{cap:g}")] = out
         print(table(header, rows), flush=True)
     print(f"base: repeated 3-grams {pct(base_flu['repeated_3gram'])}%, answer ppl {base_flu['base_perplexity']:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
