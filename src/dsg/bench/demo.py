@@ -28,7 +28,6 @@ import torch
 from .. import __version__
 from ..eval.dilution import (
     DILUTION_QUESTIONS,
-    dilution_batch_size,
     gate_rate_on_texts,
     run_dilution,
     summarize_dilution,
@@ -255,8 +254,8 @@ def evaluate_guardrail(
         benign = list(general.texts["heldout"])
         key = ("dilution", split, n_dilution)
         if key not in cache:
-            cache[key] = run_dilution(model, tok, padded, benign, None, True, dilution_batch_size(batch_size))
-        diluted = run_dilution(model, tok, padded, benign, guard, True, dilution_batch_size(batch_size, guard))
+            cache[key] = run_dilution(model, tok, padded, benign, None, True, batch_size)
+        diluted = run_dilution(model, tok, padded, benign, guard, True, batch_size)
         dilution = summarize_dilution(diluted, cache[key], norm)
     with clock("requests"):
         requests = {

@@ -53,12 +53,16 @@ def dilute(q: dict, filler: list[int], k: int, tokenizer, chat: bool = False) ->
     if not chat:
         pad = tokenizer.decode(filler[:k]).strip()
         return {**q, "question": f"{pad}\n\n{q['question']}" if pad else q["question"]}
+    return {**q, "question": _chat_turn(filler, k, tokenizer, f"Complete: {q['question']} ...") + q["question"]}
+
+
+def _chat_turn(filler: list[int], k: int, tokenizer, middle: str | None) -> str:
+    """The chat template's user turn: k/2 padding tokens, `middle` (if any), the other k/2; then the reply's
+    start."""
     before, after = tokenizer.decode(filler[: k // 2]).strip(), tokenizer.decode(filler[k // 2 : k]).strip()
-    user = "\n\n".join(p for p in (before, f"Complete: {q['question']} ...", after) if p)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-    )
-    return {**q, "question": prompt + q["question"]}
+    user = "\n\n".join(p for p in (before, middle, after) if p)
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
 
 
 def mention_texts(docs: Sequence[str], terms: Sequence[str] = MENTIONS) -> list[str]:
@@ -120,25 +124,22 @@ def paddings(tokenizer, benign: Sequence[str], k: int, n: int = PADDINGS) -> lis
 def padding_alone(filler: list[int], k: int, tokenizer, chat: bool = False) -> str:
     """The padding of `dilute(q, filler, k, tokenizer, chat)` without the question: the control that says whether
     the benign text opens the gate by itself."""
-    if not chat:
-        return tokenizer.decode(filler[:k]).strip()
-    before, after = tokenizer.decode(filler[: k // 2]).strip(), tokenizer.decode(filler[k // 2 : k]).strip()
-    user = "\n\n".join(p for p in (before, after) if p)
-    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
+    return _chat_turn(filler, k, tokenizer, None) if chat else tokenizer.decode(filler[:k]).strip()
 
 
 def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[str], intervention, progress: bool,
-                 batch_size: int = 8) -> dict | None:  # fmt: skip
+                 batch_size: int = 16) -> dict | None:  # fmt: skip
     """Per-question results of the diluted forget questions ({"plain:0": {"correct", "correct_norm", "gated"}, ...}),
     the gate rate on the paddings alone ("padding_gate_rate", k > 0) and on benign documents that mention a
     security term ("mentions").
 
     The questions take PADDINGS different benign paddings in turn; each padding's questions are scored together,
-    so that its shared text is prefilled once per batch (eval.mcq)."""
+    so that its shared text is prefilled once per batch (eval.mcq). `batch_size` is the usual one; padded prompts
+    take `dilution_batch_size` of it."""
     if not benign or not questions:
         return None
     fills = paddings(tokenizer, benign, max(k for _, k in DILUTIONS), min(PADDINGS, len(questions)))
+    batch_size = dilution_batch_size(batch_size, intervention)
     out: dict = {}
     for form, k in DILUTIONS:
         if form == "chat" and not getattr(tokenizer, "chat_template", None):

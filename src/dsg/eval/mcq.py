@@ -213,16 +213,7 @@ SHARED_PREFIX_MIN = 32  # tokens: shorter common prefixes are prefilled with eac
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """The number of leading tokens all of `seqs` share."""
-    if not seqs:
-        return 0
-    n = min(len(s) for s in seqs)
-    first = seqs[0]
-    for s in seqs[1:]:
-        k = 0
-        while k < n and s[k] == first[k]:
-            k += 1
-        n = k
-    return n
+    return len(os.path.commonprefix([list(x) for x in seqs])) if seqs else 0
 
 
 def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: bool, keep: dict, cache_name: str):
@@ -230,13 +221,11 @@ def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: b
 
     Prompts that share a long prefix (padded questions: the same benign text before each) have it prefilled once
     and its KV cache and gate state forked to every row, which then continues with its own tokens, left-padded
-    after the prefix. Allowed only where the intervention is prefix-causal (`share`: a whole-input gate judges
-    each prompt as one piece) and the model is attention only, with the prompts inside any sliding window (the
-    padding in mid-sequence would take window slots). Each row keeps at least one token of its own, so its last
-    logits come from its own forward."""
+    after the prefix. Allowed only where the caller says so (`share`: a prefix-causal intervention, since a
+    whole-input gate judges each prompt as one piece, on an attention-only model with the prompts inside any
+    sliding window, which mid-sequence padding would take slots of). Each row keeps at least one token of its
+    own, so its last logits come from its own forward."""
     device = model_device(model)
-    attention_only, window = _attention_layout(model)
-    share = share and attention_only and (window is None or max(len(p) for p in prompts) <= window)
     P = common_prefix_length(prompts) if share and len(prompts) > 1 else 0
     P = min(P, min(len(p) for p in prompts) - 1)
     if P < SHARED_PREFIX_MIN:
@@ -308,11 +297,13 @@ def _repeated_choices(model, cache, mask, pairs, cands, pad_id, session, decisio
     return (lp_PL * cmask).sum(1).tolist()
 
 
-def _grouped_choices(model, cache, mask, pairs, cands, pad_id, session, decisions_BG, cache_name) -> list[float]:
+def _grouped_choices(model, cache, mask, pairs, cands, pad_id, session, decisions_BG, cache_name,
+                     dtype: torch.dtype) -> list[float]:  # fmt: skip
     """The same sums with all of a question's candidates side by side in its own row, over its prompt's cache as
     it is (no copy per candidate): a 4D attention mask lets each candidate's tokens see the prompt and the tokens
     of the same candidate before them, nothing else; positions restart after the prompt for each candidate.
-    Padding queries look at the prompt's last token only (an all-masked row would give NaN)."""
+    Padding queries look at the prompt's last token only (an all-masked row would give NaN). `dtype`: the mask's
+    (`_mask_dtype`)."""
     device, B = mask.device, mask.shape[0]
     segments: list[list[tuple[int, list[int]]]] = [[] for _ in range(B)]
     for p, ((b, _), c) in enumerate(zip(pairs, cands)):
@@ -336,7 +327,6 @@ def _grouped_choices(model, cache, mask, pairs, cands, pad_id, session, decision
     past = mask.bool()[:, None, :] & real[:, :, None]  # [B, L, K]
     past[:, :, -1] |= ~real  # padding queries
     allowed = torch.cat([past, own], 2)[:, None]  # [B, 1, L, K + L]
-    dtype = _mask_dtype(model, allowed.shape[-1])
     if dtype != torch.bool:
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     if decisions_BG is not None:
@@ -368,7 +358,8 @@ def _loglikelihoods(
     if batch_size < 1:
         raise DSGError(f"batch_size must be at least 1, got {batch_size}.")
     keep, cache_name = _keeps_last_logits(model), _cache_name(model)
-    share = prefix_causal(intervention)
+    attention_only, window = _attention_layout(model)
+    share = prefix_causal(intervention) and attention_only
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i))
     scores: list[list[float]] = [[0.0] * len(r.candidates) for r in requests]
     gated: list[bool | None] = [None] * len(requests)
@@ -379,7 +370,8 @@ def _loglikelihoods(
             prompts = [requests[i].prompt for i in rows]
             applied = intervention.applied(model, verify=False) if intervention is not None else nullcontext()
             with applied as session:
-                out, mask = _prefill(model, prompts, pad_id, session, share, keep, cache_name)
+                inside = window is None or max(len(p) for p in prompts) <= window
+                out, mask = _prefill(model, prompts, pad_id, session, share and inside, keep, cache_name)
                 decisions_BG = session.decisions() if session is not None else None
                 if decisions_BG is not None:
                     for b, i in enumerate(rows):
@@ -393,10 +385,12 @@ def _loglikelihoods(
                 if not pairs:
                     continue
                 cands = [requests[rows[b]].candidates[k] for b, k in pairs]
-                longest = mask.shape[1] + sum(len(c) for c in cands)
-                score = _grouped_choices if _mask_dtype(model, longest) is not None else _repeated_choices
-                sums = score(model, getattr(out, cache_name), mask, pairs, cands, pad_id, session, decisions_BG,
-                             cache_name)  # fmt: skip
+                row = [0] * len(rows)  # the tokens side by side in each question's row
+                for (b, _), c in zip(pairs, cands):
+                    row[b] += len(c) - 1
+                dtype = _mask_dtype(model, mask.shape[1] + max(row))
+                args = (model, getattr(out, cache_name), mask, pairs, cands, pad_id, session, decisions_BG, cache_name)
+                sums = _grouped_choices(*args, dtype) if dtype is not None else _repeated_choices(*args)
             for (b, k), s in zip(pairs, sums):
                 scores[rows[b]][k] += s
             del out

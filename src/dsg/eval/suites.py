@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from ..registry import Registry
 from ..runtime.generation import generate
-from .dilution import dilution_batch_size, run_dilution
+from .dilution import run_dilution
 from .mcq import score_mcq
 from .perplexity import perplexity_stats
 
@@ -112,7 +112,7 @@ class Dilution(Suite):
     def run(bench, split, intervention, progress) -> dict | None:
         questions = bench.questions[split][bench.forget_task][:24]  # a prompt of 1,000 tokens is slow on a CPU
         return run_dilution(bench.model, bench.tokenizer, questions, bench.perplexity_texts, intervention, progress,
-                            batch_size=dilution_batch_size(bench.batch_size, intervention))  # fmt: skip
+                            batch_size=bench.batch_size)  # fmt: skip
 
 
 def run_suites(bench, split: str, intervention, progress: bool, only: list[str] | None = None) -> dict:
