@@ -62,7 +62,7 @@ def test_a_static_guardrail_is_not_diluted_and_a_summary_reads_each_padding(tiny
     assert run_dilution(model, tok, qs, [], static, progress=False) is None  # no benign text: nothing to pad with
 
 
-def _padded_setting(model, tok, window):
+def _padded_setting(model, tok, window, hold=None):
     """Padded questions (the same benign text before stems of different lengths) and a guardrail whose threshold
     lies between the prompts' two lowest gate statistics, so some prompts are gated and some not."""
     filler = filler_ids(tok, RETAIN_TEXTS, 60)
@@ -71,7 +71,8 @@ def _padded_setting(model, tok, window):
                  tok) for i, s in enumerate(stems)]  # fmt: skip
     sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.15)
     seqs = [tok(q["question"])["input_ids"] for q in qs]
-    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.05, 1), clamp=4.0, window=window)
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.05, 1), clamp=4.0, window=window,
+                          hold=hold)  # fmt: skip
     values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
     guard.threshold = (values[0] + values[1]) / 2
     return qs, guard
@@ -85,11 +86,11 @@ def _forward_shapes(model):
     return shapes, handle
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
-def test_padded_questions_prefill_their_shared_prefix_once_with_the_same_scores_and_gates(fixture, request,
+@pytest.mark.parametrize("fixture,hold", [("tiny_llama", None), ("tiny_gpt2", None), ("tiny_llama", 6)])
+def test_padded_questions_prefill_their_shared_prefix_once_with_the_same_scores_and_gates(fixture, hold, request,
                                                                                           monkeypatch):  # fmt: skip
     model, tok = request.getfixturevalue(fixture)
-    qs, guard = _padded_setting(model, tok, window=12)
+    qs, guard = _padded_setting(model, tok, window=12, hold=hold)
     for intervention in (None, guard):
         shapes, handle = _forward_shapes(model)
         try:

@@ -263,3 +263,27 @@ def test_a_windowed_gate_is_calibrated_on_the_largest_window_share_and_saved(fit
     assert (peaks >= plain.tensors["calibration_rho"].double().numpy() - 1e-6).all()  # a window's share >= the whole's
     guard.save(tmp_path / "g")
     assert dsg.Guardrail.load(tmp_path / "g").window == 12 and "window" not in plain.to_json()
+
+
+def test_a_held_open_gate_is_fitted_saved_and_checked(fitted, tmp_path):
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    model, tok, sae, _ = fitted
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, gate_window=12,
+                           gate_percentile=50, gate_hold=16)  # fmt: skip
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+    assert guard.hold == 16 and "open for 16 tokens" in guard.gate_rule()
+    guard.save(tmp_path / "g")
+    assert dsg.Guardrail.load(tmp_path / "g").hold == 16
+    path = tmp_path / "g" / "guardrail.json"
+    meta = json.loads(path.read_text())
+    meta["hold"] = 0  # re-hashed, so only the field check can catch it
+    meta[HASH_FIELD] = content_sha256(meta, read_safetensors(tmp_path / "g" / "guardrail.safetensors"))
+    path.write_text(json.dumps(meta))
+    with pytest.raises(dsg.DSGError, match="'hold' must be a positive integer"):
+        dsg.Guardrail.load(tmp_path / "g")
+    with pytest.raises(dsg.DSGError, match="gate_hold"):
+        dsg.FitConfig(gate_hold=16)  # a hold needs a window
+    with pytest.raises(dsg.DSGError, match="'window' must be set"):
+        dsg.Guardrail(sae, features=[0], threshold=0.5, hold=4)

@@ -43,7 +43,8 @@ def setting(tiny_llama):
         _, a, e = detector.flags(acts[i][None], real)
         peaks.append(float(rule.window_gate(a, real, None, 0.0, 4, e)[1].peak[0]))
     detector.threshold = float(sorted(peaks)[len(peaks) // 2])
-    guards = {"paper": paper, "window": window, "static": static, "detector": detector}
+    held = dsg.Guardrail(sae, paper.hook, paper.features, detector.threshold, window=4, detector=weights, hold=3)
+    guards = {"paper": paper, "window": window, "static": static, "detector": detector, "held": held}
     return guards, seqs, acts, prompts, special_token_ids(model)
 
 
@@ -101,8 +102,10 @@ def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, pre
 
 
 @pytest.mark.parametrize(
-    "kind,chunk", [("paper", None), ("window", None), ("window", 3), ("static", 2), ("detector", None), ("detector", 3)]
-)
+    "kind,chunk",
+    [("paper", None), ("window", None), ("window", 3), ("static", 2), ("detector", None), ("detector", 3),
+     ("held", None), ("held", 3)],
+)  # fmt: skip
 @pytest.mark.parametrize("seed", [0, 1])
 def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, chunk, seed):
     guards, seqs, acts, prompts, specials = setting
@@ -121,7 +124,7 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
     if kind != "static":
         decided = {e["request_id"] for e in events if e["event"] == "prompt"}
         assert decided == {str(r) for r in range(len(seqs))}
-    if kind in ("paper", "detector"):
+    if kind in ("paper", "detector", "held"):
         on = {e["request_id"] for e in events if e["gated"]}
         assert 0 < len(on) < len(seqs)  # some requests gated, some not: the gates are per request
 

@@ -159,13 +159,17 @@ def test_running_gate_latches_during_generation():
     assert gates == [False, False, True, True, True, True, True]
 
 
-@pytest.mark.parametrize("arch,window", [("llama", None), ("gpt2", None), ("llama", 3), ("gpt2", 3)])
-def test_cached_generation_equals_no_cache_reference(arch, window):
+@pytest.mark.parametrize(
+    "arch,window,hold", [("llama", None, None), ("gpt2", None, None), ("llama", 3, None), ("gpt2", 3, None),
+                         ("llama", 3, 2)]
+)  # fmt: skip
+def test_cached_generation_equals_no_cache_reference(arch, window, hold):
     model = tiny_model(arch, layers=3)
     sae = tiny_sae()
     seqs = [random_ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate([6, 9, 4, 9, 7, 5])]
     ids, mask = pad_batch(seqs, pad_id=0, side="left")
-    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=2.0, window=window)
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=2.0, window=window,
+                          hold=hold)  # fmt: skip
     values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
     guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2  # between two prompts' values
     with torch.no_grad():

@@ -104,3 +104,57 @@ def test_a_held_decision_can_start_where_the_prompt_began_to_clamp():
     assert rule.held(a, gated).tolist() == [[True, True, False, True], [False] * 4]
     start = torch.tensor([1, 0])  # a windowed gate opened after the first token of row 0
     assert rule.held(a, gated, start).tolist() == [[False, True, False, True], [False] * 4]
+
+
+def _held_reference(a, real, threshold, w, hold, n_prompt):
+    """The held-open gate as a loop: in the prompt, open within `hold` real tokens of a window over the
+    threshold; from `n_prompt` on (the answer), latched."""
+    clamp, gated = torch.zeros_like(a), []
+    for b in range(a.shape[0]):
+        recent, since, on = [], None, False
+        for t in range(a.shape[1]):
+            opens = False
+            if real[b, t]:
+                recent = (recent + [int(a[b, t])])[-w:]
+                opens = sum(recent) / w > threshold
+                since = 0 if opens else None if since is None else since + 1
+            if t < n_prompt:
+                on = since is not None and since < hold
+            else:
+                on = on or opens
+            clamp[b, t] = bool(a[b, t]) and on
+        gated.append(on)
+    return clamp, torch.tensor(gated)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(4, 40, generator=g) < 0.35
+    real = torch.rand(4, 40, generator=g) < 0.9
+    a = a & real
+    n_prompt = 30
+    want, gated = _held_reference(a, real, 0.5, 4, 3, n_prompt)
+    assert want[:, :n_prompt].any() and not torch.equal(want, _windowed_reference(a, real, 0.5, 4)[0])
+    for chunk in (40, 7, 1):
+        state, parts = None, []
+        for t in range(0, 40, chunk):
+            c, state = rule.window_gate(a[:, t : t + chunk], real[:, t : t + chunk], state, 0.5, 4, None, 3,
+                                        max(0, min(n_prompt - t, chunk)))  # fmt: skip
+            parts.append(c)
+        assert torch.equal(torch.cat(parts, 1), want), chunk
+        assert torch.equal(state.gated, gated), chunk
+
+
+def test_a_held_open_gate_closes_after_a_benign_burst_and_guards_an_answer_begun_open():
+    burst = [False] * 5 + [True] * 4 + [False] * 20
+    a = torch.tensor([burst + burst[:9]])  # a benign stretch the gate misjudges, then a forget question at the end
+    real = torch.ones_like(a)
+    clamp, state = rule.window_gate(a, real, None, 0.5, 5, None, 8, a.shape[1])
+    on = [bool(x) for x in clamp[0]]
+    assert on[7:9] == [True, True] and not any(on[9:29])  # clamped near the first burst only
+    assert state.gated.all()  # open at the prompt's last token: the answer is guarded
+    answer = torch.zeros(1, 30, dtype=torch.bool)
+    answer[0, ::3] = True
+    clamp, state = rule.window_gate(answer, torch.ones_like(answer), state, 0.5, 5, None, 8, 0)
+    assert torch.equal(clamp, answer) and state.gated.all()  # latched through the answer

@@ -59,6 +59,11 @@ class FitConfig:
     """Prefix-causal gate: open (and latch) at the first token where more than the threshold's share of the last
     GATE_WINDOW real tokens is flagged, calibrated on the largest such share per calibration text; benign padding
     cannot dilute it. Default: the paper's whole-input share."""
+    gate_hold: int | None = None
+    """Windowed gate only: inside a prompt, stay open GATE_HOLD real tokens after each window over the threshold
+    instead of latching to the prompt's end, so that a benign document the gate misjudges once is clamped near
+    that stretch, not from there on; an answer is guarded to its end when the gate is open at the prompt's last
+    token or opens during the answer. Default: latch."""
     detector: bool = False
     """Detector gate (needs gate_window): instead of counting tokens where any selected latent fires, the window
     sums a sparse linear score over all SAE latents, fitted by L1 logistic regression on windows of forget text
@@ -102,6 +107,9 @@ class FitConfig:
             raise DSGError(f"gate_window must be at least 1 token, got {self.gate_window}.")
         if self.detector and self.gate_window is None:
             raise DSGError("The detector gate reads windows of tokens: set gate_window (--gate-window) as well.")
+        if self.gate_hold is not None and (self.gate_window is None or self.gate_hold < 1):
+            raise DSGError(f"gate_hold must be a positive number of tokens and needs gate_window (--gate-window), "
+                           f"got {self.gate_hold}.")  # fmt: skip
         if self.detector_c <= 0:
             raise DSGError(f"detector_c must be positive, got {self.detector_c}.")
         if not 0 < self.detector_holdout < 1:
@@ -263,7 +271,7 @@ def fit(
     if config.detector and config.gated:
         detector, detector_info, calib_seqs = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                      detector=detector, name=name)  # fmt: skip
+                      hold=config.gate_hold, detector=detector, name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
     threshold = float(np.percentile(rho.double().numpy(), config.gate_percentile))
     if config.gated and detector is None and threshold >= 1.0:
@@ -286,7 +294,7 @@ def fit(
         **({"detector_fit": detector_info} if detector_info else {}),
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                     detector=detector, name=name, info=info, tensors=tensors)  # fmt: skip
+                     hold=config.gate_hold, detector=detector, name=name, info=info, tensors=tensors)  # fmt: skip
 
 
 def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, held: bool) -> dict:

@@ -36,7 +36,7 @@ FORMAT_VERSION = 2  # 2: guardrail.json carries a content hash
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
-RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated", "window")
+RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated", "window", "hold")
 
 
 class Flags(NamedTuple):
@@ -146,6 +146,7 @@ class Guardrail:
         *,
         window: int | None = None,
         detector: dict[int, int] | None = None,
+        hold: int | None = None,
         name: str | None = None,
         info: dict | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
@@ -155,7 +156,7 @@ class Guardrail:
             raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
         features = [int(j) for j in features]
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
-                   detector is not None)  # fmt: skip
+                   detector is not None, hold)  # fmt: skip
         info = dict(info or {})
         record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
         self._setup(
@@ -173,11 +174,12 @@ class Guardrail:
             tensors,
             window,
             _detector_of(sae, detector, window),
+            hold,
         )
 
     def _setup(
         self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors,
-        window=None, detector=None,
+        window=None, detector=None, hold=None,
     ) -> None:  # fmt: skip
         self.latents = latents
         self.sae_record = sae_record
@@ -190,6 +192,7 @@ class Guardrail:
         self.gated = bool(gated)
         self.window = window  # None: the paper's whole-input gate; w: the prefix-causal windowed gate
         self.detector = detector  # None: the window counts flagged tokens; a Detector: it sums weighted evidence
+        self.hold = hold  # None: the windowed gate latches; h: inside a prompt it stays open h real tokens
         self.name = name
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
@@ -209,14 +212,21 @@ class Guardrail:
             return "static (every input)"
         if self.detector is not None:
             return (f"detector over {len(self.detector)} latents: mean evidence over the last {self.window} tokens "
-                    f"> {self.threshold / SCALE:.4g}, latched")  # fmt: skip
+                    f"> {self.threshold / SCALE:.4g}, {self._opens_how()}")  # fmt: skip
         if self.window is not None:
-            return f"share of flagged tokens over the last {self.window} tokens > {self.threshold:.4g}, latched"
+            return (f"share of flagged tokens over the last {self.window} tokens > {self.threshold:.4g}, "
+                    f"{self._opens_how()}")  # fmt: skip
         return f"whole-input rho > {self.threshold:.4f}"
+
+    def _opens_how(self) -> str:
+        if self.hold is None:
+            return "latched"
+        return f"open for {self.hold} tokens in a prompt, latched in the answer"
 
     def __repr__(self) -> str:
         gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
         gate += f", window={self.window}" if self.window is not None else ""
+        gate += f", hold={self.hold}" if self.hold is not None else ""
         gate += f", detector={len(self.detector)} latents" if self.detector is not None else ""
         return (
             f"Guardrail(hook={self.hook!r}, features={self.features}, {gate}, clamp={self.clamp:g}, "
@@ -245,9 +255,11 @@ class Guardrail:
 
     def gate(self, a_BT, real_BT, n_prompt: int, state, evidence_BT=None):
         """Which tokens to clamp [B, T] and the new gate state (see rule.gate; with a window, rule.window_gate,
-        which treats prompt and generated tokens alike and, with a detector, sums `evidence_BT`)."""
+        which with a detector sums `evidence_BT` and with `hold` tells the first `n_prompt` positions, held open,
+        from generated ones, latched)."""
         if self.gated and self.window is not None:
-            return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window, evidence_BT)
+            return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window, evidence_BT, self.hold,
+                                    n_prompt)  # fmt: skip
         return rule.gate(a_BT, real_BT, n_prompt, state, self.threshold if self.gated else None)
 
     def delta(self, f_BTS: torch.Tensor, clamp_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,6 +307,7 @@ class Guardrail:
             "clamp_mode": self.clamp_mode,
             "gated": self.gated,
             **({"window": self.window} if self.window is not None else {}),
+            **({"hold": self.hold} if self.hold is not None else {}),
             **({"detector": {"latents": len(self.detector), "scale": SCALE}} if self.detector is not None else {}),
             **{k: v for k, v in self.info.items() if k != "sae"},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
@@ -379,6 +392,7 @@ class Guardrail:
             stats,
             meta.get("window"),
             detector,
+            meta.get("hold"),
         )
         guard.content_sha256 = meta[HASH_FIELD]  # verified above
         if model is not None:

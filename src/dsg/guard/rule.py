@@ -16,6 +16,8 @@ latched decision):
   * each later (generated) position extends the running counts, and the gate latches: once on, it stays on. A
     token is clamped iff it is flagged and the gate is on at that token. Only a real token can move the gate.
 A decision held fixed from elsewhere (several continuations scored under one prompt's decision) uses `held`.
+The windowed gate (`window_gate`) judges the last w real tokens at each token instead, so the decision at a token
+depends only on the tokens up to it; it latches, or (`hold`) stays open a fixed number of tokens inside a prompt.
 """
 
 from __future__ import annotations
@@ -115,19 +117,24 @@ def apply_delta(x_BTD: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor, out
 # ---- the windowed, prefix-causal gate ---------------------------------------------------------------------------
 
 
+NEVER = 2**40  # WindowState.quiet of a sequence whose gate never opened: more real tokens than any context
+
+
 class WindowState(NamedTuple):
-    """Per-sequence state of the windowed gate: the flags of the last (up to) w real tokens, and the latch."""
+    """Per-sequence state of the windowed gate: the flags of the last (up to) w real tokens, the decision, the
+    largest window score so far and how long ago a window last went over the threshold."""
 
     recent: torch.Tensor  # [B, w] long, flags of the most recent real tokens, right-aligned
     count: torch.Tensor  # [B] long, how many of them are real (<= w)
-    gated: torch.Tensor  # [B] bool, latched decision
+    gated: torch.Tensor  # [B] bool, the gate after the last token (latched, or held open: see window_gate)
     peak: torch.Tensor  # [B] float, the largest window share seen so far
+    quiet: torch.Tensor  # [B] long, real tokens since the last window over the threshold (NEVER: none yet)
 
     @classmethod
     def start(cls, batch: int, window: int, device=None) -> WindowState:
         long = torch.zeros(batch, window, dtype=torch.long, device=device)
         return cls(long, long[:, 0].clone(), torch.zeros(batch, dtype=torch.bool, device=device),
-                   torch.zeros(batch, device=device))  # fmt: skip
+                   torch.zeros(batch, device=device), torch.full((batch,), NEVER, device=device))  # fmt: skip
 
 
 def window_gate(
@@ -137,6 +144,8 @@ def window_gate(
     threshold: float,
     window: int,
     evidence_BT: torch.Tensor | None = None,
+    hold: int | None = None,
+    n_prompt: int | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """The prefix-causal gate: at each real token, the share of flagged tokens among the last `window` real tokens
     (a sequence's start counts as unflagged, so a few flagged tokens in a short input do not make a full window);
@@ -147,7 +156,13 @@ def window_gate(
     cannot dilute it.
 
     With `evidence_BT` (integers per token, the detector gate: guard/detector.py) the window sums that evidence
-    instead of the flags; the clamp still falls on flagged tokens once the gate is open."""
+    instead of the flags; the clamp still falls on flagged tokens once the gate is open.
+
+    With `hold` (h real tokens) the gate does not latch inside a prompt: it is open at the token whose window goes
+    over the threshold and the next h - 1 real tokens, and each such window opens it again. A benign document
+    whose detector evidence spikes once is then clamped near the spike, not from there to its end. Generated
+    tokens (positions from `n_prompt` on; None: every position is a prompt's) latch as before: a prompt whose gate
+    is open at its last token gets a guarded answer to its end, and an answer that opens the gate stays guarded."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
@@ -163,7 +178,11 @@ def window_gate(
     share = (cum_flags - outside).float() / w
     share = torch.where(valid, share, torch.zeros_like(share))[:, w:]  # [B, T]
     opens = real_BT.bool() & (share > threshold)
-    on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
+    quiet = state.quiet
+    if hold is None:
+        on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
+    else:
+        on, quiet = _held_open(opens, real_BT, state, hold, T if n_prompt is None else min(n_prompt, T))
     clamp_BT = a_BT & on
     # the new window: the last w real flags, right-aligned
     total = cum_real[:, -1:]
@@ -174,4 +193,21 @@ def window_gate(
     recent[rows[keep], (w - 1 - rank)[keep]] = flags[keep]
     peak = torch.maximum(state.peak, share.max(1).values) if T else state.peak
     gated = on[:, -1] if T else state.gated
-    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak)
+    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet)
+
+
+def _held_open(opens_BT, real_BT, state: WindowState, hold: int, n_prompt: int):
+    """(on [B, T], new quiet [B]) for window_gate's `hold`: prompt positions are open within `hold` real tokens of
+    the last opening (the state's `quiet` carries one from earlier chunks); generated positions latch."""
+    B, T = opens_BT.shape
+    if not T:
+        return state.gated[:, None], state.quiet
+    seen = real_BT.long().cumsum(1)  # real tokens so far in this chunk
+    last = torch.where(opens_BT, seen, -state.quiet[:, None]).cummax(1).values  # `seen` at the latest opening
+    since = seen - last
+    on = since < hold
+    if n_prompt < T:
+        before = on[:, n_prompt - 1] if n_prompt else state.gated
+        on[:, n_prompt:] = before[:, None] | (opens_BT[:, n_prompt:].long().cummax(1).values > 0)
+    quiet = torch.where(on[:, -1] & (n_prompt < T), torch.zeros_like(since[:, -1]), since[:, -1])
+    return on, quiet

@@ -8,7 +8,8 @@ id. The rule is guard/rule.py's, the same as the HuggingFace runtime's:
 
   * the paper's gate judges a prompt whole, so a request's prompt must arrive in one step (no chunked prefill,
     no prefix-cache hit); a chunk that starts or ends inside a prompt is refused (`ChunkRefused`);
-  * the windowed gate (`Guardrail(window=w)`) is prefix-causal, so prompts may arrive in chunks;
+  * the windowed gate (`Guardrail(window=w)`, held open or latched: `hold`) is prefix-causal, so prompts may
+    arrive in chunks;
   * a static guardrail clamps every flagged token;
   * tokens past the prompt extend the running state and can latch the gate, as in `rule.gate`;
   * a request seen again from position 0 (recomputed after preemption) starts afresh.

@@ -11,7 +11,9 @@ generator) says where the prompt ends inside a full-sequence forward. `session.h
 decisions for the following forwards instead (scoring several continuations under one prompt's decision).
 `session.fork(rows)` repeats the gate state of the latest forward's rows for the following continuation: a prefix
 shared by several prompts is prefilled once and each prompt's own tokens continue it (exact for a prefix-causal
-gate, see runtime.intervention.prefix_causal).
+gate, see runtime.intervention.prefix_causal); that continuation is judged as the rest of the prompt.
+`session.clamped` says which inputs had any token clamped (a gate held open for a while can close again before
+an input ends, so an input can be clamped yet not `gated`).
 
 Guardrails on the same hook point judge the same (unedited) activations and their deltas add up, so each keeps
 its own gate. Tokens that are not clamped are returned bit-for-bit.
@@ -52,6 +54,7 @@ class Attachment:
     _held: torch.Tensor | None = None  # [B, G] decisions held fixed (see hold)
     _held_from: torch.Tensor | None = None  # [B, G] positions from which held rows are clamped (see hold)
     _first_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B] first clamped position
+    _clamped_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B] any token clamped
     _fork: Callable[[torch.Tensor], None] | None = None  # set by the attachment: forks its per-thread gate states
 
     @property
@@ -70,6 +73,17 @@ class Attachment:
         if any(g is None for g in self._gated_by):
             return None
         return torch.stack(self._gated_by, 1)
+
+    @property
+    def clamped(self) -> torch.Tensor | None:
+        """[B] bool: inputs of the latest prompt forward in which any guardrail clamped a token. With a gate that
+        holds open for a while instead of latching, an input can be clamped mid-way yet not `gated` at its end."""
+        if len(self._clamped_by) != len(self.guardrails):
+            return None
+        out = self._clamped_by[0].clone()
+        for i in range(1, len(self.guardrails)):
+            out |= self._clamped_by[i]
+        return out
 
     def first_clamped(self) -> torch.Tensor | None:
         """[B, G] long: each guardrail's first clamped position in the latest prompt forward (its length when
@@ -90,7 +104,7 @@ class Attachment:
         pick = [g for g in self._gated_by if g is not None]
         rows = rows.to(pick[0].device) if pick else rows
         self._gated_by = [None if g is None else g[rows] for g in self._gated_by]
-        self._first_by = {}
+        self._first_by, self._clamped_by = {}, {}
         if self._fork is not None:
             self._fork(rows)
 
@@ -104,6 +118,7 @@ class _Forward:
 
     def clear(self) -> None:
         self.seen, self.continuation, self.ids, self.mask, self.shape = False, False, None, None, None
+        self.prompt_piece = False  # a continuation that holds the rest of a forked prompt (Attachment.fork)
 
     def on_inputs(self, inputs: dict) -> None:
         # transformers 5.24 renamed the forward's cache argument from past_key_values to cache
@@ -152,11 +167,19 @@ class _Attached:
         return self.local.states
 
     def fork(self, rows: torch.Tensor) -> None:
-        """This thread's gate states, rows `rows` repeated (see Attachment.fork)."""
+        """This thread's gate states, rows `rows` repeated (see Attachment.fork); the next forward continues the
+        prompt (its tokens are the rest of each row's prompt, not generated ones)."""
         states = self.states
         for i, st in enumerate(states):
             if st is not None:
                 states[i] = type(st)(*(t[rows.to(t.device)] for t in st))
+        self.local.prompt_next = True
+
+    def begin(self, inputs: dict) -> None:
+        """A forward starts in this thread: read its inputs, and whether it continues a forked prompt."""
+        self.forward.on_inputs(inputs)
+        self.forward.prompt_piece = getattr(self.local, "prompt_next", False)
+        self.local.prompt_next = False
 
     def apply(self, name: str, x_BTD: torch.Tensor) -> torch.Tensor | None:
         """The guardrails at hook `name` all judge x and add up their deltas: the edited activations, or None when
@@ -165,7 +188,10 @@ class _Attached:
         B, T = x_BTD.shape[:2]
         session, forward = self.session, self.forward
         real = forward.real(B, T, x_BTD.device)
-        n_prompt = 0 if forward.continuation else T if session.prompt_length is None else min(session.prompt_length, T)
+        if forward.prompt_piece or not forward.continuation:
+            n_prompt = T if session.prompt_length is None else min(session.prompt_length, T)
+        else:
+            n_prompt = 0
         for i in self.by_hook[name]:
             g = self.guardrails[i]
             if x_BTD.shape[-1] != g.d_in:
@@ -189,6 +215,7 @@ class _Attached:
                 if not forward.continuation:
                     first = clamp_BT.long().argmax(1)
                     session._first_by[i] = torch.where(clamp_BT.any(1), first, torch.full_like(first, T))
+                    session._clamped_by[i] = clamp_BT.any(1)
             if clamp_BT.any():
                 out = rule.apply_delta(x_BTD, *g.delta(f, clamp_BT), out)
         return out
@@ -215,7 +242,7 @@ class _ModelHooks:
             if args:
                 inputs.setdefault("input_ids", args[0])
             for att in attached:
-                att.forward.on_inputs(inputs)
+                att.begin(inputs)
 
     def add(self, point: HookPoint) -> None:
         if point.name not in self.points:
