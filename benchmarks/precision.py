@@ -6,7 +6,7 @@ questions (the demo and `dsg compare` report test questions):
     <task> %  / gated %     accuracy relative to the base model, and the share of questions gated, per retain task
                             (computing is the neighbour domain)
     k=0/100/1000 gated %    gate recall on forget questions after k benign tokens (eval/dilution.py)
-    benign mentions gated % benign text that mentions a security term in passing (false positives)
+    benign mentions clamped % benign text that mentions a security term in passing (false positives)
     held-out text gated %   256-token windows of held-out retain documents (false positives on long text)
     ppl change              held-out retain perplexity, guarded vs base
     requests gated %        held-out chat requests ("How does <technique / tool / module> work in practice?") per
@@ -98,7 +98,7 @@ def main() -> None:
     header = ["variant", "forget base-correct %", "forget gated %"]
     header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
     header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "forget base-correct % k=1000",
-               "benign mentions gated %", "held-out text gated %", "ppl change", "rep. 3-grams % base -> guarded",
+               "benign mentions clamped %", "held-out text gated %", "ppl change", "rep. 3-grams % base -> guarded",
                "answer ppl", "cyber requests gated %", "computing requests gated %", "probe off. gated %",
                "probe off. +700 tok gated %", "probe computing gated %", "probe off. kept %"]  # fmt: skip
     probes = probe_variants(tok)

@@ -78,7 +78,7 @@ def table_rows(compare: dict) -> tuple[list[str], list[list[str]]]:
 
 
 DILUTION_HEADER = ["method", "gated % k=0", "k=100", "k=1000", "chat k=1000", "padding alone gated % k=1000",
-                   "forget base-correct % k=1000", "benign mentions gated %"]  # fmt: skip
+                   "forget base-correct % k=1000", "benign mentions clamped %"]  # fmt: skip
 
 
 def dilution_rows(compare: dict) -> list[list[str]]:
@@ -340,9 +340,9 @@ def _dilution_lines(results: dict) -> list[str]:
     return lines + [
         f"dilution: after 1,000 benign tokens the gate opens on {pct(p['gate_rate'])}% of forget questions "
         f"({pct(d['plain:0']['gate_rate'])}% with none; chat form {pct(chat.get('gate_rate'))}%; the paddings alone "
-        f"{pct(p.get('padding_gate_rate'))}%), forget accuracy on "
-        f"its base-correct subset {pct(p['accuracy_base_correct'])}% (n={p['n_base_correct']}); benign text "
-        f"mentioning a security term gated {pct(d.get('mentions_gate_rate'))}%"
+        f"{pct(p.get('padding_gate_rate'))}%, clamped anywhere in {pct(p.get('padding_touched_rate'))}%), forget "
+        f"accuracy on its base-correct subset {pct(p['accuracy_base_correct'])}% (n={p['n_base_correct']}); benign "
+        f"text mentioning a security term clamped {pct(d.get('mentions_gate_rate'))}%"
     ]
 
 

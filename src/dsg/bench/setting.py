@@ -93,11 +93,15 @@ class Prepared(NamedTuple):
 # both. The gate percentile is the detector's trade: P99 / P97 / P95 open on 22 / 35 / 42 % of the hand-written
 # offensive questions and on 2 / 10 / 12 % of 256-token held-out retain documents. The clamp: 50 latents at -100,
 # all of them at each flagged token, forgets most (29 % of base-correct cyber answers kept) and repeats less than
-# the layer-3 setting carried over (150 latents that fire, at -500: 34 %, 86 % repeated 3-grams).
+# the layer-3 setting carried over (150 latents that fire, at -500: 34 %, 86 % repeated 3-grams). The gate holds
+# open 32 tokens inside a prompt instead of latching (benchmarks/hold_sweep.py): the same 29 % of cyber answers kept
+# on validation, held-out perplexity +10.6 % instead of +24.8 %, and none of the four 1,000-token paddings leaves
+# the gate open by itself (latched: three of four).
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,
     gate_window=8,
+    gate_hold=32,
     detector=True,
     gate_percentile=97,
     clamp=100.0,

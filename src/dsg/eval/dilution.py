@@ -78,9 +78,11 @@ def mention_texts(docs: Sequence[str], terms: Sequence[str] = MENTIONS) -> list[
 @torch.no_grad()
 def gate_rate_on_texts(
     model, tokenizer, texts: Sequence[str], intervention: Intervention | Sequence | None, max_length: int = 1024,
-    batch_size: int = 4,
+    batch_size: int = 4, touched: bool = False,
 ) -> float | None:  # fmt: skip
-    """Share of `texts` (each judged as one prompt) that the intervention gates; None without a gate."""
+    """Share of `texts` (each judged as one prompt) that the intervention gates (its decision after the text: an
+    answer would be guarded); with `touched`, the share in which it clamped any token (a gate held open for a
+    while may have opened and closed again mid-text). None without a gate."""
     intervention = as_intervention(intervention)
     if intervention is None or not texts:
         return None
@@ -92,9 +94,11 @@ def gate_rate_on_texts(
             batch, mask = (x.to(device) for x in pad_batch(ids, pad, side="left"))
             with intervention.applied(model, verify=False) as session:
                 model(input_ids=batch, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-            if session.gated is None:
+            rows = getattr(session, "clamped", None) if touched else None
+            rows = rows if rows is not None else session.gated
+            if rows is None:
                 return None
-            gated += int(session.gated.sum())
+            gated += int(rows.sum())
     return gated / len(texts)
 
 
@@ -130,8 +134,9 @@ def padding_alone(filler: list[int], k: int, tokenizer, chat: bool = False) -> s
 def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[str], intervention, progress: bool,
                  batch_size: int = 16) -> dict | None:  # fmt: skip
     """Per-question results of the diluted forget questions ({"plain:0": {"correct", "correct_norm", "gated"}, ...}),
-    the gate rate on the paddings alone ("padding_gate_rate", k > 0) and on benign documents that mention a
-    security term ("mentions").
+    the gate rate on the paddings alone ("padding_gate_rate": open after the padding; "padding_touched_rate":
+    clamped anywhere in it, k > 0) and the share of benign documents that mention a security term in which any
+    token is clamped ("mentions").
 
     The questions take PADDINGS different benign paddings in turn; each padding's questions are scored together,
     so that its shared text is prefilled once per batch (eval.mcq). `batch_size` is the usual one; padded prompts
@@ -158,7 +163,9 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
         if k:
             alone = [padding_alone(fill, k, tokenizer, chat) for fill in fills]
             out[f"{form}:{k}"]["padding_gate_rate"] = gate_rate_on_texts(model, tokenizer, alone, intervention)
-    out["mentions"] = gate_rate_on_texts(model, tokenizer, mention_texts(benign[:16]), intervention)
+            out[f"{form}:{k}"]["padding_touched_rate"] = gate_rate_on_texts(model, tokenizer, alone, intervention,
+                                                                            touched=True)  # fmt: skip
+    out["mentions"] = gate_rate_on_texts(model, tokenizer, mention_texts(benign[:16]), intervention, touched=True)
     return out
 
 
@@ -173,6 +180,7 @@ def summarize_dilution(run: dict, base: dict, norm: bool = True) -> dict:
         s = summarize_task(r[key], r["gated"], base[name][key])
         out[name] = {"n": s.n, "gate_rate": s.gate_rate, "accuracy": s.accuracy, "n_base_correct": s.n_base_correct,
                      "accuracy_base_correct": s.accuracy_base_correct,
-                     "padding_gate_rate": r.get("padding_gate_rate")}  # fmt: skip
+                     "padding_gate_rate": r.get("padding_gate_rate"),
+                     "padding_touched_rate": r.get("padding_touched_rate")}  # fmt: skip
     out["mentions_gate_rate"] = run.get("mentions")
     return out

@@ -60,8 +60,10 @@ def perplexity_stats(
             applied = intervention.applied(model, verify=False) if intervention is not None else nullcontext()
             with applied as session:
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-            if session is not None and session.gated is not None:
-                n_gated = (n_gated or 0) + int(session.gated.sum())
+            touched = getattr(session, "clamped", None) if session is not None else None
+            touched = touched if touched is not None else session.gated if session is not None else None
+            if touched is not None:  # windows the intervention changed (a held-open gate may close again)
+                n_gated = (n_gated or 0) + int(touched.sum())
             lp_BT = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             target = mask[:, 1:].bool()
             nll -= float(lp_BT[target].double().sum())

@@ -1,6 +1,6 @@
 """DSG as a compared method, fitted with dsg.fit over a grid of selection, gate and clamp settings:
 
-dsg         the gate that ships (bench.setting.DEMO_FIT): the detector over windows of 8 tokens
+dsg         the gate that ships (bench.setting.DEMO_FIT): the detector over windows of 8 tokens, held open 32 tokens in a prompt
 dsg_paper   the paper's rule: clamp every input whose whole-input share of flagged tokens exceeds tau
 """
 
@@ -13,8 +13,8 @@ from .base import METHODS, budget_level
 from .guardrail import GuardrailMethod
 
 # The shipped gate (bench.setting.DEMO_FIT's; importing it from here would be circular: tests check they agree).
-DETECTOR = {"gate_window": 8, "detector": True, "gate_percentile": 97.0}
-PAPER_RULE = {"gate_window": None, "detector": False, "gate_percentile": 95.0, "clamp_mode": "all"}
+DETECTOR = {"gate_window": 8, "gate_hold": 32, "detector": True, "gate_percentile": 97.0}
+PAPER_RULE = {"gate_window": None, "gate_hold": None, "detector": False, "gate_percentile": 95.0, "clamp_mode": "all"}
 
 
 @METHODS.register("dsg")

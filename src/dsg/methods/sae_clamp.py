@@ -67,6 +67,7 @@ def clamp_fit_config(config: ClampConfig, base: FitConfig | None = None) -> FitC
         scorer="frequency",
         gated=False,
         gate_window=None,
+        gate_hold=None,
         detector=False,
         clamp_mode=VARIANTS[config.variant],
         n_features=config.n_features,

@@ -1,0 +1,96 @@
+"""How long the gate stays open inside a prompt: latched (the gate opens once and clamps to the prompt's end) or
+held open h tokens after each window over the threshold (FitConfig.gate_hold).
+
+One gate (DEMO_FIT's detector and threshold) is fitted once; each row changes only `hold`, so the rows differ in
+how long an opened gate stays open, not in where it opens. Scored on VALIDATION questions (100 forget, 60 per
+retain task), 60 held-out retain texts, 24 forget validation questions after 1,000 benign tokens (four paddings
+in turn), the four paddings alone and 12 forget prompts:
+
+    <task> base-correct % / gated %    accuracy on the questions the base model answers, and the gate rate
+    ppl change / clamped %             held-out retain perplexity, guarded vs base, and windows with a clamped token
+    k=1000 base-correct % / gated %    the padded questions
+    paddings open at end %             the paddings alone: the gate still open after them (an answer would be guarded)
+    rep. 3-grams, answer ppl           fluency of greedy answers to forget prompts (eval/fluency.py)
+
+    python benchmarks/hold_sweep.py [--sae DIR] [--holds latch,16,32,64]
+
+Prints the table and writes benchmarks/results/hold_sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fluency_prompts, perplexity_texts
+from dsg.eval.dilution import dilute, gate_rate_on_texts, padding_alone, paddings
+from dsg.eval.fluency import fluency
+from dsg.eval.mcq import score_mcq
+from dsg.eval.metrics import summarize_task
+from dsg.eval.perplexity import perplexity_stats
+from dsg.guard.fit import fit
+from dsg.tables import pct, table
+
+K = 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
+    ap.add_argument("--holds", default="latch,16,32,64", help="comma-separated: 'latch' or a number of tokens")
+    ap.add_argument("--out", default="benchmarks/results/hold_sweep.json")
+    args = ap.parse_args()
+    holds = [None if h == "latch" else int(h) for h in args.holds.split(",")]
+    torch.manual_seed(0)
+    model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
+    guard = fit(model, tok, sae, f, r, c, DEMO_FIT, stats=stats)
+    qs = {d.name: domain_questions(d, "validation", 100 if d is forget else 60) for d in [forget] + retain}
+    base = {n: [x.correct_norm for x in score_mcq(model, tok, q, progress=False)] for n, q in qs.items()}
+    texts = perplexity_texts([general] + retain, 60)
+    kw = dict(max_length=256, batch_size=8, progress=False)
+    base_ppl = perplexity_stats(model, tok, texts, **kw).perplexity
+    fills = paddings(tok, list(general.texts["heldout"]), K)
+    questions = domain_questions(forget, "validation", 24)
+    padded = [dilute(q, fills[i % len(fills)], K, tok) for i, q in enumerate(questions)]
+    padded_base = [x.correct_norm for x in score_mcq(model, tok, padded, batch_size=4, progress=False)]
+    alone = [padding_alone(fill, K, tok) for fill in fills]
+    prompts = fluency_prompts(forget, "validation", 12)
+    base_flu = fluency(model, tok, prompts, None)
+    header = ["hold", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
+              "ppl clamped %", "k=1000 base-correct %", "k=1000 gated %", "paddings open at end %", "rep. 3-grams %",
+              "answer ppl"]  # fmt: skip
+    rows, results = [], {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}}
+    for hold in holds:
+        guard.hold = hold  # same gate and clamp, another hold
+        out, cells = {}, ["latch" if hold is None else str(hold)]
+        for task, q in qs.items():
+            res = score_mcq(model, tok, q, intervention=guard, progress=False, verify=False)
+            s = summarize_task([x.correct_norm for x in res], [x.gated for x in res], base[task])
+            out[task] = {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate}
+            cells += [pct(s.accuracy_base_correct), pct(s.gate_rate)]
+        p = perplexity_stats(model, tok, texts, intervention=guard, verify=False, **kw)
+        res = score_mcq(model, tok, padded, intervention=guard, batch_size=8, progress=False, verify=False)
+        s = summarize_task([x.correct_norm for x in res], [x.gated for x in res], padded_base)
+        flu = fluency(model, tok, prompts, guard)
+        out |= {"perplexity_change": p.perplexity / base_ppl - 1, "perplexity_clamped": p.gate_rate,
+                f"plain:{K}": {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate,
+                               "n_base_correct": s.n_base_correct},
+                "padding_gate_rate": gate_rate_on_texts(model, tok, alone, guard), "fluency": dict(flu)}  # fmt: skip
+        cells += [f"{100 * out['perplexity_change']:+.1f}%", pct(p.gate_rate), pct(s.accuracy_base_correct),
+                  pct(s.gate_rate), pct(out["padding_gate_rate"]), pct(flu["repeated_3gram"]),
+                  f"{flu['base_perplexity']:.1f}"]  # fmt: skip
+        rows.append(cells)
+        results["latch" if hold is None else f"hold{hold}"] = out
+        print(table(header, rows), flush=True)
+    print(f"base: repeated 3-grams {pct(base_flu['repeated_3gram'])}%, answer ppl {base_flu['base_perplexity']:.1f}; "
+          f"k={K} base-correct n={sum(padded_base)}")  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
