@@ -29,7 +29,7 @@ import torch
 from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fluency_prompts, perplexity_texts
 from dsg.eval.fluency import fluency
 from dsg.eval.mcq import score_mcq
-from dsg.eval.metrics import summarize_task
+from dsg.eval.metrics import summarize_results
 from dsg.eval.perplexity import perplexity_stats
 from dsg.guard import rule
 from dsg.guard.fit import fit
@@ -88,7 +88,7 @@ def main() -> None:
         with edit_capped(cap):
             for task, q in qs.items():
                 res = score_mcq(model, tok, q, intervention=g, progress=False, verify=False)
-                s = summarize_task([x.correct_norm for x in res], [x.gated for x in res], base[task])
+                s = summarize_results(res, base[task])
                 out[task] = {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate}
                 cells += [pct(s.accuracy_base_correct), pct(s.gate_rate)]
             p = perplexity_stats(model, tok, texts, intervention=g, verify=False, **kw)

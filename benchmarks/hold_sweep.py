@@ -29,7 +29,7 @@ from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fluency_
 from dsg.eval.dilution import dilute, gate_rate_on_texts, padding_alone, paddings
 from dsg.eval.fluency import fluency
 from dsg.eval.mcq import score_mcq
-from dsg.eval.metrics import summarize_task
+from dsg.eval.metrics import summarize_results
 from dsg.eval.perplexity import perplexity_stats
 from dsg.guard.fit import fit
 from dsg.tables import pct, table
@@ -68,12 +68,12 @@ def main() -> None:
         out, cells = {}, ["latch" if hold is None else str(hold)]
         for task, q in qs.items():
             res = score_mcq(model, tok, q, intervention=guard, progress=False, verify=False)
-            s = summarize_task([x.correct_norm for x in res], [x.gated for x in res], base[task])
+            s = summarize_results(res, base[task])
             out[task] = {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate}
             cells += [pct(s.accuracy_base_correct), pct(s.gate_rate)]
         p = perplexity_stats(model, tok, texts, intervention=guard, verify=False, **kw)
         res = score_mcq(model, tok, padded, intervention=guard, batch_size=8, progress=False, verify=False)
-        s = summarize_task([x.correct_norm for x in res], [x.gated for x in res], padded_base)
+        s = summarize_results(res, padded_base)
         flu = fluency(model, tok, prompts, guard)
         out |= {"perplexity_change": p.perplexity / base_ppl - 1, "perplexity_clamped": p.gate_rate,
                 f"plain:{K}": {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate,

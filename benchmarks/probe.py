@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dsg.bench.setting import chat_prompt
 from dsg.eval.mcq import read_questions, score_mcq
-from dsg.eval.metrics import summarize_task
+from dsg.eval.metrics import summarize_results
 from dsg.guard.guardrail import Guardrail
 from dsg.lm.models import load_model
 from dsg.tables import pct, table
@@ -47,7 +47,7 @@ def evaluate(model, tokenizer, guard, questions: dict[str, list[dict]], base: di
     out = {}
     for name, qs in questions.items():
         res = score_mcq(model, tokenizer, qs, intervention=guard, progress=False)
-        s = summarize_task([r.correct_norm for r in res], [r.gated for r in res], base[name])
+        s = summarize_results(res, base[name])
         out[name] = {"n": s.n, "gate_rate": s.gate_rate, "n_base_correct": s.n_base_correct,
                      "accuracy_base_correct": s.accuracy_base_correct, "accuracy": s.accuracy}  # fmt: skip
     return out

@@ -55,16 +55,24 @@ def test_apply_delta_touches_only_the_clamped_positions():
     assert torch.equal(out[mask], x[mask]) and out is not x
 
 
-def _windowed_reference(a, real, threshold, w):
-    """The windowed gate written as a loop over tokens: the definition the vectorised rule must equal."""
+def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0):
+    """The windowed gate written as a loop over tokens: the definition the vectorised rule must equal. Latched;
+    or, with `hold`, open within `hold` real tokens of a window over the threshold at positions before
+    `n_prompt` (the prompt) and latched from there on (the answer)."""
     clamp, gated, peaks = torch.zeros_like(a), [], []
     for b in range(a.shape[0]):
-        recent, on, peak = [], False, 0.0
+        recent, on, peak, since = [], False, 0.0, None
         for t in range(a.shape[1]):
+            opens = False
             if real[b, t]:
                 recent = (recent + [int(a[b, t])])[-w:]
                 share = sum(recent) / w
-                peak, on = max(peak, share), on or share > threshold
+                peak, opens = max(peak, share), share > threshold
+                since = 0 if opens else None if since is None else since + 1
+            if hold is not None and t < n_prompt:
+                on = since is not None and since < hold
+            else:
+                on = on or opens
             clamp[b, t] = bool(a[b, t]) and on
         gated.append(on)
         peaks.append(peak)
@@ -106,27 +114,6 @@ def test_a_held_decision_can_start_where_the_prompt_began_to_clamp():
     assert rule.held(a, gated, start).tolist() == [[False, True, False, True], [False] * 4]
 
 
-def _held_reference(a, real, threshold, w, hold, n_prompt):
-    """The held-open gate as a loop: in the prompt, open within `hold` real tokens of a window over the
-    threshold; from `n_prompt` on (the answer), latched."""
-    clamp, gated = torch.zeros_like(a), []
-    for b in range(a.shape[0]):
-        recent, since, on = [], None, False
-        for t in range(a.shape[1]):
-            opens = False
-            if real[b, t]:
-                recent = (recent + [int(a[b, t])])[-w:]
-                opens = sum(recent) / w > threshold
-                since = 0 if opens else None if since is None else since + 1
-            if t < n_prompt:
-                on = since is not None and since < hold
-            else:
-                on = on or opens
-            clamp[b, t] = bool(a[b, t]) and on
-        gated.append(on)
-    return clamp, torch.tensor(gated)
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed):
     g = torch.Generator().manual_seed(seed)
@@ -134,7 +121,7 @@ def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(
     real = torch.rand(4, 40, generator=g) < 0.9
     a = a & real
     n_prompt = 30
-    want, gated = _held_reference(a, real, 0.5, 4, 3, n_prompt)
+    want, gated, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt)
     assert want[:, :n_prompt].any() and not torch.equal(want, _windowed_reference(a, real, 0.5, 4)[0])
     for chunk in (40, 7, 1):
         state, parts = None, []

@@ -34,7 +34,7 @@ from ..eval.dilution import (
 )
 from ..eval.fluency import fluency
 from ..eval.mcq import score_mcq
-from ..eval.metrics import summarize_task
+from ..eval.metrics import summarize_results
 from ..eval.perplexity import perplexity_stats
 from ..files import atomic_directory, check_output_dir, read_json, write_json, write_json_atomic
 from ..guard.fit import FitConfig, fit
@@ -124,10 +124,7 @@ def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict,
         cache[key] = score_mcq(model, tok, questions, batch_size=batch_size, progress=True)
     base = cache[key]
     guarded = score_mcq(model, tok, questions, intervention=guard, batch_size=batch_size, progress=True, verify=False)
-    field = "correct_norm" if norm else "correct"
-    s = summarize_task(
-        [getattr(r, field) for r in guarded], [r.gated for r in guarded], [getattr(r, field) for r in base]
-    )
+    s = summarize_results(guarded, [r.correct_norm if norm else r.correct for r in base], norm=norm)
     return {
         "task": name,
         "n": s.n,

@@ -24,7 +24,7 @@ import torch
 
 from ..lm.models import evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
-from ..runtime.intervention import Intervention, as_intervention, prefix_causal
+from ..runtime.intervention import Intervention, acted_on, as_intervention, prefix_causal
 from .mcq import score_mcq
 from .metrics import summarize_task
 
@@ -94,8 +94,7 @@ def gate_rate_on_texts(
             batch, mask = (x.to(device) for x in pad_batch(ids, pad, side="left"))
             with intervention.applied(model, verify=False) as session:
                 model(input_ids=batch, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-            rows = getattr(session, "clamped", None) if touched else None
-            rows = rows if rows is not None else session.gated
+            rows = acted_on(session) if touched else session.gated
             if rows is None:
                 return None
             gated += int(rows.sum())

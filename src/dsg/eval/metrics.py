@@ -96,3 +96,12 @@ def summarize_task(correct: Sequence[bool], gated: Sequence[bool | None], base_c
         share(gated, everything),
         share(gated, subset),
     )
+
+
+def summarize_results(
+    results: Sequence[QuestionResult], base_correct: Sequence[bool], *, norm: bool = True
+) -> TaskSummary:
+    """summarize_task of scored questions (eval.mcq): their correctness (length-normalised unless `norm` is
+    False) and gate decisions, against the base model's correctness on the same questions."""
+    return summarize_task([r.correct_norm if norm else r.correct for r in results], [r.gated for r in results],
+                          base_correct)  # fmt: skip

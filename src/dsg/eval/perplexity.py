@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..errors import DSGError
 from ..lm.models import evaluating, model_device
 from ..lm.text import batches, pad_id_of, position_ids, tokenize
-from ..runtime.intervention import Intervention, as_intervention
+from ..runtime.intervention import Intervention, acted_on, as_intervention
 
 
 class PerplexityResult(NamedTuple):
@@ -60,9 +60,8 @@ def perplexity_stats(
             applied = intervention.applied(model, verify=False) if intervention is not None else nullcontext()
             with applied as session:
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-            touched = getattr(session, "clamped", None) if session is not None else None
-            touched = touched if touched is not None else session.gated if session is not None else None
-            if touched is not None:  # windows the intervention changed (a held-open gate may close again)
+            touched = acted_on(session)  # windows the intervention changed
+            if touched is not None:
                 n_gated = (n_gated or 0) + int(touched.sum())
             lp_BT = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             target = mask[:, 1:].bool()

@@ -44,6 +44,11 @@ from ..lm.text import real_token_mask, special_token_ids
 from .intervention import RUNTIMES
 
 
+def _any_of(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """[B] bool: the rows on in any of the [B] masks (None for none)."""
+    return torch.stack(rows).any(0) if rows else None
+
+
 @dataclass
 class Attachment:
     """What `attach` yields: the gate decisions of the latest forward pass, and generation state."""
@@ -60,13 +65,7 @@ class Attachment:
     @property
     def gated(self) -> torch.Tensor | None:
         """[B] bool: inputs in the latest forward that any attached guardrail gated."""
-        present = [g for g in self._gated_by if g is not None]
-        if not present:
-            return None
-        out = present[0].clone()
-        for g in present[1:]:
-            out |= g
-        return out
+        return _any_of([g for g in self._gated_by if g is not None])
 
     def decisions(self) -> torch.Tensor | None:
         """[B, G] bool: each guardrail's decision for each input of the latest prompt forward."""
@@ -80,10 +79,7 @@ class Attachment:
         holds open for a while instead of latching, an input can be clamped mid-way yet not `gated` at its end."""
         if len(self._clamped_by) != len(self.guardrails):
             return None
-        out = self._clamped_by[0].clone()
-        for i in range(1, len(self.guardrails)):
-            out |= self._clamped_by[i]
-        return out
+        return _any_of(list(self._clamped_by.values()))
 
     def first_clamped(self) -> torch.Tensor | None:
         """[B, G] long: each guardrail's first clamped position in the latest prompt forward (its length when

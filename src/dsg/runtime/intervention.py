@@ -6,6 +6,7 @@ block and yields a `Session`:
     with intervention.applied(model) as session:
         model(...)                       # the intervention acts on every forward inside the block
         session.gated                    # [B] which inputs of the latest forward it chose to act on (None: n/a)
+        session.clamped                  # [B] in which of them it changed any token (None: n/a; see acted_on)
         d = session.decisions()          # [B, G] the decision of each of its G gates (None: it has no gate)
         session.hold(d[rows])            # later forwards (continuations of those rows) keep those decisions
         session.fork(rows)               # later forwards continue rows `rows` of the latest one (a shared prefix)
@@ -38,6 +39,9 @@ class Session(Protocol):
     @property
     def gated(self) -> torch.Tensor | None: ...
 
+    @property
+    def clamped(self) -> torch.Tensor | None: ...
+
     def decisions(self) -> torch.Tensor | None: ...
 
     def hold(self, decisions: torch.Tensor | None) -> None: ...
@@ -59,6 +63,7 @@ class Ungated:
     """The session of an intervention that has no gate (a weight edit): it acts on every input."""
 
     gated = None
+    clamped = None
 
     def decisions(self) -> None:
         return None
@@ -131,6 +136,16 @@ def as_intervention(x: Intervention | Sequence | None) -> Intervention | None:
     if not others and len(together) == 1:
         return together[0]
     return Stack(*others, *together)
+
+
+def acted_on(session: Session | None) -> torch.Tensor | None:
+    """[B] the inputs of the latest prompt forward that the intervention changed: those with a clamped token where
+    the session says (a gate held open for a while can close again before an input ends, so an input can be
+    clamped yet not gated at its end), else those it gated. None without a gate."""
+    if session is None:
+        return None
+    rows = getattr(session, "clamped", None)  # a session of another runtime may not say
+    return rows if rows is not None else session.gated
 
 
 def prefix_causal(intervention: Intervention | None) -> bool:
