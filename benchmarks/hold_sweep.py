@@ -1,18 +1,21 @@
 """How long the gate stays open inside a prompt: latched (the gate opens once and clamps to the prompt's end) or
-held open h tokens after each window over the threshold (FitConfig.gate_hold).
+held open h tokens after each window over the threshold (FitConfig.gate_hold), and with a hold, whether a second,
+higher level guards the answer of a prompt that went over it anywhere (FitConfig.gate_latch_percentile).
 
-One gate (DEMO_FIT's detector and threshold) is fitted once; each row changes only `hold`, so the rows differ in
-how long an opened gate stays open, not in where it opens. Scored on VALIDATION questions (100 forget, 60 per
-retain task), 60 held-out retain texts, 24 forget validation questions after 1,000 benign tokens (four paddings
-in turn), the four paddings alone and 12 forget prompts:
+One gate (DEMO_FIT's detector and threshold) is fitted once; each row changes only `hold` and the latch level (a
+percentile of the same calibration statistic the threshold is read from), so the rows differ in how long an
+opened gate stays open, not in where it opens. Scored on VALIDATION questions (100 forget, 60 per retain task),
+60 held-out retain texts, 24 forget validation questions with 1,000 benign tokens before them and the same after
+them (four paddings in turn), the four paddings alone and 12 forget prompts:
 
     <task> base-correct % / gated %    accuracy on the questions the base model answers, and the gate rate
     ppl change / clamped %             held-out retain perplexity, guarded vs base, and windows with a clamped token
-    k=1000 base-correct % / gated %    the padded questions
+    k=1000 base-correct % / gated %    the questions padded before
+    after k=1000 gated %               the questions padded after: the answer is guarded
     paddings open at end %             the paddings alone: the gate still open after them (an answer would be guarded)
     rep. 3-grams, answer ppl           fluency of greedy answers to forget prompts (eval/fluency.py)
 
-    python benchmarks/hold_sweep.py [--sae DIR] [--holds latch,16,32,64]
+    python benchmarks/hold_sweep.py [--sae DIR] [--holds latch,16,32,64] [--latches 99,100]
 
 Prints the table and writes benchmarks/results/hold_sweep.json.
 """
@@ -23,6 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fluency_prompts, perplexity_texts
@@ -41,9 +45,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
     ap.add_argument("--holds", default="latch,16,32,64", help="comma-separated: 'latch' or a number of tokens")
+    ap.add_argument("--latches", default="99,100", help="comma-separated latch percentiles, each a row with hold 32")
     ap.add_argument("--out", default="benchmarks/results/hold_sweep.json")
     args = ap.parse_args()
-    holds = [None if h == "latch" else int(h) for h in args.holds.split(",")]
+    rows_of = [(None if h == "latch" else int(h), None) for h in args.holds.split(",")]
+    rows_of += [(32, float(p)) for p in args.latches.split(",") if p]
     torch.manual_seed(0)
     model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
     guard = fit(model, tok, sae, f, r, c, DEMO_FIT, stats=stats)
@@ -56,16 +62,20 @@ def main() -> None:
     questions = domain_questions(forget, "validation", 24)
     padded = [dilute(q, fills[i % len(fills)], K, tok) for i, q in enumerate(questions)]
     padded_base = [x.correct_norm for x in score_mcq(model, tok, padded, batch_size=4, progress=False)]
+    after = [dilute(q, fills[i % len(fills)], K, tok, "after") for i, q in enumerate(questions)]
+    calibration = guard.tensors["calibration_rho"].double().numpy()
     alone = [padding_alone(fill, K, tok) for fill in fills]
     prompts = fluency_prompts(forget, "validation", 12)
     base_flu = fluency(model, tok, prompts, None)
     header = ["hold", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
-              "ppl clamped %", "k=1000 base-correct %", "k=1000 gated %", "paddings open at end %", "rep. 3-grams %",
-              "answer ppl"]  # fmt: skip
+              "ppl clamped %", "k=1000 base-correct %", "k=1000 gated %", "after k=1000 gated %",
+              "paddings open at end %", "rep. 3-grams %", "answer ppl"]  # fmt: skip
     rows, results = [], {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}}
-    for hold in holds:
-        guard.hold = hold  # same gate and clamp, another hold
-        out, cells = {}, ["latch" if hold is None else str(hold)]
+    for hold, latch in rows_of:
+        guard.hold = hold  # same gate and clamp, another hold and latch level
+        guard.latch = None if latch is None else float(np.percentile(calibration, latch))
+        name = "latch" if hold is None else f"hold{hold}" + ("" if latch is None else f"+P{latch:g}")
+        out, cells = {"latch_level": guard.latch}, [name]
         for task, q in qs.items():
             res = score_mcq(model, tok, q, intervention=guard, progress=False, verify=False)
             s = summarize_results(res, base[task])
@@ -74,16 +84,19 @@ def main() -> None:
         p = perplexity_stats(model, tok, texts, intervention=guard, verify=False, **kw)
         res = score_mcq(model, tok, padded, intervention=guard, batch_size=8, progress=False, verify=False)
         s = summarize_results(res, padded_base)
+        guarded_after = [x.gated for x in score_mcq(model, tok, after, intervention=guard, batch_size=4,
+                                                    progress=False, verify=False)]  # fmt: skip
         flu = fluency(model, tok, prompts, guard)
         out |= {"perplexity_change": p.perplexity / base_ppl - 1, "perplexity_clamped": p.gate_rate,
                 f"plain:{K}": {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate,
                                "n_base_correct": s.n_base_correct},
+                f"after:{K}": {"gate_rate": sum(guarded_after) / len(guarded_after)},
                 "padding_gate_rate": gate_rate_on_texts(model, tok, alone, guard), "fluency": dict(flu)}  # fmt: skip
         cells += [f"{100 * out['perplexity_change']:+.1f}%", pct(p.gate_rate), pct(s.accuracy_base_correct),
-                  pct(s.gate_rate), pct(out["padding_gate_rate"]), pct(flu["repeated_3gram"]),
-                  f"{flu['base_perplexity']:.1f}"]  # fmt: skip
+                  pct(s.gate_rate), pct(out[f"after:{K}"]["gate_rate"]), pct(out["padding_gate_rate"]),
+                  pct(flu["repeated_3gram"]), f"{flu['base_perplexity']:.1f}"]  # fmt: skip
         rows.append(cells)
-        results["latch" if hold is None else f"hold{hold}"] = out
+        results[name] = out
         print(table(header, rows), flush=True)
     print(f"base: repeated 3-grams {pct(base_flu['repeated_3gram'])}%, answer ppl {base_flu['base_perplexity']:.1f}; "
           f"k={K} base-correct n={sum(padded_base)}")  # fmt: skip

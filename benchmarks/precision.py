@@ -61,7 +61,7 @@ def row(name: str, ev: dict) -> tuple[list[str], dict]:
         cells += [pct(rel), pct(t["gate_rate"])]
         out[f"{t['task']}_relative"], out[f"{t['task']}_gate"] = rel, t["gate_rate"]
     d = ev["dilution"]
-    for key in ("plain:0", "plain:100", "plain:1000"):
+    for key in ("plain:0", "plain:100", "plain:1000", "after:1000"):
         cells.append(pct(d[key]["gate_rate"]) if key in d else "-")
         out[f"gate_{key}"] = d.get(key, {}).get("gate_rate")
     out["forget_base_correct_k1000"] = d.get("plain:1000", {}).get("accuracy_base_correct")
@@ -97,7 +97,7 @@ def main() -> None:
     model, tok, sae, forget, retain, general, forget_texts, retain_texts, calibration, stats = setting
     header = ["variant", "forget base-correct %", "forget gated %"]
     header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
-    header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "forget base-correct % k=1000",
+    header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "after k=1000 gated %", "forget base-correct % k=1000",
                "benign mentions clamped %", "held-out text gated %", "ppl change", "rep. 3-grams % base -> guarded",
                "answer ppl", "cyber requests gated %", "computing requests gated %", "probe off. gated %",
                "probe off. +700 tok gated %", "probe computing gated %", "probe off. kept %"]  # fmt: skip

@@ -22,8 +22,9 @@ def test_demo_quick_writes_results_that_show_forgetting(demo):
     assert forget["task"] == "cyber" and forget["n"] > 0
     assert {t["task"] for t in results["retain"]} == {"geography", "chemistry", "computing"}
     padded = results["dilution"]
-    assert {"plain:0", "plain:100", "plain:1000", "chat:1000"} <= set(padded) and padded["plain:1000"]["n"] == 8
-    assert all(0 <= padded[k]["gate_rate"] <= 1 for k in ("plain:0", "plain:1000", "chat:1000"))
+    assert {"plain:0", "plain:100", "plain:1000", "after:1000", "chat:1000"} <= set(padded)
+    assert padded["plain:1000"]["n"] == padded["after:1000"]["n"] == 8
+    assert all(0 <= padded[k]["gate_rate"] <= 1 for k in ("plain:0", "plain:1000", "after:1000", "chat:1000"))
     # the guardrail must do something and be selective: it gates forget questions far more often than retain ones
     assert forget["guarded_accuracy"] < forget["base_accuracy"]
     assert forget["gate_rate"] > max(t["gate_rate"] for t in results["retain"])
@@ -53,7 +54,7 @@ def _meets(name: str, value: float) -> bool:
         return value <= TARGETS["forget_base_correct_accuracy_max"]
     if name == "forget_gate_rate":
         return value >= TARGETS["forget_gate_rate_min"]
-    if name == "dilution_gate_rate":
+    if name in ("dilution_gate_rate", "dilution_after_gate_rate"):
         return value >= TARGETS["dilution_gate_rate_min"]
     if name == "dilution_forget_base_correct_accuracy":
         return value <= TARGETS["dilution_forget_base_correct_accuracy_max"]

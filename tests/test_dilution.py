@@ -38,8 +38,15 @@ def test_padding_puts_k_benign_tokens_before_the_stem_and_around_it_in_chat(tiny
     assert plain["question"].endswith("\n\n" + q["question"]) and plain["choices"] == q["choices"]
     assert abs(len(tok(plain["question"].split("\n\n")[0], add_special_tokens=False)["input_ids"]) - 60) <= 3
     assert dilute(q, filler, 0, tok)["question"] == q["question"]
-    chat = dilute(q, filler, 60, tok, chat=True)
+    after = dilute(q, filler, 60, tok, "after")
+    assert (
+        after["question"].startswith(q["question"] + "\n\n")
+        and after["question"].split("\n\n", 1)[1] in plain["question"]
+    )  # the same padding, after the stem: the answer is read past it
+    chat = dilute(q, filler, 60, tok, "chat")
     assert chat["question"].endswith(q["question"]) and "assistant" in chat["question"]  # the answer is the reply
+    with pytest.raises(ValueError, match="form"):
+        dilute(q, filler, 60, tok, "sideways")
     mentioned = mention_texts(["One. Two. Three. Four."], ["Injected term."])
     assert mentioned == ["One. Two. Injected term. Three. Four."]
 
@@ -154,8 +161,8 @@ def test_questions_take_different_paddings_in_turn_and_the_paddings_alone_are_ju
     fills = paddings(tok, RETAIN_TEXTS, 40, 3)
     assert len(fills) == 3 and len({tuple(f) for f in fills}) == 3 and all(len(f) == 40 for f in fills)
     q = _questions(1)[0]
-    for chat in (False, True):
-        alone, padded = padding_alone(fills[1], 40, tok, chat), dilute(q, fills[1], 40, tok, chat=chat)["question"]
+    for form in ("plain", "after", "chat"):
+        alone, padded = padding_alone(fills[1], 40, tok, form), dilute(q, fills[1], 40, tok, form)["question"]
         assert q["question"] not in alone and alone.split("\n\n")[0] in padded
     shapes, handle = _forward_shapes(model)
     try:

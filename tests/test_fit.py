@@ -285,5 +285,33 @@ def test_a_held_open_gate_is_fitted_saved_and_checked(fitted, tmp_path):
         dsg.Guardrail.load(tmp_path / "g")
     with pytest.raises(dsg.DSGError, match="gate_hold"):
         dsg.FitConfig(gate_hold=16)  # a hold needs a window
+
+
+def test_a_latch_level_is_calibrated_above_the_threshold_saved_and_checked(fitted, tmp_path):
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    model, tok, sae, _ = fitted
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, gate_window=12,
+                           gate_percentile=50, gate_hold=16, gate_latch_percentile=90)  # fmt: skip
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+    rho = guard.tensors["calibration_rho"].double().numpy()
+    assert guard.latch == pytest.approx(float(np.percentile(rho, 90))) and guard.latch > guard.threshold
+    assert "anywhere in the prompt guards the answer" in guard.gate_rule()
+    guard.save(tmp_path / "g")
+    assert dsg.Guardrail.load(tmp_path / "g").latch == guard.latch
+    path = tmp_path / "g" / "guardrail.json"
+    meta = json.loads(path.read_text())
+    meta["latch"] = guard.threshold / 2  # below the threshold, re-hashed: only the field check can catch it
+    meta[HASH_FIELD] = content_sha256(meta, read_safetensors(tmp_path / "g" / "guardrail.safetensors"))
+    path.write_text(json.dumps(meta))
+    with pytest.raises(dsg.DSGError, match="'latch'.*must lie above 'threshold'"):
+        dsg.Guardrail.load(tmp_path / "g")
+    with pytest.raises(dsg.DSGError, match="gate_latch_percentile"):
+        dsg.FitConfig(gate_window=8, gate_latch_percentile=99)  # a latch needs a hold
+    with pytest.raises(dsg.DSGError, match="gate_latch_percentile"):
+        dsg.FitConfig(gate_window=8, gate_hold=4, gate_percentile=97, gate_latch_percentile=95)  # below the gate
+    with pytest.raises(dsg.DSGError, match="'hold' must be set"):
+        dsg.Guardrail(sae, features=[0], threshold=0.5, window=4, latch=0.7)
     with pytest.raises(dsg.DSGError, match="'window' must be set"):
         dsg.Guardrail(sae, features=[0], threshold=0.5, hold=4)

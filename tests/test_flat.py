@@ -44,7 +44,19 @@ def setting(tiny_llama):
         peaks.append(float(rule.window_gate(a, real, None, 0.0, 4, e)[1].peak[0]))
     detector.threshold = float(sorted(peaks)[len(peaks) // 2])
     held = dsg.Guardrail(sae, paper.hook, paper.features, detector.threshold, window=4, detector=weights, hold=3)
-    guards = {"paper": paper, "window": window, "static": static, "detector": detector, "held": held}
+    closed = []  # prompt peaks of the prompts the held gate opened and closed again before their end
+    for i, s in enumerate(seqs):
+        real = real_token_mask(torch.tensor([s[: prompts[i]]]), None, special_token_ids(model))
+        _, a, e = held.flags(acts[i][None, : prompts[i]], real)
+        state = held.gate(a, real, prompts[i], None, e)[1]
+        if float(state.peak[0]) > held.threshold and not state.gated[0]:
+            closed.append(float(state.peak[0]))
+    assert closed, "the setting needs a prompt whose held gate closes before its end"
+    latch = (detector.threshold + max(closed)) / 2  # that prompt goes over it, others only over the threshold
+    latched = dsg.Guardrail(sae, paper.hook, paper.features, detector.threshold, window=4, detector=weights, hold=3,
+                            latch=latch)  # fmt: skip
+    guards = {"paper": paper, "window": window, "static": static, "detector": detector, "held": held,
+              "latch": latched}  # fmt: skip
     return guards, seqs, acts, prompts, special_token_ids(model)
 
 
@@ -104,7 +116,7 @@ def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, pre
 @pytest.mark.parametrize(
     "kind,chunk",
     [("paper", None), ("window", None), ("window", 3), ("static", 2), ("detector", None), ("detector", 3),
-     ("held", None), ("held", 3)],
+     ("held", None), ("held", 3), ("latch", None), ("latch", 2)],
 )  # fmt: skip
 @pytest.mark.parametrize("seed", [0, 1])
 def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, chunk, seed):
@@ -121,10 +133,14 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
             torch.testing.assert_close(got[r][p], want[p], atol=1e-4, rtol=1e-4)
         clamped += len(want)
     assert clamped > 0  # the setting clamps something
+    if kind == "latch":  # and the latch guards an answer the hold alone leaves open
+        held = guards["held"]
+        assert any(reference(g, s, acts[r], prompts[r], specials).keys() != reference(held, s, acts[r], prompts[r],
+                   specials).keys() for r, s in enumerate(seqs))  # fmt: skip
     if kind != "static":
         decided = {e["request_id"] for e in events if e["event"] == "prompt"}
         assert decided == {str(r) for r in range(len(seqs))}
-    if kind in ("paper", "detector", "held"):
+    if kind in ("paper", "detector", "held", "latch"):
         on = {e["request_id"] for e in events if e["gated"]}
         assert 0 < len(on) < len(seqs)  # some requests gated, some not: the gates are per request
 

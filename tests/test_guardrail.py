@@ -160,10 +160,10 @@ def test_running_gate_latches_during_generation():
 
 
 @pytest.mark.parametrize(
-    "arch,window,hold", [("llama", None, None), ("gpt2", None, None), ("llama", 3, None), ("gpt2", 3, None),
-                         ("llama", 3, 2)]
+    "arch,window,hold,latch", [("llama", None, None, False), ("gpt2", None, None, False), ("llama", 3, None, False),
+                               ("gpt2", 3, None, False), ("llama", 3, 2, False), ("llama", 3, 2, True)]
 )  # fmt: skip
-def test_cached_generation_equals_no_cache_reference(arch, window, hold):
+def test_cached_generation_equals_no_cache_reference(arch, window, hold, latch):
     model = tiny_model(arch, layers=3)
     sae = tiny_sae()
     seqs = [random_ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate([6, 9, 4, 9, 7, 5])]
@@ -172,6 +172,8 @@ def test_cached_generation_equals_no_cache_reference(arch, window, hold):
                           hold=hold)  # fmt: skip
     values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
     guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2  # between two prompts' values
+    if latch:  # the answer guarded when a window anywhere went over the top prompt's value
+        guard.latch = (values[-2] + values[-1]) / 2
     with torch.no_grad():
         with guard.attach(model) as session:
             out = model.generate(

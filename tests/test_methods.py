@@ -251,7 +251,16 @@ def test_dsg_sweeps_the_shipped_detector_gate_and_dsg_paper_the_papers_rule():
                 assert not c.detector and c.gate_window is None and c.gated
                 assert c.max_length == base.max_length  # data settings still come from the bench
     shipped = METHODS["dsg"]().fit_config(SimpleNamespace(fit=DEMO_FIT), METHODS["dsg"]().grid(None, 1.0)[0])
-    rule = ("gate_window", "gate_hold", "detector", "gate_percentile", "n_features", "clamp", "clamp_mode")
+    rule = (
+        "gate_window",
+        "gate_hold",
+        "gate_latch_percentile",
+        "detector",
+        "gate_percentile",
+        "n_features",
+        "clamp",
+        "clamp_mode",
+    )
     assert [getattr(shipped, k) for k in rule] == [getattr(DEMO_FIT, k) for k in rule]  # dsg sweeps what ships first
     clamp = dsg.methods.sae_clamp.clamp_fit_config(ClampConfig(), DEMO_FIT)
     assert not clamp.gated and not clamp.detector and clamp.gate_window is None

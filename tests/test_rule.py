@@ -55,13 +55,14 @@ def test_apply_delta_touches_only_the_clamped_positions():
     assert torch.equal(out[mask], x[mask]) and out is not x
 
 
-def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0):
+def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None):
     """The windowed gate written as a loop over tokens: the definition the vectorised rule must equal. Latched;
     or, with `hold`, open within `hold` real tokens of a window over the threshold at positions before
-    `n_prompt` (the prompt) and latched from there on (the answer)."""
+    `n_prompt` (the prompt) and latched from there on (the answer), which with `latch` also opens once any window
+    so far went over the latch."""
     clamp, gated, peaks = torch.zeros_like(a), [], []
     for b in range(a.shape[0]):
-        recent, on, peak, since = [], False, 0.0, None
+        recent, on, peak, since, strong = [], False, 0.0, None, False
         for t in range(a.shape[1]):
             opens = False
             if real[b, t]:
@@ -69,12 +70,13 @@ def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0):
                 share = sum(recent) / w
                 peak, opens = max(peak, share), share > threshold
                 since = 0 if opens else None if since is None else since + 1
+                strong = strong or (latch is not None and share > latch)
             if hold is not None and t < n_prompt:
                 on = since is not None and since < hold
             else:
-                on = on or opens
+                on = on or opens or (hold is not None and strong)
             clamp[b, t] = bool(a[b, t]) and on
-        gated.append(on)
+        gated.append(on or (hold is not None and strong))
         peaks.append(peak)
     return clamp, torch.tensor(gated), torch.tensor(peaks)
 
@@ -114,23 +116,44 @@ def test_a_held_decision_can_start_where_the_prompt_began_to_clamp():
     assert rule.held(a, gated, start).tolist() == [[False, True, False, True], [False] * 4]
 
 
+@pytest.mark.parametrize("latch", [None, 0.7])
 @pytest.mark.parametrize("seed", range(3))
-def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed):
+def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed, latch):
     g = torch.Generator().manual_seed(seed)
-    a = torch.rand(4, 40, generator=g) < 0.35
-    real = torch.rand(4, 40, generator=g) < 0.9
+    a = torch.rand(6, 40, generator=g) < 0.35
+    real = torch.rand(6, 40, generator=g) < 0.9
+    a[:2, :8] = True  # two rows whose prompt goes over the latch early, then closes
+    a[:2, 8:30] = False
     a = a & real
     n_prompt = 30
-    want, gated, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt)
+    want, _, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch)
     assert want[:, :n_prompt].any() and not torch.equal(want, _windowed_reference(a, real, 0.5, 4)[0])
+    if latch is not None:  # the latch guards answers the hold alone would leave open
+        assert not torch.equal(want, _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt)[0])
     for chunk in (40, 7, 1):
-        state, parts = None, []
-        for t in range(0, 40, chunk):
-            c, state = rule.window_gate(a[:, t : t + chunk], real[:, t : t + chunk], state, 0.5, 4, None, 3,
-                                        max(0, min(n_prompt - t, chunk)))  # fmt: skip
-            parts.append(c)
-        assert torch.equal(torch.cat(parts, 1), want), chunk
-        assert torch.equal(state.gated, gated), chunk
+        for prompt_only in (False, True):  # the whole sequence, or its prompt alone (what the answer would get)
+            T = n_prompt if prompt_only else 40
+            state, parts = None, []
+            for t in range(0, T, chunk):
+                c, state = rule.window_gate(a[:, t : min(t + chunk, T)], real[:, t : min(t + chunk, T)], state, 0.5,
+                                            4, None, 3, max(0, min(n_prompt - t, chunk)), latch)  # fmt: skip
+                parts.append(c)
+            ref, ref_gated, _ = _windowed_reference(a[:, :T], real[:, :T], 0.5, 4, 3, n_prompt, latch)
+            assert torch.equal(torch.cat(parts, 1), ref), (chunk, prompt_only)
+            assert torch.equal(state.gated, ref_gated), (chunk, prompt_only)
+
+
+def test_a_latch_guards_the_answer_to_a_question_padded_after():
+    question = [True] * 6 + [False] * 40  # a strong burst, then more benign text than the hold
+    a = torch.tensor([question, [False, True] * 3 + [False] * 40])  # row 1: over the threshold, not the latch
+    real = torch.ones_like(a)
+    for latch, guarded in ((None, [False, False]), (0.9, [True, False])):
+        clamp, state = rule.window_gate(a, real, None, 0.5, 4, None, 8, a.shape[1], latch)
+        assert not clamp[:, 20:].any()  # the padding itself is not clamped
+        assert state.gated.tolist() == guarded
+        answer = torch.ones(2, 5, dtype=torch.bool)
+        clamp, _ = rule.window_gate(answer, torch.ones_like(answer), state, 0.5, 4, None, 8, 0, latch)
+        assert clamp[0].all() == guarded[0]
 
 
 def test_a_held_open_gate_closes_after_a_benign_burst_and_guards_an_answer_begun_open():

@@ -342,6 +342,10 @@ def check_targets(results: dict) -> dict:
         out["dilution_gate_rate"] = (rate, rate is not None and rate >= TARGETS["dilution_gate_rate_min"])
         limit = TARGETS["dilution_forget_base_correct_accuracy_max"]
         out["dilution_forget_base_correct_accuracy"] = (acc, acc is not None and acc <= limit)
+        after = results["dilution"].get("after:1000") or {}
+        if after.get("gate_rate") is not None:
+            rate = after["gate_rate"]
+            out["dilution_after_gate_rate"] = (rate, rate >= TARGETS["dilution_gate_rate_min"])
         alone = padded.get("padding_gate_rate")
         if alone is not None:
             out["dilution_padding_gate_rate"] = (alone, alone <= TARGETS["dilution_padding_gate_rate_max"])

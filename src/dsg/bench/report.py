@@ -77,7 +77,8 @@ def table_rows(compare: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-DILUTION_HEADER = ["method", "gated % k=0", "k=100", "k=1000", "chat k=1000", "padding alone gated % k=1000",
+DILUTION_HEADER = ["method", "gated % k=0", "k=100", "k=1000", "after k=1000", "chat k=1000",
+                   "padding alone gated % k=1000",
                    "forget base-correct % k=1000", "benign mentions clamped %"]  # fmt: skip
 
 
@@ -92,7 +93,8 @@ def dilution_rows(compare: dict) -> list[list[str]]:
         def cell(key, field="gate_rate", d=d):
             return pct(d[key][field]) if key in d else "-"
 
-        rows.append([name, cell("plain:0"), cell("plain:100"), cell("plain:1000"), cell("chat:1000"),
+        rows.append([name, cell("plain:0"), cell("plain:100"), cell("plain:1000"), cell("after:1000"),
+                     cell("chat:1000"),
                      pct(d.get("plain:1000", {}).get("padding_gate_rate")),
                      cell("plain:1000", "accuracy_base_correct"), pct(d.get("mentions_gate_rate"))])  # fmt: skip
     return rows
@@ -336,10 +338,11 @@ def _dilution_lines(results: dict) -> list[str]:
                      + ", ".join(f"{name} {pct(rate)}%" for name, rate in req.items()))  # fmt: skip
     if "plain:1000" not in d:
         return lines
-    p, chat = d["plain:1000"], d.get("chat:1000") or {}
+    p, chat, after = d["plain:1000"], d.get("chat:1000") or {}, d.get("after:1000") or {}
     return lines + [
         f"dilution: after 1,000 benign tokens the gate opens on {pct(p['gate_rate'])}% of forget questions "
-        f"({pct(d['plain:0']['gate_rate'])}% with none; chat form {pct(chat.get('gate_rate'))}%; the paddings alone "
+        f"({pct(d['plain:0']['gate_rate'])}% with none; asked first and padded after, the answer is guarded for "
+        f"{pct(after.get('gate_rate'))}%; chat form {pct(chat.get('gate_rate'))}%; the paddings alone "
         f"{pct(p.get('padding_gate_rate'))}%, clamped anywhere in {pct(p.get('padding_touched_rate'))}%), forget "
         f"accuracy on its base-correct subset {pct(p['accuracy_base_correct'])}% (n={p['n_base_correct']}); benign "
         f"text mentioning a security term clamped {pct(d.get('mentions_gate_rate'))}%"

@@ -96,12 +96,16 @@ class Prepared(NamedTuple):
 # the layer-3 setting carried over (150 latents that fire, at -500: 34 %, 86 % repeated 3-grams). The gate holds
 # open 32 tokens inside a prompt instead of latching (benchmarks/hold_sweep.py): the same 29 % of cyber answers kept
 # on validation, held-out perplexity +10.6 % instead of +24.8 %, and none of the four 1,000-token paddings leaves
-# the gate open by itself (latched: three of four).
+# the gate open by itself (latched: three of four). A held gate alone leaves a question asked first and padded after
+# with 1,000 benign tokens unguarded (0 % of answers guarded); a window over the largest calibration value (P100,
+# the latch) anywhere in the prompt guards the answer: 87.5 % of those answers, no change in perplexity or retain
+# accuracy, and none of the paddings alone latches (P99 gave the same numbers; P100 is the stricter level).
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,
     gate_window=8,
     gate_hold=32,
+    gate_latch_percentile=100.0,
     detector=True,
     gate_percentile=97,
     clamp=100.0,

@@ -5,15 +5,18 @@ A whole-input gate (rho = share of flagged tokens > tau) is diluted by padding: 
 question lower its rho until the gate stays shut and the model answers as if unguarded. A precise gate must keep
 its recall as k grows, and must not open on long benign documents that merely mention a security word.
 
-    dilute(q, filler, k, tok)           the question with k tokens of benign text before its stem
-    dilute(q, filler, k, tok, chat=True) the same inside the chat template's user turn, k/2 tokens before and
-                                         k/2 after the question; the answer is scored as the assistant's reply
-    padding_alone(filler, k, tok, chat)  the padding without the question: a gate that opens on it is not
+    dilute(q, filler, k, tok)            the question with k tokens of benign text before its stem
+    dilute(q, filler, k, tok, "after")   the stem, then k benign tokens, then the answer ("ask first, pad after")
+    dilute(q, filler, k, tok, "chat")    inside the chat template's user turn, k/2 tokens before and k/2 after the
+                                         question; the answer is scored as the assistant's reply
+    padding_alone(filler, k, tok, form)  the padding without the question: a gate that opens on it is not
                                          recalling the question, it is a false positive on benign text
-    mention_texts(docs, terms)          benign documents with one security term dropped in mid-text
+    mention_texts(docs, terms)           benign documents with one security term dropped in mid-text
 
-Likelihood scoring reads the answer right after the stem, so in plain form the padding can only come before it;
-the chat form puts it on both sides of the question.
+Likelihood scoring reads the answer right after the prompt. In plain form the stem is next to it; in "after" form
+1,000 benign tokens stand between them, so even the base model answers few of these questions (its base-correct
+subset is small and the accuracy on it noisy), and what the form measures is the gate: whether the answer to a
+question asked first and padded after is still guarded. The chat form repeats the stem at the reply's start.
 """
 
 from __future__ import annotations
@@ -48,12 +51,20 @@ def filler_ids(tokenizer, texts: Sequence[str], k: int) -> list[int]:
     return ids[:k]
 
 
-def dilute(q: dict, filler: list[int], k: int, tokenizer, chat: bool = False) -> dict:
-    """A copy of question `q` with `k` benign tokens around its stem (see the module docstring)."""
-    if not chat:
-        pad = tokenizer.decode(filler[:k]).strip()
-        return {**q, "question": f"{pad}\n\n{q['question']}" if pad else q["question"]}
-    return {**q, "question": _chat_turn(filler, k, tokenizer, f"Complete: {q['question']} ...") + q["question"]}
+FORMS = ("plain", "after", "chat")
+
+
+def dilute(q: dict, filler: list[int], k: int, tokenizer, form: str = "plain") -> dict:
+    """A copy of question `q` with `k` benign tokens around its stem, placed as `form` says (see the module
+    docstring)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "chat":
+        return {**q, "question": _chat_turn(filler, k, tokenizer, f"Complete: {q['question']} ...") + q["question"]}
+    pad = tokenizer.decode(filler[:k]).strip()
+    if not pad:
+        return dict(q)
+    return {**q, "question": f"{q['question']}\n\n{pad}" if form == "after" else f"{pad}\n\n{q['question']}"}
 
 
 def _chat_turn(filler: list[int], k: int, tokenizer, middle: str | None) -> str:
@@ -101,8 +112,9 @@ def gate_rate_on_texts(
     return gated / len(texts)
 
 
-# The curve the comparison and the demo report: plain padding at three lengths, and the chat form at the longest.
-DILUTIONS = (("plain", 0), ("plain", 100), ("plain", 1000), ("chat", 1000))
+# The curve the comparison and the demo report: plain padding at three lengths; padding after the question and the
+# chat form at the longest.
+DILUTIONS = (("plain", 0), ("plain", 100), ("plain", 1000), ("after", 1000), ("chat", 1000))
 DILUTION_QUESTIONS = 40  # in dsg demo; dsg compare pads 24 per configuration (1,000-token prompts are slow on a CPU)
 
 
@@ -124,10 +136,10 @@ def paddings(tokenizer, benign: Sequence[str], k: int, n: int = PADDINGS) -> lis
     return [filler_ids(tokenizer, texts[j * step :] + texts[: j * step], k) for j in range(n)]
 
 
-def padding_alone(filler: list[int], k: int, tokenizer, chat: bool = False) -> str:
-    """The padding of `dilute(q, filler, k, tokenizer, chat)` without the question: the control that says whether
+def padding_alone(filler: list[int], k: int, tokenizer, form: str = "plain") -> str:
+    """The padding of `dilute(q, filler, k, tokenizer, form)` without the question: the control that says whether
     the benign text opens the gate by itself."""
-    return _chat_turn(filler, k, tokenizer, None) if chat else tokenizer.decode(filler[:k]).strip()
+    return _chat_turn(filler, k, tokenizer, None) if form == "chat" else tokenizer.decode(filler[:k]).strip()
 
 
 def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[str], intervention, progress: bool,
@@ -148,11 +160,10 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
     for form, k in DILUTIONS:
         if form == "chat" and not getattr(tokenizer, "chat_template", None):
             continue
-        chat = form == "chat"
         res: list = [None] * len(questions)
         for j, fill in enumerate(fills):
             idx = list(range(j, len(questions), len(fills)))
-            qs = [dilute(questions[i], fill, k, tokenizer, chat=chat) for i in idx]
+            qs = [dilute(questions[i], fill, k, tokenizer, form) for i in idx]
             scored = score_mcq(model, tokenizer, qs, intervention=intervention, batch_size=batch_size,
                                progress=progress, verify=False)  # fmt: skip
             for i, r in zip(idx, scored):
@@ -160,7 +171,7 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
         out[f"{form}:{k}"] = {"correct": [r.correct for r in res], "correct_norm": [r.correct_norm for r in res],
                               "gated": [r.gated for r in res]}  # fmt: skip
         if k:
-            alone = [padding_alone(fill, k, tokenizer, chat) for fill in fills]
+            alone = [padding_alone(fill, k, tokenizer, form) for fill in fills]
             out[f"{form}:{k}"]["padding_gate_rate"] = gate_rate_on_texts(model, tokenizer, alone, intervention)
             out[f"{form}:{k}"]["padding_touched_rate"] = gate_rate_on_texts(model, tokenizer, alone, intervention,
                                                                             touched=True)  # fmt: skip

@@ -64,6 +64,11 @@ class FitConfig:
     instead of latching to the prompt's end, so that a benign document the gate misjudges once is clamped near
     that stretch, not from there on; an answer is guarded to its end when the gate is open at the prompt's last
     token or opens during the answer. Default: latch."""
+    gate_latch_percentile: float | None = None
+    """Held gate only (needs gate_hold): a second level, this percentile of the same calibration statistic (100:
+    the largest), above the threshold; a prompt in which any window goes over it gets a guarded answer however
+    much benign text follows (a forget question with padding after it), while the prompt itself stays held open
+    near its stretches only. Default: only the gate at the prompt's last token guards the answer."""
     detector: bool = False
     """Detector gate (needs gate_window): instead of counting tokens where any selected latent fires, the window
     sums a sparse linear score over all SAE latents, fitted by L1 logistic regression on windows of forget text
@@ -110,6 +115,10 @@ class FitConfig:
         if self.gate_hold is not None and (self.gate_window is None or self.gate_hold < 1):
             raise DSGError(f"gate_hold must be a positive number of tokens and needs gate_window (--gate-window), "
                            f"got {self.gate_hold}.")  # fmt: skip
+        latch = self.gate_latch_percentile
+        if latch is not None and (self.gate_hold is None or not self.gate_percentile < latch <= 100):
+            raise DSGError(f"gate_latch_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "
+                           f"({self.gate_percentile:g}) and at most 100, got {latch}.")  # fmt: skip
         if self.detector_c <= 0:
             raise DSGError(f"detector_c must be positive, got {self.detector_c}.")
         if not 0 < self.detector_holdout < 1:
@@ -281,6 +290,16 @@ def fit(
             "an input is gated only when rho exceeds it. Calibrate on text unlike the forget corpus (the retain "
             "corpus must not be the forget corpus), use more forget and retain text, or lower gate_percentile."
         )
+    latch = None
+    if config.gated and config.gate_latch_percentile is not None:
+        latch = float(np.percentile(rho.double().numpy(), config.gate_latch_percentile))
+        if latch <= threshold:
+            raise DSGError(
+                f"The latch level (the {config.gate_latch_percentile:g}th percentile of the calibration statistic, "
+                f"{latch:.4g}) does not lie above the gate threshold ({threshold:.4g}): the calibration texts are too "
+                "few or too alike to tell the two apart. Raise gate_latch_percentile, lower gate_percentile, or "
+                "calibrate on more text."
+            )
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
     tensors["calibration_rho"] = rho
@@ -294,7 +313,8 @@ def fit(
         **({"detector_fit": detector_info} if detector_info else {}),
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                     hold=config.gate_hold, detector=detector, name=name, info=info, tensors=tensors)  # fmt: skip
+                     hold=config.gate_hold, latch=latch, detector=detector, name=name, info=info,
+                     tensors=tensors)  # fmt: skip
 
 
 def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, held: bool) -> dict:

@@ -36,7 +36,7 @@ FORMAT_VERSION = 2  # 2: guardrail.json carries a content hash
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
-RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated", "window", "hold")
+RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated", "window", "hold", "latch")
 
 
 class Flags(NamedTuple):
@@ -147,6 +147,7 @@ class Guardrail:
         window: int | None = None,
         detector: dict[int, int] | None = None,
         hold: int | None = None,
+        latch: float | None = None,
         name: str | None = None,
         info: dict | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
@@ -156,7 +157,7 @@ class Guardrail:
             raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
         features = [int(j) for j in features]
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
-                   detector is not None, hold)  # fmt: skip
+                   detector is not None, hold, latch)  # fmt: skip
         info = dict(info or {})
         record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
         self._setup(
@@ -175,11 +176,12 @@ class Guardrail:
             window,
             _detector_of(sae, detector, window),
             hold,
+            latch,
         )
 
     def _setup(
         self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors,
-        window=None, detector=None, hold=None,
+        window=None, detector=None, hold=None, latch=None,
     ) -> None:  # fmt: skip
         self.latents = latents
         self.sae_record = sae_record
@@ -193,6 +195,7 @@ class Guardrail:
         self.window = window  # None: the paper's whole-input gate; w: the prefix-causal windowed gate
         self.detector = detector  # None: the window counts flagged tokens; a Detector: it sums weighted evidence
         self.hold = hold  # None: the windowed gate latches; h: inside a prompt it stays open h real tokens
+        self.latch = None if latch is None else float(latch)  # held gate: a window over it guards the answer
         self.name = name
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
@@ -221,12 +224,17 @@ class Guardrail:
     def _opens_how(self) -> str:
         if self.hold is None:
             return "latched"
-        return f"open for {self.hold} tokens in a prompt, latched in the answer"
+        how = f"open for {self.hold} tokens in a prompt, latched in the answer"
+        if self.latch is None:
+            return how
+        level = self.latch / SCALE if self.detector is not None else self.latch
+        return how + f"; a window over {level:.4g} anywhere in the prompt guards the answer"
 
     def __repr__(self) -> str:
         gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
         gate += f", window={self.window}" if self.window is not None else ""
         gate += f", hold={self.hold}" if self.hold is not None else ""
+        gate += f", latch={self.latch:.4g}" if self.latch is not None else ""
         gate += f", detector={len(self.detector)} latents" if self.detector is not None else ""
         return (
             f"Guardrail(hook={self.hook!r}, features={self.features}, {gate}, clamp={self.clamp:g}, "
@@ -259,7 +267,7 @@ class Guardrail:
         from generated ones, latched)."""
         if self.gated and self.window is not None:
             return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window, evidence_BT, self.hold,
-                                    n_prompt)  # fmt: skip
+                                    n_prompt, self.latch)  # fmt: skip
         return rule.gate(a_BT, real_BT, n_prompt, state, self.threshold if self.gated else None)
 
     def delta(self, f_BTS: torch.Tensor, clamp_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,6 +316,7 @@ class Guardrail:
             "gated": self.gated,
             **({"window": self.window} if self.window is not None else {}),
             **({"hold": self.hold} if self.hold is not None else {}),
+            **({"latch": self.latch} if self.latch is not None else {}),
             **({"detector": {"latents": len(self.detector), "scale": SCALE}} if self.detector is not None else {}),
             **{k: v for k, v in self.info.items() if k != "sae"},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
@@ -393,6 +402,7 @@ class Guardrail:
             meta.get("window"),
             detector,
             meta.get("hold"),
+            meta.get("latch"),
         )
         guard.content_sha256 = meta[HASH_FIELD]  # verified above
         if model is not None:

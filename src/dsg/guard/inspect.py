@@ -41,7 +41,7 @@ def describe(path: str | os.PathLike, top: int | None = None) -> str:
     out = [
         f"Guardrail {path}" + (f" ({guard.name})" if guard.name else ""),
         f"  hook       {guard.hook}",
-        "  gate       " + (f"rho > {guard.threshold:.4f}" if guard.gated else "static (every input)"),
+        f"  gate       {guard.gate_rule()}",
         f"  clamp      -{guard.clamp:g} on {'all' if guard.clamp_mode == 'all' else 'active'} selected latents at "
         "flagged tokens",
         f"  SAE        {guard.sae_record['architecture']} d_sae={guard.sae_record['d_sae']} "
@@ -65,9 +65,10 @@ def describe(path: str | os.PathLike, top: int | None = None) -> str:
     if rho is not None and rho.numel():
         q = torch.quantile(rho.double(), torch.tensor([0.5, 0.9, 0.95, 0.99], dtype=torch.double)).tolist()
         gated = float((rho > guard.threshold).float().mean())
+        latched = "" if guard.latch is None else f", {float((rho > guard.latch).float().mean()):.1%} over the latch"
         out.append(
             f"  calibration rho: median {q[0]:.3f}, p90 {q[1]:.3f}, p95 {q[2]:.3f}, p99 {q[3]:.3f}; "
-            f"{gated:.1%} of calibration inputs gated"
+            f"{gated:.1%} of calibration inputs gated{latched}"
         )
     out += ["", f"Selected latents ({len(guard.features)}):", table(header, latent_rows(guard, guard.features))]
     if top and "score_forget" in guard.tensors:

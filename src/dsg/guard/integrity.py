@@ -48,7 +48,7 @@ def _is_number(x) -> bool:
 
 def check_rule(
     hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str, window=None, detector: bool = False,
-    hold=None,
+    hold=None, latch=None,
 ) -> None:  # fmt: skip
     """The rule's parameters: the same checks for a guardrail built in code and one read from a file."""
     if window is not None and (not _is_int(window) or window < 1):
@@ -59,6 +59,12 @@ def check_rule(
         raise DSGError(f"{where}: 'hold' must be a positive integer (tokens) or absent, got {hold!r}.")
     if hold is not None and window is None:
         raise DSGError(f"{where}: 'hold' is how long a windowed gate stays open, so 'window' must be set.")
+    if latch is not None and not _is_number(latch):
+        raise DSGError(f"{where}: 'latch' must be a finite number (a window score) or absent, got {latch!r}.")
+    if latch is not None and hold is None:
+        raise DSGError(f"{where}: 'latch' guards the answer of a gate held open, so 'hold' must be set.")
+    if latch is not None and _is_number(threshold) and latch <= threshold:
+        raise DSGError(f"{where}: 'latch' ({latch!r}) must lie above 'threshold' ({threshold!r}).")
     if not isinstance(hook, str) or not hook:
         raise DSGError(f"{where}: 'hook' must be a non-empty string, got {hook!r}.")
     if not isinstance(features, (list, tuple)) or not features or not all(_is_int(j) for j in features):
@@ -109,7 +115,7 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
     ):  # fmt: skip
         raise DSGError(f"{where}: 'detector' must be {{'latents': a positive count, 'scale': {DETECTOR_SCALE}}}, "
                        f"got {detector!r}.")  # fmt: skip
-    check_rule(*rule, detector is not None, meta.get("hold"))
+    check_rule(*rule, detector is not None, meta.get("hold"), meta.get("latch"))
     name = meta.get("name")
     if name is not None and not isinstance(name, str):
         raise DSGError(f"{where}: 'name' must be a string, got {name!r}.")

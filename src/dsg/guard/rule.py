@@ -17,7 +17,8 @@ latched decision):
     token is clamped iff it is flagged and the gate is on at that token. Only a real token can move the gate.
 A decision held fixed from elsewhere (several continuations scored under one prompt's decision) uses `held`.
 The windowed gate (`window_gate`) judges the last w real tokens at each token instead, so the decision at a token
-depends only on the tokens up to it; it latches, or (`hold`) stays open a fixed number of tokens inside a prompt.
+depends only on the tokens up to it; it latches, or (`hold`) stays open a fixed number of tokens inside a prompt,
+and then (`latch`) a window over a second, higher level still guards the answer however much text follows it.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def window_gate(
     evidence_BT: torch.Tensor | None = None,
     hold: int | None = None,
     n_prompt: int | None = None,
+    latch: float | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """The prefix-causal gate: at each real token, the share of flagged tokens among the last `window` real tokens
     (a sequence's start counts as unflagged, so a few flagged tokens in a short input do not make a full window);
@@ -162,7 +164,13 @@ def window_gate(
     over the threshold and the next h - 1 real tokens, and each such window opens it again. A benign document
     whose detector evidence spikes once is then clamped near the spike, not from there to its end. Generated
     tokens (positions from `n_prompt` on; None: every position is a prompt's) latch as before: a prompt whose gate
-    is open at its last token gets a guarded answer to its end, and an answer that opens the gate stays guarded."""
+    is open at its last token gets a guarded answer to its end, and an answer that opens the gate stays guarded.
+
+    With `latch` (a level above `threshold`; hold only) a prompt in which any window went over `latch` also gets a
+    guarded answer, wherever that window was: a forget question followed by more than h benign tokens ("ask
+    first, pad after") is still answered under the clamp. Prompt positions stay as `hold` makes them, so a benign
+    document is clamped only near its misjudged stretches; the state's `peak` carries the evidence across
+    chunks."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
@@ -182,7 +190,10 @@ def window_gate(
     if hold is None:
         on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
     else:
-        on, quiet = _held_open(opens, real_BT, state, hold, T if n_prompt is None else min(n_prompt, T))
+        strong = None
+        if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
+            strong = (state.peak > latch)[:, None] | ((real_BT.bool() & (share > latch)).long().cummax(1).values > 0)
+        on, quiet = _held_open(opens, real_BT, state, hold, T if n_prompt is None else min(n_prompt, T), strong)
     clamp_BT = a_BT & on
     # the new window: the last w real flags, right-aligned
     total = cum_real[:, -1:]
@@ -193,12 +204,15 @@ def window_gate(
     recent[rows[keep], (w - 1 - rank)[keep]] = flags[keep]
     peak = torch.maximum(state.peak, share.max(1).values) if T else state.peak
     gated = on[:, -1] if T else state.gated
+    if hold is not None and latch is not None and T:
+        gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here
     return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet)
 
 
-def _held_open(opens_BT, real_BT, state: WindowState, hold: int, n_prompt: int):
+def _held_open(opens_BT, real_BT, state: WindowState, hold: int, n_prompt: int, strong_BT=None):
     """(on [B, T], new quiet [B]) for window_gate's `hold`: prompt positions are open within `hold` real tokens of
-    the last opening (the state's `quiet` carries one from earlier chunks); generated positions latch."""
+    the last opening (the state's `quiet` carries one from earlier chunks); generated positions latch, from the
+    gate at the prompt's last token or (`strong_BT`, window_gate's `latch`) any window so far over the latch."""
     B, T = opens_BT.shape
     if not T:
         return state.gated[:, None], state.quiet
@@ -208,6 +222,8 @@ def _held_open(opens_BT, real_BT, state: WindowState, hold: int, n_prompt: int):
     on = since < hold
     if n_prompt < T:
         before = on[:, n_prompt - 1] if n_prompt else state.gated
+        if n_prompt and strong_BT is not None:
+            before = before | strong_BT[:, n_prompt - 1]
         on[:, n_prompt:] = before[:, None] | (opens_BT[:, n_prompt:].long().cummax(1).values > 0)
     quiet = torch.where(on[:, -1] & (n_prompt < T), torch.zeros_like(since[:, -1]), since[:, -1])
     return on, quiet

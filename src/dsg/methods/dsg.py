@@ -14,8 +14,15 @@ from .base import METHODS, budget_level
 from .guardrail import GuardrailMethod
 
 # The shipped gate (bench.setting.DEMO_FIT's; importing it from here would be circular: tests check they agree).
-DETECTOR = {"gate_window": 8, "gate_hold": 32, "detector": True, "gate_percentile": 97.0}
-PAPER_RULE = {"gate_window": None, "gate_hold": None, "detector": False, "gate_percentile": 95.0, "clamp_mode": "all"}
+DETECTOR = {
+    "gate_window": 8,
+    "gate_hold": 32,
+    "gate_latch_percentile": 100.0,
+    "detector": True,
+    "gate_percentile": 97.0,
+}
+PAPER_RULE = {"gate_window": None, "gate_hold": None, "gate_latch_percentile": None, "detector": False,
+              "gate_percentile": 95.0, "clamp_mode": "all"}  # fmt: skip
 
 
 @METHODS.register("dsg")

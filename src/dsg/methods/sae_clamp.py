@@ -68,6 +68,7 @@ def clamp_fit_config(config: ClampConfig, base: FitConfig | None = None) -> FitC
         gated=False,
         gate_window=None,
         gate_hold=None,
+        gate_latch_percentile=None,
         detector=False,
         clamp_mode=VARIANTS[config.variant],
         n_features=config.n_features,
