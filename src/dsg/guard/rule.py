@@ -186,11 +186,10 @@ def window_gate(
     share = (cum_flags - outside).float() / w
     share = torch.where(valid, share, torch.zeros_like(share))[:, w:]  # [B, T]
     opens = real_BT.bool() & (share > threshold)
-    quiet = state.quiet
+    quiet, strong = state.quiet, None
     if hold is None:
         on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
     else:
-        strong = None
         if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
             strong = (state.peak > latch)[:, None] | ((real_BT.bool() & (share > latch)).long().cummax(1).values > 0)
         on, quiet = _held_open(opens, real_BT, state, hold, T if n_prompt is None else min(n_prompt, T), strong)
@@ -204,7 +203,7 @@ def window_gate(
     recent[rows[keep], (w - 1 - rank)[keep]] = flags[keep]
     peak = torch.maximum(state.peak, share.max(1).values) if T else state.peak
     gated = on[:, -1] if T else state.gated
-    if hold is not None and latch is not None and T:
+    if strong is not None:
         gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here
     return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet)
 
