@@ -11,6 +11,8 @@ from dsg.eval.dilution import (
     dilute,
     dilution_batch_size,
     filler_ids,
+    gate_rate_on_texts,
+    gate_rates_on_texts,
     mention_texts,
     padding_alone,
     paddings,
@@ -62,6 +64,8 @@ def test_a_static_guardrail_is_not_diluted_and_a_summary_reads_each_padding(tiny
     assert base["mentions"] is None and guarded["mentions"] == 1.0  # a static guardrail acts on everything
     assert guarded["plain:1000"]["padding_gate_rate"] == 1.0 and "padding_gate_rate" not in guarded["plain:0"]
     assert base["plain:100"]["padding_gate_rate"] is None
+    for rate in ("padding_gate_rate", "padding_touched_rate"):  # the same paddings, measured once
+        assert guarded["after:1000"][rate] == guarded["plain:1000"][rate]
     summary = summarize_dilution(guarded, base)
     assert summary["plain:1000"]["gate_rate"] == 1.0 and summary["mentions_gate_rate"] == 1.0
     assert summary["plain:1000"]["padding_gate_rate"] == 1.0
@@ -83,6 +87,17 @@ def _padded_setting(model, tok, window, hold=None):
     values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
     guard.threshold = (values[0] + values[1]) / 2
     return qs, guard
+
+
+def test_one_pass_gives_the_gated_and_the_touched_share_of_benign_texts(tiny_llama):
+    model, tok = tiny_llama
+    qs, guard = _padded_setting(model, tok, window=12, hold=6)
+    texts = [q["question"] for q in qs]
+    gated, touched = gate_rates_on_texts(model, tok, texts, guard)
+    assert gated == gate_rate_on_texts(model, tok, texts, guard)
+    assert touched == gate_rate_on_texts(model, tok, texts, guard, touched=True)
+    assert 0 < gated <= touched <= 1  # a clamped token in every gated text, and maybe in some that closed again
+    assert gate_rates_on_texts(model, tok, texts, None) is None and gate_rates_on_texts(model, tok, [], guard) is None
 
 
 def _forward_shapes(model):

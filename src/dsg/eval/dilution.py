@@ -87,29 +87,38 @@ def mention_texts(docs: Sequence[str], terms: Sequence[str] = MENTIONS) -> list[
 
 
 @torch.no_grad()
-def gate_rate_on_texts(
+def gate_rates_on_texts(
     model, tokenizer, texts: Sequence[str], intervention: Intervention | Sequence | None, max_length: int = 1024,
-    batch_size: int = 4, touched: bool = False,
-) -> float | None:  # fmt: skip
-    """Share of `texts` (each judged as one prompt) that the intervention gates (its decision after the text: an
-    answer would be guarded); with `touched`, the share in which it clamped any token (a gate held open for a
-    while may have opened and closed again mid-text). None without a gate."""
+    batch_size: int = 4,
+) -> tuple[float, float] | None:  # fmt: skip
+    """(gated, touched) from one pass over `texts`, each judged as one prompt: the share the intervention gates
+    (its decision after the text: an answer would be guarded) and the share in which it clamped any token (a gate
+    held open for a while may have opened and closed again mid-text). None without a gate."""
     intervention = as_intervention(intervention)
     if intervention is None or not texts:
         return None
     device, pad = model_device(model), pad_id_of(tokenizer, model)
-    gated = 0
+    gated = touched = 0
     with evaluating(model):
         for s in range(0, len(texts), batch_size):
             ids = [tokenizer(t)["input_ids"][:max_length] for t in texts[s : s + batch_size]]
             batch, mask = (x.to(device) for x in pad_batch(ids, pad, side="left"))
             with intervention.applied(model, verify=False) as session:
                 model(input_ids=batch, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-            rows = acted_on(session) if touched else session.gated
-            if rows is None:
+            if session.gated is None:
                 return None
-            gated += int(rows.sum())
-    return gated / len(texts)
+            gated += int(session.gated.sum())
+            touched += int(acted_on(session).sum())
+    return gated / len(texts), touched / len(texts)
+
+
+def gate_rate_on_texts(
+    model, tokenizer, texts: Sequence[str], intervention: Intervention | Sequence | None, max_length: int = 1024,
+    batch_size: int = 4, touched: bool = False,
+) -> float | None:  # fmt: skip
+    """One of `gate_rates_on_texts`: the gated share, or with `touched` the share with any clamped token."""
+    rates = gate_rates_on_texts(model, tokenizer, texts, intervention, max_length, batch_size)
+    return None if rates is None else rates[int(touched)]
 
 
 # The curve the comparison and the demo report: plain padding at three lengths; padding after the question and the
@@ -157,6 +166,7 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
     fills = paddings(tokenizer, benign, max(k for _, k in DILUTIONS), min(PADDINGS, len(questions)))
     batch_size = dilution_batch_size(batch_size, intervention)
     out: dict = {}
+    alone_rates: dict[tuple[str, ...], tuple] = {}
     for form, k in DILUTIONS:
         if form == "chat" and not getattr(tokenizer, "chat_template", None):
             continue
@@ -171,10 +181,11 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
         out[f"{form}:{k}"] = {"correct": [r.correct for r in res], "correct_norm": [r.correct_norm for r in res],
                               "gated": [r.gated for r in res]}  # fmt: skip
         if k:
-            alone = [padding_alone(fill, k, tokenizer, form) for fill in fills]
-            out[f"{form}:{k}"]["padding_gate_rate"] = gate_rate_on_texts(model, tokenizer, alone, intervention)
-            out[f"{form}:{k}"]["padding_touched_rate"] = gate_rate_on_texts(model, tokenizer, alone, intervention,
-                                                                            touched=True)  # fmt: skip
+            alone = tuple(padding_alone(fill, k, tokenizer, form) for fill in fills)
+            if alone not in alone_rates:  # plain and after forms share their paddings: measure them once
+                alone_rates[alone] = gate_rates_on_texts(model, tokenizer, alone, intervention) or (None, None)
+            rates = alone_rates[alone]
+            out[f"{form}:{k}"]["padding_gate_rate"], out[f"{form}:{k}"]["padding_touched_rate"] = rates
     out["mentions"] = gate_rate_on_texts(model, tokenizer, mention_texts(benign[:16]), intervention, touched=True)
     return out
 
