@@ -245,3 +245,31 @@ def test_a_detector_fit_reads_the_kept_firing_instead_of_a_second_pass(detected,
     assert forwards
     assert kept.detector.weights.tolist() == again.detector.weights.tolist()
     assert kept.detector.latents.tolist() == again.detector.latents.tolist() and kept.threshold == again.threshold
+
+
+def test_moving_a_guardrail_moves_its_detector_and_saved_rule_fields_win_over_info(detected, tmp_path):
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    model, tok, sae, guard = detected
+    moved = dsg.Guardrail.load(_saved(guard, tmp_path / "m"), sae=sae).to("meta")
+    assert moved.detector.weights.device.type == "meta" and moved.latents.W_dec.device.type == "meta"
+    assert guard.detector.weights.device.type == "cpu"  # a loaded copy moved, not the fitted one
+    # info that names a rule field cannot override the rule when written
+    forged = dsg.Guardrail(sae, guard.hook, guard.features, 0.5, guard.clamp, window=guard.window,
+                           info={"threshold": 0.0, "window": 999, "name": "forged"})  # fmt: skip
+    meta = forged.to_json()
+    assert meta["threshold"] == 0.5 and meta["window"] == guard.window and meta["name"] is None
+    # a huge integer in a number field is one clear refusal, not an OverflowError
+    path = _saved(guard, tmp_path / "h") / "guardrail.json"
+    meta = json.loads(path.read_text())
+    meta["clamp"] = 10**400
+    meta[HASH_FIELD] = content_sha256(meta, read_safetensors(path.parent / "guardrail.safetensors"))
+    path.write_text(json.dumps(meta))
+    with pytest.raises(dsg.DSGError, match="'clamp' must be"):
+        dsg.Guardrail.load(path.parent, sae=sae)
+
+
+def _saved(guard, path):
+    guard.save(path)
+    return path

@@ -410,3 +410,48 @@ def test_an_attachment_carried_into_threads_keeps_their_gate_states_apart():
     assert not errors, errors
     assert all(torch.equal(x, want_a) for x in got["a"]) and all(torch.equal(x, want_b) for x in got["b"])
     assert session.gated is not None
+
+
+def test_a_held_prompt_mask_repeats_the_prompts_clamping_token_for_token():
+    """Re-running prompts with continuations after them (lm-eval's full-sequence scoring) under hold(decisions,
+    start, mask) clamps the prompt tokens exactly as the prompt's own forward did, also where a held-open gate
+    closed again before the prompt ended, and the continuation under the prompt's decision."""
+    model = tiny_model("llama", layers=3)
+    sae = tiny_sae()
+    prompts = random_ids(8, 24, seed=3)
+    n = prompts.shape[1]
+    seqs = [row.tolist() for row in prompts]
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.1, 2), clamp=2.0, window=3, hold=1)
+    values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
+    cont = random_ids(8, 4, seed=4)
+    full = torch.cat([prompts, cont], 1)
+    with torch.no_grad():
+        for lo, hi in zip(values, values[1:]):  # a threshold under which some prompt's gate opens and closes
+            guard.threshold = (lo + hi) / 2
+            with guard.attach(model) as session:
+                want = model(prompts).logits
+            decisions, mask = session.decisions(), session.clamp_mask()
+            with guard.attach(model) as from_first:  # the old rule: clamp flagged tokens from the first clamped one
+                from_first.hold(decisions | session.clamped[:, None], session.first_clamped())
+                old = model(full).logits
+            if (old[:, :n] - want).abs().max() > 1e-3:
+                break
+        assert (old[:, :n] - want).abs().max() > 1e-3, "the test needs a gate that opened and closed mid-prompt"
+        start = torch.full_like(decisions, n, dtype=torch.long)
+        with guard.attach(model) as held:
+            held.hold(decisions, start, mask)
+            got = model(full).logits
+        with guard.attach(model) as cached:
+            out = model(prompts, use_cache=True)
+            cached.hold(decisions)
+            tail = model(cont, past_key_values=out.past_key_values, use_cache=True).logits
+    # (equal up to float noise: a longer forward may take other kernels)
+    torch.testing.assert_close(got[:, :n], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, n:], tail, rtol=1e-4, atol=1e-4)
+
+
+def test_a_token_share_latch_must_be_reachable():
+    sae = tiny_sae()
+    with pytest.raises(dsg.DSGError, match="below 1"):
+        dsg.Guardrail(sae, features=[0, 1], threshold=0.5, window=4, hold=2, latch=1.0)
+    assert dsg.Guardrail(sae, features=[0, 1], threshold=0.5, window=4, hold=2, latch=0.75).latch == 0.75

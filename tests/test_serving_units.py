@@ -53,6 +53,19 @@ def test_serve_command_keeps_the_users_plugins_and_lets_windows_chunk(folder, mo
     assert env["VLLM_PLUGINS"] == "theirs,dsg,dsg_http"
 
 
+def test_serve_command_runs_eagerly_where_cuda_graphs_could_skip_the_guard(folder, monkeypatch):
+    import torch
+
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        argv, _ = serve_command(str(folder / "model"), [str(folder / "window")])
+        assert ("--enforce-eager" in argv) == cuda
+        plain, _ = serve_command(str(folder / "model"), [])
+        assert "--enforce-eager" not in plain  # no guardrail, nothing to skip
+        argv, _ = serve_command(str(folder / "model"), [str(folder / "window")], extra=["--enforce-eager"])
+        assert argv.count("--enforce-eager") == 1
+
+
 def test_prefix_caching_is_refused_for_gated_guardrails_only(folder):
     for kind in ("paper", "window"):
         with pytest.raises(DSGError, match="prefix caching"):

@@ -193,6 +193,8 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
             "threshold": guard.threshold,
             "gate": guard.gate_rule(),
             "window": guard.window,
+            "hold": guard.hold,
+            "latch": guard.latch,
             "detector_latents": len(guard.detector) if guard.detector is not None else None,
             "clamp": guard.clamp,
             "clamp_mode": guard.clamp_mode,

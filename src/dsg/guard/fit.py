@@ -300,6 +300,12 @@ def fit(
                 "few or too alike to tell the two apart. Raise gate_latch_percentile, lower gate_percentile, or "
                 "calibrate on more text."
             )
+        if detector is None and latch >= 1.0:
+            raise DSGError(
+                f"The latch level (the {config.gate_latch_percentile:g}th percentile of the calibration statistic) is "
+                "1.0: no window's share of flagged tokens can exceed it, so the answer would never latch. Lower "
+                "gate_latch_percentile, or calibrate on text unlike the forget corpus."
+            )
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
     tensors["calibration_rho"] = rho

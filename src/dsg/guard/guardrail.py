@@ -36,6 +36,7 @@ FORMAT_VERSION = 2  # 2: guardrail.json carries a content hash
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
+_OWN_FIELDS = ("format", "format_version", "dsg_version", "name", "detector")  # written by to_json, never by info
 RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated", "window", "hold", "latch")
 
 
@@ -276,6 +277,13 @@ class Guardrail:
 
     # ---- use ------------------------------------------------------------------------------------------------
 
+    def to(self, device: torch.device | str) -> Guardrail:
+        """Move what the rule reads (the selected latents and the detector) to `device`; returns self."""
+        self.latents.to(device)
+        if self.detector is not None:
+            self.detector.to(device)
+        return self
+
     def applied(self, model: torch.nn.Module, verify: bool = True):
         """The Intervention protocol: `with guard.applied(model) as session: model(...)`, run by the runtime that
         supports the model (dsg.runtime)."""
@@ -318,7 +326,7 @@ class Guardrail:
             **({"hold": self.hold} if self.hold is not None else {}),
             **({"latch": self.latch} if self.latch is not None else {}),
             **({"detector": {"latents": len(self.detector), "scale": SCALE}} if self.detector is not None else {}),
-            **{k: v for k, v in self.info.items() if k != "sae"},
+            **{k: v for k, v in self.info.items() if k not in ("sae", *RULE_FIELDS, *_OWN_FIELDS)},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
         }
 

@@ -43,7 +43,12 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def check_rule(
@@ -65,6 +70,9 @@ def check_rule(
         raise DSGError(f"{where}: 'latch' guards the answer of a gate held open, so 'hold' must be set.")
     if latch is not None and _is_number(threshold) and latch <= threshold:
         raise DSGError(f"{where}: 'latch' ({latch!r}) must lie above 'threshold' ({threshold!r}).")
+    if latch is not None and not detector and latch >= 1:
+        raise DSGError(f"{where}: 'latch' ({latch!r}) is a share of flagged tokens that a window must exceed, so it "
+                       "must lie below 1.")  # fmt: skip
     if not isinstance(hook, str) or not hook:
         raise DSGError(f"{where}: 'hook' must be a non-empty string, got {hook!r}.")
     if not isinstance(features, (list, tuple)) or not features or not all(_is_int(j) for j in features):

@@ -169,7 +169,7 @@ def gate_rates(
     """The statistic the guardrail's gate compares with its threshold, for each sequence [n]: rho(x), the fraction
     of its real tokens on which any selected latent fires, or (windowed gate) the largest such fraction over any
     `window` consecutive real tokens (with a detector: the largest window mean of its evidence)."""
-    guardrail.latents.to(next(model.parameters()).device)
+    guardrail.to(next(model.parameters()).device)
     out = torch.zeros(len(sequences))
     shard = list(my_share(batches(sequences, batch_size, pad_id)))
     bar = tqdm(shard, desc=desc, unit="batch", disable=not progress or not world().main, leave=False)

@@ -58,8 +58,10 @@ class Attachment:
     prompt_length: int | None = None  # set by reference_generate: positions beyond it are treated as generated
     _held: torch.Tensor | None = None  # [B, G] decisions held fixed (see hold)
     _held_from: torch.Tensor | None = None  # [B, G] positions from which held rows are clamped (see hold)
+    _held_mask: torch.Tensor | None = None  # [B, G, T] positions clamped exactly as given (see hold)
     _first_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B] first clamped position
     _clamped_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B] any token clamped
+    _clamp_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B, T] the prompt's clamp
     _fork: Callable[[torch.Tensor], None] | None = None  # set by the attachment: forks its per-thread gate states
 
     @property
@@ -88,10 +90,21 @@ class Attachment:
             return None
         return torch.stack([self._first_by[i] for i in range(len(self.guardrails))], 1)
 
-    def hold(self, decisions: torch.Tensor | None, start: torch.Tensor | None = None) -> None:
+    def clamp_mask(self) -> torch.Tensor | None:
+        """[B, G, T] bool: which tokens each guardrail clamped in the latest prompt forward."""
+        if len(self._clamp_by) != len(self.guardrails):
+            return None
+        return torch.stack([self._clamp_by[i] for i in range(len(self.guardrails))], 1)
+
+    def hold(
+        self, decisions: torch.Tensor | None, start: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> None:
         """Judge no more: in the following forwards, flagged tokens of rows whose decision is on are clamped (from
-        position `start` [B, G] on, when given) and other rows pass through (None judges again)."""
-        self._held, self._held_from = decisions, start
+        position `start` [B, G] on, when given) and other rows pass through (None judges again). `mask` [B, G, T']
+        adds the tokens to clamp before `start` exactly: a prompt's own clamp_mask, so that re-running the prompt
+        with a continuation after it repeats the prompt's clamping token for token (a gate held open for a while
+        can close and open again inside a prompt, which no single start position describes)."""
+        self._held, self._held_from, self._held_mask = decisions, start, mask
 
     def fork(self, rows: torch.Tensor) -> None:
         """The following forwards continue rows `rows` (repeats allowed) of the latest forward: its gate states and
@@ -100,7 +113,7 @@ class Attachment:
         pick = [g for g in self._gated_by if g is not None]
         rows = rows.to(pick[0].device) if pick else rows
         self._gated_by = [None if g is None else g[rows] for g in self._gated_by]
-        self._first_by, self._clamped_by = {}, {}
+        self._first_by, self._clamped_by, self._clamp_by = {}, {}, {}
         if self._fork is not None:
             self._fork(rows)
 
@@ -199,6 +212,9 @@ class _Attached:
             if session._held is not None:
                 start = None if session._held_from is None else session._held_from[:, i]
                 clamp_BT = rule.held(a, session._held[:, i], start)
+                if session._held_mask is not None:
+                    given = session._held_mask[:, i, :T].to(a.device)
+                    clamp_BT[:, : given.shape[1]] |= given & a[:, : given.shape[1]]
             else:
                 prev = self.states[i] if forward.continuation else None
                 if forward.continuation and (prev is None or prev.gated.shape[0] != B):
@@ -212,6 +228,7 @@ class _Attached:
                     first = clamp_BT.long().argmax(1)
                     session._first_by[i] = torch.where(clamp_BT.any(1), first, torch.full_like(first, T))
                     session._clamped_by[i] = clamp_BT.any(1)
+                    session._clamp_by[i] = clamp_BT
             if clamp_BT.any():
                 out = rule.apply_delta(x_BTD, *g.delta(f, clamp_BT), out)
         return out
@@ -317,7 +334,7 @@ def attach(
                 guardrails[i].check_model(model, points[name])
     device = next(model.parameters()).device
     for g in guardrails:
-        g.latents.to(device)
+        g.to(device)
     specials = list(special_ids) if special_ids is not None else special_token_ids(model)
     att = _Attached(model, guardrails, by_hook, specials)
     with _hooks_on(model, list(points.values())):

@@ -71,7 +71,7 @@ if HFLM is not None:
                 for g in self.guardrails:
                     g.check_model(model)
             self._decisions: dict[tuple[int, ...], torch.Tensor] = {}
-            self._starts: dict[tuple[int, ...], torch.Tensor] = {}  # first clamped position within the context
+            self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # [G, len] which context tokens were clamped
             self._lengths: list[int] = []
 
         @torch.inference_mode()
@@ -86,10 +86,10 @@ if HFLM is not None:
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 with attach(self.model, *self.guardrails, verify=False) as session:
                     self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-                first = session.first_clamped().cpu()
+                masks = session.clamp_mask().cpu()
                 for row, (c, d) in enumerate(zip(chunk, session.decisions().cpu())):
                     self._decisions[c] = d
-                    self._starts[c] = first[row] - (ids.shape[1] - len(c))  # left padding removed
+                    self._masks[c] = masks[row, :, ids.shape[1] - len(c) :]  # left padding removed
             self._lengths = sorted({len(c) for c in self._decisions}, reverse=True)
 
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
@@ -97,21 +97,25 @@ if HFLM is not None:
                 self._judge([tuple(context_enc) for _, context_enc, _ in requests])
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
 
-        def _held(self, inps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-            """The held decisions [B, G] of the rows' contexts (longest context that prefixes the row) and where
-            each context's own clamping began [B, G] (rows start at position 0), or (None, None) when some row's
-            context is unknown. A row holds its context's prompt rule: a windowed gate that opened mid-context
-            leaves the context tokens before the opening unclamped, as in dsg eval's prefill."""
+        def _held(self, inps: torch.Tensor) -> tuple:
+            """For the rows (each starting at position 0 with its context, the longest known context that prefixes
+            it): their contexts' decisions [B, G], where their continuations begin [B, G], and which context tokens
+            the context's own forward clamped [B, G, T]; (None, None, None) when some row's context is unknown. A
+            row thus repeats its context's prefill token for token (a windowed gate that opened, or opened and
+            closed, mid-context), and its continuation holds the context's decision, as in dsg eval."""
             rows = inps.tolist()
-            decisions, starts = [], []
+            T = inps.shape[1]
+            decisions, starts, masks = [], [], []
             for row in rows:
                 found = next((tuple(row[:n]) for n in self._lengths
                               if n <= len(row) and tuple(row[:n]) in self._decisions), None)  # fmt: skip
                 if found is None:
-                    return None, None
-                decisions.append(self._decisions[found])
-                starts.append(self._starts[found])
-            return torch.stack(decisions), torch.stack(starts)
+                    return None, None, None
+                d, m = self._decisions[found], self._masks[found]
+                decisions.append(d)
+                starts.append(torch.full_like(d, len(found), dtype=torch.long))
+                masks.append(torch.nn.functional.pad(m, (0, T - m.shape[1])))
+            return torch.stack(decisions), torch.stack(starts), torch.stack(masks)
 
         def _model_call(self, inps, attn_mask=None, labels=None):
             if not self.guardrails:

@@ -75,6 +75,10 @@ def serve_command(
         audit.parent.mkdir(parents=True, exist_ok=True)
         config = {"guardrails": [str(Path(p).resolve()) for p in guardrails], "audit_log": str(audit)}
         argv += ["--additional-config", json.dumps({"dsg": config})]
+        if _graphs_possible() and "--enforce-eager" not in extra:
+            # a captured CUDA graph replays its kernels without running Python, so the guardrail op (which reads
+            # the step's requests from Python state) would be skipped on replay: run the model eagerly
+            argv += ["--enforce-eager"]
         named = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
         if named:  # the user allow-lists plugins: add ours to the list
             env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*named, *PLUGINS]))
@@ -82,6 +86,13 @@ def serve_command(
             env["VLLM_PLUGINS"] = ",".join(PLUGINS)
     argv += list(extra)
     return argv, env
+
+
+def _graphs_possible() -> bool:
+    """Whether vLLM may capture CUDA (or ROCm) graphs here: an accelerator is visible."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def check_vllm() -> None:

@@ -94,7 +94,7 @@ class _Worker:
         self.hooks = {g.hook: _layer_index(g.hook) for g in self.guardrails}
         device = runner.device
         for g in self.guardrails:
-            g.latents.to(device)
+            g.to(device)
         self._wrap_layers(runner.get_model())
 
     def _wrap_layers(self, model) -> None:
