@@ -140,6 +140,13 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
     if kind != "static":
         decided = {e["request_id"] for e in events if e["event"] == "prompt"}
         assert decided == {str(r) for r in range(len(seqs))}
+        for e in (e for e in events if e["event"] == "prompt"):  # the last prompt event of a recomputed request
+            r = int(e["request_id"])
+            want = reference(g, seqs[r], acts[r], prompts[r], specials)
+            last = [x for x in events if x["request_id"] == e["request_id"] and x["event"] == "prompt"][-1]
+            assert last["prompt_clamped"] == sum(p < prompts[r] for p in want), f"request {r}"
+    if kind == "held":  # a held gate clamps inside some prompt and is shut at its end: the event says both
+        assert any(e["prompt_clamped"] > 0 and not e["gated"] for e in events if e["event"] == "prompt")
     if kind in ("paper", "detector", "held", "latch"):
         on = {e["request_id"] for e in events if e["gated"]}
         assert 0 < len(on) < len(seqs)  # some requests gated, some not: the gates are per request

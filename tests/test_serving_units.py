@@ -106,5 +106,18 @@ def test_audit_index_reads_appended_lines_and_finds_requests_by_client_id(tmp_pa
     assert [r["rho"] for r in index.records("xyz")] == [0.6]
     found = index.records("abc")
     assert decision(found)["gated"] is True  # latched while decoding
-    assert headers_for(found) == {"x-dsg-gated": "true", "x-dsg-rho": "0.5"}
+    assert headers_for(found) == {"x-dsg-gated": "true", "x-dsg-prompt-clamped": "0", "x-dsg-rho": "0.5"}
     assert headers_for(index.records("xyz"))["x-dsg-gated"] == "true"
+
+
+def test_a_prompt_clamped_under_a_gate_that_shut_again_is_reported():
+    """A held gate can clamp a forget stretch of a prompt and be shut at its end: the response says so."""
+    records = [
+        {"request_id": "r", "event": "prompt", "guardrail": "a", "rho": 9.0, "gated": False, "prompt_clamped": 7},
+        {"request_id": "r", "event": "prompt", "guardrail": "b", "rho": 0.1, "gated": False, "prompt_clamped": 2},
+    ]
+    d = decision(records)
+    assert d["gated"] is False and d["prompt_clamped"] == 9
+    assert [g["prompt_clamped"] for g in d["guardrails"]] == [7, 2]
+    assert headers_for(records)["x-dsg-prompt-clamped"] == "9"
+    assert headers_for(records[:1] + [records[1] | {"prompt_clamped": None}])["x-dsg-prompt-clamped"] == "7"

@@ -160,7 +160,7 @@ def _check(answers: list[dict], expected: dict, audit: Path) -> None:
              for a in answers if a["text"] != expected[(a["kind"], a["prompt"])]["completion"]]  # fmt: skip
     assert not wrong, f"{len(wrong)} of {len(answers)} differ from dsg generate: {wrong[:3]}"
     records = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert {"time", "request_id", "guardrail", "rho", "gated"} <= set(records[0])
+    assert {"time", "request_id", "guardrail", "rho", "gated", "prompt_clamped"} <= set(records[0])
     for a in answers:
         want = bool(expected[(a["kind"], a["prompt"])]["gated"])
         assert a["dsg"] is not None and a["dsg"]["gated"] == want, a  # the final decision, in the body

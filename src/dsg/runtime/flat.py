@@ -78,6 +78,7 @@ class RequestGates:
         self.guardrails = list(guardrails)
         self.specials = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
         self.states: dict[str, list] = {}  # request id -> per-guardrail state (None before its first chunk)
+        self.prompt_clamped: dict[str, list[int]] = {}  # request id -> per-guardrail count of clamped prompt tokens
         self.on_event = on_event
         self.labels = list(labels) if labels is not None else [{"guardrail": g.name or f"guardrail-{i}"}
                                                                 for i, g in enumerate(self.guardrails)]  # fmt: skip
@@ -91,6 +92,7 @@ class RequestGates:
         keep = set(request_ids)
         for rid in [r for r in self.states if r not in keep]:
             del self.states[rid]
+            self.prompt_clamped.pop(rid, None)
 
     def decision(self, request_id: str) -> list[bool] | None:
         """Each guardrail's latched decision for a request (None before its prompt was judged)."""
@@ -123,6 +125,7 @@ class RequestGates:
                         "hit, which the guardrail cannot judge; serve it with prefix caching off."
                     )
                 self.states[c.request_id] = [None] * len(self.guardrails)
+                self.prompt_clamped[c.request_id] = [0] * len(self.guardrails)
         decoding = [c for c in chunks if c.prompt_tokens == 0]
         prefilling = [c for c in chunks if c.prompt_tokens > 0]
         out_idx, out_delta = [], []
@@ -211,6 +214,7 @@ class RequestGates:
             state = rule.GateState(int(state.flagged[0]), int(state.real[0]), bool(state.gated[0]))
         self.states[c.request_id][i] = state
         clamp_N[sl] |= clamp[0]
+        self.prompt_clamped[c.request_id][i] += int(clamp[0, : c.prompt_tokens].sum())
         if c.position + c.prompt_tokens == c.prompt_length:
             self._event(c, i, g, state, "prompt")
 
@@ -230,4 +234,5 @@ class RequestGates:
             "threshold": g.threshold if g.gated else None,
             "gated": _gated(state),
             "prompt_tokens": c.prompt_length,
+            "prompt_clamped": self.prompt_clamped[c.request_id][i],
         })  # fmt: skip

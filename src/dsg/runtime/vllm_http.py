@@ -5,12 +5,15 @@ Entry point `vllm.endpoint_plugins: dsg_http` (loaded when `VLLM_PLUGINS` names 
 vLLM turns into the engine's request id; the engine side (runtime/vllm.py) appends each gate decision to the audit
 log under that id, and this plugin answers from the log:
 
-  * an extra `dsg` field in the response body: `{"gated": true, "guardrails": [{guardrail, event, rho,
-    threshold, gated}]}`, the final decision (gated when any guardrail gated the request, on its prompt or
-    latched while decoding); a streamed response sends it as one more event (`"object": "dsg.decision"`, no
-    choices) before `[DONE]`;
-  * response headers `x-dsg-gated` and `x-dsg-rho` (each guardrail's rho, comma-separated): the final decision,
-    or for a streamed response the prompt's (headers leave with the first chunk);
+  * an extra `dsg` field in the response body: `{"gated": true, "prompt_clamped": 12, "guardrails": [{guardrail,
+    event, rho, threshold, gated, prompt_clamped}]}`, the final decision (gated when any guardrail gated the
+    request, on its prompt or latched while decoding) and how many prompt tokens were clamped (a gate held open
+    clamps near a forget stretch of a prompt and may be shut again at its end: `gated` false, `prompt_clamped`
+    not 0); a streamed response sends it as one more event (`"object": "dsg.decision"`, no choices) before
+    `[DONE]`;
+  * response headers `x-dsg-gated`, `x-dsg-prompt-clamped` (clamped prompt tokens, all guardrails) and
+    `x-dsg-rho` (each guardrail's rho, comma-separated): the final decision, or for a streamed response the
+    prompt's (headers leave with the first chunk);
   * `GET /v1/dsg/decisions/{request_id}`: every audit record of a request.
 """
 
@@ -84,7 +87,8 @@ def decision(records: list[dict]) -> dict:
         latest[r.get("guardrail", "?")] = r
     return {
         "gated": any(bool(r.get("gated")) for r in records),
-        "guardrails": [{k: r.get(k) for k in ("guardrail", "event", "rho", "threshold", "gated")}
+        "prompt_clamped": sum(int(r.get("prompt_clamped") or 0) for r in latest.values()),
+        "guardrails": [{k: r.get(k) for k in ("guardrail", "event", "rho", "threshold", "gated", "prompt_clamped")}
                        for r in latest.values()],
     }  # fmt: skip
 
@@ -93,6 +97,7 @@ def headers_for(records: list[dict]) -> dict[str, str]:
     d = decision(records)
     return {
         "x-dsg-gated": "true" if d["gated"] else "false",
+        "x-dsg-prompt-clamped": str(d["prompt_clamped"]),
         "x-dsg-rho": ",".join(f"{g['rho']:.6g}" for g in d["guardrails"]),
     }
 
