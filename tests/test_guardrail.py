@@ -1,5 +1,7 @@
 """The gate and the clamp: exactness, invariance to batching and padding, generation, several guardrails."""
 
+import json
+
 import pytest
 import torch
 
@@ -455,3 +457,23 @@ def test_a_token_share_latch_must_be_reachable():
     with pytest.raises(dsg.DSGError, match="below 1"):
         dsg.Guardrail(sae, features=[0, 1], threshold=0.5, window=4, hold=2, latch=1.0)
     assert dsg.Guardrail(sae, features=[0, 1], threshold=0.5, window=4, hold=2, latch=0.75).latch == 0.75
+
+
+def test_a_window_past_any_context_is_refused_in_code_files_and_fitting(tmp_path):
+    """A window's state holds a flag per token: a huge one in an edited file must not allocate gigabytes."""
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    sae = tiny_sae()
+    with pytest.raises(dsg.DSGError, match="'window' must be a positive integer up to"):
+        dsg.Guardrail(sae, features=[0, 1], threshold=0.5, window=10**9)
+    dsg.Guardrail(sae, features=[0, 1], threshold=0.5, window=1 << 17).save(tmp_path / "g")
+    meta_path = tmp_path / "g" / "guardrail.json"
+    meta = json.loads(meta_path.read_text())
+    meta["window"] = 10**12  # re-hashed, so only the field check can catch it
+    meta[HASH_FIELD] = content_sha256(meta, read_safetensors(tmp_path / "g" / "guardrail.safetensors"))
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(dsg.DSGError, match="up to 131072"):
+        dsg.Guardrail.load(tmp_path / "g")
+    with pytest.raises(dsg.DSGError, match="gate_window must be between 1 and 131072"):
+        dsg.FitConfig(gate_window=(1 << 17) + 1)

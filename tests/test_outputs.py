@@ -74,3 +74,32 @@ def test_a_folder_dsg_did_not_write_is_never_replaced(tmp_path):
     assert check_output_dir(tmp_path / "empty", "guardrail") == tmp_path / "empty"  # an empty folder is fine
     assert check_output_dir(tmp_path / "new" / "deeper", "guardrail").name == "deeper"  # so is a new path
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_a_folder_that_only_borrows_dsgs_file_names_is_never_replaced(tmp_path):
+    """--overwrite replaces what dsg wrote: the file names alone do not make a folder ours."""
+    cases = {
+        "demo": {"results.json": '{"accuracy": 1}', "report.md": "my notes"},  # a user's own results
+        "SAE": {"cfg.json": "not json", "sae_weights.safetensors": "x"},
+        "guardrail": {"guardrail.json": '{"format": "dsg-guardrail"}', "guardrail.safetensors": "x", "sae": "a file"},
+    }
+    for kind, entries in cases.items():
+        keep = tmp_path / kind
+        keep.mkdir()
+        for name, text in entries.items():
+            (keep / name).write_text(text)
+        with pytest.raises(dsg.DSGError, match=f"does not hold a dsg {kind}"):
+            check_output_dir(keep, kind, overwrite=True)
+        assert sorted(os.listdir(keep)) == sorted(entries)
+    demo = tmp_path / "demo2"  # a demo folder whose guardrail/ is someone else's folder
+    demo.mkdir()
+    (demo / "results.json").write_text('{"dsg_version": "0.1.0", "fit_config": {}}')
+    (demo / "guardrail").mkdir()
+    (demo / "guardrail" / "photos.txt").write_text("mine")
+    with pytest.raises(dsg.DSGError, match="does not hold a dsg demo"):
+        check_output_dir(demo, "demo", overwrite=True)
+    (demo / "guardrail" / "photos.txt").unlink()
+    _guardrail_folder(demo / "guardrail2", "g")
+    os.rmdir(demo / "guardrail")
+    os.rename(demo / "guardrail2", demo / "guardrail")
+    assert check_output_dir(demo, "demo", overwrite=True) == demo  # what dsg writes is still replaced

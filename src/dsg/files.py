@@ -127,14 +127,45 @@ def _is_run_store(runs: Path) -> bool:
     ) and any(e.suffix == ".json" for m in methods for e in m.iterdir())
 
 
-ARTIFACTS = {
-    "guardrail": lambda p: (
+def _json_object_with(path: Path, *keys: str) -> bool:
+    """`path` is a JSON object holding `keys` (a file named like ours but written by something else is not)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
+
+
+def _is_guardrail(p: Path) -> bool:
+    return (
         _holds("guardrail.json", "guardrail.safetensors", "sae")(p)
         and _format_tag(p / "guardrail.json") == "dsg-guardrail"
-    ),
+        and (p / "guardrail.safetensors").is_file()
+        and (not (p / "sae").exists() or (p / "sae").is_dir())
+    )
+
+
+def _is_sae(p: Path) -> bool:
+    return (
+        _holds("cfg.json", "sae_weights.safetensors", "training.json")(p)
+        and _json_object_with(p / "cfg.json", "d_in", "d_sae")
+        and (p / "sae_weights.safetensors").is_file()
+    )
+
+
+def _is_demo(p: Path) -> bool:
+    return (
+        _holds("results.json", "report.md", "report.png", "guardrail")(p)
+        and _json_object_with(p / "results.json", "dsg_version", "fit_config")
+        and (not (p / "guardrail").exists() or _is_guardrail(p / "guardrail"))
+    )
+
+
+ARTIFACTS = {
+    "guardrail": _is_guardrail,
     "weight edit": lambda p: _holds("edit.json", "edit.safetensors")(p) and _format_tag(p / "edit.json") == "dsg-edit",
-    "SAE": _holds("cfg.json", "sae_weights.safetensors", "training.json"),
-    "demo": _holds("results.json", "report.md", "report.png", "guardrail"),
+    "SAE": _is_sae,
+    "demo": _is_demo,
     "comparison": lambda p: _holds("runs", "compare.json", "report.html")(p) and _is_run_store(p / "runs"),
     "converted model": lambda p: (p / "dsg_conversion.json").is_file(),
 }

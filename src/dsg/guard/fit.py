@@ -29,6 +29,7 @@ from ..lm.hooks import check_width, resolve
 from ..lm.text import pad_id_of, subsample, tokenize
 from .detector import fit_weights, window_features
 from .guardrail import Guardrail
+from .integrity import MAX_WINDOW
 from .rule import CLAMP_MODES
 from .scorers import SCORERS, scores
 from .stats import LatentSums, collect_stats, gate_rates
@@ -108,8 +109,8 @@ class FitConfig:
             raise DSGError(f"clamp must be positive (latents are set to -clamp), got {self.clamp}.")
         if self.max_length < 2 or self.max_sequences < 1 or self.batch_size < 1:
             raise DSGError("max_length must be >= 2 and max_sequences, batch_size >= 1.")
-        if self.gate_window is not None and self.gate_window < 1:
-            raise DSGError(f"gate_window must be at least 1 token, got {self.gate_window}.")
+        if self.gate_window is not None and not 1 <= self.gate_window <= MAX_WINDOW:
+            raise DSGError(f"gate_window must be between 1 and {MAX_WINDOW} tokens, got {self.gate_window}.")
         if self.detector and self.gate_window is None:
             raise DSGError("The detector gate reads windows of tokens: set gate_window (--gate-window) as well.")
         if self.gate_hold is not None and (self.gate_window is None or self.gate_hold < 1):

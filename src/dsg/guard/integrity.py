@@ -26,6 +26,8 @@ from .detector import SCALE as DETECTOR_SCALE
 from .rule import CLAMP_MODES
 
 HASH_FIELD = "content_sha256"
+MAX_WINDOW = 1 << 17  # tokens: a window past any model's context reads like the whole input, and each request's
+# gate state holds one flag per window token
 MAX_CLAMP = 1e6  # far above any useful clamp (500 is the paper's), far below float overflow in the residual delta
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -56,8 +58,9 @@ def check_rule(
     hold=None, latch=None,
 ) -> None:  # fmt: skip
     """The rule's parameters: the same checks for a guardrail built in code and one read from a file."""
-    if window is not None and (not _is_int(window) or window < 1):
-        raise DSGError(f"{where}: 'window' must be a positive integer (tokens) or absent, got {window!r}.")
+    if window is not None and (not _is_int(window) or not 1 <= window <= MAX_WINDOW):
+        raise DSGError(f"{where}: 'window' must be a positive integer up to {MAX_WINDOW} (tokens) or absent, got "
+                       f"{window!r}.")  # fmt: skip
     if detector and window is None:
         raise DSGError(f"{where}: a detector gate reads windows of tokens, so 'window' must be set.")
     if hold is not None and (not _is_int(hold) or hold < 1):
