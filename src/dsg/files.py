@@ -100,12 +100,18 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
 # ---- output directories ---------------------------------------------------------------------------------------
 
 
-def _format_tag(path: Path) -> str | None:
+def _json_object(path: Path) -> dict | None:
+    """The JSON object in `path`, or None where it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data.get("format") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _format_tag(path: Path) -> str | None:
+    data = _json_object(path)
+    return data.get("format") if data is not None else None
 
 
 def _holds(*names: str):
@@ -129,11 +135,8 @@ def _is_run_store(runs: Path) -> bool:
 
 def _json_object_with(path: Path, *keys: str) -> bool:
     """`path` is a JSON object holding `keys` (a file named like ours but written by something else is not)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and all(k in data for k in keys)
+    data = _json_object(path)
+    return data is not None and all(k in data for k in keys)
 
 
 def _is_guardrail(p: Path) -> bool:
