@@ -231,6 +231,19 @@ def test_fit_refuses_a_gate_that_could_never_open(tiny_llama):
         dsg.fit(model, tok, tiny_sae(d_in=model.config.hidden_size), FORGET, RETAIN, config=config, progress=False)
 
 
+def test_gate_levels_refuse_a_latch_that_cannot_be_told_from_the_threshold_or_exceeded():
+    """The latch level must lie above the threshold, and (a share of flagged tokens) below 1."""
+    from dsg.guard.fit import _gate_levels
+
+    config = dsg.FitConfig(gate_window=4, gate_hold=2, gate_percentile=50, gate_latch_percentile=100)
+    assert _gate_levels(torch.tensor([0.1, 0.2, 0.3, 0.6]), config, False) == pytest.approx((0.25, 0.6))
+    with pytest.raises(dsg.DSGError, match="does not lie above the gate threshold"):
+        _gate_levels(torch.full((5,), 0.4), config, False)
+    with pytest.raises(dsg.DSGError, match="would never latch"):
+        _gate_levels(torch.tensor([0.1, 0.2, 0.3, 1.0]), config, False)
+    assert _gate_levels(torch.tensor([0.1, 0.2, 0.3, 7.0]), config, True)[1] == pytest.approx(7.0)  # detector
+
+
 def test_overwrite_replaces_an_earlier_guardrail(files, capsys):
     inputs = ["--forget", str(files / "forget.jsonl"), "--retain", str(files / "retain.txt")]
     args = ["fit", "--model", str(files / "model"), "--sae", str(files / "sae"), "--max-length", "64", *inputs]

@@ -283,30 +283,7 @@ def fit(
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
-    threshold = float(np.percentile(rho.double().numpy(), config.gate_percentile))
-    if config.gated and detector is None and threshold >= 1.0:
-        raise DSGError(
-            f"The gate could never open: the {config.gate_percentile:g}th percentile of rho over the "
-            f"{len(calib_seqs)} calibration sequences is 1.0 (the selected latents fire on every token of them), and "
-            "an input is gated only when rho exceeds it. Calibrate on text unlike the forget corpus (the retain "
-            "corpus must not be the forget corpus), use more forget and retain text, or lower gate_percentile."
-        )
-    latch = None
-    if config.gated and config.gate_latch_percentile is not None:
-        latch = float(np.percentile(rho.double().numpy(), config.gate_latch_percentile))
-        if latch <= threshold:
-            raise DSGError(
-                f"The latch level (the {config.gate_latch_percentile:g}th percentile of the calibration statistic, "
-                f"{latch:.4g}) does not lie above the gate threshold ({threshold:.4g}): the calibration texts are too "
-                "few or too alike to tell the two apart. Raise gate_latch_percentile, lower gate_percentile, or "
-                "calibrate on more text."
-            )
-        if detector is None and latch >= 1.0:
-            raise DSGError(
-                f"The latch level (the {config.gate_latch_percentile:g}th percentile of the calibration statistic) is "
-                "1.0: no window's share of flagged tokens can exceed it, so the answer would never latch. Lower "
-                "gate_latch_percentile, or calibrate on text unlike the forget corpus."
-            )
+    threshold, latch = _gate_levels(rho, config, detector is not None)
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
     tensors["calibration_rho"] = rho
@@ -322,6 +299,37 @@ def fit(
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                      hold=config.gate_hold, latch=latch, detector=detector, name=name, info=info,
                      tensors=tensors)  # fmt: skip
+
+
+def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool) -> tuple[float, float | None]:
+    """The gate's threshold and latch level: percentiles of the calibration statistic `rho` (one value per
+    calibration sequence), or a DSGError where a level could never be exceeded or does not lie above the other."""
+    values = rho.double().numpy()
+    threshold = float(np.percentile(values, config.gate_percentile))
+    if config.gated and not has_detector and threshold >= 1.0:
+        raise DSGError(
+            f"The gate could never open: the {config.gate_percentile:g}th percentile of rho over the "
+            f"{len(values)} calibration sequences is 1.0 (the selected latents fire on every token of them), and "
+            "an input is gated only when rho exceeds it. Calibrate on text unlike the forget corpus (the retain "
+            "corpus must not be the forget corpus), use more forget and retain text, or lower gate_percentile."
+        )
+    latch = None
+    if config.gated and config.gate_latch_percentile is not None:
+        latch = float(np.percentile(values, config.gate_latch_percentile))
+        if latch <= threshold:
+            raise DSGError(
+                f"The latch level (the {config.gate_latch_percentile:g}th percentile of the calibration statistic, "
+                f"{latch:.4g}) does not lie above the gate threshold ({threshold:.4g}): the calibration texts are too "
+                "few or too alike to tell the two apart. Raise gate_latch_percentile, lower gate_percentile, or "
+                "calibrate on more text."
+            )
+        if not has_detector and latch >= 1.0:
+            raise DSGError(
+                f"The latch level (the {config.gate_latch_percentile:g}th percentile of the calibration statistic) is "
+                "1.0: no window's share of flagged tokens can exceed it, so the answer would never latch. Lower "
+                "gate_latch_percentile, or calibrate on text unlike the forget corpus."
+            )
+    return threshold, latch
 
 
 def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, held: bool) -> dict:
