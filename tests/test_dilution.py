@@ -186,3 +186,28 @@ def test_questions_take_different_paddings_in_turn_and_the_paddings_alone_are_ju
         handle.remove()
     # each padding's questions are scored together: 4 paddings x 2 questions, one shared prefix each
     assert sum(1 for s in shapes if s[0] == 1) >= 4
+
+
+def test_gate_rates_on_texts_stop_at_the_gate_and_agree_with_whole_forwards(tiny_llama):
+    """Only the gates' decisions are read, so the forwards end at the guardrail's layer; the rates are those of
+    whole forwards under the attached guardrail."""
+    import torch
+
+    from dsg.runtime.intervention import acted_on
+
+    model, tok = tiny_llama
+    qs, guard = _padded_setting(model, tok, window=12, hold=6)
+    texts = [q["question"] for q in qs]
+    gated = touched = 0
+    for t in texts:
+        with dsg.attach(model, guard) as session, torch.no_grad():
+            model(input_ids=torch.tensor([tok(t)["input_ids"]]))
+        gated, touched = gated + int(session.gated[0]), touched + int(acted_on(session)[0])
+    heads = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *_: heads.append(1))
+    try:
+        rates = gate_rates_on_texts(model, tok, texts, guard)
+    finally:
+        handle.remove()
+    assert rates == (gated / len(texts), touched / len(texts)) and 0 < gated < len(texts)
+    assert not heads  # no forward went past the guardrail's layer

@@ -426,3 +426,52 @@ def test_two_guardrails_and_a_weight_edit_score_as_one_intervention(tok, questio
     assert [r.scores for r in mixed] == [r.scores for r in separate]
     assert [r.gated for r in mixed] == [r.gated for r in separate] and any(r.gated for r in mixed)
     assert repr(as_intervention([g0, edit, g1])).startswith("<dsg.runtime.intervention.Stack")
+
+
+# ---- batches the gates leave alone ----------------------------------------------------------------------------
+
+
+def _head_calls(model):
+    """A counter of forwards that reach the output head (hooks removed by the caller)."""
+    calls = []
+    return calls, model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_batches_the_gates_leave_alone_take_the_unguarded_results(llama, tok, guard, batch_size):
+    """With the base model's results given, a batch no gate opens on stops at the gate's layer and takes them: the
+    results are exactly those of finishing every guarded forward, and fewer forwards reach the output head."""
+    qs = make_questions(16, seed=3)
+    base = score_mcq(llama, tok, qs, batch_size=batch_size, progress=False)
+    counted = {}
+    for name, unguarded in (("full", None), ("fast", base)):
+        calls, handle = _head_calls(llama)
+        try:
+            res = score_mcq(llama, tok, qs, intervention=guard, batch_size=batch_size, progress=False,
+                            unguarded=unguarded)  # fmt: skip
+        finally:
+            handle.remove()
+        counted[name] = (res, len(calls))
+    (full, n_full), (fast, n_fast) = counted["full"], counted["fast"]
+    assert fast == full  # bit for bit, scores and gate decisions
+    assert 0 < sum(bool(r.gated) for r in full) < len(qs)
+    if batch_size == 1:  # every ungated question is a batch of its own: its prefill and choices forwards are saved
+        assert n_fast < n_full
+    # a weight edit beside the guardrail changes every answer: its results are never replaced by the base model's
+    from dsg.runtime import Edit
+
+    head = llama.get_output_embeddings().weight
+    edit = Edit({next(n for n, p in llama.named_parameters() if p is head): head.detach() * 0.5})
+    edited_runs = [score_mcq(llama, tok, qs, intervention=[guard, edit], batch_size=batch_size, progress=False,
+                             unguarded=u) for u in (None, base)]  # fmt: skip
+    assert edited_runs[0] == edited_runs[1] and edited_runs[1] != full
+
+
+def test_unguarded_results_of_other_questions_are_refused(llama, tok, guard):
+    qs = make_questions(6, seed=4)
+    base = score_mcq(llama, tok, qs, batch_size=2, progress=False)
+    guarded = score_mcq(llama, tok, qs, intervention=guard, batch_size=2, progress=False)
+    for wrong, words in ((base[:-1], "5 results for 6"), (base[::-1], "another question"),
+                         (guarded, "without an intervention")):  # fmt: skip
+        with pytest.raises(dsg.DSGError, match=words):
+            score_mcq(llama, tok, qs, intervention=guard, batch_size=2, progress=False, unguarded=wrong)

@@ -70,3 +70,41 @@ def test_stop_forward_ends_the_pass_and_hooks_are_removed():
     assert len(model.model.layers[0]._forward_hooks) == 0
     model(random_ids(1, 4))
     assert calls == [torch.Size([1, 4, 32])]
+
+
+def test_a_forward_stopped_after_a_hook_stops_only_in_its_own_thread():
+    """stopped_after ends this thread's forwards at the hook (the rest of the block is skipped); a forward another
+    thread runs on the same model meanwhile passes through whole, with the logits it has without the block."""
+    import threading
+
+    from dsg.lm.hooks import stopped_after
+
+    model = tiny_model("llama", layers=3)
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        expected = model(ids).logits
+    seen, reached = {}, []
+    with torch.no_grad(), stopped_after(model, "blocks.1.hook_resid_post", lambda x: seen.setdefault("x", x)):
+        other = threading.Thread(target=lambda: seen.__setitem__("other", model(ids).logits))
+        other.start()
+        other.join()
+        model(ids)
+        reached.append(True)  # never: the forward above ended at the hook
+    assert not reached and seen["x"].shape == (2, 7, model.config.hidden_size)
+    assert torch.equal(seen["other"], expected)
+    with torch.no_grad(), stopped_after(model, "blocks.1.hook_resid_post", lambda x: False):
+        assert torch.equal(model(ids).logits, expected)  # `stop` said go on
+
+
+def test_gates_are_all_decided_after_the_deepest_guardrail_hook():
+    from dsg.runtime.intervention import as_intervention, gates_decided
+
+    model = tiny_model("llama", layers=3)
+    sae = lambda hook: dsg.SAE(torch.eye(32)[:, :8].clone(), torch.eye(32)[:8].clone(), torch.zeros(8),  # noqa: E731
+                               torch.zeros(32), hook_name=hook)  # fmt: skip
+    g = {h: dsg.Guardrail(sae(h), features=[0], threshold=0.1, clamp=1.0)
+         for h in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post")}  # fmt: skip
+    name = lambda *hooks: gates_decided(model, as_intervention([g[h] for h in hooks])).name  # noqa: E731
+    assert name("blocks.1.hook_resid_pre", "blocks.0.hook_resid_post") == "blocks.1.hook_resid_pre"
+    assert name("blocks.1.hook_resid_pre", "blocks.1.hook_resid_post") == "blocks.1.hook_resid_post"
+    assert gates_decided(model, None) is None

@@ -123,7 +123,8 @@ def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict,
     if key not in cache:  # the base model's results do not depend on the guardrail
         cache[key] = score_mcq(model, tok, questions, batch_size=batch_size, progress=True)
     base = cache[key]
-    guarded = score_mcq(model, tok, questions, intervention=guard, batch_size=batch_size, progress=True, verify=False)
+    guarded = score_mcq(model, tok, questions, intervention=guard, batch_size=batch_size, progress=True, verify=False,
+                        unguarded=base)  # fmt: skip
     s = summarize_results(guarded, [r.correct_norm if norm else r.correct for r in base], norm=norm)
     return {
         "task": name,

@@ -22,12 +22,14 @@ question asked first and padded after is still guarded. The chat form repeats th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
+from ..lm.hooks import stopped_after
 from ..lm.models import evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
-from ..runtime.intervention import Intervention, acted_on, as_intervention, prefix_causal
+from ..runtime.intervention import Intervention, acted_on, as_intervention, gates_decided, prefix_causal
 from .mcq import score_mcq
 from .metrics import summarize_task
 
@@ -98,12 +100,14 @@ def gate_rates_on_texts(
     if intervention is None or not texts:
         return None
     device, pad = model_device(model), pad_id_of(tokenizer, model)
+    point = gates_decided(model, intervention)  # only the gates' decisions are wanted: forwards end after them
     gated = touched = 0
     with evaluating(model):
         for s in range(0, len(texts), batch_size):
             ids = [tokenizer(t)["input_ids"][:max_length] for t in texts[s : s + batch_size]]
             batch, mask = (x.to(device) for x in pad_batch(ids, pad, side="left"))
-            with intervention.applied(model, verify=False) as session:
+            stop = stopped_after(model, point) if point is not None else nullcontext()
+            with intervention.applied(model, verify=False) as session, stop:
                 model(input_ids=batch, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
             if session.gated is None:
                 return None

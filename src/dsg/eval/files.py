@@ -49,12 +49,16 @@ def evaluate_files(
     tasks, pooled = {}, {"n": 0, "correct": 0, "gated": 0, "subset_n": 0, "subset_correct": 0}
     for name, path in zip(names, paths):
         questions = read_questions(path)
-        results = score_mcq(model, tokenizer, questions, intervention=intervention, **options)
+        given = base_subsets is not None and name in base_subsets
+        base = score_mcq(model, tokenizer, questions, **options) if base_correct and not given else None
+        if intervention is None:
+            results = base if base is not None else score_mcq(model, tokenizer, questions, **options)
+        else:  # batches the gates leave alone take the base model's results (score_mcq's unguarded)
+            results = score_mcq(model, tokenizer, questions, intervention=intervention, unguarded=base, **options)
         subset, source = None, None
-        if base_subsets is not None and name in base_subsets:
+        if given:
             subset, source = _given_subset(name, base_subsets[name], len(questions)), "given"
         elif base_correct:
-            base = score_mcq(model, tokenizer, questions, **options) if intervention is not None else results
             subset, source = correct_indices(base), "computed"
             if permutations:
                 subset = base_correct_subset(model, tokenizer, questions, permutations=True, **options)

@@ -30,6 +30,11 @@ an ungated one nothing is. Holding it fixed is deliberate: under the generation 
 continuation can still switch the gate on inside a choice, and sibling continuations forked from one prefill would
 share (and advance) one per-row gate state, making a choice's score depend on the choices scored before it.
 
+Given the base model's results (`unguarded=`), a guarded run skips the rest of every batch its gates leave alone:
+the forward stops at the last gate's layer and the batch takes the base results, which are exactly what the rest
+of the forward would compute (guardrails pass untouched activations through bit for bit). The demo, `dsg eval`
+and the comparison bench score the base model first and pass its results.
+
 `base_correct_subset` gives the paper's question subset: the questions the base model answers correctly,
 optionally under every ordering of the choices (24 for four choices); accuracy on it is 100 % for the base model
 by construction.
@@ -53,9 +58,17 @@ import transformers
 from tqdm.auto import tqdm
 
 from ..errors import DSGError
+from ..lm.hooks import stopped_after
 from ..lm.models import evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
-from ..runtime.intervention import Intervention, as_intervention, prefix_causal
+from ..runtime.intervention import (
+    Intervention,
+    as_intervention,
+    gates_decided,
+    left_alone,
+    only_guardrails,
+    prefix_causal,
+)
 from .metrics import QuestionResult, argmax, correct_indices
 
 MODES = ("likelihood", "letter")
@@ -216,6 +229,13 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return len(os.path.commonprefix([list(x) for x in seqs])) if seqs else 0
 
 
+def _shared_prefix(prompts: Sequence[list[int]], share: bool) -> int:
+    """The length of the prefix `_prefill` runs once for the whole batch: 0 for none."""
+    P = common_prefix_length(prompts) if share and len(prompts) > 1 else 0
+    P = min(P, min(len(p) for p in prompts) - 1)
+    return P if P >= SHARED_PREFIX_MIN else 0
+
+
 def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: bool, keep: dict, cache_name: str):
     """(the prefill's output, its attention mask [B, T]) for a batch of prompts, inside the intervention's session.
 
@@ -226,9 +246,8 @@ def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: b
     sliding window, which mid-sequence padding would take slots of). Each row keeps at least one token of its
     own, so its last logits come from its own forward."""
     device = model_device(model)
-    P = common_prefix_length(prompts) if share and len(prompts) > 1 else 0
-    P = min(P, min(len(p) for p in prompts) - 1)
-    if P < SHARED_PREFIX_MIN:
+    P = _shared_prefix(prompts, share)
+    if not P:
         ids, mask = (x.to(device) for x in pad_batch(prompts, pad_id, side="left"))
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **keep)
         return out, mask
@@ -347,13 +366,18 @@ def _loglikelihoods(
     batch_size: int,
     progress: bool,
     desc: str,
-) -> tuple[list[list[float]], list[bool | None]]:
-    """Summed log-probability of every candidate continuation of every prompt, and each prompt's gate decision
-    (None where the intervention has no gate).
+    skip_untouched: bool = False,
+) -> tuple[list[list[float]], list[bool | None], list[bool]]:
+    """Summed log-probability of every candidate continuation of every prompt, each prompt's gate decision (None
+    where the intervention has no gate), and which prompts were skipped.
 
     Prompts are prefilled once, longest first, `batch_size` at a time (a prefix they all share once, see
     `_prefill`); the candidates' tokens after their first are scored in one forward over the prompt cache
     (`_grouped_choices`, or `_repeated_choices` where a custom mask cannot be used).
+
+    With `skip_untouched` (guardrails only), a batch that shares no prefix and that the gates leave alone (none
+    gated, no token clamped) stops at the last gate's hook: its prompts are marked skipped, their scores left at
+    0, for the caller to take from a run without the intervention, which computed exactly the same batch.
     """
     if batch_size < 1:
         raise DSGError(f"batch_size must be at least 1, got {batch_size}.")
@@ -363,6 +387,8 @@ def _loglikelihoods(
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i))
     scores: list[list[float]] = [[0.0] * len(r.candidates) for r in requests]
     gated: list[bool | None] = [None] * len(requests)
+    skipped = [False] * len(requests)
+    stop_at = gates_decided(model, intervention) if skip_untouched and only_guardrails(intervention) else None
     starts = range(0, len(order), batch_size)
     with evaluating(model):
         for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
@@ -371,7 +397,16 @@ def _loglikelihoods(
             applied = intervention.applied(model, verify=False) if intervention is not None else nullcontext()
             with applied as session:
                 inside = window is None or max(len(p) for p in prompts) <= window
-                out, mask = _prefill(model, prompts, pad_id, session, share and inside, keep, cache_name)
+                # a run without the intervention shares a prefix wherever the model allows (attention_only)
+                unshared = not _shared_prefix(prompts, attention_only and inside)
+                left = stop_at is not None and unshared
+                with stopped_after(model, stop_at, lambda _x: left_alone(session)) if left else nullcontext():
+                    out, mask = _prefill(model, prompts, pad_id, session, share and inside, keep, cache_name)
+                    left = False
+                if left:  # stopped: the gates left every prompt of the batch alone
+                    for i in rows:
+                        gated[i], skipped[i] = False, True
+                    continue
                 decisions_BG = session.decisions() if session is not None else None
                 if decisions_BG is not None:
                     for b, i in enumerate(rows):
@@ -394,7 +429,7 @@ def _loglikelihoods(
             for (b, k), s in zip(pairs, sums):
                 scores[rows[b]][k] += s
             del out
-    return scores, gated
+    return scores, gated, skipped
 
 
 def score_mcq(
@@ -410,12 +445,19 @@ def score_mcq(
     batch_size: int = 8,
     progress: bool = True,
     verify: bool = True,
+    unguarded: Sequence[QuestionResult] | None = None,
 ) -> list[QuestionResult]:
     """Score multiple-choice questions; see the module docstring for the two modes.
 
     prompt_format (likelihood mode) and description (letter mode) are filled with the question's fields.
     `intervention`: a guardrail, a list of guardrails, a weight edit, or None. With verify=True it first checks
     that `model` is the model it was made for.
+
+    `unguarded`: this function's results for the same model, questions and options (batch size included)
+    without the intervention. Where the intervention is guardrails only, a batch whose prompts its gates leave
+    alone (none gated, no token clamped) then stops at the last gate's hook and takes those results, which are
+    bit for bit what finishing its forward would give: on traffic the gates rarely open (retain questions), a
+    guarded evaluation costs little more than the gates.
     """
     if mode not in MODES:
         raise DSGError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -429,8 +471,25 @@ def score_mcq(
     built = [_request(model, tokenizer, q, mode, prompt_format, description, chat) for q in questions]
     requests, owners = [r for r, _ in built], [o for _, o in built]
     desc = f"mcq ({mode}{', chat' if chat else ''}{', guarded' if intervention is not None else ''})"
-    lls, gated = _loglikelihoods(model, requests, pad_id_of(tokenizer, model), intervention, batch_size, progress, desc)
-    return [_result(i, q, lls[i], owners[i], gated[i], mode) for i, q in enumerate(questions)]
+    if unguarded is not None:
+        _check_unguarded(unguarded, questions)
+    lls, gated, skipped = _loglikelihoods(model, requests, pad_id_of(tokenizer, model), intervention, batch_size,
+                                          progress, desc, skip_untouched=unguarded is not None)  # fmt: skip
+    return [
+        unguarded[i]._replace(gated=False) if skipped[i] else _result(i, q, lls[i], owners[i], gated[i], mode)
+        for i, q in enumerate(questions)
+    ]
+
+
+def _check_unguarded(unguarded: Sequence[QuestionResult], questions: Sequence[dict]) -> None:
+    """Refuse results that cannot be the same questions' (another list, order or choice count)."""
+    if len(unguarded) != len(questions):
+        raise DSGError(f"unguarded holds {len(unguarded)} results for {len(questions)} questions.")
+    for i, (r, q) in enumerate(zip(unguarded, questions)):
+        if not isinstance(r, QuestionResult) or r.gated is not None:
+            raise DSGError(f"unguarded[{i}] is not a result of score_mcq without an intervention.")
+        if r.index != i or r.id != q.get("id") or r.answer != q["answer"] or len(r.scores) != len(q["choices"]):
+            raise DSGError(f"unguarded[{i}] is the result of another question than questions[{i}].")
 
 
 def _request(model, tokenizer, q: dict, mode: str, prompt_format: str, description: str, chat: bool):

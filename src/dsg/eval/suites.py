@@ -44,6 +44,7 @@ class MultipleChoice(Suite):
         """{task: {"correct": [bool], "correct_norm": [bool], "gated": [bool | None]}}."""
         out = {}
         for task, qs in bench.questions[split].items():
+            base = bench.unguarded.get((split, task, bench.batch_size)) if intervention is not None else None
             res = score_mcq(
                 bench.model,
                 bench.tokenizer,
@@ -52,7 +53,10 @@ class MultipleChoice(Suite):
                 batch_size=bench.batch_size,
                 progress=progress,
                 verify=False,
+                unguarded=base,
             )
+            if intervention is None:  # kept for the guarded runs of this process (score_mcq's unguarded)
+                bench.unguarded[(split, task, bench.batch_size)] = res
             out[task] = {
                 "correct": [bool(r.correct) for r in res],
                 "correct_norm": [bool(r.correct_norm) for r in res],

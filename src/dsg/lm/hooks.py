@@ -9,6 +9,7 @@ resolved, in the manner of lm-eval's `steer`.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -154,13 +155,33 @@ def forward_to_hook(model: torch.nn.Module, hook: HookPoint | str, **inputs) -> 
 
     def capture(x):
         captured.append(x)
-        raise StopForward
 
-    with hooked(model, hook, capture), suppress(StopForward):
+    with stopped_after(model, hook, capture):
         model(**inputs, use_cache=False)
     if not captured:
         raise DSGError(f"The forward pass never reached hook point {getattr(hook, 'name', hook)!r}.")
     return captured[0]
+
+
+@contextmanager
+def stopped_after(
+    model: torch.nn.Module, hook: HookPoint | str, stop: Callable[[torch.Tensor], bool | None] | None = None
+):
+    """Inside the block, each forward pass of this thread ends at `hook` (StopForward, caught by the `with`,
+    which then goes on after its block). Given `stop`, it first calls `stop(x)` on the activation there and goes
+    on where that returns False. Forwards of other threads on the same model pass untouched: a caller cutting
+    its own forwards short never cuts a concurrent caller's.
+
+    A hook registered before the block (a guardrail's, at the same point) runs first, so `stop` sees what it
+    decided."""
+    me = threading.get_ident()
+
+    def check(x):
+        if threading.get_ident() == me and (stop is None or stop(x) is not False):
+            raise StopForward
+
+    with hooked(model, hook, check), suppress(StopForward):
+        yield
 
 
 def activations_by_batch(

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import DSGError
 from ..guard.guardrail import Guardrail
+from ..lm.hooks import HookPoint, resolve
 from ..registry import Registry
 
 RUNTIMES: Registry[type] = Registry("runtime")
@@ -146,6 +147,35 @@ def acted_on(session: Session | None) -> torch.Tensor | None:
         return None
     rows = getattr(session, "clamped", None)  # a session of another runtime may not say
     return rows if rows is not None else session.gated
+
+
+def left_alone(session: Session | None) -> bool:
+    """Whether the latest prompt forward left every input alone: no input gated, no token clamped (False where the
+    session cannot say, or has no gate). Such a batch computes exactly what the model computes without the
+    intervention."""
+    if session is None or session.gated is None:
+        return False
+    clamped = getattr(session, "clamped", None)
+    return clamped is not None and not bool(session.gated.any()) and not bool(clamped.any())
+
+
+def gates_decided(model: torch.nn.Module, intervention: Intervention | None) -> HookPoint | None:
+    """The hook point after which every gate of `intervention` has judged a forward (the deepest of its
+    guardrails' hooks): a forward can stop there when only the gates' decisions are wanted. None where that is
+    not known: no guardrail, or a hook outside the decoder layers."""
+    guards = guardrails_in(intervention)
+    points = [resolve(model, g.hook) for g in guards]
+    if not points or any(p.layer is None for p in points):
+        return None
+    return max(points, key=lambda p: (p.layer, p.kind == "output"))  # a layer's input comes before its output
+
+
+def only_guardrails(intervention: Intervention | None) -> bool:
+    """Whether `intervention` is guardrails and nothing else (no weight edit): where its gates leave an input
+    alone, the model computes exactly what it computes without it."""
+    if isinstance(intervention, Guardrail | Guardrails):
+        return True
+    return isinstance(intervention, Stack) and all(map(only_guardrails, intervention.interventions))
 
 
 def prefix_causal(intervention: Intervention | None) -> bool:
