@@ -477,3 +477,12 @@ def test_a_window_past_any_context_is_refused_in_code_files_and_fitting(tmp_path
         dsg.Guardrail.load(tmp_path / "g")
     with pytest.raises(dsg.DSGError, match="gate_window must be between 1 and 131072"):
         dsg.FitConfig(gate_window=(1 << 17) + 1)
+
+
+def test_a_static_guardrail_says_its_gate_settings_are_unused():
+    """A static fit records the window, hold and latch it was given; they change nothing, and the gate's own
+    description (shown by dsg inspect and the reports) says so instead of hiding them."""
+    sae = tiny_sae()
+    assert dsg.Guardrail(sae, features=[1, 2], clamp=1.0, gated=False).gate_rule() == "static (every input)"
+    g = dsg.Guardrail(sae, features=[1, 2], clamp=1.0, gated=False, window=8, hold=4, threshold=0.1, latch=0.5)
+    assert g.gate_rule() == "static (every input); its window, hold, latch settings are unused"

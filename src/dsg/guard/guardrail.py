@@ -213,7 +213,9 @@ class Guardrail:
     def gate_rule(self) -> str:
         """The gate in words, e.g. for reports."""
         if not self.gated:
-            return "static (every input)"
+            unused = [n for n in ("window", "hold", "latch", "detector") if getattr(self, n) is not None]
+            # a static fit records the gate settings it was given; say that they do nothing rather than hide them
+            return "static (every input)" + (f"; its {', '.join(unused)} settings are unused" if unused else "")
         if self.detector is not None:
             return (f"detector over {len(self.detector)} latents: mean evidence over the last {self.window} tokens "
                     f"> {self.threshold / SCALE:.4g}, {self._opens_how()}")  # fmt: skip
