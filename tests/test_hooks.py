@@ -108,3 +108,21 @@ def test_gates_are_all_decided_after_the_deepest_guardrail_hook():
     assert name("blocks.1.hook_resid_pre", "blocks.0.hook_resid_post") == "blocks.1.hook_resid_pre"
     assert name("blocks.1.hook_resid_pre", "blocks.1.hook_resid_post") == "blocks.1.hook_resid_post"
     assert gates_decided(model, None) is None
+
+
+@pytest.mark.parametrize("this_thread", [False, True])
+def test_a_hook_for_this_thread_leaves_other_threads_forwards_alone(this_thread):
+    import threading
+
+    model = tiny_model("llama", layers=2)
+    ids = random_ids(1, 5)
+    with torch.no_grad():
+        expected = model(ids).logits
+    seen = {}
+    with torch.no_grad(), hooked(model, "blocks.0.hook_resid_post", torch.zeros_like, this_thread=this_thread):
+        other = threading.Thread(target=lambda: seen.__setitem__("other", model(ids).logits))
+        other.start()
+        other.join()
+        mine = model(ids).logits
+    assert not torch.equal(mine, expected)  # the hook edits this thread's forward either way
+    assert torch.equal(seen["other"], expected) == this_thread

@@ -116,14 +116,24 @@ def upstream_parameters(model: torch.nn.Module, hook: HookPoint) -> Iterator[tup
 
 
 @contextmanager
-def hooked(model: torch.nn.Module, hook: HookPoint | str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+def hooked(
+    model: torch.nn.Module,
+    hook: HookPoint | str,
+    fn: Callable[[torch.Tensor], torch.Tensor | None],
+    this_thread: bool = False,
+):
     """Run `fn` on the activation at `hook` for every forward pass inside the block.
 
     `fn(x)` may return a replacement tensor of the same shape, or None to leave it. Handles decoder layers that
-    return tuples (older transformers) as well as bare tensors.
+    return tuples (older transformers) as well as bare tensors. A module's hooks see the forwards of every
+    thread: with `this_thread`, `fn` runs only on those of the thread that entered the block, and a concurrent
+    caller's forwards on the same model pass untouched.
     """
     if isinstance(hook, str):
         hook = resolve(model, hook)
+    if this_thread:
+        me, inner = threading.get_ident(), fn
+        fn = lambda x: inner(x) if threading.get_ident() == me else None  # noqa: E731
     if hook.kind == "output":
 
         def on_output(_module, _args, output):
@@ -174,13 +184,12 @@ def stopped_after(
 
     A hook registered before the block (a guardrail's, at the same point) runs first, so `stop` sees what it
     decided."""
-    me = threading.get_ident()
 
     def check(x):
-        if threading.get_ident() == me and (stop is None or stop(x) is not False):
+        if stop is None or stop(x) is not False:
             raise StopForward
 
-    with hooked(model, hook, check), suppress(StopForward):
+    with hooked(model, hook, check, this_thread=True), suppress(StopForward):
         yield
 
 

@@ -471,7 +471,7 @@ def _ce_metrics(model, point: HookPoint, sae: SAE, windows, batch_size: int, pad
             "sae": lambda x, real_BT=real_BT: torch.where(real_BT[..., None], sae(x).to(x.dtype), x),
         }
         for name, edit in edits.items():
-            with hooked(model, point, edit or (lambda x: None)):
+            with hooked(model, point, edit or (lambda x: None), this_thread=True):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             sums[name] += float(F.cross_entropy(logits[:, :-1][scored].float(), targets, reduction="sum"))
         count += int(scored.sum())
