@@ -475,3 +475,22 @@ def test_unguarded_results_of_other_questions_are_refused(llama, tok, guard):
                          (guarded, "without an intervention")):  # fmt: skip
         with pytest.raises(dsg.DSGError, match=words):
             score_mcq(llama, tok, qs, intervention=guard, batch_size=2, progress=False, unguarded=wrong)
+
+
+def test_perplexity_batches_the_gates_leave_alone_take_the_unguarded_sums(llama, tok, guard):
+    texts = [q["question"] for q in make_questions(12, seed=3)]
+    base = perplexity_stats(llama, tok, texts, batch_size=1, progress=False)
+    calls, handle = _head_calls(llama)
+    try:
+        full = perplexity_stats(llama, tok, texts, intervention=guard, batch_size=1, progress=False)
+        n_full = len(calls)
+        fast = perplexity_stats(llama, tok, texts, intervention=guard, batch_size=1, progress=False, unguarded=base)
+    finally:
+        handle.remove()
+    assert fast == full and 0 < full.gate_rate < 1  # bit for bit, gate rate included
+    assert len(calls) - n_full == round(full.gate_rate * len(texts))  # only the touched windows went to the head
+    assert base.batches != full.batches  # the clamp changed some batch
+    with pytest.raises(dsg.DSGError, match="batch size"):
+        perplexity_stats(llama, tok, texts, intervention=guard, batch_size=3, progress=False, unguarded=base)
+    with pytest.raises(dsg.DSGError, match="without an intervention"):
+        perplexity_stats(llama, tok, texts, intervention=guard, batch_size=1, progress=False, unguarded=full)

@@ -307,7 +307,7 @@ def _perplexity(model, tok, guard, general, retain, split, n_perplexity, batch_s
     if key not in cache:
         cache[key] = perplexity_stats(model, tok, ppl_texts, **kw)
     base = cache[key]
-    guarded = perplexity_stats(model, tok, ppl_texts, intervention=guard, verify=False, **kw)
+    guarded = perplexity_stats(model, tok, ppl_texts, intervention=guard, verify=False, unguarded=base, **kw)
     return base, guarded
 
 

@@ -215,9 +215,9 @@ class Bench:
     fit: FitConfig = field(default_factory=FitConfig)  # data settings of the DSG/clamp statistics
     name: str = ""
     batch_size: int = 16  # questions per forward when scoring
-    unguarded: dict = field(
-        default_factory=dict, repr=False
-    )  # (split, task, batch size) -> the base model's mcq results
+    # the base model's results, for the guarded runs of this process to reuse where the gates stay shut:
+    # (split, task, batch size) -> mcq results, ("perplexity", batch size) -> perplexity
+    unguarded: dict = field(default_factory=dict, repr=False)
     generation_tokens: int = 40  # greedy tokens per open-ended prompt
     _context: dict | None = field(default=None, repr=False)
     _stats: tuple[CorpusStats, dict] | None = field(default=None, repr=False)

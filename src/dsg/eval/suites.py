@@ -74,16 +74,22 @@ class Perplexity(Suite):
     def run(bench, split, intervention, progress) -> dict | None:
         if not bench.perplexity_texts:
             return None
-        return perplexity_stats(
+        batch_size = max(1, bench.batch_size // 2)
+        key = ("perplexity", batch_size)
+        result = perplexity_stats(
             bench.model,
             bench.tokenizer,
             bench.perplexity_texts,
             max_length=256,
             intervention=intervention,
-            batch_size=max(1, bench.batch_size // 2),
+            batch_size=batch_size,
             progress=progress,
             verify=False,
-        )._asdict()
+            unguarded=bench.unguarded.get(key) if intervention is not None else None,
+        )
+        if intervention is None:  # kept for the guarded runs of this process (perplexity_stats' unguarded)
+            bench.unguarded[key] = result
+        return {k: v for k, v in result._asdict().items() if k != "batches"}
 
 
 @SUITES.register("generations")
