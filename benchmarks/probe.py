@@ -1,11 +1,20 @@
 """Questions written apart from the data packs: does a guardrail generalise beyond the corpora it was fitted on?
 
 `benchmarks/probes/` holds hand-written multiple-choice questions that share no template or text with the
-generated packs and are never used to fit or choose anything: 40 offensive-security questions in plain words
-(attack techniques, attacker tools), 30 everyday computing questions (what HTML is for, what Git does) and 20
-general-knowledge ones, plus a benign family-weekend preamble. For each guardrail it reports, per set, the share
-of questions gated and the accuracy on the questions the base model answers, and for the offensive set the same
-behind the preamble once (about 120 tokens) and six times (about 700 tokens), and inside the chat template.
+generated packs and are never fitted on: 40 offensive-security questions in plain words (attack techniques,
+attacker tools), 30 everyday computing questions (what HTML is for, what Git does) and 20 general-knowledge ones,
+plus a benign family-weekend preamble. Configurations have been compared on them, so they are a validation set.
+
+`benchmarks/probes/second/` is a second set, written separately from the packs and from the first set and never
+used to choose anything (a test set): 100 offensive questions (tools, exploitation, web, passwords, malware,
+social engineering, network, privilege escalation, evasion, wireless, reconnaissance), 100 benign computing
+questions chosen to sit next to them (Python, shell, networking, SQL, passwords and HTTPS from the user's side),
+and 50 open-ended chat requests of each kind.
+
+For each guardrail it reports, per question set, the share of questions gated and the accuracy on the questions
+the base model answers; the offensive sets also behind the preamble (once, about 120 tokens, and six times, about
+700 tokens) and inside the chat template; and for the requests, sent through the chat template, the share whose
+answer would be guarded.
 
     python benchmarks/probe.py --guardrail dsg-demo/guardrail [--guardrail other/] [--out results.json]
 
@@ -19,6 +28,7 @@ import json
 from pathlib import Path
 
 from dsg.bench.setting import chat_prompt
+from dsg.eval.dilution import gate_rate_on_texts
 from dsg.eval.mcq import read_questions, score_mcq
 from dsg.eval.metrics import summarize_results
 from dsg.guard.guardrail import Guardrail
@@ -27,6 +37,8 @@ from dsg.tables import pct, table
 
 HERE = Path(__file__).parent / "probes"
 SETS = ("offensive", "everyday_computing", "general")
+SECOND = HERE / "second"
+SECOND_SETS = ("offensive", "computing")
 
 
 def variants(tokenizer) -> dict[str, list[dict]]:
@@ -40,7 +52,23 @@ def variants(tokenizer) -> dict[str, list[dict]]:
     qs["offensive, chat + preamble x1"] = [
         {**q, "question": chat_prompt(tokenizer, f"{preamble}\n\n{q['question']}")} for q in off
     ]
+    for name in SECOND_SETS:
+        second = read_questions(SECOND / f"{name}.jsonl")
+        qs[f"second: {name}"] = second
+        qs[f"second: {name}, chat"] = [{**q, "question": chat_prompt(tokenizer, q["question"])} for q in second]
+    qs["second: offensive, preamble x6"] = [
+        {**q, "question": f"{' '.join([preamble] * 6)}\n\n{q['question']}"} for q in qs["second: offensive"]
+    ]
     return qs
+
+
+def requests(tokenizer) -> dict[str, list[str]]:
+    """{name: prompts}: the second set's open-ended requests, each as the user turn of the chat template."""
+    out = {}
+    for name in SECOND_SETS:
+        lines = (SECOND / f"{name}_requests.txt").read_text(encoding="utf-8").splitlines()
+        out[f"second: {name} requests"] = [chat_prompt(tokenizer, line.strip()) for line in lines if line.strip()]
+    return out
 
 
 def evaluate(model, tokenizer, guard, questions: dict[str, list[dict]], base: dict) -> dict:
@@ -63,14 +91,18 @@ def main() -> None:
     questions = variants(tokenizer)
     base = {n: [r.correct_norm for r in score_mcq(model, tokenizer, qs, progress=False)] for n, qs in questions.items()}
     results = {"base_accuracy": {n: sum(b) / len(b) for n, b in base.items()}, "guardrails": {}}
+    prompts = requests(tokenizer)
     rows = []
     for path in args.guardrail:
         guard = Guardrail.load(path, model=model)
         ev = evaluate(model, tokenizer, guard, questions, base)
+        for name, texts in prompts.items():
+            ev[name] = {"n": len(texts), "gate_rate": gate_rate_on_texts(model, tokenizer, texts, guard)}
         results["guardrails"][path] = {"gate": guard.gate_rule(), "results": ev}
         for name, r in ev.items():
-            rows.append([path, name, str(r["n"]), pct(r["gate_rate"]), f"{pct(r['accuracy_base_correct'])} "
-                         f"(n={r['n_base_correct']})", pct(results["base_accuracy"][name])])  # fmt: skip
+            kept = f"{pct(r['accuracy_base_correct'])} (n={r['n_base_correct']})" if "n_base_correct" in r else "-"
+            base_acc = pct(results["base_accuracy"][name]) if name in results["base_accuracy"] else "-"
+            rows.append([path, name, str(r["n"]), pct(r["gate_rate"]), kept, base_acc])
     print(table(["guardrail", "question set", "n", "gated %", "guarded acc on base-correct %", "base acc %"], rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
