@@ -6,9 +6,9 @@ reports the share of inputs whose largest window score exceeds the threshold:
     probe offensive / +700 tok / chat / computing / general   benchmarks/probes/ (hand-written, never fitted on)
     <domain> val                                               the packs' validation questions (60 per domain)
     <domain> requests                                          held-out chat requests (60 per domain)
-    held-out docs                                              256-token held-out retain documents (100)
+    held-out docs                                              256-token held-out retain documents (80)
 
-    python benchmarks/gate_sweep.py [--sae DIR] [--variants p99,p97,p95]
+    python benchmarks/gate_sweep.py [--sae DIR] [--variants p99,p97,p95,p97-floor]
 
 Prints the table and writes benchmarks/results/gate_sweep.json.
 """
@@ -32,9 +32,15 @@ from probe import variants as probe_variants
 
 VARIANTS = {
     "p99": {"gate_percentile": 99.0},
+    "p98": {"gate_percentile": 98.0},
     "p97": {"gate_percentile": 97.0},
     "p95": {"gate_percentile": 95.0},
     "w16-p97": {"gate_window": 16, "gate_percentile": 97.0},
+    # each token's evidence floored at zero (FitConfig.detector_floor)
+    "p99-floor": {"gate_percentile": 99.0, "detector_floor": True},
+    "p98-floor": {"gate_percentile": 98.0, "detector_floor": True},
+    "p97-floor": {"gate_percentile": 97.0, "detector_floor": True},
+    "p95-floor": {"gate_percentile": 95.0, "detector_floor": True},
 }
 
 

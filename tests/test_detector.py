@@ -123,11 +123,16 @@ def test_detector_json_fields_are_checked(detected, tmp_path):
     guard.save(tmp_path / "g")
     path = tmp_path / "g" / "guardrail.json"
     meta = json.loads(path.read_text())
-    meta["detector"]["latents"] += 1  # re-hashed, so only the field check can catch it
-    meta[HASH_FIELD] = content_sha256(meta, read_safetensors(tmp_path / "g" / "guardrail.safetensors"))
-    path.write_text(json.dumps(meta))
-    with pytest.raises(dsg.DSGError, match="detector"):
-        dsg.Guardrail.load(tmp_path / "g", sae=sae)
+    tensors = read_safetensors(tmp_path / "g" / "guardrail.safetensors")
+    edits = [("latents", meta["detector"]["latents"] + 1), ("floor", 0.5), ("floor", "0"), ("floor", 2**40),
+             ("floor", True), ("extra", 1)]  # fmt: skip
+    for key, value in edits:  # re-hashed, so only the field check can catch each
+        edited = json.loads(json.dumps(meta))
+        edited["detector"][key] = value
+        edited[HASH_FIELD] = content_sha256(edited, tensors)
+        path.write_text(json.dumps(edited))
+        with pytest.raises(dsg.DSGError, match="detector"):
+            dsg.Guardrail.load(tmp_path / "g", sae=sae)
 
 
 def test_a_topk_detector_reads_one_whole_sae_encoding(tiny_llama):
@@ -139,8 +144,45 @@ def test_a_topk_detector_reads_one_whole_sae_encoding(tiny_llama):
     real = torch.ones(2, 9, dtype=torch.bool)
     f, a, e = guard.flags(x, real)
     full = sae.encode(x)
+    assert guard.detector.floor is None  # signed evidence by default
     want = ((full[..., guard.detector.latents] > 0).long() * guard.detector.weights).sum(-1)
     assert torch.equal(e, want) and torch.equal(f, full[..., guard.latents.features])
+
+
+def test_the_evidence_floor_keeps_a_token_from_cancelling_its_neighbours(detected, tmp_path):
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    model, tok, sae, signed = detected
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(detector_floor=True), progress=False)
+    assert guard.detector.floor == 0 and signed.detector.floor is None
+    assert torch.equal(signed.detector.weights, guard.detector.weights)  # the floor does not change the fit
+    assert (guard.detector.weights < 0).any()  # there is something to floor
+    x = torch.randn(3, 40, model.config.hidden_size) * 4
+    real = torch.ones(3, 40, dtype=torch.bool)
+    e_signed, e_floor = signed.flags(x, real).evidence, guard.flags(x, real).evidence
+    assert (e_signed < 0).any() and (e_floor >= 0).all()
+    assert torch.equal(e_floor, e_signed.clamp(min=0))
+    assert "at least 0" in guard.gate_rule() and "at least" not in signed.gate_rule()
+    # the floor is part of the saved rule; a file without one (written before it existed) sums signed evidence
+    guard.save(tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
+    assert meta["detector"]["floor"] == 0
+    assert meta["format_version"] == 3  # a dsg from before floors refuses it instead of reading signed evidence
+    assert dsg.Guardrail.load(tmp_path / "g", sae=sae).detector.floor == 0
+    assert dsg.Guardrail.load(tmp_path / "g", model=model).detector.floor == 0  # self-contained: encoder slices
+    signed.save(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "guardrail.json").read_text())["format_version"] == 2
+    del meta["detector"]["floor"]
+    meta[HASH_FIELD] = content_sha256(meta, read_safetensors(tmp_path / "g" / "guardrail.safetensors"))
+    (tmp_path / "g" / "guardrail.json").write_text(json.dumps(meta))
+    old = dsg.Guardrail.load(tmp_path / "g", sae=sae)
+    assert old.detector.floor is None and torch.equal(old.flags(x, real).evidence, e_signed)
+
+
+def test_a_floor_needs_a_detector():
+    with pytest.raises(dsg.DSGError, match="detector"):
+        dsg.Guardrail(tiny_sae(), None, [0, 1], 0.5, detector_floor=0)
 
 
 def test_the_detector_needs_a_window():

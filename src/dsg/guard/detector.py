@@ -7,9 +7,16 @@ with evidence: each latent j carries a weight w_j (positive for forget-domain la
 mark retain text), fitted by an L1-regularised logistic regression on windows of forget versus retain and
 calibration text, so the weights are few and each names a latent that can be inspected.
 
-    e_t    = sum_j q_j 1[f_tj > 0]          at real token t (q_j = round(w_j * SCALE), integers)
+    e_t    = max(floor, sum_j q_j 1[f_tj > 0])   at real token t (q_j = round(w_j * SCALE), integers)
     window = sum of e over the last w real tokens / w   (a sequence's start counts as zero evidence)
     gate   opens, and latches, at the first token where window > threshold
+
+The floor (FitConfig.detector_floor: 0; by default none, signed evidence) keeps a token's evidence from going
+negative: the benign words around a forget-domain term ("What does sqlmap do?") cannot cancel it, while a latent
+with a negative weight still offsets a forget latent that fires on the same token. It is a trade, not a free gain
+(README, "How the shipped configuration was chosen"): on the embedded default it lifts the gate on short offensive
+questions asked in plain words (35 % -> 42.5 % of the hand-written probes), and the threshold calibrated on long
+benign text rises with it, so fewer padded forget questions and more benign documents open the gate.
 
 The weights are integers so that window sums are exact: the decision is the same whether a prompt arrives whole,
 in chunks, or one token at a time (rule.window_gate), and it depends only on the tokens so far. The threshold is
@@ -32,22 +39,24 @@ from ..lm.text import batches
 
 SCALE = 1024  # weight units per 1.0 of logistic-regression weight
 MAX_WEIGHT = 2**20  # |q_j| bound: sums over a window of 32 latents x 4096 tokens stay far inside int64 and float64
+MAX_FLOOR = 2**30  # |floor| bound, for the same reason
 
 
 class Detector(torch.nn.Module):
     """The detector's latents and integer weights (and, for an SAE whose latents encode independently, an encoder
     cut to those latents)."""
 
-    def __init__(self, latents: Sequence[int], weights: torch.Tensor, encoder=None):
+    def __init__(self, latents: Sequence[int], weights: torch.Tensor, encoder=None, floor: int | None = None):
         super().__init__()
         self.register_buffer("latents", torch.tensor(list(latents), dtype=torch.long))
         self.register_buffer("weights", weights.to(torch.long))
         self.encoder = encoder  # None: the latents are read from the guardrail's whole-SAE encoding (TopK)
+        self.floor = floor  # None: signed evidence; an integer: no token's evidence goes below it
 
     @classmethod
-    def of(cls, sae, latents: Sequence[int], weights: torch.Tensor) -> Detector:
+    def of(cls, sae, latents: Sequence[int], weights: torch.Tensor, floor: int | None = None) -> Detector:
         encoder = sae.restricted(latents) if sae.encodes_latents_independently else None
-        return cls(latents, weights, encoder)
+        return cls(latents, weights, encoder, floor)
 
     def __len__(self) -> int:
         return int(self.latents.numel())
@@ -55,6 +64,8 @@ class Detector(torch.nn.Module):
     def evidence(self, d_BTL: torch.Tensor, real_BT: torch.Tensor) -> torch.Tensor:
         """e [B, T] (int64): the summed weights of the detector latents firing at each real token (0 elsewhere)."""
         e = ((d_BTL > 0).to(torch.long) * self.weights).sum(-1)
+        if self.floor is not None:
+            e = e.clamp(min=self.floor)
         return torch.where(real_BT.bool(), e, torch.zeros_like(e))
 
     def encode(self, x_BTD: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,10 @@ class FitConfig:
     """Detector gate (needs gate_window): instead of counting tokens where any selected latent fires, the window
     sums a sparse linear score over all SAE latents, fitted by L1 logistic regression on windows of forget text
     against retain and calibration text (positive weights mark the forget domain, negative ones retain text)."""
+    detector_floor: bool = False
+    """Detector only: no token's evidence goes below zero, so the benign words around a forget-domain term cannot
+    cancel it (a latent with a negative weight still offsets forget latents firing on the same token). More short
+    questions asked in plain words open the gate, and more long benign text does too. Default: signed evidence."""
     detector_c: float = 0.3
     """Detector only: inverse L1 strength of the logistic regression (smaller: fewer latents)."""
     detector_holdout: float = 0.25
@@ -280,8 +284,9 @@ def fit(
     detector, detector_info = None, None
     if config.detector and config.gated:
         detector, detector_info, calib_seqs = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)
+    floor = 0 if detector is not None and config.detector_floor else None
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                      hold=config.gate_hold, detector=detector, name=name)  # fmt: skip
+                      hold=config.gate_hold, detector=detector, detector_floor=floor, name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
     threshold, latch = _gate_levels(rho, config, detector is not None)
 
@@ -297,8 +302,8 @@ def fit(
         **({"detector_fit": detector_info} if detector_info else {}),
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                     hold=config.gate_hold, latch=latch, detector=detector, name=name, info=info,
-                     tensors=tensors)  # fmt: skip
+                     hold=config.gate_hold, latch=latch, detector=detector, detector_floor=floor, name=name,
+                     info=info, tensors=tensors)  # fmt: skip
 
 
 def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool) -> tuple[float, float | None]:

@@ -28,11 +28,12 @@ from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import HookPoint, resolve
 from ..sae import ARCHITECTURES, SAE
 from . import rule
-from .detector import MAX_WEIGHT, SCALE, Detector
+from .detector import MAX_FLOOR, MAX_WEIGHT, SCALE, Detector
 from .integrity import HASH_FIELD, check_meta, check_rule, check_tensors, content_sha256
 
 FORMAT = "dsg-guardrail"
-FORMAT_VERSION = 2  # 2: guardrail.json carries a content hash
+FORMAT_VERSION = 3  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor
+SIGNED_FORMAT_VERSION = 2  # what a guardrail without a detector floor is written as, readable by dsg before floors
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
@@ -48,8 +49,9 @@ class Flags(NamedTuple):
     evidence: torch.Tensor | None  # [B, T] int64, the detector's evidence per token (None without a detector)
 
 
-def _detector_of(sae: SAE, detector: dict[int, int] | None, window: int | None) -> Detector | None:
-    """A Detector from {latent id: integer weight}; it needs the windowed gate."""
+def _detector_of(sae: SAE, detector: dict[int, int] | None, window: int | None, floor: int | None) -> Detector | None:
+    """A Detector from {latent id: integer weight} and the floor of a token's evidence; it needs the windowed
+    gate."""
     if detector is None:
         return None
     if window is None:
@@ -58,8 +60,11 @@ def _detector_of(sae: SAE, detector: dict[int, int] | None, window: int | None) 
         raise DSGError(f"The detector's latents must be ids in [0, {sae.d_sae}), got {sorted(detector)[:8]}...")
     if not all(isinstance(q, int) and abs(q) <= MAX_WEIGHT for q in detector.values()):
         raise DSGError(f"The detector's weights must be integers of magnitude at most {MAX_WEIGHT}.")
+    if floor is not None and not (isinstance(floor, int) and not isinstance(floor, bool) and abs(floor) <= MAX_FLOOR):
+        raise DSGError(f"The detector's evidence floor must be an integer of magnitude at most {MAX_FLOOR}, "
+                       f"got {floor!r}.")  # fmt: skip
     latents = sorted(detector)
-    return Detector.of(sae, latents, torch.tensor([detector[j] for j in latents], dtype=torch.long))
+    return Detector.of(sae, latents, torch.tensor([detector[j] for j in latents], dtype=torch.long), floor)
 
 
 def _sliced_encoder(record: dict, t: dict, W_enc: str, W_dec: str | None, b_enc: str, threshold: str) -> SAE:
@@ -72,14 +77,14 @@ def _sliced_encoder(record: dict, t: dict, W_enc: str, W_dec: str | None, b_enc:
                                                  hook_name=record.get("hook_name"))  # fmt: skip
 
 
-def _load_detector(t: dict, record: dict, sae: SAE | None) -> Detector:
+def _load_detector(t: dict, record: dict, sae: SAE | None, floor: int | None) -> Detector:
     """The saved detector: over the whole SAE when it is known (always for TopK, whose guardrail keeps a copy),
     else over its saved encoder slices."""
     latents, weights = t["detector.latents"].tolist(), t["detector.weights"]
     if sae is not None:
-        return Detector.of(sae, latents, weights)
+        return Detector.of(sae, latents, weights, floor)
     encoder = _sliced_encoder(record, t, "detector.W_enc", None, "detector.b_enc", "detector.threshold")
-    return Detector(latents, weights, encoder)
+    return Detector(latents, weights, encoder, floor)
 
 
 class SelectedLatents(torch.nn.Module):
@@ -147,6 +152,7 @@ class Guardrail:
         *,
         window: int | None = None,
         detector: dict[int, int] | None = None,
+        detector_floor: int | None = None,
         hold: int | None = None,
         latch: float | None = None,
         name: str | None = None,
@@ -159,6 +165,8 @@ class Guardrail:
         features = [int(j) for j in features]
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
                    detector is not None, hold, latch)  # fmt: skip
+        if detector_floor is not None and detector is None:
+            raise DSGError("detector_floor is a floor on the detector's evidence: give the guardrail a detector too.")
         info = dict(info or {})
         record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
         self._setup(
@@ -175,7 +183,7 @@ class Guardrail:
             info,
             tensors,
             window,
-            _detector_of(sae, detector, window),
+            _detector_of(sae, detector, window, detector_floor),
             hold,
             latch,
         )
@@ -217,8 +225,10 @@ class Guardrail:
             # a static fit records the gate settings it was given; say that they do nothing rather than hide them
             return "static (every input)" + (f"; its {', '.join(unused)} settings are unused" if unused else "")
         if self.detector is not None:
-            return (f"detector over {len(self.detector)} latents: mean evidence over the last {self.window} tokens "
-                    f"> {self.threshold / SCALE:.4g}, {self._opens_how()}")  # fmt: skip
+            floor = self.detector.floor
+            each = f" (each token's at least {floor / SCALE:g})" if floor is not None else ""
+            return (f"detector over {len(self.detector)} latents: mean evidence{each} over the last {self.window} "
+                    f"tokens > {self.threshold / SCALE:.4g}, {self._opens_how()}")  # fmt: skip
         if self.window is not None:
             return (f"share of flagged tokens over the last {self.window} tokens > {self.threshold:.4g}, "
                     f"{self._opens_how()}")  # fmt: skip
@@ -315,7 +325,7 @@ class Guardrail:
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self._floored else SIGNED_FORMAT_VERSION,
             "dsg_version": __version__,
             "name": self.name,
             "hook": self.hook,
@@ -327,10 +337,20 @@ class Guardrail:
             **({"window": self.window} if self.window is not None else {}),
             **({"hold": self.hold} if self.hold is not None else {}),
             **({"latch": self.latch} if self.latch is not None else {}),
-            **({"detector": {"latents": len(self.detector), "scale": SCALE}} if self.detector is not None else {}),
+            **({"detector": self._detector_record()} if self.detector is not None else {}),
             **{k: v for k, v in self.info.items() if k not in ("sae", *RULE_FIELDS, *_OWN_FIELDS)},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
         }
+
+    @property
+    def _floored(self) -> bool:
+        """Whether the rule has a detector floor: the file is then written as format 3, which a dsg from before
+        floors refuses instead of reading it as signed evidence."""
+        return self.detector is not None and self.detector.floor is not None
+
+    def _detector_record(self) -> dict:
+        floor = self.detector.floor
+        return {"latents": len(self.detector), "scale": SCALE, **({"floor": floor} if floor is not None else {})}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `guardrail.json` + `guardrail.safetensors` (and, for TopK SAEs, the SAE) atomically; the JSON
@@ -390,7 +410,7 @@ class Guardrail:
             encoder = _sliced_encoder(record, t, "W_enc_selected", "W_dec_selected", "b_enc_selected",
                                       "threshold_selected")  # fmt: skip
             latents = SelectedLatents(encoder, features, t["W_dec_selected"], t["b_dec"])
-        detector = _load_detector(t, record, sae) if "detector" in meta else None
+        detector = _load_detector(t, record, sae, meta["detector"].get("floor")) if "detector" in meta else None
         stats = {k.removeprefix("stats."): v for k, v in t.items() if k.startswith("stats.")}
         skip = ("format", "format_version", "dsg_version", "name", HASH_FIELD, "detector", *RULE_FIELDS)
         info = {k: v for k, v in meta.items() if k not in skip}

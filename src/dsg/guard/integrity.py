@@ -21,6 +21,7 @@ from ..errors import DSGError
 from ..files import json_text
 from ..lm.fingerprint import tensor_digest
 from ..sae import ARCHITECTURES
+from .detector import MAX_FLOOR as DETECTOR_MAX_FLOOR
 from .detector import MAX_WEIGHT as DETECTOR_MAX_WEIGHT
 from .detector import SCALE as DETECTOR_SCALE
 from .rule import CLAMP_MODES
@@ -122,9 +123,11 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
     detector = meta.get("detector")
     if detector is not None and not (
         isinstance(detector, dict) and _is_int(detector.get("latents")) and detector["latents"] >= 1
-        and detector.get("scale") == DETECTOR_SCALE
+        and detector.get("scale") == DETECTOR_SCALE and set(detector) <= {"latents", "scale", "floor"}
+        and ("floor" not in detector or _is_int(detector["floor"]) and abs(detector["floor"]) <= DETECTOR_MAX_FLOOR)
     ):  # fmt: skip
         raise DSGError(f"{where}: 'detector' must be {{'latents': a positive count, 'scale': {DETECTOR_SCALE}}}, "
+                       f"and optionally 'floor': an integer of magnitude at most {DETECTOR_MAX_FLOOR}; "
                        f"got {detector!r}.")  # fmt: skip
     check_rule(*rule, detector is not None, meta.get("hold"), meta.get("latch"))
     name = meta.get("name")

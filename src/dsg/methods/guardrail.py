@@ -67,6 +67,7 @@ class GuardrailMethod(UnlearningMethod):
         record |= {"window": guard.window, "hold": guard.hold, "latch": guard.latch}
         if guard.detector is not None:
             record["detector"] = [[j, w] for j, w in guard.detector.named_weights()]
+            record["detector_floor"] = guard.detector.floor
         return Fitted(guard, cost, record)
 
     def restore(self, bench, run: dict, run_dir: Path) -> Fitted | None:
