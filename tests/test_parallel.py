@@ -76,6 +76,23 @@ def test_shares_cover_every_item_once(monkeypatch):
     assert sorted(seen) == items
 
 
+def test_every_command_leaves_the_process_group_even_when_it_fails(monkeypatch):
+    """A process that exits inside a gloo group races its peer tearing the connection down (one of them can abort
+    and fail the launch), so the CLI leaves the group on every way out of a command."""
+    import torch.distributed as dist
+
+    from dsg import cli
+
+    left = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: left.append(True))
+    assert cli.main(["inspect", "/nonexistent/guardrail"]) == 2  # a DSGError: exit status 2, one sentence
+    assert left == [True]
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    parallel.shutdown()  # outside a group: nothing to leave
+    assert left == [True]
+
+
 def test_torchrun_compare_shares_the_statistics_pass_and_gives_the_single_process_results(ws):
     """Under torchrun, compare's statistics pass is sharded and the rest runs in the first process: the same
     comparison as one process (every swept configuration's validation summary, the choice, the test numbers)."""

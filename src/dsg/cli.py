@@ -29,7 +29,7 @@ from .guard.guardrail import Guardrail
 from .guard.inspect import describe
 from .lm.models import load_model
 from .lm.text import read_corpus
-from .parallel import barrier, init_from_env, launched, sharded
+from .parallel import barrier, init_from_env, launched, sharded, shutdown
 from .runtime.generation import generate
 from .sae import SAE
 from .sae.embedded import embedded_sae
@@ -392,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dsg {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # under torchrun: leave the process group before the interpreter tears gloo down
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ by N processes is byte-identical to the one written by one (see tests/test_paral
 without a process group, every pass runs whole in the calling process.
 
 `init_from_env()` starts the process group that torchrun describes in the environment (gloo on CPU, NCCL when
-the process owns a GPU); the CLI calls it, and writes outputs from rank 0 only.
+the process owns a GPU) and `shutdown()` leaves it; the CLI calls both, and writes outputs from rank 0 only.
 """
 
 from __future__ import annotations
@@ -107,3 +107,13 @@ def gather_ordered(mine: list[tuple[int, T]]) -> list[T]:
 def barrier() -> None:
     if process_world().size > 1:
         torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one. A gloo process that exits without it tears its
+    connection threads down during interpreter shutdown, racing the peer that closes the same sockets; the loser
+    aborts ("terminate called without an active exception") and torchrun reports the whole launch failed, although
+    the work was done."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
