@@ -28,7 +28,7 @@ from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import HookPoint, resolve
 from ..sae import ARCHITECTURES, SAE
 from . import rule
-from .detector import MAX_FLOOR, MAX_WEIGHT, SCALE, Detector
+from .detector import MAX_WEIGHT, SCALE, Detector
 from .integrity import HASH_FIELD, check_meta, check_rule, check_tensors, content_sha256
 
 FORMAT = "dsg-guardrail"
@@ -50,8 +50,8 @@ class Flags(NamedTuple):
 
 
 def _detector_of(sae: SAE, detector: dict[int, int] | None, window: int | None, floor: int | None) -> Detector | None:
-    """A Detector from {latent id: integer weight} and the floor of a token's evidence; it needs the windowed
-    gate."""
+    """A Detector from {latent id: integer weight} and the floor of a token's evidence (checked with the rule,
+    integrity.check_rule); it needs the windowed gate."""
     if detector is None:
         return None
     if window is None:
@@ -60,9 +60,6 @@ def _detector_of(sae: SAE, detector: dict[int, int] | None, window: int | None, 
         raise DSGError(f"The detector's latents must be ids in [0, {sae.d_sae}), got {sorted(detector)[:8]}...")
     if not all(isinstance(q, int) and abs(q) <= MAX_WEIGHT for q in detector.values()):
         raise DSGError(f"The detector's weights must be integers of magnitude at most {MAX_WEIGHT}.")
-    if floor is not None and not (isinstance(floor, int) and not isinstance(floor, bool) and abs(floor) <= MAX_FLOOR):
-        raise DSGError(f"The detector's evidence floor must be an integer of magnitude at most {MAX_FLOOR}, "
-                       f"got {floor!r}.")  # fmt: skip
     latents = sorted(detector)
     return Detector.of(sae, latents, torch.tensor([detector[j] for j in latents], dtype=torch.long), floor)
 
@@ -164,9 +161,7 @@ class Guardrail:
             raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
         features = [int(j) for j in features]
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
-                   detector is not None, hold, latch)  # fmt: skip
-        if detector_floor is not None and detector is None:
-            raise DSGError("detector_floor is a floor on the detector's evidence: give the guardrail a detector too.")
+                   detector is not None, hold, latch, detector_floor)  # fmt: skip
         info = dict(info or {})
         record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
         self._setup(

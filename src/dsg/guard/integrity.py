@@ -56,7 +56,7 @@ def _is_number(x) -> bool:
 
 def check_rule(
     hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str, window=None, detector: bool = False,
-    hold=None, latch=None,
+    hold=None, latch=None, floor=None,
 ) -> None:  # fmt: skip
     """The rule's parameters: the same checks for a guardrail built in code and one read from a file."""
     if window is not None and (not _is_int(window) or not 1 <= window <= MAX_WINDOW):
@@ -64,6 +64,11 @@ def check_rule(
                        f"{window!r}.")  # fmt: skip
     if detector and window is None:
         raise DSGError(f"{where}: a detector gate reads windows of tokens, so 'window' must be set.")
+    if floor is not None and not detector:
+        raise DSGError(f"{where}: 'floor' bounds a detector's evidence per token, so the gate needs a detector.")
+    if floor is not None and (not _is_int(floor) or abs(floor) > DETECTOR_MAX_FLOOR):
+        raise DSGError(f"{where}: the detector's 'floor' must be an integer of magnitude at most {DETECTOR_MAX_FLOOR} "
+                       f"or absent, got {floor!r}.")  # fmt: skip
     if hold is not None and (not _is_int(hold) or hold < 1):
         raise DSGError(f"{where}: 'hold' must be a positive integer (tokens) or absent, got {hold!r}.")
     if hold is not None and window is None:
@@ -124,12 +129,11 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
     if detector is not None and not (
         isinstance(detector, dict) and _is_int(detector.get("latents")) and detector["latents"] >= 1
         and detector.get("scale") == DETECTOR_SCALE and set(detector) <= {"latents", "scale", "floor"}
-        and ("floor" not in detector or _is_int(detector["floor"]) and abs(detector["floor"]) <= DETECTOR_MAX_FLOOR)
     ):  # fmt: skip
-        raise DSGError(f"{where}: 'detector' must be {{'latents': a positive count, 'scale': {DETECTOR_SCALE}}}, "
-                       f"and optionally 'floor': an integer of magnitude at most {DETECTOR_MAX_FLOOR}; "
-                       f"got {detector!r}.")  # fmt: skip
-    check_rule(*rule, detector is not None, meta.get("hold"), meta.get("latch"))
+        raise DSGError(f"{where}: 'detector' must be {{'latents': a positive count, 'scale': {DETECTOR_SCALE}}} and "
+                       f"optionally 'floor', got {detector!r}.")  # fmt: skip
+    floor = detector.get("floor") if detector is not None else None
+    check_rule(*rule, detector is not None, meta.get("hold"), meta.get("latch"), floor)
     name = meta.get("name")
     if name is not None and not isinstance(name, str):
         raise DSGError(f"{where}: 'name' must be a string, got {name!r}.")
