@@ -91,6 +91,13 @@ def ws(tmp_path_factory):
     meta = json.loads((root / "guard_version" / "guardrail.json").read_text())
     (root / "guard_version" / "guardrail.json").write_text(json.dumps(meta | {"format_version": "x"}))
     (root / "a_file").write_text("not a folder")
+    (root / "notes.txt").write_text("the user's notes")
+    (root / "summary.json").write_text('{"an": "earlier eval summary"}')
+    (root / "exported_twice" / "geography").mkdir(parents=True)
+    (root / "exported_twice" / "geography" / "test_questions.jsonl").write_text("the user's own question file")
+    for name, text in {"guard_utf16": b"\xff\xfe{}", "guard_deep": b"[" * 100_000 + b"]" * 100_000}.items():
+        shutil.copytree(root / "guard", root / name)
+        (root / name / "guardrail.json").write_bytes(text)
     return root
 
 
@@ -177,6 +184,20 @@ CLI_CASES = {
         "does not exist",
     ),  # fmt: skip
     "eval --out a folder": (EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/keep"], "is a directory"),
+    "eval --out a user's file": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/notes.txt", "--overwrite"],
+        "does not hold a JSON summary",
+    ),  # fmt: skip
+    "eval --out an earlier summary": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/summary.json"],
+        "already exists; pass --overwrite",
+    ),  # fmt: skip
+    "data export over an earlier export": (
+        ["data", "export", "--domains", "geography", "--out", "{ws}/exported_twice"],
+        "pass --overwrite",
+    ),  # fmt: skip
+    "inspect a guardrail.json that is not UTF-8": (["inspect", "{ws}/guard_utf16"], "Cannot read .* as JSON"),
+    "inspect a guardrail.json nested too deep": (["inspect", "{ws}/guard_deep"], "Cannot read .* as JSON"),
     # numbers
     "fit --clamp nan": (FIT + ["--out", "{ws}/new", "--clamp", "nan"], "clamp must be a finite number"),
     "fit --clamp inf": (FIT + ["--out", "{ws}/new", "--clamp", "inf"], "clamp must be a finite number"),
@@ -301,6 +322,14 @@ def _api_cases(ws, model, tok, sae):
         "Guardrail threshold 5": (lambda: dsg.Guardrail(sae, features=[1], threshold=5), "'threshold'"),
         "Guardrail clamp nan": (lambda: dsg.Guardrail(sae, features=[1], clamp=nan), "'clamp'"),
         "Guardrail gated as text": (lambda: dsg.Guardrail(sae, features=[1], gated="false"), "'gated'"),
+        "Guardrail hold past any context": (
+            lambda: dsg.Guardrail(sae, features=[1], threshold=0.1, window=4, hold=10**13),
+            "'hold' must be a positive integer up to",
+        ),  # a hold near rule.NEVER reads as always open, one past int64 overflows
+        "FitConfig gate_hold past any context": (
+            lambda: dsg.FitConfig(gate_window=4, gate_hold=2**63),
+            "gate_hold must be a positive number of tokens up to",
+        ),
         "load a tampered guardrail": (lambda: dsg.Guardrail.load(ws / "guard_threshold"), "content hash"),
         "attach one guardrail twice": (
             lambda: dsg.attach(model, *[dsg.Guardrail.load(ws / "guard")] * 2).__enter__(),

@@ -282,8 +282,10 @@ def test_export_writes_files_deterministically(tmp_path):
     assert {"question", "choices", "answer"} <= set(rows[0])
     with open(tmp_path / "a" / "general" / "fit.jsonl", encoding="utf-8") as f:
         assert [json.loads(line)["text"] for line in f] == load_domain("general").texts["fit"]
-    # Re-export into the same folder replaces the domain folders and leaves no staging folder behind.
-    export(["chemistry"], str(tmp_path / "a"))
+    # Re-export into the same folder replaces the domain folders only when told to, and leaves no staging folder.
+    with pytest.raises(DSGError, match="pass --overwrite"):
+        export(["chemistry"], str(tmp_path / "a"))
+    export(["chemistry"], str(tmp_path / "a"), overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
     assert _digest(a) == _digest(b)
 
@@ -328,7 +330,7 @@ def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     monkeypatch.setattr(domains_mod, "_domain_files", failing)
     need("chemistry")
     with pytest.raises(DSGError):
-        export(["general", "chemistry"], str(out))
+        export(["general", "chemistry"], str(out), overwrite=True)
     with pytest.raises(DSGError):
         export(["general", "chemistry"], str(tmp_path / "fresh"))
     after = {p: Path(p).read_bytes() for p in glob.glob(str(out / "**" / "*"), recursive=True) if os.path.isfile(p)}

@@ -156,7 +156,7 @@ def add_inspect(sub) -> None:
 
 def cmd_eval(args) -> int:
     if args.out:
-        check_output_file(args.out, inputs=[*args.questions, *args.guardrail, args.model])
+        check_output_file(args.out, inputs=[*args.questions, *args.guardrail, args.model], overwrite=args.overwrite)
     model, tokenizer = _model(args)
     guards = _guardrails(args.guardrail, model, verify=not args.allow_model_mismatch)
     summary = evaluate_files(
@@ -203,6 +203,7 @@ def add_eval(sub) -> None:
     p.add_argument("--details", action="store_true", help="Include every question's result.")
     p.add_argument("--allow-model-mismatch", action="store_true")
     p.add_argument("--out", default=None, help="Also write the JSON summary here.")
+    p.add_argument("--overwrite", action="store_true", help="Replace the --out file if it holds an earlier summary.")
     p.set_defaults(func=cmd_eval)
 
 
@@ -251,7 +252,7 @@ def cmd_data(args) -> int:
             print(f"{name:<10} {d.role:<7} {d.description} ({sizes})")
         return 0
     names = args.domains.split(",") if args.domains else available_domains()
-    paths = export([n.strip() for n in names], args.out)
+    paths = export([n.strip() for n in names], args.out, overwrite=args.overwrite)
     print(f"Wrote {len(paths)} files under {args.out}")
     return 0
 
@@ -261,6 +262,7 @@ def add_data(sub) -> None:
     p.add_argument("action", choices=["list", "export"])
     p.add_argument("--domains", default=None, help="Comma-separated domains (default: all available).")
     p.add_argument("--out", default="dsg-data", help="export: output folder.")
+    p.add_argument("--overwrite", action="store_true", help="export: replace domain folders an earlier export wrote.")
     p.set_defaults(func=cmd_data)
 
 

@@ -22,9 +22,9 @@ def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from `path`, or a DSGError naming the file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DSGError(f"Cannot read {str(path)!r} as JSON: {e}.") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a number past int limits
+        raise DSGError(f"Cannot read {str(path)!r} as JSON: {type(e).__name__}: {str(e)[:200]}.") from None
     if not isinstance(data, dict):
         raise DSGError(f"{str(path)!r} must hold a JSON object.")
     return data
@@ -103,8 +103,8 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
 def _json_object(path: Path) -> dict | None:
     """The JSON object in `path`, or None where it is missing, unreadable or not an object."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -234,14 +234,22 @@ def check_output_dir(
     return path
 
 
-def check_output_file(path: str | os.PathLike, inputs=()) -> Path:
-    """Before any work: `path` can be written as a file and is none of `inputs`, or a DSGError says why."""
+def check_output_file(path: str | os.PathLike, inputs=(), overwrite: bool = False) -> Path:
+    """Before any work: `path` can be written as a file and is none of `inputs`, or a DSGError says why. An existing
+    file is replaced only with `overwrite`, and only if it holds a JSON object (what the commands that write one
+    file write): a user's notes or question file never is."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise DSGError(f"Output file {str(path)!r} is a directory.")
     if path.is_symlink():
         raise DSGError(f"Output file {str(path)!r} is a symbolic link; give the file it should be written to.")
     _refuse_inputs(path, inputs)
+    if path.exists():
+        if _json_object(path) is None:
+            raise DSGError(f"Output file {str(path)!r} exists and does not hold a JSON summary; refusing to replace "
+                           "it (choose another output path).")  # fmt: skip
+        if not overwrite:
+            raise DSGError(f"Output file {str(path)!r} already exists; pass --overwrite to replace it.")
     if not path.parent.is_dir():
         raise DSGError(f"Cannot write {str(path)!r}: its folder {str(path.parent)!r} does not exist.")
     _probe_writable(path)

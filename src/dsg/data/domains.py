@@ -147,12 +147,13 @@ def _domain_files(domain: Domain, folder: str) -> list[str]:
     return names
 
 
-def export(names: list[str], out_dir: str) -> list[str]:
+def export(names: list[str], out_dir: str, overwrite: bool = False) -> list[str]:
     """Write ``<out_dir>/<domain>/{fit,heldout}.jsonl`` and ``{calibration,validation,test}_questions.jsonl``.
 
     Everything is written into a temporary folder beside `out_dir` first and moved into place only when all
-    domains are written, so a failure leaves no partial files (an existing ``<out_dir>/<domain>`` is replaced
-    only at that last step). Returns the written paths, domain by domain in the order given.
+    domains are written, so a failure leaves no partial files. An existing, non-empty ``<out_dir>/<domain>`` is
+    replaced only with `overwrite` (at that last step), and only if it holds nothing but the files an export
+    writes. Returns the written paths, domain by domain in the order given.
     """
     if isinstance(names, str):
         names = [names]
@@ -176,6 +177,9 @@ def export(names: list[str], out_dir: str) -> list[str]:
         if os.path.isdir(target) and not set(os.listdir(target)) <= exported:
             raise DSGError(f"Cannot export domain {n!r}: {target} holds files an export does not write; refusing to "
                            "replace it (choose another --out).")  # fmt: skip
+        if os.path.isdir(target) and os.listdir(target) and not overwrite:
+            raise DSGError(f"Cannot export domain {n!r}: {target} already holds exported files; pass --overwrite to "
+                           "replace them.")  # fmt: skip
     domains = [load_domain(n) for n in names]  # every DSGError about data comes before any write
 
     try:

@@ -117,9 +117,9 @@ class FitConfig:
             raise DSGError(f"gate_window must be between 1 and {MAX_WINDOW} tokens, got {self.gate_window}.")
         if self.detector and self.gate_window is None:
             raise DSGError("The detector gate reads windows of tokens: set gate_window (--gate-window) as well.")
-        if self.gate_hold is not None and (self.gate_window is None or self.gate_hold < 1):
-            raise DSGError(f"gate_hold must be a positive number of tokens and needs gate_window (--gate-window), "
-                           f"got {self.gate_hold}.")  # fmt: skip
+        if self.gate_hold is not None and (self.gate_window is None or not 1 <= self.gate_hold <= MAX_WINDOW):
+            raise DSGError(f"gate_hold must be a positive number of tokens up to {MAX_WINDOW} and needs gate_window "
+                           f"(--gate-window), got {self.gate_hold}.")  # fmt: skip
         latch = self.gate_latch_percentile
         if latch is not None and (self.gate_hold is None or not self.gate_percentile < latch <= 100):
             raise DSGError(f"gate_latch_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "

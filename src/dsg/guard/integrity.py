@@ -28,7 +28,8 @@ from .rule import CLAMP_MODES
 
 HASH_FIELD = "content_sha256"
 MAX_WINDOW = 1 << 17  # tokens: a window past any model's context reads like the whole input, and each request's
-# gate state holds one flag per window token
+# gate state holds one flag per window token. It bounds a gate's hold too: a longer hold is a latch, and one near
+# rule.NEVER (a gate that never opened) or int64 would read as always open or never open
 MAX_CLAMP = 1e6  # far above any useful clamp (500 is the paper's), far below float overflow in the residual delta
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -69,8 +70,9 @@ def check_rule(
     if floor is not None and (not _is_int(floor) or abs(floor) > DETECTOR_MAX_FLOOR):
         raise DSGError(f"{where}: the detector's 'floor' must be an integer of magnitude at most {DETECTOR_MAX_FLOOR} "
                        f"or absent, got {floor!r}.")  # fmt: skip
-    if hold is not None and (not _is_int(hold) or hold < 1):
-        raise DSGError(f"{where}: 'hold' must be a positive integer (tokens) or absent, got {hold!r}.")
+    if hold is not None and (not _is_int(hold) or not 1 <= hold <= MAX_WINDOW):
+        raise DSGError(f"{where}: 'hold' must be a positive integer up to {MAX_WINDOW} (tokens) or absent, got "
+                       f"{hold!r}.")  # fmt: skip
     if hold is not None and window is None:
         raise DSGError(f"{where}: 'hold' is how long a windowed gate stays open, so 'window' must be set.")
     if latch is not None and not _is_number(latch):
