@@ -379,8 +379,10 @@ def test_attachments_may_end_in_any_order():
             pass
 
 
-def test_an_attachment_carried_into_threads_keeps_their_gate_states_apart():
-    """asyncio.to_thread-style: one attachment's context copied into two threads running at once."""
+def test_an_attachment_carried_into_threads_keeps_their_gate_states_and_decisions_apart():
+    """asyncio.to_thread-style: one attachment's context copied into two threads running at once. Each thread's
+    session reads the decisions of its own latest forward, not the other thread's; a thread that ran none (the
+    caller, after joining a streaming worker) reads the latest one recorded."""
     import contextvars
     import threading
 
@@ -391,14 +393,19 @@ def test_an_attachment_carried_into_threads_keeps_their_gate_states_apart():
     guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.3, n=2), clamp=5.0)
     guard.threshold = rho_quantile(model, guard, seqs)
     with torch.no_grad(), dsg.attach(model, guard) as session:
-        want_a, want_b = model(ids[:3]).logits, model(ids[3:]).logits
+        want_a, gated_a = model(ids[:3]).logits, session.gated.clone()
+        want_b, gated_b = model(ids[3:]).logits, session.gated.clone()
+        assert not torch.equal(gated_a, gated_b)  # the two threads' decisions can be told apart
         barrier, got, errors = threading.Barrier(2), {}, []
 
         def run(key, batch):
             try:
                 for _ in range(5):
                     barrier.wait(timeout=30)
-                    got.setdefault(key, []).append(model(batch).logits)
+                    logits = model(batch).logits
+                    barrier.wait(timeout=30)  # the other thread's forward is done too: it must not show here
+                    got.setdefault(key, []).append(logits)
+                    got.setdefault(key + " gated", []).append(session.gated.clone())
             except Exception as e:
                 errors.append(e)
                 barrier.abort()
@@ -411,7 +418,13 @@ def test_an_attachment_carried_into_threads_keeps_their_gate_states_apart():
             t.join(timeout=60)
     assert not errors, errors
     assert all(torch.equal(x, want_a) for x in got["a"]) and all(torch.equal(x, want_b) for x in got["b"])
-    assert session.gated is not None
+    assert all(torch.equal(g, gated_a) for g in got["a gated"]), got["a gated"]
+    assert all(torch.equal(g, gated_b) for g in got["b gated"]), got["b gated"]
+    seen = {}
+    reader = threading.Thread(target=lambda: seen.setdefault("gated", session.gated))  # ran no forward itself
+    reader.start()
+    reader.join(timeout=60)
+    assert any(torch.equal(seen["gated"], g) for g in (gated_a, gated_b))
 
 
 def test_a_held_prompt_mask_repeats_the_prompts_clamping_token_for_token():

@@ -50,19 +50,55 @@ def _any_of(rows: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 @dataclass
+class _Decisions:
+    """What one thread's latest forward decided, per guardrail (Attachment's properties read it)."""
+
+    gated_by: list[torch.Tensor | None]  # [B] bool gate
+    first_by: dict[int, torch.Tensor] = field(default_factory=dict)  # [B] first clamped position
+    clamped_by: dict[int, torch.Tensor] = field(default_factory=dict)  # [B] any token clamped
+    clamp_by: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, T] the prompt's clamp
+
+
+@dataclass
 class Attachment:
     """What `attach` yields: the gate decisions of the latest forward pass, and generation state."""
 
     guardrails: list[Guardrail]
-    _gated_by: list[torch.Tensor | None] = field(default_factory=list)  # per guardrail, [B] bool latched gate
     prompt_length: int | None = None  # set by reference_generate: positions beyond it are treated as generated
     _held: torch.Tensor | None = None  # [B, G] decisions held fixed (see hold)
     _held_from: torch.Tensor | None = None  # [B, G] positions from which held rows are clamped (see hold)
     _held_mask: torch.Tensor | None = None  # [B, G, T] positions clamped exactly as given (see hold)
-    _first_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B] first clamped position
-    _clamped_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B] any token clamped
-    _clamp_by: dict[int, torch.Tensor] = field(default_factory=dict)  # per guardrail, [B, T] the prompt's clamp
     _fork: Callable[[torch.Tensor], None] | None = None  # set by the attachment: forks its per-thread gate states
+    # The latest forward's decisions, per thread: an attachment carried into several threads (copy_context().run,
+    # asyncio.to_thread) reports to each thread what its own forwards decided. A thread that ran none reads the
+    # latest any thread recorded (the streaming pattern: a worker generates, the caller reads after joining it).
+    _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+    _latest: _Decisions | None = field(default=None, repr=False, compare=False)
+
+    def _decisions(self, write: bool = False) -> _Decisions:
+        mine = getattr(self._local, "decisions", None)
+        if write:
+            if mine is None:
+                mine = self._local.decisions = _Decisions([None] * len(self.guardrails))
+            self._latest = mine
+            return mine
+        return mine or self._latest or _Decisions([None] * len(self.guardrails))
+
+    @property
+    def _gated_by(self) -> list[torch.Tensor | None]:  # per guardrail, [B] bool gate after the latest forward
+        return self._decisions().gated_by
+
+    @property
+    def _first_by(self) -> dict[int, torch.Tensor]:  # per guardrail, [B] first clamped position
+        return self._decisions().first_by
+
+    @property
+    def _clamped_by(self) -> dict[int, torch.Tensor]:  # per guardrail, [B] any token clamped
+        return self._decisions().clamped_by
+
+    @property
+    def _clamp_by(self) -> dict[int, torch.Tensor]:  # per guardrail, [B, T] the prompt's clamp
+        return self._decisions().clamp_by
 
     @property
     def gated(self) -> torch.Tensor | None:
@@ -110,10 +146,12 @@ class Attachment:
         """The following forwards continue rows `rows` (repeats allowed) of the latest forward: its gate states and
         decisions are repeated to match (a shared prefix extended by several suffixes; the KV cache is forked
         alike by the caller). `first_clamped` is None from here on: the prompt now arrives in pieces."""
-        pick = [g for g in self._gated_by if g is not None]
+        old = self._decisions()
+        pick = [g for g in old.gated_by if g is not None]
         rows = rows.to(pick[0].device) if pick else rows
-        self._gated_by = [None if g is None else g[rows] for g in self._gated_by]
-        self._first_by, self._clamped_by, self._clamp_by = {}, {}, {}
+        new = self._decisions(write=True)
+        new.gated_by = [None if g is None else g[rows] for g in old.gated_by]
+        new.first_by, new.clamped_by, new.clamp_by = {}, {}, {}
         if self._fork is not None:
             self._fork(rows)
 
@@ -158,7 +196,7 @@ class _Attached:
 
     def __init__(self, model, guardrails, by_hook: dict[str, list[int]], specials: list[int]):
         self.model, self.guardrails, self.by_hook, self.specials = model, guardrails, by_hook, specials
-        self.session = Attachment(list(guardrails), [None] * len(guardrails))
+        self.session = Attachment(list(guardrails))
         self.session._fork = self.fork
         # per thread: a context copied into several threads (asyncio.to_thread) must not share a forward's state
         self.local = threading.local()
@@ -223,12 +261,13 @@ class _Attached:
                         "attach()."
                     )
                 clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e)
-                session._gated_by[i] = self.states[i].gated
+                record = session._decisions(write=True)
+                record.gated_by[i] = self.states[i].gated
                 if not forward.continuation:
                     first = clamp_BT.long().argmax(1)
-                    session._first_by[i] = torch.where(clamp_BT.any(1), first, torch.full_like(first, T))
-                    session._clamped_by[i] = clamp_BT.any(1)
-                    session._clamp_by[i] = clamp_BT
+                    record.first_by[i] = torch.where(clamp_BT.any(1), first, torch.full_like(first, T))
+                    record.clamped_by[i] = clamp_BT.any(1)
+                    record.clamp_by[i] = clamp_BT
             if clamp_BT.any():
                 out = rule.apply_delta(x_BTD, *g.delta(f, clamp_BT), out)
         return out
