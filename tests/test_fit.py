@@ -93,6 +93,13 @@ def test_loading_against_another_sae_or_model_refuses(fitted, tmp_path, tiny_gpt
         guard.attach(tweaked).__enter__()
     with guard.attach(tweaked, verify=False):
         pass
+    # an in-place merge written through .data (PEFT's way) leaves the version counter alone: still refused
+    merged = type(model)(model.config).eval()
+    merged.load_state_dict(model.state_dict())
+    dsg.Guardrail.load(tmp_path / "g", model=merged)  # fingerprinted (and cached) before the edit
+    merged.model.layers[0].mlp.down_proj.weight.data.add_(0.5)
+    with pytest.raises(dsg.DSGError, match="refit it for this model"):
+        dsg.Guardrail.load(tmp_path / "g", model=merged)
     # later layers do not feed the hook, so editing them keeps the guardrail valid
     with torch.no_grad():
         model.model.layers[-1].mlp.down_proj.weight.mul_(1.0)

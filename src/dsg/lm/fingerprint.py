@@ -3,7 +3,9 @@
 A guardrail depends on the activations at its hook, and those depend only on the weights upstream of it, so the
 fingerprint hashes exactly those (all parameters but the later decoder layers). Hashing a 135M-parameter model
 takes about a second; the result is cached per model and invalidated when any parameter is replaced or edited
-in place (tracked through each tensor's data pointer and version counter).
+in place: tracked through each tensor's data pointer and version counter, and, since writes through `.data` (as
+PEFT's adapter merges make them) leave the version counter alone, through a strided sample of each tensor's
+values (_SAMPLE elements), which any edit of a whole weight matrix changes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ import torch
 from .hooks import HookPoint, decoder_layers, resolve, upstream_parameters
 
 _CACHE_ATTR = "_dsg_fingerprints"
+_SAMPLE = 4096  # values per tensor in the cache key
+
+
+def _sample(p: torch.Tensor) -> bytes:
+    """A strided sample of `p`'s values (about _SAMPLE of them, the same positions every time), as bytes."""
+    flat = p.detach().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    step = max(1, flat.numel() // _SAMPLE)
+    return flat[::step].to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def tensor_digest(h, name: str, t: torch.Tensor) -> None:
@@ -27,7 +39,7 @@ def tensor_digest(h, name: str, t: torch.Tensor) -> None:
 def model_fingerprint(model: torch.nn.Module, hook: HookPoint) -> dict:
     """{'class', 'name_or_path', 'weights_sha256', 'hashed'} for the weights that feed `hook`."""
     params = list(upstream_parameters(model, hook))
-    key = (hook.name, tuple((n, p.data_ptr(), p._version) for n, p in params))
+    key = (hook.name, tuple((n, p.data_ptr(), p._version, _sample(p)) for n, p in params))
     cache = model.__dict__.setdefault(_CACHE_ATTR, {})
     if key not in cache:
         h = hashlib.sha256()
