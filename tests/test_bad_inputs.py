@@ -91,6 +91,15 @@ def ws(tmp_path_factory):
     meta = json.loads((root / "guard_version" / "guardrail.json").read_text())
     (root / "guard_version" / "guardrail.json").write_text(json.dumps(meta | {"format_version": "x"}))
     (root / "a_file").write_text("not a folder")
+    for name, edit in {
+        "sae_d_in_text": lambda c: c | {"d_in": "abc"},
+        "sae_d_sae_list": lambda c: c | {"d_sae": [64]},
+        "sae_metadata_list": lambda c: c | {"metadata": [1]},
+        "sae_hook_int": lambda c: c | {"hook_name": 3, "metadata": {"hook_name": 3}},
+    }.items():
+        shutil.copytree(root / "sae", root / name)
+        cfg = json.loads((root / name / "cfg.json").read_text())
+        (root / name / "cfg.json").write_text(json.dumps(edit(cfg)))
     (root / "notes.txt").write_text("the user's notes")
     (root / "summary.json").write_text('{"an": "earlier eval summary"}')
     (root / "exported_twice" / "geography").mkdir(parents=True)
@@ -275,6 +284,19 @@ CLI_CASES = {
         EVAL + ["--questions", "{ws}/q.jsonl", "--prompt-format", "{{subject}}"],
         "refers to",
     ),  # fmt: skip
+    **{
+        f"fit on an SAE whose cfg.json has {what}": (
+            [*FIT[:3], "--sae", f"{{ws}}/{name}", *FIT[5:], "--out", "{ws}/new"],
+            "Cannot read the SAE|names its hook point",
+        )
+        for name, what in (
+            ("sae_d_in_text", "d_in as text"),
+            ("sae_d_sae_list", "d_sae as a list"),
+            ("sae_metadata_list", "metadata as a list"),
+            ("sae_hook_int", "a number for a hook"),
+        )
+    },  # fmt: skip
+    "generate from bytes that are not UTF-8": (GEN + ["abc\udcff"], "not valid text"),
     "eval two files with one stem": (EVAL + ["--questions", "{ws}/q.jsonl", "{ws}/sub/q.jsonl"], "distinct names"),
     # options
     "train-sae --k 0": (
@@ -342,6 +364,12 @@ def _api_cases(ws, model, tok, sae):
         "score duplicate choices": (lambda: score_mcq(model, tok, [_question(0, choices=["a", "a"])]), "repeats"),
         "generate zero tokens": (lambda: generate(model, tok, ["x"], max_new_tokens=0), "max_new_tokens"),
         "generate from one string": (lambda: generate(model, tok, "x"), "list of strings"),
+        "generate past the model's context": (lambda: generate(model, tok, ["word " * 3000]), "takes at most 2048"),
+        "score past the model's context": (
+            lambda: score_mcq(model, tok, [_question(0) | {"question": "word " * 3000}]),
+            "takes at most 2048",
+        ),  # fmt: skip
+        "generate text with unpaired surrogates": (lambda: generate(model, tok, ["abc\udcff"]), "not valid text"),
     }
 
 
@@ -375,3 +403,20 @@ def test_every_help_text_prints_as_written(command, capsys):
     assert "option_strings" not in out and "%(" not in out
     if command == "compare":
         assert "the 99 % rule" in " ".join(out.split())
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(ws, capsys, monkeypatch):
+    """The machine failing under a command (here: no space left while the guardrail is saved) gets one line naming
+    the cause and the path, exit status 1, and no output folder."""
+    import errno
+
+    def full(self, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(dsg.Guardrail, "save", full)
+    code = main(_cli(ws, FIT + ["--out", "{ws}/full"]))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "full" in lines[0], err
+    assert not (ws / "full").exists()

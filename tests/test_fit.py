@@ -335,3 +335,31 @@ def test_a_latch_level_is_calibrated_above_the_threshold_saved_and_checked(fitte
         dsg.Guardrail(sae, features=[0], threshold=0.5, window=4, latch=0.7)
     with pytest.raises(dsg.DSGError, match="'window' must be set"):
         dsg.Guardrail(sae, features=[0], threshold=0.5, hold=4)
+
+
+@pytest.mark.parametrize("edit", ["decoder past any SAE", "one tensor in float16", "hold past any context"])
+def test_re_hashed_tensors_and_fields_that_break_inference_are_refused(fitted, tmp_path, edit):
+    """The content hash is not a signature: whoever edits a guardrail can re-hash it. What would give NaN logits
+    (a decoder row of 1e38 times the clamp), a crash at inference (one tensor in another dtype) or a gate that
+    reads as always open (a hold near the never-opened sentinel) is refused by the field checks."""
+    from safetensors.torch import save_file
+
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    model, tok, sae, guard = fitted
+    guard.save(tmp_path / "g")
+    path, tpath = tmp_path / "g" / "guardrail.json", tmp_path / "g" / "guardrail.safetensors"
+    meta, tensors = json.loads(path.read_text()), read_safetensors(tpath)
+    if edit == "decoder past any SAE":
+        tensors["W_dec_selected"] = tensors["W_dec_selected"].clone()
+        tensors["W_dec_selected"][0, 0] = 1e38
+    elif edit == "one tensor in float16":
+        tensors["b_dec"] = tensors["b_dec"].half()
+    else:
+        meta |= {"window": 4, "hold": 10**13}
+    save_file(tensors, str(tpath))
+    meta[HASH_FIELD] = content_sha256(meta, tensors)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(dsg.DSGError, match="past 1e\\+06|one dtype|'hold' must be a positive integer up to"):
+        dsg.Guardrail.load(tmp_path / "g")

@@ -391,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(printable(str(e)).split())  # one line, and nothing that drives the terminal
         print(f"dsg {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # the machine, not the input: a full disk, a folder made read-only mid-run
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        where = f" ({printable(str(e.filename))})" if e.filename else ""
+        message = " ".join(printable(e.strerror or str(e)).split())
+        print(f"dsg {args.command}: error: {message}{where}.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dsg {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DSGError
 from ..lm.hooks import stopped_after
-from ..lm.models import evaluating, model_device
+from ..lm.models import check_fits_context, evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
 from ..runtime.intervention import (
     Intervention,
@@ -470,6 +470,10 @@ def score_mcq(
 
     built = [_request(model, tokenizer, q, mode, prompt_format, description, chat) for q in questions]
     requests, owners = [r for r, _ in built], [o for _, o in built]
+    for i, r in enumerate(requests):
+        check_fits_context(
+            model, len(r.prompt) + max(len(c) for c in r.candidates), f"Question {i} with its longest choice"
+        )
     desc = f"mcq ({mode}{', chat' if chat else ''}{', guarded' if intervention is not None else ''})"
     if unguarded is not None:
         _check_unguarded(unguarded, questions)

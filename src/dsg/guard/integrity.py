@@ -30,6 +30,8 @@ HASH_FIELD = "content_sha256"
 MAX_WINDOW = 1 << 17  # tokens: a window past any model's context reads like the whole input, and each request's
 # gate state holds one flag per window token. It bounds a gate's hold too: a longer hold is a latch, and one near
 # rule.NEVER (a gate that never opened) or int64 would read as always open or never open
+MAX_DECODER = 1e6  # |W_dec| entries: an SAE decodes into the residual stream's scale (units), and MAX_CLAMP times
+# this stays far inside float32
 MAX_CLAMP = 1e6  # far above any useful clamp (500 is the paper's), far below float overflow in the residual delta
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -172,6 +174,13 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
             raise DSGError(f"{where}: tensor {name!r} has shape {tuple(t[name].shape)}, expected {shape}.")
         if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
             raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
+    floats = {name: t[name].dtype for name in expected if t[name].is_floating_point()}
+    if len(set(floats.values())) > 1:
+        raise DSGError(f"{where}: the SAE's tensors must share one dtype, got "
+                       f"{', '.join(f'{n} {d}' for n, d in sorted(floats.items()))}.")  # fmt: skip
+    if not (t["W_dec_selected"].double().abs() <= MAX_DECODER).all():
+        raise DSGError(f"{where}: 'W_dec_selected' holds values past {MAX_DECODER:g}: no SAE decodes that way, and "
+                       "a clamp times such a row overflows the residual stream.")  # fmt: skip
     if "detector" in meta:
         lat, q = t["detector.latents"], t["detector.weights"]
         if lat.dtype != torch.long or q.dtype != torch.long:

@@ -176,6 +176,24 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
         model.train(was)
 
 
+def context_length(model: torch.nn.Module) -> int | None:
+    """The most positions the model's config says it takes (None where it names none)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_fits_context(model: torch.nn.Module, n_tokens: int, what: str) -> None:
+    """A DSGError where `what` (n_tokens long) would run past the model's context: a model with learned position
+    embeddings fails with an index error there, and one with rotary positions reads positions it never saw."""
+    limit = context_length(model)
+    if limit is not None and n_tokens > limit:
+        raise DSGError(f"{what} needs {n_tokens} positions, but the model takes at most {limit}; shorten it.")
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import DSGError
 from ..guard.guardrail import Guardrail
+from ..lm.models import check_fits_context
 from ..lm.text import pad_batch, pad_id_of, position_ids
 from .hf import attach
 from .intervention import Intervention, as_intervention
@@ -52,6 +53,15 @@ def reference_generate(
 
 
 @torch.inference_mode()
+def _is_unicode(text: str) -> bool:
+    """Whether `text` is encodable text (no unpaired surrogates, which Python makes of bytes that are not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -71,6 +81,10 @@ def generate(
         raise DSGError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise DSGError("prompts must be a non-empty list of strings.")
+    broken = next((i for i, p in enumerate(prompts) if not _is_unicode(p)), None)
+    if broken is not None:
+        raise DSGError(f"Prompt {broken} is not valid text: it holds unpaired surrogates (bytes that are not UTF-8, "
+                       "as in a command-line argument with invalid bytes).")  # fmt: skip
     texts = []
     for p in prompts:
         if chat and getattr(tokenizer, "chat_template", None):
@@ -85,6 +99,9 @@ def generate(
     empty = [p for p, e in zip(prompts, encoded) if not e]
     if empty:
         raise DSGError(f"Prompt {empty[0]!r} encodes to no tokens; give a non-empty prompt.")
+    i = max(range(len(encoded)), key=lambda j: len(encoded[j]))
+    check_fits_context(model, len(encoded[i]) + max_new_tokens, f"Prompt {i} ({len(encoded[i])} tokens) with "
+                       f"{max_new_tokens} new tokens")  # fmt: skip
     pad = pad_id_of(tokenizer, model)
     ids, mask = pad_batch(encoded, pad, side="left")
     device = next(model.parameters()).device

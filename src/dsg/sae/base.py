@@ -204,7 +204,15 @@ class SAE(torch.nn.Module):
         """
         from .formats import read_sae  # the formats import this module
 
-        sae = read_sae(path, hook_name, format)
+        try:
+            sae = read_sae(path, hook_name, format)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # a field of the wrong kind
+            detail = " ".join(str(e).split())[:200]
+            raise DSGError(f"Cannot read the SAE at {str(path)!r}: a file there is malformed ({type(e).__name__}: "
+                           f"{detail}).") from None  # fmt: skip
         if hook_name is not None:
             sae.hook_name = hook_name
+        if sae.hook_name is not None and not isinstance(sae.hook_name, str):
+            raise DSGError(f"The SAE at {str(path)!r} names its hook point {sae.hook_name!r}; a hook is a name such "
+                           "as 'blocks.12.hook_resid_post'.")  # fmt: skip
         return sae.to(device=device) if dtype is None else sae.to(device=device, dtype=dtype)
