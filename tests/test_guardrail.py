@@ -499,3 +499,22 @@ def test_a_static_guardrail_says_its_gate_settings_are_unused():
     assert dsg.Guardrail(sae, features=[1, 2], clamp=1.0, gated=False).gate_rule() == "static (every input)"
     g = dsg.Guardrail(sae, features=[1, 2], clamp=1.0, gated=False, window=8, hold=4, threshold=0.1, latch=0.5)
     assert g.gate_rule() == "static (every input); its window, hold, latch settings are unused"
+
+
+def test_a_submodule_forward_after_a_whole_model_forward_is_judged_on_its_own_inputs():
+    """Inside one attachment, model(...) then model.model(...) (a call the top-level hooks never see): the second
+    forward is judged as one prompt of its own, not with the first forward's ids and mask."""
+    model = tiny_model("llama")
+    sae = tiny_sae()
+    ids = random_ids(4, 12, seed=5)
+    seqs = [list(s) for s in ids]
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.3, n=2), clamp=5.0)
+    guard.threshold = rho_quantile(model, guard, seqs)
+    short = ids[:2, :7]
+    with torch.no_grad():
+        with dsg.attach(model, guard):
+            alone = model.model(short).last_hidden_state
+        with dsg.attach(model, guard):
+            model(ids)
+            after = model.model(short).last_hidden_state
+    assert torch.equal(after, alone)

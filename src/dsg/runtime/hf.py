@@ -283,6 +283,9 @@ class _ModelHooks:
     def __init__(self, model: torch.nn.Module):
         self.model, self.users, self.points = model, 0, {}
         self.inputs = model.register_forward_pre_hook(self.on_inputs, with_kwargs=True)
+        # a forward's inputs describe that forward only: a later call on a submodule (model.model(...)) must not
+        # read them as its own
+        self.outputs = model.register_forward_hook(self.on_outputs)
 
     def mine(self) -> list[_Attached]:
         return [att for att in _ACTIVE.get() if att.model is self.model]
@@ -295,6 +298,10 @@ class _ModelHooks:
                 inputs.setdefault("input_ids", args[0])
             for att in attached:
                 att.begin(inputs)
+
+    def on_outputs(self, _module, _args, _output) -> None:
+        for att in self.mine():
+            att.forward.clear()
 
     def add(self, point: HookPoint) -> None:
         if point.name not in self.points:
@@ -316,6 +323,7 @@ class _ModelHooks:
         for hook in self.points.values():
             hook.__exit__(None, None, None)
         self.inputs.remove()
+        self.outputs.remove()
 
 
 _HOOKS: dict[int, _ModelHooks] = {}
