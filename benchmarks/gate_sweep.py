@@ -7,6 +7,10 @@ reports the share of inputs whose largest window score exceeds the threshold:
     <domain> val                                               the packs' validation questions (60 per domain)
     <domain> requests                                          held-out chat requests (60 per domain)
     held-out docs                                              256-token held-out retain documents (80)
+    <domain> val, 1,000 before / after / chat                  40 cyber and 40 computing validation questions
+                                                               padded as dsg demo pads its test questions: the
+                                                               share whose answer would be guarded (the gate at
+                                                               the prompt's end, hold and latch included)
 
     python benchmarks/gate_sweep.py [--sae DIR] [--variants p99,p97,p95,p97-floor]
 
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dsg.bench.setting import DEMO_FIT, BenchSetting, chat_prompt
+from dsg.eval.dilution import dilute, gate_rate_on_texts, paddings
 from dsg.guard.fit import fit
 from dsg.lm.hooks import activations_by_batch
 from dsg.lm.text import batches, pad_id_of
@@ -34,6 +39,10 @@ VARIANTS = {
     "p99": {"gate_percentile": 99.0},
     "p98": {"gate_percentile": 98.0},
     "p97": {"gate_percentile": 97.0},
+    # the detector also fitted on a fifth of its sequences read after 32 to 256 benign tokens
+    # (FitConfig.detector_context)
+    "p97-context": {"gate_percentile": 97.0, "detector_context": 256},
+    "p98-context": {"gate_percentile": 98.0, "detector_context": 256},
     "p95": {"gate_percentile": 95.0},
     "w16-p97": {"gate_window": 16, "gate_percentile": 97.0},
     # each token's evidence floored at zero (FitConfig.detector_floor)
@@ -62,6 +71,20 @@ def input_sets(tok, forget, retain, general) -> dict[str, list[str]]:
     return sets
 
 
+def padded_sets(tok, forget, retain, general) -> dict[str, list[str]]:
+    """Validation questions after (or before) 1,000 benign tokens, as dsg demo pads its test questions."""
+    fills = paddings(tok, list(general.texts["heldout"]), 1000)
+    computing = next(d for d in retain if d.name == "computing")
+    sets = {}
+    for d, forms in ((forget, ("plain", "after", "chat")), (computing, ("plain", "chat"))):
+        qs = [{"question": q.question} for q in d.questions["validation"][:40]]
+        for form in forms:
+            name = {"plain": "1,000 before", "after": "1,000 after", "chat": "chat, 1,000"}[form]
+            sets[f"{d.name} val, {name}"] = [dilute(q, fills[i % len(fills)], 1000, tok, form)["question"]
+                                             for i, q in enumerate(qs)]  # fmt: skip
+    return sets
+
+
 @torch.inference_mode()
 def gate_share(model, tok, guard, texts: list[str]) -> float:
     """Share of texts (each judged alone) whose largest window of detector evidence exceeds the threshold."""
@@ -86,16 +109,18 @@ def main() -> None:
     setting = BenchSetting(sae=args.sae).prepared()
     model, tok, sae, forget, retain, general, forget_texts, retain_texts, calibration, stats = setting
     sets = input_sets(tok, forget, retain, general)
+    padded = padded_sets(tok, forget, retain, general)
     rows, results = [], {}
     for name in args.variants.split(","):
         t = time.perf_counter()
         config = dataclasses.replace(DEMO_FIT, **VARIANTS[name])
         guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, config, stats=stats)
         shares = {k: gate_share(model, tok, guard, v) for k, v in sets.items()}
+        shares |= {k: gate_rate_on_texts(model, tok, v, guard, max_length=2048) for k, v in padded.items()}
         results[name] = {"config": VARIANTS[name], "gate": guard.gate_rule(), "gated": shares,
                          "seconds": time.perf_counter() - t}  # fmt: skip
-        rows.append([name, *(pct(shares[k]) for k in sets)])
-        print(table(["variant", *(f"{k} %" for k in sets)], rows), flush=True)
+        rows.append([name, *(pct(shares[k]) for k in shares)])
+        print(table(["variant", *(f"{k} %" for k in shares)], rows), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     record = {"sae": str(args.sae or "shipped"), "hook": sae.hook_name, "results": results}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -315,3 +315,66 @@ def test_moving_a_guardrail_moves_its_detector_and_saved_rule_fields_win_over_in
 def _saved(guard, path):
     guard.save(path)
     return path
+
+
+def test_window_features_after_context_are_the_own_tokens_windows_of_the_whole_forward(tiny_llama):
+    """With `starts`, each sequence is read whole (its context attended to) and only its own tokens are windowed:
+    the rows equal the windows of the whole forward's firing cut to those tokens, and differ from reading the
+    own tokens alone (the context changes the activations)."""
+    from dsg.guard.detector import window_features
+    from dsg.lm.hooks import activations_by_batch
+    from dsg.lm.text import batches
+
+    model, tok = tiny_llama
+    sae, w, hook = tiny_sae(), 4, "blocks.0.hook_resid_post"
+    own = [list(range(7, 7 + n)) for n in (5, 9, 12)]
+    context = [list(range(40, 40 + n)) for n in (3, 10, 0)]
+    seqs, starts = [c + o for c, o in zip(context, own)], [len(c) for c in context]
+    kw = dict(batch_size=2, pad_id=0, desc="", progress=False)
+    got = window_features(model, sae, hook, seqs, w, starts=starts, **kw).toarray()
+    want = []
+    for (i,), _, x, real in activations_by_batch(model, hook, batches(seqs, 1, 0)):
+        mask = real[0].clone()
+        mask[: starts[i]] = False
+        fires = (sae.encode(x) > 0)[0][mask].double()
+        m = fires.shape[0]
+        ends = list(range(min(w, m), m + 1, w // 2))
+        ends += [m] if ends[-1] != m else []
+        want.append((-len(seqs[i]), [fires[max(0, e - w) : e].sum(0) / w for e in ends]))
+    rows = [r for _, rs in sorted(want, key=lambda t: t[0]) for r in rs]  # rows go longest sequence first
+    np.testing.assert_allclose(got, torch.stack(rows).numpy(), atol=1e-12)
+    alone = window_features(model, sae, hook, own, w, **kw).toarray()
+    assert got.shape[0] == sum(len(r) for _, r in want) and not np.array_equal(np.sort(got, 0), np.sort(alone, 0))
+    with pytest.raises(ValueError, match="no context"):
+        window_features(model, sae, hook, seqs, w, starts=starts, known=[None] * 3, **kw)
+
+
+def test_a_detector_fitted_in_context_adds_those_windows_and_is_reproducible(detected):
+    """detector_context: every forget and fitted retain sequence is also read after benign context (from the
+    fitted retain sequences only, never the calibration hold-out); the fit records it, adds those windows on both
+    sides, and gives the same guardrail twice."""
+    import importlib
+
+    fit_module = importlib.import_module("dsg.guard.fit")
+    model, tok, sae, plain = detected
+    a, b = (dsg.fit(model, tok, sae, FORGET, RETAIN, config=_config(detector_context=16), progress=False)
+            for _ in range(2))  # fmt: skip
+    fit_a, fit_plain = a.info["detector_fit"], plain.info["detector_fit"]
+    assert fit_a["context"] == 16 and "context" not in fit_plain
+    assert fit_a["positive_windows"] > fit_plain["positive_windows"]
+    assert fit_a["negative_windows"] > fit_plain["negative_windows"]
+    assert a.detector.weights.tolist() == b.detector.weights.tolist() and a.threshold == b.threshold
+    # the threshold is still read from the same held-out sequences, alone
+    assert fit_a["calibration_sequences"] == fit_plain["calibration_sequences"]
+    pool = [[1, 2, 3], [4, 5, 6, 7]]
+    ctx, starts = fit_module._in_context([[9, 9], [8]], pool, 16, 5, np.random.default_rng(0))
+    assert [s[st:] for s, st in zip(ctx, starts)] == [[9, 9], [8]]
+    assert all(st in (2, 4, 5) for st in starts)  # 16/8, 16/4, then capped at the limit
+    assert all(set(s[:st]) <= {1, 2, 3, 4, 5, 6, 7} for s, st in zip(ctx, starts))
+
+
+def test_detector_context_needs_the_detector_and_a_bounded_length():
+    with pytest.raises(dsg.DSGError, match="detector_context"):
+        dsg.FitConfig(detector_context=64)
+    with pytest.raises(dsg.DSGError, match="detector_context"):
+        _config(detector_context=-1)

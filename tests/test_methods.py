@@ -248,7 +248,7 @@ def test_dsg_sweeps_the_shipped_detector_gate_and_dsg_paper_the_papers_rule():
                 assert c.detector and c.gate_window and c.gated
             for cfg in METHODS["dsg_paper"]().grid(bench, budget):
                 c = METHODS["dsg_paper"]().fit_config(bench, cfg)
-                assert not c.detector and c.gate_window is None and c.gated
+                assert not c.detector and c.gate_window is None and c.gated and not c.detector_context
                 assert c.max_length == base.max_length  # data settings still come from the bench
     shipped = METHODS["dsg"]().fit_config(SimpleNamespace(fit=DEMO_FIT), METHODS["dsg"]().grid(None, 1.0)[0])
     rule = (
@@ -256,6 +256,8 @@ def test_dsg_sweeps_the_shipped_detector_gate_and_dsg_paper_the_papers_rule():
         "gate_hold",
         "gate_latch_percentile",
         "detector",
+        "detector_context",
+        "detector_floor",
         "gate_percentile",
         "n_features",
         "clamp",
@@ -263,4 +265,4 @@ def test_dsg_sweeps_the_shipped_detector_gate_and_dsg_paper_the_papers_rule():
     )
     assert [getattr(shipped, k) for k in rule] == [getattr(DEMO_FIT, k) for k in rule]  # dsg sweeps what ships first
     clamp = dsg.methods.sae_clamp.clamp_fit_config(ClampConfig(), DEMO_FIT)
-    assert not clamp.gated and not clamp.detector and clamp.gate_window is None
+    assert not clamp.gated and not clamp.detector and clamp.gate_window is None and not clamp.detector_context

@@ -123,14 +123,17 @@ def _windows_of(on: torch.Tensor, window: int) -> tuple[np.ndarray, np.ndarray, 
 
 def window_features(
     model, sae, hook, sequences: Sequence[Sequence[int]], window: int, *, batch_size: int, pad_id: int,
-    desc: str, progress: bool, known: Sequence[Fires | None] | None = None,
+    desc: str, progress: bool, known: Sequence[Fires | None] | None = None, starts: Sequence[int] | None = None,
 ):  # fmt: skip
     """A sparse matrix [windows, d_sae]: for each window of `window` real tokens (stride window/2, the last one
     ending at the sequence's end, shorter sequences giving one shorter window), the share of its tokens on which
     each latent fires. Rows go sequence by sequence, longest first. Forwards stop at the hook, and are skipped for
-    the sequences whose firing is `known` (kept from the statistics pass); nothing dense over the corpus is kept."""
+    the sequences whose firing is `known` (kept from the statistics pass); nothing dense over the corpus is kept.
+    `starts`: per sequence, the tokens before it that are context only (read by the forward, in no window)."""
     from scipy import sparse
 
+    if starts is not None and known is not None:
+        raise ValueError("window_features: firing kept from the statistics pass has no context to skip")
     known = list(known) if known is not None else [None] * len(sequences)
     blocks: dict[int, tuple] = {i: _windows_of(f.dense(sae.d_sae), window) for i, f in enumerate(known) if f}
     todo = [i for i in range(len(sequences)) if i not in blocks]
@@ -140,7 +143,10 @@ def window_features(
         for idx, _, x_BTD, real in activations_by_batch(model, hook, chunks):
             fires = sae.encode(x_BTD.to(sae.W_dec.dtype)) > 0  # [B, T, F]
             for b, i in enumerate(idx):
-                blocks[todo[i]] = _windows_of(fires[b][real[b]].cpu(), window)  # the matrix is built on the CPU
+                own = real[b].clone()
+                if starts is not None:  # batches() pads on the right: position p is the sequence's token p
+                    own[: starts[todo[i]]] = False
+                blocks[todo[i]] = _windows_of(fires[b][own].cpu(), window)  # the matrix is built on the CPU
             bar.update(len(idx))
     bar.close()
     rows, cols, vals, n = [], [], [], 0

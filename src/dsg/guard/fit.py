@@ -26,6 +26,7 @@ from ..config import check_choice, check_types
 from ..errors import DSGError
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, resolve
+from ..lm.models import context_length
 from ..lm.text import pad_id_of, subsample, tokenize
 from .detector import fit_weights, window_features
 from .guardrail import Guardrail
@@ -78,6 +79,12 @@ class FitConfig:
     """Detector only: no token's evidence goes below zero, so the benign words around a forget-domain term cannot
     cancel it (a latent with a negative weight still offsets forget latents firing on the same token). More short
     questions asked in plain words open the gate, and more long benign text does too. Default: signed evidence."""
+    detector_context: int = 0
+    """Detector only: also fit on a fifth of the forget and retain sequences read after benign context (CONTEXT/8,
+    /4, /2 or CONTEXT tokens of the fitted retain and calibration sequences; all drawn with the seed), their windows
+    taken from their own tokens only. A forget question deep in a long input fires latents a little differently
+    from one read alone, and a detector that has seen both keeps its recall behind benign padding. Default 0:
+    sequences alone."""
     detector_c: float = 0.3
     """Detector only: inverse L1 strength of the logistic regression (smaller: fewer latents)."""
     detector_holdout: float = 0.25
@@ -124,6 +131,9 @@ class FitConfig:
         if latch is not None and (self.gate_hold is None or not self.gate_percentile < latch <= 100):
             raise DSGError(f"gate_latch_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "
                            f"({self.gate_percentile:g}) and at most 100, got {latch}.")  # fmt: skip
+        if self.detector_context and (not self.detector or not 0 <= self.detector_context <= MAX_WINDOW):
+            raise DSGError(f"detector_context is a number of tokens up to {MAX_WINDOW} and needs the detector gate "
+                           f"(--detector), got {self.detector_context}.")  # fmt: skip
         if self.detector_c <= 0:
             raise DSGError(f"detector_c must be positive, got {self.detector_c}.")
         if not 0 < self.detector_holdout < 1:
@@ -382,11 +392,52 @@ def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitC
     sae_sha = sae.sha256() if stats.windows is not None else None
     positive = _windows(stats, sae_sha, model, sae, hook, stats.forget_sequences, w, "forget", kw, stats.forget_fires)
     negative = _windows(stats, sae_sha, model, sae, hook, fitted, w, "retain", kw, fitted_known)
+    if config.detector_context:
+        from scipy import sparse
+
+        limit = _context_limit(model, config)
+        rng = np.random.default_rng(config.seed + 5)
+        for label, seqs in (("forget", stats.forget_sequences), ("retain", fitted)):
+            some = sorted(rng.permutation(len(seqs))[: -(-len(seqs) // CONTEXT_SHARE)].tolist())
+            ctx, starts = _in_context([seqs[i] for i in some], fitted, config.detector_context, limit, rng)
+            more = _windows(stats, sae_sha, model, sae, hook, ctx, w, f"{label} in context", kw, starts=starts)
+            if label == "forget":
+                positive = sparse.vstack([positive, more]).tocsr()
+            else:
+                negative = sparse.vstack([negative, more]).tocsr()
     weights = fit_weights(positive, negative, config.detector_c, config.seed)
     info = {"c": config.detector_c, "positive_windows": positive.shape[0], "negative_windows": negative.shape[0],
             "latents": len(weights), "forget_latents": sum(q > 0 for q in weights.values()),
             "calibration_sequences": len(held)}  # fmt: skip
+    if config.detector_context:
+        info["context"] = config.detector_context
     return weights, info, held
+
+
+CONTEXT_SHARE = 5  # detector_context: one in this many forget and retain sequences is also read after context
+
+
+def _context_limit(model, config: FitConfig) -> int:
+    """The longest benign context a sequence can be read after: the model's positions less a sequence's."""
+    n_positions = context_length(model)
+    if n_positions is None:
+        return config.detector_context
+    return max(0, min(config.detector_context, n_positions - config.max_length))
+
+
+def _in_context(seqs, pool, context: int, limit: int, rng) -> tuple[list[list[int]], list[int]]:
+    """Each sequence after a benign context of context/8, /4, /2 or context tokens (at most `limit`), cut from
+    sequences of `pool` joined in an order drawn from `rng`: (the joined sequences, where each own part starts)."""
+    out, starts = [], []
+    lengths = [max(1, context // d) for d in (8, 4, 2, 1)]
+    for s in seqs:
+        n = max(0, min(int(rng.choice(lengths)), limit))
+        prefix: list[int] = []
+        while len(prefix) < n:
+            prefix += pool[int(rng.integers(len(pool)))]
+        out.append(prefix[:n] + list(s))
+        starts.append(n)
+    return out, starts
 
 
 def _ids_sha256(sequences: Sequence[Sequence[int]]) -> str:
@@ -394,15 +445,16 @@ def _ids_sha256(sequences: Sequence[Sequence[int]]) -> str:
 
 
 def _windows(stats: CorpusStats, sae_sha: str | None, model, sae, hook, sequences, w: int, label: str, kw,
-             known=None):  # fmt: skip
+             known=None, starts=None):  # fmt: skip
     """Window features of `sequences`, from the statistics' memo when an earlier fit computed them: the key holds
-    everything they depend on (hook, SAE, the sequences themselves, window, batching). `known`: the sequences'
-    firing where the statistics pass kept it (no forward needed for those)."""
+    everything they depend on (hook, SAE, the sequences themselves, window, batching, where each one's windows
+    start). `known`: the sequences' firing where the statistics pass kept it (no forward needed for those)."""
 
     def compute():
-        return window_features(model, sae, hook, sequences, w, desc=f"detector: {label} windows", known=known, **kw)
+        return window_features(model, sae, hook, sequences, w, desc=f"detector: {label} windows", known=known,
+                               starts=starts, **kw)  # fmt: skip
 
     if stats.windows is None:
         return compute()
-    key = (hook, sae_sha, _ids_sha256(sequences), w, kw["batch_size"], kw["pad_id"])
+    key = (hook, sae_sha, _ids_sha256(sequences), w, kw["batch_size"], kw["pad_id"], _ids_sha256([starts or []]))
     return stats.windows.get(key, compute)

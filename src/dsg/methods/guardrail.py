@@ -68,6 +68,7 @@ class GuardrailMethod(UnlearningMethod):
         if guard.detector is not None:
             record["detector"] = [[j, w] for j, w in guard.detector.named_weights()]
             record["detector_floor"] = guard.detector.floor
+            record["detector_context"] = guard.info.get("detector_fit", {}).get("context", 0)
         return Fitted(guard, cost, record)
 
     def restore(self, bench, run: dict, run_dir: Path) -> Fitted | None:
