@@ -420,3 +420,15 @@ def test_a_full_disk_is_one_line_not_a_traceback(ws, capsys, monkeypatch):
     lines = [line for line in err.splitlines() if ": error: " in line]
     assert len(lines) == 1 and "No space left on device" in lines[0] and "full" in lines[0], err
     assert not (ws / "full").exists()
+
+
+def test_generate_runs_its_forwards_in_inference_mode(loaded):
+    """generate() is an inference entry point: no forward it makes builds an autograd graph."""
+    model, tok, _ = loaded
+    modes = []
+    hook = model.register_forward_pre_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    try:
+        generate(model, tok, ["hello"], max_new_tokens=2, chat=False)
+    finally:
+        hook.remove()
+    assert modes and all(modes)

@@ -52,7 +52,6 @@ def reference_generate(
     return ids[:, prompt_length:], gated
 
 
-@torch.inference_mode()
 def _is_unicode(text: str) -> bool:
     """Whether `text` is encodable text (no unpaired surrogates, which Python makes of bytes that are not UTF-8)."""
     try:
@@ -62,6 +61,7 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+@torch.inference_mode()
 def generate(
     model: torch.nn.Module,
     tokenizer,
