@@ -374,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_error(command: str, text: str) -> None:
+    """`dsg COMMAND: error: TEXT` on stderr, on one line and with nothing that drives the terminal."""
+    for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short must not share the error's line
+        bar.close()
+    print(f"dsg {command}: error: {' '.join(printable(text).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -386,17 +393,11 @@ def main(argv: list[str] | None = None) -> int:
             init_from_env()
         return args.func(args)
     except DSGError as e:
-        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short must not share the error's line
-            bar.close()
-        message = " ".join(printable(str(e)).split())  # one line, and nothing that drives the terminal
-        print(f"dsg {args.command}: error: {message}", file=sys.stderr)
+        _print_error(args.command, str(e))
         return EXIT_USAGE
     except OSError as e:  # the machine, not the input: a full disk, a folder made read-only mid-run
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.close()
-        where = f" ({printable(str(e.filename))})" if e.filename else ""
-        message = " ".join(printable(e.strerror or str(e)).split())
-        print(f"dsg {args.command}: error: {message}{where}.", file=sys.stderr)
+        where = f" ({e.filename})" if e.filename else ""
+        _print_error(args.command, f"{e.strerror or e}{where}.")
         return 1
     except KeyboardInterrupt:
         print(f"dsg {args.command}: interrupted", file=sys.stderr)
