@@ -379,6 +379,17 @@ def test_attachments_may_end_in_any_order():
             pass
 
 
+def _half_gated(batch: int, length: int, seed: int):
+    """A tiny model, random ids [batch, length], and a whole-input guardrail on two latents that fire on about 30 %
+    of their tokens, its threshold at the median rho: about half the rows gated."""
+    model, sae = tiny_model("llama"), tiny_sae()
+    ids = random_ids(batch, length, seed=seed)
+    seqs = [list(s) for s in ids]
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.3, n=2), clamp=5.0)
+    guard.threshold = rho_quantile(model, guard, seqs)
+    return model, ids, guard
+
+
 def test_an_attachment_carried_into_threads_keeps_their_gate_states_and_decisions_apart():
     """asyncio.to_thread-style: one attachment's context copied into two threads running at once. Each thread's
     session reads the decisions of its own latest forward, not the other thread's; a thread that ran none (the
@@ -386,12 +397,7 @@ def test_an_attachment_carried_into_threads_keeps_their_gate_states_and_decision
     import contextvars
     import threading
 
-    model = tiny_model("llama")
-    sae = tiny_sae()
-    ids = random_ids(6, 10, seed=3)
-    seqs = [list(s) for s in ids]
-    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.3, n=2), clamp=5.0)
-    guard.threshold = rho_quantile(model, guard, seqs)
+    model, ids, guard = _half_gated(6, 10, seed=3)
     with torch.no_grad(), dsg.attach(model, guard) as session:
         want_a, gated_a = model(ids[:3]).logits, session.gated.clone()
         want_b, gated_b = model(ids[3:]).logits, session.gated.clone()
@@ -504,12 +510,7 @@ def test_a_static_guardrail_says_its_gate_settings_are_unused():
 def test_a_submodule_forward_after_a_whole_model_forward_is_judged_on_its_own_inputs():
     """Inside one attachment, model(...) then model.model(...) (a call the top-level hooks never see): the second
     forward is judged as one prompt of its own, not with the first forward's ids and mask."""
-    model = tiny_model("llama")
-    sae = tiny_sae()
-    ids = random_ids(4, 12, seed=5)
-    seqs = [list(s) for s in ids]
-    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.3, n=2), clamp=5.0)
-    guard.threshold = rho_quantile(model, guard, seqs)
+    model, ids, guard = _half_gated(4, 12, seed=5)
     short = ids[:2, :7]
     with torch.no_grad():
         with dsg.attach(model, guard):
