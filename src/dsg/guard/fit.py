@@ -395,16 +395,15 @@ def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitC
     if config.detector_context:
         from scipy import sparse
 
-        limit = _context_limit(model, config)
-        rng = np.random.default_rng(config.seed + 5)
-        for label, seqs in (("forget", stats.forget_sequences), ("retain", fitted)):
+        limit, rng = _context_limit(model, config), np.random.default_rng(config.seed + 5)
+
+        def in_context(seqs, label):  # a fifth of `seqs`, after context drawn from the fitted negatives
             some = sorted(rng.permutation(len(seqs))[: -(-len(seqs) // CONTEXT_SHARE)].tolist())
             ctx, starts = _in_context([seqs[i] for i in some], fitted, config.detector_context, limit, rng)
-            more = _windows(stats, sae_sha, model, sae, hook, ctx, w, f"{label} in context", kw, starts=starts)
-            if label == "forget":
-                positive = sparse.vstack([positive, more]).tocsr()
-            else:
-                negative = sparse.vstack([negative, more]).tocsr()
+            return _windows(stats, sae_sha, model, sae, hook, ctx, w, f"{label} in context", kw, starts=starts)
+
+        positive = sparse.vstack([positive, in_context(stats.forget_sequences, "forget")]).tocsr()
+        negative = sparse.vstack([negative, in_context(fitted, "retain")]).tocsr()
     weights = fit_weights(positive, negative, config.detector_c, config.seed)
     info = {"c": config.detector_c, "positive_windows": positive.shape[0], "negative_windows": negative.shape[0],
             "latents": len(weights), "forget_latents": sum(q > 0 for q in weights.values()),
