@@ -72,9 +72,8 @@ def test_saelens_flat_pre_v6_config(tmp_path):
     assert back.sha256() == sae.sha256()
 
 
-def test_sparsify_folder_with_transposed_encoder(tmp_path):
-    sae = tiny_sae(architecture="topk", k=6)
-    d = tmp_path / "layers.3"
+def _sparsify_folder(d, sae, **cfg):
+    """`sae` written the way EleutherAI sparsify writes one hookpoint: encoder transposed, its own cfg.json."""
     d.mkdir()
     save_file(
         {
@@ -85,18 +84,14 @@ def test_sparsify_folder_with_transposed_encoder(tmp_path):
         },
         str(d / "sae.safetensors"),
     )
-    (d / "cfg.json").write_text(
-        json.dumps(
-            {
-                "activation": "topk",
-                "k": 6,
-                "num_latents": 64,
-                "d_in": 32,
-                "expansion_factor": 2,
-                "normalize_decoder": True,
-            }
-        )
-    )
+    base = {"activation": "topk", "k": sae.k, "num_latents": sae.d_sae, "d_in": sae.d_in, "expansion_factor": 2}
+    (d / "cfg.json").write_text(json.dumps(base | {"normalize_decoder": True} | cfg))
+    return d
+
+
+def test_sparsify_folder_with_transposed_encoder(tmp_path):
+    sae = tiny_sae(architecture="topk", k=6)
+    d = _sparsify_folder(tmp_path / "layers.3", sae)
     back = dsg.SAE.load(d)
     assert back.hook_name == "layers.3"
     assert back.sha256() == sae.sha256()
@@ -107,6 +102,40 @@ def test_sparsify_folder_with_transposed_encoder(tmp_path):
     # a run folder with several hookpoints names them
     with pytest.raises(dsg.DSGError, match="layers.3"):
         dsg.SAE.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("k", 6.5, "k must be an integer, got 6.5"),  # was truncated to 6
+        ("k", True, "k must be an integer, got True"),  # was read as k = 1
+        ("k", "6", "k must be an integer"),
+        ("num_latents", "64", "num_latents must be an integer"),
+        ("d_in", 32.5, "d_in must be an integer"),  # was truncated to 32 and matched the weights
+    ],
+)
+def test_sae_config_numbers_are_integers_not_coerced(tmp_path, key, value, match):
+    sae = tiny_sae(architecture="topk", k=6)
+    with pytest.raises(dsg.DSGError, match=match):
+        dsg.SAE.load(_sparsify_folder(tmp_path / "sparsify", sae, **{key: value}))
+    sae.save(tmp_path / "saelens")
+    cfg = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    if key in ("k", "d_in"):
+        (tmp_path / "saelens" / "cfg.json").write_text(json.dumps(cfg | {key: value}))
+        with pytest.raises(dsg.DSGError, match=match):
+            dsg.SAE.load(tmp_path / "saelens")
+
+
+def test_sae_config_whole_numbers_written_as_floats_are_read(tmp_path):
+    sae = tiny_sae(architecture="topk", k=6)
+    back = dsg.SAE.load(_sparsify_folder(tmp_path / "sparsify", sae, k=6.0, num_latents=64.0, d_in=32.0))
+    assert back.k == 6 and isinstance(back.k, int) and back.sha256() == sae.sha256()
+    sae.save(tmp_path / "flat")
+    cfg = json.loads((tmp_path / "flat" / "cfg.json").read_text())
+    bad_kwargs = {"activation_fn_str": "topk", "activation_fn_kwargs": [6]}
+    (tmp_path / "flat" / "cfg.json").write_text(json.dumps(cfg | bad_kwargs))
+    with pytest.raises(dsg.DSGError, match="activation_fn_kwargs must be an object"):
+        dsg.SAE.load(tmp_path / "flat")
 
 
 def test_gemma_scope_npz(tmp_path):

@@ -61,11 +61,25 @@ def write_sae(sae: SAE, path: str | os.PathLike, format: str = "saelens") -> Pat
     return path
 
 
+def config_int(cfg: dict, key: str, path: Path, within: str = "") -> int | None:
+    """`cfg[key]` as an int (None where absent or null). A whole number written as a float (32.0) is read as one;
+    anything else (8.9, true, "32") is refused rather than truncated or coerced."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DSGError(f"{str(path)!r}: {within}{key} must be an integer, got {value!r}.")
+    return value
+
+
 def check_dims(cfg: dict, sae: SAE, path: Path) -> SAE:
     """Refuse a config whose d_in/d_sae disagree with the weights."""
     for key in ("d_in", "d_sae"):
-        if key in cfg and cfg[key] is not None and int(cfg[key]) != getattr(sae, key):
-            raise DSGError(f"{str(path)!r} says {key}={cfg[key]} but the weights have {key}={getattr(sae, key)}.")
+        value = config_int(cfg, key, path)
+        if value is not None and value != getattr(sae, key):
+            raise DSGError(f"{str(path)!r} says {key}={value} but the weights have {key}={getattr(sae, key)}.")
     return sae
 
 

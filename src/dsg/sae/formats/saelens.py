@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from ...errors import DSGError
 from ...files import read_json, read_safetensors, write_json
 from ..base import ARCHITECTURES, SAE
-from . import FORMATS, check_dims
+from . import FORMATS, check_dims, config_int
 
 WEIGHTS = "sae_weights.safetensors"
 
@@ -30,11 +30,14 @@ class SAELens:
         cfg = read_json(cfg_path)
         meta = cfg.get("metadata") or {}
         hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
-        arch, k = cfg.get("architecture", "standard"), cfg.get("k")
+        arch, k = cfg.get("architecture", "standard"), config_int(cfg, "k", cfg_path)
         act_fn = cfg.get("activation_fn_str") or cfg.get("activation_fn")
         if act_fn == "topk":
             arch = "topk"
-            k = k or (cfg.get("activation_fn_kwargs") or {}).get("k")
+            kwargs = cfg.get("activation_fn_kwargs") or {}
+            if not isinstance(kwargs, dict):
+                raise DSGError(f"{str(cfg_path)!r}: activation_fn_kwargs must be an object, got {kwargs!r}.")
+            k = k or config_int(kwargs, "k", cfg_path, "activation_fn_kwargs.")
         if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
             raise DSGError(f"{str(cfg_path)!r}: rescale_acts_by_decoder_norm=true TopK SAEs are not supported.")
         norm = cfg.get("normalize_activations", "none") or "none"
@@ -45,8 +48,6 @@ class SAELens:
                 f"{str(cfg_path)!r}: architecture {arch!r} is not supported; expected one of {ARCHITECTURES.names()}."
             )
         t = read_safetensors(path / WEIGHTS, ("W_enc", "W_dec", "b_enc", "b_dec") + ARCHITECTURES[arch].extra_tensors)
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
-            raise DSGError(f"{str(cfg_path)!r}: k must be an integer, got {k!r}.")
         apply_b_dec = cfg.get("apply_b_dec_to_input", True)
         if not isinstance(apply_b_dec, bool):
             raise DSGError(f"{str(cfg_path)!r}: apply_b_dec_to_input must be true or false, got {apply_b_dec!r}.")

@@ -8,7 +8,7 @@ from pathlib import Path
 from ...errors import DSGError
 from ...files import read_json, read_safetensors
 from ..base import SAE
-from . import FORMATS, check_dims
+from . import FORMATS, check_dims, config_int
 
 WEIGHTS = "sae.safetensors"
 
@@ -33,6 +33,7 @@ class Sparsify:
         activation = cfg.get("activation", "topk")
         if activation != "topk":
             raise DSGError(f"{str(cfg_path)!r}: sparsify activation {activation!r} is not supported; expected 'topk'.")
+        k, num_latents = config_int(cfg, "k", cfg_path), config_int(cfg, "num_latents", cfg_path)
         t = read_safetensors(path / WEIGHTS, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
         sae = SAE(
             t["encoder.weight"].T.contiguous(),
@@ -40,10 +41,10 @@ class Sparsify:
             t["encoder.bias"],
             t["b_dec"],
             architecture="topk",
-            k=int(cfg["k"]) if "k" in cfg else None,
+            k=k,
             apply_b_dec_to_input=True,
             hook_name=cfg.get("hookpoint") or path.name,
         )
-        if cfg.get("num_latents") and int(cfg["num_latents"]) != sae.d_sae:
-            raise DSGError(f"{str(cfg_path)!r} says num_latents={cfg['num_latents']} but the weights have {sae.d_sae}.")
+        if num_latents and num_latents != sae.d_sae:
+            raise DSGError(f"{str(cfg_path)!r} says num_latents={num_latents} but the weights have {sae.d_sae}.")
         return check_dims(cfg, sae, cfg_path)
