@@ -339,6 +339,50 @@ def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert calls == ["general", "chemistry", "general", "chemistry"]
 
 
+def test_an_export_whose_last_move_fails_puts_every_earlier_folder_back(tmp_path, monkeypatch):
+    """Replacing two domains moves them into place one by one: a failure at the second leaves both as they were."""
+    need("chemistry")
+    out = tmp_path / "out"
+    export(["general", "chemistry"], str(out))
+    for name in ("general", "chemistry"):  # mark the earlier export so that a replaced folder shows
+        (out / name / "fit.jsonl").write_text(f"earlier {name}")
+    real, moves = os.rename, []
+
+    def flaky(src, dst):
+        moves.append(dst)
+        if dst == str(out / "chemistry") and moves.count(dst) == 1:
+            raise OSError(5, "Input/output error")  # the new chemistry folder cannot move in (once)
+        return real(src, dst)
+
+    monkeypatch.setattr(domains_mod.os, "rename", flaky)
+    with pytest.raises(DSGError, match="Input/output error"):
+        export(["general", "chemistry"], str(out), overwrite=True)
+    assert any(os.path.basename(m) == "general" and os.path.dirname(m) == str(out) for m in moves)  # it moved in
+    assert (out / "general" / "fit.jsonl").read_text() == "earlier general"  # ... and back out
+    assert (out / "chemistry" / "fit.jsonl").read_text() == "earlier chemistry"
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["chemistry", "general"]
+
+
+def test_sigterm_during_an_export_exits_143_and_leaves_nothing(tmp_path):
+    """SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: the staging folder is removed, the target never made."""
+    script = (
+        "import os, signal, sys\n"
+        "from dsg import cli\n"
+        "from dsg.data import domains\n"
+        "real = domains._domain_files\n"
+        "def terminated(domain, folder):\n"
+        "    written = real(domain, folder)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return written\n"
+        "domains._domain_files = terminated\n"
+        "sys.exit(cli.main(['data', 'export', '--domains', 'geography', '--out', sys.argv[1]]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 143, run.stderr
+    assert "dsg data: terminated" in run.stderr
+    assert os.listdir(tmp_path) == []  # no export, no hidden staging folder
+
+
 def test_unknown_domain_and_missing_package(monkeypatch):
     with pytest.raises(DSGError, match="Unknown data domain"):
         load_domain("biology")

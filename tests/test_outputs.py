@@ -61,6 +61,22 @@ def test_a_failed_second_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
     assert (target / "guardrail.safetensors").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["g"]
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_an_interrupt_while_moving_into_place_leaves_no_staging_folder(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    target = tmp_path / "g"
+    _guardrail_folder(target, "old")
+
+    def interrupted(self):
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM turned into an exception by the CLI, after the block ended
+
+    monkeypatch.setattr(atomic_directory, "_publishable", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target, "guardrail") as tmp:
+        (tmp / "guardrail.safetensors").write_text("new")
+    assert (target / "guardrail.safetensors").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["g"]
+
+
 def test_a_folder_dsg_did_not_write_is_never_replaced(tmp_path):
     keep = tmp_path / "keep"
     keep.mkdir()

@@ -3,7 +3,8 @@
     dsg demo | compare | fit | eval | generate | inspect | train-sae | data
 
 A wrong file, field or value prints one sentence and exits with status 2; outputs are written atomically, so a
-failed command leaves no partial directory behind.
+failed command leaves no partial directory behind. Ctrl-C (status 130) and SIGTERM (143: `kill`, a job
+scheduler, torchrun stopping its workers) unwind the same way, removing the staging folder of a write in progress.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from tqdm.auto import tqdm
 
@@ -381,10 +384,20 @@ def _print_error(command: str, text: str) -> None:
     print(f"dsg {command}: error: {' '.join(printable(text).split())}", file=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is so that `finally` blocks and atomic writes unwind as for Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         if launched():
             if args.command not in SHARDED_COMMANDS:
@@ -402,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dsg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"dsg {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         shutdown()  # under torchrun: leave the process group before the interpreter tears gloo down
 
 

@@ -308,23 +308,26 @@ class atomic_directory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        self._publishable()
+        try:  # Ctrl-C or SIGTERM (cli.Terminated) may land here too: the staging folder goes either way
+            self._publishable()
+            self._move_into_place()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def _move_into_place(self) -> None:
         if not self.path.exists():
-            try:
-                os.replace(self.tmp, self.path)
-            except BaseException:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
+            os.replace(self.tmp, self.path)
         elif _exchange(self.tmp, self.path):
             shutil.rmtree(self.tmp, ignore_errors=True)  # it now holds the old folder
         else:  # two renames; if the second fails, the old folder goes back
             old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent)) / "x"
-            os.replace(self.path, old)
             try:
-                os.replace(self.tmp, self.path)
-            except BaseException:
-                os.replace(old, self.path)
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
+                os.replace(self.path, old)
+                try:
+                    os.replace(self.tmp, self.path)
+                except BaseException:
+                    os.replace(old, self.path)
+                    raise
             finally:
                 shutil.rmtree(old.parent, ignore_errors=True)

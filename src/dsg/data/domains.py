@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -147,6 +148,30 @@ def _domain_files(domain: Domain, folder: str) -> list[str]:
     return names
 
 
+def _swap_in(new_root: str, out_dir: str, names: list[str], old_root: str) -> None:
+    """Move each `new_root/<name>` to `out_dir/<name>`, the earlier folder aside into `old_root`. If any move
+    fails or is interrupted, the folders already moved go back, so every domain is the new export or the old one."""
+    os.mkdir(old_root)
+    done: list[tuple[str, bool]] = []  # (name, whether an earlier folder was set aside)
+    try:
+        for name in names:
+            target, aside = os.path.join(out_dir, name), os.path.join(old_root, name)
+            had = os.path.isdir(target)
+            if had:
+                os.rename(target, aside)
+            done.append((name, had))
+            os.rename(os.path.join(new_root, name), target)
+    except BaseException:
+        for name, had in reversed(done):
+            target = os.path.join(out_dir, name)
+            with contextlib.suppress(OSError):  # best effort: put back what can be, then report the first failure
+                if os.path.isdir(target) and not os.path.isdir(os.path.join(new_root, name)):
+                    os.rename(target, os.path.join(new_root, name))
+                if had:
+                    os.rename(os.path.join(old_root, name), target)
+        raise
+
+
 def export(names: list[str], out_dir: str, overwrite: bool = False) -> list[str]:
     """Write ``<out_dir>/<domain>/{fit,heldout}.jsonl`` and ``{calibration,validation,test}_questions.jsonl``.
 
@@ -197,13 +222,7 @@ def export(names: list[str], out_dir: str, overwrite: bool = False) -> list[str]
         if not os.path.exists(out_dir):
             os.rename(new_root, out_dir)  # one atomic step
         else:
-            old_root = os.path.join(staging, "old")
-            os.mkdir(old_root)
-            for d in domains:
-                target = os.path.join(out_dir, d.name)
-                if os.path.isdir(target):
-                    os.rename(target, os.path.join(old_root, d.name))
-                os.rename(os.path.join(new_root, d.name), target)
+            _swap_in(new_root, out_dir, [d.name for d in domains], os.path.join(staging, "old"))
         for d in domains:
             written += [os.path.join(out_dir, d.name, f) for f in files[d.name]]
     except OSError as exc:
