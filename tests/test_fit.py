@@ -100,6 +100,15 @@ def test_loading_against_another_sae_or_model_refuses(fitted, tmp_path, tiny_gpt
     merged.model.layers[0].mlp.down_proj.weight.data.add_(0.5)
     with pytest.raises(dsg.DSGError, match="refit it for this model"):
         dsg.Guardrail.load(tmp_path / "g", model=merged)
+    # ... and so is one value edited that way, where a strided sample of the values does not look
+    one = type(model)(model.config).eval()
+    one.load_state_dict(model.state_dict())
+    dsg.Guardrail.load(tmp_path / "g", model=one)
+    weight = one.model.embed_tokens.weight
+    assert weight.numel() >= 2 * 4096, weight.numel()  # then the sample skips odd positions
+    weight.data.view(-1)[1] += 5.0
+    with pytest.raises(dsg.DSGError, match="refit it for this model"):
+        dsg.Guardrail.load(tmp_path / "g", model=one)
     # later layers do not feed the hook, so editing them keeps the guardrail valid
     with torch.no_grad():
         model.model.layers[-1].mlp.down_proj.weight.mul_(1.0)
