@@ -519,3 +519,108 @@ def test_a_submodule_forward_after_a_whole_model_forward_is_judged_on_its_own_in
             model(ids)
             after = model.model(short).last_hidden_state
     assert torch.equal(after, alone)
+
+
+def _split_guard(arch: str, window, hold, latch: bool, lengths=(6, 9, 4, 9, 7, 5)):
+    """A tiny model, prompts of the given lengths and a guardrail whose gate splits them (as in the test above)."""
+    model = tiny_model(arch, layers=3)
+    sae = tiny_sae()
+    seqs = [random_ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate(lengths)]
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=2.0, window=window,
+                          hold=hold)  # fmt: skip
+    values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
+    guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    if latch:
+        guard.latch = (values[-2] + values[-1]) / 2
+    return model, seqs, guard
+
+
+GATES = [(None, None, False), (3, None, False), (3, 2, True)]  # whole-input; windowed, latched; held with a latch
+
+
+@pytest.mark.parametrize("window,hold,latch", GATES)
+def test_generate_without_a_cache_judges_only_the_prompt_as_prompt(window, hold, latch):
+    """model.generate(use_cache=False) runs the prompt and the tokens so far in each forward; inside an attachment
+    it must still equal the reference (a guarded prompt's answer stays guarded), not re-judge the answer as prompt."""
+    model, seqs, guard = _split_guard("llama", window, hold, latch)
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        with guard.attach(model) as session:
+            out = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)[:, ids.shape[1] :]
+        ref, ref_gates = reference_generate(model, ids, mask, [guard], 8)
+    assert torch.equal(out, ref) and torch.equal(session.gated, ref_gates)
+    assert 0 < int(ref_gates.sum()) < len(seqs)
+    assert "generate" not in vars(model)  # the wrapper that told the hooks the prompt's length is gone
+
+
+@pytest.mark.parametrize("window,hold,latch", GATES)
+def test_beam_search_and_prompt_lookup_carry_each_rows_gate_with_its_cache(window, hold, latch):
+    """Beam search reorders the KV cache's rows between steps, and prompt-lookup decoding crops rejected candidate
+    tokens from it: the gate state must follow, so that each equals its definition (beam search recomputed whole
+    at every step; prompt lookup: greedy decoding, which it reproduces exactly)."""
+    model, seqs, guard = _split_guard("llama", window, hold, latch, lengths=(12, 15, 10, 14, 13, 11))
+    ids, mask = pad_batch([s + s[:6] for s in seqs], pad_id=0, side="left")  # repeats give lookup candidates
+    n = ids.shape[1]
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad(), guard.attach(model) as session:
+        beams = model.generate(num_beams=3, num_return_sequences=3, do_sample=False, **kw)[:, n:]
+        beam_gates = session.gated.clone()
+        whole = model.generate(num_beams=3, num_return_sequences=3, do_sample=False, use_cache=False, **kw)[:, n:]
+        assert torch.equal(beams, whole) and torch.equal(beam_gates, session.gated)
+        greedy_gates = []
+        for row in seqs:  # prompt lookup takes one prompt at a time
+            one = dict(input_ids=torch.tensor([row + row[:6]]), max_new_tokens=10, pad_token_id=0, eos_token_id=None)
+            greedy = model.generate(do_sample=False, **one)
+            greedy_gates.append(bool(session.gated[0]))
+            lookup = model.generate(do_sample=False, prompt_lookup_num_tokens=3, **one)
+            assert torch.equal(lookup, greedy) and bool(session.gated[0]) == greedy_gates[-1]
+    assert 0 < sum(greedy_gates) < len(seqs)
+    with torch.no_grad():
+        assert not torch.equal(model.generate(num_beams=3, num_return_sequences=3, do_sample=False, **kw)[:, n:], beams)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("window,hold,latch", GATES[1:])
+def test_a_left_padded_prompt_fed_in_chunks_is_judged_as_the_whole_prompt(arch, window, hold, latch):
+    """A prompt fed through the cache in chunks inside `session.prefilling()` gets the clamps of the whole prompt,
+    also for left-padded rows whose first real token (never judged: the attention sink) arrives in a later chunk."""
+    from transformers import DynamicCache
+
+    model, seqs, guard = _split_guard(arch, window, hold, latch, lengths=(4, 12, 5, 12, 3, 12))
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    pos, T = position_ids(mask), ids.shape[1]
+    with torch.no_grad(), guard.attach(model) as session:
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        want_gated, want_clamped = session.gated.clone(), session.clamped.clone()
+        for chunk in (4, 1):
+            cache, parts = DynamicCache(config=model.config), []
+            with session.prefilling():
+                for t in range(0, T, chunk):
+                    out = model(input_ids=ids[:, t : t + chunk], attention_mask=mask[:, : t + chunk],
+                                position_ids=pos[:, t : t + chunk], past_key_values=cache, use_cache=True)  # fmt: skip
+                    parts.append(out.logits)
+            got = torch.cat(parts, 1)
+            real = mask.bool()
+            torch.testing.assert_close(got[real], whole[real], rtol=1e-4, atol=1e-4)
+            assert torch.equal(session.gated, want_gated) and torch.equal(session.clamped, want_clamped), chunk
+    assert 0 < int(want_gated.sum()) < len(seqs)
+
+
+def test_a_prompt_in_chunks_is_refused_by_the_whole_input_gate():
+    model, seqs, guard = _split_guard("llama", None, None, False)
+    with guard.attach(model) as session, pytest.raises(dsg.DSGError, match="prefix-causal"), session.prefilling():
+        pass
+
+
+def test_the_base_model_called_on_its_own_reads_its_padding_mask():
+    """model.model(ids, attention_mask=mask), a call the top-level hooks never see, is judged on the mask it was
+    given: padding is not counted as real tokens."""
+    model, seqs, guard = _split_guard("llama", 3, None, False)
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    with torch.no_grad():
+        with guard.attach(model) as whole:
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+        with guard.attach(model) as base:
+            model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+    assert torch.equal(base.gated, whole.gated) and torch.equal(base.clamp_mask(), whole.clamp_mask())

@@ -87,8 +87,10 @@ def real_token_mask(
 ) -> torch.Tensor:
     """Bool [B, T]: attended, non-special tokens, excluding each sequence's first attended position.
 
-    With `continuation=True` (decoding with a KV cache) the window holds only new tokens, none of which is a
-    sequence's first. A 4D attention mask (several continuations side by side in one row, eval.mcq) marks a token
+    With `continuation=True` (a forward that continues a KV cache) a sequence's first attended position is found
+    in a 2D mask over the cached and new positions (HF's convention): it lies among the new tokens only for a
+    left-padded row whose first real token arrives in a later chunk of its prompt. Without such a mask the new
+    tokens hold none. A 4D attention mask (several continuations side by side in one row, eval.mcq) marks a token
     attended where it may see itself.
     """
     if input_ids is not None:
@@ -96,6 +98,10 @@ def real_token_mask(
     B, T = shape
     device = input_ids.device if input_ids is not None else None
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    first_seen = None  # [B, T]: a continued row's first attended position, where it is among the new tokens
+    if continuation and attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] > T:
+        attended = attention_mask.bool()
+        first_seen = ((attended.int().cumsum(1) == 1) & attended)[:, -T:]
     if attention_mask is not None and attention_mask.ndim == 4:
         # a custom [B, 1, T, past + T] mask (bool, or additive float): a token is attended if it sees itself
         at = torch.arange(T, device=attention_mask.device)
@@ -105,7 +111,9 @@ def real_token_mask(
         mask = attention_mask[:, -T:].bool()
     if input_ids is not None and len(special_ids):
         mask = mask & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
-    if not continuation:
+    if first_seen is not None:
+        mask = mask & ~first_seen
+    elif not continuation:
         attended = attention_mask[:, -T:].bool() if attention_mask is not None else torch.ones_like(mask)
         first = attended.int().cumsum(1) == 1
         mask = mask & ~(first & attended)

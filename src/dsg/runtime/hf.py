@@ -6,8 +6,13 @@
 
 Each forward is classified from its inputs: a forward without a KV cache (or the prefill of one) is a prompt, and
 its positions share one decision; a forward that continues a cache holds generated tokens, which extend the
-running counts and can latch the gate (see rule.gate). `session.prompt_length` (set by the no-cache reference
-generator) says where the prompt ends inside a full-sequence forward. `session.hold(decisions)` fixes the
+running counts and can latch the gate (see rule.gate), unless it runs inside `with session.prefilling():` (a
+prompt fed in chunks through the cache: each chunk is the rest of the prompt). `session.prompt_length` (set by
+the no-cache reference generator, and by `model.generate` while an attachment is active, which a forward without
+a cache cannot otherwise tell from a prompt) says where the prompt ends inside a full-sequence forward. The gate
+state follows what generation does to the KV cache: rows reordered (beam search), repeated or selected, and
+tokens cropped (assisted and prompt-lookup decoding, which drop rejected candidates: the state is recomputed
+without them). `session.hold(decisions)` fixes the
 decisions for the following forwards instead (scoring several continuations under one prompt's decision).
 `session.fork(rows)` repeats the gate state of the latest forward's rows for the following continuation: a prefix
 shared by several prompts is prefilled once and each prompt's own tokens continue it (exact for a prefix-causal
@@ -28,6 +33,7 @@ attached nothing runs the plain model. A thread started inside `attach` (HF's st
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -65,6 +71,7 @@ class Attachment:
 
     guardrails: list[Guardrail]
     prompt_length: int | None = None  # set by reference_generate: positions beyond it are treated as generated
+    _prefill: Callable[[bool], None] | None = None  # set by the attachment: marks this thread's forwards as prompt
     _held: torch.Tensor | None = None  # [B, G] decisions held fixed (see hold)
     _held_from: torch.Tensor | None = None  # [B, G] positions from which held rows are clamped (see hold)
     _held_mask: torch.Tensor | None = None  # [B, G, T] positions clamped exactly as given (see hold)
@@ -146,14 +153,35 @@ class Attachment:
         """The following forwards continue rows `rows` (repeats allowed) of the latest forward: its gate states and
         decisions are repeated to match (a shared prefix extended by several suffixes; the KV cache is forked
         alike by the caller). `first_clamped` is None from here on: the prompt now arrives in pieces."""
+        self._reindex(rows)
+        if self._fork is not None:
+            self._fork(rows)
+
+    @contextmanager
+    def prefilling(self):
+        """Inside the block, forwards that continue a KV cache hold more of the prompt, not generated tokens: a
+        prompt fed in chunks (`model(chunk, past_key_values=cache)`) is then judged as the same prompt given whole.
+        Needs a prefix-causal gate (windowed, or static). `session.clamped` covers every chunk."""
+        if any(g.gated and not g.prefix_causal for g in self.guardrails):
+            raise DSGError("A prompt fed in chunks needs a prefix-causal gate: the whole-input gate (no --gate-window) "
+                           "decides on the whole prompt, which no chunk holds; feed the prompt whole.")  # fmt: skip
+        if self._prefill is not None:
+            self._prefill(True)
+        try:
+            yield self
+        finally:
+            if self._prefill is not None:
+                self._prefill(False)
+
+    def _reindex(self, rows: torch.Tensor) -> None:
+        """This thread's decisions, rows `rows` of the latest forward's (`first_clamped`, `clamped` and
+        `clamp_mask` describe one whole forward, so they are None from here on)."""
         old = self._decisions()
         pick = [g for g in old.gated_by if g is not None]
         rows = rows.to(pick[0].device) if pick else rows
         new = self._decisions(write=True)
         new.gated_by = [None if g is None else g[rows] for g in old.gated_by]
         new.first_by, new.clamped_by, new.clamp_by = {}, {}, {}
-        if self._fork is not None:
-            self._fork(rows)
 
 
 class _Forward:
@@ -165,7 +193,9 @@ class _Forward:
 
     def clear(self) -> None:
         self.seen, self.continuation, self.ids, self.mask, self.shape = False, False, None, None, None
-        self.prompt_piece = False  # a continuation that holds the rest of a forked prompt (Attachment.fork)
+        self.past = None
+        self.prompt_piece = False  # a continuation that holds the rest of a prompt (Attachment.fork, prefilling)
+        self.owner = None  # the module whose forward this is: the model, or its base model called on its own
 
     def on_inputs(self, inputs: dict) -> None:
         # transformers 5.24 renamed the forward's cache argument from past_key_values to cache
@@ -174,7 +204,7 @@ class _Forward:
         if past is not None:
             past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
         self.clear()
-        self.seen, self.continuation = True, past_len > 0
+        self.seen, self.continuation, self.past = True, past_len > 0, past
         self.ids, self.mask = inputs.get("input_ids"), inputs.get("attention_mask")
         if self.ids is None and inputs.get("inputs_embeds") is not None:
             self.shape = tuple(inputs["inputs_embeds"].shape[:2])
@@ -197,7 +227,7 @@ class _Attached:
     def __init__(self, model, guardrails, by_hook: dict[str, list[int]], specials: list[int]):
         self.model, self.guardrails, self.by_hook, self.specials = model, guardrails, by_hook, specials
         self.session = Attachment(list(guardrails))
-        self.session._fork = self.fork
+        self.session._fork, self.session._prefill = self.fork, self.set_prefilling
         # per thread: a context copied into several threads (asyncio.to_thread) must not share a forward's state
         self.local = threading.local()
 
@@ -213,19 +243,71 @@ class _Attached:
             self.local.states = [None] * len(self.guardrails)
         return self.local.states
 
-    def fork(self, rows: torch.Tensor) -> None:
-        """This thread's gate states, rows `rows` repeated (see Attachment.fork); the next forward continues the
-        prompt (its tokens are the rest of each row's prompt, not generated ones)."""
+    def select(self, rows: torch.Tensor) -> None:
+        """This thread's gate states, rows `rows` of them (repeats allowed), as the KV cache's rows were."""
         states = self.states
         for i, st in enumerate(states):
             if st is not None:
                 states[i] = type(st)(*(t[rows.to(t.device)] for t in st))
+        self.local.last = {}  # a crop cannot reach back past a reindexing
+
+    def fork(self, rows: torch.Tensor) -> None:
+        """This thread's gate states, rows `rows` repeated (see Attachment.fork); the next forward continues the
+        prompt (its tokens are the rest of each row's prompt, not generated ones)."""
+        self.select(rows)
         self.local.prompt_next = True
 
+    def set_prefilling(self, on: bool) -> None:
+        self.local.prefilling = on
+
+    def on_cache(self, op: str, arg) -> None:
+        """The KV cache changed under generation (see _ModelHooks.follow): the gate state follows it."""
+        states = [st for st in self.states if st is not None]
+        if not states:
+            return
+        B = states[0].gated.shape[0]
+        if op == "crop":
+            self.crop(int(arg))
+            return
+        if op == "batch_repeat_interleave":
+            rows = torch.arange(B).repeat_interleave(int(arg))
+        else:  # reorder_cache (beam search), batch_select_indices
+            rows = torch.as_tensor(arg).reshape(-1).long()
+        self.select(rows)
+        self.session._reindex(rows)
+
+    def crop(self, removed: int) -> None:
+        """The cache dropped its last `removed` positions (rejected candidate tokens): each gate's state becomes
+        the one after the kept tokens of the latest forward, recomputed from the state before it."""
+        if removed <= 0:
+            return
+        last = getattr(self.local, "last", {})
+        record = self.session._decisions(write=True)
+        for i, g in enumerate(self.guardrails):
+            if self.states[i] is None:
+                continue
+            if i not in last or last[i][1].shape[1] < removed:
+                raise DSGError(
+                    "Generation removed tokens from the KV cache beyond the latest forward; the guardrail's gate "
+                    "state cannot follow it. Decode without that strategy (greedy, sampling and beam search work)."
+                )
+            prev, a, real, e, n_prompt = last[i]
+            keep = a.shape[1] - removed
+            if keep == 0:
+                self.states[i] = prev
+            else:
+                _, self.states[i] = g.gate(a[:, :keep], real[:, :keep], min(n_prompt, keep), prev,
+                                           None if e is None else e[:, :keep])  # fmt: skip
+            last[i] = (prev, a[:, :keep], real[:, :keep], None if e is None else e[:, :keep], min(n_prompt, keep))
+            if self.states[i] is not None:
+                record.gated_by[i] = self.states[i].gated
+
     def begin(self, inputs: dict) -> None:
-        """A forward starts in this thread: read its inputs, and whether it continues a forked prompt."""
+        """A forward starts in this thread: read its inputs, and whether it continues a prompt (a forked one, or
+        one fed in chunks inside `prefilling`)."""
         self.forward.on_inputs(inputs)
-        self.forward.prompt_piece = getattr(self.local, "prompt_next", False)
+        local = self.local
+        self.forward.prompt_piece = getattr(local, "prompt_next", False) or getattr(local, "prefilling", False)
         self.local.prompt_next = False
 
     def apply(self, name: str, x_BTD: torch.Tensor) -> torch.Tensor | None:
@@ -235,8 +317,9 @@ class _Attached:
         B, T = x_BTD.shape[:2]
         session, forward = self.session, self.forward
         real = forward.real(B, T, x_BTD.device)
+        prompt_length = session.prompt_length if session.prompt_length is not None else (_GENERATING.get() or None)
         if forward.prompt_piece or not forward.continuation:
-            n_prompt = T if session.prompt_length is None else min(session.prompt_length, T)
+            n_prompt = T if prompt_length is None or forward.continuation else min(prompt_length, T)
         else:
             n_prompt = 0
         for i in self.by_hook[name]:
@@ -261,6 +344,9 @@ class _Attached:
                         "attach()."
                     )
                 clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e)
+                if not hasattr(self.local, "last"):
+                    self.local.last = {}
+                self.local.last[i] = (prev, a, real, e, n_prompt)  # for a crop of this forward's tokens
                 record = session._decisions(write=True)
                 record.gated_by[i] = self.states[i].gated
                 if not forward.continuation:
@@ -268,6 +354,12 @@ class _Attached:
                     record.first_by[i] = torch.where(clamp_BT.any(1), first, torch.full_like(first, T))
                     record.clamped_by[i] = clamp_BT.any(1)
                     record.clamp_by[i] = clamp_BT
+                elif forward.prompt_piece:  # the rest of a prompt: `clamped` covers every piece
+                    before = record.clamped_by.get(i)
+                    now = clamp_BT.any(1)
+                    record.clamped_by[i] = now if before is None or before.shape != now.shape else before | now
+                    record.first_by.pop(i, None)
+                    record.clamp_by.pop(i, None)
             if clamp_BT.any():
                 out = rule.apply_delta(x_BTD, *g.delta(f, clamp_BT), out)
         return out
@@ -276,32 +368,103 @@ class _Attached:
 _ACTIVE: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_attached", default=())
 """The attachments active in this thread or task, outermost first."""
 
+_GENERATING: ContextVar[int | None] = ContextVar("dsg_generating", default=None)
+"""The prompt length of the `model.generate` call in progress in this thread or task (0: not known), None outside
+one (see _ModelHooks)."""
+
+_CACHE_OPS = ("reorder_cache", "batch_repeat_interleave", "batch_select_indices", "crop")
+
 
 class _ModelHooks:
-    """The hooks installed on one model, shared by every attachment to it and removed with the last one."""
+    """The hooks installed on one model, shared by every attachment to it and removed with the last one: one on
+    the model's inputs and outputs, the same on its base model (read when it is called on its own, as
+    `model.model(...)`), one per hook point, and a wrapper of `model.generate` that tells the hooks where the
+    prompt ends."""
 
     def __init__(self, model: torch.nn.Module):
         self.model, self.users, self.points = model, 0, {}
-        self.inputs = model.register_forward_pre_hook(self.on_inputs, with_kwargs=True)
-        # a forward's inputs describe that forward only: a later call on a submodule (model.model(...)) must not
-        # read them as its own
-        self.outputs = model.register_forward_hook(self.on_outputs)
+        self.handles = [
+            model.register_forward_pre_hook(self.on_inputs, with_kwargs=True),
+            # a forward's inputs describe that forward only: a later call on a submodule (model.model(...)) must
+            # not read them as its own
+            model.register_forward_hook(self.on_outputs),
+        ]
+        base = getattr(model, "base_model", None)
+        if isinstance(base, torch.nn.Module) and base is not model:
+            self.handles += [base.register_forward_pre_hook(self.on_inputs, with_kwargs=True),
+                             base.register_forward_hook(self.on_outputs)]  # fmt: skip
+        self.generate = None
+        if callable(getattr(model, "generate", None)) and "generate" not in vars(model):
+            self.generate = self._wrap_generate(model.generate)
+            model.generate = self.generate
 
     def mine(self) -> list[_Attached]:
         return [att for att in _ACTIVE.get() if att.model is self.model]
 
-    def on_inputs(self, _module, args, kwargs) -> None:
+    def on_inputs(self, module, args, kwargs) -> None:
         attached = self.mine()
         if attached:
             inputs = dict(kwargs)
             if args:
                 inputs.setdefault("input_ids", args[0])
             for att in attached:
-                att.begin(inputs)
+                if att.forward.owner is None:  # the base model inside the model's own forward reads nothing new
+                    att.begin(inputs)
+                    att.forward.owner = module
+            past = att.forward.past
+            if past is not None:
+                self.follow(past)
 
-    def on_outputs(self, _module, _args, _output) -> None:
+    def on_outputs(self, module, _args, _output) -> None:
         for att in self.mine():
-            att.forward.clear()
+            if att.forward.owner is module:
+                att.forward.clear()
+
+    def follow(self, cache) -> None:
+        """Make the gate state follow what `model.generate` does to `cache`: beam search reorders its rows,
+        contrastive and assisted decoding repeat, select or crop them. Each such method of the cache object is
+        wrapped once to tell the attachments active where it is called, inside a `generate` call only: outside it,
+        whoever edits the cache says so with `session.fork` (eval.mcq does)."""
+        if getattr(cache, "_dsg_followed", False):
+            return
+        for op in _CACHE_OPS:
+            method = getattr(cache, op, None)
+            if callable(method) and (op != "crop" or hasattr(cache, "get_seq_length")):
+
+                def followed(arg, *rest, _method=method, _op=op, **kw):
+                    before = cache.get_seq_length() if _op == "crop" else 0
+                    out = _method(arg, *rest, **kw)
+                    if _GENERATING.get() is not None:
+                        # crop's argument changed meaning across versions: what it removed is measured instead
+                        change = before - cache.get_seq_length() if _op == "crop" else arg
+                        for att in self.mine():
+                            att.on_cache(_op, change)
+                    return out
+
+                with contextlib.suppress(AttributeError):  # a cache that takes no attributes is not followed
+                    setattr(cache, op, followed)
+        with contextlib.suppress(AttributeError):
+            cache._dsg_followed = True
+
+    @staticmethod
+    def _wrap_generate(generate):
+        """`model.generate` telling the hooks the prompt's length: a forward without a cache (use_cache=False) holds
+        the prompt and the tokens generated so far, and only the prompt's positions are judged as prompt."""
+
+        def guarded_generate(*args, **kwargs):
+            inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            if inputs is None:
+                inputs = kwargs.get("inputs_embeds")
+            length = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else 0
+            token = _GENERATING.set(length)
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                _GENERATING.reset(token)
+
+        guarded_generate.__wrapped__ = generate
+        guarded_generate.__doc__ = generate.__doc__
+        return guarded_generate
 
     def add(self, point: HookPoint) -> None:
         if point.name not in self.points:
@@ -322,8 +485,10 @@ class _ModelHooks:
     def remove(self) -> None:
         for hook in self.points.values():
             hook.__exit__(None, None, None)
-        self.inputs.remove()
-        self.outputs.remove()
+        for handle in self.handles:
+            handle.remove()
+        if self.generate is not None and vars(self.model).get("generate") is self.generate:
+            del self.model.generate
 
 
 _HOOKS: dict[int, _ModelHooks] = {}
