@@ -287,7 +287,7 @@ CLI_CASES = {
     **{
         f"fit on an SAE whose cfg.json has {what}": (
             [*FIT[:3], "--sae", f"{{ws}}/{name}", *FIT[5:], "--out", "{ws}/new"],
-            "Cannot read the SAE|names its hook point",
+            "Cannot read the SAE|names its hook point|must be an integer",
         )
         for name, what in (
             ("sae_d_in_text", "d_in as text"),
