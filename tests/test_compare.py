@@ -500,3 +500,40 @@ def test_compare_on_your_own_model_and_files_through_the_command(tiny_llama, tmp
     val, test = data["base"]["validation"]["tasks"], data["base"]["test"]["tasks"]
     assert val["cyber"]["n"] + test["cyber"]["n"] == 12 and val["cyber"]["n"] > 0 and test["cyber"]["n"] > 0
     assert "ga" in capsys.readouterr().out
+
+
+def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts_decision(tmp_path):
+    """A batch row is a context and its continuation run together, so another request's context can prefix it
+    (("The capital", " of France is") and ("The capital of France", " is Paris")): each request's guarded score must
+    be the one it gets alone, whatever else is in the run."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    import dsg
+    from dsg.runtime.lm_eval import DSGLM
+    from tiny import bpe_tokenizer, sparse_sae, tiny_model
+
+    tok = bpe_tokenizer(add_bos=True)
+    model = tiny_model("llama", seed=0, vocab=len(tok))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    forget, retain = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
+    sae = sparse_sae(model, tok, forget + retain, rate=0.1)
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
+    dsg.fit(model, tok, sae, forget, retain, config=config, progress=False).save(tmp_path / "guard")
+    requests = []
+    for text in FORGET_TEXTS + RETAIN_TEXTS:
+        words = text.split(" ")
+        for k in (2, 4, 6):  # nested contexts: each longer one is a prefix of the shorter ones' rows
+            requests.append((" ".join(words[:k]), " " + " ".join(words[k : k + 3])))
+
+    def score(reqs):
+        lm = DSGLM(pretrained=str(tmp_path / "model"), guardrail=str(tmp_path / "guard"), batch_size=8, device="cpu")
+        instances = [Instance("loglikelihood", {}, arguments=r, idx=i) for i, r in enumerate(reqs)]
+        return [x[0] for x in lm.loglikelihood(instances, disable_tqdm=True)], lm
+
+    together, lm = score(requests)
+    alone = [score([r])[0][0] for r in requests]
+    assert together == pytest.approx(alone, abs=1e-5)
+    gated = [bool(d.any()) for d in lm._decisions.values()]
+    assert any(gated) and not all(gated), "the test needs contexts on both sides of the gate"

@@ -72,7 +72,7 @@ if HFLM is not None:
                     g.check_model(model)
             self._decisions: dict[tuple[int, ...], torch.Tensor] = {}
             self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # [G, len] which context tokens were clamped
-            self._lengths: list[int] = []
+            self._rows: dict[tuple[int, ...], tuple[int, ...]] = {}  # the current pass's rows and their contexts
 
         @torch.inference_mode()
         def _judge(self, contexts: list[tuple[int, ...]]) -> None:
@@ -90,26 +90,56 @@ if HFLM is not None:
                 for row, (c, d) in enumerate(zip(chunk, session.decisions().cpu())):
                     self._decisions[c] = d
                     self._masks[c] = masks[row, :, ids.shape[1] - len(c) :]  # left padding removed
-            self._lengths = sorted({len(c) for c in self._decisions}, reverse=True)
+
+        def _row(self, context_enc, continuation_enc) -> tuple[int, ...]:
+            """The tokens HFLM feeds the model for one request (before padding): context and continuation, the
+            last token dropped, cut from the left to the model's length."""
+            return tuple((list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :][:-1])
 
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
-            if self.guardrails:
-                self._judge([tuple(context_enc) for _, context_enc, _ in requests])
-            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            if not self.guardrails:
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            self._judge([tuple(context_enc) for _, context_enc, _ in requests])
+            # A batch row holds a request's context and continuation run together; its context is known from the
+            # request, not from the row (("The capital", " of France is") and ("The capital of France", ...) make
+            # rows that another request's context prefixes). Requests whose rows are the same tokens with
+            # different contexts go to separate passes, so that each row names one context.
+            passes: list[dict] = []
+            for i, (_, context_enc, continuation_enc) in enumerate(requests):
+                row, context = self._row(context_enc, continuation_enc), tuple(context_enc)
+                home = next((p for p in passes if p["rows"].get(row, context) == context), None)
+                if home is None:
+                    home = {"rows": {}, "requests": []}
+                    passes.append(home)
+                home["rows"][row] = context
+                home["requests"].append(i)
+            results: list = [None] * len(requests)
+            for p in passes:
+                self._rows = p["rows"]
+                try:
+                    out = super()._loglikelihood_tokens([requests[i] for i in p["requests"]], *args, **kwargs)
+                finally:
+                    self._rows = {}
+                for i, r in zip(p["requests"], out):
+                    results[i] = r
+            return results
 
         def _held(self, inps: torch.Tensor) -> tuple:
-            """For the rows (each starting at position 0 with its context, the longest known context that prefixes
-            it): their contexts' decisions [B, G], where their continuations begin [B, G], and which context tokens
-            the context's own forward clamped [B, G, T]; (None, None, None) when some row's context is unknown. A
-            row thus repeats its context's prefill token for token (a windowed gate that opened, or opened and
-            closed, mid-context), and its continuation holds the context's decision, as in dsg eval."""
+            """For the rows (each a request's context and continuation, right-padded with zeros): their contexts'
+            decisions [B, G], where their continuations begin [B, G], and which context tokens the context's own
+            forward clamped [B, G, T]; (None, None, None) when some row's context is unknown (a context cut from
+            the left to fit the model: the row is then judged whole). A row thus repeats its context's prefill
+            token for token (a windowed gate that opened, or opened and closed, mid-context), and its continuation
+            holds the context's decision, as in dsg eval."""
             rows = inps.tolist()
             T = inps.shape[1]
+            lengths = sorted({len(r) for r in self._rows}, reverse=True)
             decisions, starts, masks = [], [], []
             for row in rows:
-                found = next((tuple(row[:n]) for n in self._lengths
-                              if n <= len(row) and tuple(row[:n]) in self._decisions), None)  # fmt: skip
-                if found is None:
+                key = next((tuple(row[:n]) for n in lengths
+                            if tuple(row[:n]) in self._rows and not any(row[n:])), None)  # fmt: skip
+                found = self._rows.get(key) if key is not None else None
+                if found is None or found not in self._decisions or found != key[: len(found)]:
                     return None, None, None
                 d, m = self._decisions[found], self._masks[found]
                 decisions.append(d)
