@@ -511,6 +511,7 @@ def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts
 
     import dsg
     from dsg.runtime.lm_eval import DSGLM
+
     from tiny import bpe_tokenizer, sparse_sae, tiny_model
 
     tok = bpe_tokenizer(add_bos=True)
