@@ -432,3 +432,19 @@ def test_generate_runs_its_forwards_in_inference_mode(loaded):
     finally:
         hook.remove()
     assert modes and all(modes)
+
+
+def test_generate_in_chat_mode_without_a_template_encodes_the_prompt_as_written(ws, tmp_path, capsys):
+    """`--chat` (the default) on a model without a chat template uses the prompt as written, with the tokenizer's
+    BOS, exactly as --no-chat does, and says so; it used to drop the BOS and generate something else."""
+    model, tok = dsg.load_model(ws / "model")
+    tok.chat_template = None
+    model.save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    assert tok.bos_token_id is not None
+    prompts = ["The exploit injects a payload", "Paris is the capital"]
+    chat = generate(model, tok, prompts, max_new_tokens=6, chat=True)
+    plain = generate(model, tok, prompts, max_new_tokens=6, chat=False)
+    assert [r["completion"] for r in chat] == [r["completion"] for r in plain]
+    assert main(["generate", "--model", str(tmp_path / "plain"), "--max-new-tokens", "2", "hello"]) == 0
+    assert "no chat template" in capsys.readouterr().err

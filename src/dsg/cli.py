@@ -104,6 +104,8 @@ def add_fit(sub) -> None:
 def cmd_generate(args) -> int:
     model, tokenizer = _model(args)
     guards = _guardrails(args.guardrail, model, verify=not args.allow_model_mismatch)
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        print("dsg generate: the model has no chat template; prompts are used as written (--no-chat).", file=sys.stderr)
     rows = generate(
         model, tokenizer, args.prompt, guards, max_new_tokens=args.max_new_tokens, chat=args.chat, verify=False
     )
@@ -125,7 +127,7 @@ def add_generate(sub) -> None:
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Wrap each prompt in the tokenizer's chat template.",
+        help="Wrap each prompt in the tokenizer's chat template (a model without one gets the prompt as written).",
     )
     p.add_argument(
         "--allow-model-mismatch",

@@ -71,8 +71,9 @@ def generate(
     chat: bool = True,
     verify: bool = True,
 ) -> list[dict]:
-    """Greedy completions of `prompts` (chat-formatted when the tokenizer has a template), under `intervention`
-    (a guardrail, a list of guardrails, a weight edit, or None).
+    """Greedy completions of `prompts` (with `chat`, formatted by the tokenizer's chat template; a tokenizer without
+    one gets the prompts as written, with its special tokens), under `intervention` (a guardrail, a list of
+    guardrails, a weight edit, or None).
 
     Returns one dict per prompt: prompt, completion, gated (None without a gated intervention).
     """
@@ -85,9 +86,10 @@ def generate(
     if broken is not None:
         raise DSGError(f"Prompt {broken} is not valid text: it holds unpaired surrogates (bytes that are not UTF-8, "
                        "as in a command-line argument with invalid bytes).")  # fmt: skip
+    templated = bool(chat and getattr(tokenizer, "chat_template", None))  # no template: the prompt as written
     texts = []
     for p in prompts:
-        if chat and getattr(tokenizer, "chat_template", None):
+        if templated:
             texts.append(
                 tokenizer.apply_chat_template(
                     [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
@@ -95,7 +97,8 @@ def generate(
             )
         else:
             texts.append(p)
-    encoded = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    # a chat template writes its own special tokens; a plain prompt gets the tokenizer's (BOS), as in training
+    encoded = [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts]
     empty = [p for p, e in zip(prompts, encoded) if not e]
     if empty:
         raise DSGError(f"Prompt {empty[0]!r} encodes to no tokens; give a non-empty prompt.")
