@@ -174,6 +174,22 @@ def test_read_questions_keeps_extra_fields_and_rejects_empty(tmp_path):
         read_questions(tmp_path / "missing.jsonl")
 
 
+def test_files_as_editors_and_json_dumps_write_them_are_read_whole(tmp_path):
+    """A byte-order mark, CRLF line ends, U+2028/U+2029/U+0085 inside JSON strings (json.dumps with
+    ensure_ascii=False writes them raw) and blank lines holding spaces or tabs: each read as the user meant."""
+    from dsg.lm.text import read_corpus
+
+    q = {"question": "Line\u2028separated\u2029and\x85next?", "choices": ["a\u2028b", "c"], "answer": 0}
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(q, ensure_ascii=False) + "\r\n").encode() * 2)
+    assert read_questions(path) == [q, q]
+    docs = [{"text": "first\u2028still first"}, {"text": "second"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    assert read_corpus(tmp_path / "c.jsonl") == ["first\u2028still first", "second"]
+    (tmp_path / "c.txt").write_bytes(b"\xef\xbb\xbfone\r\nstill one\r\n \t\r\ntwo\n  \nthree\n\n\nfour")
+    assert read_corpus(tmp_path / "c.txt") == ["one\nstill one", "two", "three", "four"]
+
+
 # ---- likelihood mode ------------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,23 @@ from safetensors.torch import load_file
 from .errors import DSGError
 
 
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """A user's text file (a corpus, questions) as one string: UTF-8, a leading byte-order mark dropped (as Windows
+    editors write one), Windows line endings made "\n"; a DSGError naming the file when it is not UTF-8 text."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DSGError(f"Cannot read {what} {str(path)!r} as UTF-8 text: {e}.") from None
+    return raw.replace("\r\n", "\n")
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text. Only "\n" ends a line: JSON strings may hold U+2028, U+2029 or U+0085 unescaped
+    (as `json.dumps(..., ensure_ascii=False)` writes them), which `str.splitlines` would split on."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from `path`, or a DSGError naming the file."""
     path = Path(path)

@@ -58,6 +58,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ..errors import DSGError
+from ..files import jsonl_lines, read_user_text
 from ..lm.hooks import stopped_after
 from ..lm.models import check_fits_context, evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
@@ -85,10 +86,7 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DSGError(f"Question file {str(path)!r} does not exist.")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DSGError(f"Cannot read question file {str(path)!r} as UTF-8 text: {e}.") from None
+    lines = jsonl_lines(read_user_text(path, "question file"))
     questions = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import DSGError
+from ..files import jsonl_lines, read_user_text
 
 
 def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
@@ -29,13 +31,10 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
         raise DSGError(f"Corpus {str(path)!r} is a directory; pass a .txt or .jsonl file.")
     if not path.is_file():
         raise DSGError(f"Corpus file {str(path)!r} does not exist.")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DSGError(f"Cannot read corpus file {str(path)!r} as UTF-8 text: {e}.") from None
+    raw = read_user_text(path, "corpus file")
     if path.suffix == ".jsonl":
         docs = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
+        for lineno, line in enumerate(jsonl_lines(raw), 1):
             if not line.strip():
                 continue
             try:
@@ -46,7 +45,7 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
                 raise DSGError(f"{str(path)!r} line {lineno} has no string field {field!r}.")
             docs.append(obj[field])
     elif path.suffix == ".txt":
-        docs = [block.strip() for block in raw.split("\n\n")]
+        docs = [block.strip() for block in re.split(r"\n[^\S\n]*\n", raw)]  # a blank line may hold spaces or tabs
     else:
         raise DSGError(f"Corpus file {str(path)!r} must end in .txt or .jsonl.")
     nul = next((i for i, d in enumerate(docs) if "\x00" in d), None)
