@@ -235,7 +235,7 @@ CLI_CASES = {
             "--out",
             "{ws}/new",
         ],
-        "are the same texts",
+        "also in the retain corpus",
     ),  # fmt: skip
     # files
     "fit --forget missing": (FIT[:6] + ["{ws}/missing.txt"] + FIT[7:] + ["--out", "{ws}/new"], "does not exist"),
@@ -338,6 +338,18 @@ def _api_cases(ws, model, tok, sae):
     return {
         "fit on a string corpus": (lambda: dsg.fit(model, tok, sae, "a string", RETAIN), "must be a list of texts"),
         "fit on a list of bytes": (lambda: dsg.fit(model, tok, sae, [b"x"], RETAIN), "must hold strings"),
+        "fit with the forget texts twice as retain": (
+            lambda: dsg.fit(model, tok, sae, FORGET, FORGET * 2),
+            "also in the retain corpus",
+        ),  # fmt: skip
+        "fit with forget a subset of retain": (
+            lambda: dsg.fit(model, tok, sae, FORGET[:2], RETAIN + FORGET),
+            "also in the retain corpus",
+        ),  # fmt: skip
+        "fit with forget as retain, spaced apart": (
+            lambda: dsg.fit(model, tok, sae, [f" {t}  " for t in FORGET], FORGET),
+            "also in the retain corpus",
+        ),  # fmt: skip
         "FitConfig clamp nan": (lambda: dsg.FitConfig(clamp=nan), "clamp must be a finite number"),
         "FitConfig n_features as text": (lambda: dsg.FitConfig(n_features="5"), "n_features must be an integer"),
         "FitConfig gated as text": (lambda: dsg.FitConfig(gated="false"), "gated must be true or false"),

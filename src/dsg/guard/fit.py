@@ -233,8 +233,9 @@ def measure(
     hook, _ = _checked_hook(model, sae, config)
     for label, texts in (("forget", forget), ("retain", retain)):
         _checked_texts(label, texts)
-    if corpus_sha256(sorted(forget)) == corpus_sha256(sorted(retain)):
-        raise DSGError("The forget and retain corpora are the same texts; nothing could tell the domain apart.")
+    if {" ".join(t.split()) for t in forget} <= {" ".join(t.split()) for t in retain}:  # whitespace aside
+        raise DSGError("Every forget text is also in the retain corpus (the same texts, repeated or as a subset); "
+                       "nothing could tell the domain apart.")  # fmt: skip
     forget_seqs, retain_seqs = _sequences(tokenizer, forget, config, 1), _sequences(tokenizer, retain, config, 2)
     if not forget_seqs or not retain_seqs:
         raise DSGError("The forget and retain corpora must each hold at least one text of two or more tokens.")
