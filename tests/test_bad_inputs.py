@@ -284,6 +284,19 @@ CLI_CASES = {
         EVAL + ["--questions", "{ws}/q.jsonl", "--prompt-format", "{{subject}}"],
         "refers to",
     ),  # fmt: skip
+    # options that the mode would ignore, yet record as used
+    "eval --description in likelihood mode": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--description", "About {{nope}}: "],
+        "description applies to mode='letter' only",
+    ),  # fmt: skip
+    "eval --prompt-format in letter mode": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--mode", "letter", "--prompt-format", "Q: {{question}}"],
+        "prompt_format applies to mode='likelihood' only",
+    ),  # fmt: skip
+    "eval --permutations without --base-correct": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--permutations"],
+        "needs base_correct",
+    ),  # fmt: skip
     **{
         f"fit on an SAE whose cfg.json has {what}": (
             [*FIT[:3], "--sae", f"{{ws}}/{name}", *FIT[5:], "--out", "{ws}/new"],

@@ -37,6 +37,9 @@ def evaluate_files(
     paths = [Path(p) for p in question_files]
     if not paths:
         raise DSGError("No question files were given.")
+    if permutations and not base_correct:
+        raise DSGError("permutations (--permutations) refines the base-correct subset; it needs base_correct "
+                       "(--base-correct) too.")  # fmt: skip
     names = [p.stem for p in paths]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -461,6 +461,10 @@ def score_mcq(
         raise DSGError(f"mode must be one of {MODES}, got {mode!r}.")
     if chat and mode != "letter":
         raise DSGError("chat=True applies to mode='letter' only.")
+    if description and mode != "letter":
+        raise DSGError("description applies to mode='letter' only; in likelihood mode use prompt_format.")
+    if prompt_format != "{question}" and mode != "likelihood":
+        raise DSGError("prompt_format applies to mode='likelihood' only; in letter mode use description.")
     questions = [check_question(q, f"questions[{i}]") for i, q in enumerate(questions)]
     intervention = as_intervention(intervention)
     if verify and intervention is not None:
