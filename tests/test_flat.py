@@ -186,6 +186,21 @@ def test_a_request_that_starts_mid_sequence_is_refused(setting):
             gates.step(g.hook, x, torch.tensor(seqs[0][5:9]), torch.arange(5, 9), [Chunk("a", 0, 4, 5, 8)])
 
 
+def test_a_step_with_one_request_twice_or_an_empty_prompt_is_refused(setting):
+    """Two chunks of one request in a step would overwrite one gate state with the other; an empty prompt leaves a
+    gate nothing to judge. Both are refused with their reason rather than served wrong."""
+    guards, seqs, acts, prompts, specials = setting
+    a, b = prompts[0], prompts[4]
+    x = torch.cat([acts[0][:a], acts[4][:b]])
+    ids, pos = torch.tensor(seqs[0][:a] + seqs[4][:b]), torch.cat([torch.arange(a), torch.arange(b)])
+    for kind in ("paper", "window"):
+        g = guards[kind]
+        with pytest.raises(ChunkRefused, match="two chunks in one step"):
+            RequestGates([g], specials).step(g.hook, x, ids, pos, [Chunk("d", 0, a, 0, a), Chunk("d", a, b, 0, b)])
+        with pytest.raises(ChunkRefused, match="empty prompt"):
+            RequestGates([g], specials).step(g.hook, acts[0][:1], ids[:1], torch.arange(1), [Chunk("e", 0, 1, 0, 0)])
+
+
 def test_finished_requests_are_forgotten_and_a_reused_id_starts_afresh(setting):
     guards, seqs, acts, prompts, specials = setting
     g = guards["paper"]

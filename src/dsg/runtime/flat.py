@@ -114,6 +114,14 @@ class RequestGates:
         members = [i for i, g in enumerate(self.guardrails) if g.hook == hook]
         if not members or not chunks:
             return None
+        ids = [c.request_id for c in chunks]
+        if len(set(ids)) < len(ids):
+            twice = next(r for r in ids if ids.count(r) > 1)
+            raise ChunkRefused(f"Request {twice!r} holds two chunks in one step; each request's gate state "
+                               "advances once per step.")  # fmt: skip
+        empty = next((c for c in chunks if c.position == 0 and c.prompt_length == 0), None)
+        if empty is not None and any(g.gated for g in self.guardrails):
+            raise ChunkRefused(f"Request {empty.request_id!r} has an empty prompt: the gate has nothing to judge.")
         n = max(c.start + c.length for c in chunks)
         x = x_ND[:n]
         real_N = self.real(input_ids_N[:n], positions_N[:n])
