@@ -119,3 +119,48 @@ def test_a_folder_that_only_borrows_dsgs_file_names_is_never_replaced(tmp_path):
     os.rmdir(demo / "guardrail")
     os.rename(demo / "guardrail2", demo / "guardrail")
     assert check_output_dir(demo, "demo", overwrite=True) == demo  # what dsg writes is still replaced
+
+
+def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
+    """Two commands with one --out: each checked the path when it started; the one that finishes second must not
+    silently replace what the first one reported as written."""
+    from dsg.files import check_output_file, write_text_atomic
+
+    target = tmp_path / "g"
+    check_output_dir(target, "guardrail")  # this command starts: nothing there
+    _guardrail_folder(target, "the other process's result")  # another one finishes first
+    with pytest.raises(dsg.DSGError, match="written by another process"), atomic_directory(target, "guardrail") as tmp:
+        (tmp / "guardrail.json").write_text('{"format": "dsg-guardrail"}')
+    assert (target / "guardrail.safetensors").read_text() == "the other process's result"
+    assert sorted(os.listdir(tmp_path)) == ["g"]
+    # what this process itself wrote it may write again (a later save in the same run)
+    check_output_dir(tmp_path / "h", "guardrail")
+    for marker in ("first", "second"):
+        with atomic_directory(tmp_path / "h", "guardrail") as tmp:
+            _guardrail_folder(tmp / "x", marker)
+            for f in (tmp / "x").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "x").rmdir()
+    assert (tmp_path / "h" / "guardrail.safetensors").read_text() == "second"
+    # one file (dsg eval --out)
+    summary = tmp_path / "s.json"
+    check_output_file(summary)
+    summary.write_text('{"from": "the other process"}')
+    with pytest.raises(dsg.DSGError, match="written by another process"):
+        write_text_atomic(summary, '{"from": "this one"}')
+    assert "the other process" in summary.read_text()
+
+
+def test_a_folder_held_by_one_compare_is_refused_to_another(tmp_path):
+    from dsg.files import exclusive
+
+    out = tmp_path / "cmp"
+    with exclusive(out, "dsg compare"):
+        (out / "compare.json").write_text("{}")
+        with pytest.raises(dsg.DSGError, match="Another dsg compare is writing"), exclusive(out, "dsg compare"):
+            pass
+    with exclusive(out, "dsg compare"):  # free again once the first is done
+        pass
+    with exclusive(tmp_path / "never", "dsg compare"):
+        pass
+    assert not (tmp_path / "never").exists()  # a folder it made and left empty is removed

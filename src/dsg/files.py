@@ -6,7 +6,9 @@ complete, so a reader (or a resumed run) never sees half of it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -94,6 +96,64 @@ def _umask() -> int:
     return umask
 
 
+# ---- claims: what a command saw at its output path when it started -------------------------------------------
+#
+# check_output_dir / check_output_file record what is at the output path (nothing, or which file or folder) before
+# the work starts; the final move into place checks it is still that. Another process that wrote the same output
+# meanwhile (two `dsg fit --out g` at once) then makes the later one fail, naming the path, instead of silently
+# replacing a result that process reported as written.
+
+_CLAIMS: dict[str, tuple | None] = {}
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def _claim(path: Path) -> None:
+    _CLAIMS[os.path.abspath(path)] = _identity(path)
+
+
+def _check_claim(path: Path) -> None:
+    key = os.path.abspath(path)
+    if key in _CLAIMS and _identity(path) != _CLAIMS[key]:
+        raise DSGError(f"{str(path)!r} was written by another process while this one ran; nothing was replaced "
+                       "(run again, with --overwrite to replace what is there now).")  # fmt: skip
+
+
+def _settle_claim(path: Path) -> None:
+    """After this process wrote `path`: what is there now is its own."""
+    key = os.path.abspath(path)
+    if key in _CLAIMS:
+        _CLAIMS[key] = _identity(path)
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike, what: str):
+    """Hold an exclusive lock on `folder` (created if missing, and removed again if it is still empty at the end)
+    for the block: a second process asking for it gets a DSGError instead of writing the same files at once."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DSGError(f"Another {what} is writing {str(folder)!r}; wait for it to finish or choose another "
+                           "output folder.") from None  # fmt: skip
+        yield folder
+    finally:
+        os.close(fd)
+        if created and _is_empty_dir(folder):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary sibling and rename it into place, with an ordinary new file's mode."""
     path = Path(path)
@@ -103,7 +163,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp files are 0600
+        _check_claim(path)
         os.replace(tmp, path)
+        _settle_claim(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -248,6 +310,8 @@ def check_output_dir(
                 f"Output folder {str(path)!r} already holds {article} {kind}; pass --overwrite to replace it."
             )
     _probe_writable(path)
+    if not resume:  # a resumable run adds to its folder as it goes; it is guarded by its own lock instead
+        _claim(path)
     return path
 
 
@@ -270,6 +334,7 @@ def check_output_file(path: str | os.PathLike, inputs=(), overwrite: bool = Fals
     if not path.parent.is_dir():
         raise DSGError(f"Cannot write {str(path)!r}: its folder {str(path.parent)!r} does not exist.")
     _probe_writable(path)
+    _claim(path)
     return path
 
 
@@ -333,6 +398,11 @@ class atomic_directory:
             raise
 
     def _move_into_place(self) -> None:
+        _check_claim(self.path)
+        self._swap()
+        _settle_claim(self.path)
+
+    def _swap(self) -> None:
         if not self.path.exists():
             os.replace(self.tmp, self.path)
         elif _exchange(self.tmp, self.path):

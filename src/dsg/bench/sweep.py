@@ -41,7 +41,7 @@ from .. import __version__
 from ..errors import DSGError
 from ..eval.dilution import summarize_dilution
 from ..eval.suites import missing_suites, run_suites
-from ..files import check_output_dir, read_json, write_json_atomic, write_text_atomic
+from ..files import check_output_dir, exclusive, read_json, write_json_atomic, write_text_atomic
 from ..methods import METHODS, UnlearningMethod
 from .report import report_html, short_config
 from .selection import dominates, forget_value, pareto_front, select_config, summarize, versus
@@ -342,11 +342,17 @@ def run_compare(
     methods: Sequence[UnlearningMethod] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Run (or resume) the comparison and write compare.json and report.html into config.out; returns the results."""
-    t0 = time.perf_counter()
+    """Run (or resume) the comparison and write compare.json and report.html into config.out; returns the results.
+    One process at a time: a second compare on the same folder is refused while the first runs."""
     inputs = [config.sae, config.forget_corpus, config.retain_corpus, config.calibration_corpus,
               config.forget_questions, config.heldout, *(config.retain_questions or "").split(",")]  # fmt: skip
     out = check_output_dir(config.out, "comparison", resume=True, inputs=[i.strip() for i in inputs if i and i.strip()])
+    with exclusive(out, "dsg compare"):
+        return _run_compare(config, out, bench, methods, progress)
+
+
+def _run_compare(config: CompareConfig, out, bench, methods, progress: bool) -> dict:
+    t0 = time.perf_counter()
     methods = list(methods) if methods is not None else [METHODS[n]() for n in config.method_names()]
     grids = read_grid(config.grid, [m.name for m in methods]) if config.grid else {}
     sweep = Sweep(config, bench if bench is not None else config.bench(), progress)
