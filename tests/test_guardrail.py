@@ -624,3 +624,25 @@ def test_the_base_model_called_on_its_own_reads_its_padding_mask():
         with guard.attach(model) as base:
             model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
     assert torch.equal(base.gated, whole.gated) and torch.equal(base.clamp_mask(), whole.clamp_mask())
+
+
+def test_settings_changed_after_building_are_checked_when_attached_and_saved(tmp_path):
+    """A guardrail's attributes can be set after it is built (sweeps set threshold, clamp): values it could not
+    have been built with are refused at attach and save, and its latents cannot be swapped by renaming them."""
+    model, seqs, guard = _split_guard("llama", 3, 2, True)
+    ids = torch.tensor(seqs[1:2])
+    for name, value, match in [("threshold", float("nan"), "'threshold'"), ("clamp", float("inf"), "'clamp'"),
+                               ("clamp_mode", "bogus", "'clamp_mode'"), ("hold", 10**13, "'hold'"),
+                               ("features", [0, 1, 2, 3], "features were changed")]:  # fmt: skip
+        kept = getattr(guard, name)
+        setattr(guard, name, value)
+        with pytest.raises(dsg.DSGError, match=match), guard.attach(model):
+            model(ids)
+        with pytest.raises(dsg.DSGError, match=match):
+            guard.save(tmp_path / name)
+        assert not (tmp_path / name).exists()
+        setattr(guard, name, kept)
+    guard.threshold = guard.threshold / 2  # a valid new value is used as given
+    with guard.attach(model):
+        model(ids)
+    assert dsg.Guardrail.load(guard.save(tmp_path / "ok"), allow_missing_model=True).threshold == guard.threshold

@@ -205,6 +205,20 @@ class Guardrail:
         self.tensors = dict(tensors or {})
         self.content_sha256: str | None = None  # the hash of the files it was loaded from (None: not loaded)
 
+    def check(self) -> None:
+        """Refuse (DSGError) settings changed after the guardrail was built into ones that could not have been
+        given to it: a threshold of NaN, a clamp of infinity, an unknown clamp mode, a hold past any context. Its
+        latents cannot be changed in place (`features` only names them): build a new Guardrail for others.
+        Attaching and saving check first."""
+        if [int(j) for j in self.features] != self.latents.features.tolist():
+            raise DSGError(f"This guardrail's features were changed after it was built ({self.features[:8]} named, "
+                           f"{self.latents.features.tolist()[:8]} held); build a new Guardrail(sae, features=...) "
+                           "for other latents.")  # fmt: skip
+        floor = self.detector.floor if self.detector is not None else None
+        check_rule(self.hook, self.features, self.threshold, self.clamp, self.clamp_mode, self.gated,
+                   int(self.sae_record["d_sae"]), "The guardrail", self.window, self.detector is not None, self.hold,
+                   self.latch, floor)  # fmt: skip
+
     @property
     def sae_sha256(self) -> str:
         return self.sae_record["sha256"]
@@ -351,6 +365,7 @@ class Guardrail:
         """Write `guardrail.json` + `guardrail.safetensors` (and, for TopK SAEs, the SAE) atomically; the JSON
         carries a content hash of everything loading reads (see guard/integrity.py)."""
         path = Path(path)
+        self.check()
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.latents.tensors().items()}
         if self.detector is not None:
             tensors |= {k: v.detach().cpu().contiguous() for k, v in self.detector.tensors().items()}

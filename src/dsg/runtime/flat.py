@@ -76,6 +76,8 @@ class RequestGates:
         labels: Sequence[dict] | None = None,
     ):
         self.guardrails = list(guardrails)
+        for g in self.guardrails:
+            g.check()
         self.specials = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
         self.states: dict[str, list] = {}  # request id -> per-guardrail state (None before its first chunk)
         self.prompt_clamped: dict[str, list[int]] = {}  # request id -> per-guardrail count of clamped prompt tokens

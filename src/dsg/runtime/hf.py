@@ -529,6 +529,8 @@ def attach(
     """
     if not guardrails:
         raise DSGError("attach() needs at least one guardrail.")
+    for g in guardrails:
+        g.check()
     active = [_identity(g) for att in _ACTIVE.get() if att.model is model for g in att.guardrails]
     seen = set(active)
     for g in guardrails:
