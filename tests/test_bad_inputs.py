@@ -316,6 +316,20 @@ CLI_CASES = {
         ["train-sae", "--model", "{ws}/model", "--text", "{ws}/forget.txt", "--k", "0", "--out", "{ws}/new"],
         "k=0",
     ),  # fmt: skip
+    "train-sae with --text and --domains": (
+        [
+            "train-sae",
+            "--model",
+            "{ws}/model",
+            "--text",
+            "{ws}/forget.txt",
+            "--domains",
+            "nonexistent",
+            "--out",
+            "{ws}/new",
+        ],
+        "not both",
+    ),  # fmt: skip
     "compare an unknown method": (["compare", "--methods", "dsg,sgd", "--out", "{ws}/new"], "Unknown method"),
 }
 

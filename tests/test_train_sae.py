@@ -144,6 +144,15 @@ def test_cache_smaller_than_n_tokens_is_reused_over_epochs(tiny_llama):
     assert "fvu" not in metrics  # nothing held out
 
 
+def test_a_cache_smaller_than_a_batch_reports_the_tokens_it_trained_on(tiny_llama):
+    """Each step then takes the whole cache: 9 steps of 100 tokens are 900 tokens and 9 epochs, not 9 x 1000."""
+    model, tok = tiny_llama
+    cfg = small_config(unique_tokens=100, batch_size=1000, n_tokens=9000, val_fraction=0.0)
+    _, metrics = train_sae(model, tok, make_texts(), cfg, progress=False)
+    assert metrics["steps"] == 9 and metrics["unique_tokens"] == 100
+    assert metrics["train_tokens"] == 900 and metrics["epochs"] == pytest.approx(9.0)
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -152,6 +161,11 @@ def test_cache_smaller_than_n_tokens_is_reused_over_epochs(tiny_llama):
         (dict(val_fraction=1.0), "val_fraction=1.0"),
         (dict(cache_dtype="int8"), "cache_dtype='int8'"),
         (dict(hook="blocks.9.hook_resid_post"), "layer 9"),
+        (dict(l1_coefficient=float("nan")), "l1_coefficient=nan"),  # NaN passed a "< 0" check
+        (dict(auxk_coefficient=float("inf")), "auxk_coefficient=inf"),
+        (dict(lr=float("inf")), "lr=inf"),
+        (dict(architecture="standard", k=1000), "k=1000"),  # ignored, yet recorded as used
+        (dict(hook="model.layers.0.mlp.gate_proj"), "reads a residual stream of width"),  # was a traceback
     ],
 )
 def test_bad_options_are_one_sentence(tiny_llama, overrides, match):

@@ -215,13 +215,21 @@ def add_eval(sub) -> None:
 # ---- train-sae ------------------------------------------------------------------------------------------------
 
 
+TRAIN_DOMAINS = "cyber,hpo,geography,chemistry,general"  # `dsg train-sae` without --text or --domains
+
+
 def cmd_train_sae(args) -> int:
     config = from_args(TrainConfig, args)
     check_output_dir(args.out, "SAE", overwrite=args.overwrite, inputs=[*args.text, args.model])
+    if args.text and args.domains is not None:
+        raise DSGError("Give the training text as --text files or as --domains, not both.")
     if args.text:
         texts = [t for path in args.text for t in read_corpus(path)]
     else:
-        texts = [t for name in args.domains.split(",") for t in load_domain(name.strip()).texts["fit"]]
+        names = [n.strip() for n in (args.domains or TRAIN_DOMAINS).split(",") if n.strip()]
+        if not names:
+            raise DSGError("--domains names no data domain.")
+        texts = [t for name in names for t in load_domain(name).texts["fit"]]
     model, tokenizer = _model(args)
     sae, metrics = train_sae(model, tokenizer, texts, config)
     save_trained_sae(args.out, sae, metrics, model)
@@ -237,8 +245,8 @@ def add_train_sae(sub) -> None:
     p.add_argument("--text", action="append", default=[], help="Training corpus file (.txt/.jsonl); repeatable.")
     p.add_argument(
         "--domains",
-        default="cyber,hpo,geography,chemistry,general",
-        help="Without --text: train on the 'fit' texts of these embedded data domains.",
+        default=None,
+        help=f"Instead of --text: train on the 'fit' texts of these embedded data domains (default: {TRAIN_DOMAINS}).",
     )
     p.add_argument("--out", required=True, help="Output SAE folder (cfg.json, sae_weights.safetensors, training.json).")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

@@ -148,14 +148,17 @@ class TrainConfig:
             raise bad("max_length", "at least 2 tokens")
         if self.unique_tokens is not None and self.unique_tokens < 1:
             raise bad("unique_tokens", "a positive integer or None")
-        if self.lr is not None and not self.lr > 0:
+        if self.architecture != "topk" and self.k != TrainConfig.k:
+            raise bad("k", "no k: it sets the number of active latents of a topk SAE only")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise bad("lr", "a positive number")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise bad("lr_decay_fraction", "a number in [0, 1]")
         if self.lr_warmup_steps < 0:
             raise bad("lr_warmup_steps", "a non-negative integer")
-        if self.l1_coefficient < 0 or self.auxk_coefficient < 0:
-            raise bad("l1_coefficient" if self.l1_coefficient < 0 else "auxk_coefficient", "a non-negative number")
+        for name in ("l1_coefficient", "auxk_coefficient"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):  # NaN fails both
+                raise bad(name, "a finite non-negative number")
         if self.k_aux is not None and self.k_aux < 1:
             raise bad("k_aux", "a positive integer or None")
         if not 0 <= self.val_fraction < 1:
@@ -407,7 +410,13 @@ def collect_activations(
             break
         ids, mask = ids.to(device), mask.to(device)
         real = real_token_mask(ids, mask, specials)
-        acts = forward_to_hook(model, point, input_ids=ids, attention_mask=mask)[real][: limit - filled]
+        hooked = forward_to_hook(model, point, input_ids=ids, attention_mask=mask)
+        if not isinstance(hooked, torch.Tensor) or hooked.shape[:2] != ids.shape or hooked.shape[-1] != out.shape[1]:
+            got = tuple(hooked.shape) if isinstance(hooked, torch.Tensor) else type(hooked).__name__
+            raise DSGError(f"Hook point {point.name!r} gives {got} for inputs of shape {tuple(ids.shape)}; an SAE "
+                           f"reads a residual stream of width {out.shape[1]} per token: hook a point such as "
+                           "'blocks.L.hook_resid_post'.")  # fmt: skip
+        acts = hooked[real][: limit - filled]
         out[filled : filled + len(acts)] = acts.to("cpu", dtype)
         filled += len(acts)
         bar.update(len(acts))
@@ -551,7 +560,7 @@ def train_sae(
         metrics["fvu_at_init"] = _reconstruction_metrics(trainer.sae(cfg.hook, model_name), val_acts)["fvu"]
 
     t0 = time.perf_counter()
-    last, fvu_ema, n_steps = _train_steps(trainer, cache_ND, cfg, generator, progress)
+    last, fvu_ema, n_steps, trained = _train_steps(trainer, cache_ND, cfg, generator, progress)
     train_s = time.perf_counter() - t0
 
     sae = trainer.sae(cfg.hook, model_name)
@@ -560,12 +569,12 @@ def train_sae(
             "train_fvu": fvu_ema,
             "train_l0": last.get("l0"),
             "train_dead_fraction": float(trainer.dead_F.float().mean()),
-            "train_tokens": n_steps * cfg.batch_size,
+            "train_tokens": trained,
             "unique_tokens": len(cache_ND),
-            "epochs": n_steps * cfg.batch_size / len(cache_ND),
+            "epochs": trained / len(cache_ND),
             "steps": n_steps,
             "collect_tokens_per_s": len(cache_ND) / collect_s if collect_s > 0 else None,
-            "train_tokens_per_s": n_steps * cfg.batch_size / train_s if train_s > 0 else None,
+            "train_tokens_per_s": trained / train_s if train_s > 0 else None,
         }
     )
     if val_acts is not None and len(val_acts):
@@ -608,24 +617,27 @@ def _activations_of(
 
 
 def _train_steps(trainer: _Trainer, cache_ND: torch.Tensor, cfg: TrainConfig, generator, progress: bool):
-    """(last step's numbers, smoothed FVU, steps): n_tokens / batch_size steps over shuffled cache batches."""
+    """(last step's numbers, smoothed FVU, steps, tokens trained on): n_tokens / batch_size steps over shuffled cache
+    batches (each the whole cache when it holds fewer than batch_size)."""
     n_steps = math.ceil(cfg.n_tokens / cfg.batch_size)
-    bar = tqdm(total=n_steps * cfg.batch_size, desc="train SAE", unit="tok", disable=not progress, file=sys.stderr)
-    perm, pos, last, fvu_ema = None, 0, {}, None
+    per_step = min(cfg.batch_size, len(cache_ND))
+    bar = tqdm(total=n_steps * per_step, desc="train SAE", unit="tok", disable=not progress, file=sys.stderr)
+    perm, pos, last, fvu_ema, trained = None, 0, {}, None, 0
     for step in range(n_steps):
         # A new shuffle per epoch; a final partial batch is dropped (unless the cache is smaller than a batch).
         if perm is None or (pos > 0 and pos + cfg.batch_size > len(cache_ND)):
             perm, pos = torch.randperm(len(cache_ND), generator=generator), 0
         idx = perm[pos : pos + cfg.batch_size]
         pos += len(idx)
+        trained += len(idx)
         last = trainer.step(cache_ND[idx].float(), _lr_at(step, n_steps, cfg))
         fvu_ema = last["fvu"] if fvu_ema is None else 0.9 * fvu_ema + 0.1 * last["fvu"]
-        bar.update(cfg.batch_size)
+        bar.update(len(idx))
         if step % 10 == 0 or step == n_steps - 1:
             dead = float(trainer.dead_F.float().mean())
             bar.set_postfix(fvu=f"{fvu_ema:.3f}", l0=f"{last['l0']:.0f}", dead=f"{dead:.1%}")
     bar.close()
-    return last, fvu_ema, n_steps
+    return last, fvu_ema, n_steps, trained
 
 
 def _heldout_metrics(model, point, sae: SAE, val_acts, val_windows, cfg: TrainConfig, pad_id: int, progress: bool):
