@@ -336,6 +336,30 @@ def test_a_changed_bench_is_a_new_run(compared, tmp_path):
     assert config_key("dsg", {}, other.context()) != config_key("dsg", {}, bench.context())
 
 
+def test_stored_generations_are_not_reused_at_another_length(compared):
+    config, bench, methods, result, out = compared
+    longer = dataclasses.replace(bench, generation_tokens=bench.generation_tokens + 1, _context=None, _stats=None)
+    assert config_key("dsg", {}, longer.context()) != config_key("dsg", {}, bench.context())
+
+
+def test_an_edited_or_cut_run_file_is_computed_again(compared, tmp_path):
+    """A run file that does not hold what a finished run does ({} or a stray error value) is fitted and scored
+    again, not read into a KeyError."""
+    import shutil
+
+    config, bench, methods, result, out = compared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    runs = sorted(p for p in (copy / "runs" / "dsg").glob("*.json") if p.name.count(".") == 1)
+    runs[0].write_text("{}")
+    runs[1].write_text('{"error": 5}')
+    before = len(methods[0].fits)
+    again = run_compare(dataclasses.replace(config, out=str(copy)), bench=bench, methods=methods, progress=False)
+    assert len(methods[0].fits) == before + 2
+    assert again["methods"]["dsg"]["test"]["tasks"] == result["methods"]["dsg"]["test"]["tasks"]
+    assert json.loads(runs[0].read_text())["key"] == runs[0].stem  # written whole again
+
+
 def test_a_grid_file_replaces_built_in_grids_and_refuses_unknown_settings(tmp_path):
     path = tmp_path / "grid.json"
     path.write_text(

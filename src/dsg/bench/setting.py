@@ -273,6 +273,7 @@ class Bench:
                 "questions": qs,
                 "perplexity": corpus_sha256(self.perplexity_texts),
                 "prompts": corpus_sha256([p["prompt"] for p in self.prompts]),
+                "generation_tokens": self.generation_tokens,  # stored generations are this long
             }
         return self._context
 

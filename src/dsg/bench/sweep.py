@@ -167,6 +167,17 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _usable_run(run: dict) -> bool:
+    """Whether a stored run holds what a finished one does: its key and configuration, and an error message or
+    validation scores."""
+    if not isinstance(run.get("key"), str) or not isinstance(run.get("config"), dict):
+        return False
+    if "error" in run:
+        return isinstance(run["error"], str)
+    validation = run.get("validation")
+    return isinstance(validation, dict) and isinstance(validation.get("scores"), dict)
+
+
 class Sweep:
     """One comparison: the bench, the store, the base model's results and each method's swept runs."""
 
@@ -202,8 +213,14 @@ class Sweep:
         the fit is recorded as the run's error and never retried)."""
         key = config_key(method.name, cfg, self.context)
         run = self.store.get(method.name, key)
+        if run is not None and not _usable_run(run):
+            _log(f"[{method.name}] {self.store.path(method.name, key)} is not a run this dsg wrote (edited or cut "
+                 "short); computing it again")  # fmt: skip
+            run = None
         if run is not None:
-            _log(f"[{method.name}] done before: {short_config(cfg)}  ({key})")
+            made_by = run.get("dsg_version")
+            note = f"; made by dsg {made_by}" if made_by != __version__ else ""
+            _log(f"[{method.name}] done before: {short_config(cfg)}  ({key}{note})")
             missing = [] if "error" in run else missing_suites(run["validation"], "validation")
             if missing:
                 fitted = self.refit(method, run, self.store.edit_dir(method.name, key))
