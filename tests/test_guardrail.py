@@ -646,3 +646,31 @@ def test_settings_changed_after_building_are_checked_when_attached_and_saved(tmp
     with guard.attach(model):
         model(ids)
     assert dsg.Guardrail.load(guard.save(tmp_path / "ok"), allow_missing_model=True).threshold == guard.threshold
+
+
+def test_a_guardrail_saved_again_while_it_is_read_is_read_whole(tmp_path, monkeypatch):
+    """A reader opens guardrail.json, then guardrail.safetensors; a save between the two replaces the folder, so the
+    files it read come from two guardrails. It reads the folder again rather than call it tampered with."""
+    from dsg.guard import guardrail as module
+
+    sae = tiny_sae()
+    old = dsg.Guardrail(sae, features=[1, 2], threshold=0.1, clamp=2.0, name="old")
+    new = dsg.Guardrail(sae, features=[3, 4, 5], threshold=0.2, clamp=2.0, name="new")
+    old.save(tmp_path / "g")
+    real, calls = module.read_safetensors, []
+
+    def saved_meanwhile(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:
+            new.save(tmp_path / "g")  # another process's `dsg fit --overwrite` lands here
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(module, "read_safetensors", saved_meanwhile)
+    got = dsg.Guardrail.load(tmp_path / "g", allow_missing_model=True)
+    assert got.name == "new" and got.features == [3, 4, 5] and len(calls) == 2
+    # a folder edited in place (not replaced) is still refused at once
+    monkeypatch.setattr(module, "read_safetensors", real)
+    meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
+    (tmp_path / "g" / "guardrail.json").write_text(json.dumps(meta | {"clamp": 3.0}))
+    with pytest.raises(dsg.DSGError, match="content hash"):
+        dsg.Guardrail.load(tmp_path / "g", allow_missing_model=True)

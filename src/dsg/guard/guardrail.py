@@ -134,6 +134,15 @@ def _sae_record(sae: SAE, sha256: str) -> dict:
     }
 
 
+def _folder_identity(path: Path) -> tuple | None:
+    """Which folder is at `path` now (a save puts a new one there)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)  # an inode number may be reused by the next save
+
+
 class Guardrail:
     """A Dynamic SAE Guardrail: which latents, at which hook, gated how, clamped how hard."""
 
@@ -389,8 +398,26 @@ class Guardrail:
         allow_missing_model: bool = False,
     ) -> Guardrail:
         """Read a saved guardrail, refusing one that was modified after it was written or holds a value out of
-        range. Passing the `sae` or `model` checks that it is the one the guardrail was made for."""
+        range. Passing the `sae` or `model` checks that it is the one the guardrail was made for.
+
+        Saving replaces the whole folder in one step, but a reader opens its files one by one: one that read the
+        old folder's JSON and the new one's tensors sees a mismatch. When the folder was replaced while it was
+        read, it is read again (up to five times) instead of being reported as tampered with."""
         path = Path(path)
+        for attempt in range(5):
+            before = _folder_identity(path)
+            try:
+                guard = cls._load_once(path, sae, allow_missing_model)
+                break
+            except DSGError:
+                if attempt == 4 or _folder_identity(path) == before:
+                    raise
+        if model is not None:
+            guard.check_model(model)
+        return guard
+
+    @classmethod
+    def _load_once(cls, path: Path, sae: SAE | None, allow_missing_model: bool) -> Guardrail:
         meta = read_artifact_json(path, JSON_NAME, FORMAT, FORMAT_VERSION, "guardrail")
         where = repr(str(path / JSON_NAME))
         t = read_safetensors(path / TENSORS_NAME)
@@ -445,6 +472,4 @@ class Guardrail:
             meta.get("latch"),
         )
         guard.content_sha256 = meta[HASH_FIELD]  # verified above
-        if model is not None:
-            guard.check_model(model)
         return guard
