@@ -269,6 +269,12 @@ CLI_CASES = {
     ),  # fmt: skip
     "a folder that is not a guardrail": (GEN + ["--guardrail", "{ws}/keep", "x"], "is not a guardrail directory"),
     "inspect a missing guardrail": (["inspect", "{ws}/nothing"], "is not a guardrail directory"),
+    "inspect --top below zero": (["inspect", "{ws}/guard", "--top", "-3"], "non-negative"),  # listed 57 latents
+    "data export --domains empty": (["data", "export", "--domains", "", "--out", "{ws}/new"], "names no data domain"),
+    "data list --out": (
+        ["data", "list", "--domains", "geography", "--out", "{ws}/new"],
+        "options of 'dsg data export'",
+    ),
     # generation
     "generate --max-new-tokens 0": (GEN[:4] + ["0", "--no-chat", "x"], "max_new_tokens must be a positive"),
     "generate --max-new-tokens -5": (GEN[:4] + ["-5", "--no-chat", "x"], "max_new_tokens must be a positive"),
@@ -487,3 +493,20 @@ def test_generate_in_chat_mode_without_a_template_encodes_the_prompt_as_written(
     assert [r["completion"] for r in chat] == [r["completion"] for r in plain]
     assert main(["generate", "--model", str(tmp_path / "plain"), "--max-new-tokens", "2", "hello"]) == 0
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_an_interrupt_closes_the_progress_bars_before_saying_so(monkeypatch, capsys):
+    """Ctrl-C mid-run: the message starts a line of its own instead of landing on a progress bar's."""
+    from tqdm.auto import tqdm
+
+    from dsg import cli
+
+    def interrupted(args):
+        bar = tqdm(total=10, desc="train SAE")
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_data", interrupted)
+    assert main(["data", "list"]) == 130
+    err = capsys.readouterr().err
+    assert "\ndsg data: interrupted\n" in err and not list(getattr(tqdm, "_instances", ()))

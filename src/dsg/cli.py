@@ -258,15 +258,20 @@ def add_train_sae(sub) -> None:
 
 
 def cmd_data(args) -> int:
+    names = None if args.domains is None else [n.strip() for n in args.domains.split(",") if n.strip()]
+    if names == []:
+        raise DSGError("--domains names no data domain; leave it out for all of them.")
     if args.action == "list":
-        for name in available_domains():
+        if args.out is not None or args.overwrite:
+            raise DSGError("'dsg data list' prints the packs; --out and --overwrite are options of 'dsg data export'.")
+        for name in names or available_domains():
             d = load_domain(name)
             sizes = ", ".join(f"{k} {len(v)}" for k, v in {**d.texts, **d.questions}.items())
             print(f"{name:<10} {d.role:<7} {d.description} ({sizes})")
         return 0
-    names = args.domains.split(",") if args.domains else available_domains()
-    paths = export([n.strip() for n in names], args.out, overwrite=args.overwrite)
-    print(f"Wrote {len(paths)} files under {args.out}")
+    out = args.out if args.out is not None else "dsg-data"
+    paths = export(names or available_domains(), out, overwrite=args.overwrite)
+    print(f"Wrote {len(paths)} files under {out}")
     return 0
 
 
@@ -274,7 +279,7 @@ def add_data(sub) -> None:
     p = sub.add_parser("data", help="The embedded data packs: list them, or export them as JSONL files.")
     p.add_argument("action", choices=["list", "export"])
     p.add_argument("--domains", default=None, help="Comma-separated domains (default: all available).")
-    p.add_argument("--out", default="dsg-data", help="export: output folder.")
+    p.add_argument("--out", default=None, help="export: output folder (default: dsg-data).")
     p.add_argument("--overwrite", action="store_true", help="export: replace domain folders an earlier export wrote.")
     p.set_defaults(func=cmd_data)
 
@@ -387,10 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_bars() -> None:
+    """Close the progress bars a failure or an interrupt cut short, so that its message gets a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _print_error(command: str, text: str) -> None:
     """`dsg COMMAND: error: TEXT` on stderr, on one line and with nothing that drives the terminal."""
-    for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short must not share the error's line
-        bar.close()
+    _close_bars()
     print(f"dsg {command}: error: {' '.join(printable(text).split())}", file=sys.stderr)
 
 
@@ -423,9 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(args.command, f"{e.strerror or e}{where}.")
         return 1
     except KeyboardInterrupt:
+        _close_bars()
         print(f"dsg {args.command}: interrupted", file=sys.stderr)
         return 130
     except Terminated:
+        _close_bars()
         print(f"dsg {args.command}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:

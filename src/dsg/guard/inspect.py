@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..errors import DSGError
 from ..tables import printable, table
 from .guardrail import Guardrail
 
@@ -35,6 +36,8 @@ def latent_rows(guard: Guardrail, latents: list[int]) -> list[list]:
 
 
 def describe(path: str | os.PathLike, top: int | None = None) -> str:
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+        raise DSGError(f"top must be a non-negative number of latents, got {top!r}.")
     guard = Guardrail.load(path, allow_missing_model=True)  # reading it applies it to nothing
     info = guard.info
     header = ["latent", "forget mean", "retain mean", "forget freq", "retain freq", "score ratio"]
