@@ -530,8 +530,8 @@ def _split_guard(arch: str, window, hold, latch: bool, lengths=(6, 9, 4, 9, 7, 5
                           hold=hold)  # fmt: skip
     values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
     guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
-    if latch:
-        guard.latch = (values[-2] + values[-1]) / 2
+    if latch:  # below the top prompt's value, above the threshold (with two distinct values: between them)
+        guard.latch = max((values[-2] + values[-1]) / 2, (guard.threshold + values[-1]) / 2)
     return model, seqs, guard
 
 

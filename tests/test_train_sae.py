@@ -131,6 +131,7 @@ def test_standard_relu_sae_on_gpt2(tiny_gpt2):
     cfg = small_config(architecture="standard", l1_coefficient=0.01, n_tokens=4096, ce_eval_tokens=0)
     sae, metrics = train_sae(model, tok, make_texts(), cfg, progress=False)
     assert sae.architecture == "standard" and sae.k is None
+    assert metrics["config"]["k"] is None and metrics["config"]["k_aux"] is None  # given k=4: not recorded as used
     assert metrics["fvu"] < metrics["fvu_at_init"]
     assert "ce_loss_recovered" not in metrics
 
@@ -164,7 +165,6 @@ def test_a_cache_smaller_than_a_batch_reports_the_tokens_it_trained_on(tiny_llam
         (dict(l1_coefficient=float("nan")), "l1_coefficient=nan"),  # NaN passed a "< 0" check
         (dict(auxk_coefficient=float("inf")), "auxk_coefficient=inf"),
         (dict(lr=float("inf")), "lr=inf"),
-        (dict(architecture="standard", k=1000), "k=1000"),  # ignored, yet recorded as used
         (dict(hook="model.layers.0.mlp.gate_proj"), "reads a residual stream of width"),  # was a traceback
     ],
 )

@@ -148,8 +148,6 @@ class TrainConfig:
             raise bad("max_length", "at least 2 tokens")
         if self.unique_tokens is not None and self.unique_tokens < 1:
             raise bad("unique_tokens", "a positive integer or None")
-        if self.architecture != "topk" and self.k != TrainConfig.k:
-            raise bad("k", "no k: it sets the number of active latents of a topk SAE only")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise bad("lr", "a positive number")
         if not 0 <= self.lr_decay_fraction <= 1:
@@ -176,6 +174,8 @@ class TrainConfig:
         out.d_sae = d_sae
         out.lr = self.lr if self.lr is not None else 2.5e-3 / math.sqrt(d_sae / 4096)
         out.k_aux = self.k_aux or max(1, d_in // 2)
+        if out.architecture != "topk":  # k and k_aux belong to TopK: a standard SAE's record holds none
+            out.k, out.k_aux = None, None
         out.unique_tokens = self.unique_tokens or max(1, self.n_tokens // 2)
         out.validate()
         return out
