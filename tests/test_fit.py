@@ -109,6 +109,11 @@ def test_loading_against_another_sae_or_model_refuses(fitted, tmp_path, tiny_gpt
     weight.data.view(-1)[1] += 5.0
     with pytest.raises(dsg.DSGError, match="refit it for this model"):
         dsg.Guardrail.load(tmp_path / "g", model=one)
+    # a model cast to another dtype after the fit is refused with the reason named
+    half = type(model)(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    with pytest.raises(dsg.DSGError, match="torch.bfloat16 and the guardrail's torch.float32"):
+        dsg.Guardrail.load(tmp_path / "g", model=half.to(torch.bfloat16))
     # later layers do not feed the hook, so editing them keeps the guardrail valid
     with torch.no_grad():
         model.model.layers[-1].mlp.down_proj.weight.mul_(1.0)

@@ -331,11 +331,15 @@ class Guardrail:
         hook = hook or resolve(model, self.hook)
         got = model_fingerprint(model, hook)["weights_sha256"]
         if got != expected:
+            model_dtype, own_dtype = next(model.parameters()).dtype, self.latents.W_dec.dtype
+            cast = (f" The model's weights are {model_dtype} and the guardrail's {own_dtype}: weights are hashed in "
+                    f"their dtype, so a model cast after the fit (half precision, bfloat16) differs; load it in "
+                    f"{own_dtype} to check it.") if model_dtype != own_dtype else ""  # fmt: skip
             raise DSGError(
                 f"This guardrail was fitted on model {self.info['model'].get('name_or_path')!r} "
                 f"(weights {expected[:12]}...), but the given model's weights up to {self.hook!r} hash to "
                 f"{got[:12]}...; refit it for this model, or pass verify=False (--allow-model-mismatch) to apply it "
-                "anyway."
+                f"anyway.{cast}"
             )
 
     # ---- files ----------------------------------------------------------------------------------------------
