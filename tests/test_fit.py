@@ -377,3 +377,23 @@ def test_re_hashed_tensors_and_fields_that_break_inference_are_refused(fitted, t
     path.write_text(json.dumps(meta))
     with pytest.raises(dsg.DSGError, match="past 1e\\+06|one dtype|'hold' must be a positive integer up to"):
         dsg.Guardrail.load(tmp_path / "g")
+
+
+def test_fitting_inside_an_attachment_on_the_same_model_is_refused(fitted, tiny_llama):
+    """Statistics and calibration read the model's own activations; inside attach() its guardrails would clamp
+    them and the new guardrail would be fitted on edited activations, silently."""
+    from dsg.guard.stats import gate_rates
+    from dsg.sae.train import TrainConfig, train_sae
+
+    model, tok, sae, guard = fitted
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
+    with guard.attach(model):
+        with pytest.raises(dsg.DSGError, match="inside attach"):
+            dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+        with pytest.raises(dsg.DSGError, match="inside attach"):
+            gate_rates(model, guard, [[5, 6, 7, 8]], progress=False)
+        with pytest.raises(dsg.DSGError, match="inside attach"):
+            train_sae(model, tok, FORGET + RETAIN, TrainConfig(hook=guard.hook, d_sae=16, k=2, n_tokens=64),
+                      progress=False)  # fmt: skip
+    again = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)  # outside: as before
+    assert again.features == guard.features and again.threshold == guard.threshold

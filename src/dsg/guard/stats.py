@@ -114,6 +114,9 @@ def collect_stats(
     `fires` (a list) it also receives, per sequence, where the latents fire (detector.Fires; None for the
     sequences another process measured), so that the detector's window features need no second pass.
     """
+    from ..runtime.hf import refuse_if_attached  # the runtime imports this package
+
+    refuse_if_attached(model, "Fitting (the latent statistics)")
     sums = LatentSums.zeros(sae.d_sae)
     sparse = getattr(sae, "encode_topk", None)
     shard = list(my_share(batches(sequences, batch_size, pad_id)))
@@ -169,6 +172,9 @@ def gate_rates(
     """The statistic the guardrail's gate compares with its threshold, for each sequence [n]: rho(x), the fraction
     of its real tokens on which any selected latent fires, or (windowed gate) the largest such fraction over any
     `window` consecutive real tokens (with a detector: the largest window mean of its evidence)."""
+    from ..runtime.hf import refuse_if_attached
+
+    refuse_if_attached(model, "Calibrating a gate (gate_rates)")
     guardrail.to(next(model.parameters()).device)
     out = torch.zeros(len(sequences))
     shard = list(my_share(batches(sequences, batch_size, pad_id)))

@@ -559,6 +559,18 @@ def attach(
             _ACTIVE.set(tuple(a for a in _ACTIVE.get() if a is not att))
 
 
+def attached_to(model: torch.nn.Module) -> bool:
+    """Whether an attachment to `model` is active in this thread or task (its forwards are guarded here)."""
+    return any(att.model is model for att in _ACTIVE.get())
+
+
+def refuse_if_attached(model: torch.nn.Module, what: str) -> None:
+    """A DSGError when `what` (a pass that must read the model's own activations) runs inside `attach()`."""
+    if attached_to(model):
+        raise DSGError(f"{what} reads the model's own activations, but it runs inside attach() on this model, whose "
+                       "guardrails would clamp what it reads; run it outside the attach() block.")  # fmt: skip
+
+
 @RUNTIMES.register("hf")
 class HFRuntime:
     """PyTorch modules with a HuggingFace-style config: forward hooks at each guardrail's hook point."""

@@ -397,6 +397,9 @@ def collect_activations(
     Each forward stops right after the hooked layer. The result is preallocated, so peak memory is the result
     plus one batch.
     """
+    from ..runtime.hf import refuse_if_attached  # the runtime imports the SAE package
+
+    refuse_if_attached(model, "Training an SAE (its activations)")
     point = resolve(model, hook) if isinstance(hook, str) else hook
     specials = special_token_ids(model)
     capacity = sum(len(w) - 1 for w in windows)
