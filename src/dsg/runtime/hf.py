@@ -193,18 +193,16 @@ class _Forward:
 
     def clear(self) -> None:
         self.seen, self.continuation, self.ids, self.mask, self.shape = False, False, None, None, None
-        self.past = None
         self.prompt_piece = False  # a continuation that holds the rest of a prompt (Attachment.fork, prefilling)
         self.owner = None  # the module whose forward this is: the model, or its base model called on its own
 
     def on_inputs(self, inputs: dict) -> None:
-        # transformers 5.24 renamed the forward's cache argument from past_key_values to cache
-        past = next((inputs[k] for k in ("cache", "past_key_values") if inputs.get(k) is not None), None)
+        past = _cache_of(inputs)
         past_len = 0
         if past is not None:
             past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
         self.clear()
-        self.seen, self.continuation, self.past = True, past_len > 0, past
+        self.seen, self.continuation = True, past_len > 0
         self.ids, self.mask = inputs.get("input_ids"), inputs.get("attention_mask")
         if self.ids is None and inputs.get("inputs_embeds") is not None:
             self.shape = tuple(inputs["inputs_embeds"].shape[:2])
@@ -368,6 +366,17 @@ class _Attached:
 _ACTIVE: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_attached", default=())
 """The attachments active in this thread or task, outermost first."""
 
+
+def _active_on(model: torch.nn.Module) -> list[_Attached]:
+    """The attachments to `model` active in this thread or task, outermost first."""
+    return [att for att in _ACTIVE.get() if att.model is model]
+
+
+def _cache_of(inputs: dict):
+    """A forward's KV cache argument, or None (transformers 5.24 renamed it from past_key_values to cache)."""
+    return next((inputs[k] for k in ("cache", "past_key_values") if inputs.get(k) is not None), None)
+
+
 _GENERATING: ContextVar[int | None] = ContextVar("dsg_generating", default=None)
 """The prompt length of the `model.generate` call in progress in this thread or task (0: not known), None outside
 one (see _ModelHooks)."""
@@ -399,7 +408,7 @@ class _ModelHooks:
             model.generate = self.generate
 
     def mine(self) -> list[_Attached]:
-        return [att for att in _ACTIVE.get() if att.model is self.model]
+        return _active_on(self.model)
 
     def on_inputs(self, module, args, kwargs) -> None:
         attached = self.mine()
@@ -411,7 +420,7 @@ class _ModelHooks:
                 if att.forward.owner is None:  # the base model inside the model's own forward reads nothing new
                     att.begin(inputs)
                     att.forward.owner = module
-            past = att.forward.past
+            past = _cache_of(inputs)
             if past is not None:
                 self.follow(past)
 
@@ -531,7 +540,7 @@ def attach(
         raise DSGError("attach() needs at least one guardrail.")
     for g in guardrails:
         g.check()
-    active = [_identity(g) for att in _ACTIVE.get() if att.model is model for g in att.guardrails]
+    active = [_identity(g) for att in _active_on(model) for g in att.guardrails]
     seen = set(active)
     for g in guardrails:
         if _identity(g) in seen:
@@ -561,7 +570,7 @@ def attach(
 
 def attached_to(model: torch.nn.Module) -> bool:
     """Whether an attachment to `model` is active in this thread or task (its forwards are guarded here)."""
-    return any(att.model is model for att in _ACTIVE.get())
+    return bool(_active_on(model))
 
 
 def refuse_if_attached(model: torch.nn.Module, what: str) -> None:
