@@ -22,19 +22,19 @@ from .errors import DSGError
 
 def read_user_text(path: str | os.PathLike, what: str) -> str:
     """A user's text file (a corpus, questions) as one string: UTF-8, a leading byte-order mark dropped (as Windows
-    editors write one), Windows line endings made "\n"; a DSGError naming the file when it is not UTF-8 text."""
+    editors write one), Windows line endings read as "\n" (text mode); a DSGError naming the file when it is not
+    UTF-8 text."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DSGError(f"Cannot read {what} {str(path)!r} as UTF-8 text: {e}.") from None
-    return raw.replace("\r\n", "\n")
 
 
 def jsonl_lines(text: str) -> list[str]:
     """The lines of a JSONL text. Only "\n" ends a line: JSON strings may hold U+2028, U+2029 or U+0085 unescaped
     (as `json.dumps(..., ensure_ascii=False)` writes them), which `str.splitlines` would split on."""
-    return [line.removesuffix("\r") for line in text.split("\n")]
+    return text.split("\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -106,21 +106,23 @@ def _umask() -> int:
 _CLAIMS: dict[str, tuple | None] = {}
 
 
-def _identity(path: Path) -> tuple | None:
+def path_identity(path: str | os.PathLike) -> tuple | None:
+    """Which file or folder is at `path` now (None: nothing): a new one put there, or one written to, differs. The
+    change time is in it because an inode number may be reused by the next file made."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+        st = os.stat(path)
+    except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _claim(path: Path) -> None:
-    _CLAIMS[os.path.abspath(path)] = _identity(path)
+    _CLAIMS[os.path.abspath(path)] = path_identity(path)
 
 
 def _check_claim(path: Path) -> None:
     key = os.path.abspath(path)
-    if key in _CLAIMS and _identity(path) != _CLAIMS[key]:
+    if key in _CLAIMS and path_identity(path) != _CLAIMS[key]:
         raise DSGError(f"{str(path)!r} was written by another process while this one ran; nothing was replaced "
                        "(run again, with --overwrite to replace what is there now).")  # fmt: skip
 
@@ -129,7 +131,7 @@ def _settle_claim(path: Path) -> None:
     """After this process wrote `path`: what is there now is its own."""
     key = os.path.abspath(path)
     if key in _CLAIMS:
-        _CLAIMS[key] = _identity(path)
+        _CLAIMS[key] = path_identity(path)
 
 
 @contextlib.contextmanager

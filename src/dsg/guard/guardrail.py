@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..errors import DSGError
-from ..files import atomic_directory, read_artifact_json, read_safetensors, write_json
+from ..files import atomic_directory, path_identity, read_artifact_json, read_safetensors, write_json
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import HookPoint, resolve
 from ..sae import ARCHITECTURES, SAE
@@ -132,15 +132,6 @@ def _sae_record(sae: SAE, sha256: str) -> dict:
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "hook_name": sae.hook_name,
     }
-
-
-def _folder_identity(path: Path) -> tuple | None:
-    """Which folder is at `path` now (a save puts a new one there)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_ctime_ns)  # an inode number may be reused by the next save
 
 
 class Guardrail:
@@ -409,12 +400,12 @@ class Guardrail:
         read, it is read again (up to five times) instead of being reported as tampered with."""
         path = Path(path)
         for attempt in range(5):
-            before = _folder_identity(path)
+            before = path_identity(path)
             try:
                 guard = cls._load_once(path, sae, allow_missing_model)
                 break
             except DSGError:
-                if attempt == 4 or _folder_identity(path) == before:
+                if attempt == 4 or path_identity(path) == before:
                     raise
         if model is not None:
             guard.check_model(model)
