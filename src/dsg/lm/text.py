@@ -97,10 +97,6 @@ def real_token_mask(
     B, T = shape
     device = input_ids.device if input_ids is not None else None
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    first_seen = None  # [B, T]: a continued row's first attended position, where it is among the new tokens
-    if continuation and attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] > T:
-        attended = attention_mask.bool()
-        first_seen = ((attended.int().cumsum(1) == 1) & attended)[:, -T:]
     if attention_mask is not None and attention_mask.ndim == 4:
         # a custom [B, 1, T, past + T] mask (bool, or additive float): a token is attended if it sees itself
         at = torch.arange(T, device=attention_mask.device)
@@ -110,12 +106,14 @@ def real_token_mask(
         mask = attention_mask[:, -T:].bool()
     if input_ids is not None and len(special_ids):
         mask = mask & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
-    if first_seen is not None:
-        mask = mask & ~first_seen
-    elif not continuation:
+    if not continuation:
         attended = attention_mask[:, -T:].bool() if attention_mask is not None else torch.ones_like(mask)
-        first = attended.int().cumsum(1) == 1
-        mask = mask & ~(first & attended)
+    elif attention_mask is not None and attention_mask.shape[1] > T:  # 2D, over the cached and new positions
+        attended = attention_mask.bool()
+    else:  # no mask of the cached positions (a 4D one is read above as the new tokens' only)
+        attended = None
+    if attended is not None:  # each row's first attended position, where it is among these tokens
+        mask = mask & ~((attended.int().cumsum(1) == 1) & attended)[:, -T:]
     return mask
 
 
