@@ -563,7 +563,8 @@ def train_sae(
         metrics["fvu_at_init"] = _reconstruction_metrics(trainer.sae(cfg.hook, model_name), val_acts)["fvu"]
 
     t0 = time.perf_counter()
-    last, fvu_ema, n_steps, trained = _train_steps(trainer, cache_ND, cfg, generator, progress)
+    last, fvu_ema, n_steps = _train_steps(trainer, cache_ND, cfg, generator, progress)
+    trained = n_steps * _step_tokens(cfg, cache_ND)
     train_s = time.perf_counter() - t0
 
     sae = trainer.sae(cfg.hook, model_name)
@@ -620,19 +621,18 @@ def _activations_of(
 
 
 def _train_steps(trainer: _Trainer, cache_ND: torch.Tensor, cfg: TrainConfig, generator, progress: bool):
-    """(last step's numbers, smoothed FVU, steps, tokens trained on): n_tokens / batch_size steps over shuffled cache
-    batches (each the whole cache when it holds fewer than batch_size)."""
+    """(last step's numbers, smoothed FVU, steps): n_tokens / batch_size steps over shuffled cache batches, each of
+    _step_tokens tokens."""
     n_steps = math.ceil(cfg.n_tokens / cfg.batch_size)
-    per_step = min(cfg.batch_size, len(cache_ND))
-    bar = tqdm(total=n_steps * per_step, desc="train SAE", unit="tok", disable=not progress, file=sys.stderr)
-    perm, pos, last, fvu_ema, trained = None, 0, {}, None, 0
+    bar = tqdm(total=n_steps * _step_tokens(cfg, cache_ND), desc="train SAE", unit="tok", disable=not progress,
+               file=sys.stderr)  # fmt: skip
+    perm, pos, last, fvu_ema = None, 0, {}, None
     for step in range(n_steps):
         # A new shuffle per epoch; a final partial batch is dropped (unless the cache is smaller than a batch).
         if perm is None or (pos > 0 and pos + cfg.batch_size > len(cache_ND)):
             perm, pos = torch.randperm(len(cache_ND), generator=generator), 0
         idx = perm[pos : pos + cfg.batch_size]
         pos += len(idx)
-        trained += len(idx)
         last = trainer.step(cache_ND[idx].float(), _lr_at(step, n_steps, cfg))
         fvu_ema = last["fvu"] if fvu_ema is None else 0.9 * fvu_ema + 0.1 * last["fvu"]
         bar.update(len(idx))
@@ -640,7 +640,13 @@ def _train_steps(trainer: _Trainer, cache_ND: torch.Tensor, cfg: TrainConfig, ge
             dead = float(trainer.dead_F.float().mean())
             bar.set_postfix(fvu=f"{fvu_ema:.3f}", l0=f"{last['l0']:.0f}", dead=f"{dead:.1%}")
     bar.close()
-    return last, fvu_ema, n_steps, trained
+    return last, fvu_ema, n_steps
+
+
+def _step_tokens(cfg: TrainConfig, cache_ND: torch.Tensor) -> int:
+    """Tokens in every training batch: batch_size, or the whole cache when it holds fewer (a partial batch at an
+    epoch's end is dropped for a new shuffle)."""
+    return min(cfg.batch_size, len(cache_ND))
 
 
 def _heldout_metrics(model, point, sae: SAE, val_acts, val_windows, cfg: TrainConfig, pad_id: int, progress: bool):
