@@ -215,6 +215,16 @@ def add_eval(sub) -> None:
 # ---- train-sae ------------------------------------------------------------------------------------------------
 
 
+def _domain_names(value: str | None) -> list[str] | None:
+    """The data domains a --domains value names (None when the option was not given)."""
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise DSGError("--domains names no data domain; leave it out for the default.")
+    return names
+
+
 TRAIN_DOMAINS = "cyber,hpo,geography,chemistry,general"  # `dsg train-sae` without --text or --domains
 
 
@@ -226,9 +236,7 @@ def cmd_train_sae(args) -> int:
     if args.text:
         texts = [t for path in args.text for t in read_corpus(path)]
     else:
-        names = [n.strip() for n in (args.domains or TRAIN_DOMAINS).split(",") if n.strip()]
-        if not names:
-            raise DSGError("--domains names no data domain.")
+        names = _domain_names(args.domains) or _domain_names(TRAIN_DOMAINS)
         texts = [t for name in names for t in load_domain(name).texts["fit"]]
     model, tokenizer = _model(args)
     sae, metrics = train_sae(model, tokenizer, texts, config)
@@ -258,9 +266,7 @@ def add_train_sae(sub) -> None:
 
 
 def cmd_data(args) -> int:
-    names = None if args.domains is None else [n.strip() for n in args.domains.split(",") if n.strip()]
-    if names == []:
-        raise DSGError("--domains names no data domain; leave it out for all of them.")
+    names = _domain_names(args.domains)
     if args.action == "list":
         if args.out is not None or args.overwrite:
             raise DSGError("'dsg data list' prints the packs; --out and --overwrite are options of 'dsg data export'.")
