@@ -13,6 +13,20 @@ from .mcq import base_correct_subset, read_questions, score_mcq
 from .metrics import accuracy, correct_indices, summarize_task
 
 
+def _task_names(paths: list[Path], base_correct: bool, permutations: bool) -> list[str]:
+    """The task name of each question file (its stem), once the files and options are checked to make sense."""
+    if not paths:
+        raise DSGError("No question files were given.")
+    if permutations and not base_correct:
+        raise DSGError("permutations (--permutations) refines the base-correct subset; it needs base_correct "
+                       "(--base-correct) too.")  # fmt: skip
+    names = [p.stem for p in paths]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DSGError(f"Question files must have distinct names (the task name is the file stem); {dupes} repeat.")
+    return names
+
+
 def evaluate_files(
     model,
     tokenizer,
@@ -35,15 +49,7 @@ def evaluate_files(
     there. details=True adds every question's result.
     """
     paths = [Path(p) for p in question_files]
-    if not paths:
-        raise DSGError("No question files were given.")
-    if permutations and not base_correct:
-        raise DSGError("permutations (--permutations) refines the base-correct subset; it needs base_correct "
-                       "(--base-correct) too.")  # fmt: skip
-    names = [p.stem for p in paths]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise DSGError(f"Question files must have distinct names (the task name is the file stem); {dupes} repeat.")
+    names = _task_names(paths, base_correct, permutations)
     intervention = as_intervention(intervention)
     if score_options.pop("verify", True) and intervention is not None:
         intervention.check_model(model)
