@@ -10,9 +10,19 @@ from dsg.files import atomic_directory, check_output_dir
 
 
 def _guardrail_folder(path, marker):
-    path.mkdir()
+    path.mkdir(exist_ok=True)  # a staging folder exists already
     (path / "guardrail.json").write_text('{"format": "dsg-guardrail"}')
     (path / "guardrail.safetensors").write_text(marker)
+
+
+@pytest.fixture(params=[True, False], ids=["exchange", "two-renames"])
+def old_guardrail(request, tmp_path, monkeypatch):
+    """A guardrail folder "g" with marker "old", replaced in one exchange where the system allows it, else (the
+    second parameter) by the two-rename fallback."""
+    if not request.param:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    _guardrail_folder(tmp_path / "g", "old")
+    return tmp_path / "g"
 
 
 def test_exchange_swaps_two_folders_in_one_step(tmp_path):
@@ -25,12 +35,8 @@ def test_exchange_swaps_two_folders_in_one_step(tmp_path):
     assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
 
 
-@pytest.mark.parametrize("exchange", [True, False])
-def test_an_own_artifact_is_replaced_whole_and_kept_when_the_block_fails(tmp_path, monkeypatch, exchange):
-    if not exchange:
-        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
-    target = tmp_path / "g"
-    _guardrail_folder(target, "old")
+def test_an_own_artifact_is_replaced_whole_and_kept_when_the_block_fails(tmp_path, old_guardrail):
+    target = old_guardrail
     with pytest.raises(RuntimeError), atomic_directory(target, "guardrail") as tmp:
         (tmp / "guardrail.safetensors").write_text("half")
         raise RuntimeError("crash while writing")
@@ -61,12 +67,8 @@ def test_a_failed_second_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
     assert (target / "guardrail.safetensors").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["g"]
 
 
-@pytest.mark.parametrize("exchange", [True, False])
-def test_an_interrupt_while_moving_into_place_leaves_no_staging_folder(tmp_path, monkeypatch, exchange):
-    if not exchange:
-        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
-    target = tmp_path / "g"
-    _guardrail_folder(target, "old")
+def test_an_interrupt_while_moving_into_place_leaves_no_staging_folder(tmp_path, monkeypatch, old_guardrail):
+    target = old_guardrail
 
     def interrupted(self):
         raise KeyboardInterrupt  # Ctrl-C, or SIGTERM turned into an exception by the CLI, after the block ended
@@ -137,10 +139,7 @@ def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
     check_output_dir(tmp_path / "h", "guardrail")
     for marker in ("first", "second"):
         with atomic_directory(tmp_path / "h", "guardrail") as tmp:
-            _guardrail_folder(tmp / "x", marker)
-            for f in (tmp / "x").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "x").rmdir()
+            _guardrail_folder(tmp, marker)
     assert (tmp_path / "h" / "guardrail.safetensors").read_text() == "second"
     # one file (dsg eval --out)
     summary = tmp_path / "s.json"
