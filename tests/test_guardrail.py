@@ -28,6 +28,21 @@ def rho_quantile(model, guard, seqs, q=0.5):
     return float(rho.quantile(q))
 
 
+def _split_guard(arch: str, window, hold, latch: bool, lengths=(6, 9, 4, 9, 7, 5)):
+    """A tiny model, prompts of the given lengths and a guardrail whose gate splits them: its threshold between two
+    prompts' values, its latch (if any) between the top two."""
+    model = tiny_model(arch, layers=3)
+    sae = tiny_sae()
+    seqs = [random_ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate(lengths)]
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=2.0, window=window,
+                          hold=hold)  # fmt: skip
+    values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
+    guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    if latch:  # below the top prompt's value, above the threshold (with two distinct values: between them)
+        guard.latch = max((values[-2] + values[-1]) / 2, (guard.threshold + values[-1]) / 2)
+    return model, seqs, guard
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_guardrail_that_never_fires_leaves_logits_bit_identical(arch):
     model = tiny_model(arch)
@@ -166,16 +181,8 @@ def test_running_gate_latches_during_generation():
                                ("gpt2", 3, None, False), ("llama", 3, 2, False), ("llama", 3, 2, True)]
 )  # fmt: skip
 def test_cached_generation_equals_no_cache_reference(arch, window, hold, latch):
-    model = tiny_model(arch, layers=3)
-    sae = tiny_sae()
-    seqs = [random_ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate([6, 9, 4, 9, 7, 5])]
+    model, seqs, guard = _split_guard(arch, window, hold, latch)
     ids, mask = pad_batch(seqs, pad_id=0, side="left")
-    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=2.0, window=window,
-                          hold=hold)  # fmt: skip
-    values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
-    guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2  # between two prompts' values
-    if latch:  # the answer guarded when a window anywhere went over the top prompt's value
-        guard.latch = (values[-2] + values[-1]) / 2
     with torch.no_grad():
         with guard.attach(model) as session:
             out = model.generate(
@@ -519,20 +526,6 @@ def test_a_submodule_forward_after_a_whole_model_forward_is_judged_on_its_own_in
             model(ids)
             after = model.model(short).last_hidden_state
     assert torch.equal(after, alone)
-
-
-def _split_guard(arch: str, window, hold, latch: bool, lengths=(6, 9, 4, 9, 7, 5)):
-    """A tiny model, prompts of the given lengths and a guardrail whose gate splits them (as in the test above)."""
-    model = tiny_model(arch, layers=3)
-    sae = tiny_sae()
-    seqs = [random_ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate(lengths)]
-    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=2.0, window=window,
-                          hold=hold)  # fmt: skip
-    values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
-    guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
-    if latch:  # below the top prompt's value, above the threshold (with two distinct values: between them)
-        guard.latch = max((values[-2] + values[-1]) / 2, (guard.threshold + values[-1]) / 2)
-    return model, seqs, guard
 
 
 GATES = [(None, None, False), (3, None, False), (3, 2, True)]  # whole-input; windowed, latched; held with a latch
