@@ -667,3 +667,169 @@ def test_a_guardrail_saved_again_while_it_is_read_is_read_whole(tmp_path, monkey
     (tmp_path / "g" / "guardrail.json").write_text(json.dumps(meta | {"clamp": 3.0}))
     with pytest.raises(dsg.DSGError, match="content hash"):
         dsg.Guardrail.load(tmp_path / "g", allow_missing_model=True)
+
+
+def _decode(model, prompt, steps: int):
+    """Greedy decoding of one prompt through a KV cache: yields the tokens so far after each step (a caller may
+    pause between steps)."""
+    from transformers import DynamicCache
+
+    cache, out = DynamicCache(config=model.config), []
+    logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(nxt))
+        yield out
+        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+
+
+@pytest.mark.parametrize("window,hold,latch", GATES)
+def test_tasks_gathered_inside_one_attachment_keep_their_gate_states_apart(window, hold, latch):
+    """asyncio tasks created inside one `attach` block share its context and run in one thread; each decodes under
+    its own gate state, as it does alone (they used to share one thread's state and decode with each other's)."""
+    import asyncio
+
+    model, seqs, guard = _split_guard("llama", window, hold, latch, lengths=(18, 21, 16, 20, 19, 17))
+
+    async def decode(prompt):
+        tokens = None
+        for tokens in _decode(model, prompt, 12):  # noqa: B007 (the last step's tokens are the answer)
+            await asyncio.sleep(0)  # the other tasks take a step here
+        return tokens
+
+    async def main():
+        alone = []
+        for p in seqs:
+            with dsg.attach(model, guard):
+                alone.append(await decode(p))
+        with dsg.attach(model, guard):
+            together = await asyncio.gather(*[decode(p) for p in seqs])
+        return alone, together
+
+    with torch.no_grad():
+        alone, together = asyncio.run(main())
+        plain = [list(_decode(model, p, 12))[-1] for p in seqs]
+    assert alone != plain  # the guardrail changes some decodes, so sharing a state could show
+    assert together == alone
+
+
+def test_a_forward_that_raised_or_was_stopped_leaves_nothing_to_the_next():
+    """A forward cut short inside an attachment (an exception in the model, `stopped_after` at a hook) no longer
+    leaves its inputs to the next forward of the same thread, which used to be judged with the old padding or
+    refused for the old shape."""
+    from dsg.lm.hooks import stopped_after
+
+    model, seqs, guard = _split_guard("llama", None, None, False, lengths=(12, 15, 10, 14, 13, 11))
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    other = mask.clone()
+    other[:, :4] = 0  # the same shape, other padding
+
+    def raise_in_layer_1():
+        def hook(*_):
+            raise ZeroDivisionError
+
+        return model.model.layers[1].register_forward_hook(hook)
+
+    with torch.no_grad():
+        with guard.attach(model) as session:
+            want, want_gated = model(input_ids=ids, attention_mask=other).logits, session.gated.clone()
+        for cut_short in ("stopped", "raised", "raised, other shape"):
+            with guard.attach(model) as session:
+                if cut_short == "stopped":
+                    with stopped_after(model, "blocks.0.hook_resid_post"):
+                        model(input_ids=ids, attention_mask=mask)
+                else:
+                    handle = raise_in_layer_1()
+                    with pytest.raises(ZeroDivisionError):
+                        model(input_ids=ids[:2, :5] if "shape" in cut_short else ids, attention_mask=None)
+                    handle.remove()
+                got = model(input_ids=ids, attention_mask=other).logits
+            assert torch.equal(got, want), cut_short
+            assert torch.equal(session.gated, want_gated), cut_short
+
+
+def test_generate_whose_attachment_ends_before_it_finishes_raises():
+    """A worker carrying the caller's context is inside `model.generate` when the caller leaves its block: the
+    hooks go with the last attachment, so the rest would be generated unguarded. It raises instead."""
+    import contextvars
+    import threading
+
+    model, sae = tiny_model("llama", layers=3), tiny_sae()
+    guard = dsg.Guardrail(sae, features=[2, 3], gated=False, clamp=5.0)
+    ids = random_ids(2, 10, seed=4)
+    kw = dict(input_ids=ids, max_new_tokens=12, pad_token_id=0, eos_token_id=None, do_sample=False)
+    steps, middle, go, result = [0], threading.Event(), threading.Event(), {}
+
+    def pause(*_):
+        steps[0] += 1
+        if steps[0] == 3:  # the prefill and two decoding steps are done
+            middle.set()
+            go.wait(30)
+
+    def worker():
+        try:
+            with torch.no_grad():
+                result["out"] = model.generate(**kw)
+        except dsg.DSGError as e:
+            result["error"] = str(e)
+
+    handle = model.lm_head.register_forward_pre_hook(pause)
+    try:
+        with dsg.attach(model, guard):
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(worker,))
+            thread.start()
+            assert middle.wait(30)
+        go.set()
+        thread.join(60)
+    finally:
+        handle.remove()
+    assert "ended before it finished" in result.get("error", ""), result
+
+
+def test_a_task_carrying_an_ended_attachment_runs_the_plain_model_whoever_else_is_attached():
+    """A task created inside an `attach` block and run after it holds the ended attachment in its context: it runs
+    the plain model, also while another thread has another guardrail attached (it used to be guarded again then)."""
+    import asyncio
+    import threading
+
+    from dsg.runtime.hf import attached_to
+
+    model, sae = tiny_model("llama", layers=3), tiny_sae()
+    guard = dsg.Guardrail(sae, features=[2, 3], gated=False, clamp=5.0)
+    other = dsg.Guardrail(sae, features=[5], threshold=1.0, clamp=5.0)  # never gates: changes nothing itself
+    ids = random_ids(2, 10, seed=4)
+    with torch.no_grad():
+        plain = model(ids).logits
+        with dsg.attach(model, guard):
+            guarded = model(ids).logits
+    assert not torch.equal(plain, guarded)
+
+    async def main():
+        go = asyncio.Event()
+        with dsg.attach(model, guard):
+
+            async def late():
+                await go.wait()
+                with torch.no_grad():
+                    return model(ids).logits, attached_to(model)
+
+            task = asyncio.create_task(late())
+        attached, release = threading.Event(), threading.Event()
+
+        def hold_other():
+            with dsg.attach(model, other):
+                attached.set()
+                release.wait(30)
+
+        thread = threading.Thread(target=hold_other)
+        thread.start()
+        assert attached.wait(30)
+        go.set()
+        try:
+            return await task
+        finally:
+            release.set()
+            thread.join(30)
+
+    logits, still_attached = asyncio.run(main())
+    assert torch.equal(logits, plain) and not still_attached

@@ -28,13 +28,18 @@ the last attachment ends), and each forward applies only the attachments active 
 task: a context variable holds them). Threads sharing one model each get their own decisions, and a thread that
 attached nothing runs the plain model. A thread started inside `attach` (HF's streaming pattern,
 `Thread(target=model.generate)`) starts with an empty context and so runs unguarded: start it with
-`contextvars.copy_context().run` to carry the attachment into it (its gate state is then kept per thread).
+`contextvars.copy_context().run` to carry the attachment into it (its gate state is then kept per thread, and per
+asyncio task for tasks that inherit it). An attachment whose block has ended applies nowhere, also in contexts
+that carried it on; a `model.generate` it guarded that is still running then raises.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
+import types
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -53,6 +58,31 @@ from .intervention import RUNTIMES
 def _any_of(rows: list[torch.Tensor]) -> torch.Tensor | None:
     """[B] bool: the rows on in any of the [B] masks (None for none)."""
     return torch.stack(rows).any(0) if rows else None
+
+
+class _CallLocal:
+    """Attributes kept apart per call: per thread, and inside a thread that runs an event loop, per asyncio task
+    (tasks gathered inside one `attach` block share its context, and run in one thread)."""
+
+    def __init__(self):
+        object.__setattr__(self, "_thread", threading.local())
+        object.__setattr__(self, "_tasks", weakref.WeakKeyDictionary())
+
+    def _space(self):
+        loop = asyncio._get_running_loop()  # None in a thread that runs no event loop (current_task would raise)
+        task = asyncio.current_task(loop) if loop is not None else None
+        if task is None:
+            return self._thread
+        space = self._tasks.get(task)
+        if space is None:
+            space = self._tasks[task] = types.SimpleNamespace()
+        return space
+
+    def __getattr__(self, name):
+        return getattr(self._space(), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._space(), name, value)
 
 
 @dataclass
@@ -76,10 +106,10 @@ class Attachment:
     _held_from: torch.Tensor | None = None  # [B, G] positions from which held rows are clamped (see hold)
     _held_mask: torch.Tensor | None = None  # [B, G, T] positions clamped exactly as given (see hold)
     _fork: Callable[[torch.Tensor], None] | None = None  # set by the attachment: forks its per-thread gate states
-    # The latest forward's decisions, per thread: an attachment carried into several threads (copy_context().run,
-    # asyncio.to_thread) reports to each thread what its own forwards decided. A thread that ran none reads the
-    # latest any thread recorded (the streaming pattern: a worker generates, the caller reads after joining it).
-    _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+    # The latest forward's decisions, per thread and asyncio task: an attachment carried into several threads
+    # (copy_context().run, asyncio.to_thread) or tasks reports to each what its own forwards decided. One that ran
+    # none reads the latest any recorded (the streaming pattern: a worker generates, the caller reads after it).
+    _local: _CallLocal = field(default_factory=_CallLocal, repr=False, compare=False)
     _latest: _Decisions | None = field(default=None, repr=False, compare=False)
 
     def _decisions(self, write: bool = False) -> _Decisions:
@@ -226,8 +256,10 @@ class _Attached:
         self.model, self.guardrails, self.by_hook, self.specials = model, guardrails, by_hook, specials
         self.session = Attachment(list(guardrails))
         self.session._fork, self.session._prefill = self.fork, self.set_prefilling
-        # per thread: a context copied into several threads (asyncio.to_thread) must not share a forward's state
-        self.local = threading.local()
+        # per thread and task: a context copied into several threads (asyncio.to_thread) or tasks (gathered inside
+        # the block) must not share a forward's state
+        self.local = _CallLocal()
+        self.closed = False  # the `attach` block ended: a context that carried it on no longer runs under it
 
     @property
     def forward(self) -> _Forward:
@@ -368,8 +400,9 @@ _ACTIVE: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_attached", default=
 
 
 def _active_on(model: torch.nn.Module) -> list[_Attached]:
-    """The attachments to `model` active in this thread or task, outermost first."""
-    return [att for att in _ACTIVE.get() if att.model is model]
+    """The attachments to `model` active in this thread or task, outermost first. One whose block has ended is not:
+    a thread or task that carried it on (in a copied context) runs the plain model, whoever else is attached."""
+    return [att for att in _ACTIVE.get() if att.model is model and not att.closed]
 
 
 def _cache_of(inputs: dict):
@@ -395,16 +428,16 @@ class _ModelHooks:
         self.handles = [
             model.register_forward_pre_hook(self.on_inputs, with_kwargs=True),
             # a forward's inputs describe that forward only: a later call on a submodule (model.model(...)) must
-            # not read them as its own
-            model.register_forward_hook(self.on_outputs),
+            # not read them as its own, nor the next forward, when this one raised or was stopped at a hook
+            model.register_forward_hook(self.on_outputs, always_call=True),
         ]
         base = getattr(model, "base_model", None)
         if isinstance(base, torch.nn.Module) and base is not model:
             self.handles += [base.register_forward_pre_hook(self.on_inputs, with_kwargs=True),
-                             base.register_forward_hook(self.on_outputs)]  # fmt: skip
+                             base.register_forward_hook(self.on_outputs, always_call=True)]  # fmt: skip
         self.generate = None
         if callable(getattr(model, "generate", None)) and "generate" not in vars(model):
-            self.generate = self._wrap_generate(model.generate)
+            self.generate = self._wrap_generate(model.generate, self.mine)
             model.generate = self.generate
 
     def mine(self) -> list[_Attached]:
@@ -456,20 +489,30 @@ class _ModelHooks:
             cache._dsg_followed = True
 
     @staticmethod
-    def _wrap_generate(generate):
+    def _wrap_generate(generate, mine: Callable[[], list[_Attached]]):
         """`model.generate` telling the hooks the prompt's length: a forward without a cache (use_cache=False) holds
-        the prompt and the tokens generated so far, and only the prompt's positions are judged as prompt."""
+        the prompt and the tokens generated so far, and only the prompt's positions are judged as prompt. A call
+        whose attachment ended before it finished (a worker carrying the caller's context, whose block was left
+        without joining it) raises: its later tokens were not guarded."""
 
         def guarded_generate(*args, **kwargs):
             inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             if inputs is None:
                 inputs = kwargs.get("inputs_embeds")
             length = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else 0
+            under = mine()
             token = _GENERATING.set(length)
             try:
-                return generate(*args, **kwargs)
+                out = generate(*args, **kwargs)
             finally:
                 _GENERATING.reset(token)
+            if any(att.closed for att in under):
+                raise DSGError(
+                    "The attach() block this model.generate call ran under ended before it finished, so the tokens "
+                    "generated after that were not guarded; wait for the generation (join its thread) inside the "
+                    "block."
+                )
+            return out
 
         guarded_generate.__wrapped__ = generate
         guarded_generate.__doc__ = generate.__doc__
@@ -531,7 +574,8 @@ def _identity(g: Guardrail) -> tuple:
 def attach(
     model: torch.nn.Module, *guardrails: Guardrail, verify: bool = True, special_ids: Sequence[int] | None = None
 ):
-    """Apply one or more guardrails to every forward pass of `model` inside the block, in this thread.
+    """Apply one or more guardrails to every forward pass of `model` inside the block, in this thread or task (and
+    in threads and tasks that carry its context, until the block ends).
 
     With verify=True each guardrail first checks that `model` is the model it was fitted on. The same guardrail
     twice (in one call, or in nested calls on one model) is refused: it would clamp twice.
@@ -565,6 +609,7 @@ def attach(
         try:
             yield att.session
         finally:  # by identity: attachments need not end in the order they began (interleaved generators)
+            att.closed = True
             _ACTIVE.set(tuple(a for a in _ACTIVE.get() if a is not att))
 
 
