@@ -493,6 +493,76 @@ def test_unguarded_results_of_other_questions_are_refused(llama, tok, guard):
             score_mcq(llama, tok, qs, intervention=guard, batch_size=2, progress=False, unguarded=wrong)
 
 
+def test_unguarded_results_of_another_run_are_refused(llama, tok, guard):
+    """Base results whose questions, order, options, batch size or weights differ from the guarded run's match it
+    question by question (same ids, answers and choice counts), and were taken for every batch the gates left
+    alone; each is refused now. Without verify the weights are not compared."""
+    from dsg.runtime import Edit
+
+    qs = make_questions(6, seed=4)
+    base = score_mcq(llama, tok, qs, batch_size=2, progress=False)
+    other_model = tiny_model("llama", seed=1, vocab=len(tok))
+    head = next(n for n, p in llama.named_parameters() if p is llama.get_output_embeddings().weight)
+    edit = Edit({head: llama.get_output_embeddings().weight.detach() * 0.5})
+    no_ids = [{k: v for k, v in q.items() if k != "id"} for q in qs]
+    rotated = [{k: v for k, v in q.items() if k != "id"} for q in qs[1:] + qs[:1]]
+    for i, q in enumerate(rotated):  # each rotated question keeps its place's answer and choice count
+        q["answer"] = no_ids[i]["answer"]
+    wrong = {
+        "other model": (score_mcq(other_model, tok, qs, batch_size=2, progress=False), qs, "model weights"),
+        "weight-edited run": (score_mcq(llama, tok, qs, intervention=edit, batch_size=2, progress=False), qs,
+                              "without an intervention"),
+        "other prompt format": (score_mcq(llama, tok, qs, prompt_format="Q: {question}", batch_size=2,
+                                          progress=False), qs, "other inputs"),
+        "letter mode": (score_mcq(llama, tok, qs, mode="letter", batch_size=2, progress=False), qs, "other inputs"),
+        "choices reversed": (score_mcq(llama, tok, [{**q, "choices": q["choices"][::-1]} for q in qs],
+                                       batch_size=2, progress=False), qs, "other inputs"),
+        "batch size": (score_mcq(llama, tok, qs, batch_size=3, progress=False), qs, "other inputs"),
+        "another order": (score_mcq(llama, tok, rotated, batch_size=2, progress=False), no_ids, "other inputs"),
+        "a rebuilt list": (list(base), qs, "as it returned it"),
+    }  # fmt: skip
+    for name in wrong:
+        unguarded, questions, words = wrong[name]
+        with pytest.raises(dsg.DSGError, match=words):
+            score_mcq(llama, tok, questions, intervention=guard, batch_size=2, progress=False, unguarded=unguarded)
+    full = score_mcq(llama, tok, qs, intervention=guard, batch_size=2, progress=False)
+    assert score_mcq(llama, tok, qs, intervention=guard, batch_size=2, progress=False, unguarded=base) == full
+    mine = score_mcq(other_model, tok, qs, batch_size=2, progress=False)
+    other = score_mcq(other_model, tok, qs, intervention=guard, batch_size=2, progress=False, verify=False)
+    assert score_mcq(other_model, tok, qs, intervention=guard, batch_size=2, progress=False, verify=False,
+                     unguarded=mine) == other  # fmt: skip
+
+
+def test_perplexity_of_another_run_is_refused_as_unguarded(llama, tok, guard):
+    texts = [q["question"] for q in make_questions(8, seed=3)]
+    same_lengths = [" ".join(reversed(t.split())) for t in texts]  # other tokens, the same windows' lengths
+    other_model = tiny_model("llama", seed=1, vocab=len(tok))
+    for unguarded, words in (
+        (perplexity_stats(other_model, tok, texts, batch_size=2, progress=False), "weights"),
+        (perplexity_stats(llama, tok, same_lengths, batch_size=2, progress=False), "inputs"),
+    ):
+        with pytest.raises(dsg.DSGError, match=words):
+            perplexity_stats(llama, tok, texts, intervention=guard, batch_size=2, progress=False, unguarded=unguarded)
+
+
+def test_inputs_past_the_models_context_are_refused_and_a_choice_that_just_fits_is_scored(tok):
+    """perplexity_stats read windows past the model's positions (llama: silently; gpt2: an IndexError); score_mcq
+    counted the last token of a choice, which is scored but never fed, and refused a question that fits."""
+    for arch in ("llama", "gpt2"):
+        short = tiny_model(arch, seed=0, vocab=len(tok), positions=16)  # gpt2: 16 learned positions
+        short.config.max_position_embeddings = 16  # llama: rotary, with a context of 16 in its config
+        with pytest.raises(dsg.DSGError, match="at most 16"):
+            perplexity_stats(short, tok, [" ".join(WORDS[:40])], max_length=64, progress=False)
+        assert perplexity_stats(short, tok, [" ".join(WORDS[:40])], max_length=16, progress=False).n_windows > 1
+        for words, fits in ((14, True), (15, False)):  # BOS + words, then a 2-token choice whose last is not fed
+            q = {"question": " ".join(WORDS[:words]), "choices": ["w1 w2", "w3 w4"], "answer": 0}
+            if fits:
+                assert len(score_mcq(short, tok, [q], progress=False)) == 1
+            else:
+                with pytest.raises(dsg.DSGError, match="needs 17 positions"):
+                    score_mcq(short, tok, [q], progress=False)
+
+
 def test_perplexity_batches_the_gates_leave_alone_take_the_unguarded_sums(llama, tok, guard):
     texts = [q["question"] for q in make_questions(12, seed=3)]
     base = perplexity_stats(llama, tok, texts, batch_size=1, progress=False)

@@ -70,7 +70,7 @@ from ..runtime.intervention import (
     only_guardrails,
     prefix_causal,
 )
-from .metrics import QuestionResult, argmax, correct_indices
+from .metrics import BaseRun, QuestionResult, QuestionResults, argmax, check_base_run, correct_indices, inputs_digest
 
 MODES = ("likelihood", "letter")
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -452,10 +452,12 @@ def score_mcq(
     that `model` is the model it was made for.
 
     `unguarded`: this function's results for the same model, questions and options (batch size included)
-    without the intervention. Where the intervention is guardrails only, a batch whose prompts its gates leave
-    alone (none gated, no token clamped) then stops at the last gate's hook and takes those results, which are
-    bit for bit what finishing its forward would give: on traffic the gates rarely open (retain questions), a
-    guarded evaluation costs little more than the gates.
+    without the intervention, as it returned them: they record what they were computed from, and results of other
+    questions, options or weights are refused (with verify=False the weights are not compared). Where the
+    intervention is guardrails only, a batch whose prompts its gates leave alone (none gated, no token clamped)
+    then stops at the last gate's hook and takes those results, which are bit for bit what finishing its forward
+    would give: on traffic the gates rarely open (retain questions), a guarded evaluation costs little more than
+    the gates.
     """
     if mode not in MODES:
         raise DSGError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -472,23 +474,30 @@ def score_mcq(
 
     built = [_request(model, tokenizer, q, mode, prompt_format, description, chat) for q in questions]
     requests, owners = [r for r, _ in built], [o for _, o in built]
-    for i, r in enumerate(requests):
+    for i, r in enumerate(requests):  # the last token of a choice is scored, never fed
         check_fits_context(
-            model, len(r.prompt) + max(len(c) for c in r.candidates), f"Question {i} with its longest choice"
+            model, len(r.prompt) + max(len(c) for c in r.candidates) - 1, f"Question {i} with its longest choice"
         )
     desc = f"mcq ({mode}{', chat' if chat else ''}{', guarded' if intervention is not None else ''})"
+    inputs = inputs_digest("mcq", mode, batch_size, [tuple(r) for r in requests], owners,
+                           [(q.get("id"), q["answer"]) for q in questions])  # fmt: skip
     if unguarded is not None:
         _check_unguarded(unguarded, questions)
+        check_base_run(getattr(unguarded, "base_run", None), model, inputs, verify, "score_mcq's results")
     lls, gated, skipped = _loglikelihoods(model, requests, pad_id_of(tokenizer, model), intervention, batch_size,
                                           progress, desc, skip_untouched=unguarded is not None)  # fmt: skip
-    return [
+    results = QuestionResults(
         unguarded[i]._replace(gated=False) if skipped[i] else _result(i, q, lls[i], owners[i], gated[i], mode)
         for i, q in enumerate(questions)
-    ]
+    )
+    if intervention is None:  # what a guarded run given these as `unguarded` checks it against
+        results.base_run = BaseRun.of(model, inputs)
+    return results
 
 
 def _check_unguarded(unguarded: Sequence[QuestionResult], questions: Sequence[dict]) -> None:
-    """Refuse results that cannot be the same questions' (another list, order or choice count)."""
+    """Refuse results that cannot be the same questions' (another list, order or choice count); the run they
+    record (QuestionResults.base_run) is checked next."""
     if len(unguarded) != len(questions):
         raise DSGError(f"unguarded holds {len(unguarded)} results for {len(questions)} questions.")
     for i, (r, q) in enumerate(zip(unguarded, questions)):

@@ -4,10 +4,12 @@ often the gate opened)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from ..errors import DSGError
+from ..lm.fingerprint import weights_digest
 
 
 class QuestionResult(NamedTuple):
@@ -23,6 +25,43 @@ class QuestionResult(NamedTuple):
     correct_norm: bool
     scores_norm: tuple[float, ...]  # likelihood: score per character of the choice; letter: = scores
     gated: bool | None  # whether the intervention gated the prompt; None without a gated intervention
+
+
+class BaseRun(NamedTuple):
+    """What a run without an intervention was computed from, so that a guarded run given its results as
+    `unguarded=` can refuse another run's: the model's weights (lm.fingerprint.weights_digest) and a digest of the
+    inputs as the run encoded them, with every option that changes its numbers (`inputs_digest`)."""
+
+    weights: str
+    inputs: str
+
+    @classmethod
+    def of(cls, model, inputs: str) -> BaseRun:
+        return cls(weights_digest(model), inputs)
+
+
+def check_base_run(run: BaseRun | None, model, inputs: str, verify: bool, what: str) -> None:
+    """Refuse the run recorded with some unguarded results (None: none recorded) unless it read these `inputs`
+    and, with verify=True, `model`'s weights."""
+    if run is None:
+        raise DSGError(f"unguarded is not {what} without an intervention, as it returned it.")
+    if run.inputs != inputs:
+        raise DSGError(f"unguarded is {what} for other inputs or options (questions, texts, their order, the "
+                       "scoring mode or format, the batch size or window length).")  # fmt: skip
+    if verify and run.weights != weights_digest(model):
+        raise DSGError(f"unguarded is {what} for other model weights than the model given.")
+
+
+def inputs_digest(*inputs) -> str:
+    """A digest of a run's inputs and options (their repr: token ids, strings, numbers)."""
+    return hashlib.sha256(repr(inputs).encode()).hexdigest()
+
+
+class QuestionResults(list):
+    """score_mcq's results, one QuestionResult per question, with `base_run`: what they were computed from, when
+    no intervention was applied (None otherwise)."""
+
+    base_run: BaseRun | None = None
 
 
 def argmax(xs: Sequence[float]) -> int:

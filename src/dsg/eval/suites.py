@@ -89,7 +89,7 @@ class Perplexity(Suite):
         )
         if intervention is None:  # kept for the guarded runs of this process (perplexity_stats' unguarded)
             bench.unguarded[key] = result
-        return {k: v for k, v in result._asdict().items() if k != "batches"}
+        return {k: v for k, v in result._asdict().items() if k not in ("batches", "base_run")}
 
 
 @SUITES.register("generations")
