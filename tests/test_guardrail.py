@@ -724,23 +724,24 @@ def test_a_forward_that_raised_or_was_stopped_leaves_nothing_to_the_next():
     other = mask.clone()
     other[:, :4] = 0  # the same shape, other padding
 
-    def raise_in_layer_1():
+    def raise_in_layer_1(error):
         def hook(*_):
-            raise ZeroDivisionError
+            raise error
 
         return model.model.layers[1].register_forward_hook(hook)
 
     with torch.no_grad():
         with guard.attach(model) as session:
             want, want_gated = model(input_ids=ids, attention_mask=other).logits, session.gated.clone()
-        for cut_short in ("stopped", "raised", "raised, other shape"):
+        for cut_short in ("stopped", "raised", "raised, other shape", "interrupted", "interrupted, other shape"):
             with guard.attach(model) as session:
                 if cut_short == "stopped":
                     with stopped_after(model, "blocks.0.hook_resid_post"):
                         model(input_ids=ids, attention_mask=mask)
-                else:
-                    handle = raise_in_layer_1()
-                    with pytest.raises(ZeroDivisionError):
+                else:  # KeyboardInterrupt skips torch's always-called output hooks
+                    error = KeyboardInterrupt if "interrupted" in cut_short else ZeroDivisionError
+                    handle = raise_in_layer_1(error)
+                    with pytest.raises(error):
                         model(input_ids=ids[:2, :5] if "shape" in cut_short else ids, attention_mask=None)
                     handle.remove()
                 got = model(input_ids=ids, attention_mask=other).logits
@@ -783,7 +784,7 @@ def test_generate_whose_attachment_ends_before_it_finishes_raises():
         thread.join(60)
     finally:
         handle.remove()
-    assert "ended before it finished" in result.get("error", ""), result
+    assert "has ended, and generation went on" in result.get("error", ""), result
 
 
 def test_a_task_carrying_an_ended_attachment_runs_the_plain_model_whoever_else_is_attached():
@@ -833,3 +834,92 @@ def test_a_task_carrying_an_ended_attachment_runs_the_plain_model_whoever_else_i
 
     logits, still_attached = asyncio.run(main())
     assert torch.equal(logits, plain) and not still_attached
+
+
+@pytest.mark.parametrize("window,hold,latch", GATES)
+def test_decoding_steps_run_in_tasks_of_their_own_continue_their_caches_gate_state(window, hold, latch):
+    """`await asyncio.wait_for(step(), t)` runs each step in a new task (Python 3.11), and a prefill may run in a
+    thread before an event loop continues it: the continuation follows its KV cache's gate state, wherever it
+    runs, and decodes as one loop does."""
+    import asyncio
+
+    model, seqs, guard = _split_guard("llama", window, hold, latch, lengths=(18, 21, 16, 20, 19, 17))
+
+    async def each_step_a_task(prompt):
+        steps, tokens = _decode(model, prompt, 12), None
+
+        async def step():
+            return next(steps, None)
+
+        while (out := await asyncio.wait_for(step(), 30)) is not None:
+            tokens = out
+        return tokens
+
+    with torch.no_grad():
+        with dsg.attach(model, guard):
+            alone = [list(_decode(model, p, 12))[-1] for p in seqs]
+        plain = [list(_decode(model, p, 12))[-1] for p in seqs]
+
+        async def main():
+            with dsg.attach(model, guard):
+                tasks = [await each_step_a_task(p) for p in seqs]
+                prefilled = []
+                for p in seqs:  # the prefill outside any task, the steps inside them
+                    steps = _decode(model, p, 12)
+                    first = next(steps)
+                    prefilled.append((first, steps))
+
+                async def rest(first, steps):
+                    async def step():
+                        return next(steps, None)
+
+                    tokens = first
+                    while (out := await asyncio.wait_for(step(), 30)) is not None:
+                        tokens = out
+                    return tokens
+
+                return tasks, [await rest(f, st) for f, st in prefilled]
+
+        tasks, after_prefill = asyncio.run(main())
+    assert alone != plain
+    assert tasks == alone and after_prefill == alone
+
+
+def test_a_streamer_read_inside_the_block_and_joined_after_is_guarded_without_error():
+    """HF's streaming pattern: a worker carrying the caller's context generates into a TextIteratorStreamer, the
+    caller reads it inside the block and joins the worker after. The streamer ends before `generate` returns, so
+    the block may end first; every token was generated under the guardrail, and nothing raises."""
+    import contextvars
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    from tiny import bpe_tokenizer
+
+    tok = bpe_tokenizer(True)
+    model = tiny_model("llama", layers=3, vocab=len(tok))
+    guard = dsg.Guardrail(tiny_sae(), features=[2, 3], gated=False, clamp=5.0)
+    enc = tok(["The exploit injects a payload"], return_tensors="pt")
+    kw = dict(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        plain = model.generate(**kw)
+        with dsg.attach(model, guard):
+            guarded = model.generate(**kw)
+    assert not torch.equal(plain, guarded)
+    for _ in range(20):
+        streamer, result = TextIteratorStreamer(tok, skip_prompt=True), {}
+
+        def worker(streamer=streamer, result=result):
+            try:
+                with torch.no_grad():
+                    result["out"] = model.generate(**kw, streamer=streamer)
+            except Exception as e:  # noqa: BLE001 (any error fails the test below)
+                result["error"] = e
+
+        with dsg.attach(model, guard):
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(worker,))
+            thread.start()
+            "".join(streamer)
+        thread.join(60)
+        assert "error" not in result, result
+        assert torch.equal(result["out"], guarded)

@@ -28,9 +28,10 @@ the last attachment ends), and each forward applies only the attachments active 
 task: a context variable holds them). Threads sharing one model each get their own decisions, and a thread that
 attached nothing runs the plain model. A thread started inside `attach` (HF's streaming pattern,
 `Thread(target=model.generate)`) starts with an empty context and so runs unguarded: start it with
-`contextvars.copy_context().run` to carry the attachment into it (its gate state is then kept per thread, and per
-asyncio task for tasks that inherit it). An attachment whose block has ended applies nowhere, also in contexts
-that carried it on; a `model.generate` it guarded that is still running then raises.
+`contextvars.copy_context().run` to carry the attachment into it. A gate state is kept with the KV cache it
+judged, so a continuation continues its own cache's state in whichever thread or task it runs. An attachment whose
+block has ended applies nowhere, also in contexts that carried it on; a `model.generate` that began under it
+raises at its next step instead of going on unguarded.
 """
 
 from __future__ import annotations
@@ -69,13 +70,14 @@ class _CallLocal:
         object.__setattr__(self, "_tasks", weakref.WeakKeyDictionary())
 
     def _space(self):
+        tasks = object.__getattribute__(self, "_tasks")  # not self._tasks: a half-built copy has none
         loop = asyncio._get_running_loop()  # None in a thread that runs no event loop (current_task would raise)
         task = asyncio.current_task(loop) if loop is not None else None
         if task is None:
-            return self._thread
-        space = self._tasks.get(task)
+            return object.__getattribute__(self, "_thread")
+        space = tasks.get(task)
         if space is None:
-            space = self._tasks[task] = types.SimpleNamespace()
+            space = tasks[task] = types.SimpleNamespace()
         return space
 
     def __getattr__(self, name):
@@ -249,8 +251,32 @@ class _Forward:
         return real.to(device)
 
 
+class _Sequence:
+    """The gate state of one batch of sequences being decoded (one KV cache): each guardrail's state, the latest
+    forward's gate inputs (to recompute it after a crop), and whether the next forward holds more of the prompt
+    (after Attachment.fork)."""
+
+    __slots__ = ("states", "last", "prompt_next", "__weakref__")
+
+    def __init__(self, n: int):
+        self.states: list[rule.GateState | None] = [None] * n
+        self.last: dict = {}
+        self.prompt_next = False
+
+
+_PREFILLING: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_prefilling", default=())
+"""The attachments whose `session.prefilling()` block is open in this context (tasks and copied contexts inherit
+it)."""
+
+
 class _Attached:
-    """One `attach` call: its guardrails by hook point, its gate states, its session, its forward bookkeeping."""
+    """One `attach` call: its guardrails by hook point, its gate states, its session, its forward bookkeeping.
+
+    A gate state belongs to the sequences it judged, so it is kept with their KV cache: a forward that continues a
+    cache continues that cache's state, in whichever thread or asyncio task it runs (an `asyncio.wait_for` step
+    runs in a task of its own). A forward's own bookkeeping and the decisions `session` reads are kept per thread
+    and per task; so is the state of a continuation whose cache object was never seen (it continues the latest
+    forward of its thread or task)."""
 
     def __init__(self, model, guardrails, by_hook: dict[str, list[int]], specials: list[int]):
         self.model, self.guardrails, self.by_hook, self.specials = model, guardrails, by_hook, specials
@@ -259,6 +285,7 @@ class _Attached:
         # per thread and task: a context copied into several threads (asyncio.to_thread) or tasks (gathered inside
         # the block) must not share a forward's state
         self.local = _CallLocal()
+        self.by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its _Sequence
         self.closed = False  # the `attach` block ended: a context that carried it on no longer runs under it
 
     @property
@@ -268,53 +295,64 @@ class _Attached:
         return self.local.forward
 
     @property
-    def states(self) -> list[rule.GateState | None]:
-        if not hasattr(self.local, "states"):
-            self.local.states = [None] * len(self.guardrails)
-        return self.local.states
+    def sequence(self) -> _Sequence:
+        """The sequences the forward in progress (or the latest one) in this thread or task judges."""
+        if not hasattr(self.local, "sequence"):
+            self.local.sequence = _Sequence(len(self.guardrails))
+        return self.local.sequence
 
-    def select(self, rows: torch.Tensor) -> None:
-        """This thread's gate states, rows `rows` of them (repeats allowed), as the KV cache's rows were."""
-        states = self.states
-        for i, st in enumerate(states):
+    @property
+    def states(self) -> list[rule.GateState | None]:
+        return self.sequence.states
+
+    def _bind(self, cache, sequence: _Sequence) -> None:
+        with contextlib.suppress(TypeError):  # a cache that takes no weak reference is followed per thread only
+            self.by_cache[cache] = sequence
+
+    @staticmethod
+    def select(sequence: _Sequence, rows: torch.Tensor) -> None:
+        """The sequence's gate states, rows `rows` of them (repeats allowed), as the KV cache's rows were."""
+        for i, st in enumerate(sequence.states):
             if st is not None:
-                states[i] = type(st)(*(t[rows.to(t.device)] for t in st))
-        self.local.last = {}  # a crop cannot reach back past a reindexing
+                sequence.states[i] = type(st)(*(t[rows.to(t.device)] for t in st))
+        sequence.last = {}  # a crop cannot reach back past a reindexing
 
     def fork(self, rows: torch.Tensor) -> None:
-        """This thread's gate states, rows `rows` repeated (see Attachment.fork); the next forward continues the
-        prompt (its tokens are the rest of each row's prompt, not generated ones)."""
-        self.select(rows)
-        self.local.prompt_next = True
+        """The latest forward's gate states, rows `rows` repeated (see Attachment.fork); the next forward continues
+        the prompt (its tokens are the rest of each row's prompt, not generated ones)."""
+        self.select(self.sequence, rows)
+        self.sequence.prompt_next = True
 
     def set_prefilling(self, on: bool) -> None:
-        self.local.prefilling = on
+        others = tuple(a for a in _PREFILLING.get() if a is not self)
+        _PREFILLING.set((*others, self) if on else others)
 
-    def on_cache(self, op: str, arg) -> None:
-        """The KV cache changed under generation (see _ModelHooks.follow): the gate state follows it."""
-        states = [st for st in self.states if st is not None]
+    def on_cache(self, cache, op: str, arg) -> None:
+        """The KV cache changed under generation (see _ModelHooks.follow): its gate state follows it."""
+        sequence = self.by_cache.get(cache) or self.sequence
+        states = [st for st in sequence.states if st is not None]
         if not states:
             return
         B = states[0].gated.shape[0]
         if op == "crop":
-            self.crop(int(arg))
+            self.crop(sequence, int(arg))
             return
         if op == "batch_repeat_interleave":
             rows = torch.arange(B).repeat_interleave(int(arg))
         else:  # reorder_cache (beam search), batch_select_indices
             rows = torch.as_tensor(arg).reshape(-1).long()
-        self.select(rows)
+        self.select(sequence, rows)
         self.session._reindex(rows)
 
-    def crop(self, removed: int) -> None:
+    def crop(self, sequence: _Sequence, removed: int) -> None:
         """The cache dropped its last `removed` positions (rejected candidate tokens): each gate's state becomes
         the one after the kept tokens of the latest forward, recomputed from the state before it."""
         if removed <= 0:
             return
-        last = getattr(self.local, "last", {})
+        last, states = sequence.last, sequence.states
         record = self.session._decisions(write=True)
         for i, g in enumerate(self.guardrails):
-            if self.states[i] is None:
+            if states[i] is None:
                 continue
             if i not in last or last[i][1].shape[1] < removed:
                 raise DSGError(
@@ -324,21 +362,41 @@ class _Attached:
             prev, a, real, e, n_prompt = last[i]
             keep = a.shape[1] - removed
             if keep == 0:
-                self.states[i] = prev
+                states[i] = prev
             else:
-                _, self.states[i] = g.gate(a[:, :keep], real[:, :keep], min(n_prompt, keep), prev,
-                                           None if e is None else e[:, :keep])  # fmt: skip
+                _, states[i] = g.gate(a[:, :keep], real[:, :keep], min(n_prompt, keep), prev,
+                                      None if e is None else e[:, :keep])  # fmt: skip
             last[i] = (prev, a[:, :keep], real[:, :keep], None if e is None else e[:, :keep], min(n_prompt, keep))
-            if self.states[i] is not None:
-                record.gated_by[i] = self.states[i].gated
+            if states[i] is not None:
+                record.gated_by[i] = states[i].gated
 
     def begin(self, inputs: dict) -> None:
-        """A forward starts in this thread: read its inputs, and whether it continues a prompt (a forked one, or
-        one fed in chunks inside `prefilling`)."""
-        self.forward.on_inputs(inputs)
-        local = self.local
-        self.forward.prompt_piece = getattr(local, "prompt_next", False) or getattr(local, "prefilling", False)
-        self.local.prompt_next = False
+        """A forward starts in this thread or task: read its inputs, find the sequences it judges (a continuation
+        continues its cache's; a prompt starts new ones), and whether it continues a prompt (a forked one, or one
+        fed in chunks inside `prefilling`)."""
+        forward = self.forward
+        forward.on_inputs(inputs)
+        cache = _cache_of(inputs)
+        if forward.continuation:
+            known = self.by_cache.get(cache) if cache is not None else None
+            if known is not None:
+                self.local.sequence = known
+        else:
+            self.local.sequence = _Sequence(len(self.guardrails))
+        sequence = self.sequence
+        if cache is not None:
+            self._bind(cache, sequence)
+        forward.prompt_piece = sequence.prompt_next or any(a is self for a in _PREFILLING.get())
+        sequence.prompt_next = False
+
+    def end(self, output) -> None:
+        """A forward this attachment began has returned: a cache the model made for it continues its sequences."""
+        for name in ("past_key_values", "cache"):
+            cache = getattr(output, name, None)
+            if cache is not None and not isinstance(cache, (tuple, list)):
+                self._bind(cache, self.sequence)
+                break
+        self.forward.clear()
 
     def apply(self, name: str, x_BTD: torch.Tensor) -> torch.Tensor | None:
         """The guardrails at hook `name` all judge x and add up their deltas: the edited activations, or None when
@@ -374,9 +432,7 @@ class _Attached:
                         "attach()."
                     )
                 clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e)
-                if not hasattr(self.local, "last"):
-                    self.local.last = {}
-                self.local.last[i] = (prev, a, real, e, n_prompt)  # for a crop of this forward's tokens
+                self.sequence.last[i] = (prev, a, real, e, n_prompt)  # for a crop of this forward's tokens
                 record = session._decisions(write=True)
                 record.gated_by[i] = self.states[i].gated
                 if not forward.continuation:
@@ -414,6 +470,9 @@ _GENERATING: ContextVar[int | None] = ContextVar("dsg_generating", default=None)
 """The prompt length of the `model.generate` call in progress in this thread or task (0: not known), None outside
 one (see _ModelHooks)."""
 
+_GENERATING_UNDER: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_generating_under", default=())
+"""The attachments active when the `model.generate` call in progress in this thread or task began."""
+
 _CACHE_OPS = ("reorder_cache", "batch_repeat_interleave", "batch_select_indices", "crop")
 
 
@@ -437,30 +496,37 @@ class _ModelHooks:
                              base.register_forward_hook(self.on_outputs, always_call=True)]  # fmt: skip
         self.generate = None
         if callable(getattr(model, "generate", None)) and "generate" not in vars(model):
-            self.generate = self._wrap_generate(model.generate, self.mine)
+            self.generate = self._wrap_generate(model.generate)
             model.generate = self.generate
 
     def mine(self) -> list[_Attached]:
         return _active_on(self.model)
 
     def on_inputs(self, module, args, kwargs) -> None:
+        if any(att.closed for att in _GENERATING_UNDER.get() if att.model is self.model):
+            raise DSGError(
+                "The attach() block this model.generate call began under has ended, and generation went on: the "
+                "tokens from here would not be guarded. Wait for the generation (join its thread) inside the block."
+            )
         attached = self.mine()
         if attached:
             inputs = dict(kwargs)
             if args:
                 inputs.setdefault("input_ids", args[0])
             for att in attached:
-                if att.forward.owner is None:  # the base model inside the model's own forward reads nothing new
+                # the base model inside the model's own forward reads nothing new; the model's own forward always
+                # starts afresh (one cut short by KeyboardInterrupt, which skips the output hook, left its inputs)
+                if att.forward.owner is None or module is self.model:
                     att.begin(inputs)
                     att.forward.owner = module
             past = _cache_of(inputs)
             if past is not None:
                 self.follow(past)
 
-    def on_outputs(self, module, _args, _output) -> None:
+    def on_outputs(self, module, _args, output) -> None:
         for att in self.mine():
             if att.forward.owner is module:
-                att.forward.clear()
+                att.end(output)
 
     def follow(self, cache) -> None:
         """Make the gate state follow what `model.generate` does to `cache`: beam search reorders its rows,
@@ -480,7 +546,7 @@ class _ModelHooks:
                         # crop's argument changed meaning across versions: what it removed is measured instead
                         change = before - cache.get_seq_length() if _op == "crop" else arg
                         for att in self.mine():
-                            att.on_cache(_op, change)
+                            att.on_cache(cache, _op, change)
                     return out
 
                 with contextlib.suppress(AttributeError):  # a cache that takes no attributes is not followed
@@ -488,31 +554,27 @@ class _ModelHooks:
         with contextlib.suppress(AttributeError):
             cache._dsg_followed = True
 
-    @staticmethod
-    def _wrap_generate(generate, mine: Callable[[], list[_Attached]]):
+    def _wrap_generate(self, generate):
         """`model.generate` telling the hooks the prompt's length: a forward without a cache (use_cache=False) holds
-        the prompt and the tokens generated so far, and only the prompt's positions are judged as prompt. A call
-        whose attachment ended before it finished (a worker carrying the caller's context, whose block was left
-        without joining it) raises: its later tokens were not guarded."""
+        the prompt and the tokens generated so far, and only the prompt's positions are judged as prompt. The call
+        keeps the hooks installed until it returns, and a forward it makes after an attachment it began under has
+        ended (a worker carrying the caller's context, whose block was left without waiting for it) raises
+        instead of running unguarded."""
 
         def guarded_generate(*args, **kwargs):
             inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             if inputs is None:
                 inputs = kwargs.get("inputs_embeds")
             length = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else 0
-            under = mine()
-            token = _GENERATING.set(length)
+            with _HOOKS_LOCK:
+                self.users += 1
+            tokens = (_GENERATING.set(length), _GENERATING_UNDER.set(tuple(self.mine())))
             try:
-                out = generate(*args, **kwargs)
+                return generate(*args, **kwargs)
             finally:
-                _GENERATING.reset(token)
-            if any(att.closed for att in under):
-                raise DSGError(
-                    "The attach() block this model.generate call ran under ended before it finished, so the tokens "
-                    "generated after that were not guarded; wait for the generation (join its thread) inside the "
-                    "block."
-                )
-            return out
+                _GENERATING_UNDER.reset(tokens[1])
+                _GENERATING.reset(tokens[0])
+                _release(self)
 
         guarded_generate.__wrapped__ = generate
         guarded_generate.__doc__ = generate.__doc__
@@ -559,11 +621,17 @@ def _hooks_on(model: torch.nn.Module, points: list[HookPoint]):
     try:
         yield
     finally:
-        with _HOOKS_LOCK:
-            hooks.users -= 1
-            if hooks.users == 0:
-                hooks.remove()
-                del _HOOKS[id(model)]
+        _release(hooks)
+
+
+def _release(hooks: _ModelHooks) -> None:
+    """One user of the hooks (an attachment, a `generate` call in progress) is done; the last removes them."""
+    with _HOOKS_LOCK:
+        hooks.users -= 1
+        if hooks.users == 0:
+            hooks.remove()
+            if _HOOKS.get(id(hooks.model)) is hooks:
+                del _HOOKS[id(hooks.model)]
 
 
 def _identity(g: Guardrail) -> tuple:
