@@ -923,3 +923,78 @@ def test_a_streamer_read_inside_the_block_and_joined_after_is_guarded_without_er
         thread.join(60)
         assert "error" not in result, result
         assert torch.equal(result["out"], guarded)
+
+
+def test_tasks_created_inside_a_prefilling_block_decode_as_alone_after_it_ends():
+    """A context copied inside `with session.prefilling():` (a task created there) used to stay prefilling after
+    the block ended, so its decoding steps were judged as more of the prompt."""
+    import asyncio
+
+    model, seqs, guard = _split_guard("llama", 3, 2, True)
+    with torch.no_grad():
+        with guard.attach(model):
+            alone = [list(_decode(model, p, 10))[-1] for p in seqs]
+
+        async def main():
+            with guard.attach(model) as session:
+
+                async def request(prompt):
+                    await asyncio.sleep(0.01)  # runs after the prefilling block below has ended
+                    return list(_decode(model, prompt, 10))[-1]
+
+                with session.prefilling():
+                    tasks = [asyncio.create_task(request(p)) for p in seqs]
+                return await asyncio.gather(*tasks)
+
+        assert asyncio.run(main()) == alone
+
+
+def test_deep_copies_of_a_prompt_cache_each_continue_the_prompts_gate_state():
+    """HF's prompt reuse: a prefix cache prefilled once, `copy.deepcopy` of it for each continuation. Each copy
+    continues the prefix's gate state (it used to continue whatever the thread ran last), and its followed cache
+    methods act on the copy (they used to act on the original)."""
+    import copy
+
+    from transformers import DynamicCache
+
+    model, seqs, guard = _split_guard("llama", 3, 2, True, lengths=(12, 15, 10, 14, 13, 11))
+    prefix, suffixes = seqs[0], [s[:6] for s in seqs[1:]]
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def prefilled():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+        return cache
+
+    with torch.no_grad(), guard.attach(model) as session:
+        fresh, fresh_gates = [], []
+        for s in suffixes:  # a new prefill of the prefix each time: the reference
+            out = model.generate(input_ids=torch.tensor([prefix + s]), past_key_values=prefilled(), **kw)
+            fresh.append(out[0, len(prefix) + len(s) :].tolist())
+            fresh_gates.append(bool(session.gated[0]))
+        shared = prefilled()
+        reused, reused_gates = [], []
+        for s in suffixes:
+            out = model.generate(input_ids=torch.tensor([prefix + s]), past_key_values=copy.deepcopy(shared), **kw)
+            reused.append(out[0, len(prefix) + len(s) :].tolist())
+            reused_gates.append(bool(session.gated[0]))
+        copied = copy.deepcopy(shared)
+        copied.crop(-4)
+        assert shared.get_seq_length() == len(prefix) and copied.get_seq_length() == len(prefix) - 4
+    assert len(set(fresh_gates)) == 2  # some continuations gated, some not: a shared state could show
+    assert reused == fresh and reused_gates == fresh_gates
+
+
+def test_a_continuation_of_a_cache_that_takes_no_weak_reference_is_followed_per_thread():
+    """A legacy tuple cache (transformers 4.x) cannot key the cache's gate state: its continuation continues the
+    thread's latest forward, as before, instead of raising TypeError."""
+    from dsg.runtime.hf import _Attached
+
+    model, seqs, guard = _split_guard("llama", 3, None, False)
+    ids = torch.tensor([seqs[0]])
+    att = _Attached(model, [guard], {guard.hook: [0]}, [])
+    legacy = ((torch.zeros(1, 2, len(seqs[0]), 8), torch.zeros(1, 2, len(seqs[0]), 8)),)
+    att.begin({"input_ids": ids})
+    prefill = att.sequence
+    att.begin({"input_ids": ids[:, -1:], "past_key_values": legacy})
+    assert att.forward.continuation and att.sequence is prefill

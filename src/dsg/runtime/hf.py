@@ -103,7 +103,7 @@ class Attachment:
 
     guardrails: list[Guardrail]
     prompt_length: int | None = None  # set by reference_generate: positions beyond it are treated as generated
-    _prefill: Callable[[bool], None] | None = None  # set by the attachment: marks this thread's forwards as prompt
+    _prefill: Callable[[], Callable[[], None]] | None = None  # set by the attachment: starts a prefilling block
     _held: torch.Tensor | None = None  # [B, G] decisions held fixed (see hold)
     _held_from: torch.Tensor | None = None  # [B, G] positions from which held rows are clamped (see hold)
     _held_mask: torch.Tensor | None = None  # [B, G, T] positions clamped exactly as given (see hold)
@@ -197,13 +197,12 @@ class Attachment:
         if any(g.gated and not g.prefix_causal for g in self.guardrails):
             raise DSGError("A prompt fed in chunks needs a prefix-causal gate: the whole-input gate (no --gate-window) "
                            "decides on the whole prompt, which no chunk holds; feed the prompt whole.")  # fmt: skip
-        if self._prefill is not None:
-            self._prefill(True)
+        end = self._prefill() if self._prefill is not None else None
         try:
             yield self
         finally:
-            if self._prefill is not None:
-                self._prefill(False)
+            if end is not None:
+                end()
 
     def _reindex(self, rows: torch.Tensor) -> None:
         """This thread's decisions, rows `rows` of the latest forward's (`first_clamped`, `clamped` and
@@ -225,6 +224,7 @@ class _Forward:
 
     def clear(self) -> None:
         self.seen, self.continuation, self.ids, self.mask, self.shape = False, False, None, None, None
+        self.source = None  # the forward's input_ids (or inputs_embeds) tensor, which a nested base call is given
         self.prompt_piece = False  # a continuation that holds the rest of a prompt (Attachment.fork, prefilling)
         self.owner = None  # the module whose forward this is: the model, or its base model called on its own
 
@@ -236,6 +236,7 @@ class _Forward:
         self.clear()
         self.seen, self.continuation = True, past_len > 0
         self.ids, self.mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        self.source = _source(inputs)
         if self.ids is None and inputs.get("inputs_embeds") is not None:
             self.shape = tuple(inputs["inputs_embeds"].shape[:2])
 
@@ -263,10 +264,23 @@ class _Sequence:
         self.last: dict = {}
         self.prompt_next = False
 
+    def copy(self) -> _Sequence:
+        """Its own state from here on (the gate's states are replaced, never edited in place)."""
+        new = _Sequence(len(self.states))
+        new.states, new.last, new.prompt_next = list(self.states), dict(self.last), self.prompt_next
+        return new
 
-_PREFILLING: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_prefilling", default=())
-"""The attachments whose `session.prefilling()` block is open in this context (tasks and copied contexts inherit
-it)."""
+
+class _PrefillingBlock:
+    """One `session.prefilling()` block of one attachment; `open` until the block ends (a context copied inside
+    it keeps the block in its context variable, and must see it ended)."""
+
+    def __init__(self, attached: _Attached):
+        self.attached, self.open = attached, True
+
+
+_PREFILLING: ContextVar[tuple[_PrefillingBlock, ...]] = ContextVar("dsg_prefilling", default=())
+"""The `session.prefilling()` blocks entered in this context (tasks and copied contexts inherit them)."""
 
 
 class _Attached:
@@ -281,7 +295,7 @@ class _Attached:
     def __init__(self, model, guardrails, by_hook: dict[str, list[int]], specials: list[int]):
         self.model, self.guardrails, self.by_hook, self.specials = model, guardrails, by_hook, specials
         self.session = Attachment(list(guardrails))
-        self.session._fork, self.session._prefill = self.fork, self.set_prefilling
+        self.session._fork, self.session._prefill = self.fork, self.start_prefilling
         # per thread and task: a context copied into several threads (asyncio.to_thread) or tasks (gathered inside
         # the block) must not share a forward's state
         self.local = _CallLocal()
@@ -308,6 +322,27 @@ class _Attached:
     def _bind(self, cache, sequence: _Sequence) -> None:
         with contextlib.suppress(TypeError):  # a cache that takes no weak reference is followed per thread only
             self.by_cache[cache] = sequence
+        with contextlib.suppress(AttributeError, TypeError):  # a deep copy of the cache carries the reference
+            cache._dsg_origin = weakref.ref(cache)
+
+    def _sequence_of(self, cache) -> _Sequence | None:
+        """The sequence a continuation of `cache` continues: its own, or for a deep copy of a cache (HF's prompt
+        reuse: `copy.deepcopy(prompt_cache)` per question) a copy of the original's; None when unknown."""
+        try:
+            known = self.by_cache.get(cache)
+        except TypeError:  # no weak reference to it (a legacy tuple cache): unknown
+            return None
+        if known is not None:
+            return known
+        origin = getattr(cache, "_dsg_origin", None)
+        original = origin() if isinstance(origin, weakref.ref) else None
+        if original is None or original is cache:
+            return None
+        try:
+            known = self.by_cache.get(original)
+        except TypeError:
+            return None
+        return known.copy() if known is not None else None
 
     @staticmethod
     def select(sequence: _Sequence, rows: torch.Tensor) -> None:
@@ -323,13 +358,24 @@ class _Attached:
         self.select(self.sequence, rows)
         self.sequence.prompt_next = True
 
-    def set_prefilling(self, on: bool) -> None:
-        others = tuple(a for a in _PREFILLING.get() if a is not self)
-        _PREFILLING.set((*others, self) if on else others)
+    def start_prefilling(self) -> Callable[[], None]:
+        """Mark this context's forwards as more of the prompt; the returned function ends it. A context copied
+        inside the block (a task, a worker) sees the mark only while the block lasts."""
+        block = _PrefillingBlock(self)
+        _PREFILLING.set((*_PREFILLING.get(), block))
+
+        def end() -> None:
+            block.open = False
+            _PREFILLING.set(tuple(b for b in _PREFILLING.get() if b is not block))
+
+        return end
+
+    def prefilling_now(self) -> bool:
+        return any(b.attached is self and b.open for b in _PREFILLING.get())
 
     def on_cache(self, cache, op: str, arg) -> None:
         """The KV cache changed under generation (see _ModelHooks.follow): its gate state follows it."""
-        sequence = self.by_cache.get(cache) or self.sequence
+        sequence = self._sequence_of(cache) or self.sequence
         states = [st for st in sequence.states if st is not None]
         if not states:
             return
@@ -378,7 +424,7 @@ class _Attached:
         forward.on_inputs(inputs)
         cache = _cache_of(inputs)
         if forward.continuation:
-            known = self.by_cache.get(cache) if cache is not None else None
+            known = self._sequence_of(cache) if cache is not None else None
             if known is not None:
                 self.local.sequence = known
         else:
@@ -386,7 +432,7 @@ class _Attached:
         sequence = self.sequence
         if cache is not None:
             self._bind(cache, sequence)
-        forward.prompt_piece = sequence.prompt_next or any(a is self for a in _PREFILLING.get())
+        forward.prompt_piece = sequence.prompt_next or self.prefilling_now()
         sequence.prompt_next = False
 
     def end(self, output) -> None:
@@ -461,6 +507,12 @@ def _active_on(model: torch.nn.Module) -> list[_Attached]:
     return [att for att in _ACTIVE.get() if att.model is model and not att.closed]
 
 
+def _source(inputs: dict):
+    """A forward's input tensor: its input_ids, or its inputs_embeds."""
+    ids = inputs.get("input_ids")
+    return ids if ids is not None else inputs.get("inputs_embeds")
+
+
 def _cache_of(inputs: dict):
     """A forward's KV cache argument, or None (transformers 5.24 renamed it from past_key_values to cache)."""
     return next((inputs[k] for k in ("cache", "past_key_values") if inputs.get(k) is not None), None)
@@ -514,9 +566,12 @@ class _ModelHooks:
             if args:
                 inputs.setdefault("input_ids", args[0])
             for att in attached:
-                # the base model inside the model's own forward reads nothing new; the model's own forward always
-                # starts afresh (one cut short by KeyboardInterrupt, which skips the output hook, left its inputs)
-                if att.forward.owner is None or module is self.model:
+                # the base model inside the model's own forward (given the same input tensor) reads nothing new;
+                # any other forward starts afresh, also after one cut short by KeyboardInterrupt (which skips the
+                # output hooks, so its inputs were never cleared)
+                forward = att.forward
+                nested = module is not self.model and forward.owner is not None and forward.source is _source(inputs)
+                if not nested:
                     att.begin(inputs)
                     att.forward.owner = module
             past = _cache_of(inputs)
@@ -536,21 +591,23 @@ class _ModelHooks:
         if getattr(cache, "_dsg_followed", False):
             return
         for op in _CACHE_OPS:
-            method = getattr(cache, op, None)
+            method = getattr(type(cache), op, None)
             if callable(method) and (op != "crop" or hasattr(cache, "get_seq_length")):
 
-                def followed(arg, *rest, _method=method, _op=op, **kw):
-                    before = cache.get_seq_length() if _op == "crop" else 0
-                    out = _method(arg, *rest, **kw)
+                def followed(this, arg, *rest, _method=method, _op=op, **kw):
+                    before = this.get_seq_length() if _op == "crop" else 0
+                    out = _method(this, arg, *rest, **kw)
                     if _GENERATING.get() is not None:
                         # crop's argument changed meaning across versions: what it removed is measured instead
-                        change = before - cache.get_seq_length() if _op == "crop" else arg
+                        change = before - this.get_seq_length() if _op == "crop" else arg
                         for att in self.mine():
-                            att.on_cache(cache, _op, change)
+                            att.on_cache(this, _op, change)
                     return out
 
+                # bound to the cache object: a deep copy of the cache (a bound method copies to one bound to the
+                # copy) follows its own rows, not the original's
                 with contextlib.suppress(AttributeError):  # a cache that takes no attributes is not followed
-                    setattr(cache, op, followed)
+                    setattr(cache, op, types.MethodType(followed, cache))
         with contextlib.suppress(AttributeError):
             cache._dsg_followed = True
 
