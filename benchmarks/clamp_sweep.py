@@ -23,6 +23,7 @@ import dataclasses
 import json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +40,7 @@ from dsg.tables import pct, table
 VARIANTS = "150:500:active,150:100:active,150:20:active,150:100:all,150:20:all,50:100:all,50:50:all,20:100:all"
 
 _apply_delta = rule.apply_delta
+PERPLEXITY = dict(max_length=256, batch_size=8, progress=False)  # held-out windows, as the demo's
 
 
 @contextmanager
@@ -57,6 +59,53 @@ def edit_capped(cap: float | None):
         rule.apply_delta = _apply_delta
 
 
+class Validation(NamedTuple):
+    """What every variant of a clamp-side sweep is scored on (validation questions, held-out texts, forget
+    prompts), with the base model's scores there; steer_sweep.py scores its variants the same way."""
+
+    questions: dict[str, list[dict]]
+    base_correct: dict[str, list[bool]]
+    texts: list[str]
+    base_perplexity: float
+    prompts: list[str]
+    base_fluency: dict
+
+    @classmethod
+    def of(cls, model, tok, forget, retain, general) -> Validation:
+        qs = {d.name: domain_questions(d, "validation", 100 if d is forget else 60) for d in [forget] + retain}
+        base = {n: [x.correct_norm for x in score_mcq(model, tok, q, progress=False)] for n, q in qs.items()}
+        texts = perplexity_texts([general] + retain, 40)
+        prompts = fluency_prompts(forget, "validation", 12)
+        return cls(qs, base, texts, perplexity_stats(model, tok, texts, **PERPLEXITY).perplexity, prompts,
+                   dict(fluency(model, tok, prompts, None)))  # fmt: skip
+
+    def headers(self) -> list[str]:
+        return [h for t in self.questions for h in (f"{t} base-correct %", f"{t} gated %")]
+
+    def score(self, model, tok, guard) -> tuple[dict, list[str]]:
+        """One variant's results ({task: accuracy and gate rate}, perplexity change and gate, fluency) and its
+        per-task table cells."""
+        out, cells = {}, []
+        for task, q in self.questions.items():
+            res = score_mcq(model, tok, q, intervention=guard, progress=False, verify=False)
+            s = summarize_results(res, self.base_correct[task])
+            out[task] = {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate}
+            cells += [pct(s.accuracy_base_correct), pct(s.gate_rate)]
+        p = perplexity_stats(model, tok, self.texts, intervention=guard, verify=False, **PERPLEXITY)
+        flu = fluency(model, tok, self.prompts, guard)
+        out |= {"perplexity_change": p.perplexity / self.base_perplexity - 1, "perplexity_gate": p.gate_rate,
+                "fluency": dict(flu)}  # fmt: skip
+        return out, cells
+
+    def finish(self, results: dict, out: str) -> None:
+        """Print the base model's fluency and write `results` as JSON to `out`."""
+        flu = self.base_fluency
+        print(f"base: repeated 3-grams {pct(flu['repeated_3gram'])}%, answer ppl {flu['base_perplexity']:.1f}")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
@@ -69,40 +118,23 @@ def main() -> None:
         variants.append((int(n), float(c), mode, float(cap[0]) if cap else None))
     torch.manual_seed(0)
     model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
-    qs = {d.name: domain_questions(d, "validation", 100 if d is forget else 60) for d in [forget] + retain}
-    base = {n: [x.correct_norm for x in score_mcq(model, tok, q, progress=False)] for n, q in qs.items()}
-    texts = perplexity_texts([general] + retain, 40)
-    kw = dict(max_length=256, batch_size=8, progress=False)
-    base_ppl = perplexity_stats(model, tok, texts, **kw).perplexity
-    prompts = fluency_prompts(forget, "validation", 12)
-    base_flu = fluency(model, tok, prompts, None)
+    val = Validation.of(model, tok, forget, retain, general)
     guards = {n: fit(model, tok, sae, f, r, c, dataclasses.replace(DEMO_FIT, n_features=n), stats=stats)
               for n in sorted({n for n, _, _, _ in variants})}  # fmt: skip
-    header = ["N, c, mode, cap", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
-              "ppl gated %", "rep. 3-grams %", "answer ppl"]  # fmt: skip
-    rows, results = [], {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}}
+    header = ["N, c, mode, cap", *val.headers(), "ppl change", "ppl gated %", "rep. 3-grams %", "answer ppl"]
+    rows, results = [], {"base": {"perplexity": val.base_perplexity, "fluency": val.base_fluency}}
     for n, clamp, mode, cap in variants:
         g = guards[n]
         g.clamp, g.clamp_mode = clamp, mode  # same gate and latents, another clamp
-        out, cells = {}, [f"{n}, {clamp:g}, {mode}, {'-' if cap is None else f'{cap:g}'}"]
         with edit_capped(cap):
-            for task, q in qs.items():
-                res = score_mcq(model, tok, q, intervention=g, progress=False, verify=False)
-                s = summarize_results(res, base[task])
-                out[task] = {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate}
-                cells += [pct(s.accuracy_base_correct), pct(s.gate_rate)]
-            p = perplexity_stats(model, tok, texts, intervention=g, verify=False, **kw)
-            flu = fluency(model, tok, prompts, g)
-        out |= {"perplexity_change": p.perplexity / base_ppl - 1, "perplexity_gate": p.gate_rate, "fluency": dict(flu)}
-        cells += [f"{100 * out['perplexity_change']:+.1f}%", pct(p.gate_rate), pct(flu["repeated_3gram"]),
-                  f"{flu['base_perplexity']:.1f}"]  # fmt: skip
-        rows.append(cells)
+            out, cells = val.score(model, tok, g)
+        flu = out["fluency"]
+        rows.append([f"{n}, {clamp:g}, {mode}, {'-' if cap is None else f'{cap:g}'}", *cells,
+                     f"{100 * out['perplexity_change']:+.1f}%", pct(out["perplexity_gate"]),
+                     pct(flu["repeated_3gram"]), f"{flu['base_perplexity']:.1f}"])  # fmt: skip
         results[f"n{n}-{mode}-c{clamp:g}" + ("" if cap is None else f"-cap{cap:g}")] = out
         print(table(header, rows), flush=True)
-    print(f"base: repeated 3-grams {pct(base_flu['repeated_3gram'])}%, answer ppl {base_flu['base_perplexity']:.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    val.finish(results, args.out)
 
 
 if __name__ == "__main__":

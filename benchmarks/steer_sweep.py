@@ -22,17 +22,12 @@ Prints the table and writes benchmarks/results/steer_sweep.json.
 from __future__ import annotations
 
 import argparse
-import json
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fluency_prompts, perplexity_texts
-from dsg.eval.fluency import fluency
-from dsg.eval.mcq import score_mcq
-from dsg.eval.metrics import summarize_results
-from dsg.eval.perplexity import perplexity_stats
+from clamp_sweep import Validation
+from dsg.bench.setting import DEMO_FIT, BenchSetting
 from dsg.guard.fit import fit
 from dsg.guard.guardrail import Guardrail
 from dsg.lm.hooks import forward_to_hook, resolve
@@ -119,40 +114,23 @@ def main() -> None:
     guard = fit(model, tok, sae, f, r, c, DEMO_FIT, stats=stats)
     vector = steering_vector(model, tok, resolve(model, guard.hook), forget)
     unit = vector / vector.norm()
-    qs = {d.name: domain_questions(d, "validation", 100 if d is forget else 60) for d in [forget] + retain}
-    base = {n: [x.correct_norm for x in score_mcq(model, tok, q, progress=False)] for n, q in qs.items()}
-    texts = perplexity_texts([general] + retain, 40)
-    kw = dict(max_length=256, batch_size=8, progress=False)
-    base_ppl = perplexity_stats(model, tok, texts, **kw).perplexity
-    prompts = fluency_prompts(forget, "validation", 12)
-    base_flu = fluency(model, tok, prompts, None)
-    header = ["beta, where, what", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
-              "rep. 3-grams %", "distinct-2", "answer ppl"]  # fmt: skip
+    val = Validation.of(model, tok, forget, retain, general)
+    header = ["beta, where, what", *val.headers(), "ppl change", "rep. 3-grams %", "distinct-2", "answer ppl"]
     rows = []
-    results = {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}, "vector_norm": float(vector.norm()),
-               "residual_norm": guard.info.get("residual_norm")}  # fmt: skip
+    results = {"base": {"perplexity": val.base_perplexity, "fluency": val.base_fluency},
+               "vector_norm": float(vector.norm()), "residual_norm": guard.info.get("residual_norm")}  # fmt: skip
     for beta, where, what in variants:
-        out, cells = {}, [f"{beta:g}, {where}, {what}"]
         with steered(unit, beta, where, what):
-            for task, q in qs.items():
-                s = summarize_results(score_mcq(model, tok, q, intervention=guard, progress=False, verify=False),
-                                      base[task])  # fmt: skip
-                out[task] = {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate}
-                cells += [pct(s.accuracy_base_correct), pct(s.gate_rate)]
-            p = perplexity_stats(model, tok, texts, intervention=guard, verify=False, **kw)
-            flu = fluency(model, tok, prompts, guard)
-        out |= {"perplexity_change": p.perplexity / base_ppl - 1, "perplexity_gate": p.gate_rate, "fluency": dict(flu)}
-        cells += [f"{100 * out['perplexity_change']:+.1f}%", pct(flu["repeated_3gram"]), f"{flu['distinct_2']:.2f}",
-                  f"{flu['base_perplexity']:.1f}"]  # fmt: skip
-        rows.append(cells)
+            out, cells = val.score(model, tok, guard)
+        flu = out["fluency"]
+        rows.append([f"{beta:g}, {where}, {what}", *cells, f"{100 * out['perplexity_change']:+.1f}%",
+                     pct(flu["repeated_3gram"]), f"{flu['distinct_2']:.2f}",
+                     f"{flu['base_perplexity']:.1f}"])  # fmt: skip
         results[f"beta{beta:g}-{where}-{what}"] = out
         print(table(header, rows), flush=True)
-        for prompt, answer in list(zip(prompts, flu["answers"]))[:4]:
+        for prompt, answer in list(zip(val.prompts, flu["answers"]))[:4]:
             print(f"  {prompt[:50]!r} -> {answer[:90]!r}", flush=True)
-    print(f"base: repeated 3-grams {pct(base_flu['repeated_3gram'])}%, answer ppl {base_flu['base_perplexity']:.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    val.finish(results, args.out)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import contextlib
 import threading
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -338,10 +338,7 @@ class _Attached:
         original = origin() if isinstance(origin, weakref.ref) else None
         if original is None or original is cache:
             return None
-        try:
-            known = self.by_cache.get(original)
-        except TypeError:
-            return None
+        known = self.by_cache.get(original)  # weakly referenced already: the lookup cannot raise
         return known.copy() if known is not None else None
 
     @staticmethod
@@ -437,11 +434,9 @@ class _Attached:
 
     def end(self, output) -> None:
         """A forward this attachment began has returned: a cache the model made for it continues its sequences."""
-        for name in ("past_key_values", "cache"):
-            cache = getattr(output, name, None)
-            if cache is not None and not isinstance(cache, (tuple, list)):
-                self._bind(cache, self.sequence)
-                break
+        cache = _cache_of(output) if isinstance(output, Mapping) else None  # a ModelOutput is a mapping
+        if cache is not None:
+            self._bind(cache, self.sequence)  # a tuple cache takes no weak reference and is not bound
         self.forward.clear()
 
     def apply(self, name: str, x_BTD: torch.Tensor) -> torch.Tensor | None:
