@@ -378,3 +378,55 @@ def test_detector_context_needs_the_detector_and_a_bounded_length():
         dsg.FitConfig(detector_context=64)
     with pytest.raises(dsg.DSGError, match="detector_context"):
         _config(detector_context=-1)
+
+
+def test_a_prompt_level_is_fitted_saved_checked_and_applied(detected, tmp_path):
+    """gate_prompt_percentile: the level is a percentile of the calibration statistic (100: the latch level), it is
+    written as format 4 (a dsg from before it refuses the file instead of clamping prompts near every window over
+    the threshold), edited values are refused, and through the HF runtime a prompt is clamped only near windows
+    over it while the answer's decision is the plain gate's."""
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    model, tok, sae, _ = detected
+    kw = dict(gate_hold=3, gate_latch_percentile=100.0, gate_percentile=50)
+    calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS  # spread-out statistics
+    plain = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw), progress=False)
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw, gate_prompt_percentile=100.0),
+                    progress=False)  # fmt: skip
+    assert plain.prompt_level is None and guard.prompt_level == guard.latch > guard.threshold == plain.threshold
+    assert "clamped only near windows over" in guard.gate_rule()
+    guard.save(tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
+    assert meta["format_version"] == 4 and meta["prompt_level"] == guard.prompt_level
+    assert dsg.Guardrail.load(tmp_path / "g", sae=sae).prompt_level == guard.prompt_level
+    plain.save(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "guardrail.json").read_text())["format_version"] == 2
+    tensors = read_safetensors(tmp_path / "g" / "guardrail.safetensors")
+    for value in (guard.threshold, guard.threshold - 1, "1", float("nan"), True):  # re-hashed: the field check
+        edited = meta | {"prompt_level": value}
+        edited[HASH_FIELD] = content_sha256(edited, tensors)
+        (tmp_path / "g" / "guardrail.json").write_text(json.dumps(edited))
+        with pytest.raises(dsg.DSGError, match="prompt_level"):
+            dsg.Guardrail.load(tmp_path / "g", sae=sae)
+    with pytest.raises(dsg.DSGError, match="hold"):
+        dsg.Guardrail(sae, None, guard.features, 0.5, window=4, prompt_level=0.8)
+    # applied: every clamped prompt token of the prompt-level guardrail is one the plain gate clamps, and the
+    # decisions (what the answers get) are the same
+    texts = [FORGET_TEXTS[0] + " " + RETAIN_TEXTS[1], RETAIN_TEXTS[0] + " " + FORGET_TEXTS[2], RETAIN_TEXTS[2]]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    masks, gated = [], []
+    for g in (plain, guard):
+        with g.applied(model) as session:
+            model(**enc)
+            masks.append(session.clamp_mask()[:, 0])
+            gated.append(session.gated)
+    assert torch.equal(gated[0], gated[1]) and gated[0].any()
+    assert not (masks[1] & ~masks[0]).any() and masks[0].any() and not torch.equal(masks[0], masks[1])
+
+
+def test_a_prompt_level_needs_a_held_gate_above_the_threshold():
+    with pytest.raises(dsg.DSGError, match="gate_prompt_percentile"):
+        dsg.FitConfig(gate_window=4, gate_prompt_percentile=100.0)
+    with pytest.raises(dsg.DSGError, match="gate_prompt_percentile"):
+        dsg.FitConfig(gate_window=4, gate_hold=2, gate_percentile=97, gate_prompt_percentile=90)

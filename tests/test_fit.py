@@ -257,7 +257,7 @@ def test_gate_levels_refuse_a_latch_that_cannot_be_told_from_the_threshold_or_ex
     from dsg.guard.fit import _gate_levels
 
     config = dsg.FitConfig(gate_window=4, gate_hold=2, gate_percentile=50, gate_latch_percentile=100)
-    assert _gate_levels(torch.tensor([0.1, 0.2, 0.3, 0.6]), config, False) == pytest.approx((0.25, 0.6))
+    assert _gate_levels(torch.tensor([0.1, 0.2, 0.3, 0.6]), config, False) == pytest.approx((0.25, 0.6, None))
     with pytest.raises(dsg.DSGError, match="does not lie above the gate threshold"):
         _gate_levels(torch.full((5,), 0.4), config, False)
     with pytest.raises(dsg.DSGError, match="would never latch"):

@@ -55,14 +55,15 @@ def test_apply_delta_touches_only_the_clamped_positions():
     assert torch.equal(out[mask], x[mask]) and out is not x
 
 
-def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None):
+def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None, prompt_level=None):
     """The windowed gate written as a loop over tokens: the definition the vectorised rule must equal. Latched;
     or, with `hold`, open within `hold` real tokens of a window over the threshold at positions before
     `n_prompt` (the prompt) and latched from there on (the answer), which with `latch` also opens once any window
-    so far went over the latch."""
+    so far went over the latch. With `prompt_level`, prompt positions are clamped only within `hold` real tokens of
+    a window over it; what the answer gets does not change."""
     clamp, gated, peaks = torch.zeros_like(a), [], []
     for b in range(a.shape[0]):
-        recent, on, peak, since, strong = [], False, 0.0, None, False
+        recent, on, peak, since, strong, since_p = [], False, 0.0, None, False, None
         for t in range(a.shape[1]):
             opens = False
             if real[b, t]:
@@ -71,11 +72,15 @@ def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None
                 peak, opens = max(peak, share), share > threshold
                 since = 0 if opens else None if since is None else since + 1
                 strong = strong or (latch is not None and share > latch)
+                if prompt_level is not None:
+                    since_p = 0 if share > prompt_level else None if since_p is None else since_p + 1
             if hold is not None and t < n_prompt:
                 on = since is not None and since < hold
+                near = on if prompt_level is None else since_p is not None and since_p < hold
             else:
                 on = on or opens or (hold is not None and strong)
-            clamp[b, t] = bool(a[b, t]) and on
+                near = on
+            clamp[b, t] = bool(a[b, t]) and near
         gated.append(on or (hold is not None and strong))
         peaks.append(peak)
     return clamp, torch.tensor(gated), torch.tensor(peaks)
@@ -116,9 +121,10 @@ def test_a_held_decision_can_start_where_the_prompt_began_to_clamp():
     assert rule.held(a, gated, start).tolist() == [[False, True, False, True], [False] * 4]
 
 
+@pytest.mark.parametrize("prompt_level", [None, 0.8])
 @pytest.mark.parametrize("latch", [None, 0.7])
 @pytest.mark.parametrize("seed", range(3))
-def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed, latch):
+def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed, latch, prompt_level):
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(6, 40, generator=g) < 0.35
     real = torch.rand(6, 40, generator=g) < 0.9
@@ -126,19 +132,24 @@ def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(
     a[:2, 8:30] = False
     a = a & real
     n_prompt = 30
-    want, _, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch)
+    want, _, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch, prompt_level=prompt_level)
     assert want[:, :n_prompt].any() and not torch.equal(want, _windowed_reference(a, real, 0.5, 4)[0])
     if latch is not None:  # the latch guards answers the hold alone would leave open
         assert not torch.equal(want, _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt)[0])
+    if prompt_level is not None:  # the prompt level spares prompt tokens the threshold alone would clamp
+        plain = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch)[0]
+        assert (plain[:, :n_prompt] & ~want[:, :n_prompt]).any() and not (want & ~plain).any()
+        assert torch.equal(want[:, n_prompt:], plain[:, n_prompt:])
     for chunk in (40, 7, 1):
         for prompt_only in (False, True):  # the whole sequence, or its prompt alone (what the answer would get)
             T = n_prompt if prompt_only else 40
             state, parts = None, []
             for t in range(0, T, chunk):
                 c, state = rule.window_gate(a[:, t : min(t + chunk, T)], real[:, t : min(t + chunk, T)], state, 0.5,
-                                            4, None, 3, max(0, min(n_prompt - t, chunk)), latch)  # fmt: skip
+                                            4, None, 3, max(0, min(n_prompt - t, chunk)), latch,
+                                            prompt_level)  # fmt: skip
                 parts.append(c)
-            ref, ref_gated, _ = _windowed_reference(a[:, :T], real[:, :T], 0.5, 4, 3, n_prompt, latch)
+            ref, ref_gated, _ = _windowed_reference(a[:, :T], real[:, :T], 0.5, 4, 3, n_prompt, latch, prompt_level)
             assert torch.equal(torch.cat(parts, 1), ref), (chunk, prompt_only)
             assert torch.equal(state.gated, ref_gated), (chunk, prompt_only)
 
@@ -168,3 +179,22 @@ def test_a_held_open_gate_closes_after_a_benign_burst_and_guards_an_answer_begun
     answer[0, ::3] = True
     clamp, state = rule.window_gate(answer, torch.ones_like(answer), state, 0.5, 5, None, 8, 0)
     assert torch.equal(clamp, answer) and state.gated.all()  # latched through the answer
+
+
+def test_a_prompt_level_spares_a_benign_stretch_and_still_guards_the_answer():
+    """Prompt tokens are clamped only near windows over the prompt level; the threshold still decides the answer:
+    a stretch over the threshold alone is read as it is, and a prompt ending on one gets a guarded answer."""
+    weak = [False, True] * 3  # windows of 4 at 0.5 to 0.75: over the threshold (0.4), not the level (0.8)
+    strong = [True] * 6  # windows at 1.0: over both
+    a = torch.tensor([[False] * 10 + weak + [False] * 20 + weak, [False] * 10 + strong + [False] * 20 + strong])
+    real = torch.ones_like(a)
+    plain, plain_state = rule.window_gate(a, real, None, 0.4, 4, None, 8, a.shape[1])
+    clamp, state = rule.window_gate(a, real, None, 0.4, 4, None, 8, a.shape[1], None, 0.8)
+    assert plain[0].any() and not clamp[0].any()  # row 0: only over the threshold, its prompt is untouched
+    # row 1: clamped from the token whose window goes over the level (the burst's 4th) instead of the threshold
+    assert clamp[1, 13:16].all() and not clamp[1, :13].any() and plain[1, 11:13].all()
+    assert not (clamp[1] & ~plain[1]).any()
+    assert state.gated.tolist() == plain_state.gated.tolist() == [True, True]  # both answers are guarded
+    answer = torch.tensor([[True, False, True]] * 2)
+    guarded, _ = rule.window_gate(answer, torch.ones_like(answer), state, 0.4, 4, None, 8, 0, None, 0.8)
+    assert torch.equal(guarded, answer)

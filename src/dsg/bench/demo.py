@@ -196,6 +196,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
             "window": guard.window,
             "hold": guard.hold,
             "latch": guard.latch,
+            "prompt_level": guard.prompt_level,
             "detector_latents": len(guard.detector) if guard.detector is not None else None,
             "clamp": guard.clamp,
             "clamp_mode": guard.clamp_mode,

@@ -108,6 +108,7 @@ DEMO_FIT = FitConfig(
     gate_window=8,
     gate_hold=32,
     gate_latch_percentile=100.0,
+    gate_prompt_percentile=100.0,
     detector=True,
     gate_percentile=97,
     clamp=100.0,

@@ -71,6 +71,12 @@ class FitConfig:
     the largest), above the threshold; a prompt in which any window goes over it gets a guarded answer however
     much benign text follows (a forget question with padding after it), while the prompt itself stays held open
     near its stretches only. Default: only the gate at the prompt's last token guards the answer."""
+    gate_prompt_percentile: float | None = None
+    """Held gate only (needs gate_hold): a prompt's tokens are clamped only within GATE_HOLD real tokens of a window
+    over this percentile of the same calibration statistic, above the threshold (100: the largest, the latch level
+    at gate_latch_percentile 100); the threshold still decides whether the answer is guarded. A benign document
+    whose evidence goes over the threshold but not this level is read as it is, and a forget question whose
+    evidence does gets a guarded answer. Default: prompts are clamped near windows over the threshold."""
     detector: bool = False
     """Detector gate (needs gate_window): instead of counting tokens where any selected latent fires, the window
     sums a sparse linear score over all SAE latents, fitted by L1 logistic regression on windows of forget text
@@ -131,6 +137,10 @@ class FitConfig:
         if latch is not None and (self.gate_hold is None or not self.gate_percentile < latch <= 100):
             raise DSGError(f"gate_latch_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "
                            f"({self.gate_percentile:g}) and at most 100, got {latch}.")  # fmt: skip
+        level = self.gate_prompt_percentile
+        if level is not None and (self.gate_hold is None or not self.gate_percentile < level <= 100):
+            raise DSGError(f"gate_prompt_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "
+                           f"({self.gate_percentile:g}) and at most 100, got {level}.")  # fmt: skip
         if self.detector_context and (not self.detector or not 0 <= self.detector_context <= MAX_WINDOW):
             raise DSGError(f"detector_context is a number of tokens up to {MAX_WINDOW} and needs the detector gate "
                            f"(--detector), got {self.detector_context}.")  # fmt: skip
@@ -299,7 +309,7 @@ def fit(
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
-    threshold, latch = _gate_levels(rho, config, detector is not None)
+    threshold, latch, prompt_level = _gate_levels(rho, config, detector is not None)
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
     tensors["calibration_rho"] = rho
@@ -313,13 +323,15 @@ def fit(
         **({"detector_fit": detector_info} if detector_info else {}),
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                     hold=config.gate_hold, latch=latch, detector=detector, detector_floor=floor, name=name,
+                     hold=config.gate_hold, latch=latch, prompt_level=prompt_level, detector=detector,
+                     detector_floor=floor, name=name,
                      info=info, tensors=tensors)  # fmt: skip
 
 
-def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool) -> tuple[float, float | None]:
-    """The gate's threshold and latch level: percentiles of the calibration statistic `rho` (one value per
-    calibration sequence), or a DSGError where a level could never be exceeded or does not lie above the other."""
+def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
+    """The gate's threshold, latch level and prompt level: percentiles of the calibration statistic `rho` (one value
+    per calibration sequence), or a DSGError where a level could never be exceeded or does not lie above the
+    threshold."""
     values = rho.double().numpy()
     threshold = float(np.percentile(values, config.gate_percentile))
     if config.gated and not has_detector and threshold >= 1.0:
@@ -329,23 +341,28 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool) -> tu
             "an input is gated only when rho exceeds it. Calibrate on text unlike the forget corpus (the retain "
             "corpus must not be the forget corpus), use more forget and retain text, or lower gate_percentile."
         )
-    latch = None
-    if config.gated and config.gate_latch_percentile is not None:
-        latch = float(np.percentile(values, config.gate_latch_percentile))
-        if latch <= threshold:
-            raise DSGError(
-                f"The latch level (the {config.gate_latch_percentile:g}th percentile of the calibration statistic, "
-                f"{latch:.4g}) does not lie above the gate threshold ({threshold:.4g}): the calibration texts are too "
-                "few or too alike to tell the two apart. Raise gate_latch_percentile, lower gate_percentile, or "
-                "calibrate on more text."
-            )
-        if not has_detector and latch >= 1.0:
-            raise DSGError(
-                f"The latch level (the {config.gate_latch_percentile:g}th percentile of the calibration statistic) is "
-                "1.0: no window's share of flagged tokens can exceed it, so the answer would never latch. Lower "
-                "gate_latch_percentile, or calibrate on text unlike the forget corpus."
-            )
-    return threshold, latch
+    levels = []
+    for what, name, percentile, never in (
+        ("latch level", "gate_latch_percentile", config.gate_latch_percentile, "the answer would never latch"),
+        ("prompt level", "gate_prompt_percentile", config.gate_prompt_percentile, "no prompt token would be clamped"),
+    ):
+        level = None
+        if config.gated and percentile is not None:
+            level = float(np.percentile(values, percentile))
+            if level <= threshold:
+                raise DSGError(
+                    f"The {what} (the {percentile:g}th percentile of the calibration statistic, {level:.4g}) does not "
+                    f"lie above the gate threshold ({threshold:.4g}): the calibration texts are too few or too alike "
+                    f"to tell the two apart. Raise {name}, lower gate_percentile, or calibrate on more text."
+                )
+            if not has_detector and level >= 1.0:
+                raise DSGError(
+                    f"The {what} (the {percentile:g}th percentile of the calibration statistic) is 1.0: no window's "
+                    f"share of flagged tokens can exceed it, so {never}. Lower {name}, or calibrate on text unlike "
+                    "the forget corpus."
+                )
+        levels.append(level)
+    return threshold, *levels
 
 
 def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, held: bool) -> dict:

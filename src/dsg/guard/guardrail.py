@@ -32,13 +32,16 @@ from .detector import MAX_WEIGHT, SCALE, Detector
 from .integrity import HASH_FIELD, check_meta, check_rule, check_tensors, content_sha256
 
 FORMAT = "dsg-guardrail"
-FORMAT_VERSION = 3  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor
+FORMAT_VERSION = 4  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
+# 4: a prompt level (a guardrail is written with the lowest version that holds its rule, see to_json)
+FLOORED_FORMAT_VERSION = 3
 SIGNED_FORMAT_VERSION = 2  # what a guardrail without a detector floor is written as, readable by dsg before floors
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
 _OWN_FIELDS = ("format", "format_version", "dsg_version", "name", "detector")  # written by to_json, never by info
-RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated", "window", "hold", "latch")
+RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")
+RULE_FIELDS += ("window", "hold", "latch", "prompt_level")  # the windowed gate's
 
 
 class Flags(NamedTuple):
@@ -152,6 +155,7 @@ class Guardrail:
         detector_floor: int | None = None,
         hold: int | None = None,
         latch: float | None = None,
+        prompt_level: float | None = None,
         name: str | None = None,
         info: dict | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
@@ -161,7 +165,7 @@ class Guardrail:
             raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
         features = [int(j) for j in features]
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
-                   detector is not None, hold, latch, detector_floor)  # fmt: skip
+                   detector is not None, hold, latch, detector_floor, prompt_level)  # fmt: skip
         info = dict(info or {})
         record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
         self._setup(
@@ -181,11 +185,12 @@ class Guardrail:
             _detector_of(sae, detector, window, detector_floor),
             hold,
             latch,
+            prompt_level,
         )
 
     def _setup(
         self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors,
-        window=None, detector=None, hold=None, latch=None,
+        window=None, detector=None, hold=None, latch=None, prompt_level=None,
     ) -> None:  # fmt: skip
         self.latents = latents
         self.sae_record = sae_record
@@ -200,6 +205,8 @@ class Guardrail:
         self.detector = detector  # None: the window counts flagged tokens; a Detector: it sums weighted evidence
         self.hold = hold  # None: the windowed gate latches; h: inside a prompt it stays open h real tokens
         self.latch = None if latch is None else float(latch)  # held gate: a window over it guards the answer
+        # held gate: a prompt's tokens are clamped only near windows over it (None: over the threshold)
+        self.prompt_level = None if prompt_level is None else float(prompt_level)
         self.name = name
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
@@ -217,7 +224,7 @@ class Guardrail:
         floor = self.detector.floor if self.detector is not None else None
         check_rule(self.hook, self.features, self.threshold, self.clamp, self.clamp_mode, self.gated,
                    int(self.sae_record["d_sae"]), "The guardrail", self.window, self.detector is not None, self.hold,
-                   self.latch, floor)  # fmt: skip
+                   self.latch, floor, self.prompt_level)  # fmt: skip
 
     @property
     def sae_sha256(self) -> str:
@@ -230,7 +237,8 @@ class Guardrail:
     def gate_rule(self) -> str:
         """The gate in words, e.g. for reports."""
         if not self.gated:
-            unused = [n for n in ("window", "hold", "latch", "detector") if getattr(self, n) is not None]
+            names = ("window", "hold", "latch", "prompt_level", "detector")
+            unused = [n for n in names if getattr(self, n) is not None]
             # a static fit records the gate settings it was given; say that they do nothing rather than hide them
             return "static (every input)" + (f"; its {', '.join(unused)} settings are unused" if unused else "")
         if self.detector is not None:
@@ -246,17 +254,20 @@ class Guardrail:
     def _opens_how(self) -> str:
         if self.hold is None:
             return "latched"
+        unit = SCALE if self.detector is not None else 1
         how = f"open for {self.hold} tokens in a prompt, latched in the answer"
+        if self.prompt_level is not None:
+            how += f" (a prompt's tokens are clamped only near windows over {self.prompt_level / unit:.4g})"
         if self.latch is None:
             return how
-        level = self.latch / SCALE if self.detector is not None else self.latch
-        return how + f"; a window over {level:.4g} anywhere in the prompt guards the answer"
+        return how + f"; a window over {self.latch / unit:.4g} anywhere in the prompt guards the answer"
 
     def __repr__(self) -> str:
         gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
         gate += f", window={self.window}" if self.window is not None else ""
         gate += f", hold={self.hold}" if self.hold is not None else ""
         gate += f", latch={self.latch:.4g}" if self.latch is not None else ""
+        gate += f", prompt_level={self.prompt_level:.4g}" if self.prompt_level is not None else ""
         gate += f", detector={len(self.detector)} latents" if self.detector is not None else ""
         return (
             f"Guardrail(hook={self.hook!r}, features={self.features}, {gate}, clamp={self.clamp:g}, "
@@ -289,7 +300,7 @@ class Guardrail:
         from generated ones, latched)."""
         if self.gated and self.window is not None:
             return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window, evidence_BT, self.hold,
-                                    n_prompt, self.latch)  # fmt: skip
+                                    n_prompt, self.latch, self.prompt_level)  # fmt: skip
         return rule.gate(a_BT, real_BT, n_prompt, state, self.threshold if self.gated else None)
 
     def delta(self, f_BTS: torch.Tensor, clamp_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,7 +349,7 @@ class Guardrail:
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION if self._floored else SIGNED_FORMAT_VERSION,
+            "format_version": self._format_version,
             "dsg_version": __version__,
             "name": self.name,
             "hook": self.hook,
@@ -350,16 +361,21 @@ class Guardrail:
             **({"window": self.window} if self.window is not None else {}),
             **({"hold": self.hold} if self.hold is not None else {}),
             **({"latch": self.latch} if self.latch is not None else {}),
+            **({"prompt_level": self.prompt_level} if self.prompt_level is not None else {}),
             **({"detector": self._detector_record()} if self.detector is not None else {}),
             **{k: v for k, v in self.info.items() if k not in ("sae", *RULE_FIELDS, *_OWN_FIELDS)},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
         }
 
     @property
-    def _floored(self) -> bool:
-        """Whether the rule has a detector floor: the file is then written as format 3, which a dsg from before
-        floors refuses instead of reading it as signed evidence."""
-        return self.detector is not None and self.detector.floor is not None
+    def _format_version(self) -> int:
+        """The lowest format version that holds this rule, so that a dsg too old to apply it refuses the file
+        instead of reading it as another rule: 4 with a prompt level, 3 with a detector floor, else 2."""
+        if self.prompt_level is not None:
+            return FORMAT_VERSION
+        if self.detector is not None and self.detector.floor is not None:
+            return FLOORED_FORMAT_VERSION
+        return SIGNED_FORMAT_VERSION
 
     def _detector_record(self) -> dict:
         floor = self.detector.floor
@@ -465,6 +481,7 @@ class Guardrail:
             detector,
             meta.get("hold"),
             meta.get("latch"),
+            meta.get("prompt_level"),
         )
         guard.content_sha256 = meta[HASH_FIELD]  # verified above
         return guard

@@ -59,7 +59,7 @@ def _is_number(x) -> bool:
 
 def check_rule(
     hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str, window=None, detector: bool = False,
-    hold=None, latch=None, floor=None,
+    hold=None, latch=None, floor=None, prompt_level=None,
 ) -> None:  # fmt: skip
     """The rule's parameters: the same checks for a guardrail built in code and one read from a file."""
     if window is not None and (not _is_int(window) or not 1 <= window <= MAX_WINDOW):
@@ -86,6 +86,17 @@ def check_rule(
     if latch is not None and not detector and latch >= 1:
         raise DSGError(f"{where}: 'latch' ({latch!r}) is a share of flagged tokens that a window must exceed, so it "
                        "must lie below 1.")  # fmt: skip
+    if prompt_level is not None and not _is_number(prompt_level):
+        raise DSGError(f"{where}: 'prompt_level' must be a finite number (a window score) or absent, got "
+                       f"{prompt_level!r}.")  # fmt: skip
+    if prompt_level is not None and hold is None:
+        raise DSGError(f"{where}: 'prompt_level' says near which windows a gate held open clamps a prompt, so 'hold' "
+                       "must be set.")  # fmt: skip
+    if prompt_level is not None and _is_number(threshold) and prompt_level <= threshold:
+        raise DSGError(f"{where}: 'prompt_level' ({prompt_level!r}) must lie above 'threshold' ({threshold!r}).")
+    if prompt_level is not None and not detector and prompt_level >= 1:
+        raise DSGError(f"{where}: 'prompt_level' ({prompt_level!r}) is a share of flagged tokens that a window must "
+                       "exceed, so it must lie below 1.")  # fmt: skip
     if not isinstance(hook, str) or not hook:
         raise DSGError(f"{where}: 'hook' must be a non-empty string, got {hook!r}.")
     if not isinstance(features, (list, tuple)) or not features or not all(_is_int(j) for j in features):
@@ -137,7 +148,7 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
         raise DSGError(f"{where}: 'detector' must be {{'latents': a positive count, 'scale': {DETECTOR_SCALE}}} and "
                        f"optionally 'floor', got {detector!r}.")  # fmt: skip
     floor = detector.get("floor") if detector is not None else None
-    check_rule(*rule, detector is not None, meta.get("hold"), meta.get("latch"), floor)
+    check_rule(*rule, detector is not None, meta.get("hold"), meta.get("latch"), floor, meta.get("prompt_level"))
     name = meta.get("name")
     if name is not None and not isinstance(name, str):
         raise DSGError(f"{where}: 'name' must be a string, got {name!r}.")

@@ -130,12 +130,14 @@ class WindowState(NamedTuple):
     gated: torch.Tensor  # [B] bool, the gate after the last token (latched, or held open: see window_gate)
     peak: torch.Tensor  # [B] float, the largest window share seen so far
     quiet: torch.Tensor  # [B] long, real tokens since the last window over the threshold (NEVER: none yet)
+    quiet_prompt: torch.Tensor  # [B] long, the same for window_gate's `prompt_level` (NEVER: none yet, or unused)
 
     @classmethod
     def start(cls, batch: int, window: int, device=None) -> WindowState:
         long = torch.zeros(batch, window, dtype=torch.long, device=device)
+        never = torch.full((batch,), NEVER, device=device)
         return cls(long, long[:, 0].clone(), torch.zeros(batch, dtype=torch.bool, device=device),
-                   torch.zeros(batch, device=device), torch.full((batch,), NEVER, device=device))  # fmt: skip
+                   torch.zeros(batch, device=device), never, never.clone())  # fmt: skip
 
 
 def window_gate(
@@ -148,6 +150,7 @@ def window_gate(
     hold: int | None = None,
     n_prompt: int | None = None,
     latch: float | None = None,
+    prompt_level: float | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """The prefix-causal gate: at each real token, the share of flagged tokens among the last `window` real tokens
     (a sequence's start counts as unflagged, so a few flagged tokens in a short input do not make a full window);
@@ -170,7 +173,12 @@ def window_gate(
     guarded answer, wherever that window was: a forget question followed by more than h benign tokens ("ask
     first, pad after") is still answered under the clamp. Prompt positions stay as `hold` makes them, so a benign
     document is clamped only near its misjudged stretches; the state's `peak` carries the evidence across
-    chunks."""
+    chunks.
+
+    With `prompt_level` (a level above `threshold`; hold only, usually the latch level) a prompt's tokens are
+    clamped only within h real tokens of a window over `prompt_level`, while the threshold still decides the
+    answer as above. A benign document whose evidence goes over the threshold but not over `prompt_level` is
+    read as it is; a forget question whose evidence goes over the threshold only gets a guarded answer."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
@@ -186,14 +194,21 @@ def window_gate(
     share = (cum_flags - outside).float() / w
     share = torch.where(valid, share, torch.zeros_like(share))[:, w:]  # [B, T]
     opens = real_BT.bool() & (share > threshold)
-    quiet, strong = state.quiet, None
+    quiet, quiet_prompt, strong = state.quiet, state.quiet_prompt, None
     if hold is None:
         on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
+        where = on
     else:
+        n_p = T if n_prompt is None else min(n_prompt, T)
         if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
             strong = (state.peak > latch)[:, None] | ((real_BT.bool() & (share > latch)).long().cummax(1).values > 0)
-        on, quiet = _held_open(opens, real_BT, state, hold, T if n_prompt is None else min(n_prompt, T), strong)
-    clamp_BT = a_BT & on
+        on, quiet = _held_open(opens, real_BT, state.gated, state.quiet, hold, n_p, strong)
+        where = on
+        if prompt_level is not None and T:  # prompt tokens: only near windows over `prompt_level`
+            near, quiet_prompt = _held_open(real_BT.bool() & (share > prompt_level), real_BT, state.gated,
+                                            state.quiet_prompt, hold, T)  # fmt: skip
+            where = torch.cat([near[:, :n_p], on[:, n_p:]], 1)
+    clamp_BT = a_BT & where
     # the new window: the last w real flags, right-aligned
     total = cum_real[:, -1:]
     rank = total - cum_real  # 0 for the last real token
@@ -205,22 +220,23 @@ def window_gate(
     gated = on[:, -1] if T else state.gated
     if strong is not None:
         gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here
-    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet)
+    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet, quiet_prompt)
 
 
-def _held_open(opens_BT, real_BT, state: WindowState, hold: int, n_prompt: int, strong_BT=None):
+def _held_open(opens_BT, real_BT, gated_B, quiet_B, hold: int, n_prompt: int, strong_BT=None):
     """(on [B, T], new quiet [B]) for window_gate's `hold`: prompt positions are open within `hold` real tokens of
-    the last opening (the state's `quiet` carries one from earlier chunks); generated positions latch, from the
-    gate at the prompt's last token or (`strong_BT`, window_gate's `latch`) any window so far over the latch."""
+    the last opening (`quiet_B` carries one from earlier chunks); generated positions latch, from the gate at the
+    prompt's last token (`gated_B` before this chunk) or (`strong_BT`, window_gate's `latch`) any window so far
+    over the latch."""
     B, T = opens_BT.shape
     if not T:
-        return state.gated[:, None], state.quiet
+        return gated_B[:, None], quiet_B
     seen = real_BT.long().cumsum(1)  # real tokens so far in this chunk
-    last = torch.where(opens_BT, seen, -state.quiet[:, None]).cummax(1).values  # `seen` at the latest opening
+    last = torch.where(opens_BT, seen, -quiet_B[:, None]).cummax(1).values  # `seen` at the latest opening
     since = seen - last
     on = since < hold
     if n_prompt < T:
-        before = on[:, n_prompt - 1] if n_prompt else state.gated
+        before = on[:, n_prompt - 1] if n_prompt else gated_B
         if n_prompt and strong_BT is not None:
             before = before | strong_BT[:, n_prompt - 1]
         on[:, n_prompt:] = before[:, None] | (opens_BT[:, n_prompt:].long().cummax(1).values > 0)

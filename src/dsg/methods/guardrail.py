@@ -64,7 +64,7 @@ class GuardrailMethod(UnlearningMethod):
             "full for each; seconds also count the detector's window features in full) + gate calibration",
         }
         record = {k: getattr(guard, k) for k in ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")}
-        record |= {"window": guard.window, "hold": guard.hold, "latch": guard.latch}
+        record |= {"window": guard.window, "hold": guard.hold, "latch": guard.latch, "prompt_level": guard.prompt_level}
         if guard.detector is not None:
             record["detector"] = [[j, w] for j, w in guard.detector.named_weights()]
             record["detector_floor"] = guard.detector.floor

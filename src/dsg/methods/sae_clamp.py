@@ -69,6 +69,7 @@ def clamp_fit_config(config: ClampConfig, base: FitConfig | None = None) -> FitC
         gate_window=None,
         gate_hold=None,
         gate_latch_percentile=None,
+        gate_prompt_percentile=None,
         detector=False,
         detector_context=0,
         clamp_mode=VARIANTS[config.variant],
