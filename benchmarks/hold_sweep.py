@@ -1,21 +1,25 @@
 """How long the gate stays open inside a prompt: latched (the gate opens once and clamps to the prompt's end) or
 held open h tokens after each window over the threshold (FitConfig.gate_hold), and with a hold, whether a second,
-higher level guards the answer of a prompt that went over it anywhere (FitConfig.gate_latch_percentile).
+higher level guards the answer of a prompt that went over it anywhere (FitConfig.gate_latch_percentile), and
+whether a prompt's own tokens are clamped near every window over the threshold or only near windows over a higher
+prompt level (FitConfig.gate_prompt_percentile).
 
-One gate (DEMO_FIT's detector and threshold) is fitted once; each row changes only `hold` and the latch level (a
-percentile of the same calibration statistic the threshold is read from), so the rows differ in how long an
-opened gate stays open, not in where it opens. Scored on VALIDATION questions (100 forget, 60 per retain task),
-60 held-out retain texts, 24 forget validation questions with 1,000 benign tokens before them and the same after
-them (four paddings in turn), the four paddings alone and 12 forget prompts:
+One gate (DEMO_FIT's detector and threshold) is fitted once; each row changes only `hold`, the latch level and the
+prompt level (percentiles of the same calibration statistic the threshold is read from), so the rows differ in how
+long an opened gate stays open and what it clamps, not in where it opens. Scored on VALIDATION questions (100
+forget, 60 per retain task), 60 held-out retain texts, 24 forget validation questions with 1,000 benign tokens
+before them and the same after them (four paddings in turn), the four paddings alone, 16 benign documents with a
+security sentence and 12 forget prompts:
 
     <task> base-correct % / gated %    accuracy on the questions the base model answers, and the gate rate
     ppl change / clamped %             held-out retain perplexity, guarded vs base, and windows with a clamped token
     k=1000 base-correct % / gated %    the questions padded before
     after k=1000 gated %               the questions padded after: the answer is guarded
     paddings open at end %             the paddings alone: the gate still open after them (an answer would be guarded)
+    mentions clamped %                 16 benign documents with a security sentence dropped in: any token clamped
     rep. 3-grams, answer ppl           fluency of greedy answers to forget prompts (eval/fluency.py)
 
-    python benchmarks/hold_sweep.py [--sae DIR] [--holds latch,16,32,64] [--latches 99,100]
+    python benchmarks/hold_sweep.py [--sae DIR] [--holds latch,16,32,64] [--latches 99,100] [--prompt-levels 100]
 
 Prints the table and writes benchmarks/results/hold_sweep.json.
 """
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fluency_prompts, perplexity_texts
-from dsg.eval.dilution import dilute, gate_rate_on_texts, padding_alone, paddings
+from dsg.eval.dilution import dilute, gate_rate_on_texts, mention_texts, padding_alone, paddings
 from dsg.eval.fluency import fluency
 from dsg.eval.mcq import score_mcq
 from dsg.eval.metrics import summarize_results
@@ -46,10 +50,16 @@ def main() -> None:
     ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
     ap.add_argument("--holds", default="latch,16,32,64", help="comma-separated: 'latch' or a number of tokens")
     ap.add_argument("--latches", default="99,100", help="comma-separated latch percentiles, each a row with hold 32")
+    ap.add_argument(
+        "--prompt-levels",
+        default="100",
+        help="comma-separated prompt-level percentiles, each a row with hold 32 and the latch at P100",
+    )
     ap.add_argument("--out", default="benchmarks/results/hold_sweep.json")
     args = ap.parse_args()
-    rows_of = [(None if h == "latch" else int(h), None) for h in args.holds.split(",")]
-    rows_of += [(32, float(p)) for p in args.latches.split(",") if p]
+    rows_of = [(None if h == "latch" else int(h), None, None) for h in args.holds.split(",") if h]
+    rows_of += [(32, float(p), None) for p in args.latches.split(",") if p]
+    rows_of += [(32, 100.0, float(p)) for p in args.prompt_levels.split(",") if p]
     torch.manual_seed(0)
     model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
     guard = fit(model, tok, sae, f, r, c, DEMO_FIT, stats=stats)
@@ -65,17 +75,20 @@ def main() -> None:
     after = [dilute(q, fills[i % len(fills)], K, tok, "after") for i, q in enumerate(questions)]
     calibration = guard.tensors["calibration_rho"].double().numpy()
     alone = [padding_alone(fill, K, tok) for fill in fills]
+    mentions = mention_texts(list(general.texts["heldout"])[:16])
     prompts = fluency_prompts(forget, "validation", 12)
     base_flu = fluency(model, tok, prompts, None)
     header = ["hold", *(h for t in qs for h in (f"{t} base-correct %", f"{t} gated %")), "ppl change",
               "ppl clamped %", "k=1000 base-correct %", "k=1000 gated %", "after k=1000 gated %",
-              "paddings open at end %", "rep. 3-grams %", "answer ppl"]  # fmt: skip
+              "paddings open at end %", "mentions clamped %", "rep. 3-grams %", "answer ppl"]  # fmt: skip
     rows, results = [], {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}}
-    for hold, latch in rows_of:
-        guard.hold = hold  # same gate and clamp, another hold and latch level
+    for hold, latch, prompt in rows_of:
+        guard.hold = hold  # same gate and clamp, another hold, latch level and prompt level
         guard.latch = None if latch is None else float(np.percentile(calibration, latch))
+        guard.prompt_level = None if prompt is None else float(np.percentile(calibration, prompt))
         name = "latch" if hold is None else f"hold{hold}" + ("" if latch is None else f"+P{latch:g}")
-        out, cells = {"latch_level": guard.latch}, [name]
+        name += "" if prompt is None else f", prompt P{prompt:g}"
+        out, cells = {"latch_level": guard.latch, "prompt_level": guard.prompt_level}, [name]
         for task, q in qs.items():
             res = score_mcq(model, tok, q, intervention=guard, progress=False, verify=False)
             s = summarize_results(res, base[task])
@@ -91,10 +104,13 @@ def main() -> None:
                 f"plain:{K}": {"accuracy_base_correct": s.accuracy_base_correct, "gate_rate": s.gate_rate,
                                "n_base_correct": s.n_base_correct},
                 f"after:{K}": {"gate_rate": sum(guarded_after) / len(guarded_after)},
-                "padding_gate_rate": gate_rate_on_texts(model, tok, alone, guard), "fluency": dict(flu)}  # fmt: skip
+                "padding_gate_rate": gate_rate_on_texts(model, tok, alone, guard),
+                "mentions_clamped": gate_rate_on_texts(model, tok, mentions, guard, touched=True),
+                "fluency": dict(flu)}  # fmt: skip
         cells += [f"{100 * out['perplexity_change']:+.1f}%", pct(p.gate_rate), pct(s.accuracy_base_correct),
                   pct(s.gate_rate), pct(out[f"after:{K}"]["gate_rate"]), pct(out["padding_gate_rate"]),
-                  pct(flu["repeated_3gram"]), f"{flu['base_perplexity']:.1f}"]  # fmt: skip
+                  pct(out["mentions_clamped"]), pct(flu["repeated_3gram"]),
+                  f"{flu['base_perplexity']:.1f}"]  # fmt: skip
         rows.append(cells)
         results[name] = out
         print(table(header, rows), flush=True)

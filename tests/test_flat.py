@@ -45,18 +45,24 @@ def setting(tiny_llama):
     detector.threshold = float(sorted(peaks)[len(peaks) // 2])
     held = dsg.Guardrail(sae, paper.hook, paper.features, detector.threshold, window=4, detector=weights, hold=3)
     closed = []  # prompt peaks of the prompts the held gate opened and closed again before their end
+    opened = []  # prompt peaks of the prompts that went over the threshold
     for i, s in enumerate(seqs):
         real = real_token_mask(torch.tensor([s[: prompts[i]]]), None, special_token_ids(model))
         _, a, e = held.flags(acts[i][None, : prompts[i]], real)
         state = held.gate(a, real, prompts[i], None, e)[1]
+        if float(state.peak[0]) > held.threshold:
+            opened.append(float(state.peak[0]))
         if float(state.peak[0]) > held.threshold and not state.gated[0]:
             closed.append(float(state.peak[0]))
     assert closed, "the setting needs a prompt whose held gate closes before its end"
     latch = (detector.threshold + max(closed)) / 2  # that prompt goes over it, others only over the threshold
     latched = dsg.Guardrail(sae, paper.hook, paper.features, detector.threshold, window=4, detector=weights, hold=3,
                             latch=latch)  # fmt: skip
+    # prompts are clamped only near their highest windows: above the latch, below the highest prompt's peak
+    prompted = dsg.Guardrail(sae, paper.hook, paper.features, detector.threshold, window=4, detector=weights, hold=3,
+                             latch=latch, prompt_level=(latch + max(opened)) / 2)  # fmt: skip
     guards = {"paper": paper, "window": window, "static": static, "detector": detector, "held": held,
-              "latch": latched}  # fmt: skip
+              "latch": latched, "prompt": prompted}  # fmt: skip
     return guards, seqs, acts, prompts, special_token_ids(model)
 
 
@@ -116,7 +122,7 @@ def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, pre
 @pytest.mark.parametrize(
     "kind,chunk",
     [("paper", None), ("window", None), ("window", 3), ("static", 2), ("detector", None), ("detector", 3),
-     ("held", None), ("held", 3), ("latch", None), ("latch", 2)],
+     ("held", None), ("held", 3), ("latch", None), ("latch", 2), ("prompt", None), ("prompt", 2)],
 )  # fmt: skip
 @pytest.mark.parametrize("seed", [0, 1])
 def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, chunk, seed):
@@ -137,6 +143,19 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
         held = guards["held"]
         assert any(reference(g, s, acts[r], prompts[r], specials).keys() != reference(held, s, acts[r], prompts[r],
                    specials).keys() for r, s in enumerate(seqs))  # fmt: skip
+    if kind == "prompt":  # clamped only near windows over the level: a subset of the latch's clamps, the same
+        # answers, and with a level above every prompt's peak, no prompt token at all
+        latched = guards["latch"]
+        high = dsg.Guardrail(latched.sae, g.hook, g.features, g.threshold, window=4, detector=dict(
+            zip(g.detector.latents.tolist(), g.detector.weights.tolist())), hold=3, latch=g.latch,
+            prompt_level=g.prompt_level * 4)  # fmt: skip
+        for r, s in enumerate(seqs):
+            theirs = set(reference(latched, s, acts[r], prompts[r], specials))
+            for level in (g, high):
+                mine = set(reference(level, s, acts[r], prompts[r], specials))
+                assert mine <= theirs and {p for p in mine if p >= prompts[r]} == {p for p in theirs if p >= prompts[r]}
+            assert not any(p < prompts[r] for p in reference(high, s, acts[r], prompts[r], specials))
+        assert any(p < prompts[r] for r, s in enumerate(seqs) for p in reference(g, s, acts[r], prompts[r], specials))
     if kind != "static":
         decided = {e["request_id"] for e in events if e["event"] == "prompt"}
         assert decided == {str(r) for r in range(len(seqs))}
@@ -147,7 +166,7 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
             assert last["prompt_clamped"] == sum(p < prompts[r] for p in want), f"request {r}"
     if kind == "held":  # a held gate clamps inside some prompt and is shut at its end: the event says both
         assert any(e["prompt_clamped"] > 0 and not e["gated"] for e in events if e["event"] == "prompt")
-    if kind in ("paper", "detector", "held", "latch"):
+    if kind in ("paper", "detector", "held", "latch", "prompt"):
         on = {e["request_id"] for e in events if e["gated"]}
         assert 0 < len(on) < len(seqs)  # some requests gated, some not: the gates are per request
 

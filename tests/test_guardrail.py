@@ -28,9 +28,9 @@ def rho_quantile(model, guard, seqs, q=0.5):
     return float(rho.quantile(q))
 
 
-def _split_guard(arch: str, window, hold, latch: bool, lengths=(6, 9, 4, 9, 7, 5)):
+def _split_guard(arch: str, window, hold, latch: bool | str, lengths=(6, 9, 4, 9, 7, 5)):
     """A tiny model, prompts of the given lengths and a guardrail whose gate splits them: its threshold between two
-    prompts' values, its latch (if any) between the top two."""
+    prompts' values, its latch (if any) between the top two; latch="prompt": the latch is also the prompt level."""
     model = tiny_model(arch, layers=3)
     sae = tiny_sae()
     seqs = [random_ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate(lengths)]
@@ -40,6 +40,8 @@ def _split_guard(arch: str, window, hold, latch: bool, lengths=(6, 9, 4, 9, 7, 5
     guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
     if latch:  # below the top prompt's value, above the threshold (with two distinct values: between them)
         guard.latch = max((values[-2] + values[-1]) / 2, (guard.threshold + values[-1]) / 2)
+    if latch == "prompt":
+        guard.prompt_level = guard.latch
     return model, seqs, guard
 
 
@@ -178,7 +180,8 @@ def test_running_gate_latches_during_generation():
 
 @pytest.mark.parametrize(
     "arch,window,hold,latch", [("llama", None, None, False), ("gpt2", None, None, False), ("llama", 3, None, False),
-                               ("gpt2", 3, None, False), ("llama", 3, 2, False), ("llama", 3, 2, True)]
+                               ("gpt2", 3, None, False), ("llama", 3, 2, False), ("llama", 3, 2, True),
+                               ("llama", 3, 2, "prompt")]
 )  # fmt: skip
 def test_cached_generation_equals_no_cache_reference(arch, window, hold, latch):
     model, seqs, guard = _split_guard(arch, window, hold, latch)
@@ -528,7 +531,8 @@ def test_a_submodule_forward_after_a_whole_model_forward_is_judged_on_its_own_in
     assert torch.equal(after, alone)
 
 
-GATES = [(None, None, False), (3, None, False), (3, 2, True)]  # whole-input; windowed, latched; held with a latch
+# whole-input; windowed, latched; held with a latch; and with the latch as the prompt level
+GATES = [(None, None, False), (3, None, False), (3, 2, True), (3, 2, "prompt")]
 
 
 @pytest.mark.parametrize("window,hold,latch", GATES)

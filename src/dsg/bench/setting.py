@@ -101,7 +101,11 @@ class Prepared(NamedTuple):
 # the gate open by itself (latched: three of four). A held gate alone leaves a question asked first and padded after
 # with 1,000 benign tokens unguarded (0 % of answers guarded); a window over the largest calibration value (P100,
 # the latch) anywhere in the prompt guards the answer: 87.5 % of those answers, no change in perplexity or retain
-# accuracy, and none of the paddings alone latches (P99 gave the same numbers; P100 is the stricter level).
+# accuracy, and none of the paddings alone latches (P99 gave the same numbers; P100 is the stricter level). A
+# prompt's own tokens are clamped only near windows over that level (gate_prompt_percentile): the answer is still
+# guarded wherever the threshold says, the same 29 % of cyber answers are kept on validation, and held-out
+# perplexity costs +4.0 % instead of +10.9 %, benign documents with a security sentence are clamped somewhere in
+# 6 % instead of 44 %, and guarded answers repeat less (33 % of 3-grams instead of 48 %).
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,

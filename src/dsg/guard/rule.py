@@ -18,7 +18,9 @@ latched decision):
 A decision held fixed from elsewhere (several continuations scored under one prompt's decision) uses `held`.
 The windowed gate (`window_gate`) judges the last w real tokens at each token instead, so the decision at a token
 depends only on the tokens up to it; it latches, or (`hold`) stays open a fixed number of tokens inside a prompt,
-and then (`latch`) a window over a second, higher level still guards the answer however much text follows it.
+and then (`latch`) a window over a second, higher level still guards the answer however much text follows it, and
+(`prompt_level`) a prompt's own tokens may be clamped only near windows over a higher level than the one that
+decides the answer.
 """
 
 from __future__ import annotations

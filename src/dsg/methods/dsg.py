@@ -1,7 +1,7 @@
 """DSG as a compared method, fitted with dsg.fit over a grid of selection, gate and clamp settings:
 
 dsg         the gate that ships (bench.setting.DEMO_FIT): the detector over windows of 8 tokens, held open 32
-            tokens in a prompt
+            tokens in a prompt near windows over the latch level
 dsg_paper   the paper's rule: clamp every input whose whole-input share of flagged tokens exceeds tau
 """
 
