@@ -104,7 +104,7 @@ class Prepared(NamedTuple):
 # accuracy, and none of the paddings alone latches (P99 gave the same numbers; P100 is the stricter level). A
 # prompt's own tokens are clamped only near windows over that level (gate_prompt_percentile): the answer is still
 # guarded wherever the threshold says, the same 29 % of cyber answers are kept on validation, and held-out
-# perplexity costs +4.0 % instead of +10.9 %, benign documents with a security sentence are clamped somewhere in
+# perplexity costs +2.7 % instead of +10.6 %, benign documents with a security sentence are clamped somewhere in
 # 6 % instead of 44 %, and guarded answers repeat less (33 % of 3-grams instead of 48 %).
 DEMO_FIT = FitConfig(
     n_features=50,
