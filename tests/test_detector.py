@@ -409,6 +409,11 @@ def test_a_prompt_level_is_fitted_saved_checked_and_applied(detected, tmp_path):
         (tmp_path / "g" / "guardrail.json").write_text(json.dumps(edited))
         with pytest.raises(dsg.DSGError, match="prompt_level"):
             dsg.Guardrail.load(tmp_path / "g", sae=sae)
+    edited = meta | {"format_version": 3}  # a prompt level in a file that says older dsg can apply it
+    edited[HASH_FIELD] = content_sha256(edited, tensors)
+    (tmp_path / "g" / "guardrail.json").write_text(json.dumps(edited))
+    with pytest.raises(dsg.DSGError, match="format_version"):
+        dsg.Guardrail.load(tmp_path / "g", sae=sae)
     with pytest.raises(dsg.DSGError, match="hold"):
         dsg.Guardrail(sae, None, guard.features, 0.5, window=4, prompt_level=0.8)
     # applied: every clamped prompt token of the prompt-level guardrail is one the plain gate clamps, and the

@@ -255,6 +255,7 @@ def test_dsg_sweeps_the_shipped_detector_gate_and_dsg_paper_the_papers_rule():
         "gate_window",
         "gate_hold",
         "gate_latch_percentile",
+        "gate_prompt_percentile",
         "detector",
         "detector_context",
         "detector_floor",
@@ -266,3 +267,21 @@ def test_dsg_sweeps_the_shipped_detector_gate_and_dsg_paper_the_papers_rule():
     assert [getattr(shipped, k) for k in rule] == [getattr(DEMO_FIT, k) for k in rule]  # dsg sweeps what ships first
     clamp = dsg.methods.sae_clamp.clamp_fit_config(ClampConfig(), DEMO_FIT)
     assert not clamp.gated and not clamp.detector and clamp.gate_window is None and not clamp.detector_context
+
+
+def test_a_guardrail_runs_store_key_covers_the_gate_it_fits_with(monkeypatch):
+    """The comparison's run key holds the whole fit config of a guardrail method: a change to the gate that ships
+    (here its prompt level) is a new run, not one stored before it."""
+    from types import SimpleNamespace
+
+    import dsg.methods.dsg as dsg_method
+    from dsg.bench.setting import DEMO_FIT
+    from dsg.bench.store import config_key
+
+    bench = SimpleNamespace(fit=DEMO_FIT)
+    method = METHODS["dsg"]()
+    cfg = method.grid(None, 1.0)[0]
+    before = config_key("dsg", method.settings(bench, cfg), {"model": "x"})
+    assert before == config_key("dsg", method.settings(bench, dict(cfg)), {"model": "x"})
+    monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | {"gate_prompt_percentile": None})
+    assert config_key("dsg", method.settings(bench, cfg), {"model": "x"}) != before

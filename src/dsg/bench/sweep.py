@@ -211,7 +211,7 @@ class Sweep:
     def run_config(self, method: UnlearningMethod, cfg: dict) -> dict:
         """A configuration's stored run, fitting and scoring it on validation first if needed (a DSGError during
         the fit is recorded as the run's error and never retried)."""
-        key = config_key(method.name, cfg, self.context)
+        key = config_key(method.name, method.settings(self.bench, cfg), self.context)
         run = self.store.get(method.name, key)
         if run is not None and not _usable_run(run):
             _log(f"[{method.name}] {self.store.path(method.name, key)} is not a run this dsg wrote (edited or cut "

@@ -76,7 +76,8 @@ class FitConfig:
     over this percentile of the same calibration statistic, above the threshold (100: the largest, the latch level
     at gate_latch_percentile 100); the threshold still decides whether the answer is guarded. A benign document
     whose evidence goes over the threshold but not this level is read as it is, and a forget question whose
-    evidence does gets a guarded answer. Default: prompts are clamped near windows over the threshold."""
+    evidence does so near the prompt's end still gets a guarded answer. Default: prompts are clamped near windows
+    over the threshold."""
     detector: bool = False
     """Detector gate (needs gate_window): instead of counting tokens where any selected latent fires, the window
     sums a sparse linear score over all SAE latents, fitted by L1 logistic regression on windows of forget text

@@ -35,6 +35,7 @@ FORMAT = "dsg-guardrail"
 FORMAT_VERSION = 4  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
 # 4: a prompt level (a guardrail is written with the lowest version that holds its rule, see to_json)
 FLOORED_FORMAT_VERSION = 3
+PROMPT_LEVEL_FORMAT_VERSION = 4
 SIGNED_FORMAT_VERSION = 2  # what a guardrail without a detector floor is written as, readable by dsg before floors
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
@@ -372,7 +373,7 @@ class Guardrail:
         """The lowest format version that holds this rule, so that a dsg too old to apply it refuses the file
         instead of reading it as another rule: 4 with a prompt level, 3 with a detector floor, else 2."""
         if self.prompt_level is not None:
-            return FORMAT_VERSION
+            return PROMPT_LEVEL_FORMAT_VERSION
         if self.detector is not None and self.detector.floor is not None:
             return FLOORED_FORMAT_VERSION
         return SIGNED_FORMAT_VERSION
@@ -437,6 +438,10 @@ class Guardrail:
             raise DSGError(f"The guardrail in {str(path)!r} {what}: its files were changed after it was written "
                            "(or by a dsg that did not hash them); refit it.")  # fmt: skip
         check_meta(meta, where, allow_missing_model)
+        if "prompt_level" in meta and meta.get("format_version", 0) < PROMPT_LEVEL_FORMAT_VERSION:
+            raise DSGError(f"{where} has a 'prompt_level' but format_version {meta.get('format_version')!r}; a dsg "
+                           f"writes it as {PROMPT_LEVEL_FORMAT_VERSION} (older ones ignore the field and clamp "
+                           "differently), so the file was edited; refit it.")  # fmt: skip
         check_tensors(t, meta, repr(str(path / TENSORS_NAME)))
         record = meta["sae"]
         if sae is not None and sae.sha256() != record["sha256"]:

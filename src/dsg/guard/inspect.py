@@ -69,6 +69,8 @@ def describe(path: str | os.PathLike, top: int | None = None) -> str:
         q = torch.quantile(rho.double(), torch.tensor([0.5, 0.9, 0.95, 0.99], dtype=torch.double)).tolist()
         gated = float((rho > guard.threshold).float().mean())
         latched = "" if guard.latch is None else f", {float((rho > guard.latch).float().mean()):.1%} over the latch"
+        if guard.prompt_level is not None:
+            latched += f", {float((rho > guard.prompt_level).float().mean()):.1%} over the prompt level"
         out.append(
             f"  calibration rho: median {q[0]:.3f}, p90 {q[1]:.3f}, p95 {q[2]:.3f}, p99 {q[3]:.3f}; "
             f"{gated:.1%} of calibration inputs gated{latched}"

@@ -66,6 +66,11 @@ class UnlearningMethod:
         """The fitted configuration of a stored run, or None when it must be fitted again."""
         raise NotImplementedError
 
+    def settings(self, bench: Bench, cfg: dict) -> dict:
+        """Everything one grid entry's results depend on beyond the bench (the run's store key): the entry, with
+        every setting the method fills in for it, so that a changed default is a new run, not a stored one."""
+        return dict(cfg)
+
     @classmethod
     def grid_fields(cls) -> set[str]:
         """The keys a grid entry may set (a grid file is checked against them)."""

@@ -7,6 +7,7 @@ it once (`bench.latent_stats`) and every configuration reuses it; each configura
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -23,6 +24,9 @@ class GuardrailMethod(UnlearningMethod):
 
     def fit_config(self, bench, cfg: dict) -> FitConfig:
         raise NotImplementedError
+
+    def settings(self, bench, cfg: dict) -> dict:
+        return {**cfg, "fit_config": dataclasses.asdict(self.fit_config(bench, cfg))}
 
     def calibration(self, bench) -> list[str] | None:
         return bench.calibration
