@@ -1,7 +1,7 @@
 """DSG as a compared method, fitted with dsg.fit over a grid of selection, gate and clamp settings:
 
 dsg         the gate that ships (bench.setting.DEMO_FIT): the detector over windows of 8 tokens, held open 32
-            tokens in a prompt near windows over the latch level
+            tokens in a prompt
 dsg_paper   the paper's rule: clamp every input whose whole-input share of flagged tokens exceeds tau
 """
 
@@ -18,7 +18,6 @@ DETECTOR = {
     "gate_window": 8,
     "gate_hold": 32,
     "gate_latch_percentile": 100.0,
-    "gate_prompt_percentile": 100.0,
     "detector": True,
     "detector_context": 0,
     "gate_percentile": 97.0,
