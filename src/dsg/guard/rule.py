@@ -185,45 +185,57 @@ def window_gate(
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
-    slots = torch.arange(w, device=a_BT.device)
-    valid = torch.cat([slots[None, :] >= (w - state.count)[:, None], real_BT.bool()], 1)  # [B, w + T]
     signal = a_BT if evidence_BT is None else evidence_BT
-    flags = torch.cat([state.recent, signal.long()], 1) * valid
+    share, flags, valid, cum_real = _window_shares(state, signal, real_BT)
+    opens = real_BT.bool() & (share > threshold)
+    quiet, quiet_prompt, strong = state.quiet, state.quiet_prompt, None
+    if hold is None:
+        on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
+    else:
+        n_p = T if n_prompt is None else min(n_prompt, T)
+        if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
+            strong = (state.peak > latch)[:, None] | ((real_BT.bool() & (share > latch)).long().cummax(1).values > 0)
+        on, quiet = _held_open(opens, real_BT, state.gated, state.quiet, hold, n_p, strong)
+    where = on
+    if hold is not None and prompt_level is not None and T:  # prompt tokens: only near windows over `prompt_level`
+        near, quiet_prompt = _held_open(real_BT.bool() & (share > prompt_level), real_BT, state.gated,
+                                        state.quiet_prompt, hold, T)  # fmt: skip
+        where = torch.cat([near[:, :n_p], on[:, n_p:]], 1)
+    clamp_BT = a_BT & where
+    total, recent = _last_window(flags, valid, cum_real, state.recent)
+    peak = torch.maximum(state.peak, share.max(1).values) if T else state.peak
+    gated = on[:, -1] if T else state.gated
+    if strong is not None:
+        gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here
+    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet, quiet_prompt)
+
+
+def _window_shares(state: WindowState, signal_BT: torch.Tensor, real_BT: torch.Tensor):
+    """(share [B, T], flags, valid and cum_real [B, w + T]) for window_gate: at each position the signal summed over
+    the last w real tokens (the state's recent ones first) divided by w, 0 at positions that are not real."""
+    w = state.recent.shape[1]
+    slots = torch.arange(w, device=signal_BT.device)
+    valid = torch.cat([slots[None, :] >= (w - state.count)[:, None], real_BT.bool()], 1)  # [B, w + T]
+    flags = torch.cat([state.recent, signal_BT.long()], 1) * valid
     cum_flags, cum_real = flags.cumsum(1), valid.long().cumsum(1)
     # flagged real tokens in the window ending at p: cum_flags[p] minus cum_flags at the last position whose real
     # count is at most cum_real[p] - w
     before = torch.searchsorted(cum_real.contiguous(), (cum_real - w).contiguous(), right=True) - 1
     outside = torch.where(before >= 0, cum_flags.gather(1, before.clamp(min=0)), torch.zeros_like(cum_flags))
     share = (cum_flags - outside).float() / w
-    share = torch.where(valid, share, torch.zeros_like(share))[:, w:]  # [B, T]
-    opens = real_BT.bool() & (share > threshold)
-    quiet, quiet_prompt, strong = state.quiet, state.quiet_prompt, None
-    if hold is None:
-        on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
-        where = on
-    else:
-        n_p = T if n_prompt is None else min(n_prompt, T)
-        if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
-            strong = (state.peak > latch)[:, None] | ((real_BT.bool() & (share > latch)).long().cummax(1).values > 0)
-        on, quiet = _held_open(opens, real_BT, state.gated, state.quiet, hold, n_p, strong)
-        where = on
-        if prompt_level is not None and T:  # prompt tokens: only near windows over `prompt_level`
-            near, quiet_prompt = _held_open(real_BT.bool() & (share > prompt_level), real_BT, state.gated,
-                                            state.quiet_prompt, hold, T)  # fmt: skip
-            where = torch.cat([near[:, :n_p], on[:, n_p:]], 1)
-    clamp_BT = a_BT & where
-    # the new window: the last w real flags, right-aligned
+    return torch.where(valid, share, torch.zeros_like(share))[:, w:], flags, valid, cum_real
+
+
+def _last_window(flags, valid, cum_real, recent_before):
+    """(real tokens so far [B, 1], the new window: the last w real flags, right-aligned [B, w]) for window_gate."""
+    w = recent_before.shape[1]
     total = cum_real[:, -1:]
     rank = total - cum_real  # 0 for the last real token
     keep = valid & (rank < w)
-    recent = torch.zeros_like(state.recent)
-    rows = torch.arange(B, device=a_BT.device)[:, None].expand_as(keep)
+    recent = torch.zeros_like(recent_before)
+    rows = torch.arange(flags.shape[0], device=flags.device)[:, None].expand_as(keep)
     recent[rows[keep], (w - 1 - rank)[keep]] = flags[keep]
-    peak = torch.maximum(state.peak, share.max(1).values) if T else state.peak
-    gated = on[:, -1] if T else state.gated
-    if strong is not None:
-        gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here
-    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet, quiet_prompt)
+    return total, recent
 
 
 def _held_open(opens_BT, real_BT, gated_B, quiet_B, hold: int, n_prompt: int, strong_BT=None):
