@@ -435,3 +435,56 @@ def test_a_prompt_level_needs_a_held_gate_above_the_threshold():
         dsg.FitConfig(gate_window=4, gate_prompt_percentile=100.0)
     with pytest.raises(dsg.DSGError, match="gate_prompt_percentile"):
         dsg.FitConfig(gate_window=4, gate_hold=2, gate_percentile=97, gate_prompt_percentile=90)
+
+
+def _prompt_level_pair(detected):
+    """The guardrail with a prompt level fitted in the test above, and held-out prompts of both kinds."""
+    model, tok, sae, _ = detected
+    kw = dict(gate_hold=3, gate_latch_percentile=100.0, gate_percentile=50, gate_prompt_percentile=100.0)
+    calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw), progress=False)
+    prompts = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS[:2]] + FORGET_TEXTS
+    return model, tok, guard, prompts
+
+
+def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forget_prompts_it_still_clamps(detected, tmp_path):
+    """settle_prompt_level measures, on held-out forget prompts, the share clamped anywhere with the level against
+    without it (through the real runtime), keeps the level where that share reaches min_share and drops it
+    otherwise; the check is recorded in the guardrail's file, which then holds the rule it applies."""
+    from dsg.eval.dilution import gate_rates_on_texts
+    from dsg.eval.prompt_level import describe, settle_prompt_level
+
+    model, tok, guard, prompts = _prompt_level_pair(detected)
+    level = guard.prompt_level
+    with_level = gate_rates_on_texts(model, tok, prompts, guard)[1]
+    guard.prompt_level = None
+    without = gate_rates_on_texts(model, tok, prompts, guard)[1]
+    guard.prompt_level = level
+    assert 0 < with_level < without  # these prompts tell the two rules apart
+    share = with_level / without
+
+    record = settle_prompt_level(model, tok, guard, prompts, min_share=share)
+    assert record["kept"] and guard.prompt_level == level
+    assert record["clamped_with_level"] == with_level and record["clamped_without_level"] == without
+    assert guard.info["prompt_level_check"] == record and "kept" in describe(record)
+
+    record = settle_prompt_level(model, tok, guard, prompts, min_share=min(1.0, share + 1e-6))
+    assert not record["kept"] and guard.prompt_level is None and record["level"] == level
+    assert "dropped" in describe(record)
+    assert "clamped only near windows over" not in guard.gate_rule()
+    guard.save(tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
+    assert "prompt_level" not in meta and meta["format_version"] < 4 and meta["prompt_level_check"]["kept"] is False
+    loaded = dsg.Guardrail.load(tmp_path / "g", sae=detected[2])
+    assert loaded.prompt_level is None and loaded.info["prompt_level_check"] == record
+    from dsg.guard.inspect import describe as inspect_file
+
+    assert describe(record) in inspect_file(tmp_path / "g")  # dsg inspect shows the check
+    # without a level there is nothing to settle; a level is never settled on no prompts or a share out of range
+    assert settle_prompt_level(model, tok, guard, prompts) is None and describe(None) is None
+    guard.prompt_level = level
+    with pytest.raises(dsg.DSGError, match="forget prompts"):
+        settle_prompt_level(model, tok, guard, [])
+    with pytest.raises(dsg.DSGError, match="min_share"):
+        settle_prompt_level(model, tok, guard, prompts, min_share=0)
+    assert guard.prompt_level == level  # a refused check changes nothing

@@ -283,5 +283,5 @@ def test_a_guardrail_runs_store_key_covers_the_gate_it_fits_with(monkeypatch):
     cfg = method.grid(None, 1.0)[0]
     before = config_key("dsg", method.settings(bench, cfg), {"model": "x"})
     assert before == config_key("dsg", method.settings(bench, dict(cfg)), {"model": "x"})
-    monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | {"gate_prompt_percentile": 100.0})
+    monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | {"gate_prompt_percentile": None})
     assert config_key("dsg", method.settings(bench, cfg), {"model": "x"}) != before

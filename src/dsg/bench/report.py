@@ -9,6 +9,7 @@ import html
 import io
 from pathlib import Path
 
+from ..eval.prompt_level import describe as describe_prompt_level
 from ..tables import pct, table
 from .selection import forget_value
 
@@ -308,6 +309,7 @@ def print_demo_table(results: dict) -> str:
         "",
         f"guardrail: {len(g['features'])} latents at {g['hook']}, gate: {_gate(g)}, clamp -{g['clamp']:g} "
         f"({g['clamp_mode']})",
+        *filter(None, [describe_prompt_level(g.get("prompt_level_check"))]),
         *_dilution_lines(results),
         "targets: " + ", ".join(f"{k} {'met' if v['met'] else 'MISSED'}" for k, v in results["targets"].items()),
         "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("seconds", {}).items()),
@@ -365,6 +367,11 @@ def report_markdown(results: dict, plotted: bool) -> str:
         "",
         f"Guardrail: latents {g['features']} at `{g['hook']}`; gate: {_gate(g)}; clamp -{g['clamp']:g} "
         f"({g['clamp_mode']}).",
+        *[
+            part
+            for line in filter(None, [describe_prompt_level(g.get("prompt_level_check"))])
+            for part in ("", line + ".")
+        ],
         *[part for line in _dilution_lines(results) for part in ("", line + ".")],
         "",
         "## Targets",

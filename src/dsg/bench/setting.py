@@ -102,16 +102,19 @@ class Prepared(NamedTuple):
 # with 1,000 benign tokens unguarded (0 % of answers guarded); a window over the largest calibration value (P100,
 # the latch) anywhere in the prompt guards the answer: 87.5 % of those answers, no change in perplexity or retain
 # accuracy, and none of the paddings alone latches (P99 gave the same numbers; P100 is the stricter level).
-# Clamping a prompt's own tokens only near windows over that level (gate_prompt_percentile=100) is not the default:
-# with this fit it keeps the same 29 % of cyber answers on validation at +2.7 % perplexity instead of +10.6 %, but
-# with the smaller fit of `dsg demo --quick` it forgets less (68 % of base-correct cyber answers kept instead of
-# 58 %): how much the question's own clamp matters depends on the fit (README).
+# A prompt's own tokens are clamped only near windows over that level (gate_prompt_percentile=100): with this fit
+# the same 29 % of cyber answers kept on validation at +2.7 % perplexity instead of +10.6 %, and benign documents
+# with one security sentence clamped 6 % instead of 44 %. With a weaker detector (the 128 sequences of
+# `dsg demo --quick`) it leaves more forget questions unclamped and forgets less (68 % of base-correct cyber
+# answers kept instead of 58 %), so `dsg demo` and `dsg compare` keep the level only where it still clamps at
+# least 90 % of the forget validation questions the threshold clamps (eval/prompt_level.py).
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,
     gate_window=8,
     gate_hold=32,
     gate_latch_percentile=100.0,
+    gate_prompt_percentile=100.0,
     detector=True,
     gate_percentile=97,
     clamp=100.0,

@@ -75,6 +75,11 @@ def describe(path: str | os.PathLike, top: int | None = None) -> str:
             f"  calibration rho: median {q[0]:.3f}, p90 {q[1]:.3f}, p95 {q[2]:.3f}, p99 {q[3]:.3f}; "
             f"{gated:.1%} of calibration inputs gated{latched}"
         )
+    check = info.get("prompt_level_check")
+    if check:
+        from ..eval.prompt_level import describe  # eval builds on guard: imported where it is needed
+
+        out.append(f"  {describe(check)}")
     out += ["", f"Selected latents ({len(guard.features)}):", table(header, latent_rows(guard, guard.features))]
     if top and "score_forget" in guard.tensors:
         chosen = set(guard.features)

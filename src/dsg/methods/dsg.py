@@ -1,7 +1,8 @@
 """DSG as a compared method, fitted with dsg.fit over a grid of selection, gate and clamp settings:
 
 dsg         the gate that ships (bench.setting.DEMO_FIT): the detector over windows of 8 tokens, held open 32
-            tokens in a prompt
+            tokens in a prompt, a prompt's tokens clamped only near windows over the latch level where the forget
+            validation questions say that level still clamps them (eval/prompt_level.py)
 dsg_paper   the paper's rule: clamp every input whose whole-input share of flagged tokens exceeds tau
 """
 
@@ -18,6 +19,7 @@ DETECTOR = {
     "gate_window": 8,
     "gate_hold": 32,
     "gate_latch_percentile": 100.0,
+    "gate_prompt_percentile": 100.0,
     "detector": True,
     "detector_context": 0,
     "gate_percentile": 97.0,

@@ -11,6 +11,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from ..eval.prompt_level import settle_prompt_level
 from ..guard.fit import FitConfig, fit
 from ..guard.guardrail import Guardrail
 from .base import Fitted, UnlearningMethod
@@ -49,6 +50,9 @@ class GuardrailMethod(UnlearningMethod):
             progress=progress,
             stats=stats,
         )
+        # a prompt level is judged on the forget domain's validation questions (eval/prompt_level.py)
+        forget_prompts = [q["question"] for q in bench.questions["validation"][bench.forget_task]]
+        settle_prompt_level(bench.model, bench.tokenizer, guard, forget_prompts)
         own = time.perf_counter() - t
         if memo is not None:  # detector windows computed by an earlier configuration count in full, like the statistics
             used, computed = memo.take()
@@ -69,6 +73,8 @@ class GuardrailMethod(UnlearningMethod):
         }
         record = {k: getattr(guard, k) for k in ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")}
         record |= {"window": guard.window, "hold": guard.hold, "latch": guard.latch, "prompt_level": guard.prompt_level}
+        if "prompt_level_check" in guard.info:
+            record["prompt_level_check"] = guard.info["prompt_level_check"]
         if guard.detector is not None:
             record["detector"] = [[j, w] for j, w in guard.detector.named_weights()]
             record["detector_floor"] = guard.detector.floor
