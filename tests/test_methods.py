@@ -285,3 +285,28 @@ def test_a_guardrail_runs_store_key_covers_the_gate_it_fits_with(monkeypatch):
     assert before == config_key("dsg", method.settings(bench, dict(cfg)), {"model": "x"})
     monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | {"gate_prompt_percentile": None})
     assert config_key("dsg", method.settings(bench, cfg), {"model": "x"}) != before
+
+
+def test_a_trained_runs_store_key_covers_its_configs_defaults(monkeypatch):
+    """A trained baseline's run key holds its whole config, defaults filled in: a changed default (here GA's
+    learning rate, an entry that does not set it) is a new run."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from dsg.bench.store import config_key
+
+    bench = SimpleNamespace(layer=1)
+    for name in ("ga", "graddiff", "npo", "rmu"):
+        method = METHODS[name]()
+        cfg = {k: v for k, v in method.grid(bench, 1.0)[0].items() if k != "lr"}
+        settings = method.settings(bench, cfg)
+        fields = {f.name for f in dataclasses.fields(method.config_class)}
+        assert set(settings["config"]) == fields and all(settings[k] == v for k, v in cfg.items())
+        before = config_key(name, settings, {"model": "x"})
+        changed = dataclasses.make_dataclass(
+            "Changed",
+            [("lr", float, dataclasses.field(default=method.config_class.lr * 2))],
+            bases=(method.config_class,),
+        )
+        monkeypatch.setattr(method, "config_class", changed)
+        assert config_key(name, method.settings(bench, cfg), {"model": "x"}) != before

@@ -15,6 +15,7 @@ domain's validation questions; the check is recorded in the guardrail's info (`p
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from ..errors import DSGError
@@ -39,12 +40,10 @@ def settle_prompt_level(model, tokenizer, guardrail, forget_prompts: Sequence[st
         raise DSGError(f"min_share must lie in (0, 1], got {min_share}.")
     if not forget_prompts:
         raise DSGError("Settling the prompt level needs held-out forget prompts; none were given.")
+    plain = copy.copy(guardrail)  # the same latents, detector and levels, without the prompt level
+    plain.prompt_level = None
     with_level = gate_rates_on_texts(model, tokenizer, forget_prompts, guardrail)[1]
-    guardrail.prompt_level = None
-    try:
-        without = gate_rates_on_texts(model, tokenizer, forget_prompts, guardrail)[1]
-    finally:
-        guardrail.prompt_level = level
+    without = gate_rates_on_texts(model, tokenizer, forget_prompts, plain)[1]
     share = with_level / without if without else 1.0
     kept = share >= min_share
     record = {

@@ -353,6 +353,12 @@ class TrainedEdit(UnlearningMethod):
 
     # -- as a compare method
 
+    def settings(self, bench, cfg: dict) -> dict:
+        """The entry with every default of the method's config filled in, so that a changed default is a new run.
+        RMU's steering coefficient stays a multiple of the residual norm: the norm is measured on the bench's retain
+        text (a forward pass), which the run key already holds through the bench."""
+        return {**cfg, "config": dataclasses.asdict(self.config(cfg))}
+
     def make_config(self, bench, cfg: dict) -> tuple[Any, dict]:
         """(config, notes recorded with the edit's config) for one grid entry."""
         return self.config(cfg), {}
