@@ -466,6 +466,7 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forget_prompts_it_st
     record = settle_prompt_level(model, tok, guard, prompts, min_share=share)
     assert record["kept"] and guard.prompt_level == level
     assert record["clamped_with_level"] == with_level and record["clamped_without_level"] == without
+    assert len(record["prompts_sha256"]) == 64
     assert guard.info["prompt_level_check"] == record and "kept" in describe(record)
 
     record = settle_prompt_level(model, tok, guard, prompts, min_share=min(1.0, share + 1e-6))

@@ -283,8 +283,30 @@ def test_a_guardrail_runs_store_key_covers_the_gate_it_fits_with(monkeypatch):
     cfg = method.grid(None, 1.0)[0]
     before = config_key("dsg", method.settings(bench, cfg), {"model": "x"})
     assert before == config_key("dsg", method.settings(bench, dict(cfg)), {"model": "x"})
+    assert method.settings(bench, cfg)["prompt_level_check"]["min_share"] == 0.9  # how the shipped level is settled
     monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | {"gate_prompt_percentile": None})
     assert config_key("dsg", method.settings(bench, cfg), {"model": "x"}) != before
+    assert "prompt_level_check" not in method.settings(bench, cfg)
+
+
+def test_a_refit_for_test_must_apply_the_prompt_level_scored_on_validation():
+    """A guardrail fitted again for the test split (a windowed gate is not restored from its record) whose settled
+    prompt level differs from the stored run's would be tested under another rule than the one chosen: refused."""
+    from types import SimpleNamespace
+
+    from dsg.bench.sweep import Sweep
+
+    def method(level):
+        fitted = SimpleNamespace(intervention=SimpleNamespace(check_model=lambda model: None),
+                                 record={"prompt_level": level})  # fmt: skip
+        return SimpleNamespace(name="dsg", restore=lambda *a: None, fit=lambda *a: fitted)
+
+    sweep = Sweep.__new__(Sweep)
+    sweep.bench, sweep.progress = SimpleNamespace(model=None), False
+    run = {"config": {"n_features": 50}, "record": {"prompt_level": 3.5}}
+    assert sweep.refit(method(3.5), run, None).record["prompt_level"] == 3.5
+    with pytest.raises(dsg.DSGError, match="prompt level None, not the 3.5"):
+        sweep.refit(method(None), run, None)
 
 
 def test_a_trained_runs_store_key_covers_its_configs_defaults(monkeypatch):

@@ -64,12 +64,12 @@ OVERWRITE_HELP = "Replace the output folder if it already holds what this comman
 
 def cmd_fit(args) -> int:
     config = from_args(FitConfig, args)
-    inputs = (args.sae, args.forget, args.retain, args.calibration, args.model)
+    inputs = (args.sae, args.forget, args.retain, args.calibration, args.forget_prompts, args.model)
     check_output_dir(args.out, "guardrail", overwrite=args.overwrite, inputs=inputs)
     forget, retain = read_corpus(args.forget), read_corpus(args.retain)
     calibration = read_corpus(args.calibration) if args.calibration else None
-    if args.forget_prompts and config.gate_prompt_percentile is None:
-        raise DSGError("--forget-prompts settles a prompt level; pass --gate-prompt-percentile too.")
+    if args.forget_prompts and (config.gate_prompt_percentile is None or not config.gated):
+        raise DSGError("--forget-prompts settles a prompt level; pass --gate-prompt-percentile (with a gate) too.")
     held_out = _prompts(args.forget_prompts) if args.forget_prompts else None
     sae = SAE.load(args.sae, hook_name=args.sae_hook)
     model, tokenizer = _model(args)

@@ -269,6 +269,11 @@ class Sweep:
         if fitted is None:
             fitted = method.fit(self.bench, run["config"], edit_dir, self.progress)
         fitted.intervention.check_model(self.bench.model)
+        stored, now = run.get("record", {}).get("prompt_level"), fitted.record.get("prompt_level")
+        if stored != now:  # a guardrail is fitted again for test: its rule must be the one scored on validation
+            raise DSGError(f"[{method.name}] fitted again, configuration {short_config(run['config'])} has prompt "
+                           f"level {now!r}, not the {stored!r} its validation scores were measured with; rerun it "
+                           "in a fresh --out folder.")  # fmt: skip
         return fitted
 
     def test(self, method: UnlearningMethod, run: dict) -> dict:

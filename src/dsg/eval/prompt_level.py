@@ -4,13 +4,16 @@ A prompt level (FitConfig.gate_prompt_percentile) spares a prompt's own tokens t
 prompt scores over the level, a higher bar than the gate's threshold; the threshold still decides whether the
 answer is guarded. That keeps benign text that crosses the threshold by chance readable, but it also leaves
 unclamped every forget prompt that crosses the threshold and not the level, and how many those are depends on the
-fit: with a detector fitted on 512 sequences per corpus, 87 % of the cyber validation questions score over the
-level against 94 % over the threshold; fitted on 128, 61 % against 88 %, and the guardrail then keeps 68 % of the
-base-correct cyber answers instead of 58 % (README, "Clamping a prompt only near windows over the latch level").
+fit: with a detector fitted on 512 sequences per corpus (`dsg demo`), 87.3 % of 300 cyber validation questions have
+a clamped token with the level against 95.7 % without it; fitted on 128 (`dsg demo --quick`), 58.3 % of 48 against
+89.6 %, and that guardrail with the level keeps 68 % of the base-correct cyber answers instead of 58 % (README, "A
+prompt is clamped only near windows over the latch level").
 
 `settle_prompt_level` measures that on questions the fit never saw and drops the level where it would leave more
 than one in ten of the clamped forget prompts unclamped. `dsg demo` and `dsg compare` run it on the forget
-domain's validation questions; the check is recorded in the guardrail's info (`prompt_level_check`).
+domain's validation questions, as the prompts they score (the question's stem: likelihood scoring); `dsg fit
+--forget-prompts` on the user's. The check is recorded in the guardrail's info (`prompt_level_check`, with a hash
+of the prompts).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import copy
 from collections.abc import Sequence
 
 from ..errors import DSGError
+from ..guard.fit import corpus_sha256
 from .dilution import gate_rates_on_texts
 
 PROMPT_LEVEL_MIN_SHARE = 0.9
@@ -42,12 +46,15 @@ def settle_prompt_level(model, tokenizer, guardrail, forget_prompts: Sequence[st
         raise DSGError("Settling the prompt level needs held-out forget prompts; none were given.")
     plain = copy.copy(guardrail)  # the same latents, detector and levels, without the prompt level
     plain.prompt_level = None
-    with_level = gate_rates_on_texts(model, tokenizer, forget_prompts, guardrail)[1]
-    without = gate_rates_on_texts(model, tokenizer, forget_prompts, plain)[1]
+    rates = [gate_rates_on_texts(model, tokenizer, forget_prompts, g) for g in (guardrail, plain)]
+    if rates[0] is None or rates[1] is None:
+        raise DSGError("Settling the prompt level needs a gated guardrail; this one gates no input.")
+    (_, with_level), (_, without) = rates
     share = with_level / without if without else 1.0
     kept = share >= min_share
     record = {
         "prompts": len(forget_prompts),
+        "prompts_sha256": corpus_sha256(list(forget_prompts)),
         "clamped_with_level": with_level,
         "clamped_without_level": without,
         "share": share,

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ..eval.prompt_level import settle_prompt_level
+from ..eval.prompt_level import PROMPT_LEVEL_MIN_SHARE, settle_prompt_level
 from ..guard.fit import FitConfig, fit
 from ..guard.guardrail import Guardrail
 from .base import Fitted, UnlearningMethod
@@ -27,7 +27,11 @@ class GuardrailMethod(UnlearningMethod):
         raise NotImplementedError
 
     def settings(self, bench, cfg: dict) -> dict:
-        return {**cfg, "fit_config": dataclasses.asdict(self.fit_config(bench, cfg))}
+        config = self.fit_config(bench, cfg)
+        settled = {}
+        if config.gate_prompt_percentile is not None:  # settled after the fit on the validation questions
+            settled = {"prompt_level_check": {"min_share": PROMPT_LEVEL_MIN_SHARE, "prompts": "validation"}}
+        return {**cfg, "fit_config": dataclasses.asdict(config), **settled}
 
     def calibration(self, bench) -> list[str] | None:
         return bench.calibration
