@@ -27,7 +27,14 @@ from typing import NamedTuple
 
 import torch
 
-from dsg.bench.setting import DEMO_FIT, BenchSetting, domain_questions, fluency_prompts, perplexity_texts
+from dsg.bench.setting import (
+    DEMO_FIT,
+    BenchSetting,
+    domain_questions,
+    fluency_prompts,
+    perplexity_texts,
+    settle_on_validation,
+)
 from dsg.eval.fluency import fluency
 from dsg.eval.mcq import score_mcq
 from dsg.eval.metrics import summarize_results
@@ -121,6 +128,8 @@ def main() -> None:
     val = Validation.of(model, tok, forget, retain, general)
     guards = {n: fit(model, tok, sae, f, r, c, dataclasses.replace(DEMO_FIT, n_features=n), stats=stats)
               for n in sorted({n for n, _, _, _ in variants})}  # fmt: skip
+    for guard in guards.values():  # as dsg demo does: the prompt level stays only where it still forgets
+        settle_on_validation(model, tok, guard, forget, 100)
     header = ["N, c, mode, cap", *val.headers(), "ppl change", "ppl gated %", "rep. 3-grams %", "answer ppl"]
     rows, results = [], {"base": {"perplexity": val.base_perplexity, "fluency": val.base_fluency}}
     for n, clamp, mode, cap in variants:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dsg.bench.setting import DEMO_FIT, BenchSetting, chat_prompt
+from dsg.bench.setting import DEMO_FIT, BenchSetting, chat_prompt, settle_on_validation
 from dsg.eval.dilution import dilute, gate_rate_on_texts, paddings
 from dsg.guard.fit import fit
 from dsg.lm.hooks import activations_by_batch
@@ -115,6 +115,7 @@ def main() -> None:
         t = time.perf_counter()
         config = dataclasses.replace(DEMO_FIT, **VARIANTS[name])
         guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, config, stats=stats)
+        settle_on_validation(model, tok, guard, forget, 100)  # as dsg demo does: the level stays where it forgets
         shares = {k: gate_share(model, tok, guard, v) for k, v in sets.items()}
         shares |= {k: gate_rate_on_texts(model, tok, v, guard, max_length=2048) for k, v in padded.items()}
         results[name] = {"config": VARIANTS[name], "gate": guard.gate_rule(), "gated": shares,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dsg.bench.demo import evaluate_guardrail
-from dsg.bench.setting import DEMO_FIT, fit_corpora
+from dsg.bench.setting import DEMO_FIT, fit_corpora, settle_on_validation
 from dsg.data import load_domain
 from dsg.guard.fit import fit, measure
 from dsg.lm.models import load_model
@@ -103,6 +103,7 @@ def main() -> None:
         for overrides in GRIDS[args.grid]:
             cfg = dataclasses.replace(config, **overrides)
             guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, cfg, stats=stats)
+            settle_on_validation(model, tok, guard, forget, args.questions)  # as dsg demo does
             ev = evaluate_guardrail(
                 model,
                 tok,

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from dsg.bench.demo import evaluate_guardrail
-from dsg.bench.setting import DEMO_FIT, BenchSetting
+from dsg.bench.setting import DEMO_FIT, BenchSetting, settle_on_validation
 from dsg.eval.mcq import score_mcq
 from dsg.guard.fit import fit
 from dsg.methods.dsg import PAPER_RULE
@@ -108,6 +108,7 @@ def main() -> None:
         t = time.perf_counter()
         config = dataclasses.replace(DEMO_FIT, **VARIANTS[name])
         guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, config, stats=stats)
+        settle_on_validation(model, tok, guard, forget, args.questions)  # as dsg demo does
         ev = evaluate_guardrail(model, tok, guard, forget, retain, general, "validation", args.questions,
                                 args.perplexity_texts, 16, base_cache=cache)  # fmt: skip
         ev["probe"] = evaluate_probe(model, tok, guard, probes, probe_base)

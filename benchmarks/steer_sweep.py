@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 
 from clamp_sweep import Validation
-from dsg.bench.setting import DEMO_FIT, BenchSetting
+from dsg.bench.setting import DEMO_FIT, BenchSetting, settle_on_validation
 from dsg.guard.fit import fit
 from dsg.guard.guardrail import Guardrail
 from dsg.lm.hooks import forward_to_hook, resolve
@@ -112,6 +112,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
     guard = fit(model, tok, sae, f, r, c, DEMO_FIT, stats=stats)
+    settle_on_validation(model, tok, guard, forget, 100)  # as dsg demo does
     vector = steering_vector(model, tok, resolve(model, guard.hook), forget)
     unit = vector / vector.norm()
     val = Validation.of(model, tok, forget, retain, general)

@@ -36,7 +36,6 @@ from ..eval.fluency import fluency
 from ..eval.mcq import score_mcq
 from ..eval.metrics import summarize_results
 from ..eval.perplexity import perplexity_stats
-from ..eval.prompt_level import settle_prompt_level
 from ..files import atomic_directory, check_output_dir, read_json, write_json, write_json_atomic
 from ..guard.fit import FitConfig, fit
 from ..lm.models import load_model
@@ -53,6 +52,7 @@ from .setting import (
     fit_corpora,
     fluency_prompts,
     perplexity_texts,
+    settle_on_validation,
 )
 
 
@@ -162,9 +162,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         guard = fit(
             model, tok, sae, forget_texts, retain_texts, calibration, fit_config, name=f"forget-{config.forget}"
         )
-        # the prompt level is judged on validation questions, never on the test questions reported below
-        held_out = [q["question"] for q in domain_questions(forget, "validation", config.questions)]
-        prompt_level_check = settle_prompt_level(model, tok, guard, held_out)
+        prompt_level_check = settle_on_validation(model, tok, guard, forget, config.questions)
     with stage("evaluate", "scoring base and guarded model"):
         evaluation = evaluate_guardrail(
             model,

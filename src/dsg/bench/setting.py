@@ -24,6 +24,7 @@ from ..data import load_domain
 from ..data.common import stable_unit
 from ..errors import DSGError
 from ..eval.mcq import read_questions
+from ..eval.prompt_level import settle_prompt_level
 from ..guard.fit import CorpusStats, FitConfig, corpus_sha256, measure
 from ..lm.fingerprint import whole_model_fingerprint
 from ..lm.hooks import resolve
@@ -205,6 +206,13 @@ def perplexity_texts(domains, n: int) -> list[str]:
 def domain_questions(domain, split: str, n: int) -> list[dict]:
     """A fixed, unbiased prefix of a domain's questions in one split, as JSON objects."""
     return [q.to_json() if hasattr(q, "to_json") else dict(q) for q in domain.questions[split][:n]]
+
+
+def settle_on_validation(model, tokenizer, guard, forget, n: int) -> dict | None:
+    """The shipped check of a fitted guardrail's prompt level (eval/prompt_level.py) on the first `n` validation
+    questions of the forget domain, as the prompts the benches score (the question's stem). Never the test split."""
+    prompts = [q["question"] for q in domain_questions(forget, "validation", n)]
+    return settle_prompt_level(model, tokenizer, guard, prompts)
 
 
 @dataclass
