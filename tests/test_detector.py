@@ -481,6 +481,11 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forget_prompts_it_st
     from dsg.guard.inspect import describe as inspect_file
 
     assert describe(record) in inspect_file(tmp_path / "g")  # dsg inspect shows the check
+    # prompts the threshold never clamps cannot judge the level: kept, and the line says why
+    guard.prompt_level = level
+    benign = settle_prompt_level(model, tok, guard, RETAIN_TEXTS[2:], min_share=1.0)
+    assert benign["clamped_without_level"] == 0 and benign["kept"] and "unjudged" in describe(benign)
+    guard.prompt_level = None
     # without a level there is nothing to settle; a level is never settled on no prompts or a share out of range
     assert settle_prompt_level(model, tok, guard, prompts) is None and describe(None) is None
     guard.prompt_level = level

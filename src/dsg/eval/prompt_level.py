@@ -50,7 +50,7 @@ def settle_prompt_level(model, tokenizer, guardrail, forget_prompts: Sequence[st
     if rates[0] is None or rates[1] is None:
         raise DSGError("Settling the prompt level needs a gated guardrail; this one gates no input.")
     (_, with_level), (_, without) = rates
-    share = with_level / without if without else 1.0
+    share = with_level / without if without else 1.0  # nothing clamped either way: no forget prompt to lose
     kept = share >= min_share
     record = {
         "prompts": len(forget_prompts),
@@ -73,6 +73,11 @@ def describe(record: dict | None) -> str | None:
     if record is None:
         return None
     verdict = "kept" if record["kept"] else "dropped (the threshold's windows clamp the prompt)"
+    if not record["clamped_without_level"]:
+        return (
+            f"prompt level {verdict} unjudged: the threshold clamps none of the {record['prompts']} held-out forget "
+            "prompts, so they cannot tell the two rules apart (is the gate fitted for this domain?)"
+        )
     return (
         f"prompt level {verdict}: on {record['prompts']} held-out forget prompts it leaves "
         f"{record['clamped_with_level']:.1%} clamped against {record['clamped_without_level']:.1%} without it "
