@@ -480,7 +480,10 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forget_prompts_it_st
     assert loaded.prompt_level is None and loaded.info["prompt_level_check"] == record
     from dsg.guard.inspect import describe as inspect_file
 
-    assert describe(record) in inspect_file(tmp_path / "g")  # dsg inspect shows the check
+    shown = inspect_file(tmp_path / "g")
+    assert describe(record) in shown  # dsg inspect shows the check
+    median = float(loaded.tensors["calibration_rho"].double().quantile(0.5)) / SCALE  # in the gate line's units
+    assert f"calibration rho: median {median:.3f}" in shown and f"> {loaded.threshold / SCALE:.4g}" in shown
     # prompts the threshold never clamps cannot judge the level: kept, and the line says why
     guard.prompt_level = level
     benign = settle_prompt_level(model, tok, guard, RETAIN_TEXTS[2:], min_share=1.0)
