@@ -309,8 +309,7 @@ def print_demo_table(results: dict) -> str:
         "",
         f"guardrail: {len(g['features'])} latents at {g['hook']}, gate: {_gate(g)}, clamp -{g['clamp']:g} "
         f"({g['clamp_mode']})",
-        *filter(None, [describe_prompt_level(g.get("prompt_level_check"))]),
-        *_dilution_lines(results),
+        *_detail_lines(results),
         "targets: " + ", ".join(f"{k} {'met' if v['met'] else 'MISSED'}" for k, v in results["targets"].items()),
         "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("seconds", {}).items()),
         "evaluate seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("evaluate_seconds", {}).items()),
@@ -323,10 +322,12 @@ def _gate(g: dict) -> str:
     return g.get("gate") or f"whole-input rho > {g['threshold']:.4f}"
 
 
-def _dilution_lines(results: dict) -> list[str]:
+def _detail_lines(results: dict) -> list[str]:
+    """The lines after the guardrail's: its prompt-level check, fluency, chat requests and dilution."""
     d = results.get("dilution") or {}
     flu = results.get("fluency")
-    lines = []
+    check = describe_prompt_level(results["guardrail"].get("prompt_level_check"))
+    lines = [check] if check else []
     if flu:
         b, g = flu["base"], flu["guarded"]
         lines.append(
@@ -367,12 +368,7 @@ def report_markdown(results: dict, plotted: bool) -> str:
         "",
         f"Guardrail: latents {g['features']} at `{g['hook']}`; gate: {_gate(g)}; clamp -{g['clamp']:g} "
         f"({g['clamp_mode']}).",
-        *[
-            part
-            for line in filter(None, [describe_prompt_level(g.get("prompt_level_check"))])
-            for part in ("", line + ".")
-        ],
-        *[part for line in _dilution_lines(results) for part in ("", line + ".")],
+        *[part for line in _detail_lines(results) for part in ("", line + ".")],
         "",
         "## Targets",
         "",
