@@ -24,7 +24,7 @@ from ..data import load_domain
 from ..data.common import stable_unit
 from ..errors import DSGError
 from ..eval.mcq import read_questions
-from ..eval.prompt_level import settle_prompt_level
+from ..eval.prompt_level import settle_on_questions
 from ..guard.fit import CorpusStats, FitConfig, corpus_sha256, measure
 from ..lm.fingerprint import whole_model_fingerprint
 from ..lm.hooks import resolve
@@ -211,8 +211,7 @@ def domain_questions(domain, split: str, n: int) -> list[dict]:
 def settle_on_validation(model, tokenizer, guard, forget, n: int) -> dict | None:
     """The shipped check of a fitted guardrail's prompt level (eval/prompt_level.py) on the first `n` validation
     questions of the forget domain, as the prompts the benches score (the question's stem). Never the test split."""
-    prompts = [q["question"] for q in domain_questions(forget, "validation", n)]
-    return settle_prompt_level(model, tokenizer, guard, prompts)
+    return settle_on_questions(model, tokenizer, guard, domain_questions(forget, "validation", n))
 
 
 @dataclass

@@ -68,6 +68,12 @@ def settle_prompt_level(model, tokenizer, guardrail, forget_prompts: Sequence[st
     return record
 
 
+def settle_on_questions(model, tokenizer, guardrail, questions: Sequence[dict]) -> dict | None:
+    """settle_prompt_level on held-out forget questions, read as the benches score them (likelihood scoring: the
+    question's stem is the prompt)."""
+    return settle_prompt_level(model, tokenizer, guardrail, [q["question"] for q in questions])
+
+
 def describe(record: dict | None) -> str | None:
     """One line on a prompt-level check, for reports."""
     if record is None:

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ..eval.prompt_level import PROMPT_LEVEL_MIN_SHARE, settle_prompt_level
+from ..eval.prompt_level import PROMPT_LEVEL_MIN_SHARE, settle_on_questions
 from ..guard.fit import FitConfig, fit
 from ..guard.guardrail import Guardrail
 from .base import Fitted, UnlearningMethod
@@ -55,8 +55,7 @@ class GuardrailMethod(UnlearningMethod):
             stats=stats,
         )
         # a prompt level is judged on the forget domain's validation questions (eval/prompt_level.py)
-        forget_prompts = [q["question"] for q in bench.questions["validation"][bench.forget_task]]
-        settle_prompt_level(bench.model, bench.tokenizer, guard, forget_prompts)
+        settle_on_questions(bench.model, bench.tokenizer, guard, bench.questions["validation"][bench.forget_task])
         own = time.perf_counter() - t
         if memo is not None:  # detector windows computed by an earlier configuration count in full, like the statistics
             used, computed = memo.take()
