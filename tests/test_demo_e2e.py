@@ -34,8 +34,8 @@ def test_demo_quick_writes_results_that_show_forgetting(demo):
     assert len(results["guardrail"]["features"]) == results["fit_config"]["n_features"]
     # the shipped prompt level is judged on validation questions and applied only where the check keeps it
     check = results["guardrail"]["prompt_level_check"]
-    assert results["fit_config"]["gate_prompt_percentile"] == 100.0 and check["prompts"] == 48
-    assert check["kept"] == (check["share"] >= check["min_share"])
+    assert results["fit_config"]["gate_prompt_percentile"] == 100.0 and check["questions"] == 48
+    assert check["kept"] == (check["loss"] <= check["max_loss"])
     assert (results["guardrail"]["prompt_level"] is not None) == check["kept"]
     assert set(results["seconds"]) >= {"model", "data", "sae", "fit", "evaluate", "report"}
     parts = results["evaluate_seconds"]  # where the evaluation's time went; the parts fit inside the stage

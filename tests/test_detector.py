@@ -4,6 +4,7 @@ Fitted on tiny models; checked for what it promises: integer weights that name l
 on its own window statistic, a decision that depends only on the tokens so far (whole, chunked, padded), files
 that round-trip and refuse edits, and the same decisions from every runtime path."""
 
+import copy
 import json
 
 import numpy as np
@@ -447,29 +448,49 @@ def _prompt_level_pair(detected):
     return model, tok, guard, prompts
 
 
-def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forget_prompts_it_still_clamps(detected, tmp_path):
-    """settle_prompt_level measures, on held-out forget prompts, the share clamped anywhere with the level against
-    without it (through the real runtime), keeps the level where that share reaches min_share and drops it
-    otherwise; the check is recorded in the guardrail's file, which then holds the rule it applies."""
-    from dsg.eval.dilution import gate_rates_on_texts
+CHOICES = [" x", " j"]  # two choices the tiny model weighs closely enough for a clamp to flip
+
+
+def _level_questions(model, tok, guard, prompts):
+    """Questions on `prompts` whose answers make the prompt level cost forgetting where it can: the answer is the
+    base model's choice, so every question is base-correct, and it is the first (guarded) prediction that differs
+    with and without the level, so some are kept only with it. Returns them with the level's loss, measured
+    directly through score_mcq."""
+    from dsg.eval.mcq import score_mcq
+
+    level, qs = guard.prompt_level, [{"question": p, "choices": CHOICES, "answer": 0} for p in prompts]
+    base = [r.prediction_norm for r in score_mcq(model, tok, qs, progress=False)]
+    plain = copy.copy(guard)
+    plain.prompt_level = None
+    preds = [
+        [r.prediction_norm for r in score_mcq(model, tok, qs, intervention=g, progress=False)] for g in (guard, plain)
+    ]
+    assert guard.prompt_level == level
+    qs = [q | {"answer": b} for q, b in zip(qs, base)]
+    kept = [sum(p == b for p, b in zip(pred, base)) / len(base) for pred in preds]
+    return qs, kept[0] - kept[1], kept
+
+
+def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(detected, tmp_path):
+    """settle_prompt_level scores held-out forget questions with the base model and, on those it answers correctly,
+    with the guardrail with and without its level (through the real runtime); it keeps the level where the level
+    keeps at most max_loss more of them and drops it otherwise; the check is recorded in the guardrail's file,
+    which then holds the rule it applies."""
     from dsg.eval.prompt_level import describe, settle_prompt_level
 
     model, tok, guard, prompts = _prompt_level_pair(detected)
     level = guard.prompt_level
-    with_level = gate_rates_on_texts(model, tok, prompts, guard)[1]
-    guard.prompt_level = None
-    without = gate_rates_on_texts(model, tok, prompts, guard)[1]
-    guard.prompt_level = level
-    assert 0 < with_level < without  # these prompts tell the two rules apart
-    share = with_level / without
+    questions, loss, kept = _level_questions(model, tok, guard, prompts)
+    assert loss > 0  # answers chosen so that the level costs forgetting
 
-    record = settle_prompt_level(model, tok, guard, prompts, min_share=share)
+    record = settle_prompt_level(model, tok, guard, questions, max_loss=loss)
     assert record["kept"] and guard.prompt_level == level
-    assert record["clamped_with_level"] == with_level and record["clamped_without_level"] == without
-    assert len(record["prompts_sha256"]) == 64
+    assert record["base_correct"] == record["questions"] == len(questions)
+    assert [record["kept_with_level"], record["kept_without_level"]] == pytest.approx(kept)
+    assert record["loss"] == pytest.approx(loss) and len(record["questions_sha256"]) == 64
     assert guard.info["prompt_level_check"] == record and "kept" in describe(record)
 
-    record = settle_prompt_level(model, tok, guard, prompts, min_share=min(1.0, share + 1e-6))
+    record = settle_prompt_level(model, tok, guard, questions, max_loss=loss - 1e-6)
     assert not record["kept"] and guard.prompt_level is None and record["level"] == level
     assert "dropped" in describe(record)
     assert "clamped only near windows over" not in guard.gate_rule()
@@ -484,16 +505,21 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forget_prompts_it_st
     assert describe(record) in shown  # dsg inspect shows the check
     median = float(loaded.tensors["calibration_rho"].double().quantile(0.5)) / SCALE  # in the gate line's units
     assert f"calibration rho: median {median:.3f}" in shown and f"> {loaded.threshold / SCALE:.4g}" in shown
-    # prompts the threshold never clamps cannot judge the level: kept, and the line says why
+    # questions the gate never opens on cannot judge the level: kept, and the line says why
     guard.prompt_level = level
-    benign = settle_prompt_level(model, tok, guard, RETAIN_TEXTS[2:], min_share=1.0)
-    assert benign["clamped_without_level"] == 0 and benign["kept"] and "unjudged" in describe(benign)
+    benign = [{"question": t, "choices": CHOICES, "answer": 0} for t in RETAIN_TEXTS[2:]]
+    record = settle_prompt_level(model, tok, guard, benign, max_loss=0.0)
+    assert record["gate_rate_base_correct"] == 0 and record["kept"] and "unjudged" in describe(record)
     guard.prompt_level = None
-    # without a level there is nothing to settle; a level is never settled on no prompts or a share out of range
-    assert settle_prompt_level(model, tok, guard, prompts) is None and describe(None) is None
+    # without a level there is nothing to settle; a level is never settled on no questions or a bound out of range
+    assert settle_prompt_level(model, tok, guard, questions) is None and describe(None) is None
+    # a file written by the earlier check (shares of prompts clamped) is still described, not a crash
+    old = {"prompts": 12, "clamped_with_level": 0.5, "clamped_without_level": 0.6, "share": 0.83, "kept": False}
+    assert "earlier check" in describe(old) and "0.83" in describe(old) and "dropped" in describe(old)
     guard.prompt_level = level
-    with pytest.raises(dsg.DSGError, match="forget prompts"):
+    with pytest.raises(dsg.DSGError, match="forget questions"):
         settle_prompt_level(model, tok, guard, [])
-    with pytest.raises(dsg.DSGError, match="min_share"):
-        settle_prompt_level(model, tok, guard, prompts, min_share=0)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(dsg.DSGError, match="max_loss"):
+            settle_prompt_level(model, tok, guard, questions, max_loss=bad)
     assert guard.prompt_level == level  # a refused check changes nothing

@@ -206,16 +206,15 @@ def test_cli_fit_inspect_generate(files, capsys):
     assert all(isinstance(r["gated"], bool) for r in rows)
 
 
-def test_cli_fit_settles_a_prompt_level_on_held_out_forget_prompts(files, capsys):
-    """dsg fit --forget-prompts: the prompt level is judged on the given prompts (a questions file's stems or a
-    corpus file) and the check is in the written guardrail; without them dsg fit says it was not checked; the flag
-    without a prompt level, or a file without prompts, is refused before anything is written."""
+def test_cli_fit_settles_a_prompt_level_on_held_out_forget_questions(files, capsys):
+    """dsg fit --forget-questions: the prompt level is judged on the given questions and the check is in the
+    written guardrail; without them dsg fit says it was not checked; the flag without a prompt level, or a file
+    that holds no questions, is refused before anything is written."""
     (files / "calibration.txt").write_text("\n\n".join(f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS))
-    questions = [{"question": f"{RETAIN_TEXTS[i % 2]} {f}", "choices": ["a", "b"], "answer": 0}
+    questions = [{"question": f"{RETAIN_TEXTS[i % 2]} {f}", "choices": [" x", " j"], "answer": i % 2}
                  for i, f in enumerate(FORGET_TEXTS * 2)]  # fmt: skip
     (files / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    (files / "prompts.txt").write_text("\n\n".join(FORGET_TEXTS))
-    (files / "neither.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    (files / "prompts.jsonl").write_text("".join(json.dumps({"text": f}) + "\n" for f in FORGET_TEXTS))
     paths = {"--model": "model", "--sae": "sae", "--forget": "forget.jsonl", "--retain": "retain.txt",
              "--calibration": "calibration.txt"}  # fmt: skip
     args = ["fit", *[a for flag, name in paths.items() for a in (flag, str(files / name))]]
@@ -225,17 +224,18 @@ def test_cli_fit_settles_a_prompt_level_on_held_out_forget_prompts(files, capsys
     assert main(args + level + ["--out", str(files / "unchecked")]) == 0
     assert "not checked" in capsys.readouterr().err
     assert "prompt_level_check" not in json.loads((files / "unchecked" / "guardrail.json").read_text())
-    for name, n in (("questions.jsonl", len(questions)), ("prompts.txt", len(FORGET_TEXTS))):
-        out = files / f"checked-{name}"
-        assert main(args + level + ["--forget-prompts", str(files / name), "--out", str(out)]) == 0
-        printed = capsys.readouterr().out
-        meta = json.loads((out / "guardrail.json").read_text())
-        check = meta["prompt_level_check"]
-        assert check["prompts"] == n and "held-out forget prompts" in printed
-        assert ("prompt_level" in meta) == check["kept"] == (check["share"] >= 0.9)
-    for extra, message in (([], "pass --gate-prompt-percentile"), (level, "'text' or 'question'")):
+    out = files / "checked"
+    assert main(args + level + ["--forget-questions", str(files / "questions.jsonl"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((out / "guardrail.json").read_text())
+    check = meta["prompt_level_check"]
+    assert check["questions"] == len(questions) and 0 < check["base_correct"] <= len(questions)
+    assert "held-out forget questions" in printed
+    assert ("prompt_level" in meta) == check["kept"] == (check["loss"] <= 0.03)
+    for extra, name, message in (([], "questions.jsonl", "pass --gate-prompt-percentile"),
+                                 (level, "prompts.jsonl", "question")):  # fmt: skip
         out = files / "refused"
-        assert main(args + extra + ["--forget-prompts", str(files / "neither.jsonl"), "--out", str(out)]) == 2
+        assert main(args + extra + ["--forget-questions", str(files / name), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err and not out.exists()
 
 

@@ -283,7 +283,7 @@ def test_a_guardrail_runs_store_key_covers_the_gate_it_fits_with(monkeypatch):
     cfg = method.grid(None, 1.0)[0]
     before = config_key("dsg", method.settings(bench, cfg), {"model": "x"})
     assert before == config_key("dsg", method.settings(bench, dict(cfg)), {"model": "x"})
-    assert method.settings(bench, cfg)["prompt_level_check"]["min_share"] == 0.9  # how the shipped level is settled
+    assert method.settings(bench, cfg)["prompt_level_check"]["max_loss"] == 0.03  # how the shipped level is settled
     monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | {"gate_prompt_percentile": None})
     assert config_key("dsg", method.settings(bench, cfg), {"model": "x"}) != before
     assert "prompt_level_check" not in method.settings(bench, cfg)

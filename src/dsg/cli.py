@@ -26,6 +26,7 @@ from .config import add_arguments, from_args
 from .data import available_domains, export, load_domain
 from .errors import DSGError
 from .eval.files import evaluate_files
+from .eval.mcq import read_questions
 from .eval.prompt_level import describe as describe_prompt_level
 from .eval.prompt_level import settle_prompt_level
 from .files import check_output_dir, check_output_file, write_text_atomic
@@ -64,43 +65,30 @@ OVERWRITE_HELP = "Replace the output folder if it already holds what this comman
 
 def cmd_fit(args) -> int:
     config = from_args(FitConfig, args)
-    inputs = (args.sae, args.forget, args.retain, args.calibration, args.forget_prompts, args.model)
+    inputs = (args.sae, args.forget, args.retain, args.calibration, args.forget_questions, args.model)
     check_output_dir(args.out, "guardrail", overwrite=args.overwrite, inputs=inputs)
     forget, retain = read_corpus(args.forget), read_corpus(args.retain)
     calibration = read_corpus(args.calibration) if args.calibration else None
-    if args.forget_prompts and (config.gate_prompt_percentile is None or not config.gated):
-        raise DSGError("--forget-prompts settles a prompt level; pass --gate-prompt-percentile (with a gate) too.")
-    held_out = _prompts(args.forget_prompts) if args.forget_prompts else None
+    if args.forget_questions and (config.gate_prompt_percentile is None or not config.gated):
+        raise DSGError("--forget-questions settles a prompt level; pass --gate-prompt-percentile (with a gate) too.")
+    held_out = read_questions(args.forget_questions) if args.forget_questions else None
     sae = SAE.load(args.sae, hook_name=args.sae_hook)
     model, tokenizer = _model(args)
     with sharded() as world:  # under torchrun: each process runs its share of the batches
         guard = fit(model, tokenizer, sae, forget, retain, calibration, config, name=args.name,
                     progress=world.main)  # fmt: skip
     if world.main:
-        check = settle_prompt_level(model, tokenizer, guard, held_out) if held_out else None
+        check = settle_prompt_level(model, tokenizer, guard, held_out, progress=True) if held_out else None
         guard.save(args.out)
         print(f"Fitted {guard!r}" + (f" on {world.size} processes" if world.size > 1 else ""))
         if check:
             print(describe_prompt_level(check))
         elif config.gate_prompt_percentile is not None:
-            print("The prompt level was not checked on held-out forget prompts (--forget-prompts): with a weak "
+            print("The prompt level was not checked on held-out forget questions (--forget-questions): with a weak "
                   "detector it can leave forget questions unclamped and forget less.", file=sys.stderr)  # fmt: skip
         print(f"Wrote {args.out}")
     barrier()  # the others return once the guardrail is on disk
     return 0
-
-
-def _prompts(path: str) -> list[str]:
-    """Prompts from a corpus file, or the stems of a questions file (.jsonl with 'question' fields)."""
-    try:
-        return read_corpus(path)
-    except DSGError as e:
-        if not path.endswith(".jsonl") or "no string field" not in str(e):
-            raise
-    try:
-        return read_corpus(path, field="question")
-    except DSGError as e:
-        raise DSGError(f"{e} Held-out forget prompts are read from 'text' or 'question' fields.") from None
 
 
 def add_fit(sub) -> None:
@@ -115,10 +103,10 @@ def add_fit(sub) -> None:
     p.add_argument("--forget", required=True, help="Forget corpus: .txt (blank-line-separated) or .jsonl with 'text'.")
     p.add_argument("--retain", required=True, help="Retain corpus, same formats.")
     p.add_argument("--calibration", default=None, help="Texts to calibrate the gate on (default: the retain corpus).")
-    p.add_argument("--forget-prompts", default=None,
-                   help="Held-out forget prompts, never fitted on (.txt, .jsonl with 'text', or questions .jsonl "
-                   "with 'question'): a prompt level (--gate-prompt-percentile) is kept only if it still clamps "
-                   "90%% of those the threshold clamps.")  # fmt: skip
+    p.add_argument("--forget-questions", default=None,
+                   help="Held-out forget-domain questions, never fitted on (.jsonl with question, choices, answer): "
+                   "a prompt level (--gate-prompt-percentile) is kept only if, of those the base model answers "
+                   "correctly, the guarded model keeps at most 3 points more with it than without it.")  # fmt: skip
     p.add_argument("--out", required=True, help="Output guardrail directory.")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--name", default=None, help="A name for this guardrail (e.g. the unlearning request).")

@@ -24,7 +24,7 @@ from ..data import load_domain
 from ..data.common import stable_unit
 from ..errors import DSGError
 from ..eval.mcq import read_questions
-from ..eval.prompt_level import settle_on_questions
+from ..eval.prompt_level import settle_prompt_level
 from ..guard.fit import CorpusStats, FitConfig, corpus_sha256, measure
 from ..lm.fingerprint import whole_model_fingerprint
 from ..lm.hooks import resolve
@@ -105,10 +105,15 @@ class Prepared(NamedTuple):
 # accuracy, and none of the paddings alone latches (P99 gave the same numbers; P100 is the stricter level).
 # A prompt's own tokens are clamped only near windows over that level (gate_prompt_percentile=100): with this fit
 # the same 29 % of cyber answers kept on validation at +2.7 % perplexity instead of +10.6 %, and benign documents
-# with one security sentence clamped 6 % instead of 44 %. With a weaker detector (the 128 sequences of
-# `dsg demo --quick`) it leaves more forget questions unclamped and forgets less (68 % of base-correct cyber
-# answers kept instead of 58 %), so `dsg demo` and `dsg compare` keep the level only where it still clamps at
-# least 90 % of the forget validation questions the threshold clamps (eval/prompt_level.py).
+# with one security sentence clamped 6 % instead of 44 %. Where the clamp on a question's own tokens is part of what
+# forgets, the level costs forgetting, so `dsg demo` and `dsg compare` keep it only where, on the forget domain's
+# validation questions, it keeps at most 3 points more of the base-correct answers than the rule without it
+# (eval/prompt_level.py). With the level, τ only decides whether the answer is guarded, so the gate percentile is
+# P95, the highest of those measured (P97, P95, P93, P90) that meets the dilution targets on validation (24 cyber
+# questions after 1,000 benign tokens:
+# gate 91.7 % and 36.4 % of the 11 base-correct kept; P97: 83.3 % and 45.5 %) at the same 29 % of cyber answers
+# kept, every retain task untouched and the same perplexity; it gates 4 % of held-out computing chat requests
+# (P97: 2 %) and 5 % of held-out benign documents (2.5 %).
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,
@@ -117,7 +122,7 @@ DEMO_FIT = FitConfig(
     gate_latch_percentile=100.0,
     gate_prompt_percentile=100.0,
     detector=True,
-    gate_percentile=97,
+    gate_percentile=95,
     clamp=100.0,
     clamp_mode="all",
     max_length=128,
@@ -208,10 +213,11 @@ def domain_questions(domain, split: str, n: int) -> list[dict]:
     return [q.to_json() if hasattr(q, "to_json") else dict(q) for q in domain.questions[split][:n]]
 
 
-def settle_on_validation(model, tokenizer, guard, forget, n: int) -> dict | None:
+def settle_on_validation(model, tokenizer, guard, forget, n: int, progress: bool = False) -> dict | None:
     """The shipped check of a fitted guardrail's prompt level (eval/prompt_level.py) on the first `n` validation
-    questions of the forget domain, as the prompts the benches score (the question's stem). Never the test split."""
-    return settle_on_questions(model, tokenizer, guard, domain_questions(forget, "validation", n))
+    questions of the forget domain, scored as the benches score them. Never the test split."""
+    questions = domain_questions(forget, "validation", n)
+    return settle_prompt_level(model, tokenizer, guard, questions, progress=progress)
 
 
 @dataclass

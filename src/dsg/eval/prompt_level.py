@@ -1,64 +1,84 @@
-"""Settling a guardrail's prompt level on held-out forget prompts.
+"""Settling a guardrail's prompt level on held-out forget questions.
 
 A prompt level (FitConfig.gate_prompt_percentile) spares a prompt's own tokens the clamp unless a window of the
 prompt scores over the level, a higher bar than the gate's threshold; the threshold still decides whether the
-answer is guarded. That keeps benign text that crosses the threshold by chance readable, but it also leaves
-unclamped every forget prompt that crosses the threshold and not the level, and how many those are depends on the
-fit: with a detector fitted on 512 sequences per corpus (`dsg demo`), 87.3 % of 300 cyber validation questions have
-a clamped token with the level against 95.7 % without it; fitted on 128 (`dsg demo --quick`), 58.3 % of 48 against
-89.6 %, and that guardrail with the level keeps 68 % of the base-correct cyber answers instead of 58 % (README, "A
-prompt is clamped only near windows over the latch level").
+answer is guarded. That keeps benign text that crosses the threshold by chance readable, but it also reads as they
+are the forget prompts that cross the threshold and not the level, and where the clamp on a question's own tokens
+is part of what forgets, the guarded model then forgets less.
 
-`settle_prompt_level` measures that on questions the fit never saw and drops the level where it would leave more
-than one in ten of the clamped forget prompts unclamped. `dsg demo` and `dsg compare` run it on the forget
-domain's validation questions, as the prompts they score (the question's stem: likelihood scoring); `dsg fit
---forget-prompts` on the user's. The check is recorded in the guardrail's info (`prompt_level_check`, with a hash
-of the prompts).
+`settle_prompt_level` measures that cost where it shows, in answers: on held-out forget questions the base model
+answers correctly, the share the guarded model still answers correctly with the level and without it, through the
+real runtime. It drops the level where it keeps more than `max_loss` more of them. The check reads the level's
+effect on forgetting, not how many prompt tokens are clamped, so it judges a level alike at any threshold (a lower
+threshold clamps more prompts without the level but guards the same answers). With the embedded default's fit the
+level keeps 2 more of 127 base-correct cyber validation questions (+1.6 points) at P97 and at P95 alike: kept; with
+the smaller fit of `dsg demo --quick`, 1 more of the 22 among its 48 validation questions at P95 (+4.5 points; 2
+more at P97): dropped, though on 300 of them the same fit's level also costs +1.6 points (README, "A prompt is
+clamped only near windows over the latch level").
+
+`dsg demo` and `dsg compare` run it on the forget domain's validation questions, scored as they score (likelihood,
+length-normalised); `dsg fit --forget-questions` on the user's. The check is recorded in the guardrail's info
+(`prompt_level_check`, with a hash of the questions).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Sequence
 
 from ..errors import DSGError
-from ..guard.fit import corpus_sha256
-from .dilution import gate_rates_on_texts
+from .mcq import score_mcq
 
-PROMPT_LEVEL_MIN_SHARE = 0.9
-"""Keep the prompt level only if the forget prompts it clamps anywhere are at least this share of those clamped
-without it."""
+PROMPT_LEVEL_MAX_LOSS = 0.03
+"""Keep the prompt level only if, of the held-out forget questions the base model answers correctly, the guarded
+model with it still answers at most this share more than without it (3 points of base-correct accuracy). The
+level is an economy of perplexity, so it may cost little forgetting: the embedded default's fit measures +1.6 points
+on 127 base-correct validation questions, and the bar lies below one question of the 22 that `dsg demo --quick`
+judges it on (4.5 points), which then decides for the clamp, the cautious side for an unlearning tool. Set between
+the two, as the 90 % bar of the earlier check was, not swept."""
 
 
-def settle_prompt_level(model, tokenizer, guardrail, forget_prompts: Sequence[str],
-                        min_share: float = PROMPT_LEVEL_MIN_SHARE) -> dict | None:  # fmt: skip
-    """Judge the guardrail's prompt level on `forget_prompts` (held-out forget-domain prompts, e.g. validation
-    questions): the share of them with any clamped token with and without the level. Where the level keeps less
-    than `min_share` of them clamped, it is dropped (`guardrail.prompt_level = None`: every window over the
-    threshold clamps the prompt near it, the rule without a prompt level). Returns the check's record, also stored
-    in `guardrail.info["prompt_level_check"]`; None for a guardrail without a prompt level."""
+def settle_prompt_level(model, tokenizer, guardrail, forget_questions: Sequence[dict],
+                        max_loss: float = PROMPT_LEVEL_MAX_LOSS, batch_size: int = 16,
+                        progress: bool = False) -> dict | None:  # fmt: skip
+    """Judge the guardrail's prompt level on `forget_questions` (held-out multiple-choice questions of the forget
+    domain, never fitted on; dicts with question, choices, answer): the base-correct accuracy of the guarded model
+    with and without the level. Where the level keeps more than `max_loss` more of them, it is dropped
+    (`guardrail.prompt_level = None`: every window over the threshold clamps the prompt near it, the rule without a
+    prompt level). Returns the check's record, also stored in `guardrail.info["prompt_level_check"]`; None for a
+    guardrail without a prompt level."""
     level = guardrail.prompt_level
     if level is None:
         return None
-    if not 0 < min_share <= 1:
-        raise DSGError(f"min_share must lie in (0, 1], got {min_share}.")
-    if not forget_prompts:
-        raise DSGError("Settling the prompt level needs held-out forget prompts; none were given.")
+    if not 0 <= max_loss < 1:
+        raise DSGError(f"max_loss must lie in [0, 1), got {max_loss}.")
+    if not forget_questions:
+        raise DSGError("Settling the prompt level needs held-out forget questions; none were given.")
+    if not guardrail.gated:
+        raise DSGError("Settling the prompt level needs a gated guardrail; this one gates no input.")
+    kw = dict(batch_size=batch_size, progress=progress)
+    base = score_mcq(model, tokenizer, forget_questions, **kw)
+    known = [q for q, r in zip(forget_questions, base) if r.correct_norm]
     plain = copy.copy(guardrail)  # the same latents, detector and levels, without the prompt level
     plain.prompt_level = None
-    rates = [gate_rates_on_texts(model, tokenizer, forget_prompts, g) for g in (guardrail, plain)]
-    if rates[0] is None or rates[1] is None:
-        raise DSGError("Settling the prompt level needs a gated guardrail; this one gates no input.")
-    (_, with_level), (_, without) = rates
-    share = with_level / without if without else 1.0  # nothing clamped either way: no forget prompt to lose
-    kept = share >= min_share
+    kept_share, gated = [], 0.0
+    for g in (guardrail, plain):
+        results = score_mcq(model, tokenizer, known, intervention=g, verify=False, **kw) if known else []
+        kept_share.append(sum(r.correct_norm for r in results) / len(results) if results else 0.0)
+        gated = sum(bool(r.gated) for r in results) / len(results) if results else 0.0  # τ decides: equal in both
+    loss = kept_share[0] - kept_share[1]
+    kept = loss <= max_loss + 1e-12
     record = {
-        "prompts": len(forget_prompts),
-        "prompts_sha256": corpus_sha256(list(forget_prompts)),
-        "clamped_with_level": with_level,
-        "clamped_without_level": without,
-        "share": share,
-        "min_share": min_share,
+        "questions": len(forget_questions),
+        "questions_sha256": _questions_sha256(forget_questions),
+        "base_correct": len(known),
+        "gate_rate_base_correct": gated,
+        "kept_with_level": kept_share[0],
+        "kept_without_level": kept_share[1],
+        "loss": loss,
+        "max_loss": max_loss,
         "level": level,
         "kept": kept,
     }
@@ -68,24 +88,30 @@ def settle_prompt_level(model, tokenizer, guardrail, forget_prompts: Sequence[st
     return record
 
 
-def settle_on_questions(model, tokenizer, guardrail, questions: Sequence[dict]) -> dict | None:
-    """settle_prompt_level on held-out forget questions, read as the benches score them (likelihood scoring: the
-    question's stem is the prompt)."""
-    return settle_prompt_level(model, tokenizer, guardrail, [q["question"] for q in questions])
+def _questions_sha256(questions: Sequence[dict]) -> str:
+    text = "\n".join(json.dumps({k: q.get(k) for k in ("question", "choices", "answer")}, sort_keys=True)
+                     for q in questions)  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def describe(record: dict | None) -> str | None:
     """One line on a prompt-level check, for reports."""
     if record is None:
         return None
-    verdict = "kept" if record["kept"] else "dropped (the threshold's windows clamp the prompt)"
-    if not record["clamped_without_level"]:
+    verdict = "kept" if record.get("kept") else "dropped (the threshold's windows clamp the prompt)"
+    if "base_correct" not in record:  # a file from dsg 0.1's first check, which compared prompts clamped
+        share = record.get("share")
+        shown = f"{share:.2f}" if isinstance(share, float) else "not recorded"
+        return f"prompt level {verdict} by the earlier check, on prompts clamped (share {shown})"
+    n = record["questions"]
+    if not record["base_correct"] or not record["gate_rate_base_correct"]:
+        why = "the base model answers none of them" if not record["base_correct"] else "the gate opens on none of them"
         return (
-            f"prompt level {verdict} unjudged: the threshold clamps none of the {record['prompts']} held-out forget "
-            "prompts, so they cannot tell the two rules apart (is the gate fitted for this domain?)"
+            f"prompt level {verdict} unjudged: on {n} held-out forget questions {why}, so they cannot tell the two "
+            "rules apart (is the gate fitted for this domain?)"
         )
     return (
-        f"prompt level {verdict}: on {record['prompts']} held-out forget prompts it leaves "
-        f"{record['clamped_with_level']:.1%} clamped against {record['clamped_without_level']:.1%} without it "
-        f"(share {record['share']:.2f}, needs {record['min_share']:.2f})"
+        f"prompt level {verdict}: of {record['base_correct']} base-correct held-out forget questions (of {n}) the "
+        f"guarded model keeps {record['kept_with_level']:.1%} with it against {record['kept_without_level']:.1%} "
+        f"without it (loss {100 * record['loss']:+.1f} points, allows {100 * record['max_loss']:.1f})"
     )

@@ -22,7 +22,7 @@ DETECTOR = {
     "gate_prompt_percentile": 100.0,
     "detector": True,
     "detector_context": 0,
-    "gate_percentile": 97.0,
+    "gate_percentile": 95.0,
 }
 PAPER_RULE = {"gate_window": None, "gate_hold": None, "gate_latch_percentile": None, "gate_prompt_percentile": None,
               "detector": False, "detector_context": 0, "gate_percentile": 95.0, "clamp_mode": "all"}  # fmt: skip

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ..eval.prompt_level import PROMPT_LEVEL_MIN_SHARE, settle_on_questions
+from ..eval.prompt_level import PROMPT_LEVEL_MAX_LOSS, settle_prompt_level
 from ..guard.fit import FitConfig, fit
 from ..guard.guardrail import Guardrail
 from .base import Fitted, UnlearningMethod
@@ -30,7 +30,7 @@ class GuardrailMethod(UnlearningMethod):
         config = self.fit_config(bench, cfg)
         settled = {}
         if config.gate_prompt_percentile is not None:  # settled after the fit on the validation questions
-            settled = {"prompt_level_check": {"min_share": PROMPT_LEVEL_MIN_SHARE, "prompts": "validation"}}
+            settled = {"prompt_level_check": {"max_loss": PROMPT_LEVEL_MAX_LOSS, "questions": "validation"}}
         return {**cfg, "fit_config": dataclasses.asdict(config), **settled}
 
     def calibration(self, bench) -> list[str] | None:
@@ -55,7 +55,8 @@ class GuardrailMethod(UnlearningMethod):
             stats=stats,
         )
         # a prompt level is judged on the forget domain's validation questions (eval/prompt_level.py)
-        settle_on_questions(bench.model, bench.tokenizer, guard, bench.questions["validation"][bench.forget_task])
+        settle_prompt_level(bench.model, bench.tokenizer, guard, bench.questions["validation"][bench.forget_task],
+                            batch_size=bench.batch_size, progress=progress)  # fmt: skip
         own = time.perf_counter() - t
         if memo is not None:  # detector windows computed by an earlier configuration count in full, like the statistics
             used, computed = memo.take()
