@@ -46,7 +46,7 @@ VARIANTS = {
     "paper": PAPER_RULE | {"n_features": 50},
     "ships": {},
     "detector-p99": {"gate_percentile": 99.0},
-    "detector-p95": {"gate_percentile": 95.0},
+    "detector-p97": {"gate_percentile": 97.0},  # the threshold before the prompt level was settled by forgetting
     "detector-c50": {"clamp": 50.0},
     "detector-layer3-clamp": {"n_features": 150, "clamp": 500.0, "clamp_mode": "active"},
 }

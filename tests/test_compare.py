@@ -562,3 +562,23 @@ def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts
     assert together == pytest.approx(alone, abs=1e-5)
     gated = [bool(d.any()) for d in lm._decisions.values()]
     assert any(gated) and not all(gated), "the test needs contexts on both sides of the gate"
+
+
+def test_the_shipped_dsg_settles_its_prompt_level_on_the_forget_validation_questions(tiny_llama, tmp_path):
+    """The comparison's DSG (the shipped gate, with its prompt level) judges the level on the bench's forget
+    validation questions, scored as the bench scores them, and records the check and the rule it then applies."""
+    from tiny import sparse_sae
+
+    model, tok = tiny_llama
+    bench = tiny_bench(model, tok)
+    bench.sae = sparse_sae(model, tok, FORGET + RETAIN, rate=0.1)
+    bench.calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS  # enough to tell apart
+    method = METHODS["dsg"]()
+    cfg = {"n_features": 4, "clamp": 100.0, "clamp_mode": "all", "gate_percentile": 50.0, "gate_hold": 3}
+    assert method.fit_config(bench, cfg).gate_prompt_percentile is not None  # the shipped gate, with its level
+    fitted = method.fit(bench, cfg, tmp_path, progress=False)
+    check = fitted.record["prompt_level_check"]
+    assert check["questions"] == len(bench.questions["validation"]["cyber"]) and check["normalized"] is True
+    assert check["max_loss"] == 0.03 and check["kept"] == (check["loss"] <= 0.03)
+    assert (fitted.record["prompt_level"] is not None) == check["kept"]
+    assert fitted.intervention.info["prompt_level_check"] == check

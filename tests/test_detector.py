@@ -452,23 +452,21 @@ CHOICES = [" x", " j"]  # two choices the tiny model weighs closely enough for a
 
 
 def _level_questions(model, tok, guard, prompts):
-    """Questions on `prompts` whose answers make the prompt level cost forgetting where it can: the answer is the
-    base model's choice, so every question is base-correct, and it is the first (guarded) prediction that differs
-    with and without the level, so some are kept only with it. Returns them with the level's loss, measured
-    directly through score_mcq."""
+    """Questions on `prompts`, each asked twice: once with the base model's choice as the answer (base-correct)
+    and once with the other choice (base-wrong, so outside what the check judges). Returns them with the level's
+    loss on the base-correct ones and the shares kept with and without it, measured directly through score_mcq."""
     from dsg.eval.mcq import score_mcq
 
     level, qs = guard.prompt_level, [{"question": p, "choices": CHOICES, "answer": 0} for p in prompts]
-    base = [r.prediction_norm for r in score_mcq(model, tok, qs, progress=False)]
+    kw = dict(batch_size=16, progress=False)  # as the check batches them
+    base = [r.prediction_norm for r in score_mcq(model, tok, qs, **kw)]
     plain = copy.copy(guard)
     plain.prompt_level = None
-    preds = [
-        [r.prediction_norm for r in score_mcq(model, tok, qs, intervention=g, progress=False)] for g in (guard, plain)
-    ]
+    preds = [[r.prediction_norm for r in score_mcq(model, tok, qs, intervention=g, **kw)] for g in (guard, plain)]
     assert guard.prompt_level == level
-    qs = [q | {"answer": b} for q, b in zip(qs, base)]
     kept = [sum(p == b for p, b in zip(pred, base)) / len(base) for pred in preds]
-    return qs, kept[0] - kept[1], kept
+    known = [q | {"answer": b} for q, b in zip(qs, base)]
+    return known + [q | {"answer": 1 - b} for q, b in zip(qs, base)], kept[0] - kept[1], kept
 
 
 def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(detected, tmp_path):
@@ -485,10 +483,13 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(
 
     record = settle_prompt_level(model, tok, guard, questions, max_loss=loss)
     assert record["kept"] and guard.prompt_level == level
-    assert record["base_correct"] == record["questions"] == len(questions)
+    assert 2 * record["base_correct"] == record["questions"] == len(questions)  # only the base-correct are judged
     assert [record["kept_with_level"], record["kept_without_level"]] == pytest.approx(kept)
     assert record["loss"] == pytest.approx(loss) and len(record["questions_sha256"]) == 64
-    assert guard.info["prompt_level_check"] == record and "kept" in describe(record)
+    assert record["gate_rate_base_correct"] > 0 and record["n_kept_with_level"] > record["n_kept_without_level"]
+    assert (
+        guard.info["prompt_level_check"] == record and "kept: of" in describe(record) and "loss +" in describe(record)
+    )
 
     record = settle_prompt_level(model, tok, guard, questions, max_loss=loss - 1e-6)
     assert not record["kept"] and guard.prompt_level is None and record["level"] == level
@@ -507,9 +508,13 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(
     assert f"calibration rho: median {median:.3f}" in shown and f"> {loaded.threshold / SCALE:.4g}" in shown
     # questions the gate never opens on cannot judge the level: kept, and the line says why
     guard.prompt_level = level
+    from dsg.eval.mcq import score_mcq
+
     benign = [{"question": t, "choices": CHOICES, "answer": 0} for t in RETAIN_TEXTS[2:]]
+    benign = [q | {"answer": r.prediction_norm} for q, r in zip(benign, score_mcq(model, tok, benign, progress=False))]
     record = settle_prompt_level(model, tok, guard, benign, max_loss=0.0)
-    assert record["gate_rate_base_correct"] == 0 and record["kept"] and "unjudged" in describe(record)
+    assert record["base_correct"] == len(benign) and record["gate_rate_base_correct"] == 0 and record["kept"]
+    assert "unjudged" in describe(record) and "the gate opens on none" in describe(record)
     guard.prompt_level = None
     # without a level there is nothing to settle; a level is never settled on no questions or a bound out of range
     assert settle_prompt_level(model, tok, guard, questions) is None and describe(None) is None

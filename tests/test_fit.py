@@ -233,7 +233,7 @@ def test_cli_fit_settles_a_prompt_level_on_held_out_forget_questions(files, caps
     assert "held-out forget questions" in printed
     assert ("prompt_level" in meta) == check["kept"] == (check["loss"] <= 0.03)
     for extra, name, message in (([], "questions.jsonl", "pass --gate-prompt-percentile"),
-                                 (level, "prompts.jsonl", "question")):  # fmt: skip
+                                 (level, "prompts.jsonl", "needs a string field 'question'")):  # fmt: skip
         out = files / "refused"
         assert main(args + extra + ["--forget-questions", str(files / name), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err and not out.exists()

@@ -278,12 +278,16 @@ def test_a_guardrail_runs_store_key_covers_the_gate_it_fits_with(monkeypatch):
     from dsg.bench.setting import DEMO_FIT
     from dsg.bench.store import config_key
 
-    bench = SimpleNamespace(fit=DEMO_FIT)
+    bench = SimpleNamespace(fit=DEMO_FIT, norm=True)
     method = METHODS["dsg"]()
     cfg = method.grid(None, 1.0)[0]
     before = config_key("dsg", method.settings(bench, cfg), {"model": "x"})
     assert before == config_key("dsg", method.settings(bench, dict(cfg)), {"model": "x"})
     assert method.settings(bench, cfg)["prompt_level_check"]["max_loss"] == 0.03  # how the shipped level is settled
+    scored_otherwise = config_key(
+        "dsg", method.settings(SimpleNamespace(fit=DEMO_FIT, norm=False), cfg), {"model": "x"}
+    )
+    assert scored_otherwise != before  # the check scores as the bench does: another scoring may settle another level
     monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | {"gate_prompt_percentile": None})
     assert config_key("dsg", method.settings(bench, cfg), {"model": "x"}) != before
     assert "prompt_level_check" not in method.settings(bench, cfg)

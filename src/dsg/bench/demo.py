@@ -162,7 +162,9 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         guard = fit(
             model, tok, sae, forget_texts, retain_texts, calibration, fit_config, name=f"forget-{config.forget}"
         )
-        prompt_level_check = settle_on_validation(model, tok, guard, forget, config.questions, progress=True)
+        prompt_level_check = settle_on_validation(
+            model, tok, guard, forget, config.questions, config.eval_batch_size, config.normalized, progress=True
+        )
     with stage("evaluate", "scoring base and guarded model"):
         evaluation = evaluate_guardrail(
             model,

@@ -92,7 +92,8 @@ class Prepared(NamedTuple):
 # Fit settings for the embedded default (the layer-12 SAE): the detector gate over windows of 8 tokens, chosen on
 # validation inputs with benchmarks/gate_sweep.py, and the clamp with benchmarks/clamp_sweep.py; the README reports
 # both. The gate percentile is the detector's trade: P99 / P97 / P95 open on 22 / 35 / 42 % of the hand-written
-# offensive questions and on 2 / 10 / 12 % of 256-token held-out retain documents. Each token's evidence is signed:
+# offensive questions and on 2 / 10 / 12 % of 256-token held-out retain documents (anywhere in the document, with a
+# whole-input gate that clamped every token near a window over τ). Each token's evidence is signed:
 # floored at zero (detector_floor) the gate opens on more short plain-words questions (42.5 % at P97) but on fewer
 # padded forget questions and more benign documents (README). The clamp: 50 latents at -100,
 # all of them at each flagged token, forgets most (29 % of base-correct cyber answers kept) and repeats less than
@@ -112,8 +113,8 @@ class Prepared(NamedTuple):
 # P95, the highest of those measured (P97, P95, P93, P90) that meets the dilution targets on validation (24 cyber
 # questions after 1,000 benign tokens:
 # gate 91.7 % and 36.4 % of the 11 base-correct kept; P97: 83.3 % and 45.5 %) at the same 29 % of cyber answers
-# kept, every retain task untouched and the same perplexity; it gates 4 % of held-out computing chat requests
-# (P97: 2 %) and 5 % of held-out benign documents (2.5 %).
+# kept, every retain task untouched and the same perplexity; it guards the answer after 4 % of held-out computing
+# chat requests (P97: 2 %) and after 5 % of held-out benign documents (2.5 %).
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,
@@ -213,11 +214,12 @@ def domain_questions(domain, split: str, n: int) -> list[dict]:
     return [q.to_json() if hasattr(q, "to_json") else dict(q) for q in domain.questions[split][:n]]
 
 
-def settle_on_validation(model, tokenizer, guard, forget, n: int, progress: bool = False) -> dict | None:
+def settle_on_validation(model, tokenizer, guard, forget, n: int, batch_size: int = 16, norm: bool = True,
+                         progress: bool = False) -> dict | None:  # fmt: skip
     """The shipped check of a fitted guardrail's prompt level (eval/prompt_level.py) on the first `n` validation
     questions of the forget domain, scored as the benches score them. Never the test split."""
     questions = domain_questions(forget, "validation", n)
-    return settle_prompt_level(model, tokenizer, guard, questions, progress=progress)
+    return settle_prompt_level(model, tokenizer, guard, questions, batch_size=batch_size, norm=norm, progress=progress)
 
 
 @dataclass
@@ -237,6 +239,7 @@ class Bench:
     fit: FitConfig = field(default_factory=FitConfig)  # data settings of the DSG/clamp statistics
     name: str = ""
     batch_size: int = 16  # questions per forward when scoring
+    norm: bool = True  # length-normalised accuracy (acc_norm), as the comparison scores; False: summed (acc)
     # the base model's results, for the guarded runs of this process to reuse where the gates stay shut:
     # (split, task, batch size) -> mcq results, ("perplexity", batch size) -> perplexity
     unguarded: dict = field(default_factory=dict, repr=False)
@@ -349,6 +352,7 @@ def embedded_bench(
         fit,
         name=f"{setting.model}: forget {forget.name}, retain {', '.join(d.name for d in retain)}",
         batch_size=setting.eval_batch_size,
+        norm=setting.normalized,
         generation_tokens=generation_tokens,
     )
 
@@ -410,5 +414,6 @@ def files_bench(
         fit,
         name=f"{setting.model}: forget {names[0]}, retain {', '.join(names[1:])}",
         batch_size=setting.eval_batch_size,
+        norm=setting.normalized,
         generation_tokens=generation_tokens,
     )

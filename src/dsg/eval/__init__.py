@@ -1,6 +1,7 @@
 """Evaluation: multiple-choice scoring (`mcq`), perplexity, the metrics and task summary every report uses
 (`metrics`), question files (`files`, `dsg eval`), the suites the comparison bench runs (`suites`), and the check
-that keeps or drops a guardrail's prompt level on held-out forget prompts (`prompt_level`)."""
+that keeps or drops a guardrail's prompt level by the forgetting it costs on held-out forget questions
+(`prompt_level`)."""
 
 from .files import evaluate_files
 from .mcq import base_correct_subset, check_question, letter_prompt, read_questions, score_mcq

@@ -2,9 +2,9 @@
 
 A prompt level (FitConfig.gate_prompt_percentile) spares a prompt's own tokens the clamp unless a window of the
 prompt scores over the level, a higher bar than the gate's threshold; the threshold still decides whether the
-answer is guarded. That keeps benign text that crosses the threshold by chance readable, but it also reads as they
-are the forget prompts that cross the threshold and not the level, and where the clamp on a question's own tokens
-is part of what forgets, the guarded model then forgets less.
+answer is guarded. That keeps benign text that crosses the threshold by chance readable, but it also leaves
+unclamped the forget prompts that cross the threshold but not the level, and where the clamp on a question's own
+tokens is part of what forgets, the guarded model then forgets less.
 
 `settle_prompt_level` measures that cost where it shows, in answers: on held-out forget questions the base model
 answers correctly, the share the guarded model still answers correctly with the level and without it, through the
@@ -41,11 +41,12 @@ the two, as the 90 % bar of the earlier check was, not swept."""
 
 
 def settle_prompt_level(model, tokenizer, guardrail, forget_questions: Sequence[dict],
-                        max_loss: float = PROMPT_LEVEL_MAX_LOSS, batch_size: int = 16,
+                        max_loss: float = PROMPT_LEVEL_MAX_LOSS, batch_size: int = 16, norm: bool = True,
                         progress: bool = False) -> dict | None:  # fmt: skip
     """Judge the guardrail's prompt level on `forget_questions` (held-out multiple-choice questions of the forget
     domain, never fitted on; dicts with question, choices, answer): the base-correct accuracy of the guarded model
-    with and without the level. Where the level keeps more than `max_loss` more of them, it is dropped
+    with and without the level, scored by likelihood, length-normalised unless `norm` is False (as the benches
+    score). Where the level keeps more than `max_loss` more of them, it is dropped
     (`guardrail.prompt_level = None`: every window over the threshold clamps the prompt near it, the rule without a
     prompt level). Returns the check's record, also stored in `guardrail.info["prompt_level_check"]`; None for a
     guardrail without a prompt level."""
@@ -59,24 +60,32 @@ def settle_prompt_level(model, tokenizer, guardrail, forget_questions: Sequence[
     if not guardrail.gated:
         raise DSGError("Settling the prompt level needs a gated guardrail; this one gates no input.")
     kw = dict(batch_size=batch_size, progress=progress)
+
+    def correct(results) -> list[bool]:
+        return [r.correct_norm if norm else r.correct for r in results]
+
     base = score_mcq(model, tokenizer, forget_questions, **kw)
-    known = [q for q, r in zip(forget_questions, base) if r.correct_norm]
+    known = [q for q, ok in zip(forget_questions, correct(base)) if ok]
     plain = copy.copy(guardrail)  # the same latents, detector and levels, without the prompt level
     plain.prompt_level = None
-    kept_share, gated = [], 0.0
+    counts, gated = [], 0
     for g in (guardrail, plain):
         results = score_mcq(model, tokenizer, known, intervention=g, verify=False, **kw) if known else []
-        kept_share.append(sum(r.correct_norm for r in results) / len(results) if results else 0.0)
-        gated = sum(bool(r.gated) for r in results) / len(results) if results else 0.0  # τ decides: equal in both
-    loss = kept_share[0] - kept_share[1]
-    kept = loss <= max_loss + 1e-12
+        counts.append(sum(correct(results)))
+        gated = sum(bool(r.gated) for r in results)  # τ decides whether a question is gated: equal in both
+    n = max(len(known), 1)
+    loss = (counts[0] - counts[1]) / n  # from counts, so that k of n compares exactly with a bar of k / n
+    kept = loss <= max_loss
     record = {
         "questions": len(forget_questions),
         "questions_sha256": _questions_sha256(forget_questions),
+        "normalized": norm,
         "base_correct": len(known),
-        "gate_rate_base_correct": gated,
-        "kept_with_level": kept_share[0],
-        "kept_without_level": kept_share[1],
+        "gate_rate_base_correct": gated / n,
+        "kept_with_level": counts[0] / n,
+        "kept_without_level": counts[1] / n,
+        "n_kept_with_level": counts[0],
+        "n_kept_without_level": counts[1],
         "loss": loss,
         "max_loss": max_loss,
         "level": level,
@@ -104,7 +113,7 @@ def describe(record: dict | None) -> str | None:
         shown = f"{share:.2f}" if isinstance(share, float) else "not recorded"
         return f"prompt level {verdict} by the earlier check, on prompts clamped (share {shown})"
     n = record["questions"]
-    if not record["base_correct"] or not record["gate_rate_base_correct"]:
+    if not record["base_correct"] or (not record["gate_rate_base_correct"] and not record["loss"]):
         why = "the base model answers none of them" if not record["base_correct"] else "the gate opens on none of them"
         return (
             f"prompt level {verdict} unjudged: on {n} held-out forget questions {why}, so they cannot tell the two "

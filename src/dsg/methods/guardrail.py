@@ -30,7 +30,13 @@ class GuardrailMethod(UnlearningMethod):
         config = self.fit_config(bench, cfg)
         settled = {}
         if config.gate_prompt_percentile is not None:  # settled after the fit on the validation questions
-            settled = {"prompt_level_check": {"max_loss": PROMPT_LEVEL_MAX_LOSS, "questions": "validation"}}
+            settled = {
+                "prompt_level_check": {
+                    "max_loss": PROMPT_LEVEL_MAX_LOSS,
+                    "questions": "validation",
+                    "normalized": bench.norm,
+                }
+            }
         return {**cfg, "fit_config": dataclasses.asdict(config), **settled}
 
     def calibration(self, bench) -> list[str] | None:
@@ -56,7 +62,7 @@ class GuardrailMethod(UnlearningMethod):
         )
         # a prompt level is judged on the forget domain's validation questions (eval/prompt_level.py)
         settle_prompt_level(bench.model, bench.tokenizer, guard, bench.questions["validation"][bench.forget_task],
-                            batch_size=bench.batch_size, progress=progress)  # fmt: skip
+                            batch_size=bench.batch_size, norm=bench.norm, progress=progress)  # fmt: skip
         own = time.perf_counter() - t
         if memo is not None:  # detector windows computed by an earlier configuration count in full, like the statistics
             used, computed = memo.take()
@@ -73,7 +79,8 @@ class GuardrailMethod(UnlearningMethod):
             "own_seconds": round(own, 3),
             "own_flops": own_flops,
             "note": "forward passes only: latent statistics (shared by all DSG/clamp configurations, counted in "
-            "full for each; seconds also count the detector's window features in full) + gate calibration",
+            "full for each; seconds also count the detector's window features in full) + gate calibration; seconds "
+            "also count the prompt level's check on the validation questions, where there is one",
         }
         record = {k: getattr(guard, k) for k in ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")}
         record |= {"window": guard.window, "hold": guard.hold, "latch": guard.latch, "prompt_level": guard.prompt_level}
