@@ -527,4 +527,9 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(
     for bad in (-0.1, 1.0):
         with pytest.raises(dsg.DSGError, match="max_loss"):
             settle_prompt_level(model, tok, guard, questions, max_loss=bad)
+    from tiny import tiny_model
+
+    other = tiny_model("llama", seed=1, vocab=len(tok))  # same shapes, other weights: not the model it was fitted on
+    with pytest.raises(dsg.DSGError, match="was fitted on model"):
+        settle_prompt_level(other, tok, guard, questions + [q | {"answer": 1 - q["answer"]} for q in questions])
     assert guard.prompt_level == level  # a refused check changes nothing

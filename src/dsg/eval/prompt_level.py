@@ -70,7 +70,9 @@ def settle_prompt_level(model, tokenizer, guardrail, forget_questions: Sequence[
     plain.prompt_level = None
     counts, gated = [], 0
     for g in (guardrail, plain):
-        results = score_mcq(model, tokenizer, known, intervention=g, verify=False, **kw) if known else []
+        # the first guarded run checks that the guardrail was made for this model (a fitted one was, a loaded one may
+        # not have been); the second applies the same latents to the same model
+        results = score_mcq(model, tokenizer, known, intervention=g, verify=g is guardrail, **kw) if known else []
         counts.append(sum(correct(results)))
         gated = sum(bool(r.gated) for r in results)  # τ decides whether a question is gated: equal in both
     n = max(len(known), 1)
