@@ -582,3 +582,16 @@ def test_the_shipped_dsg_settles_its_prompt_level_on_the_forget_validation_quest
     assert check["max_loss"] == 0.03 and check["kept"] == (check["loss"] <= 0.03)
     assert (fitted.record["prompt_level"] is not None) == check["kept"]
     assert fitted.intervention.info["prompt_level_check"] == check
+    # with the base model's validation results already in this process (the comparison scores them first), the
+    # check takes them instead of scoring them again, and judges alike
+    from dsg.eval.mcq import score_mcq
+
+    qs = bench.questions["validation"]["cyber"]
+    bench.unguarded[bench.scores_key("validation", "cyber")] = score_mcq(model, tok, qs, batch_size=8, progress=False)
+    again = method.fit(bench, cfg, tmp_path, progress=False)
+    assert again.record["prompt_level_check"] == check
+    bench.unguarded[bench.scores_key("validation", "cyber")] = score_mcq(
+        model, tok, qs[1:], batch_size=8, progress=False
+    )
+    with pytest.raises(DSGError, match="base is not the base model's results"):  # they are read, and checked
+        method.fit(bench, cfg, tmp_path, progress=False)

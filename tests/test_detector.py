@@ -490,6 +490,13 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(
     assert (
         guard.info["prompt_level_check"] == record and "kept: of" in describe(record) and "loss +" in describe(record)
     )
+    from dsg.eval.mcq import score_mcq
+
+    base = score_mcq(model, tok, questions, batch_size=16, progress=False)  # a caller's base run, not scored again
+    assert settle_prompt_level(model, tok, guard, questions, max_loss=loss, base=base) == record
+    with pytest.raises(dsg.DSGError, match="base is not the base model's results"):
+        settle_prompt_level(model, tok, guard, questions[1:], max_loss=loss, base=base)
+    assert guard.prompt_level == level
 
     record = settle_prompt_level(model, tok, guard, questions, max_loss=loss - 1e-6)
     assert not record["kept"] and guard.prompt_level is None and record["level"] == level
@@ -508,8 +515,6 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(
     assert f"calibration rho: median {median:.3f}" in shown and f"> {loaded.threshold / SCALE:.4g}" in shown
     # questions the gate never opens on cannot judge the level: kept, and the line says why
     guard.prompt_level = level
-    from dsg.eval.mcq import score_mcq
-
     benign = [{"question": t, "choices": CHOICES, "answer": 0} for t in RETAIN_TEXTS[2:]]
     benign = [q | {"answer": r.prediction_norm} for q, r in zip(benign, score_mcq(model, tok, benign, progress=False))]
     record = settle_prompt_level(model, tok, guard, benign, max_loss=0.0)

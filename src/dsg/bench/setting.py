@@ -261,6 +261,10 @@ class Bench:
             raise DSGError(f"RMU needs a residual-stream hook (blocks.L.hook_resid_post); the SAE hooks {self.hook!r}.")
         return point.layer
 
+    def scores_key(self, split: str, task: str) -> tuple:
+        """Where `unguarded` keeps the base model's question results for one task of one split."""
+        return (split, task, self.batch_size)
+
     def retain_tasks(self, split: str = "validation") -> list[str]:
         return [t for t in self.questions[split] if t != self.forget_task]
 

@@ -482,7 +482,7 @@ def score_mcq(
     inputs = inputs_digest("mcq", mode, batch_size, [tuple(r) for r in requests], owners,
                            [(q.get("id"), q["answer"]) for q in questions])  # fmt: skip
     if unguarded is not None:
-        _check_unguarded(unguarded, questions)
+        check_unguarded(unguarded, questions)
         check_base_run(getattr(unguarded, "base_run", None), model, inputs, verify, "score_mcq's results")
     lls, gated, skipped = _loglikelihoods(model, requests, pad_id_of(tokenizer, model), intervention, batch_size,
                                           progress, desc, skip_untouched=unguarded is not None)  # fmt: skip
@@ -495,7 +495,7 @@ def score_mcq(
     return results
 
 
-def _check_unguarded(unguarded: Sequence[QuestionResult], questions: Sequence[dict]) -> None:
+def check_unguarded(unguarded: Sequence[QuestionResult], questions: Sequence[dict]) -> None:
     """Refuse results that cannot be the same questions' (another list, order or choice count); the run they
     record (QuestionResults.base_run) is checked next."""
     if len(unguarded) != len(questions):

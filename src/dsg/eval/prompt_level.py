@@ -24,12 +24,12 @@ length-normalised); `dsg fit --forget-questions` on the user's. The check is rec
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Sequence
 
 from ..errors import DSGError
-from .mcq import score_mcq
+from ..guard.fit import corpus_sha256
+from .mcq import check_unguarded, score_mcq
 
 PROMPT_LEVEL_MAX_LOSS = 0.03
 """Keep the prompt level only if, of the held-out forget questions the base model answers correctly, the guarded
@@ -42,14 +42,15 @@ the two, as the 90 % bar of the earlier check was, not swept."""
 
 def settle_prompt_level(model, tokenizer, guardrail, forget_questions: Sequence[dict],
                         max_loss: float = PROMPT_LEVEL_MAX_LOSS, batch_size: int = 16, norm: bool = True,
-                        progress: bool = False) -> dict | None:  # fmt: skip
+                        progress: bool = False, base: Sequence | None = None) -> dict | None:  # fmt: skip
     """Judge the guardrail's prompt level on `forget_questions` (held-out multiple-choice questions of the forget
     domain, never fitted on; dicts with question, choices, answer): the base-correct accuracy of the guarded model
     with and without the level, scored by likelihood, length-normalised unless `norm` is False (as the benches
     score). Where the level keeps more than `max_loss` more of them, it is dropped
     (`guardrail.prompt_level = None`: every window over the threshold clamps the prompt near it, the rule without a
     prompt level). Returns the check's record, also stored in `guardrail.info["prompt_level_check"]`; None for a
-    guardrail without a prompt level."""
+    guardrail without a prompt level. `base`: score_mcq's results for these questions without an intervention, at
+    this batch size, where the caller has them already (the comparison's base run); they are not scored again."""
     level = guardrail.prompt_level
     if level is None:
         return None
@@ -64,7 +65,13 @@ def settle_prompt_level(model, tokenizer, guardrail, forget_questions: Sequence[
     def correct(results) -> list[bool]:
         return [r.correct_norm if norm else r.correct for r in results]
 
-    base = score_mcq(model, tokenizer, forget_questions, **kw)
+    if base is None:
+        base = score_mcq(model, tokenizer, forget_questions, **kw)
+    else:
+        try:
+            check_unguarded(base, forget_questions)
+        except DSGError as e:
+            raise DSGError(f"base is not the base model's results on these questions: {e}") from None
     known = [q for q, ok in zip(forget_questions, correct(base)) if ok]
     plain = copy.copy(guardrail)  # the same latents, detector and levels, without the prompt level
     plain.prompt_level = None
@@ -100,9 +107,8 @@ def settle_prompt_level(model, tokenizer, guardrail, forget_questions: Sequence[
 
 
 def _questions_sha256(questions: Sequence[dict]) -> str:
-    text = "\n".join(json.dumps({k: q.get(k) for k in ("question", "choices", "answer")}, sort_keys=True)
-                     for q in questions)  # fmt: skip
-    return hashlib.sha256(text.encode()).hexdigest()
+    return corpus_sha256([json.dumps({k: q.get(k) for k in ("question", "choices", "answer")}, sort_keys=True)
+                          for q in questions])  # fmt: skip
 
 
 def describe(record: dict | None) -> str | None:

@@ -44,7 +44,7 @@ class MultipleChoice(Suite):
         """{task: {"correct": [bool], "correct_norm": [bool], "gated": [bool | None]}}."""
         out = {}
         for task, qs in bench.questions[split].items():
-            base = bench.unguarded.get((split, task, bench.batch_size)) if intervention is not None else None
+            base = bench.unguarded.get(bench.scores_key(split, task)) if intervention is not None else None
             res = score_mcq(
                 bench.model,
                 bench.tokenizer,
@@ -56,7 +56,7 @@ class MultipleChoice(Suite):
                 unguarded=base,
             )
             if intervention is None:  # kept for the guarded runs of this process (score_mcq's unguarded)
-                bench.unguarded[(split, task, bench.batch_size)] = res
+                bench.unguarded[bench.scores_key(split, task)] = res
             out[task] = {
                 "correct": [bool(r.correct) for r in res],
                 "correct_norm": [bool(r.correct_norm) for r in res],

@@ -60,9 +60,11 @@ class GuardrailMethod(UnlearningMethod):
             progress=progress,
             stats=stats,
         )
-        # a prompt level is judged on the forget domain's validation questions (eval/prompt_level.py)
+        # a prompt level is judged on the forget domain's validation questions (eval/prompt_level.py), with the base
+        # model's results on them where this process scored them already
         settle_prompt_level(bench.model, bench.tokenizer, guard, bench.questions["validation"][bench.forget_task],
-                            batch_size=bench.batch_size, norm=bench.norm, progress=progress)  # fmt: skip
+                            batch_size=bench.batch_size, norm=bench.norm, progress=progress,
+                            base=bench.unguarded.get(bench.scores_key("validation", bench.forget_task)))  # fmt: skip
         own = time.perf_counter() - t
         if memo is not None:  # detector windows computed by an earlier configuration count in full, like the statistics
             used, computed = memo.take()
