@@ -162,7 +162,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         guard = fit(
             model, tok, sae, forget_texts, retain_texts, calibration, fit_config, name=f"forget-{config.forget}"
         )
-        prompt_level_check = settle_on_validation(
+        settle_on_validation(
             model, tok, guard, forget, config.questions, config.eval_batch_size, config.normalized, progress=True
         )
     with stage("evaluate", "scoring base and guarded model"):
@@ -193,22 +193,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
         "dilution": evaluation["dilution"],
         "fluency": evaluation["fluency"],
         "requests_gate_rate": evaluation["requests_gate_rate"],
-        "guardrail": {
-            "features": guard.features,
-            "threshold": guard.threshold,
-            "gate": guard.gate_rule(),
-            "window": guard.window,
-            "hold": guard.hold,
-            "latch": guard.latch,
-            "prompt_level": guard.prompt_level,
-            "prompt_level_check": prompt_level_check,
-            "detector_latents": len(guard.detector) if guard.detector is not None else None,
-            "clamp": guard.clamp,
-            "clamp_mode": guard.clamp_mode,
-            "hook": guard.hook,
-            "sae": str(sae_path),
-            "sae_sha256": guard.sae_sha256,
-        },
+        "guardrail": _guardrail_record(guard, sae_path),
         "sae_training": _training_record(sae_path),
     }
     results["evaluate_seconds"] = evaluation["seconds"]
@@ -315,6 +300,26 @@ def _perplexity(model, tok, guard, general, retain, split, n_perplexity, batch_s
     base = cache[key]
     guarded = perplexity_stats(model, tok, ppl_texts, intervention=guard, verify=False, unguarded=base, **kw)
     return base, guarded
+
+
+def _guardrail_record(guard, sae_path: Path) -> dict:
+    """What results.json says about the fitted guardrail: its rule, its prompt-level check and its SAE."""
+    return {
+        "features": guard.features,
+        "threshold": guard.threshold,
+        "gate": guard.gate_rule(),
+        "window": guard.window,
+        "hold": guard.hold,
+        "latch": guard.latch,
+        "prompt_level": guard.prompt_level,
+        "prompt_level_check": guard.info.get("prompt_level_check"),  # None: no level to settle
+        "detector_latents": len(guard.detector) if guard.detector is not None else None,
+        "clamp": guard.clamp,
+        "clamp_mode": guard.clamp_mode,
+        "hook": guard.hook,
+        "sae": str(sae_path),
+        "sae_sha256": guard.sae_sha256,
+    }
 
 
 def _training_record(sae_path: Path) -> dict | None:
