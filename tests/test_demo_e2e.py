@@ -34,7 +34,9 @@ def test_demo_quick_writes_results_that_show_forgetting(demo):
     assert len(results["guardrail"]["features"]) == results["fit_config"]["n_features"]
     # the shipped prompt level is judged on validation questions and applied only where the check keeps it
     check = results["guardrail"]["prompt_level_check"]
-    assert results["fit_config"]["gate_prompt_percentile"] == 100.0 and check["questions"] == 48
+    fitted = results["fit_config"]
+    assert fitted["gate_prompt_percentile"] == 100.0 and fitted["gate_prompt_margin"] == 0.5
+    assert check["questions"] == 48
     assert check["kept"] == (check["loss"] <= check["max_loss"])
     assert (results["guardrail"]["prompt_level"] is not None) == check["kept"]
     assert set(results["seconds"]) >= {"model", "data", "sae", "fit", "evaluate", "report"}

@@ -436,6 +436,34 @@ def test_a_prompt_level_needs_a_held_gate_above_the_threshold():
         dsg.FitConfig(gate_window=4, gate_prompt_percentile=100.0)
     with pytest.raises(dsg.DSGError, match="gate_prompt_percentile"):
         dsg.FitConfig(gate_window=4, gate_hold=2, gate_percentile=97, gate_prompt_percentile=90)
+    for margin, extra in ((0.5, {}), (-0.1, {"gate_prompt_percentile": 100.0})):  # no level to raise; negative
+        with pytest.raises(dsg.DSGError, match="gate_prompt_margin"):
+            dsg.FitConfig(gate_window=4, gate_hold=2, gate_percentile=97, gate_prompt_margin=margin, **extra)
+
+
+def test_a_prompt_margin_raises_the_prompt_level_alone(detected):
+    """gate_prompt_margin: the prompt level goes up by that many gaps between the threshold and the percentile's
+    value; the threshold and the latch level stay, and through the HF runtime the raised level clamps fewer of the
+    prompt tokens the unraised one does, and no other, with the same decisions."""
+    model, tok, sae, _ = detected
+    kw = dict(gate_hold=3, gate_latch_percentile=100.0, gate_percentile=50, gate_prompt_percentile=100.0)
+    calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS
+    at = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw), progress=False)
+    raised = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw, gate_prompt_margin=0.5),
+                     progress=False)  # fmt: skip
+    assert raised.threshold == at.threshold and raised.latch == at.latch == at.prompt_level
+    assert raised.prompt_level == pytest.approx(at.prompt_level + 0.5 * (at.prompt_level - at.threshold))
+    assert raised.info["config"]["gate_prompt_margin"] == 0.5
+    texts = [FORGET_TEXTS[0] + " " + RETAIN_TEXTS[1], RETAIN_TEXTS[0] + " " + FORGET_TEXTS[2], FORGET_TEXTS[1]]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    masks, gated = [], []
+    for g in (at, raised):
+        with g.applied(model) as session:
+            model(**enc)
+            masks.append(session.clamp_mask()[:, 0])
+            gated.append(session.gated)
+    assert torch.equal(gated[0], gated[1])
+    assert not (masks[1] & ~masks[0]).any() and masks[1].sum() < masks[0].sum()
 
 
 def _prompt_level_pair(detected):

@@ -256,6 +256,7 @@ def test_dsg_sweeps_the_shipped_detector_gate_and_dsg_paper_the_papers_rule():
         "gate_hold",
         "gate_latch_percentile",
         "gate_prompt_percentile",
+        "gate_prompt_margin",
         "detector",
         "detector_context",
         "detector_floor",
@@ -288,7 +289,8 @@ def test_a_guardrail_runs_store_key_covers_the_gate_it_fits_with(monkeypatch):
         "dsg", method.settings(SimpleNamespace(fit=DEMO_FIT, norm=False), cfg), {"model": "x"}
     )
     assert scored_otherwise != before  # the check scores as the bench does: another scoring may settle another level
-    monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | {"gate_prompt_percentile": None})
+    no_level = {"gate_prompt_percentile": None, "gate_prompt_margin": 0.0}
+    monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | no_level)
     assert config_key("dsg", method.settings(bench, cfg), {"model": "x"}) != before
     assert "prompt_level_check" not in method.settings(bench, cfg)
 

@@ -114,7 +114,11 @@ class Prepared(NamedTuple):
 # questions after 1,000 benign tokens:
 # gate 91.7 % and 36.4 % of the 11 base-correct kept; P97: 83.3 % and 45.5 %) at the same 29 % of cyber answers
 # kept, every retain task untouched and the same perplexity; it guards the answer after 4 % of held-out computing
-# chat requests (P97: 2 %) and after 5 % of held-out benign documents (2.5 %).
+# chat requests (P97: 2 %) and after 5 % of held-out benign documents (2.5 %). The prompt level sits half the gap
+# between τ and the largest calibration value above that value (gate_prompt_margin=0.5): the smallest margin measured
+# (0.25, 0.5, 0.75, 1; benchmarks/hold_sweep.py) that brings validation perplexity within +1 % (480 held-out texts
+# past the demo's, +0.6 % instead of +4.1 %), at one more of 59 base-correct cyber validation questions answered
+# after 1,000 benign tokens (18 against 17) and the same 29 % without padding.
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,
@@ -122,6 +126,7 @@ DEMO_FIT = FitConfig(
     gate_hold=32,
     gate_latch_percentile=100.0,
     gate_prompt_percentile=100.0,
+    gate_prompt_margin=0.5,
     detector=True,
     gate_percentile=95,
     clamp=100.0,

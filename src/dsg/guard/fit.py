@@ -78,6 +78,11 @@ class FitConfig:
     whose evidence goes over the threshold but not this level is read as it is, and a forget question whose
     evidence does so near the prompt's end still gets a guarded answer. Default: prompts are clamped near windows
     over the threshold."""
+    gate_prompt_margin: float = 0.0
+    """Prompt level only: raise it above that percentile's value by this many times the gap between the threshold
+    and that value (level = P + margin * (P - threshold)). The largest value over a few hundred calibration
+    sequences is a noisy extreme: long benign documents go over it more often than the calibration texts did, and
+    each one so clamped loses nats on every later token. Default 0: the percentile's value."""
     detector: bool = False
     """Detector gate (needs gate_window): instead of counting tokens where any selected latent fires, the window
     sums a sparse linear score over all SAE latents, fitted by L1 logistic regression on windows of forget text
@@ -142,6 +147,10 @@ class FitConfig:
         if level is not None and (self.gate_hold is None or not self.gate_percentile < level <= 100):
             raise DSGError(f"gate_prompt_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "
                            f"({self.gate_percentile:g}) and at most 100, got {level}.")  # fmt: skip
+        if self.gate_prompt_margin < 0 or (self.gate_prompt_margin and level is None):
+            raise DSGError(f"gate_prompt_margin is a non-negative multiple of the gap above the prompt level "
+                           f"and needs gate_prompt_percentile (--gate-prompt-percentile), "
+                           f"got {self.gate_prompt_margin}.")  # fmt: skip
         if self.detector_context and (not self.detector or not 0 <= self.detector_context <= MAX_WINDOW):
             raise DSGError(f"detector_context is a number of tokens up to {MAX_WINDOW} and needs the detector gate "
                            f"(--detector), got {self.detector_context}.")  # fmt: skip
@@ -350,6 +359,8 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
         level = None
         if config.gated and percentile is not None:
             level = float(np.percentile(values, percentile))
+            if name == "gate_prompt_percentile":
+                level += config.gate_prompt_margin * max(level - threshold, 0.0)
             if level <= threshold:
                 raise DSGError(
                     f"The {what} (the {percentile:g}th percentile of the calibration statistic, {level:.4g}) does not "
@@ -358,9 +369,9 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
                 )
             if not has_detector and level >= 1.0:
                 raise DSGError(
-                    f"The {what} (the {percentile:g}th percentile of the calibration statistic) is 1.0: no window's "
-                    f"share of flagged tokens can exceed it, so {never}. Lower {name}, or calibrate on text unlike "
-                    "the forget corpus."
+                    f"The {what} (from the {percentile:g}th percentile of the calibration statistic) is {level:.4g}: "
+                    f"no window's share of flagged tokens can exceed it, so {never}. Lower {name} (or "
+                    "gate_prompt_margin), or calibrate on text unlike the forget corpus."
                 )
         levels.append(level)
     return threshold, *levels

@@ -20,12 +20,14 @@ DETECTOR = {
     "gate_hold": 32,
     "gate_latch_percentile": 100.0,
     "gate_prompt_percentile": 100.0,
+    "gate_prompt_margin": 0.5,
     "detector": True,
     "detector_context": 0,
     "gate_percentile": 95.0,
 }
 PAPER_RULE = {"gate_window": None, "gate_hold": None, "gate_latch_percentile": None, "gate_prompt_percentile": None,
-              "detector": False, "detector_context": 0, "gate_percentile": 95.0, "clamp_mode": "all"}  # fmt: skip
+              "gate_prompt_margin": 0.0, "detector": False, "detector_context": 0, "gate_percentile": 95.0,
+              "clamp_mode": "all"}  # fmt: skip
 
 
 @METHODS.register("dsg")
