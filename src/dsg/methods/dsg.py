@@ -1,8 +1,9 @@
 """DSG as a compared method, fitted with dsg.fit over a grid of selection, gate and clamp settings:
 
 dsg         the gate that ships (bench.setting.DEMO_FIT): the detector over windows of 8 tokens, held open 32
-            tokens in a prompt, a prompt's tokens clamped only near windows over the latch level where that costs
-            at most 3 points of forgetting on the forget validation questions (eval/prompt_level.py)
+            tokens in a prompt, a prompt's tokens clamped only near windows over the latch level raised by half
+            its gap above the threshold, where that costs at most 3 points of forgetting on the forget validation
+            questions (eval/prompt_level.py)
 dsg_paper   the paper's rule: clamp every input whose whole-input share of flagged tokens exceeds tau
 """
 
