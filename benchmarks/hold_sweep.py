@@ -40,7 +40,7 @@ from dsg.eval.fluency import fluency
 from dsg.eval.mcq import score_mcq
 from dsg.eval.metrics import summarize_results
 from dsg.eval.perplexity import perplexity_stats
-from dsg.guard.fit import fit
+from dsg.guard.fit import fit, raised_level
 from dsg.tables import pct, table
 
 K = 1000
@@ -103,7 +103,7 @@ def main() -> None:
         guard.hold = hold  # same gate and clamp, another hold, latch level and prompt level
         guard.latch = None if latch is None else float(np.percentile(calibration, latch))
         level = None if prompt is None else float(np.percentile(calibration, prompt))
-        guard.prompt_level = None if prompt is None else level + margin * (level - guard.threshold)
+        guard.prompt_level = None if prompt is None else raised_level(level, guard.threshold, margin)
         name = "latch" if hold is None else f"hold{hold}" + ("" if latch is None else f"+P{latch:g}")
         name += "" if prompt is None else f", prompt P{prompt:g}" + (f" + {margin:g} gap" if margin else "")
         out, cells = {"latch_level": guard.latch, "prompt_level": guard.prompt_level}, [name]

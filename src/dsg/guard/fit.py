@@ -338,6 +338,11 @@ def fit(
                      info=info, tensors=tensors)  # fmt: skip
 
 
+def raised_level(level: float, threshold: float, margin: float) -> float:
+    """The prompt level `margin` gaps between `threshold` and `level` above `level` (FitConfig.gate_prompt_margin)."""
+    return level + margin * max(level - threshold, 0.0)
+
+
 def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
     """The gate's threshold, latch level and prompt level: percentiles of the calibration statistic `rho` (one value
     per calibration sequence), or a DSGError where a level could never be exceeded or does not lie above the
@@ -360,7 +365,7 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
         if config.gated and percentile is not None:
             level = float(np.percentile(values, percentile))
             if name == "gate_prompt_percentile":
-                level += config.gate_prompt_margin * max(level - threshold, 0.0)
+                level = raised_level(level, threshold, config.gate_prompt_margin)
             if level <= threshold:
                 raise DSGError(
                     f"The {what} (the {percentile:g}th percentile of the calibration statistic, {level:.4g}) does not "
