@@ -420,15 +420,22 @@ def test_a_prompt_level_is_fitted_saved_checked_and_applied(detected, tmp_path):
     # applied: every clamped prompt token of the prompt-level guardrail is one the plain gate clamps, and the
     # decisions (what the answers get) are the same
     texts = [FORGET_TEXTS[0] + " " + RETAIN_TEXTS[1], RETAIN_TEXTS[0] + " " + FORGET_TEXTS[2], RETAIN_TEXTS[2]]
+    masks, gated = _masks_and_decisions(model, tok, (plain, guard), texts)
+    assert torch.equal(gated[0], gated[1]) and gated[0].any()
+    assert not (masks[1] & ~masks[0]).any() and masks[0].any() and not torch.equal(masks[0], masks[1])
+
+
+def _masks_and_decisions(model, tok, guards, texts):
+    """Per guardrail, through the HF runtime on one batch of `texts`: which prompt tokens it clamped, and its gate
+    decisions (what the answers get)."""
     enc = tok(texts, return_tensors="pt", padding=True)
     masks, gated = [], []
-    for g in (plain, guard):
+    for g in guards:
         with g.applied(model) as session:
             model(**enc)
             masks.append(session.clamp_mask()[:, 0])
             gated.append(session.gated)
-    assert torch.equal(gated[0], gated[1]) and gated[0].any()
-    assert not (masks[1] & ~masks[0]).any() and masks[0].any() and not torch.equal(masks[0], masks[1])
+    return masks, gated
 
 
 def test_a_prompt_level_needs_a_held_gate_above_the_threshold():
@@ -455,13 +462,7 @@ def test_a_prompt_margin_raises_the_prompt_level_alone(detected):
     assert raised.prompt_level == pytest.approx(at.prompt_level + 0.5 * (at.prompt_level - at.threshold))
     assert raised.info["config"]["gate_prompt_margin"] == 0.5
     texts = [FORGET_TEXTS[0] + " " + RETAIN_TEXTS[1], RETAIN_TEXTS[0] + " " + FORGET_TEXTS[2], FORGET_TEXTS[1]]
-    enc = tok(texts, return_tensors="pt", padding=True)
-    masks, gated = [], []
-    for g in (at, raised):
-        with g.applied(model) as session:
-            model(**enc)
-            masks.append(session.clamp_mask()[:, 0])
-            gated.append(session.gated)
+    masks, gated = _masks_and_decisions(model, tok, (at, raised), texts)
     assert torch.equal(gated[0], gated[1])
     assert not (masks[1] & ~masks[0]).any() and masks[1].sum() < masks[0].sum()
 
