@@ -453,12 +453,13 @@ def test_a_prompt_margin_raises_the_prompt_level_alone(detected):
     value; the threshold and the latch level stay, and through the HF runtime the raised level clamps fewer of the
     prompt tokens the unraised one does, and no other, with the same decisions."""
     model, tok, sae, _ = detected
-    kw = dict(gate_hold=3, gate_latch_percentile=100.0, gate_percentile=50, gate_prompt_percentile=100.0)
+    # a latch below the prompt level, so that raising the latch level instead would be told apart
+    kw = dict(gate_hold=3, gate_latch_percentile=75.0, gate_percentile=50, gate_prompt_percentile=100.0)
     calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS
     at = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw), progress=False)
     raised = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw, gate_prompt_margin=0.5),
                      progress=False)  # fmt: skip
-    assert raised.threshold == at.threshold and raised.latch == at.latch == at.prompt_level
+    assert raised.threshold == at.threshold and raised.latch == at.latch < at.prompt_level
     assert raised.prompt_level == pytest.approx(at.prompt_level + 0.5 * (at.prompt_level - at.threshold))
     assert raised.info["config"]["gate_prompt_margin"] == 0.5
     texts = [FORGET_TEXTS[0] + " " + RETAIN_TEXTS[1], RETAIN_TEXTS[0] + " " + FORGET_TEXTS[2], FORGET_TEXTS[1]]

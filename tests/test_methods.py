@@ -289,10 +289,24 @@ def test_a_guardrail_runs_store_key_covers_the_gate_it_fits_with(monkeypatch):
         "dsg", method.settings(SimpleNamespace(fit=DEMO_FIT, norm=False), cfg), {"model": "x"}
     )
     assert scored_otherwise != before  # the check scores as the bench does: another scoring may settle another level
-    no_level = {"gate_prompt_percentile": None, "gate_prompt_margin": 0.0}
-    monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | no_level)
+    monkeypatch.setattr(dsg_method, "DETECTOR", dsg_method.DETECTOR | {"gate_prompt_percentile": None})
     assert config_key("dsg", method.settings(bench, cfg), {"model": "x"}) != before
     assert "prompt_level_check" not in method.settings(bench, cfg)
+
+
+def test_a_dsg_grid_entry_that_turns_the_prompt_level_off_drops_the_shipped_margin_with_it():
+    """The shipped margin raises the prompt level: an entry without a prompt level fits with no margin rather than
+    being refused, while one that asks for a margin without a level is still refused."""
+    from types import SimpleNamespace
+
+    from dsg.bench.setting import DEMO_FIT
+
+    bench, method = SimpleNamespace(fit=DEMO_FIT), METHODS["dsg"]()
+    assert method.fit_config(bench, {}).gate_prompt_margin == 0.5
+    off = method.fit_config(bench, {"gate_prompt_percentile": None})
+    assert off.gate_prompt_percentile is None and off.gate_prompt_margin == 0.0
+    with pytest.raises(dsg.DSGError, match="gate_prompt_margin"):
+        method.fit_config(bench, {"gate_prompt_percentile": None, "gate_prompt_margin": 0.5})
 
 
 def test_a_refit_for_test_must_apply_the_prompt_level_scored_on_validation():

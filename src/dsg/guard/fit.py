@@ -148,9 +148,9 @@ class FitConfig:
             raise DSGError(f"gate_prompt_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "
                            f"({self.gate_percentile:g}) and at most 100, got {level}.")  # fmt: skip
         if self.gate_prompt_margin < 0 or (self.gate_prompt_margin and level is None):
-            raise DSGError(f"gate_prompt_margin is a non-negative multiple of the gap above the prompt level "
-                           f"and needs gate_prompt_percentile (--gate-prompt-percentile), "
-                           f"got {self.gate_prompt_margin}.")  # fmt: skip
+            raise DSGError(f"gate_prompt_margin is a non-negative multiple of the gap between the threshold and "
+                           f"the prompt percentile's value and needs gate_prompt_percentile "
+                           f"(--gate-prompt-percentile), got {self.gate_prompt_margin}.")  # fmt: skip
         if self.detector_context and (not self.detector or not 0 <= self.detector_context <= MAX_WINDOW):
             raise DSGError(f"detector_context is a number of tokens up to {MAX_WINDOW} and needs the detector gate "
                            f"(--detector), got {self.detector_context}.")  # fmt: skip

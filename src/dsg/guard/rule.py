@@ -177,11 +177,11 @@ def window_gate(
     document is clamped only near its misjudged stretches; the state's `peak` carries the evidence across
     chunks.
 
-    With `prompt_level` (a level above `threshold`; hold only, usually the latch level) a prompt's tokens are
-    clamped only within h real tokens of a window over `prompt_level`, while the threshold still decides the
-    answer as above. A benign document whose evidence goes over the threshold but not over `prompt_level` is
-    read as it is; a forget question whose evidence goes over the threshold within the last h tokens of its
-    prompt (or over `latch` anywhere) gets a guarded answer."""
+    With `prompt_level` (a level above `threshold`; hold only: the latch level, or above it by a margin) a
+    prompt's tokens are clamped only within h real tokens of a window over `prompt_level`, while the threshold
+    still decides the answer as above. A benign document whose evidence goes over the threshold but not over
+    `prompt_level` is read as it is; a forget question whose evidence goes over the threshold within the last h
+    tokens of its prompt (or over `latch` anywhere) gets a guarded answer."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]

@@ -52,7 +52,10 @@ class DSG(GuardrailMethod):
         return grid
 
     def fit_config(self, bench, cfg: dict) -> FitConfig:
-        return _capped(dataclasses.replace(bench.fit, **(DETECTOR | cfg)), bench)
+        merged = DETECTOR | cfg
+        if merged["gate_prompt_percentile"] is None and "gate_prompt_margin" not in cfg:
+            merged["gate_prompt_margin"] = 0.0  # the shipped margin raises a level that this entry turns off
+        return _capped(dataclasses.replace(bench.fit, **merged), bench)
 
 
 @METHODS.register("dsg_paper")
