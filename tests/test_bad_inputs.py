@@ -53,6 +53,7 @@ def ws(tmp_path_factory):
     (root / "table.csv").write_text("a,b\n")
     (root / "q.jsonl").write_text("".join(json.dumps(_question(i)) + "\n" for i in range(6)))
     (root / "dup.jsonl").write_text(json.dumps(_question(0, choices=["Paris", "Paris", "Lima", "Rome"])) + "\n")
+    (root / "empty_choice.jsonl").write_text(json.dumps(_question(0, choices=["Paris", " ", "Lima"])) + "\n")
     (root / "badanswer.jsonl").write_text(json.dumps(_question(0, answer=7)) + "\n")
     (root / "sub").mkdir()
     (root / "sub" / "q.jsonl").write_text((root / "q.jsonl").read_text())
@@ -210,7 +211,7 @@ CLI_CASES = {
     # numbers
     "fit --clamp nan": (FIT + ["--out", "{ws}/new", "--clamp", "nan"], "clamp must be a finite number"),
     "fit --clamp inf": (FIT + ["--out", "{ws}/new", "--clamp", "inf"], "clamp must be a finite number"),
-    "fit --clamp -5": (FIT + ["--out", "{ws}/new", "--clamp", "-5"], "clamp must be positive"),
+    "fit --clamp -5": (FIT + ["--out", "{ws}/new", "--clamp", "-5"], "clamp must be a positive number"),
     "fit --n-features 0": (FIT + ["--out", "{ws}/new", "--n-features", "0"], "n_features must be at least 1"),
     "fit --n-features beyond the SAE": (FIT + ["--out", "{ws}/new", "--n-features", "100000"], "exceeds the SAE"),
     "fit --gate-percentile 150": (FIT + ["--out", "{ws}/new", "--gate-percentile", "150"], "gate_percentile"),
@@ -220,7 +221,12 @@ CLI_CASES = {
         FIT + ["--out", "{ws}/new", "--hook", "blocks.9.hook_resid_post"],
         "asks for layer 9",
     ),  # fmt: skip
-    "fit --hook on lm_head": (FIT + ["--out", "{ws}/new", "--hook", "lm_head"], "width"),
+    # the SAE names its own hook, so another point is refused before the width is read
+    "fit --hook on lm_head": (FIT + ["--out", "{ws}/new", "--hook", "lm_head"], "trained at 'blocks.0"),
+    "fit --hook at another layer than the SAE's": (
+        FIT + ["--out", "{ws}/new", "--hook", "blocks.1.hook_resid_post"],
+        "trained at 'blocks.0.hook_resid_post'",
+    ),  # fmt: skip
     "fit with forget == retain": (
         [
             "fit",
@@ -281,6 +287,7 @@ CLI_CASES = {
     "generate an empty prompt without BOS": (["generate", "--model", "{ws}/model_nobos", "--no-chat", ""], "no tokens"),
     # questions
     "eval duplicate choices": (EVAL + ["--questions", "{ws}/dup.jsonl"], "repeats a choice"),
+    "eval an empty choice": (EVAL + ["--questions", "{ws}/empty_choice.jsonl"], "empty choice"),
     "eval an answer out of range": (EVAL + ["--questions", "{ws}/badanswer.jsonl"], "'answer'"),
     "eval a broken --prompt-format": (
         EVAL + ["--questions", "{ws}/q.jsonl", "--prompt-format", "{{question"],

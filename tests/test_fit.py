@@ -285,6 +285,19 @@ def test_fit_refuses_a_gate_that_could_never_open(tiny_llama):
         dsg.fit(model, tok, tiny_sae(d_in=model.config.hidden_size), FORGET, RETAIN, config=config, progress=False)
 
 
+def test_a_hook_is_checked_against_the_point_the_sae_was_trained_at(tiny_llama):
+    """--hook naming the SAE's own point under another name (a layer's output is the next layer's input) is
+    accepted; a hook at another layer is refused before any forward pass."""
+    from dsg.guard.fit import _checked_hook
+
+    model, tok = tiny_llama
+    sae = tiny_sae(d_in=model.config.hidden_size, hook="blocks.0.hook_resid_post")
+    config = dsg.FitConfig(hook="blocks.1.hook_resid_pre")
+    assert _checked_hook(model, sae, config)[0] == "blocks.1.hook_resid_pre"
+    with pytest.raises(dsg.DSGError, match="trained at 'blocks.0.hook_resid_post'"):
+        dsg.fit(model, tok, sae, FORGET, RETAIN, config=dsg.FitConfig(hook="blocks.1.hook_resid_post"), progress=False)
+
+
 def test_gate_levels_refuse_a_latch_that_cannot_be_told_from_the_threshold_or_exceeded():
     """The latch level must lie above the threshold, and (a share of flagged tokens) below 1."""
     from dsg.guard.fit import _gate_levels

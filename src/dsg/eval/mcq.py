@@ -113,6 +113,8 @@ def check_question(q: Any, where: str = "question") -> dict:
     choices = q.get("choices")
     if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
         raise DSGError(f"{where} needs a field 'choices' that is a list of strings.")
+    if not all(c.strip() for c in choices):
+        raise DSGError(f"{where} has an empty choice in 'choices'; an empty continuation scores as no answer.")
     if len(choices) < 2:
         raise DSGError(f"{where} has {len(choices)} choice(s) in 'choices'; a question needs at least 2.")
     if len(choices) > len(LETTERS):

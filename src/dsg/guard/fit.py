@@ -30,7 +30,7 @@ from ..lm.models import context_length
 from ..lm.text import pad_id_of, subsample, tokenize
 from .detector import fit_weights, window_features
 from .guardrail import Guardrail
-from .integrity import MAX_WINDOW
+from .integrity import MAX_CLAMP, MAX_WINDOW
 from .rule import CLAMP_MODES
 from .scorers import SCORERS, scores
 from .stats import LatentSums, collect_stats, gate_rates
@@ -128,8 +128,9 @@ class FitConfig:
         for name in ("ratio_percentile", "min_forget_percentile", "gate_percentile"):
             if not 0 <= getattr(self, name) <= 100:
                 raise DSGError(f"{name} must lie in [0, 100], got {getattr(self, name)}.")
-        if self.clamp <= 0:
-            raise DSGError(f"clamp must be positive (latents are set to -clamp), got {self.clamp}.")
+        if self.clamp <= 0 or (not self.clamp_relative_to_norm and self.clamp > MAX_CLAMP):
+            raise DSGError(f"clamp must be a positive number up to {MAX_CLAMP:g} (latents are set to -clamp), "
+                           f"got {self.clamp}.")  # fmt: skip
         if self.max_length < 2 or self.max_sequences < 1 or self.batch_size < 1:
             raise DSGError("max_length must be >= 2 and max_sequences, batch_size >= 1.")
         if self.gate_window is not None and not 1 <= self.gate_window <= MAX_WINDOW:
@@ -233,7 +234,26 @@ def _checked_hook(model, sae, config: FitConfig):
         raise DSGError("No hook point: the SAE's config names none, so set FitConfig.hook (--hook).")
     point = resolve(model, hook)
     check_width(model, point, sae.d_in)
+    if config.hook and sae.hook_name and config.hook != sae.hook_name:
+        # an SAE read at another layer than it was trained on encodes nothing it learnt: refuse, unless the two
+        # names are one point (a layer's output is the next layer's input), or the SAE's own name is not one
+        # this model knows (an SAE from another library's naming, mapped by the user)
+        try:
+            trained = resolve(model, sae.hook_name)
+        except DSGError:
+            trained = None
+        if trained is not None and _position(trained) != _position(point):
+            raise DSGError(f"The SAE was trained at {sae.hook_name!r}; hook {config.hook!r} (--hook) reads another "
+                           f"point of the model, where its latents mean nothing. Leave --hook out to use the "
+                           f"SAE's.")  # fmt: skip
     return hook, point
+
+
+def _position(point):
+    """Where a hook point sits in the residual stream: a layer's output is the next layer's input."""
+    if point.layer is not None:
+        return ("resid", point.layer + (point.kind == "output"))
+    return (id(point.module), point.kind)
 
 
 def measure(
