@@ -243,7 +243,7 @@ def test_cli_fit_settles_a_prompt_level_on_held_out_forget_questions(files, caps
     "problem, message",
     [
         ("missing", "does not exist"),
-        ("badjson", "line 2 is not valid JSON"),
+        ("badjson", "line 2 is not valid JSON: Expecting property name enclosed in double quotes at column 2"),
         ("nofield", "no string field 'text'"),
     ],
 )

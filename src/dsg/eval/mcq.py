@@ -95,7 +95,7 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DSGError(f"{where} is not valid JSON: {e.msg}.") from None
+            raise DSGError(f"{where} is not valid JSON: {e.msg} at column {e.colno}.") from None
         questions.append(check_question(obj, where))
     if not questions:
         raise DSGError(f"Question file {str(path)!r} holds no questions.")

@@ -40,7 +40,7 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DSGError(f"{str(path)!r} line {lineno} is not valid JSON: {e.msg}.") from None
+                raise DSGError(f"{str(path)!r} line {lineno} is not valid JSON: {e.msg} at column {e.colno}.") from None
             if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
                 raise DSGError(f"{str(path)!r} line {lineno} has no string field {field!r}.")
             docs.append(obj[field])
