@@ -41,7 +41,8 @@ class FitConfig:
     """How to fit a guardrail. Defaults are the paper's (N=20, p_ratio=95, p_dyn=95, c=500)."""
 
     hook: str | None = None
-    """Hook point, e.g. blocks.3.hook_resid_post; defaults to the hook named in the SAE's config."""
+    """Hook point, e.g. blocks.3.hook_resid_post; defaults to the hook named in the SAE's config (a point other
+    than that one is refused)."""
     n_features: int = 20
     """Number of SAE latents to select (N)."""
     scorer: str = "ratio"
