@@ -251,9 +251,9 @@ def _checked_hook(model, sae, config: FitConfig):
 
 
 def _position(point):
-    """Where a hook point sits in the residual stream: a layer's output is the next layer's input."""
+    """Where a hook point reads the model: its place in the residual stream, or a module's input or output."""
     if point.layer is not None:
-        return ("resid", point.layer + (point.kind == "output"))
+        return ("resid", point.layers_before)
     return (id(point.module), point.kind)
 
 

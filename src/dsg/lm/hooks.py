@@ -35,6 +35,12 @@ class HookPoint:
     kind: str  # "output" or "input"
     layer: int | None  # decoder layer index for blocks.* names
 
+    @property
+    def layers_before(self) -> int | None:
+        """Decoder layers that have run when this residual-stream activation exists (layer L's output is layer
+        L+1's input, one point under two names); None for other module names."""
+        return None if self.layer is None else self.layer + (self.kind == "output")
+
 
 def text_config(model: torch.nn.Module):
     cfg = model.config
@@ -108,8 +114,7 @@ def upstream_parameters(model: torch.nn.Module, hook: HookPoint) -> Iterator[tup
     skip: set[str] = set()
     if hook.layer is not None:
         prefix, layers = decoder_layers(model)
-        first_later = hook.layer + 1 if hook.kind == "output" else hook.layer
-        skip = {f"{prefix}.{i}." for i in range(first_later, len(layers))}
+        skip = {f"{prefix}.{i}." for i in range(hook.layers_before, len(layers))}
     for name, p in model.named_parameters():
         if not any(name.startswith(s) for s in skip):
             yield name, p
