@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file
 
@@ -31,10 +33,18 @@ def read_user_text(path: str | os.PathLike, what: str) -> str:
         raise DSGError(f"Cannot read {what} {str(path)!r} as UTF-8 text: {e}.") from None
 
 
-def jsonl_lines(text: str) -> list[str]:
-    """The lines of a JSONL text. Only "\n" ends a line: JSON strings may hold U+2028, U+2029 or U+0085 unescaped
-    (as `json.dumps(..., ensure_ascii=False)` writes them), which `str.splitlines` would split on."""
-    return text.split("\n")
+def jsonl_records(text: str, path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSONL text read from `path`, or a DSGError naming
+    the line and column. Only "\n" ends a line: JSON strings may hold U+2028, U+2029 or U+0085 unescaped (as
+    `json.dumps(..., ensure_ascii=False)` writes them), which `str.splitlines` would split on."""
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DSGError(f"{str(path)!r} line {lineno} is not valid JSON: {e.msg} at column {e.colno}.") from None
+        yield lineno, value
 
 
 def read_json(path: str | os.PathLike) -> dict:

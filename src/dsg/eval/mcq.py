@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import json
 import math
 import os
 import string
@@ -58,7 +57,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ..errors import DSGError
-from ..files import jsonl_lines, read_user_text
+from ..files import jsonl_records, read_user_text
 from ..lm.hooks import stopped_after
 from ..lm.models import check_fits_context, evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
@@ -86,17 +85,8 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DSGError(f"Question file {str(path)!r} does not exist.")
-    lines = jsonl_lines(read_user_text(path, "question file"))
-    questions = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{str(path)!r} line {lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DSGError(f"{where} is not valid JSON: {e.msg} at column {e.colno}.") from None
-        questions.append(check_question(obj, where))
+    questions = [check_question(obj, f"{str(path)!r} line {lineno}")
+                 for lineno, obj in jsonl_records(read_user_text(path, "question file"), path)]  # fmt: skip
     if not questions:
         raise DSGError(f"Question file {str(path)!r} holds no questions.")
     return questions

@@ -11,7 +11,6 @@ with outsized norm whether or not the tokenizer put a BOS there.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DSGError
-from ..files import jsonl_lines, read_user_text
+from ..files import jsonl_records, read_user_text
 
 
 def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
@@ -34,13 +33,7 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
     raw = read_user_text(path, "corpus file")
     if path.suffix == ".jsonl":
         docs = []
-        for lineno, line in enumerate(jsonl_lines(raw), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DSGError(f"{str(path)!r} line {lineno} is not valid JSON: {e.msg} at column {e.colno}.") from None
+        for lineno, obj in jsonl_records(raw, path):
             if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
                 raise DSGError(f"{str(path)!r} line {lineno} has no string field {field!r}.")
             docs.append(obj[field])
