@@ -8,10 +8,13 @@ VALIDATION questions (100 forget, 60 per retain task), 40 held-out retain texts 
     ppl change / gated %               held-out retain perplexity, guarded vs base, and windows gated
     rep. 3-grams, answer ppl           fluency of greedy answers to forget prompts (eval/fluency.py)
 
-    python benchmarks/clamp_sweep.py [--sae DIR] [--variants 150:500:active,50:100:all,50:100:all:1]
+    python benchmarks/clamp_sweep.py [--sae DIR] [--variants 150:500:active,50:100:all,50:100:all:1,50:100:all:-:off]
 
-A fourth field is an experiment the library does not ship: cap each clamped token's edit at that multiple of the
-token's residual-stream norm (the edit keeps its direction), by wrapping guard.rule.apply_delta for the row.
+A fourth and a fifth field are experiments the library does not ship. The fourth caps each clamped token's edit
+at that multiple of the token's residual-stream norm (the edit keeps its direction), by wrapping
+guard.rule.apply_delta for the row. The fifth gives the answer's tokens (generated, or a scored choice's) a clamp
+of their own, "off" for none or a value c in the row's mode, while the prompt's tokens keep the row's clamp: it
+tells which of the two does the forgetting and which breaks the text. "-" leaves a field as the library has it.
 
 Prints the table and writes benchmarks/results/clamp_sweep.json.
 """
@@ -41,6 +44,7 @@ from dsg.eval.metrics import summarize_results
 from dsg.eval.perplexity import perplexity_stats
 from dsg.guard import rule
 from dsg.guard.fit import fit
+from dsg.guard.guardrail import Guardrail
 from dsg.tables import pct, table
 
 # N:c:mode[:edit cap]
@@ -64,6 +68,41 @@ def edit_capped(cap: float | None):
         yield
     finally:
         rule.apply_delta = _apply_delta
+
+
+@contextmanager
+def answer_clamped(value: str | None):
+    """Inside: clamped tokens past the prompt (generated ones, and a scored choice's, whose decision is held) get
+    clamp `value` ("off": none; a number: -value in the guardrail's mode) instead of the guardrail's clamp. Reads
+    which positions are the prompt's from the gate call that precedes each delta in the HF runtime."""
+    if value is None:
+        yield
+        return
+    held, gate, delta = rule.held, Guardrail.gate, Guardrail.delta
+    seen = {"n_prompt": None}
+
+    def held_answer(*args, **kwargs):
+        seen["n_prompt"] = 0  # a held decision scores continuations only
+        return held(*args, **kwargs)
+
+    def gate_seen(self, a_BT, real_BT, n_prompt, state, evidence_BT=None):
+        seen["n_prompt"] = n_prompt
+        return gate(self, a_BT, real_BT, n_prompt, state, evidence_BT)
+
+    def split_delta(self, f_BTS, clamp_BT):
+        n_p = clamp_BT.shape[1] if seen["n_prompt"] is None else seen["n_prompt"]
+        answer = torch.arange(clamp_BT.shape[1], device=clamp_BT.device)[None, :] >= n_p
+        pos, d = rule.clamp_delta(f_BTS, clamp_BT & ~answer, self.latents.W_dec, self.clamp, self.clamp_mode)
+        if value == "off":
+            return pos, d
+        pos2, d2 = rule.clamp_delta(f_BTS, clamp_BT & answer, self.latents.W_dec, float(value), self.clamp_mode)
+        return torch.cat([pos, pos2]), torch.cat([d, d2])
+
+    rule.held, Guardrail.gate, Guardrail.delta = held_answer, gate_seen, split_delta
+    try:
+        yield
+    finally:
+        rule.held, Guardrail.gate, Guardrail.delta = held, gate, delta
 
 
 class Validation(NamedTuple):
@@ -121,27 +160,29 @@ def main() -> None:
     args = ap.parse_args()
     variants = []
     for v in args.variants.split(","):
-        n, c, mode, *cap = v.split(":")
-        variants.append((int(n), float(c), mode, float(cap[0]) if cap else None))
+        n, c, mode, *extra = v.split(":") + ["-", "-"]
+        cap, answer = (None if x == "-" else x for x in extra[:2])
+        variants.append((int(n), float(c), mode, None if cap is None else float(cap), answer))
     torch.manual_seed(0)
     model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
     val = Validation.of(model, tok, forget, retain, general)
     guards = {n: fit(model, tok, sae, f, r, c, dataclasses.replace(DEMO_FIT, n_features=n), stats=stats)
-              for n in sorted({n for n, _, _, _ in variants})}  # fmt: skip
+              for n in sorted({v[0] for v in variants})}  # fmt: skip
     for guard in guards.values():  # as dsg demo does: the prompt level stays only where it still forgets
         settle_on_validation(model, tok, guard, forget, 100)
-    header = ["N, c, mode, cap", *val.headers(), "ppl change", "ppl gated %", "rep. 3-grams %", "answer ppl"]
+    header = ["N, c, mode, cap, answer", *val.headers(), "ppl change", "ppl gated %", "rep. 3-grams %", "answer ppl"]
     rows, results = [], {"base": {"perplexity": val.base_perplexity, "fluency": val.base_fluency}}
-    for n, clamp, mode, cap in variants:
+    for n, clamp, mode, cap, answer in variants:
         g = guards[n]
         g.clamp, g.clamp_mode = clamp, mode  # same gate and latents, another clamp
-        with edit_capped(cap):
+        with edit_capped(cap), answer_clamped(answer):
             out, cells = val.score(model, tok, g)
         flu = out["fluency"]
-        rows.append([f"{n}, {clamp:g}, {mode}, {'-' if cap is None else f'{cap:g}'}", *cells,
+        rows.append([f"{n}, {clamp:g}, {mode}, {'-' if cap is None else f'{cap:g}'}, {answer or '-'}", *cells,
                      f"{100 * out['perplexity_change']:+.1f}%", pct(out["perplexity_gate"]),
                      pct(flu["repeated_3gram"]), f"{flu['base_perplexity']:.1f}"])  # fmt: skip
-        results[f"n{n}-{mode}-c{clamp:g}" + ("" if cap is None else f"-cap{cap:g}")] = out
+        key = f"n{n}-{mode}-c{clamp:g}" + ("" if cap is None else f"-cap{cap:g}")
+        results[key + ("" if answer is None else f"-answer-{answer}")] = out
         print(table(header, rows), flush=True)
     val.finish(results, args.out)
 

@@ -50,6 +50,10 @@ VARIANTS = {
     "p98-floor": {"gate_percentile": 98.0, "detector_floor": True},
     "p97-floor": {"gate_percentile": 97.0, "detector_floor": True},
     "p95-floor": {"gate_percentile": 95.0, "detector_floor": True},
+    # the detector's L1 strength (FitConfig.detector_c; smaller: fewer latents) and window
+    "p95-c0.1": {"gate_percentile": 95.0, "detector_c": 0.1},
+    "p95-c1": {"gate_percentile": 95.0, "detector_c": 1.0},
+    "p95-w4": {"gate_percentile": 95.0, "gate_window": 4},
 }
 
 
