@@ -8,13 +8,15 @@ VALIDATION questions (100 forget, 60 per retain task), 40 held-out retain texts 
     ppl change / gated %               held-out retain perplexity, guarded vs base, and windows gated
     rep. 3-grams, answer ppl           fluency of greedy answers to forget prompts (eval/fluency.py)
 
-    python benchmarks/clamp_sweep.py [--sae DIR] [--variants 150:500:active,50:100:all,50:100:all:1,50:100:all:-:off]
+    python benchmarks/clamp_sweep.py [--sae DIR] [--variants 150:500:active,50:100:all:1,50:100:all:-:off:off]
 
-A fourth and a fifth field are experiments the library does not ship. The fourth caps each clamped token's edit
+A fourth, fifth and sixth field are experiments the library does not ship. The fourth caps each clamped token's edit
 at that multiple of the token's residual-stream norm (the edit keeps its direction), by wrapping
 guard.rule.apply_delta for the row. The fifth gives the answer's tokens (generated, or a scored choice's) a clamp
 of their own, "off" for none or a value c in the row's mode, while the prompt's tokens keep the row's clamp: it
-tells which of the two does the forgetting and which breaks the text. "-" leaves a field as the library has it.
+tells which of the two does the forgetting and which breaks the text. The sixth, "off", drops the fitted prompt
+level for the row, so every flagged prompt token near a window over the threshold is clamped. "-" leaves a field
+as the library has it.
 
 Prints the table and writes benchmarks/results/clamp_sweep.json.
 """
@@ -160,9 +162,11 @@ def main() -> None:
     args = ap.parse_args()
     variants = []
     for v in args.variants.split(","):
-        n, c, mode, *extra = v.split(":") + ["-", "-"]
-        cap, answer = (None if x == "-" else x for x in extra[:2])
-        variants.append((int(n), float(c), mode, None if cap is None else float(cap), answer))
+        n, c, mode, *extra = v.split(":") + ["-", "-", "-"]
+        cap, answer, level = (None if x == "-" else x for x in extra[:3])
+        if level not in (None, "off"):
+            raise SystemExit(f"variant {v!r}: the sixth field is '-' or 'off', got {level!r}")
+        variants.append((int(n), float(c), mode, None if cap is None else float(cap), answer, level))
     torch.manual_seed(0)
     model, tok, sae, forget, retain, general, f, r, c, stats = BenchSetting(sae=args.sae).prepared(progress=False)
     val = Validation.of(model, tok, forget, retain, general)
@@ -170,19 +174,24 @@ def main() -> None:
               for n in sorted({v[0] for v in variants})}  # fmt: skip
     for guard in guards.values():  # as dsg demo does: the prompt level stays only where it still forgets
         settle_on_validation(model, tok, guard, forget, 100)
-    header = ["N, c, mode, cap, answer", *val.headers(), "ppl change", "ppl gated %", "rep. 3-grams %", "answer ppl"]
+    header = ["N, c, mode, cap, answer, prompt level", *val.headers(), "ppl change", "ppl gated %", "rep. 3-grams %",
+              "answer ppl"]  # fmt: skip
     rows, results = [], {"base": {"perplexity": val.base_perplexity, "fluency": val.base_fluency}}
-    for n, clamp, mode, cap, answer in variants:
+    for n, clamp, mode, cap, answer, level in variants:
         g = guards[n]
         g.clamp, g.clamp_mode = clamp, mode  # same gate and latents, another clamp
+        fitted, g.prompt_level = g.prompt_level, None if level == "off" else g.prompt_level
         with edit_capped(cap), answer_clamped(answer):
             out, cells = val.score(model, tok, g)
+        g.prompt_level = fitted
         flu = out["fluency"]
-        rows.append([f"{n}, {clamp:g}, {mode}, {'-' if cap is None else f'{cap:g}'}, {answer or '-'}", *cells,
+        name = f"{n}, {clamp:g}, {mode}, {'-' if cap is None else f'{cap:g}'}, {answer or '-'}, {level or '-'}"
+        rows.append([name, *cells,
                      f"{100 * out['perplexity_change']:+.1f}%", pct(out["perplexity_gate"]),
                      pct(flu["repeated_3gram"]), f"{flu['base_perplexity']:.1f}"])  # fmt: skip
         key = f"n{n}-{mode}-c{clamp:g}" + ("" if cap is None else f"-cap{cap:g}")
-        results[key + ("" if answer is None else f"-answer-{answer}")] = out
+        key += ("" if answer is None else f"-answer-{answer}") + ("" if level is None else "-no-prompt-level")
+        results[key] = out
         print(table(header, rows), flush=True)
     val.finish(results, args.out)
 
