@@ -49,7 +49,7 @@ from dsg.guard.fit import fit
 from dsg.guard.guardrail import Guardrail
 from dsg.tables import pct, table
 
-# N:c:mode[:edit cap]
+# N:c:mode[:edit cap[:answer clamp[:prompt level]]]
 VARIANTS = "150:500:active,150:100:active,150:20:active,150:100:all,150:20:all,50:100:all,50:50:all,20:100:all"
 
 _apply_delta = rule.apply_delta
@@ -157,7 +157,9 @@ class Validation(NamedTuple):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
-    ap.add_argument("--variants", default=VARIANTS, help="comma-separated N:c:mode")
+    ap.add_argument(
+        "--variants", default=VARIANTS, help='comma-separated N:c:mode[:cap[:answer[:prompt level]]]; "-" keeps a field'
+    )
     ap.add_argument("--out", default="benchmarks/results/clamp_sweep.json")
     args = ap.parse_args()
     variants = []
