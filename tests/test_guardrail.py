@@ -508,6 +508,77 @@ def test_a_window_past_any_context_is_refused_in_code_files_and_fitting(tmp_path
         dsg.FitConfig(gate_window=(1 << 17) + 1)
 
 
+def _rehashed(folder, edit_meta=None, edit_tensors=None):
+    """Edit a saved guardrail's JSON and tensors, then recompute its content hash, as a careful forger would: only
+    the field and shape checks can catch what is left."""
+    from safetensors.torch import save_file
+
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    meta = json.loads((folder / "guardrail.json").read_text())
+    t = dict(read_safetensors(folder / "guardrail.safetensors"))
+    (edit_meta or (lambda m: None))(meta)
+    (edit_tensors or (lambda t: None))(t)
+    meta[HASH_FIELD] = content_sha256(meta, t)
+    (folder / "guardrail.json").write_text(json.dumps(meta))
+    save_file(t, str(folder / "guardrail.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "edit_meta, edit_tensors, message",
+    [
+        (lambda m: m.update(config=[1]), None, "'config' must be an object"),
+        (lambda m: m["data"].update(forget=5), None, "each entry of 'data' must be an object"),
+        (lambda m: m.update(prompt_level_check="yes"), None, "'prompt_level_check' must be an object"),
+        (lambda m: m.update(prompt_level_check={"base_correct": 3, "questions": "x"}), None, "must hold numbers"),
+        (lambda m: m.update(seed="7"), None, "'seed' must be an integer"),
+        (None, lambda t: t.update({"stats.forget_mean": t["stats.forget_mean"][:2]}), "64 values"),
+        (None, lambda t: t.update({"stats.score_forget": torch.rand(4, 4)}), "64 values"),
+        (None, lambda t: t.update({"stats.calibration_rho": torch.ones(3, dtype=torch.long)}), "must be floats"),
+    ],
+)
+def test_an_edited_fit_record_is_refused_on_load_before_inspect_reads_it(tmp_path, edit_meta, edit_tensors, message):
+    """`dsg inspect` and the reports read the fit's record and statistics; an edit that recomputed the hash must be
+    refused on load with the field's name, not end in a traceback when a report indexes it."""
+    from dsg.guard.inspect import describe
+
+    sae = tiny_sae()
+    stats = {"forget_mean": torch.rand(64), "retain_mean": torch.rand(64), "score_forget": torch.rand(64),
+             "forget_tokens": torch.tensor([10.0]), "calibration_rho": torch.rand(5)}  # fmt: skip
+    info = {"config": {"n_features": 2}, "seed": 0, "data": {"forget": {"texts": 3}}}
+    dsg.Guardrail(sae, features=[0, 1], threshold=0.5, info=info, tensors=stats).save(tmp_path / "g")
+    assert "Selected latents (2)" in describe(tmp_path / "g", top=3)  # the untouched file reads
+    _rehashed(tmp_path / "g", edit_meta, edit_tensors)
+    with pytest.raises(dsg.DSGError, match=message):
+        dsg.Guardrail.load(tmp_path / "g", allow_missing_model=True)
+
+
+@pytest.mark.parametrize("field", ["d_sae", "k", "apply_b_dec_to_input", "d_in"])
+def test_a_topk_guardrail_whose_record_disagrees_with_its_sae_copy_is_refused(tmp_path, field):
+    """A TopK guardrail applies its SAE copy; a record edited (and re-hashed) to describe another SAE, say one with
+    more latents that a feature id then points into, is refused instead of failing on an index."""
+    sae = tiny_sae(architecture="topk")
+    dsg.Guardrail(sae, features=[0, 1], threshold=0.5).save(tmp_path / "g")
+    value = {"d_sae": 1000, "k": 3, "apply_b_dec_to_input": not sae.apply_b_dec_to_input, "d_in": 16}[field]
+
+    def edit(m):
+        m["sae"][field] = value
+        if field == "d_sae":
+            m["features"][0] = 999
+
+    def edit_tensors(t):
+        if field == "d_sae":
+            t["features"][0] = 999
+
+    _rehashed(tmp_path / "g", edit, edit_tensors)
+    message = "expected \\(2, 16\\)" if field == "d_in" else "records an SAE other than|64 values"
+    with pytest.raises(dsg.DSGError, match=message):
+        dsg.Guardrail.load(tmp_path / "g", allow_missing_model=True)
+    with pytest.raises(dsg.DSGError):  # the same SAE passed by the caller: the record still disagrees
+        dsg.Guardrail.load(tmp_path / "g", sae=sae, allow_missing_model=True)
+
+
 def test_a_static_guardrail_says_its_gate_settings_are_unused():
     """A static fit records the window, hold and latch it was given; they change nothing, and the gate's own
     description (shown by dsg inspect and the reports) says so instead of hiding them."""

@@ -84,7 +84,8 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
     """Questions from a JSONL file, one `{"question", "choices", "answer"}` object a line (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
-        raise DSGError(f"Question file {str(path)!r} does not exist.")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise DSGError(f"Question file {str(path)!r} {what}.")
     questions = [check_question(obj, f"{str(path)!r} line {lineno}")
                  for lineno, obj in jsonl_records(read_user_text(path, "question file"), path)]  # fmt: skip
     if not questions:

@@ -88,6 +88,16 @@ def _load_detector(t: dict, record: dict, sae: SAE | None, floor: int | None) ->
     return Detector(latents, weights, encoder, floor)
 
 
+def _check_sae_record(record: dict, sae: SAE, where: str) -> None:
+    """The SAE a guardrail was read with (its copy under sae/, or the caller's) against what guardrail.json says it
+    is: an edit that kept the hashes consistent must not leave the rule reading latents the SAE does not have."""
+    keys = ("architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input")
+    differ = [f"{k} {record.get(k)!r} (the SAE has {getattr(sae, k)!r})" for k in keys
+              if record.get(k) != getattr(sae, k)]  # fmt: skip
+    if differ:
+        raise DSGError(f"{where} records an SAE other than the one it is read with: {', '.join(differ)}; refit it.")
+
+
 class SelectedLatents(torch.nn.Module):
     """The part of an SAE a guardrail needs: an encoder giving the selected latents' activations, and their
     decoder rows."""
@@ -456,6 +466,7 @@ class Guardrail:
                 raise DSGError(f"The SAE copy in {str(path / SAE_DIR)!r} was changed after the guardrail was written "
                                "(its hash differs from the one recorded); refit the guardrail.")  # fmt: skip
         if sae is not None:
+            _check_sae_record(record, sae, where)
             latents = SelectedLatents.of(sae, features)
         elif not ARCHITECTURES[record["architecture"]].encodes_latents_independently:
             raise DSGError(f"The {record['architecture']} guardrail in {str(path)!r} needs its SAE copy in {SAE_DIR}/.")

@@ -160,6 +160,32 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
         )
     if model is not None and not (isinstance(model, dict) and _SHA256.match(str(model.get("weights_sha256", "")))):
         raise DSGError(f"{where}: 'model.weights_sha256' must be a 64-digit hex digest.")
+    _check_record(meta, where)
+
+
+_RECORD_OBJECTS = ("config", "data", "detector_fit", "prompt_level_check", "baseline")  # what a guardrail's fit
+# recorded: read by `dsg inspect`, reports and compare, never by the rule
+# what a prompt-level check's report line reads (eval/prompt_level.describe)
+_CHECK_NUMBERS = ("questions", "base_correct", "gate_rate_base_correct", "loss", "max_loss", "kept_with_level",
+                  "kept_without_level")  # fmt: skip
+
+
+def _check_record(meta: dict, where: str) -> None:
+    """The fit's record beside the rule: objects where an object was written, numbers where a report reads one, so
+    an edited record is refused on load instead of breaking `dsg inspect` or a report later."""
+    for key in _RECORD_OBJECTS:
+        if key in meta and not isinstance(meta[key], dict):
+            raise DSGError(f"{where}: '{key}' must be an object (the fit's record), got {meta[key]!r}.")
+    bad = [k for k, v in meta.get("data", {}).items() if not isinstance(v, dict)]
+    if bad:
+        raise DSGError(f"{where}: each entry of 'data' must be an object describing a corpus; {bad} are not.")
+    if "seed" in meta and not _is_int(meta["seed"]):
+        raise DSGError(f"{where}: 'seed' must be an integer, got {meta['seed']!r}.")
+    if "residual_norm" in meta and not _is_number(meta["residual_norm"]):
+        raise DSGError(f"{where}: 'residual_norm' must be a finite number, got {meta['residual_norm']!r}.")
+    check = meta.get("prompt_level_check", {})
+    if "base_correct" in check and not all(_is_number(check.get(k)) for k in _CHECK_NUMBERS):
+        raise DSGError(f"{where}: 'prompt_level_check' must hold numbers for {', '.join(_CHECK_NUMBERS)}.")
 
 
 def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
@@ -202,3 +228,21 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
             raise DSGError(f"{where}: the detector's weights must have magnitude at most {DETECTOR_MAX_WEIGHT}.")
     if t["features"].tolist() != list(meta["features"]):
         raise DSGError(f"{where}: the tensor 'features' does not match the features in guardrail.json.")
+    _check_statistics(t, sae["d_sae"], where)
+
+
+_PER_LATENT = ("_mean", "_frequency", "_mean_square")  # statistics with one value per SAE latent (and score_*)
+
+
+def _check_statistics(t: dict[str, torch.Tensor], d_sae: int, where: str) -> None:
+    """The fit's per-latent statistics and calibration scores (`stats.*`, read by `dsg inspect`): vectors of floats,
+    one value per latent where a statistic is per latent."""
+    for name, x in t.items():
+        if not name.startswith("stats."):
+            continue
+        key = name.removeprefix("stats.")
+        per_latent = key.startswith("score_") or key.endswith(_PER_LATENT)
+        if x.dim() != 1 or not x.is_floating_point() or (per_latent and x.numel() != d_sae):
+            size = f"{d_sae} values (one per latent)" if per_latent else "a vector"
+            raise DSGError(f"{where}: tensor {name!r} must be floats, {size}; got {x.dtype} of shape "
+                           f"{tuple(x.shape)}.")  # fmt: skip

@@ -29,7 +29,8 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
     if path.is_dir():
         raise DSGError(f"Corpus {str(path)!r} is a directory; pass a .txt or .jsonl file.")
     if not path.is_file():
-        raise DSGError(f"Corpus file {str(path)!r} does not exist.")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise DSGError(f"Corpus file {str(path)!r} {what}.")
     raw = read_user_text(path, "corpus file")
     if path.suffix == ".jsonl":
         docs = []
