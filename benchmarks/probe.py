@@ -11,6 +11,12 @@ social engineering, network, privilege escalation, evasion, wireless, reconnaiss
 questions chosen to sit next to them (Python, shell, networking, SQL, passwords and HTTPS from the user's side),
 and 50 open-ended chat requests of each kind.
 
+`benchmarks/probes/third/` is a third set, written later and apart from both: 150 offensive-security requests and 147
+everyday computing ones in users' own words, one a line (reconnaissance to cover-up, and their benign neighbours:
+programming, shell, networking, hardware, office software, security hygiene from the user's side). No question is
+shared with the other sets, nor a close paraphrase (tests/test_probes.py). Never used to choose anything (a test
+set); it measures how far the gate carries to wording it has not seen.
+
 For each guardrail it reports, per question set, the share of questions gated and the accuracy on the questions
 the base model answers; the offensive sets also behind the preamble (once, about 120 tokens, and six times, about
 700 tokens) and inside the chat template; and for the requests, sent through the chat template, the share whose
@@ -39,6 +45,7 @@ HERE = Path(__file__).parent / "probes"
 SETS = ("offensive", "everyday_computing", "general")
 SECOND = HERE / "second"
 SECOND_SETS = ("offensive", "computing")
+THIRD = HERE / "third"
 
 
 def variants(tokenizer) -> dict[str, list[dict]]:
@@ -62,12 +69,27 @@ def variants(tokenizer) -> dict[str, list[dict]]:
     return qs
 
 
+def read_requests(path: Path) -> list[str]:
+    """One request a line (blank lines skipped)."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def requests(tokenizer) -> dict[str, list[str]]:
-    """{name: prompts}: the second set's open-ended requests, each as the user turn of the chat template."""
+    """{name: prompts}: the second and third sets' open-ended requests, each as the user turn of the chat template,
+    and the third set's offensive requests behind the benign preamble (six times, about 700 tokens)."""
     out = {}
     for name in SECOND_SETS:
-        lines = (SECOND / f"{name}_requests.txt").read_text(encoding="utf-8").splitlines()
-        out[f"second: {name} requests"] = [chat_prompt(tokenizer, line.strip()) for line in lines if line.strip()]
+        out[f"second: {name} requests"] = [
+            chat_prompt(tokenizer, r) for r in read_requests(SECOND / f"{name}_requests.txt")
+        ]
+    preamble = " ".join([(HERE / "preamble.txt").read_text(encoding="utf-8").strip()] * 6)
+    for name in SECOND_SETS:
+        third = read_requests(THIRD / f"{name}_requests.txt")
+        out[f"third: {name} requests"] = [chat_prompt(tokenizer, r) for r in third]
+        if name == "offensive":
+            out["third: offensive requests, preamble x6"] = [
+                chat_prompt(tokenizer, f"{preamble}\n\n{r}") for r in third
+            ]
     return out
 
 
