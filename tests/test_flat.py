@@ -76,11 +76,14 @@ def reference(g, seq, x, n_prompt, specials):
 
 
 def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, preempt: int | None = None):
-    """Run the requests through a random continuous-batching schedule; {request: {position: delta}}."""
+    """Run the requests through a random continuous-batching schedule; {request: {position: delta}}. With several
+    hooks (a list), each step calls every hook in turn, as an engine's forward reaches each hooked layer, and the
+    result is {hook: {request: {position: delta}}}."""
+    hooks = [hook] if isinstance(hook, str) else list(hook)
     rng = random.Random(seed)
     joins = {r: rng.randrange(0, 6) for r in range(len(seqs))}
     done = dict.fromkeys(range(len(seqs)), 0)  # tokens computed
-    out = {r: {} for r in range(len(seqs))}
+    outs = {h: {r: {} for r in range(len(seqs))} for h in hooks}
     preempted = False
     step = 0
     while any(done[r] < len(seqs[r]) for r in done):
@@ -88,7 +91,8 @@ def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, pre
         rng.shuffle(live)
         if preempt is not None and not preempted and done[preempt] > prompts[preempt] + 2:
             done[preempt], preempted = 0, True  # recomputed from scratch: prompt and generated tokens together
-            out[preempt] = {}
+            for out in outs.values():
+                out[preempt] = {}
             gates.keep_only([str(r) for r in live if r != preempt])
         pieces, chunks, start = [], [], 0
         for r in live:
@@ -107,16 +111,17 @@ def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, pre
             x = torch.cat([x, torch.randn(3, x.shape[1])])  # padding rows past the last chunk
             ids = torch.tensor([t for r, p, n in pieces for t in seqs[r][p : p + n]] + [0, 0, 0])
             positions = torch.tensor([p + k for r, p, n in pieces for k in range(n)] + [0, 0, 0])
-            found = gates.step(hook, x, ids, positions, chunks)
-            if found is not None:
-                owner = [(r, p + k) for r, p, n in pieces for k in range(n)]
-                for i, d in zip(found[0].tolist(), found[1]):
-                    r, p = owner[i]
-                    out[r][p] = d
+            for h in hooks:
+                found = gates.step(h, x, ids, positions, chunks)
+                if found is not None:
+                    owner = [(r, p + k) for r, p, n in pieces for k in range(n)]
+                    for i, d in zip(found[0].tolist(), found[1]):
+                        r, p = owner[i]
+                        outs[h][r][p] = d
             for r, p, n in pieces:
                 done[r] = p + n
         step += 1
-    return out
+    return outs[hook] if isinstance(hook, str) else outs
 
 
 @pytest.mark.parametrize(
@@ -169,6 +174,33 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
     if kind in ("paper", "detector", "held", "latch", "prompt"):
         on = {e["request_id"] for e in events if e["gated"]}
         assert 0 < len(on) < len(seqs)  # some requests gated, some not: the gates are per request
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_guardrails_at_two_layers_each_keep_their_own_state_across_a_steps_calls(setting, chunk):
+    """An engine's step calls the guardrails once per hooked layer; a request's first chunk must start afresh only
+    the guardrails of the layer being called, or the second layer's call wipes what the first judged (an engine
+    crash at the first decoding step, or a chunked prompt clamped late)."""
+    guards, seqs, acts, prompts, specials = setting
+    first = guards["prompt"]
+    second = dsg.Guardrail(first.sae, "blocks.1.hook_resid_post", first.features, guards["window"].threshold,
+                           window=4)  # fmt: skip
+    events = []
+    gates = RequestGates([first, second], specials, on_event=events.append)
+    got = simulate(gates, [first.hook, second.hook], seqs, acts, prompts, chunk, seed=1, preempt=2)
+    clamped = {first.hook: 0, second.hook: 0}
+    for g in (first, second):
+        for r, seq in enumerate(seqs):
+            want = reference(g, seq, acts[r], prompts[r], specials)
+            assert sorted(got[g.hook][r]) == sorted(want), (g.hook, r)
+            clamped[g.hook] += len(want)
+    assert all(clamped.values())
+    for r in range(len(seqs)):  # each guardrail's last prompt event counts its own clamped prompt tokens
+        for i, g in enumerate((first, second)):
+            mine = [e for e in events if e["request_id"] == str(r) and e["event"] == "prompt"
+                    and e["guardrail"] == f"guardrail-{i}"]  # fmt: skip
+            want = reference(g, seqs[r], acts[r], prompts[r], specials)
+            assert mine and mine[-1]["prompt_clamped"] == sum(p < prompts[r] for p in want), (i, r)
 
 
 def test_prompt_event_reports_the_prompts_rho(setting):

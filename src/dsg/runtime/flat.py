@@ -134,8 +134,12 @@ class RequestGates:
                         f"Request {c.request_id!r} arrived at position {c.position} with no gate state: a prefix-cache "
                         "hit, which the guardrail cannot judge; serve it with prefix caching off."
                     )
-                self.states[c.request_id] = [None] * len(self.guardrails)
-                self.prompt_clamped[c.request_id] = [0] * len(self.guardrails)
+                # only this hook's guardrails start afresh: a step calls here once per hooked layer, and the
+                # guardrails of a layer before this one have judged this same chunk already
+                states = self.states.setdefault(c.request_id, [None] * len(self.guardrails))
+                clamped = self.prompt_clamped.setdefault(c.request_id, [0] * len(self.guardrails))
+                for i in members:
+                    states[i], clamped[i] = None, 0
         decoding = [c for c in chunks if c.prompt_tokens == 0]
         prefilling = [c for c in chunks if c.prompt_tokens > 0]
         out_idx, out_delta = [], []
