@@ -526,10 +526,12 @@ def test_compare_on_your_own_model_and_files_through_the_command(tiny_llama, tmp
     assert "ga" in capsys.readouterr().out
 
 
-def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts_decision(tmp_path):
+@pytest.mark.parametrize("cut", [False, True])
+def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts_decision(tmp_path, cut):
     """A batch row is a context and its continuation run together, so another request's context can prefix it
     (("The capital", " of France is") and ("The capital of France", " is Paris")): each request's guarded score must
-    be the one it gets alone, whatever else is in the run."""
+    be the one it gets alone, whatever else is in the run, a request whose context is cut to fit included (`cut`:
+    it is judged whole, and must not make the rows batched with it judged whole too)."""
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
@@ -552,14 +554,20 @@ def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts
         for k in (2, 4, 6):  # nested contexts: each longer one is a prefix of the shorter ones' rows
             requests.append((" ".join(words[:k]), " " + " ".join(words[k : k + 3])))
 
+    length = {"max_length": 40} if cut else {}
+
     def score(reqs):
-        lm = DSGLM(pretrained=str(tmp_path / "model"), guardrail=str(tmp_path / "guard"), batch_size=8, device="cpu")
+        lm = DSGLM(pretrained=str(tmp_path / "model"), guardrail=str(tmp_path / "guard"), batch_size=8, device="cpu",
+                   **length)  # fmt: skip
         instances = [Instance("loglikelihood", {}, arguments=r, idx=i) for i, r in enumerate(reqs)]
         return [x[0] for x in lm.loglikelihood(instances, disable_tqdm=True)], lm
 
-    together, lm = score(requests)
+    long = (" ".join(FORGET_TEXTS[:3] + RETAIN_TEXTS[:3]), " and then")
+    together, lm = score(requests + ([long] if cut else []))
+    if cut:
+        assert len(lm.tok_encode(long[0])) > 40  # the long request's row is cut from the left
     alone = [score([r])[0][0] for r in requests]
-    assert together == pytest.approx(alone, abs=1e-5)
+    assert together[: len(requests)] == pytest.approx(alone, abs=1e-5)
     gated = [bool(d.any()) for d in lm._decisions.values()]
     assert any(gated) and not all(gated), "the test needs contexts on both sides of the gate"
 

@@ -14,7 +14,8 @@ is lm-eval's own CLI with it registered, since lm-eval finds models only in modu
 `pretrained` is an embedded model name or a HuggingFace folder. The `dsg` model judges each context (the question)
 alone and holds that decision for all of its continuations, exactly as `dsg eval` does (dsg.eval.mcq), so both
 give the same accuracy on the same questions. A row whose context cannot be found (a context longer than the
-model's window, cut on the left) is judged as a whole, context and continuation together. `lm_eval_model` keeps
+model's window, cut on the left) is judged as a whole, context and continuation together, in batches of such rows
+only, so the rows batched with it keep their contexts' decisions whatever the batch size. `lm_eval_model` keeps
 lm-eval's plain behaviour: each (context, continuation) forward is judged whole.
 """
 
@@ -104,8 +105,14 @@ if HFLM is not None:
             # request, not from the row (("The capital", " of France is") and ("The capital of France", ...) make
             # rows that another request's context prefixes). Requests whose rows are the same tokens with
             # different contexts go to separate passes, so that each row names one context.
+            # A row cut from the left loses the start of its context and is judged whole; such rows go to a pass
+            # of their own, since `_held` holds decisions for a whole batch or for none of it.
             passes: list[dict] = []
+            whole: dict = {"rows": {}, "requests": []}
             for i, (_, context_enc, continuation_enc) in enumerate(requests):
+                if len(context_enc) + len(continuation_enc) - 1 > self.max_length:
+                    whole["requests"].append(i)
+                    continue
                 row, context = self._row(context_enc, continuation_enc), tuple(context_enc)
                 home = next((p for p in passes if p["rows"].get(row, context) == context), None)
                 if home is None:
@@ -114,7 +121,7 @@ if HFLM is not None:
                 home["rows"][row] = context
                 home["requests"].append(i)
             results: list = [None] * len(requests)
-            for p in passes:
+            for p in passes + ([whole] if whole["requests"] else []):
                 self._rows = p["rows"]
                 try:
                     out = super()._loglikelihood_tokens([requests[i] for i in p["requests"]], *args, **kwargs)
