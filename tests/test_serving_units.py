@@ -110,6 +110,26 @@ def test_audit_index_reads_appended_lines_and_finds_requests_by_client_id(tmp_pa
     assert headers_for(index.records("xyz"))["x-dsg-gated"] == "true"
 
 
+def test_a_client_id_sent_again_reads_only_its_own_requests_records(tmp_path):
+    """A retry (or a tracing proxy) reuses X-Request-Id; vLLM still gives each request its own engine id, and the
+    second request's decision must be its own, not the first one's."""
+    log = tmp_path / "audit.jsonl"
+    index = AuditIndex(log)
+    first = {"request_id": "chatcmpl-retry-1a2b3c4d", "event": "prompt", "guardrail": "g", "rho": 0.9, "gated": True,
+             "prompt_clamped": 5}  # fmt: skip
+    log.write_text(json.dumps(first) + "\n")
+    earlier = index.engine_ids("retry")  # what the middleware notes when the second request arrives
+    assert earlier == {"chatcmpl-retry-1a2b3c4d"}
+    assert index.records("retry", earlier) == []  # nothing of its own yet: its headers wait, not take the first's
+    second = first | {"request_id": "chatcmpl-retry-9f9f9f9f", "rho": 0.1, "gated": False, "prompt_clamped": 0}
+    with open(log, "a") as f:
+        f.write(json.dumps(second) + "\n")
+    mine = index.records("retry", earlier)
+    assert decision(mine)["gated"] is False and decision(mine)["prompt_clamped"] == 0
+    assert headers_for(mine) == {"x-dsg-gated": "false", "x-dsg-prompt-clamped": "0", "x-dsg-rho": "0.1"}
+    assert len(index.records("retry")) == 2  # the decisions route still lists both
+
+
 def test_a_prompt_clamped_under_a_gate_that_shut_again_is_reported():
     """A held gate can clamp a forget stretch of a prompt and be shut at its end: the response says so."""
     records = [

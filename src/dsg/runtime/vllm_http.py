@@ -14,7 +14,11 @@ log under that id, and this plugin answers from the log:
   * response headers `x-dsg-gated`, `x-dsg-prompt-clamped` (clamped prompt tokens, all guardrails) and
     `x-dsg-rho` (each guardrail's rho, comma-separated): the final decision, or for a streamed response the
     prompt's (headers leave with the first chunk);
-  * `GET /v1/dsg/decisions/{request_id}`: every audit record of a request.
+  * `GET /v1/dsg/decisions/{request_id}`: every audit record of a request (of every request sent with that id).
+
+A request sent with an id that an earlier one used (a retry, a tracing proxy's id) is answered from the records of
+its own engine request only. Two requests in flight at once under one id cannot be told apart: each then reports
+gated when either was.
 """
 
 from __future__ import annotations
@@ -74,9 +78,16 @@ class AuditIndex:
                 if rid.startswith("cmpl-") and "-" in base:  # completions: `cmpl-<id>-<prompt index>-<suffix>`
                     self.by_id.setdefault(base.rsplit("-", 1)[0], []).append(record)
 
-    def records(self, request_id: str) -> list[dict]:
+    def records(self, request_id: str, excluding: frozenset[str] = frozenset()) -> list[dict]:
+        """The records logged under a client-facing id, less those of the engine requests in `excluding`."""
         self.refresh()
-        return list(self.by_id.get(request_id, []))
+        return [r for r in self.by_id.get(request_id, []) if str(r.get("request_id", "")) not in excluding]
+
+    def engine_ids(self, request_id: str) -> frozenset[str]:
+        """The engine request ids logged so far under a client-facing id. A client may send an id again (a retry, a
+        tracing proxy's id); vLLM gives each request its own engine id, so a request reads only the records of
+        engine ids that were not there when it arrived."""
+        return frozenset(str(r.get("request_id", "")) for r in self.records(request_id))
 
 
 def decision(records: list[dict]) -> dict:
@@ -111,10 +122,10 @@ class DSGEndpoint:
     def __init__(self):
         self.index: AuditIndex | None = None
 
-    async def _records(self, request_id: str, wait: float) -> list[dict]:
+    async def _records(self, request_id: str, wait: float, excluding: frozenset[str] = frozenset()) -> list[dict]:
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            found = self.index.records(request_id) if self.index is not None else []
+            found = self.index.records(request_id, excluding) if self.index is not None else []
             if found or asyncio.get_running_loop().time() >= deadline:
                 return found
             await asyncio.sleep(0.01)
@@ -137,6 +148,7 @@ class DSGEndpoint:
             if not rid:
                 rid = uuid.uuid4().hex
                 request.scope["headers"] = [*request.scope["headers"], (b"x-request-id", rid.encode())]
+            earlier = plugin.index.engine_ids(rid)  # earlier requests sent with the same id: not this one's records
             response = await call_next(request)
             if response.status_code != 200:
                 return response
@@ -145,14 +157,14 @@ class DSGEndpoint:
             async for chunk in body:  # the first chunk comes once the prompt has been through the engine
                 first = chunk if isinstance(chunk, bytes) else chunk.encode()
                 break
-            records = await plugin._records(rid, 5.0)
+            records = await plugin._records(rid, 5.0, earlier)
             headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
             headers |= {"x-request-id": rid} | (headers_for(records) if records else {})
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
                 data = first + b"".join([c if isinstance(c, bytes) else c.encode() async for c in body])
                 try:  # the final decision (a gate may latch while decoding) as an extra field of the body
                     payload = json.loads(data)
-                    final = plugin.index.records(rid)
+                    final = plugin.index.records(rid, earlier)
                     payload["dsg"] = decision(final)
                     data = json.dumps(payload).encode()
                     headers |= headers_for(final)
@@ -167,7 +179,7 @@ class DSGEndpoint:
                     pending = chunk if isinstance(chunk, bytes) else chunk.encode()
                 if b"data: [DONE]" in pending:
                     event = {"id": rid, "object": "dsg.decision", "created": int(time.time()), "model": "",
-                             "choices": [], "dsg": decision(plugin.index.records(rid))}  # fmt: skip
+                             "choices": [], "dsg": decision(plugin.index.records(rid, earlier))}  # fmt: skip
                     pending = pending.replace(
                         b"data: [DONE]", b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]"
                     )
