@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dsg import parallel
+from dsg.errors import DSGError
 from dsg.guard.guardrail import JSON_NAME, TENSORS_NAME
 
 from tiny import FORGET_TEXTS, RETAIN_TEXTS, bpe_tokenizer, sparse_sae, tiny_model, tiny_sae
@@ -63,6 +64,24 @@ def test_torchrun_refuses_commands_that_do_not_shard(ws):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     assert "only fit and compare shard" in done.stderr
+
+
+def test_a_world_size_without_torchrun_is_a_clear_error(monkeypatch):
+    """WORLD_SIZE inherited from a scheduler, without the rest of what torchrun sets: one sentence, not a traceback
+    from torch.distributed."""
+    from dsg.parallel import init_from_env
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(DSGError, match="RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not set: start the processes "
+                       "with torchrun"):  # fmt: skip
+        init_from_env()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(DSGError, match="MASTER_PORT is not set"):
+        init_from_env()
 
 
 def test_shares_cover_every_item_once(monkeypatch):

@@ -53,6 +53,11 @@ def init_from_env() -> World:
     dist = torch.distributed
     if not dist.is_available():
         raise DSGError("This PyTorch build has no torch.distributed; run without torchrun.")
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if not dist.is_initialized() and missing:
+        raise DSGError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} not set: start the processes with torchrun, or unset "
+                       "WORLD_SIZE to run one process.")  # fmt: skip
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
