@@ -12,7 +12,7 @@ reports the share of inputs whose largest window score exceeds the threshold:
                                                                share whose answer would be guarded (the gate at
                                                                the prompt's end, hold and latch included)
 
-    python benchmarks/gate_sweep.py [--sae DIR] [--variants p99,p97,p95,p97-floor]
+    python benchmarks/gate_sweep.py [--sae DIR] [--variants p99,p97,p95,p97-floor] [--forget-requests retain]
 
 Prints the table and writes benchmarks/results/gate_sweep.json.
 """
@@ -109,8 +109,13 @@ def main() -> None:
     ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default="benchmarks/results/gate_sweep.json")
+    ap.add_argument("--forget-requests", default=None, help="fit on at most this many of the forget domain's chat "
+                    "requests, or 'retain' for as many as the retain domains hold (default: all)")  # fmt: skip
     args = ap.parse_args()
-    setting = BenchSetting(sae=args.sae).prepared()
+    bench, cap = BenchSetting(sae=args.sae), args.forget_requests
+    if cap == "retain":
+        cap = sum(len(d.requests.get("fit", [])) for d in bench.domains()[1])
+    setting = bench.prepared(forget_requests=None if cap is None else int(cap))
     model, tok, sae, forget, retain, general, forget_texts, retain_texts, calibration, stats = setting
     sets = input_sets(tok, forget, retain, general)
     padded = padded_sets(tok, forget, retain, general)
@@ -127,7 +132,7 @@ def main() -> None:
         rows.append([name, *(pct(shares[k]) for k in shares)])
         print(table(["variant", *(f"{k} %" for k in shares)], rows), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    record = {"sae": str(args.sae or "shipped"), "hook": sae.hook_name, "results": results}
+    record = {"sae": str(args.sae or "shipped"), "hook": sae.hook_name, "forget_requests": cap, "results": results}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 

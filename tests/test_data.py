@@ -499,3 +499,9 @@ def test_fit_corpora_put_each_sides_requests_on_its_side():
     plain_forget, _, plain_calibration = fit_corpora(cyber, [computing], general)  # no chat template: no chat copies
     assert len(plain_forget) == len(cyber.texts["fit"]) + FORGET_QUESTIONS + len(cyber.requests["fit"])
     assert not any(t.startswith("<user>") for t in plain_calibration)
+    # at most n of the forget requests (the first n, plain and in chat), the rest of both corpora as they were
+    capped, capped_retain, capped_calibration = fit_corpora(cyber, [computing], general, ChatTokenizer(), 10)
+    kept, dropped = cyber.requests["fit"][:10], cyber.requests["fit"][10:]
+    assert set(kept) <= set(capped) and {f"<user>{r}</user><assistant>" for r in kept} <= set(capped)
+    assert not set(dropped) & set(capped) and len(capped) == len(forget) - 2 * len(dropped)
+    assert (capped_retain, capped_calibration) == (retain, calibration)

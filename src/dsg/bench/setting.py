@@ -63,13 +63,16 @@ class BenchSetting:
         retain = [load_domain(r.strip()) for r in self.retain.split(",") if r.strip()]
         return load_domain(self.forget), retain, load_domain(self.general)
 
-    def prepared(self, config: FitConfig | None = None, progress: bool = True) -> Prepared:
+    def prepared(
+        self, config: FitConfig | None = None, progress: bool = True, forget_requests: int | None = None
+    ) -> Prepared:
         """Everything a benchmark of fit settings starts from: model, SAE, domains, the demo's fit corpora and
-        their latent statistics under `config` (default: DEMO_FIT), measured once for every variant."""
+        their latent statistics under `config` (default: DEMO_FIT), measured once for every variant
+        (`forget_requests`: see fit_corpora)."""
         model, tok = load_model(self.model)
         sae = self.load_sae()
         forget, retain, general = self.domains()
-        f, r, c = fit_corpora(forget, retain, general, tok)
+        f, r, c = fit_corpora(forget, retain, general, tok, forget_requests)
         stats = measure(model, tok, sae, f, r, config or DEMO_FIT, progress=progress)
         return Prepared(model, tok, sae, forget, retain, general, f, r, c, stats)
 
@@ -175,7 +178,9 @@ def chat_prompt(tokenizer, text: str) -> str:
                                          add_generation_prompt=True)  # fmt: skip
 
 
-def fit_corpora(forget, retain: list, general, tokenizer=None) -> tuple[list[str], list[str], list[str]]:
+def fit_corpora(
+    forget, retain: list, general, tokenizer=None, forget_requests: int | None = None
+) -> tuple[list[str], list[str], list[str]]:
     """(forget texts, retain texts, calibration inputs) from the "fit" and "calibration" splits only.
 
     The forget corpus is the domain's reference documents plus some of its calibration questions and the
@@ -183,7 +188,8 @@ def fit_corpora(forget, retain: list, general, tokenizer=None) -> tuple[list[str
     retain side gets the requests of its domains in the same templates, so that how a request is phrased marks
     neither side. The gate is calibrated on inputs shaped like the traffic it will judge: retain-domain question
     prompts and requests, the same inside the chat template (given a `tokenizer` with one), and general chat, not
-    long reference documents.
+    long reference documents. `forget_requests` keeps only that many of the forget domain's requests (the first,
+    in the packs' hash order: an unbiased sample; None: all), to try how much of the forget side reads as a request.
     """
     chat = tokenizer is not None and getattr(tokenizer, "chat_template", None)
     as_chat = (lambda ts: [chat_prompt(tokenizer, t) for t in ts]) if chat else (lambda ts: [])  # noqa: E731
@@ -192,9 +198,9 @@ def fit_corpora(forget, retain: list, general, tokenizer=None) -> tuple[list[str
     calibration = [q.question for d in retain for q in d.questions["calibration"]] + list(general.texts["fit"])
     calibration += as_chat([q.question for d in retain for q in d.questions["calibration"][:CHAT_CALIBRATION]])
     calibration += as_chat(retain_requests)
-    forget_requests = list(forget.requests.get("fit", []))
+    asked = list(forget.requests.get("fit", []))[:forget_requests]
     forget_texts = list(forget.texts["fit"]) + [q.question for q in forget.questions["calibration"][:FORGET_QUESTIONS]]
-    forget_texts += forget_requests + as_chat(forget_requests)
+    forget_texts += asked + as_chat(asked)
     return forget_texts, retain_texts, calibration
 
 
