@@ -136,6 +136,14 @@ def test_standard_relu_sae_on_gpt2(tiny_gpt2):
     assert "ce_loss_recovered" not in metrics
 
 
+def test_windows_past_a_short_context_are_one_sentence(tiny_gpt2):
+    model, tok = tiny_gpt2  # learned positions: 256
+    long = [" ".join(make_texts(80, seed=s)) for s in range(4)]
+    cfg = small_config(architecture="standard", l1_coefficient=0.01, max_length=512, ce_eval_tokens=0)
+    with pytest.raises(DSGError, match="at most 256 positions; set --max-length"):
+        train_sae(model, tok, long, cfg, progress=False)
+
+
 def test_cache_smaller_than_n_tokens_is_reused_over_epochs(tiny_llama):
     model, tok = tiny_llama
     cfg = small_config(unique_tokens=300, n_tokens=2048, val_fraction=0.0)

@@ -26,7 +26,7 @@ from ..config import check_choice, check_types
 from ..errors import DSGError
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, resolve
-from ..lm.models import context_length
+from ..lm.models import check_windows_fit, context_length
 from ..lm.text import pad_id_of, subsample, tokenize
 from .detector import fit_weights, window_features
 from .guardrail import Guardrail
@@ -280,6 +280,7 @@ def measure(
     forget_seqs, retain_seqs = _sequences(tokenizer, forget, config, 1), _sequences(tokenizer, retain, config, 2)
     if not forget_seqs or not retain_seqs:
         raise DSGError("The forget and retain corpora must each hold at least one text of two or more tokens.")
+    check_windows_fit(model, forget_seqs + retain_seqs, config.max_length)
     sae = sae.to(next(model.parameters()).device)
     kw = dict(batch_size=config.batch_size, pad_id=pad_id_of(tokenizer, model), progress=progress)
     # a detector reads where latents fire in these same sequences: keep it from this pass
@@ -333,6 +334,7 @@ def fit(
     clamp = config.clamp * r_sums.mean_norm if config.clamp_relative_to_norm else config.clamp
 
     calib_seqs = retain_seqs if calibration is None else _sequences(tokenizer, calibration, config, 3)
+    check_windows_fit(model, calib_seqs, config.max_length)
     detector, detector_info = None, None
     if config.detector and config.gated:
         detector, detector_info, calib_seqs = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)

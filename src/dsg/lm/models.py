@@ -194,6 +194,17 @@ def check_fits_context(model: torch.nn.Module, n_tokens: int, what: str) -> None
         raise DSGError(f"{what} needs {n_tokens} positions, but the model takes at most {limit}; shorten it.")
 
 
+def check_windows_fit(model: torch.nn.Module, windows, max_length: int) -> None:
+    """A DSGError when the longest of `windows` (token lists cut to `max_length`) would run past the model's
+    context, naming the setting to lower: read before any forward, so a short-context model fails in one line."""
+    limit = context_length(model)
+    longest = max((len(w) for w in windows), default=0)
+    if limit is not None and longest > limit:
+        raise DSGError(f"Texts are read in windows of up to max_length={max_length} tokens, and some run to "
+                       f"{longest}, but the model takes at most {limit} positions; set --max-length (max_length) "
+                       f"to {limit} or less.")  # fmt: skip
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

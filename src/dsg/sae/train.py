@@ -49,6 +49,7 @@ from ..errors import DSGError
 from ..files import atomic_directory, write_json
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import HookPoint, forward_to_hook, hidden_size, hooked, resolve
+from ..lm.models import check_windows_fit
 from ..lm.text import batches, pad_id_of, real_token_mask, special_token_ids, tokenize
 from .base import SAE
 from .formats import FORMATS
@@ -606,6 +607,7 @@ def _activations_of(
     windows = _choose_windows(tokenize(tokenizer, texts, cfg.max_length), budget, cfg.seed)
     if not windows:
         return windows, None
+    check_windows_fit(model, windows, cfg.max_length)
     acts = collect_activations(
         model,
         point,
