@@ -344,6 +344,19 @@ CLI_CASES = {
         "not both",
     ),  # fmt: skip
     "compare an unknown method": (["compare", "--methods", "dsg,sgd", "--out", "{ws}/new"], "Unknown method"),
+    "compare a forget domain also retained": (
+        ["compare", "--forget", "geography", "--retain", "geography,chemistry", "--out", "{ws}/new"],
+        "is also --retain",
+    ),  # fmt: skip
+    "demo a forget domain also the general one": (
+        ["demo", "--forget", "cyber", "--general", "cyber", "--out", "{ws}/new"],
+        "is also --general",
+    ),  # fmt: skip
+    "compare without a retain domain": (["compare", "--retain", ",", "--out", "{ws}/new"], "At least one retain"),
+    "compare a retain domain twice": (
+        ["compare", "--retain", "chemistry,chemistry", "--out", "{ws}/new"],
+        "names a domain twice",
+    ),  # fmt: skip
 }
 
 

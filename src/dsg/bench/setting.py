@@ -59,9 +59,19 @@ class BenchSetting:
         return SAE.load(Path(self.sae) if self.sae else embedded_sae(self.model))
 
     def domains(self) -> tuple[Any, list, Any]:
-        """(forget domain, retain domains, general domain) from the embedded data."""
-        retain = [load_domain(r.strip()) for r in self.retain.split(",") if r.strip()]
-        return load_domain(self.forget), retain, load_domain(self.general)
+        """(forget domain, retain domains, general domain) from the embedded data: a forget domain, at least one
+        retain domain, none of them twice (a domain forgotten and kept would be fitted on both sides)."""
+        names = [r.strip() for r in self.retain.split(",") if r.strip()]
+        if not names:
+            raise DSGError("At least one retain domain is needed (--retain): retain accuracy is half of what the "
+                           "benchmark measures.")  # fmt: skip
+        if len(set(names)) != len(names):
+            raise DSGError(f"--retain names a domain twice: {', '.join(names)}.")
+        if self.forget.strip() in names or self.forget.strip() == self.general.strip():
+            side = "--retain" if self.forget.strip() in names else "--general"
+            raise DSGError(f"The forget domain {self.forget!r} is also {side}: its texts would be fitted as both "
+                           "forget and retain text. Pick another forget or retain domain.")  # fmt: skip
+        return load_domain(self.forget), [load_domain(n) for n in names], load_domain(self.general)
 
     def prepared(
         self, config: FitConfig | None = None, progress: bool = True, forget_requests: int | None = None
@@ -389,6 +399,9 @@ def files_bench(
     tokenizer=None,
 ) -> Bench:
     """A user's model, SAE and files: corpora, question files (split 40/60 by hash), optional held-out text."""
+    if not [p for p in retain_questions.split(",") if p.strip()]:
+        raise DSGError("At least one retain question file is needed (--retain-questions): retain accuracy is half of "
+                       "what the benchmark measures.")  # fmt: skip
     sae = setting.load_sae()
     if model is None:
         model, tokenizer = load_model(setting.model)
