@@ -385,10 +385,18 @@ def test_a_grid_file_replaces_built_in_grids_and_refuses_unknown_settings(tmp_pa
         ({"npo": [{"method": "ga"}]}, "method"),
         ({"sgd": [{}]}, "sgd"),
         ({"rmu": []}, "non-empty"),
+        # values of the wrong type, refused when the grid is read rather than after the base model is scored
+        ({"npo": [{"lr": "fast"}]}, "lr must be a finite number, got 'fast'"),
+        ({"npo": [{"lr": True}]}, "lr must be a finite number, got True"),
+        ({"rmu": [{"steps": 2.5}]}, "steps must be an integer, got 2.5"),
+        # a trained method's seed is the run's --seed: an entry that set one would be run and reported under another
+        ({"npo": [{"lr": 1e-4, "seed": 5}]}, "seed is the run's"),
     ):
         path.write_text(json.dumps(bad))
         with pytest.raises(DSGError, match=word):
             read_grid(str(path), ["rmu", "npo"])
+    with pytest.raises(DSGError, match="clamp must be a finite number"):
+        METHODS["static_clamp"]().config({"variant": "static", "clamp": "strong"})
 
 
 def test_a_grid_entry_reaches_the_real_method(tiny_llama, tmp_path):

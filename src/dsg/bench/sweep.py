@@ -31,6 +31,7 @@ Outputs in `--out`: compare.json, report.html (bench/report.py) and the printed 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -158,8 +159,16 @@ def read_grid(path: str, names: Sequence[str]) -> dict[str, list[dict]]:
             bad = sorted(set(c) - allowed)
             if bad:
                 raise DSGError(f"{path!r}: {name} has no setting {bad[0]!r}; allowed: {', '.join(sorted(allowed))}.")
+            if method.seeded and "seed" in c:  # the run's --seed is every trained configuration's
+                raise DSGError(f"{path!r}: {name}'s seed is the run's (--seed), so a grid entry cannot set it.")
         if name in names:
             grids[name] = method().entries(configs)
+            if method.seeded:  # a trained method's config needs no bench: check its values before any work
+                for entry in grids[name]:
+                    try:
+                        method().config(entry)
+                    except DSGError as exc:
+                        raise DSGError(f"{path!r}: {name} {json.dumps(entry)}: {exc}") from None
     return grids
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import check_choice
+from ..config import check_choice, check_types
 from ..guard.fit import CorpusStats, FitConfig, fit
 from ..guard.guardrail import Guardrail
 from .base import METHODS, budget_level
@@ -52,6 +52,7 @@ class ClampConfig:
     """Clamp strength c: clamped latents are set to -c."""
 
     def __post_init__(self):
+        check_types(self)
         check_choice("variant", self.variant, tuple(VARIANTS))
 
 

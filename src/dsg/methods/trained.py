@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ..config import check_types
 from ..errors import DSGError
 from ..lm.fingerprint import whole_model_fingerprint
 from ..lm.hooks import decoder_layers
@@ -55,6 +56,7 @@ class TrainingConfig:
     """Seed for the batch order (and any random direction the method draws)."""
 
     def __post_init__(self):
+        check_types(self)  # a grid file's "fast" or true is refused here, not deep in training
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
             raise DSGError("Training needs steps >= 1, batch_size >= 1 and max_length >= 2.")
         if not self.lr > 0:
