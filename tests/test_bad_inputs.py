@@ -102,7 +102,8 @@ def ws(tmp_path_factory):
         cfg = json.loads((root / name / "cfg.json").read_text())
         (root / name / "cfg.json").write_text(json.dumps(edit(cfg)))
     (root / "notes.txt").write_text("the user's notes")
-    (root / "summary.json").write_text('{"an": "earlier eval summary"}')
+    (root / "summary.json").write_text('{"mode": "likelihood", "tasks": {}, "all": {}}')  # an earlier eval summary
+    (root / "config.json").write_text('{"model_type": "gpt2"}')  # another tool's JSON object
     (root / "exported_twice" / "geography").mkdir(parents=True)
     (root / "exported_twice" / "geography" / "test_questions.jsonl").write_text("the user's own question file")
     for name, text in {"guard_utf16": b"\xff\xfe{}", "guard_deep": b"[" * 100_000 + b"]" * 100_000}.items():
@@ -196,7 +197,11 @@ CLI_CASES = {
     "eval --out a folder": (EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/keep"], "is a directory"),
     "eval --out a user's file": (
         EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/notes.txt", "--overwrite"],
-        "does not hold a JSON summary",
+        "does not hold a summary this command wrote",
+    ),  # fmt: skip
+    "eval --out another tool's JSON": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/config.json", "--overwrite"],
+        "does not hold a summary this command wrote",
     ),  # fmt: skip
     "eval --out an earlier summary": (
         EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/summary.json"],

@@ -177,7 +177,8 @@ def add_inspect(sub) -> None:
 
 def cmd_eval(args) -> int:
     if args.out:
-        check_output_file(args.out, inputs=[*args.questions, *args.guardrail, args.model], overwrite=args.overwrite)
+        check_output_file(args.out, inputs=[*args.questions, *args.guardrail, args.model], overwrite=args.overwrite,
+                          keys=("mode", "tasks", "all"))  # what evaluate_files returns  # fmt: skip
     model, tokenizer = _model(args)
     guards = _guardrails(args.guardrail, model, verify=not args.allow_model_mismatch)
     summary = evaluate_files(
@@ -224,7 +225,8 @@ def add_eval(sub) -> None:
     p.add_argument("--details", action="store_true", help="Include every question's result.")
     p.add_argument("--allow-model-mismatch", action="store_true")
     p.add_argument("--out", default=None, help="Also write the JSON summary here.")
-    p.add_argument("--overwrite", action="store_true", help="Replace the --out file if it holds an earlier summary.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace the --out file if it holds an earlier dsg eval summary.")  # fmt: skip
     p.set_defaults(func=cmd_eval)
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,10 +327,10 @@ def check_output_dir(
     return path
 
 
-def check_output_file(path: str | os.PathLike, inputs=(), overwrite: bool = False) -> Path:
+def check_output_file(path: str | os.PathLike, inputs=(), overwrite: bool = False, keys: Sequence[str] = ()) -> Path:
     """Before any work: `path` can be written as a file and is none of `inputs`, or a DSGError says why. An existing
-    file is replaced only with `overwrite`, and only if it holds a JSON object (what the commands that write one
-    file write): a user's notes or question file never is."""
+    file is replaced only with `overwrite`, and only if it holds a JSON object with `keys` (what the command that
+    writes it writes): a user's notes, question file, or another tool's JSON (a model's config.json) never is."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise DSGError(f"Output file {str(path)!r} is a directory.")
@@ -338,9 +338,10 @@ def check_output_file(path: str | os.PathLike, inputs=(), overwrite: bool = Fals
         raise DSGError(f"Output file {str(path)!r} is a symbolic link; give the file it should be written to.")
     _refuse_inputs(path, inputs)
     if path.exists():
-        if _json_object(path) is None:
-            raise DSGError(f"Output file {str(path)!r} exists and does not hold a JSON summary; refusing to replace "
-                           "it (choose another output path).")  # fmt: skip
+        found = _json_object(path)
+        if found is None or not set(keys) <= set(found):
+            raise DSGError(f"Output file {str(path)!r} exists and does not hold a summary this command wrote; "
+                           "refusing to replace it (choose another output path).")  # fmt: skip
         if not overwrite:
             raise DSGError(f"Output file {str(path)!r} already exists; pass --overwrite to replace it.")
     if not path.parent.is_dir():
