@@ -422,6 +422,10 @@ def test_evaluate_files_summary(tmp_path, llama, tok, guard):
     assert bio["base_correct"]["indices"] == [r.index for r in base if r.correct]
     given = evaluate_files(llama, tok, files[:1], base_subsets={"bio": [0, 1]}, progress=False)
     assert given["tasks"]["bio"]["base_correct"]["n"] == 2 and given["tasks"]["bio"]["gate_rate"] is None
+    for bad, words in (({"bio": [0.9]}, "question indices"), ({"bio": [True]}, "question indices"),
+                       ({"bio": "12"}, "question indices"), ({"boi": [0]}, "no question file has")):  # fmt: skip
+        with pytest.raises(dsg.DSGError, match=words):  # not question 0, question 1, questions 1 and 2, or ignored
+            evaluate_files(llama, tok, files[:1], base_subsets=bad, progress=False)
     with pytest.raises(dsg.DSGError, match="distinct"):
         evaluate_files(llama, tok, [files[0], files[0]], progress=False)
 

@@ -50,6 +50,10 @@ def evaluate_files(
     """
     paths = [Path(p) for p in question_files]
     names = _task_names(paths, base_correct, permutations)
+    if base_subsets is not None:
+        unknown = sorted(set(base_subsets) - set(names))
+        if unknown:
+            raise DSGError(f"base_subsets names tasks that no question file has: {unknown} (tasks: {names}).")
     intervention = as_intervention(intervention)
     if score_options.pop("verify", True) and intervention is not None:
         intervention.check_model(model)
@@ -103,7 +107,11 @@ def evaluate_files(
 
 
 def _given_subset(name: str, indices: Sequence[int], n: int) -> list[int]:
-    subset = sorted({int(i) for i in indices})
+    """A task's given base-correct subset: question indices (integers, not bools, floats or a string of digits)."""
+    if isinstance(indices, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise DSGError(f"The base-correct subset for task {name!r} must be a list of question indices (integers), "
+                       f"got {indices!r}.")  # fmt: skip
+    subset = sorted(set(indices))
     if subset and not 0 <= subset[0] <= subset[-1] < n:
         raise DSGError(f"The base-correct subset for task {name!r} names questions outside 0..{n - 1}.")
     return subset
