@@ -89,6 +89,20 @@ def _padded_setting(model, tok, window, hold=None):
     return qs, guard
 
 
+def test_paddings_past_a_short_context_are_left_out_not_an_error(tiny_gpt2):
+    """GPT-2 style models stop at their learned positions (256 here; the real one at 1,024): the dilutions that fit
+    are measured, those that do not are left out as the chat form is without a template, and the benign texts are
+    read as far as the model can."""
+    model, tok = tiny_gpt2
+    static = dsg.Guardrail(tiny_sae(d_in=model.config.hidden_size), features=[0, 1, 2], gated=False, clamp=5.0)
+    long_benign = [" ".join(RETAIN_TEXTS * 20)] * 4  # mention texts past 256 tokens
+    out = run_dilution(model, tok, _questions(), long_benign, static, progress=False)
+    assert {"plain:0", "plain:100"} <= set(out) and not {"plain:1000", "after:1000"} & set(out)
+    assert out["plain:100"]["padding_gate_rate"] == 1.0 and out["mentions"] == 1.0
+    summary = summarize_dilution(out, run_dilution(model, tok, _questions(), long_benign, None, progress=False))
+    assert set(summary) >= {"plain:0", "plain:100"} and "plain:1000" not in summary
+
+
 def test_one_pass_gives_the_gated_and_the_touched_share_of_benign_texts(tiny_llama):
     model, tok = tiny_llama
     qs, guard = _padded_setting(model, tok, window=12, hold=6)

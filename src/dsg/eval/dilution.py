@@ -27,7 +27,7 @@ from contextlib import nullcontext
 import torch
 
 from ..lm.hooks import stopped_after
-from ..lm.models import evaluating, model_device
+from ..lm.models import context_length, evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
 from ..runtime.intervention import Intervention, acted_on, as_intervention, gates_decided, prefix_causal
 from .mcq import score_mcq
@@ -100,6 +100,7 @@ def gate_rates_on_texts(
     if intervention is None or not texts:
         return None
     device, pad = model_device(model), pad_id_of(tokenizer, model)
+    max_length = min(max_length, context_length(model) or max_length)  # a text is read as far as the model can
     point = gates_decided(model, intervention)  # only the gates' decisions are wanted: forwards end after them
     gated = touched = 0
     with evaluating(model):
@@ -164,7 +165,8 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
 
     The questions take PADDINGS different benign paddings in turn; each padding's questions are scored together,
     so that its shared text is prefilled once per batch (eval.mcq). `batch_size` is the usual one; padded prompts
-    take `dilution_batch_size` of it."""
+    take `dilution_batch_size` of it. A dilution whose prompts would not fit the model's context (GPT-2's 1,024
+    positions at k = 1,000) is left out, as the chat form is without a chat template: reports show it as "-"."""
     if not benign or not questions:
         return None
     fills = paddings(tokenizer, benign, max(k for _, k in DILUTIONS), min(PADDINGS, len(questions)))
@@ -173,6 +175,9 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
     alone_rates: dict[tuple[str, ...], tuple] = {}
     for form, k in DILUTIONS:
         if form == "chat" and not getattr(tokenizer, "chat_template", None):
+            continue
+        if not _fits(model, tokenizer, [dilute(q, fills[i % len(fills)], k, tokenizer, form)
+                                        for i, q in enumerate(questions)]):  # fmt: skip
             continue
         res: list = [None] * len(questions)
         for j, fill in enumerate(fills):
@@ -192,6 +197,21 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
             out[f"{form}:{k}"]["padding_gate_rate"], out[f"{form}:{k}"]["padding_touched_rate"] = rates
     out["mentions"] = gate_rate_on_texts(model, tokenizer, mention_texts(benign[:16]), intervention, touched=True)
     return out
+
+
+def _fits(model, tokenizer, questions: Sequence[dict]) -> bool:
+    """Whether every question with its longest choice fits the model's context (a few tokens to spare for the
+    choice's own spacing and special tokens)."""
+    limit = context_length(model)
+    if limit is None:
+        return True
+
+    def length(q: dict) -> int:
+        return len(tokenizer(q["question"])["input_ids"]) + max(
+            len(tokenizer(" " + c)["input_ids"]) for c in q["choices"]
+        )
+
+    return max(length(q) for q in questions) + 4 <= limit
 
 
 def summarize_dilution(run: dict, base: dict, norm: bool = True) -> dict:
