@@ -554,6 +554,23 @@ def test_an_edited_fit_record_is_refused_on_load_before_inspect_reads_it(tmp_pat
         dsg.Guardrail.load(tmp_path / "g", allow_missing_model=True)
 
 
+def test_what_loading_refuses_saving_refuses_first_and_a_users_own_statistics_round_trip(tmp_path):
+    sae = tiny_sae()
+    for info, tensors, message in (
+        ({"config": "notes"}, {}, "'config' must be an object"),
+        ({"seed": None}, {}, "'seed' must be an integer"),
+        ({}, {"rho": torch.tensor(0.5)}, "must be floats, a vector"),
+        ({}, {"forget_mean": torch.rand(3)}, "64 values"),
+    ):
+        with pytest.raises(dsg.DSGError, match=message):
+            dsg.Guardrail(sae, features=[0, 1], threshold=0.5, info=info, tensors=tensors).save(tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
+    mine = {"per_feature_mean": torch.rand(2), "notes_rho": torch.rand(7)}  # not names fit writes per latent
+    dsg.Guardrail(sae, features=[0, 1], threshold=0.5, tensors=mine).save(tmp_path / "g")
+    loaded = dsg.Guardrail.load(tmp_path / "g", allow_missing_model=True)
+    assert torch.equal(loaded.tensors["per_feature_mean"], mine["per_feature_mean"])
+
+
 @pytest.mark.parametrize("field", ["d_sae", "k", "apply_b_dec_to_input", "d_in"])
 def test_a_topk_guardrail_whose_record_disagrees_with_its_sae_copy_is_refused(tmp_path, field):
     """A TopK guardrail applies its SAE copy; a record edited (and re-hashed) to describe another SAE, say one with

@@ -29,7 +29,7 @@ from ..lm.hooks import HookPoint, resolve
 from ..sae import ARCHITECTURES, SAE
 from . import rule
 from .detector import MAX_WEIGHT, SCALE, Detector
-from .integrity import HASH_FIELD, check_meta, check_rule, check_tensors, content_sha256
+from .integrity import HASH_FIELD, check_meta, check_record, check_rule, check_statistics, check_tensors, content_sha256
 
 FORMAT = "dsg-guardrail"
 FORMAT_VERSION = 4  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
@@ -397,6 +397,8 @@ class Guardrail:
         carries a content hash of everything loading reads (see guard/integrity.py)."""
         path = Path(path)
         self.check()
+        check_record(self.to_json(), "The guardrail's info")  # what loading would refuse is refused here
+        check_statistics(self.tensors, int(self.sae_record["d_sae"]), "The guardrail's statistics")
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.latents.tensors().items()}
         if self.detector is not None:
             tensors |= {k: v.detach().cpu().contiguous() for k, v in self.detector.tensors().items()}

@@ -160,7 +160,7 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
         )
     if model is not None and not (isinstance(model, dict) and _SHA256.match(str(model.get("weights_sha256", "")))):
         raise DSGError(f"{where}: 'model.weights_sha256' must be a 64-digit hex digest.")
-    _check_record(meta, where)
+    check_record(meta, where)
 
 
 _RECORD_OBJECTS = ("config", "data", "detector_fit", "prompt_level_check", "baseline")  # what a guardrail's fit
@@ -170,15 +170,19 @@ _CHECK_NUMBERS = ("questions", "base_correct", "gate_rate_base_correct", "loss",
                   "kept_without_level")  # fmt: skip
 
 
-def _check_record(meta: dict, where: str) -> None:
+def check_record(meta: dict, where: str) -> None:
     """The fit's record beside the rule: objects where an object was written, numbers where a report reads one, so
-    an edited record is refused on load instead of breaking `dsg inspect` or a report later."""
+    an edited record is refused on load (and a malformed one on save) instead of breaking `dsg inspect` or a report
+    later."""
     for key in _RECORD_OBJECTS:
         if key in meta and not isinstance(meta[key], dict):
             raise DSGError(f"{where}: '{key}' must be an object (the fit's record), got {meta[key]!r}.")
     bad = [k for k, v in meta.get("data", {}).items() if not isinstance(v, dict)]
     if bad:
         raise DSGError(f"{where}: each entry of 'data' must be an object describing a corpus; {bad} are not.")
+    bad = [k for k, v in meta.get("data", {}).items() if "sha256" in v and not isinstance(v["sha256"], str)]
+    if bad:
+        raise DSGError(f"{where}: the 'sha256' of a corpus in 'data' must be a string; {bad} hold other values.")
     if "seed" in meta and not _is_int(meta["seed"]):
         raise DSGError(f"{where}: 'seed' must be an integer, got {meta['seed']!r}.")
     if "residual_norm" in meta and not _is_number(meta["residual_norm"]):
@@ -228,20 +232,21 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
             raise DSGError(f"{where}: the detector's weights must have magnitude at most {DETECTOR_MAX_WEIGHT}.")
     if t["features"].tolist() != list(meta["features"]):
         raise DSGError(f"{where}: the tensor 'features' does not match the features in guardrail.json.")
-    _check_statistics(t, sae["d_sae"], where)
+    check_statistics({k.removeprefix("stats."): v for k, v in t.items() if k.startswith("stats.")}, sae["d_sae"],
+                     where)  # fmt: skip
 
 
-_PER_LATENT = ("_mean", "_frequency", "_mean_square")  # statistics with one value per SAE latent (and score_*)
+# the statistics dsg.fit writes with one value per SAE latent (what `dsg inspect` indexes by latent id)
+PER_LATENT = tuple(f"{side}_{s}" for side in ("forget", "retain") for s in ("mean", "frequency", "mean_square"))
+PER_LATENT += ("score_forget", "score_retain", "score_ratio")
 
 
-def _check_statistics(t: dict[str, torch.Tensor], d_sae: int, where: str) -> None:
-    """The fit's per-latent statistics and calibration scores (`stats.*`, read by `dsg inspect`): vectors of floats,
-    one value per latent where a statistic is per latent."""
-    for name, x in t.items():
-        if not name.startswith("stats."):
-            continue
-        key = name.removeprefix("stats.")
-        per_latent = key.startswith("score_") or key.endswith(_PER_LATENT)
+def check_statistics(stats: dict[str, torch.Tensor], d_sae: int, where: str) -> None:
+    """The fit's statistics and calibration scores (saved as `stats.*`, read by `dsg inspect`): vectors of floats,
+    one value per latent for those fit writes per latent."""
+    for key, x in stats.items():
+        name = f"stats.{key}"
+        per_latent = key in PER_LATENT
         if x.dim() != 1 or not x.is_floating_point() or (per_latent and x.numel() != d_sae):
             size = f"{d_sae} values (one per latent)" if per_latent else "a vector"
             raise DSGError(f"{where}: tensor {name!r} must be floats, {size}; got {x.dtype} of shape "
