@@ -574,6 +574,7 @@ def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts
     together, lm = score(requests + ([long] if cut else []))
     if cut:
         assert len(lm.tok_encode(long[0])) > 40  # the long request's row is cut from the left
+        assert all(len(c) <= 40 for c in lm._decisions)  # and its context, past the window, is never read whole
     alone = [score([r])[0][0] for r in requests]
     assert together[: len(requests)] == pytest.approx(alone, abs=1e-5)
     gated = [bool(d.any()) for d in lm._decisions.values()]

@@ -92,6 +92,10 @@ if HFLM is not None:
                     self._decisions[c] = d
                     self._masks[c] = masks[row, :, ids.shape[1] - len(c) :]  # left padding removed
 
+        def _cut(self, context_enc, continuation_enc) -> bool:
+            """Whether HFLM cuts this request's row from the left to fit the model (losing the context's start)."""
+            return len(context_enc) + len(continuation_enc) - 1 > self.max_length
+
         def _row(self, context_enc, continuation_enc) -> tuple[int, ...]:
             """The tokens HFLM feeds the model for one request (before padding): context and continuation, the
             last token dropped, cut from the left to the model's length."""
@@ -100,7 +104,8 @@ if HFLM is not None:
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
             if not self.guardrails:
                 return super()._loglikelihood_tokens(requests, *args, **kwargs)
-            self._judge([tuple(context_enc) for _, context_enc, _ in requests])
+            # only contexts whose rows keep them whole are judged (a cut one may run past the model's context)
+            self._judge([tuple(c) for _, c, cont in requests if not self._cut(c, cont)])
             # A batch row holds a request's context and continuation run together; its context is known from the
             # request, not from the row (("The capital", " of France is") and ("The capital of France", ...) make
             # rows that another request's context prefixes). Requests whose rows are the same tokens with
@@ -110,7 +115,7 @@ if HFLM is not None:
             passes: list[dict] = []
             whole: dict = {"rows": {}, "requests": []}
             for i, (_, context_enc, continuation_enc) in enumerate(requests):
-                if len(context_enc) + len(continuation_enc) - 1 > self.max_length:
+                if self._cut(context_enc, continuation_enc):
                     whole["requests"].append(i)
                     continue
                 row, context = self._row(context_enc, continuation_enc), tuple(context_enc)
