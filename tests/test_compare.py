@@ -612,3 +612,24 @@ def test_the_shipped_dsg_settles_its_prompt_level_on_the_forget_validation_quest
     )
     with pytest.raises(DSGError, match="base is not the base model's results"):  # they are read, and checked
         method.fit(bench, cfg, tmp_path, progress=False)
+
+
+def test_domains_named_on_both_sides_are_refused_before_anything_loads(monkeypatch, tmp_path):
+    """A forget domain also kept, or no retain domain at all, is a typo to report at once, not after a model (which
+    may be large) has loaded."""
+    import dsg.bench.demo as demo
+    import dsg.bench.setting as setting
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("something was loaded before the domains were checked")
+
+    monkeypatch.setattr(setting, "load_model", loaded)
+    monkeypatch.setattr(demo, "load_model", loaded)
+    monkeypatch.setattr(setting.BenchSetting, "load_sae", loaded)
+    with pytest.raises(DSGError, match="is also --retain"):
+        setting.embedded_bench(setting.BenchSetting(forget="geography", retain="geography,chemistry"), 1, 1, 1, 1, 1)
+    with pytest.raises(DSGError, match="At least one retain domain"):
+        setting.embedded_bench(setting.BenchSetting(retain=" , "), 1, 1, 1, 1, 1)
+    with pytest.raises(DSGError, match="is also --general"):
+        demo.run_demo(demo.DemoConfig(forget="cyber", general="cyber", out=str(tmp_path / "d")))
+    assert setting.BenchSetting().domain_names() == ("cyber", ["geography", "chemistry", "computing"], "general")

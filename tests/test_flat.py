@@ -235,6 +235,18 @@ def test_a_request_that_starts_mid_sequence_is_refused(setting):
         x = acts[0][5:9]
         with pytest.raises(ChunkRefused, match="prefix-cache hit"):
             gates.step(g.hook, x, torch.tensor(seqs[0][5:9]), torch.arange(5, 9), [Chunk("a", 0, 4, 5, 8)])
+    # a static guardrail at an earlier layer has nothing to judge and takes the chunk; the gated one after it still
+    # refuses what it never saw the start of
+    w = guards["window"]
+    static, later = (
+        guards["static"],
+        dsg.Guardrail(w.sae, "blocks.1.hook_resid_post", w.features, w.threshold, window=4),
+    )
+    gates = RequestGates([static, later], specials)
+    ids, positions, chunk = torch.tensor(seqs[0][5:9]), torch.arange(5, 9), [Chunk("a", 0, 4, 5, 8)]
+    gates.step(static.hook, acts[0][5:9], ids, positions, chunk)
+    with pytest.raises(ChunkRefused, match="prefix-cache hit"):
+        gates.step(later.hook, acts[0][5:9], ids, positions, chunk)
 
 
 def test_a_step_with_one_request_twice_or_an_empty_prompt_is_refused(setting):

@@ -53,7 +53,7 @@ def init_from_env() -> World:
     dist = torch.distributed
     if not dist.is_available():
         raise DSGError("This PyTorch build has no torch.distributed; run without torchrun.")
-    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]  # what init reads
     if not dist.is_initialized() and missing:
         raise DSGError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} "
                        f"{'is' if len(missing) == 1 else 'are'} not set: start the processes with torchrun, or unset "

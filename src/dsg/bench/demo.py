@@ -143,6 +143,7 @@ def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict,
 
 def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
     check_output_dir(config.out, "demo", overwrite=config.overwrite, inputs=[config.sae])
+    config.domain_names()  # refused before the model loads
     config = config.sized()
     if config.quick:
         fit_config = dataclasses.replace(fit_config, max_sequences=min(fit_config.max_sequences, QUICK_FIT_SEQUENCES))

@@ -59,8 +59,14 @@ class BenchSetting:
         return SAE.load(Path(self.sae) if self.sae else embedded_sae(self.model))
 
     def domains(self) -> tuple[Any, list, Any]:
-        """(forget domain, retain domains, general domain) from the embedded data: a forget domain, at least one
-        retain domain, none of them twice (a domain forgotten and kept would be fitted on both sides)."""
+        """(forget domain, retain domains, general domain) from the embedded data (see domain_names)."""
+        forget, retain, general = self.domain_names()
+        return load_domain(forget), [load_domain(n) for n in retain], load_domain(general)
+
+    def domain_names(self) -> tuple[str, list[str], str]:
+        """(forget, retain, general) domain names, checked without loading anything, so a demo or comparison
+        refuses them before loading a model: a forget domain, at least one retain domain, none of them twice (a
+        domain forgotten and kept would be fitted on both sides)."""
         names = [r.strip() for r in self.retain.split(",") if r.strip()]
         if not names:
             raise DSGError("At least one retain domain is needed (--retain): retain accuracy is half of what the "
@@ -71,7 +77,7 @@ class BenchSetting:
             side = "--retain" if self.forget.strip() in names else "--general"
             raise DSGError(f"The forget domain {self.forget!r} is also {side}: its texts would be fitted as both "
                            "forget and retain text. Pick another forget or retain domain.")  # fmt: skip
-        return load_domain(self.forget), [load_domain(n) for n in names], load_domain(self.general)
+        return self.forget.strip(), names, self.general.strip()
 
     def prepared(
         self, config: FitConfig | None = None, progress: bool = True, forget_requests: int | None = None
@@ -343,6 +349,7 @@ def embedded_bench(
     tokenizer=None,
 ) -> Bench:
     """The embedded default (or any model) on the embedded data domains, with the demo's fit corpora."""
+    setting.domain_names()  # refused before anything loads
     sae = setting.load_sae()
     if model is None:
         model, tokenizer = load_model(setting.model)

@@ -128,7 +128,10 @@ class RequestGates:
         x = x_ND[:n]
         real_N = self.real(input_ids_N[:n], positions_N[:n])
         for c in chunks:
-            if c.position == 0 or c.request_id not in self.states:
+            unseen = c.request_id not in self.states or any(
+                self.states[c.request_id][i] is None and self.guardrails[i].gated for i in members
+            )  # a layer's guardrails that never saw this request (another layer's may have)
+            if c.position == 0 or unseen:
                 if c.position and any(self.guardrails[i].gated for i in members):
                     raise ChunkRefused(
                         f"Request {c.request_id!r} arrived at position {c.position} with no gate state: a prefix-cache "
