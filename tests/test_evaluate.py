@@ -426,6 +426,11 @@ def test_evaluate_files_summary(tmp_path, llama, tok, guard):
                        ({"bio": "12"}, "question indices"), ({"boi": [0]}, "no question file has")):  # fmt: skip
         with pytest.raises(dsg.DSGError, match=words):  # not question 0, question 1, questions 1 and 2, or ignored
             evaluate_files(llama, tok, files[:1], base_subsets=bad, progress=False)
+    import numpy as np  # indices from numpy or torch are integers too
+
+    for indices in (np.flatnonzero([1, 1, 0]), torch.tensor([0, 1])):
+        again = evaluate_files(llama, tok, files[:1], base_subsets={"bio": indices}, progress=False)
+        assert again["tasks"]["bio"]["base_correct"] == given["tasks"]["bio"]["base_correct"]
     with pytest.raises(dsg.DSGError, match="distinct"):
         evaluate_files(llama, tok, [files[0], files[0]], progress=False)
 

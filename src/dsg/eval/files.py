@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -108,10 +109,20 @@ def evaluate_files(
 
 def _given_subset(name: str, indices: Sequence[int], n: int) -> list[int]:
     """A task's given base-correct subset: question indices (integers, not bools, floats or a string of digits)."""
-    if isinstance(indices, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+
+    def integer(i) -> bool:  # Python, numpy or torch integers; not bools, floats or strings of digits
+        if isinstance(i, (bool, str, bytes)) or "bool" in str(getattr(i, "dtype", "")):
+            return False
+        try:
+            operator.index(i)
+        except TypeError:
+            return False
+        return True
+
+    if isinstance(indices, (str, bytes)) or not all(integer(i) for i in indices):
         raise DSGError(f"The base-correct subset for task {name!r} must be a list of question indices (integers), "
                        f"got {indices!r}.")  # fmt: skip
-    subset = sorted(set(indices))
+    subset = sorted({int(i) for i in indices})
     if subset and not 0 <= subset[0] <= subset[-1] < n:
         raise DSGError(f"The base-correct subset for task {name!r} names questions outside 0..{n - 1}.")
     return subset
