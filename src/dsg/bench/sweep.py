@@ -43,6 +43,7 @@ from ..errors import DSGError
 from ..eval.dilution import summarize_dilution
 from ..eval.suites import missing_suites, run_suites
 from ..files import check_output_dir, exclusive, read_json, write_json_atomic, write_text_atomic
+from ..guard.fit import FitConfig
 from ..methods import METHODS, UnlearningMethod
 from .report import report_html, short_config
 from .selection import dominates, forget_value, pareto_front, select_config, summarize, versus
@@ -163,7 +164,7 @@ def read_grid(path: str, names: Sequence[str]) -> dict[str, list[dict]]:
                 raise DSGError(f"{path!r}: {name}'s seed is the run's (--seed), so a grid entry cannot set it.")
         if name in names:
             grids[name] = method().entries(configs)
-            if method.seeded:  # a trained method's config needs no bench: check its values before any work
+            if method.config_class is not FitConfig:  # built without a bench: check its values before any work
                 for entry in grids[name]:
                     try:
                         method().config(entry)

@@ -140,6 +140,15 @@ class RMU(TrainedEdit):
             pts = [(m, a, lr) for m in (1.0, 3.0, 6.0) for a in (30.0, 100.0, 300.0, 1000.0) for lr in (5e-4, 1e-3)]
         return [base | {"steering_norm_multiple": m, "alpha": a, "lr": lr} for m, a, lr in pts]
 
+    def config(self, cfg: dict) -> RMUConfig:
+        multiple = cfg.get("steering_norm_multiple")
+        if multiple is not None and not (
+            isinstance(multiple, (int, float)) and not isinstance(multiple, bool) and 0 < multiple < float("inf")
+        ):
+            raise DSGError(f"steering_norm_multiple must be a positive number (c as a multiple of the residual norm), "
+                           f"got {multiple!r}.")  # fmt: skip
+        return super().config(cfg)
+
     def make_config(self, bench, cfg: dict):
         cfg = {"layer": bench.layer} | dict(cfg)
         multiple = cfg.get("steering_norm_multiple")
