@@ -285,17 +285,28 @@ def test_fit_refuses_a_gate_that_could_never_open(tiny_llama):
         dsg.fit(model, tok, tiny_sae(d_in=model.config.hidden_size), FORGET, RETAIN, config=config, progress=False)
 
 
-def test_windows_past_a_short_context_are_one_sentence_before_any_forward(tiny_gpt2):
+def test_windows_past_a_short_context_are_one_sentence_before_any_forward(tiny_gpt2, monkeypatch):
     """A model with learned positions (GPT-2: 256 here) fails inside its embedding past its context; fit names the
     setting to lower instead, for the corpora and for the calibration texts."""
     model, tok = tiny_gpt2
     sae = tiny_sae(d_in=model.config.hidden_size)
     long = [" ".join(FORGET_TEXTS * 8)]
     config = dsg.FitConfig(n_features=2, ratio_percentile=50, max_length=512)
-    with pytest.raises(dsg.DSGError, match="runs? to 512, but the model takes at most 256 positions; set --max-length"):
-        dsg.fit(model, tok, sae, FORGET + long, RETAIN, config=config, progress=False)
-    with pytest.raises(dsg.DSGError, match="at most 256 positions"):
-        dsg.fit(model, tok, sae, FORGET, RETAIN, calibration=RETAIN + long, config=config, progress=False)
+    import sys
+
+    fit_module = sys.modules["dsg.guard.fit"]  # the module (dsg.guard.fit the attribute is the function)
+
+    def forward(*args, **kwargs):
+        raise AssertionError("a statistics pass ran before the context was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(fit_module, "collect_stats", forward)
+        with pytest.raises(
+            dsg.DSGError, match="needs 512 positions, but the model takes at most 256; set --max-length"
+        ):
+            dsg.fit(model, tok, sae, FORGET + long, RETAIN, config=config, progress=False)
+        with pytest.raises(dsg.DSGError, match="at most 256; set --max-length .max_length. to 256 or less"):
+            dsg.fit(model, tok, sae, FORGET, RETAIN, calibration=RETAIN + long, config=config, progress=False)
     short = dsg.FitConfig(n_features=2, ratio_percentile=50, max_length=256, gated=False)  # cut to fit: it runs
     assert dsg.fit(model, tok, sae, FORGET + long, RETAIN, config=short, progress=False).features
 

@@ -140,7 +140,7 @@ def test_windows_past_a_short_context_are_one_sentence(tiny_gpt2):
     model, tok = tiny_gpt2  # learned positions: 256
     long = [" ".join(make_texts(80, seed=s)) for s in range(4)]
     cfg = small_config(architecture="standard", l1_coefficient=0.01, max_length=512, ce_eval_tokens=0)
-    with pytest.raises(DSGError, match="at most 256 positions; set --max-length"):
+    with pytest.raises(DSGError, match="needs 512 positions, but the model takes at most 256; set --max-length"):
         train_sae(model, tok, long, cfg, progress=False)
 
 

@@ -26,7 +26,7 @@ from ..config import check_choice, check_types
 from ..errors import DSGError
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, resolve
-from ..lm.models import check_windows_fit, context_length
+from ..lm.models import check_sequences_fit, context_length
 from ..lm.text import pad_id_of, subsample, tokenize
 from .detector import fit_weights, window_features
 from .guardrail import Guardrail
@@ -280,7 +280,7 @@ def measure(
     forget_seqs, retain_seqs = _sequences(tokenizer, forget, config, 1), _sequences(tokenizer, retain, config, 2)
     if not forget_seqs or not retain_seqs:
         raise DSGError("The forget and retain corpora must each hold at least one text of two or more tokens.")
-    check_windows_fit(model, forget_seqs + retain_seqs, config.max_length)
+    check_sequences_fit(model, forget_seqs + retain_seqs, config.max_length)
     sae = sae.to(next(model.parameters()).device)
     kw = dict(batch_size=config.batch_size, pad_id=pad_id_of(tokenizer, model), progress=progress)
     # a detector reads where latents fire in these same sequences: keep it from this pass
@@ -318,8 +318,11 @@ def fit(
     hook, point = _checked_hook(model, sae, config)
     if config.n_features > sae.d_sae:  # measure() does not select, so only fit() checks this
         raise DSGError(f"n_features={config.n_features} exceeds the SAE's {sae.d_sae} latents.")
+    calib_seqs = None
     if calibration is not None:
         _checked_texts("calibration", calibration)
+        calib_seqs = _sequences(tokenizer, calibration, config, 3)
+        check_sequences_fit(model, calib_seqs, config.max_length)  # before the statistics pass, not after it
     stats = stats or measure(model, tokenizer, sae, forget, retain, config, progress=progress)
     f_sums, r_sums = stats.forget, stats.retain
     retain_seqs = stats.retain_sequences
@@ -333,8 +336,7 @@ def fit(
         )
     clamp = config.clamp * r_sums.mean_norm if config.clamp_relative_to_norm else config.clamp
 
-    calib_seqs = retain_seqs if calibration is None else _sequences(tokenizer, calibration, config, 3)
-    check_windows_fit(model, calib_seqs, config.max_length)
+    calib_seqs = retain_seqs if calib_seqs is None else calib_seqs
     detector, detector_info = None, None
     if config.detector and config.gated:
         detector, detector_info, calib_seqs = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)

@@ -186,23 +186,22 @@ def context_length(model: torch.nn.Module) -> int | None:
     return None
 
 
-def check_fits_context(model: torch.nn.Module, n_tokens: int, what: str) -> None:
+def check_fits_context(model: torch.nn.Module, n_tokens: int, what: str, fix: str = "shorten it") -> None:
     """A DSGError where `what` (n_tokens long) would run past the model's context: a model with learned position
-    embeddings fails with an index error there, and one with rotary positions reads positions it never saw."""
+    embeddings fails with an index error there, and one with rotary positions reads positions it never saw. `fix`
+    says what to do ({limit} is the context)."""
     limit = context_length(model)
     if limit is not None and n_tokens > limit:
-        raise DSGError(f"{what} needs {n_tokens} positions, but the model takes at most {limit}; shorten it.")
+        raise DSGError(f"{what} needs {n_tokens} positions, but the model takes at most {limit}; "
+                       f"{fix.format(limit=limit)}.")  # fmt: skip
 
 
-def check_windows_fit(model: torch.nn.Module, windows, max_length: int) -> None:
-    """A DSGError when the longest of `windows` (token lists cut to `max_length`) would run past the model's
-    context, naming the setting to lower: read before any forward, so a short-context model fails in one line."""
-    limit = context_length(model)
-    longest = max((len(w) for w in windows), default=0)
-    if limit is not None and longest > limit:
-        raise DSGError(f"Texts are read in windows of up to max_length={max_length} tokens, and some run to "
-                       f"{longest}, but the model takes at most {limit} positions; set --max-length (max_length) "
-                       f"to {limit} or less.")  # fmt: skip
+def check_sequences_fit(model: torch.nn.Module, sequences, max_length: int) -> None:
+    """check_fits_context for token sequences cut to `max_length` (fit's corpora, train-sae's texts), naming the
+    setting to lower; called before any forward, so a short-context model fails in one line."""
+    longest = max((len(w) for w in sequences), default=0)
+    check_fits_context(model, longest, f"A text read up to max_length={max_length} tokens",
+                       "set --max-length (max_length) to {limit} or less")  # fmt: skip
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -49,7 +49,7 @@ from ..errors import DSGError
 from ..files import atomic_directory, write_json
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import HookPoint, forward_to_hook, hidden_size, hooked, resolve
-from ..lm.models import check_windows_fit
+from ..lm.models import check_sequences_fit
 from ..lm.text import batches, pad_id_of, real_token_mask, special_token_ids, tokenize
 from .base import SAE
 from .formats import FORMATS
@@ -530,6 +530,7 @@ def train_sae(
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise DSGError("Training an SAE needs at least one non-empty text, and none was given.")
+    check_sequences_fit(model, tokenize(tokenizer, texts, cfg.max_length), cfg.max_length)  # before any forward
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     pad_id = pad_id_of(tokenizer, model)
@@ -607,7 +608,6 @@ def _activations_of(
     windows = _choose_windows(tokenize(tokenizer, texts, cfg.max_length), budget, cfg.seed)
     if not windows:
         return windows, None
-    check_windows_fit(model, windows, cfg.max_length)
     acts = collect_activations(
         model,
         point,
