@@ -30,7 +30,7 @@ from ..lm.hooks import stopped_after
 from ..lm.models import context_length, evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
 from ..runtime.intervention import Intervention, acted_on, as_intervention, gates_decided, prefix_causal
-from .mcq import score_mcq
+from .mcq import fits_context, score_mcq
 from .metrics import summarize_task
 
 # Security terms a benign computing or everyday document may mention in passing.
@@ -176,8 +176,8 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
     for form, k in DILUTIONS:
         if form == "chat" and not getattr(tokenizer, "chat_template", None):
             continue
-        if not _fits(model, tokenizer, [dilute(q, fills[i % len(fills)], k, tokenizer, form)
-                                        for i, q in enumerate(questions)]):  # fmt: skip
+        if not fits_context(model, tokenizer, [dilute(q, fills[i % len(fills)], k, tokenizer, form)
+                                               for i, q in enumerate(questions)]):  # fmt: skip
             continue
         res: list = [None] * len(questions)
         for j, fill in enumerate(fills):
@@ -197,21 +197,6 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
             out[f"{form}:{k}"]["padding_gate_rate"], out[f"{form}:{k}"]["padding_touched_rate"] = rates
     out["mentions"] = gate_rate_on_texts(model, tokenizer, mention_texts(benign[:16]), intervention, touched=True)
     return out
-
-
-def _fits(model, tokenizer, questions: Sequence[dict]) -> bool:
-    """Whether every question with its longest choice fits the model's context (a few tokens to spare for the
-    choice's own spacing and special tokens)."""
-    limit = context_length(model)
-    if limit is None:
-        return True
-
-    def length(q: dict) -> int:
-        return len(tokenizer(q["question"])["input_ids"]) + max(
-            len(tokenizer(" " + c)["input_ids"]) for c in q["choices"]
-        )
-
-    return max(length(q) for q in questions) + 4 <= limit
 
 
 def summarize_dilution(run: dict, base: dict, norm: bool = True) -> dict:

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from ..errors import DSGError
 from ..files import jsonl_records, read_user_text
 from ..lm.hooks import stopped_after
-from ..lm.models import check_fits_context, evaluating, model_device
+from ..lm.models import check_fits_context, context_length, evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
 from ..runtime.intervention import (
     Intervention,
@@ -467,10 +467,8 @@ def score_mcq(
 
     built = [_request(model, tokenizer, q, mode, prompt_format, description, chat) for q in questions]
     requests, owners = [r for r, _ in built], [o for _, o in built]
-    for i, r in enumerate(requests):  # the last token of a choice is scored, never fed
-        check_fits_context(
-            model, len(r.prompt) + max(len(c) for c in r.candidates) - 1, f"Question {i} with its longest choice"
-        )
+    for i, r in enumerate(requests):
+        check_fits_context(model, positions_needed(r), f"Question {i} with its longest choice")
     desc = f"mcq ({mode}{', chat' if chat else ''}{', guarded' if intervention is not None else ''})"
     inputs = inputs_digest("mcq", mode, batch_size, [tuple(r) for r in requests], owners,
                            [(q.get("id"), q["answer"]) for q in questions])  # fmt: skip
@@ -498,6 +496,22 @@ def check_unguarded(unguarded: Sequence[QuestionResult], questions: Sequence[dic
             raise DSGError(f"unguarded[{i}] is not a result of score_mcq without an intervention.")
         if r.index != i or r.id != q.get("id") or r.answer != q["answer"] or len(r.scores) != len(q["choices"]):
             raise DSGError(f"unguarded[{i}] is the result of another question than questions[{i}].")
+
+
+def positions_needed(request) -> int:
+    """How many positions scoring a request reads: its prompt and longest candidate (whose last token is scored,
+    never fed)."""
+    return len(request.prompt) + max(len(c) for c in request.candidates) - 1
+
+
+def fits_context(model, tokenizer, questions) -> bool:
+    """Whether every question, scored in likelihood mode as written, fits the model's context (score_mcq refuses
+    one that does not)."""
+    limit = context_length(model)
+    if limit is None:
+        return True
+    built = (_request(model, tokenizer, q, "likelihood", "{question}", "", False)[0] for q in questions)
+    return all(positions_needed(r) <= limit for r in built)
 
 
 def _request(model, tokenizer, q: dict, mode: str, prompt_format: str, description: str, chat: bool):
