@@ -115,6 +115,8 @@ def main() -> None:
     bench, cap = BenchSetting(sae=args.sae), args.forget_requests
     if cap == "retain":
         cap = sum(len(d.requests.get("fit", [])) for d in bench.domains()[1])
+    elif cap is not None and not (cap.isdigit() and int(cap) > 0):
+        ap.error(f"--forget-requests must be a positive count or 'retain', got {cap!r}")
     setting = bench.prepared(forget_requests=None if cap is None else int(cap))
     model, tok, sae, forget, retain, general, forget_texts, retain_texts, calibration, stats = setting
     sets = input_sets(tok, forget, retain, general)

@@ -46,6 +46,7 @@ SETS = ("offensive", "everyday_computing", "general")
 SECOND = HERE / "second"
 SECOND_SETS = ("offensive", "computing")
 THIRD = HERE / "third"
+THIRD_SETS = ("offensive", "computing")  # requests only
 
 
 def variants(tokenizer) -> dict[str, list[dict]]:
@@ -83,7 +84,7 @@ def requests(tokenizer) -> dict[str, list[str]]:
             chat_prompt(tokenizer, r) for r in read_requests(SECOND / f"{name}_requests.txt")
         ]
     preamble = " ".join([(HERE / "preamble.txt").read_text(encoding="utf-8").strip()] * 6)
-    for name in SECOND_SETS:
+    for name in THIRD_SETS:
         third = read_requests(THIRD / f"{name}_requests.txt")
         out[f"third: {name} requests"] = [chat_prompt(tokenizer, r) for r in third]
         if name == "offensive":

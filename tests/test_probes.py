@@ -28,6 +28,7 @@ def _sets() -> dict[str, list[str]]:
     for n in probe.SECOND_SETS:
         out[f"second: {n}"] = [q["question"] for q in read_questions(probe.SECOND / f"{n}.jsonl")]
         out[f"second: {n} requests"] = probe.read_requests(probe.SECOND / f"{n}_requests.txt")
+    for n in probe.THIRD_SETS:
         out[f"third: {n} requests"] = probe.read_requests(probe.THIRD / f"{n}_requests.txt")
     return out
 
