@@ -179,11 +179,14 @@ def test_running_gate_latches_during_generation():
 
 
 @pytest.mark.parametrize(
-    "arch,window,hold,latch", [("llama", None, None, False), ("gpt2", None, None, False), ("llama", 3, None, False),
-                               ("gpt2", 3, None, False), ("llama", 3, 2, False), ("llama", 3, 2, True),
-                               ("llama", 3, 2, "prompt")]
+    "arch,window,hold,latch,cache",
+    [("llama", None, None, False, None), ("gpt2", None, None, False, None), ("llama", 3, None, False, None),
+     ("gpt2", 3, None, False, None), ("llama", 3, 2, False, None), ("llama", 3, 2, True, None),
+     ("llama", 3, 2, "prompt", None),
+     # a static KV cache lays a 4D mask over all of its slots: the new tokens are not its last columns
+     ("llama", None, None, False, "static"), ("llama", 3, 2, True, "static")],
 )  # fmt: skip
-def test_cached_generation_equals_no_cache_reference(arch, window, hold, latch):
+def test_cached_generation_equals_no_cache_reference(arch, window, hold, latch, cache):
     model, seqs, guard = _split_guard(arch, window, hold, latch)
     ids, mask = pad_batch(seqs, pad_id=0, side="left")
     with torch.no_grad():
@@ -195,6 +198,7 @@ def test_cached_generation_equals_no_cache_reference(arch, window, hold, latch):
                 do_sample=False,
                 pad_token_id=0,
                 eos_token_id=None,
+                cache_implementation=cache,
             )
         cached, cached_gates = out[:, ids.shape[1] :], session.gated.clone()
         ref, ref_gates = reference_generate(model, ids, mask, [guard], 10)

@@ -77,6 +77,7 @@ def real_token_mask(
     special_ids: Sequence[int],
     shape: tuple[int, int] | None = None,
     continuation: bool = False,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool [B, T]: attended, non-special tokens, excluding each sequence's first attended position.
 
@@ -84,7 +85,8 @@ def real_token_mask(
     in a 2D mask over the cached and new positions (HF's convention): it lies among the new tokens only for a
     left-padded row whose first real token arrives in a later chunk of its prompt. Without such a mask the new
     tokens hold none. A 4D attention mask (several continuations side by side in one row, eval.mcq) marks a token
-    attended where it may see itself.
+    attended where it may see itself: at column `columns[t]` for the t-th new token (its cache position: a static
+    KV cache lays its mask over all of its slots), else at the last T columns.
     """
     if input_ids is not None:
         shape = tuple(input_ids.shape)
@@ -94,7 +96,8 @@ def real_token_mask(
     if attention_mask is not None and attention_mask.ndim == 4:
         # a custom [B, 1, T, past + T] mask (bool, or additive float): a token is attended if it sees itself
         at = torch.arange(T, device=attention_mask.device)
-        diag = attention_mask[:, 0, at, attention_mask.shape[-1] - T + at]
+        cols = attention_mask.shape[-1] - T + at if columns is None else columns.to(attention_mask.device).long()
+        diag = attention_mask[:, 0, at, cols]
         attention_mask = diag if diag.dtype == torch.bool else diag == 0
     if attention_mask is not None:
         mask = attention_mask[:, -T:].bool()

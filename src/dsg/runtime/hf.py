@@ -225,6 +225,7 @@ class _Forward:
     def clear(self) -> None:
         self.seen, self.continuation, self.ids, self.mask, self.shape = False, False, None, None, None
         self.source = None  # the forward's input_ids (or inputs_embeds) tensor, which a nested base call is given
+        self.past = 0  # cached positions before this forward's tokens
         self.prompt_piece = False  # a continuation that holds the rest of a prompt (Attachment.fork, prefilling)
         self.owner = None  # the module whose forward this is: the model, or its base model called on its own
 
@@ -237,6 +238,9 @@ class _Forward:
         self.seen, self.continuation = True, past_len > 0
         self.ids, self.mask = inputs.get("input_ids"), inputs.get("attention_mask")
         self.source = _source(inputs)
+        self.past = past_len
+        if isinstance(self.mask, dict):  # a mask per layer type (Gemma 2 with a static cache): the full-attention one
+            self.mask = self.mask.get("full_attention", next(iter(self.mask.values()), None))
         if self.ids is None and inputs.get("inputs_embeds") is not None:
             self.shape = tuple(inputs["inputs_embeds"].shape[:2])
 
@@ -244,7 +248,11 @@ class _Forward:
         """The real-token mask [B, T] of the forward's inputs."""
         if not self.seen:  # forward called on a submodule: the whole input is one prompt
             self.seen, self.shape = True, (B, T)
-        real = real_token_mask(self.ids, self.mask, self.specials, self.shape or (B, T), self.continuation)
+        columns = None
+        if isinstance(self.mask, torch.Tensor) and self.mask.ndim == 4 and self.mask.shape[-1] != self.past + T:
+            # a 4D mask over all of a static cache's slots: the new tokens sit right after the cached ones
+            columns = torch.arange(self.past, self.past + T)
+        real = real_token_mask(self.ids, self.mask, self.specials, self.shape or (B, T), self.continuation, columns)
         if real.shape != (B, T):
             raise DSGError(
                 f"A guardrail hook saw activations of shape {(B, T)} for inputs of shape {tuple(real.shape)}."
