@@ -1047,8 +1047,9 @@ def test_tasks_created_inside_a_prefilling_block_decode_as_alone_after_it_ends()
 
 def test_deep_copies_of_a_prompt_cache_each_continue_the_prompts_gate_state():
     """HF's prompt reuse: a prefix cache prefilled once, `copy.deepcopy` of it for each continuation. Each copy
-    continues the prefix's gate state (it used to continue whatever the thread ran last), and its followed cache
-    methods act on the copy (they used to act on the original)."""
+    continues the prefix's gate state (it used to continue whatever the thread ran last), its followed cache
+    methods act on the copy (they used to act on the original), and the question after the cached prefix is judged
+    as prompt, exactly as the whole prompt given without a cache (it used to be judged as generated text)."""
     import copy
 
     from transformers import DynamicCache
@@ -1077,8 +1078,17 @@ def test_deep_copies_of_a_prompt_cache_each_continue_the_prompts_gate_state():
         copied = copy.deepcopy(shared)
         copied.crop(-4)
         assert shared.get_seq_length() == len(prefix) and copied.get_seq_length() == len(prefix) - 4
+        whole, whole_gates = [], []
+        for s in suffixes:  # the ground truth: the whole prompt, no cache given
+            out = model.generate(input_ids=torch.tensor([prefix + s]), **kw)
+            whole.append(out[0, len(prefix) + len(s) :].tolist())
+            whole_gates.append(bool(session.gated[0]))
     assert len(set(fresh_gates)) == 2  # some continuations gated, some not: a shared state could show
     assert reused == fresh and reused_gates == fresh_gates
+    assert fresh == whole and fresh_gates == whole_gates
+    paper = dsg.Guardrail(guard.sae, guard.hook, guard.features, 0.5)  # the whole-input gate cannot do this
+    with torch.no_grad(), paper.attach(model), pytest.raises(dsg.DSGError, match="holds only part of its prompt"):
+        model.generate(input_ids=torch.tensor([prefix + suffixes[0]]), past_key_values=prefilled(), **kw)
 
 
 def test_a_continuation_of_a_cache_that_takes_no_weak_reference_is_followed_per_thread():

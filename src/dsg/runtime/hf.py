@@ -439,6 +439,16 @@ class _Attached:
             self._bind(cache, sequence)
         forward.prompt_piece = sequence.prompt_next or self.prefilling_now()
         sequence.prompt_next = False
+        prompt_length = self.session.prompt_length if self.session.prompt_length is not None else _GENERATING.get()
+        if forward.continuation and not forward.prompt_piece and prompt_length and forward.past < prompt_length:
+            # model.generate given a cache of the start of its prompt (a reused prompt cache, a new turn appended
+            # to a conversation's cache): the rest of the prompt is prompt, judged as if the prompt came whole
+            if any(g.gated and not g.prefix_causal for g in self.guardrails):
+                raise DSGError("model.generate was given a KV cache that holds only part of its prompt: the "
+                               "whole-input gate (no --gate-window) decides on the whole prompt, which the cached "
+                               "part was not judged with; generate from the whole prompt without the cache, or use a "
+                               "windowed gate.")  # fmt: skip
+            forward.prompt_piece = True
 
     def end(self, output) -> None:
         """A forward this attachment began has returned: a cache the model made for it continues its sequences."""
@@ -455,7 +465,9 @@ class _Attached:
         session, forward = self.session, self.forward
         real = forward.real(B, T, x_BTD.device)
         prompt_length = session.prompt_length if session.prompt_length is not None else (_GENERATING.get() or None)
-        if forward.prompt_piece or not forward.continuation:
+        if forward.prompt_piece and forward.continuation and prompt_length and forward.past < prompt_length:
+            n_prompt = min(prompt_length - forward.past, T)  # the rest of a prompt whose start a cache holds
+        elif forward.prompt_piece or not forward.continuation:
             n_prompt = T if prompt_length is None or forward.continuation else min(prompt_length, T)
         else:
             n_prompt = 0
