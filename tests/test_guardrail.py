@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -261,6 +262,14 @@ def test_bad_guardrail_arguments_are_clear_errors():
         dsg.Guardrail(sae, features=[1], clamp_mode="some")
     with pytest.raises(dsg.DSGError, match="d_in=48"):
         dsg.Guardrail(tiny_sae(d_in=48), features=[1]).attach(tiny_model("llama")).__enter__()
+    for bad in ([1.9, 3.2], [True, False], ["5"], np.array([2.7]), ["x"], "12"):  # not rounded or parsed into ids
+        with pytest.raises(dsg.DSGError, match="must be latent ids"):
+            dsg.Guardrail(sae, features=bad)
+    for ids in (np.array([3, 4]), torch.tensor([3, 4]), (3, 4)):  # integers of any kind are ids
+        assert dsg.Guardrail(sae, features=ids).features == [3, 4]
+    record = {"sae": {"sha256": tiny_sae(seed=3).sha256()}}  # a record of another SAE than the one held
+    with pytest.raises(dsg.DSGError, match="the record must describe the SAE it holds"):
+        dsg.Guardrail(sae, features=[1, 2], info=record)
 
 
 def test_guardrails_reach_a_model_through_the_runtime_that_supports_it():

@@ -13,6 +13,7 @@ plus the whole SAE under `sae/` for TopK.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +87,22 @@ def _load_detector(t: dict, record: dict, sae: SAE | None, floor: int | None) ->
         return Detector.of(sae, latents, weights, floor)
     encoder = _sliced_encoder(record, t, "detector.W_enc", None, "detector.b_enc", "detector.threshold")
     return Detector(latents, weights, encoder, floor)
+
+
+def _latent_ids(features) -> list[int]:
+    """Latent ids as Python ints: integers of any kind (numpy, an integer tensor) are taken, anything else (a float,
+    a bool, a string of digits) is refused rather than rounded."""
+    given = features
+    if isinstance(features, torch.Tensor):
+        features = features.tolist() if not features.is_floating_point() and features.dtype != torch.bool else [None]
+    if isinstance(features, (str, bytes)) or not hasattr(features, "__iter__"):
+        features = [None]
+    ids = []
+    for j in features:
+        if isinstance(j, (bool, str, bytes)) or "bool" in str(getattr(j, "dtype", "")) or not hasattr(j, "__index__"):
+            raise DSGError(f"The guardrail's features must be latent ids (integers), got {given!r}.")
+        ids.append(operator.index(j))
+    return ids
 
 
 def _check_sae_record(record: dict, sae: SAE, where: str) -> None:
@@ -174,11 +191,16 @@ class Guardrail:
         hook = hook or getattr(sae, "hook_name", None)
         if not hook:
             raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
-        features = [int(j) for j in features]
+        features = _latent_ids(features)
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
                    detector is not None, hold, latch, detector_floor, prompt_level)  # fmt: skip
         info = dict(info or {})
-        record = _sae_record(sae, info.get("sae", {}).get("sha256") or sae.sha256())
+        sha = sae.sha256()
+        given = info.get("sae", {}).get("sha256") if isinstance(info.get("sae"), dict) else None
+        if given is not None and given != sha:
+            raise DSGError(f"info['sae']['sha256'] names SAE {str(given)[:12]}..., but the guardrail is built from SAE "
+                           f"{sha[:12]}...; the record must describe the SAE it holds.")  # fmt: skip
+        record = _sae_record(sae, sha)
         self._setup(
             SelectedLatents.of(sae, features),
             record,
