@@ -311,6 +311,25 @@ def test_windows_past_a_short_context_are_one_sentence_before_any_forward(tiny_g
     assert dsg.fit(model, tok, sae, FORGET + long, RETAIN, config=short, progress=False).features
 
 
+def test_texts_with_no_real_token_are_refused_as_corpora_and_left_out_of_calibration(tiny_llama):
+    """Only BOS/EOS/PAD: nothing to measure (a forget corpus gave latents by index order, a retain corpus a
+    threshold of 0), and in the calibration texts such an input is not a benign 0 that pulls the threshold down."""
+    model, tok = tiny_llama
+    sae = sparse_sae(model, tok, FORGET + RETAIN, rate=0.1)
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
+    special = ["<s></s>", "</s></s></s>"]
+    with pytest.raises(dsg.DSGError, match="forget corpus holds no real token"):
+        dsg.fit(model, tok, sae, special, RETAIN, config=config, progress=False)
+    with pytest.raises(dsg.DSGError, match="retain corpus holds no real token"):
+        dsg.fit(model, tok, sae, FORGET, special, config=config, progress=False)
+    with pytest.raises(dsg.DSGError, match="calibration texts hold no real token"):
+        dsg.fit(model, tok, sae, FORGET, RETAIN, special, config=config, progress=False)
+    alone = dsg.fit(model, tok, sae, FORGET, RETAIN, RETAIN_TEXTS, config=config, progress=False)
+    padded = dsg.fit(model, tok, sae, FORGET, RETAIN, RETAIN_TEXTS + ["</s></s>"] * 20, config=config, progress=False)
+    assert padded.threshold == alone.threshold
+    assert torch.equal(padded.tensors["calibration_rho"], alone.tensors["calibration_rho"])
+
+
 def test_a_hook_is_checked_against_the_point_the_sae_was_trained_at(tiny_llama):
     """--hook naming the SAE's own point under another name (a layer's output is the next layer's input) is
     accepted; a hook at another layer is refused before any forward pass."""

@@ -27,7 +27,7 @@ from ..errors import DSGError
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, resolve
 from ..lm.models import check_sequences_fit, context_length
-from ..lm.text import pad_id_of, subsample, tokenize
+from ..lm.text import pad_id_of, special_token_ids, subsample, tokenize
 from .detector import fit_weights, window_features
 from .guardrail import Guardrail
 from .integrity import MAX_CLAMP, MAX_WINDOW
@@ -285,9 +285,15 @@ def measure(
     kw = dict(batch_size=config.batch_size, pad_id=pad_id_of(tokenizer, model), progress=progress)
     # a detector reads where latents fire in these same sequences: keep it from this pass
     forget_fires, retain_fires = ([], []) if config.detector and config.gated else (None, None)
+    sums = {}
+    for label, seqs, fires in (("forget", forget_seqs, forget_fires), ("retain", retain_seqs, retain_fires)):
+        sums[label] = collect_stats(model, sae, hook, seqs, desc=f"{label} statistics", fires=fires, **kw)
+        if float(sums[label].n_tokens) == 0:
+            raise DSGError(f"The {label} corpus holds no real token (only special tokens such as BOS, EOS or PAD, "
+                           "or one token a text): there is nothing to measure.")  # fmt: skip
     return CorpusStats(
-        collect_stats(model, sae, hook, forget_seqs, desc="forget statistics", fires=forget_fires, **kw),
-        collect_stats(model, sae, hook, retain_seqs, desc="retain statistics", fires=retain_fires, **kw),
+        sums["forget"],
+        sums["retain"],
         forget_seqs,
         retain_seqs,
         WindowMemo(),
@@ -344,6 +350,7 @@ def fit(
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
+    rho = rho[_with_real_tokens(model, calib_seqs)]  # a text with nothing to judge would read as a benign 0
     threshold, latch, prompt_level = _gate_levels(rho, config, detector is not None)
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
@@ -361,6 +368,17 @@ def fit(
                      hold=config.gate_hold, latch=latch, prompt_level=prompt_level, detector=detector,
                      detector_floor=floor, name=name,
                      info=info, tensors=tensors)  # fmt: skip
+
+
+def _with_real_tokens(model, sequences) -> torch.Tensor:
+    """Bool [n]: the sequences holding a real token (not special, not the first position: lm.text.real_token_mask);
+    a DSGError when none does."""
+    specials = set(special_token_ids(model))
+    keep = torch.tensor([any(t not in specials for t in seq[1:]) for seq in sequences], dtype=torch.bool)
+    if not keep.any():
+        raise DSGError("The calibration texts hold no real token (only special tokens such as BOS, EOS or PAD, or "
+                       "one token a text): the gate has nothing to be calibrated on.")  # fmt: skip
+    return keep
 
 
 def raised_level(level: float, threshold: float, margin: float) -> float:
