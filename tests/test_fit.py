@@ -1,5 +1,6 @@
 """Fitting, guardrail files (round trip, byte-identical, refusal on a different SAE or model) and the CLI."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -328,6 +329,27 @@ def test_texts_with_no_real_token_are_refused_as_corpora_and_left_out_of_calibra
     padded = dsg.fit(model, tok, sae, FORGET, RETAIN, RETAIN_TEXTS + ["</s></s>"] * 20, config=config, progress=False)
     assert padded.threshold == alone.threshold
     assert torch.equal(padded.tensors["calibration_rho"], alone.tensors["calibration_rho"])
+
+
+def test_statistics_measured_on_other_corpora_or_settings_are_refused(tiny_llama):
+    """fit(stats=...) reuses a statistics pass; one measured with another max_length or on other corpora would give
+    a guardrail whose record says one thing and whose latents say another."""
+    model, tok = tiny_llama
+    sae = sparse_sae(model, tok, FORGET + RETAIN, rate=0.1)
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
+    from dsg.guard.fit import measure
+
+    stats = measure(model, tok, sae, FORGET, RETAIN, config, progress=False)
+    kept = dsg.fit(model, tok, sae, FORGET, RETAIN, config=dataclasses.replace(config, clamp=50.0), stats=stats,
+                   progress=False)  # fmt: skip
+    assert kept.clamp == 50.0  # selection and gate settings may differ: that is what the statistics are reused for
+    for changed, forget, retain, word in (
+        (dataclasses.replace(config, max_length=8), FORGET, RETAIN, "max_length"),
+        (dataclasses.replace(config, seed=1), FORGET, RETAIN, "seed"),
+        (config, RETAIN, FORGET, "forget corpus, retain corpus"),
+    ):
+        with pytest.raises(dsg.DSGError, match=f"measured with another {word}"):
+            dsg.fit(model, tok, sae, forget, retain, config=changed, stats=stats, progress=False)
 
 
 def test_a_hook_is_checked_against_the_point_the_sae_was_trained_at(tiny_llama):

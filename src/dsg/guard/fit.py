@@ -177,6 +177,19 @@ class CorpusStats(NamedTuple):
     8 bytes per (token, firing latent), e.g. 16 MB for the demo's 512 sequences of 128 tokens at L0 = 32."""
     retain_fires: list | None = None
     """The same per retain sequence."""
+    measured: dict | None = None
+    """What the statistics were measured on (`_measured`): `fit(stats=...)` refuses them for other corpora or data
+    settings; None: not recorded."""
+
+
+def _measured(hook: str, config: FitConfig, forget, retain) -> dict:
+    """The data settings and corpora a CorpusStats depends on (batch_size only moves float rounding)."""
+    settings = {"hook": hook, "max_length": config.max_length, "max_sequences": config.max_sequences}
+    return settings | {
+        "seed": config.seed,
+        "forget_sha256": corpus_sha256(forget),
+        "retain_sha256": corpus_sha256(retain),
+    }
 
 
 class WindowMemo:
@@ -299,6 +312,7 @@ def measure(
         WindowMemo(),
         forget_fires,
         retain_fires,
+        _measured(hook, config, forget, retain),
     )
 
 
@@ -329,6 +343,13 @@ def fit(
         _checked_texts("calibration", calibration)
         calib_seqs = _sequences(tokenizer, calibration, config, 3)
         check_sequences_fit(model, calib_seqs, config.max_length)  # before the statistics pass, not after it
+    if stats is not None and stats.measured is not None:
+        now = _measured(hook, config, forget, retain)
+        differ = [k for k in now if now[k] != stats.measured.get(k)]
+        if differ:
+            what = ", ".join(k.replace("_sha256", " corpus") for k in differ)
+            raise DSGError(f"The statistics passed to fit (stats=) were measured with another {what} than this fit "
+                           "uses; measure them again with these corpora and settings.")  # fmt: skip
     stats = stats or measure(model, tokenizer, sae, forget, retain, config, progress=progress)
     f_sums, r_sums = stats.forget, stats.retain
     retain_seqs = stats.retain_sequences
