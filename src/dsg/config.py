@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import operator
 import textwrap
 import typing
 from functools import cache
@@ -84,6 +85,23 @@ def from_args(cls_or_default, args: argparse.Namespace):
     return dataclasses.replace(cls_or_default, **values)
 
 
+def is_number(x) -> bool:
+    """A finite int or float, not a bool (what a float setting accepts)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_index(x) -> bool:
+    """An integer of any kind (Python, numpy, a 0-dim integer tensor: anything with __index__), not a bool and not a
+    float or a string of digits (what an id or a position accepts)."""
+    if isinstance(x, (bool, str, bytes)) or "bool" in str(getattr(x, "dtype", "")):
+        return False
+    try:
+        operator.index(x)  # a float tensor has __index__ too, and refuses it here
+    except TypeError:
+        return False
+    return True
+
+
 def check_types(config) -> None:
     """Each field of a dataclass config holds a value of its annotated type (None only where it is optional; an
     int is a number, a bool is not; numbers are finite), or a DSGError names the field."""
@@ -99,7 +117,7 @@ def check_types(config) -> None:
         elif base is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif base is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = is_number(value)
         else:
             ok = isinstance(value, base) if isinstance(base, type) else True
         if not ok:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import is_index
 from ..errors import DSGError
 from ..runtime.intervention import Intervention, as_intervention, guardrails_in
 from .mcq import base_correct_subset, read_questions, score_mcq
@@ -109,17 +109,7 @@ def evaluate_files(
 
 def _given_subset(name: str, indices: Sequence[int], n: int) -> list[int]:
     """A task's given base-correct subset: question indices (integers, not bools, floats or a string of digits)."""
-
-    def integer(i) -> bool:  # Python, numpy or torch integers; not bools, floats or strings of digits
-        if isinstance(i, (bool, str, bytes)) or "bool" in str(getattr(i, "dtype", "")):
-            return False
-        try:
-            operator.index(i)
-        except TypeError:
-            return False
-        return True
-
-    if isinstance(indices, (str, bytes)) or not all(integer(i) for i in indices):
+    if isinstance(indices, (str, bytes)) or not all(is_index(i) for i in indices):
         raise DSGError(f"The base-correct subset for task {name!r} must be a list of question indices (integers), "
                        f"got {indices!r}.")  # fmt: skip
     subset = sorted({int(i) for i in indices})

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
+from ..config import is_index
 from ..errors import DSGError
 from ..files import atomic_directory, path_identity, read_artifact_json, read_safetensors, write_json
 from ..lm.fingerprint import model_fingerprint
@@ -99,7 +100,7 @@ def _latent_ids(features) -> list[int]:
         features = [None]
     ids = []
     for j in features:
-        if isinstance(j, (bool, str, bytes)) or "bool" in str(getattr(j, "dtype", "")) or not hasattr(j, "__index__"):
+        if not is_index(j):
             raise DSGError(f"The guardrail's features must be latent ids (integers), got {given!r}.")
         ids.append(operator.index(j))
     return ids

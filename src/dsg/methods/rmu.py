@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import is_number
 from ..errors import DSGError
 from ..lm.hooks import activations_by_batch, decoder_layers, forward_to_hook, hidden_size, resolve
 from ..lm.text import pad_id_of, real_token_mask, special_token_ids
@@ -142,9 +143,7 @@ class RMU(TrainedEdit):
 
     def config(self, cfg: dict) -> RMUConfig:
         multiple = cfg.get("steering_norm_multiple")
-        if multiple is not None and not (
-            isinstance(multiple, (int, float)) and not isinstance(multiple, bool) and 0 < multiple < float("inf")
-        ):
+        if multiple is not None and not (is_number(multiple) and multiple > 0):
             raise DSGError(f"steering_norm_multiple must be a positive number (c as a multiple of the residual norm), "
                            f"got {multiple!r}.")  # fmt: skip
         return super().config(cfg)
