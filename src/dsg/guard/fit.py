@@ -27,7 +27,7 @@ from ..errors import DSGError
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, resolve
 from ..lm.models import check_sequences_fit, context_length
-from ..lm.text import pad_id_of, special_token_ids, subsample, tokenize
+from ..lm.text import pad_id_of, real_token_mask, special_token_ids, subsample, tokenize
 from .detector import fit_weights, window_features
 from .guardrail import Guardrail
 from .integrity import MAX_CLAMP, MAX_WINDOW
@@ -392,10 +392,9 @@ def fit(
 
 
 def _with_real_tokens(model, sequences) -> torch.Tensor:
-    """Bool [n]: the sequences holding a real token (not special, not the first position: lm.text.real_token_mask);
-    a DSGError when none does."""
-    specials = set(special_token_ids(model))
-    keep = torch.tensor([any(t not in specials for t in seq[1:]) for seq in sequences], dtype=torch.bool)
+    """Bool [n]: the sequences holding a real token (lm.text.real_token_mask); a DSGError when none does."""
+    specials = special_token_ids(model)
+    keep = torch.tensor([bool(real_token_mask(torch.tensor([seq]), None, specials).any()) for seq in sequences])
     if not keep.any():
         raise DSGError("The calibration texts hold no real token (only special tokens such as BOS, EOS or PAD, or "
                        "one token a text): the gate has nothing to be calibrated on.")  # fmt: skip
