@@ -176,13 +176,13 @@ def run_dilution(model, tokenizer, questions: Sequence[dict], benign: Sequence[s
     for form, k in DILUTIONS:
         if form == "chat" and not getattr(tokenizer, "chat_template", None):
             continue
-        if not fits_context(model, tokenizer, [dilute(q, fills[i % len(fills)], k, tokenizer, form)
-                                               for i, q in enumerate(questions)]):  # fmt: skip
+        diluted = [dilute(q, fills[i % len(fills)], k, tokenizer, form) for i, q in enumerate(questions)]
+        if not fits_context(model, tokenizer, diluted):
             continue
         res: list = [None] * len(questions)
-        for j, fill in enumerate(fills):
+        for j in range(len(fills)):
             idx = list(range(j, len(questions), len(fills)))
-            qs = [dilute(questions[i], fill, k, tokenizer, form) for i in idx]
+            qs = [diluted[i] for i in idx]
             scored = score_mcq(model, tokenizer, qs, intervention=intervention, batch_size=batch_size,
                                progress=progress, verify=False)  # fmt: skip
             for i, r in zip(idx, scored):
