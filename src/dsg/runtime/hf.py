@@ -227,6 +227,7 @@ class _Forward:
         self.source = None  # the forward's input_ids (or inputs_embeds) tensor, which a nested base call is given
         self.past = 0  # cached positions before this forward's tokens
         self.prompt_piece = False  # a continuation that holds the rest of a prompt (Attachment.fork, prefilling)
+        self.prompt_rest = None  # inside model.generate, how many tokens of a prompt whose start a cache holds
         self.owner = None  # the module whose forward this is: the model, or its base model called on its own
 
     def on_inputs(self, inputs: dict) -> None:
@@ -448,7 +449,7 @@ class _Attached:
                                "whole-input gate (no --gate-window) decides on the whole prompt, which the cached "
                                "part was not judged with; generate from the whole prompt without the cache, or use a "
                                "windowed gate.")  # fmt: skip
-            forward.prompt_piece = True
+            forward.prompt_piece, forward.prompt_rest = True, prompt_length - forward.past
 
     def end(self, output) -> None:
         """A forward this attachment began has returned: a cache the model made for it continues its sequences."""
@@ -465,8 +466,8 @@ class _Attached:
         session, forward = self.session, self.forward
         real = forward.real(B, T, x_BTD.device)
         prompt_length = session.prompt_length if session.prompt_length is not None else (_GENERATING.get() or None)
-        if forward.prompt_piece and forward.continuation and prompt_length and forward.past < prompt_length:
-            n_prompt = min(prompt_length - forward.past, T)  # the rest of a prompt whose start a cache holds
+        if forward.prompt_rest is not None:  # the rest of a prompt whose start a cache holds
+            n_prompt = min(forward.prompt_rest, T)
         elif forward.prompt_piece or not forward.continuation:
             n_prompt = T if prompt_length is None or forward.continuation else min(prompt_length, T)
         else:
