@@ -3,6 +3,7 @@ with fake methods on a tiny model (seconds); the real methods' fits are tested i
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -487,7 +488,11 @@ def test_compare_on_your_own_model_and_files_through_the_command(tiny_llama, tmp
     tok.save_pretrained(tmp_path / "model")
     tiny_sae(d_in=model.config.hidden_size).save(tmp_path / "sae")
     (tmp_path / "forget.txt").write_text("\n\n".join(FORGET))
-    (tmp_path / "retain.txt").write_text("\n\n".join(RETAIN))
+    # distinct documents (the detector holds a quarter of them out for its threshold, and copies count once):
+    # the retain words, shuffled with a seed
+    words, rng = " ".join(RETAIN_TEXTS).split(), random.Random(0)
+    retain_docs = [" ".join(rng.sample(words, 20)) for _ in range(16)]
+    (tmp_path / "retain.txt").write_text("\n\n".join(retain_docs))
     files = {
         "cyber": ("The exploit", ["payload", "buffer", "shellcode", "packet"]),
         "geo": ("The capital", ["Paris", "Tokyo", "Lima", "Rome"]),
@@ -591,7 +596,14 @@ def test_the_shipped_dsg_settles_its_prompt_level_on_the_forget_validation_quest
     bench.sae = sparse_sae(model, tok, FORGET + RETAIN, rate=0.1)
     bench.calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS  # enough to tell apart
     method = METHODS["dsg"]()
-    cfg = {"n_features": 4, "clamp": 100.0, "clamp_mode": "all", "gate_percentile": 50.0, "gate_hold": 3}
+    cfg = {
+        "n_features": 4,
+        "clamp": 100.0,
+        "clamp_mode": "all",
+        "gate_percentile": 50.0,
+        "gate_hold": 3,
+        "detector_c": 1.0,
+    }  # the hold-out draws each retain text with the calibration texts holding it
     assert method.fit_config(bench, cfg).gate_prompt_percentile is not None  # the shipped gate, with its level
     fitted = method.fit(bench, cfg, tmp_path, progress=False)
     check = fitted.record["prompt_level_check"]

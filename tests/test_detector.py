@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import dsg
 from dsg.guard import rule
-from dsg.guard.detector import SCALE, fit_weights
+from dsg.guard.detector import RELATED_RUN, SCALE, fit_weights, holdout_split
 from dsg.guard.stats import gate_rates
 from dsg.lm.text import tokenize
 
@@ -28,6 +28,30 @@ def _config(**kw):
     base = dict(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, gate_window=6, detector=True,
                 detector_c=1.0, gate_percentile=90)  # fmt: skip
     return dsg.FitConfig(**(base | kw))
+
+
+def test_the_hold_out_keeps_copies_and_chat_wrapped_forms_on_one_side():
+    """The threshold's sequences share nothing with the fitted ones: a text in both corpora is kept once, and a
+    question read whole inside its chat-wrapped form is drawn with it."""
+    rng = np.random.default_rng(0)
+    plain = [rng.integers(100, 1000, size=n).tolist() for n in rng.integers(RELATED_RUN + 2, 30, size=40)]
+    wrapped = [[1, 2, 3] + q + [4, 5] for q in plain[:20]]  # template tokens around the question's own
+    short = [[7, 8, 9], [7, 8, 9, 10]]  # too short to be related: each stands alone
+    seqs = plain + wrapped + [list(q) for q in plain[30:]] + short  # the last ten plain ones twice
+    for seed in range(5):
+        held, fitted = holdout_split(seqs, 0.25, seed)
+        assert not set(held) & set(fitted) and held and fitted
+        assert len(held) + len(fitted) == len(seqs) - 10  # one of each copy kept
+        assert set(held) | set(fitted) == set(range(60)) | {70, 71}  # the first occurrence of a copy is kept
+        for k in range(20):  # a question and its chat form always on one side
+            assert (k in held) == (40 + k in held)
+        assert abs(len(held) - 0.25 * 62) <= 2  # about the share, whole groups at a time
+    assert holdout_split(seqs, 0.25, 3) == holdout_split(seqs, 0.25, 3)
+    assert holdout_split(seqs, 0.25, 3) != holdout_split(seqs, 0.25, 4)
+    with pytest.raises(dsg.DSGError, match="two distinct"):
+        holdout_split([[5, 6, 7]] * 4, 0.25, 0)
+    with pytest.raises(dsg.DSGError, match="copies of one another"):
+        holdout_split([plain[0], [1, 2] + plain[0]], 0.25, 0)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +72,10 @@ def test_the_detector_is_fitted_calibrated_and_recorded(detected):
     # the threshold is read from the sequences held out of the detector's fit, and only from them
     held = guard.info["detector_fit"]["calibration_sequences"]
     assert len(peaks) == held == guard.info["data"]["calibration"]["sequences"]
-    assert held == round(0.25 * guard.info["data"]["retain"]["sequences"])
+    fit_info, n_retain = guard.info["detector_fit"], guard.info["data"]["retain"]["sequences"]
+    # RETAIN holds each text three times: the copies are dropped, a quarter of the distinct ones held
+    assert fit_info["copies_dropped"] == n_retain - n_retain // 3 and held == round(0.25 * n_retain // 3)
+    assert held + fit_info["fitted_sequences"] + fit_info["copies_dropped"] == n_retain
     assert guard.info["data"]["calibration"]["source"] == "retain (detector hold-out)"
     assert guard.gate_rule().startswith(f"detector over {len(det)} latents") and "last 6 tokens" in guard.gate_rule()
     # forget text scores above retain text on the detector's own statistic
@@ -454,7 +481,9 @@ def test_a_prompt_margin_raises_the_prompt_level_alone(detected):
     prompt tokens the unraised one does, and no other, with the same decisions."""
     model, tok, sae, _ = detected
     # a latch below the prompt level, so that raising the latch level instead would be told apart
-    kw = dict(gate_hold=3, gate_latch_percentile=75.0, gate_percentile=50, gate_prompt_percentile=100.0)
+    kw = dict(
+        gate_hold=3, gate_latch_percentile=75.0, gate_percentile=50, gate_prompt_percentile=100.0, detector_holdout=0.5
+    )  # each of the four retain texts is drawn with the calibration texts holding it
     calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS
     at = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw), progress=False)
     raised = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw, gate_prompt_margin=0.5),

@@ -183,3 +183,60 @@ def fit_weights(positive, negative, c: float, seed: int) -> dict[int, int]:
             "more forget text."
         )
     return out
+
+
+RELATED_RUN = 8  # tokens: a sequence read inside another (a chat-wrapped copy of a question) is related past this
+
+
+def holdout_split(sequences: Sequence[Sequence[int]], share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(held, fitted): indices of `sequences` for the detector's threshold and for its weights, drawn with `seed`.
+
+    Copies are kept apart from each other's side: a sequence that equals another (the same general text in the
+    retain and the calibration corpus) is dropped after its first occurrence, and a sequence whose tokens after
+    its first are read whole inside another (a question and the same question in the chat template) is drawn
+    with it, as one group. A threshold read from copies of what the weights were fitted on would sit as low as
+    one read from the fitted texts themselves. About `share` of the distinct sequences are held, whole groups at a
+    time, and at least one group lies on each side.
+    """
+    first: dict[tuple, int] = {}
+    for i, s in enumerate(sequences):
+        first.setdefault(tuple(s), i)
+    distinct = sorted(first.values())
+    if len(distinct) < 2:
+        raise DSGError("The detector needs at least two distinct retain or calibration sequences: one to fit its "
+                       "weights, one to calibrate its threshold.")  # fmt: skip
+    parent = {i: i for i in distinct}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # a sequence s is read inside t where t holds s[1:] (the first token may be BOS or a template's) at some offset
+    starts: dict[tuple, list[int]] = {}
+    for i in distinct:
+        if len(sequences[i]) > RELATED_RUN:
+            starts.setdefault(tuple(sequences[i][1 : 1 + RELATED_RUN]), []).append(i)
+    for j in distinct:
+        t = list(sequences[j])
+        for p in range(len(t) - RELATED_RUN + 1):
+            for i in starts.get(tuple(t[p : p + RELATED_RUN]), ()):
+                s = sequences[i]
+                if i != j and t[p : p + len(s) - 1] == list(s[1:]):
+                    parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in distinct:
+        groups.setdefault(root(i), []).append(i)
+    members = list(groups.values())
+    if len(members) < 2:
+        raise DSGError("The retain and calibration sequences are all copies of one another: the detector needs "
+                       "distinct texts to fit its weights on and to calibrate its threshold on.")  # fmt: skip
+    order = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed)).tolist()
+    target = max(1, round(share * len(distinct)))
+    held: list[int] = []
+    for n, g in enumerate(order):
+        if len(held) >= target or n == len(order) - 1:
+            break
+        held += members[g]
+    return sorted(held), sorted(set(distinct) - set(held))

@@ -28,7 +28,7 @@ from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, resolve
 from ..lm.models import check_sequences_fit, context_length
 from ..lm.text import pad_id_of, real_token_mask, special_token_ids, subsample, tokenize
-from .detector import fit_weights, window_features
+from .detector import fit_weights, holdout_split, window_features
 from .guardrail import Guardrail
 from .integrity import MAX_CLAMP, MAX_WINDOW
 from .rule import CLAMP_MODES
@@ -101,9 +101,10 @@ class FitConfig:
     detector_c: float = 0.3
     """Detector only: inverse L1 strength of the logistic regression (smaller: fewer latents)."""
     detector_holdout: float = 0.25
-    """Detector only: share of the retain and calibration sequences (drawn with the seed) kept out of the
+    """Detector only: share of the distinct retain and calibration sequences (drawn with the seed) kept out of the
     detector's fit; its threshold is calibrated on them alone. A threshold read from the texts the weights were
-    fitted on sits too low: the weights have learnt those texts, not retain text in general."""
+    fitted on sits too low: the weights have learnt those texts, not retain text in general. Copies (the same text
+    in both corpora, a question and its chat-wrapped form) are drawn together (detector.holdout_split)."""
     clamp: float = 500.0
     """Clamp strength c: flagged latents are set to -c."""
     clamp_relative_to_norm: bool = False
@@ -411,6 +412,7 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
     per calibration sequence), or a DSGError where a level could never be exceeded or does not lie above the
     threshold."""
     values = rho.double().numpy()
+    held = " (the detector's hold-out of the distinct retain and calibration ones)" if has_detector else ""
     threshold = float(np.percentile(values, config.gate_percentile))
     if config.gated and not has_detector and threshold >= 1.0:
         raise DSGError(
@@ -432,8 +434,9 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
             if level <= threshold:
                 raise DSGError(
                     f"The {what} (the {percentile:g}th percentile of the calibration statistic, {level:.4g}) does not "
-                    f"lie above the gate threshold ({threshold:.4g}): the calibration texts are too few or too alike "
-                    f"to tell the two apart. Raise {name}, lower gate_percentile, or calibrate on more text."
+                    f"lie above the gate threshold ({threshold:.4g}): the {len(values)} calibration sequences"
+                    f"{held} are too few or too alike to tell the two apart. Raise {name}, lower gate_percentile, or "
+                    "calibrate on more distinct text."
                 )
             if not has_detector and level >= 1.0:
                 raise DSGError(
@@ -480,12 +483,8 @@ def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitC
     if calib_seqs is not stats.retain_sequences:  # no separate calibration corpus: the retain one stands in
         negatives += calib_seqs
         known += [None] * len(calib_seqs)
-    order = torch.randperm(len(negatives), generator=torch.Generator().manual_seed(config.seed + 4)).tolist()
-    n_held = min(max(1, round(config.detector_holdout * len(negatives))), len(negatives) - 1)
-    if n_held < 1:
-        raise DSGError("The detector needs at least two retain or calibration sequences: one to fit, one to calibrate.")
-    held = [negatives[i] for i in sorted(order[:n_held])]
-    fit_idx = sorted(order[n_held:])
+    held_idx, fit_idx = holdout_split(negatives, config.detector_holdout, config.seed + 4)
+    held = [negatives[i] for i in held_idx]
     fitted, fitted_known = [negatives[i] for i in fit_idx], [known[i] for i in fit_idx]
     sae_sha = sae.sha256() if stats.windows is not None else None
     positive = _windows(stats, sae_sha, model, sae, hook, stats.forget_sequences, w, "forget", kw, stats.forget_fires)
@@ -505,7 +504,8 @@ def _fit_detector(model, sae, hook, stats: CorpusStats, calib_seqs, config: FitC
     weights = fit_weights(positive, negative, config.detector_c, config.seed)
     info = {"c": config.detector_c, "positive_windows": positive.shape[0], "negative_windows": negative.shape[0],
             "latents": len(weights), "forget_latents": sum(q > 0 for q in weights.values()),
-            "calibration_sequences": len(held)}  # fmt: skip
+            "calibration_sequences": len(held), "fitted_sequences": len(fitted),
+            "copies_dropped": len(negatives) - len(held) - len(fitted)}  # fmt: skip
     if config.detector_context:
         info["context"] = config.detector_context
     return weights, info, held
