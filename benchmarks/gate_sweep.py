@@ -54,6 +54,9 @@ VARIANTS = {
     "p95-c0.1": {"gate_percentile": 95.0, "detector_c": 0.1},
     "p95-c1": {"gate_percentile": 95.0, "detector_c": 1.0},
     "p95-w4": {"gate_percentile": 95.0, "gate_window": 4},
+    # the latch level raised above the largest calibration value (FitConfig.gate_latch_margin)
+    "p95-latch0.25": {"gate_percentile": 95.0, "gate_latch_margin": 0.25},
+    "p95-latch0.5": {"gate_percentile": 95.0, "gate_latch_margin": 0.5},
 }
 
 

@@ -497,6 +497,30 @@ def test_a_prompt_margin_raises_the_prompt_level_alone(detected):
     assert not (masks[1] & ~masks[0]).any() and masks[1].sum() < masks[0].sum()
 
 
+def test_a_latch_margin_raises_the_latch_level_alone(detected):
+    """gate_latch_margin: the latch level goes up by that many gaps between the threshold and the percentile's
+    value, the threshold and prompt level stay, and an input whose peak lies between the two levels latches its
+    answer under the first only."""
+    model, tok, sae, _ = detected
+    kw = dict(gate_hold=3, gate_latch_percentile=75.0, gate_percentile=50, gate_prompt_percentile=100.0,
+              detector_holdout=0.5)  # fmt: skip
+    calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS
+    at = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw), progress=False)
+    raised = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw, gate_latch_margin=1.0),
+                     progress=False)  # fmt: skip
+    assert raised.threshold == at.threshold and raised.prompt_level == at.prompt_level
+    assert raised.latch == pytest.approx(at.latch + (at.latch - at.threshold)) and raised.latch > at.latch
+    assert raised.info["config"]["gate_latch_margin"] == 1.0
+    # the calibration statistic of a sequence between the two levels: latched under one guardrail, not the other
+    peaks = gate_rates(model, at, tokenize(tok, calibration + FORGET_TEXTS, 64), progress=False)
+    between = [float(p) for p in peaks if at.latch < p <= raised.latch]
+    assert between, "no input peaks between the two latch levels; the check would prove nothing"
+    with pytest.raises(dsg.DSGError, match="gate_latch_margin"):
+        _config(gate_hold=3, gate_latch_margin=0.5)  # a margin with no latch to raise
+    with pytest.raises(dsg.DSGError, match="gate_latch_margin"):
+        _config(gate_hold=3, gate_latch_percentile=99.0, gate_latch_margin=-1.0)
+
+
 def _prompt_level_pair(detected):
     """The guardrail with a prompt level fitted in the test above, and held-out prompts of both kinds."""
     model, tok, sae, _ = detected

@@ -137,13 +137,18 @@ class Prepared(NamedTuple):
 # between τ and the largest calibration value above that value (gate_prompt_margin=0.5): the smallest margin measured
 # (0.25, 0.5, 0.75, 1; benchmarks/hold_sweep.py) that brings validation perplexity within +1 % (480 held-out texts
 # past the demo's, +0.6 % instead of +4.1 %), at one more of 59 base-correct cyber validation questions answered
-# after 1,000 benign tokens (18 against 17) and the same 29 % without padding.
+# after 1,000 benign tokens (18 against 17) and the same 29 % without padding. The latch level sits a quarter of
+# that gap above the largest calibration value (gate_latch_margin=0.25): the smallest margin measured (0, 0.25, 0.5;
+# benchmarks/gate_sweep.py) under which no benign computing validation question read after 1,000 benign tokens gets
+# a guarded answer (margin 0: 25 %, one of the four paddings going over the largest value of this hold-out draw),
+# with 90 % of padded cyber validation questions still guarded before the question (margin 0.5: 87.5 %).
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,
     gate_window=8,
     gate_hold=32,
     gate_latch_percentile=100.0,
+    gate_latch_margin=0.25,
     gate_prompt_percentile=100.0,
     gate_prompt_margin=0.5,
     detector=True,

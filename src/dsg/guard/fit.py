@@ -72,6 +72,12 @@ class FitConfig:
     the largest), above the threshold; a prompt in which any window goes over it gets a guarded answer however
     much benign text follows (a forget question with padding after it), while the prompt itself stays held open
     near its stretches only. Default: only the gate at the prompt's last token guards the answer."""
+    gate_latch_margin: float = 0.0
+    """Latch level only: raise it above that percentile's value by this many times the gap between the threshold
+    and that value (level = P + margin * (P - threshold)), as gate_prompt_margin raises the prompt level. The largest
+    value over a few hundred calibration sequences is a noisy extreme, and which sequences are drawn for the
+    calibration moves it: a long benign input whose peak window lands between two such draws latches the answer
+    under one and not the other. Default 0: the percentile's value."""
     gate_prompt_percentile: float | None = None
     """Held gate only (needs gate_hold): a prompt's tokens are clamped only within GATE_HOLD real tokens of a window
     over this percentile of the same calibration statistic, above the threshold (100: the largest, the latch level
@@ -146,6 +152,10 @@ class FitConfig:
         if latch is not None and (self.gate_hold is None or not self.gate_percentile < latch <= 100):
             raise DSGError(f"gate_latch_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "
                            f"({self.gate_percentile:g}) and at most 100, got {latch}.")  # fmt: skip
+        if self.gate_latch_margin < 0 or (self.gate_latch_margin and latch is None):
+            raise DSGError(f"gate_latch_margin is a non-negative multiple of the gap between the threshold and the "
+                           f"latch percentile's value and needs gate_latch_percentile (--gate-latch-percentile), "
+                           f"got {self.gate_latch_margin}.")  # fmt: skip
         level = self.gate_prompt_percentile
         if level is not None and (self.gate_hold is None or not self.gate_percentile < level <= 100):
             raise DSGError(f"gate_prompt_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "
@@ -403,7 +413,7 @@ def _with_real_tokens(model, sequences) -> torch.Tensor:
 
 
 def raised_level(level: float, threshold: float, margin: float) -> float:
-    """The prompt level `margin` gaps between `threshold` and `level` above `level` (FitConfig.gate_prompt_margin)."""
+    """`level` raised `margin` gaps between `threshold` and it (FitConfig.gate_latch_margin, gate_prompt_margin)."""
     return level + margin * max(level - threshold, 0.0)
 
 
@@ -422,15 +432,15 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
             "corpus must not be the forget corpus), use more forget and retain text, or lower gate_percentile."
         )
     levels = []
-    for what, name, percentile, never in (
-        ("latch level", "gate_latch_percentile", config.gate_latch_percentile, "the answer would never latch"),
-        ("prompt level", "gate_prompt_percentile", config.gate_prompt_percentile, "no prompt token would be clamped"),
-    ):
+    for what, name, percentile, margin, never in (
+        ("latch level", "gate_latch_percentile", config.gate_latch_percentile, config.gate_latch_margin,
+         "the answer would never latch"),
+        ("prompt level", "gate_prompt_percentile", config.gate_prompt_percentile, config.gate_prompt_margin,
+         "no prompt token would be clamped"),
+    ):  # fmt: skip
         level = None
         if config.gated and percentile is not None:
-            level = float(np.percentile(values, percentile))
-            if name == "gate_prompt_percentile":
-                level = raised_level(level, threshold, config.gate_prompt_margin)
+            level = raised_level(float(np.percentile(values, percentile)), threshold, margin)
             if level <= threshold:
                 raise DSGError(
                     f"The {what} (the {percentile:g}th percentile of the calibration statistic, {level:.4g}) does not "
@@ -442,7 +452,7 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
                 raise DSGError(
                     f"The {what} (from the {percentile:g}th percentile of the calibration statistic) is {level:.4g}: "
                     f"no window's share of flagged tokens can exceed it, so {never}. Lower {name} (or "
-                    "gate_prompt_margin), or calibrate on text unlike the forget corpus."
+                    "its margin), or calibrate on text unlike the forget corpus."
                 )
         levels.append(level)
     return threshold, *levels

@@ -20,15 +20,16 @@ DETECTOR = {
     "gate_window": 8,
     "gate_hold": 32,
     "gate_latch_percentile": 100.0,
+    "gate_latch_margin": 0.25,
     "gate_prompt_percentile": 100.0,
     "gate_prompt_margin": 0.5,
     "detector": True,
     "detector_context": 0,
     "gate_percentile": 95.0,
 }
-PAPER_RULE = {"gate_window": None, "gate_hold": None, "gate_latch_percentile": None, "gate_prompt_percentile": None,
-              "gate_prompt_margin": 0.0, "detector": False, "detector_context": 0, "gate_percentile": 95.0,
-              "clamp_mode": "all"}  # fmt: skip
+PAPER_RULE = {"gate_window": None, "gate_hold": None, "gate_latch_percentile": None, "gate_latch_margin": 0.0,
+              "gate_prompt_percentile": None, "gate_prompt_margin": 0.0, "detector": False, "detector_context": 0,
+              "gate_percentile": 95.0, "clamp_mode": "all"}  # fmt: skip
 
 
 @METHODS.register("dsg")
@@ -55,6 +56,8 @@ class DSG(GuardrailMethod):
         merged = DETECTOR | cfg
         if merged["gate_prompt_percentile"] is None and "gate_prompt_margin" not in cfg:
             merged["gate_prompt_margin"] = 0.0  # the shipped margin raises a level that this entry turns off
+        if merged["gate_latch_percentile"] is None and "gate_latch_margin" not in cfg:
+            merged["gate_latch_margin"] = 0.0
         return _capped(dataclasses.replace(bench.fit, **merged), bench)
 
 

@@ -70,6 +70,7 @@ def clamp_fit_config(config: ClampConfig, base: FitConfig | None = None) -> FitC
         gate_window=None,
         gate_hold=None,
         gate_latch_percentile=None,
+        gate_latch_margin=0.0,
         gate_prompt_percentile=None,
         gate_prompt_margin=0.0,
         detector=False,
