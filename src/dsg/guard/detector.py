@@ -26,6 +26,7 @@ unchanged: once the gate is open, flagged tokens (any *selected* latent firing) 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -213,17 +214,25 @@ def holdout_split(sequences: Sequence[Sequence[int]], share: float, seed: int) -
             i = parent[i]
         return i
 
-    # a sequence s is read inside t where t holds s[1:] (the first token may be BOS or a template's) at some offset
-    starts: dict[tuple, list[int]] = {}
+    # a sequence s is read inside t where t holds s[1:] (the first token may be BOS or a template's). Each s is
+    # looked up by its rarest run of RELATED_RUN tokens, so that a run every chat-wrapped text shares (the
+    # template's) does not make every pair a candidate
+    seqs = [list(s) for s in sequences]
+    counts = Counter(
+        tuple(seqs[i][p : p + RELATED_RUN]) for i in distinct for p in range(len(seqs[i]) - RELATED_RUN + 1)
+    )
+    rarest: dict[tuple, list[tuple[int, int]]] = {}
     for i in distinct:
-        if len(sequences[i]) > RELATED_RUN:
-            starts.setdefault(tuple(sequences[i][1 : 1 + RELATED_RUN]), []).append(i)
+        s = seqs[i]
+        if len(s) > RELATED_RUN:
+            o = min(range(1, len(s) - RELATED_RUN + 1), key=lambda p: counts[tuple(s[p : p + RELATED_RUN])])
+            rarest.setdefault(tuple(s[o : o + RELATED_RUN]), []).append((i, o - 1))
     for j in distinct:
-        t = list(sequences[j])
+        t = seqs[j]
         for p in range(len(t) - RELATED_RUN + 1):
-            for i in starts.get(tuple(t[p : p + RELATED_RUN]), ()):
-                s = sequences[i]
-                if i != j and t[p : p + len(s) - 1] == list(s[1:]):
+            for i, o in rarest.get(tuple(t[p : p + RELATED_RUN]), ()):
+                s, q = seqs[i], p - o
+                if i != j and q >= 0 and t[q : q + len(s) - 1] == s[1:]:
                     parent[root(i)] = root(j)
     groups: dict[int, list[int]] = {}
     for i in distinct:
