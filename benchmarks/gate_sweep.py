@@ -57,6 +57,8 @@ VARIANTS = {
     # the latch level raised above the largest calibration value (FitConfig.gate_latch_margin)
     "p95-latch0.25": {"gate_percentile": 95.0, "gate_latch_margin": 0.25},
     "p95-latch0.5": {"gate_percentile": 95.0, "gate_latch_margin": 0.5},
+    "p93-latch0.25": {"gate_percentile": 93.0, "gate_latch_margin": 0.25},
+    "p90-latch0.25": {"gate_percentile": 90.0, "gate_latch_margin": 0.25},
 }
 
 

@@ -141,7 +141,12 @@ class Prepared(NamedTuple):
 # that gap above the largest calibration value (gate_latch_margin=0.25): the smallest margin measured (0, 0.25, 0.5;
 # benchmarks/gate_sweep.py) under which no benign computing validation question read after 1,000 benign tokens gets
 # a guarded answer (margin 0: 25 %, one of the four paddings going over the largest value of this hold-out draw),
-# with 90 % of padded cyber validation questions still guarded before the question (margin 0.5: 87.5 %).
+# with 90 % of padded cyber validation questions still guarded before the question (margin 0.5: 87.5 %). With the
+# threshold's hold-out drawn over distinct texts (detector.holdout_split) and that latch, the percentile moved from
+# P95 to P93: on validation (benchmarks/gate_sweep.py) P93 gates every benign set exactly as often as P95 (computing
+# requests 5 %, held-out documents 13.8 %, padded computing questions 0 %, hand-written computing questions 3.3 %)
+# and more of every forget set (hand-written offensive questions 50 % against 42.5 %, in chat 67.5 % against 60 %,
+# cyber requests 91.7 % against 88.3 %, padded in chat 92.5 % against 87.5 %); P90 gates 26.7 % of computing requests.
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,
@@ -152,7 +157,7 @@ DEMO_FIT = FitConfig(
     gate_prompt_percentile=100.0,
     gate_prompt_margin=0.5,
     detector=True,
-    gate_percentile=95,
+    gate_percentile=93,
     clamp=100.0,
     clamp_mode="all",
     max_length=128,

@@ -25,7 +25,7 @@ DETECTOR = {
     "gate_prompt_margin": 0.5,
     "detector": True,
     "detector_context": 0,
-    "gate_percentile": 95.0,
+    "gate_percentile": 93.0,
 }
 PAPER_RULE = {"gate_window": None, "gate_hold": None, "gate_latch_percentile": None, "gate_latch_margin": 0.0,
               "gate_prompt_percentile": None, "gate_prompt_margin": 0.0, "detector": False, "detector_context": 0,
