@@ -50,7 +50,7 @@ def test_the_hold_out_keeps_copies_and_chat_wrapped_forms_on_one_side():
     assert holdout_split(seqs, 0.25, 3) != holdout_split(seqs, 0.25, 4)
     with pytest.raises(dsg.DSGError, match="two distinct"):
         holdout_split([[5, 6, 7]] * 4, 0.25, 0)
-    with pytest.raises(dsg.DSGError, match="copies of one another"):
+    with pytest.raises(dsg.DSGError, match="copies of one text"):
         holdout_split([plain[0], [1, 2] + plain[0]], 0.25, 0)
 
 

@@ -192,7 +192,7 @@ RELATED_RUN = 8  # tokens: a sequence read inside another (a chat-wrapped copy o
 def holdout_split(sequences: Sequence[Sequence[int]], share: float, seed: int) -> tuple[list[int], list[int]]:
     """(held, fitted): indices of `sequences` for the detector's threshold and for its weights, drawn with `seed`.
 
-    Copies are kept apart from each other's side: a sequence that equals another (the same general text in the
+    A text and its copies never straddle the split: a sequence that equals another (the same general text in the
     retain and the calibration corpus) is dropped after its first occurrence, and a sequence whose tokens after
     its first are read whole inside another (a question and the same question in the chat template) is drawn
     with it, as one group. A threshold read from copies of what the weights were fitted on would sit as low as
@@ -239,8 +239,9 @@ def holdout_split(sequences: Sequence[Sequence[int]], share: float, seed: int) -
         groups.setdefault(root(i), []).append(i)
     members = list(groups.values())
     if len(members) < 2:
-        raise DSGError("The retain and calibration sequences are all copies of one another: the detector needs "
-                       "distinct texts to fit its weights on and to calibrate its threshold on.")  # fmt: skip
+        raise DSGError("The retain and calibration sequences are all copies of one text, or read inside one "
+                       "another: the detector needs distinct texts to fit its weights on and to calibrate its "
+                       "threshold on.")  # fmt: skip
     order = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed)).tolist()
     target = max(1, round(share * len(distinct)))
     held: list[int] = []
