@@ -409,6 +409,7 @@ def _api_cases(ws, model, tok, sae):
             "also in the retain corpus",
         ),  # fmt: skip
         "FitConfig clamp nan": (lambda: dsg.FitConfig(clamp=nan), "clamp must be a finite number"),
+        "FitConfig clamp past float": (lambda: dsg.FitConfig(clamp=10**400), "clamp must be a finite number"),
         "FitConfig n_features as text": (lambda: dsg.FitConfig(n_features="5"), "n_features must be an integer"),
         "FitConfig gated as text": (lambda: dsg.FitConfig(gated="false"), "gated must be true or false"),
         "Guardrail threshold 5": (lambda: dsg.Guardrail(sae, features=[1], threshold=5), "'threshold'"),

@@ -87,7 +87,12 @@ def from_args(cls_or_default, args: argparse.Namespace):
 
 def is_number(x) -> bool:
     """A finite int or float, not a bool (what a float setting accepts)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def is_index(x) -> bool:

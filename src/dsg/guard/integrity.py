@@ -12,11 +12,11 @@ accepts that).
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 
 import torch
 
+from ..config import is_number
 from ..errors import DSGError
 from ..files import json_text
 from ..lm.fingerprint import tensor_digest
@@ -48,15 +48,6 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def check_rule(
     hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str, window=None, detector: bool = False,
     hold=None, latch=None, floor=None, prompt_level=None,
@@ -77,22 +68,22 @@ def check_rule(
                        f"{hold!r}.")  # fmt: skip
     if hold is not None and window is None:
         raise DSGError(f"{where}: 'hold' is how long a windowed gate stays open, so 'window' must be set.")
-    if latch is not None and not _is_number(latch):
+    if latch is not None and not is_number(latch):
         raise DSGError(f"{where}: 'latch' must be a finite number (a window score) or absent, got {latch!r}.")
     if latch is not None and hold is None:
         raise DSGError(f"{where}: 'latch' guards the answer of a gate held open, so 'hold' must be set.")
-    if latch is not None and _is_number(threshold) and latch <= threshold:
+    if latch is not None and is_number(threshold) and latch <= threshold:
         raise DSGError(f"{where}: 'latch' ({latch!r}) must lie above 'threshold' ({threshold!r}).")
     if latch is not None and not detector and latch >= 1:
         raise DSGError(f"{where}: 'latch' ({latch!r}) is a share of flagged tokens that a window must exceed, so it "
                        "must lie below 1.")  # fmt: skip
-    if prompt_level is not None and not _is_number(prompt_level):
+    if prompt_level is not None and not is_number(prompt_level):
         raise DSGError(f"{where}: 'prompt_level' must be a finite number (a window score) or absent, got "
                        f"{prompt_level!r}.")  # fmt: skip
     if prompt_level is not None and hold is None:
         raise DSGError(f"{where}: 'prompt_level' says near which windows a gate held open clamps a prompt, so 'hold' "
                        "must be set.")  # fmt: skip
-    if prompt_level is not None and _is_number(threshold) and prompt_level <= threshold:
+    if prompt_level is not None and is_number(threshold) and prompt_level <= threshold:
         raise DSGError(f"{where}: 'prompt_level' ({prompt_level!r}) must lie above 'threshold' ({threshold!r}).")
     if prompt_level is not None and not detector and prompt_level >= 1:
         raise DSGError(f"{where}: 'prompt_level' ({prompt_level!r}) is a share of flagged tokens that a window must "
@@ -109,13 +100,13 @@ def check_rule(
     if not isinstance(gated, bool):
         raise DSGError(f"{where}: 'gated' must be true or false, got {gated!r}.")
     if detector:
-        if not _is_number(threshold):
+        if not is_number(threshold):
             raise DSGError(f"{where}: 'threshold' must be a finite number (detector evidence), got {threshold!r}.")
-    elif not _is_number(threshold) or not 0 <= threshold <= 1:
+    elif not is_number(threshold) or not 0 <= threshold <= 1:
         raise DSGError(
             f"{where}: 'threshold' must be a number in [0, 1] (a share of flagged tokens), got {threshold!r}."
         )
-    if not _is_number(clamp) or not 0 < clamp <= MAX_CLAMP:
+    if not is_number(clamp) or not 0 < clamp <= MAX_CLAMP:
         raise DSGError(f"{where}: 'clamp' must be a positive number up to {MAX_CLAMP:g} (latents are set to -clamp), "
                        f"got {clamp!r}.")  # fmt: skip
     if clamp_mode not in CLAMP_MODES:
@@ -185,10 +176,10 @@ def check_record(meta: dict, where: str) -> None:
         raise DSGError(f"{where}: the 'sha256' of a corpus in 'data' must be a string; {bad} hold other values.")
     if "seed" in meta and not _is_int(meta["seed"]):
         raise DSGError(f"{where}: 'seed' must be an integer, got {meta['seed']!r}.")
-    if "residual_norm" in meta and not _is_number(meta["residual_norm"]):
+    if "residual_norm" in meta and not is_number(meta["residual_norm"]):
         raise DSGError(f"{where}: 'residual_norm' must be a finite number, got {meta['residual_norm']!r}.")
     check = meta.get("prompt_level_check", {})
-    if "base_correct" in check and not all(_is_number(check.get(k)) for k in _CHECK_NUMBERS):
+    if "base_correct" in check and not all(is_number(check.get(k)) for k in _CHECK_NUMBERS):
         raise DSGError(f"{where}: 'prompt_level_check' must hold numbers for {', '.join(_CHECK_NUMBERS)}.")
 
 
