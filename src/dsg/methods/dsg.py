@@ -54,10 +54,9 @@ class DSG(GuardrailMethod):
 
     def fit_config(self, bench, cfg: dict) -> FitConfig:
         merged = DETECTOR | cfg
-        if merged["gate_prompt_percentile"] is None and "gate_prompt_margin" not in cfg:
-            merged["gate_prompt_margin"] = 0.0  # the shipped margin raises a level that this entry turns off
-        if merged["gate_latch_percentile"] is None and "gate_latch_margin" not in cfg:
-            merged["gate_latch_margin"] = 0.0
+        for level in ("latch", "prompt"):  # the shipped margin raises a level that this entry turns off
+            if merged[f"gate_{level}_percentile"] is None and f"gate_{level}_margin" not in cfg:
+                merged[f"gate_{level}_margin"] = 0.0
         return _capped(dataclasses.replace(bench.fit, **merged), bench)
 
 
