@@ -109,12 +109,12 @@ class Prepared(NamedTuple):
 
 
 # Fit settings for the embedded default (the layer-12 SAE): the detector gate over windows of 8 tokens, chosen on
-# validation inputs with benchmarks/gate_sweep.py, and the clamp with benchmarks/clamp_sweep.py; the README reports
-# both. The gate percentile is the detector's trade: P99 / P97 / P95 open on 22 / 35 / 42 % of the hand-written
+# validation inputs with benchmarks/gate_sweep.py, and the clamp with benchmarks/clamp_sweep.py; docs/precision.md
+# reports both. The gate percentile is the detector's trade: P99 / P97 / P95 open on 22 / 35 / 42 % of the hand-written
 # offensive questions and on 2 / 10 / 12 % of 256-token held-out retain documents (anywhere in the document, with a
 # whole-input gate that clamped every token near a window over τ). Each token's evidence is signed:
 # floored at zero (detector_floor) the gate opens on more short plain-words questions (42.5 % at P97) but on fewer
-# padded forget questions and more benign documents (README). The clamp: 50 latents at -100,
+# padded forget questions and more benign documents (docs/precision.md). The clamp: 50 latents at -100,
 # all of them at each flagged token, forgets most (29 % of base-correct cyber answers kept) and repeats less than
 # the layer-3 setting carried over (150 latents that fire, at -500: 34 %, 86 % repeated 3-grams). The gate holds
 # open 32 tokens inside a prompt instead of latching (benchmarks/hold_sweep.py): the same 29 % of cyber answers kept
