@@ -286,6 +286,27 @@ def test_fit_refuses_a_gate_that_could_never_open(tiny_llama):
         dsg.fit(model, tok, tiny_sae(d_in=model.config.hidden_size), FORGET, RETAIN, config=config, progress=False)
 
 
+def test_latents_that_never_fire_on_forget_text_are_not_selected(tiny_llama):
+    """With three live latents and N = 8 the paper's percentile cuts both fall to 0 and would fill the selection
+    with dead latents (ties at 0, lowest ids first), whose clamp pushes the residual along unrelated directions.
+    Only latents that fire on the forget corpus are selected; an SAE none of whose latents fire is refused."""
+    model, tok = tiny_llama
+    sae = sparse_sae(model, tok, FORGET + RETAIN, rate=0.1)
+    alive = [29, 13, 42]
+    with torch.no_grad():
+        dead = torch.ones(sae.d_sae, dtype=torch.bool)
+        dead[alive] = False
+        sae.b_enc[dead] = -1e4
+    config = dsg.FitConfig(n_features=8, ratio_percentile=80, max_length=64, batch_size=3)
+    guard = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+    assert sorted(guard.features) == sorted(j for j in alive if guard.tensors["forget_mean"][j] > 0)
+    assert guard.features and all(guard.tensors["forget_mean"][j] > 0 for j in guard.features)
+    with torch.no_grad():
+        sae.b_enc[:] = -1e4
+    with pytest.raises(dsg.DSGError, match="must fire on the forget corpus"):
+        dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)
+
+
 def test_windows_past_a_short_context_are_one_sentence_before_any_forward(tiny_gpt2, monkeypatch):
     """A model with learned positions (GPT-2: 256 here) fails inside its embedding past its context; fit names the
     setting to lower instead, for the corpora and for the calibration texts."""
@@ -506,7 +527,7 @@ def test_fitting_inside_an_attachment_on_the_same_model_is_refused(fitted, tiny_
         with pytest.raises(dsg.DSGError, match="inside attach"):
             gate_rates(model, guard, [[5, 6, 7, 8]], progress=False)
         with pytest.raises(dsg.DSGError, match="inside attach"):
-            train_sae(model, tok, FORGET + RETAIN, TrainConfig(hook=guard.hook, d_sae=16, k=2, n_tokens=64),
-                      progress=False)  # fmt: skip
+            small = TrainConfig(hook=guard.hook, d_sae=16, k=2, n_tokens=64, lr_warmup_steps=1)
+            train_sae(model, tok, FORGET + RETAIN, small, progress=False)
     again = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)  # outside: as before
     assert again.features == guard.features and again.threshold == guard.threshold

@@ -33,6 +33,16 @@ def test_select_features_matches_numpy_reference(seed):
         assert len(got) <= n and len(set(got)) == len(got)
 
 
+def test_latents_silent_on_forget_text_are_never_selected():
+    """Where at most 5 % of latents fire on forget text, both percentile cuts fall to 0 and the paper's rule would
+    fill the top N with silent latents by id; ours selects only those that fire."""
+    m_f, m_r = np.zeros(100), np.zeros(100)
+    m_f[[70, 30]] = [0.5, 0.2]
+    assert reference_rule(m_f, m_r, 5, 95, 5) == [70, 30, 0, 1, 2]
+    assert dsg.select_features(m_f, m_r, 5, 95, 5) == [70, 30]
+    assert dsg.select_features(m_f, m_r, 5, 95, 5, scorer="fisher") == [70, 30]
+
+
 def test_fisher_scorer_uses_second_moments_unsquared():
     rng = np.random.default_rng(0)
     sq_f, sq_r = rng.exponential(1.0, 100), rng.exponential(1.0, 100)

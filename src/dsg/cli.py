@@ -81,6 +81,9 @@ def cmd_fit(args) -> int:
         check = settle_prompt_level(model, tokenizer, guard, held_out, progress=True) if held_out else None
         guard.save(args.out)
         print(f"Fitted {guard!r}" + (f" on {world.size} processes" if world.size > 1 else ""))
+        if len(guard.features) < config.n_features:
+            print(f"dsg fit: only {len(guard.features)} latents fire on the forget corpus and pass the selection "
+                  f"filters; the guardrail clamps those, not {config.n_features}.", file=sys.stderr)  # fmt: skip
         if check:
             print(describe_prompt_level(check))
         elif config.gate_prompt_percentile is not None:

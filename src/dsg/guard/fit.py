@@ -369,8 +369,9 @@ def fit(
     features = SCORERS[config.scorer].select(f_sums, r_sums, config)
     if not features:
         raise DSGError(
-            "No latent passed the selection filters; lower ratio_percentile / min_forget_percentile, raise "
-            "retain_cutoff, or use more forget text."
+            "No latent passed the selection filters (a selected latent must fire on the forget corpus, and no SAE "
+            "latent that passed the percentile cuts does); lower ratio_percentile / min_forget_percentile, raise "
+            "retain_cutoff, use more forget text, or check that the SAE's latents fire at this hook."
         )
     clamp = config.clamp * r_sums.mean_norm if config.clamp_relative_to_norm else config.clamp
 
@@ -392,7 +393,7 @@ def fit(
         "seed": config.seed,
         "model": model_fingerprint(model, point),
         "sae": {"sha256": sae.sha256()},
-        "data": _data_record(forget, retain, calibration, stats, calib_seqs, detector is not None),
+        "data": _data_record(forget, retain, calibration, stats, calib_seqs, detector is not None, model),
         "residual_norm": r_sums.mean_norm,
         **({"detector_fit": detector_info} if detector_info else {}),
     }
@@ -458,9 +459,12 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
     return threshold, *levels
 
 
-def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, held: bool) -> dict:
-    """What the guardrail was fitted and calibrated on: counts and corpus hashes (`held`: the threshold was
-    calibrated on the detector's hold-out of the retain and calibration sequences)."""
+def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, held: bool, model) -> dict:
+    """What the guardrail was fitted and calibrated on: counts of real tokens (as the statistics count them: no
+    special token, no first position) and corpus hashes (`held`: the threshold was calibrated on the detector's
+    hold-out of the retain and calibration sequences)."""
+    specials = special_token_ids(model)
+    calibration_tokens = sum(int(real_token_mask(torch.tensor([s]), None, specials).sum()) for s in calib_seqs)
     return {
         "forget": {
             "documents": len(forget),
@@ -477,7 +481,7 @@ def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, he
         "calibration": {
             "source": ("retain" if calibration is None else "calibration") + (" (detector hold-out)" if held else ""),
             "sequences": len(calib_seqs),
-            "tokens": sum(len(s) for s in calib_seqs),
+            "tokens": calibration_tokens,
             "sha256": corpus_sha256(retain if calibration is None else calibration),
         },
     }

@@ -6,9 +6,11 @@ The paper's rule (official code, `get_top_features_percentile`), with numpy's li
     candidates = { j : R_j >= P_ratio(R)  and  S_f_j >= P_min_forget(S_f) }
     selected   = the top N candidates by S_f (ties: lower latent id first)
 
-Squaring non-negative means is monotone, so this is the mean-activation ratio in disguise; the "fisher" scorer
-uses the true second moment E[f²] instead. The "frequency" scorer is the SAEBench / Farrell et al. static-clamp
-rule: drop latents firing on more than `retain_cutoff` of retain tokens, rank the rest by forget firing frequency.
+Ours on top: a latent whose forget score is 0 (it never fires on the forget corpus) is never selected, so a corpus
+or SAE on which fewer than N latents fire yields fewer than N. Squaring non-negative means is monotone, so this is
+the mean-activation ratio in disguise; the "fisher" scorer uses the true second moment E[f²] instead. The
+"frequency" scorer is the SAEBench / Farrell et al. static-clamp rule: drop latents firing on more than
+`retain_cutoff` of retain tokens, rank the rest by forget firing frequency.
 
 A scorer is a class with `forget_retain(forget, retain)` (the per-latent scores it ranks by, from
 stats.LatentSums) and `select(forget, retain, config)` (the latent ids, best first); a new one is a class here
@@ -73,7 +75,10 @@ def select_features(
     s_f, s_r = (m_f**2, m_r**2) if scorer == "ratio" else (m_f, m_r)
     ratio = s_f / (s_r + EPS)
     candidates = (ratio >= np.percentile(ratio, ratio_percentile)) & (s_f >= np.percentile(s_f, min_forget_percentile))
-    return _top_n(s_f, candidates, n_features)
+    # Ours: a latent that never fires on forget text carries nothing of it. The paper's percentile cuts let such
+    # latents through when at most 5 % of latents fire on the forget corpus (both cuts fall to 0), and clamping them
+    # would push the residual along unrelated directions.
+    return _top_n(s_f, candidates & (s_f > 0), n_features)
 
 
 def select_by_frequency(
