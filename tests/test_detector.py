@@ -163,6 +163,35 @@ def test_detector_json_fields_are_checked(detected, tmp_path):
             dsg.Guardrail.load(tmp_path / "g", sae=sae)
 
 
+def test_re_hashed_levels_the_detector_cannot_reach_are_refused(detected, tmp_path):
+    """A threshold past the largest window evidence never opens the gate, and one below the smallest opens it on
+    every input: both are refused on load even with the content hash recomputed, as is a latch past reach."""
+    from dsg.files import read_safetensors
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    model, tok, sae, guard = detected
+    guard.save(tmp_path / "g")
+    path = tmp_path / "g" / "guardrail.json"
+    meta = json.loads(path.read_text())
+    tensors = read_safetensors(tmp_path / "g" / "guardrail.safetensors")
+    top = int(guard.detector.weights.clamp(min=0).sum()) * guard.window
+    never = "could never go over"
+    edits = [({"threshold": 1e30}, never), ({"threshold": -1e30}, "every input"), ({"threshold": float(top)}, never),
+             ({"hold": 4, "latch": 1e30}, never)]  # fmt: skip
+    for fields, message in edits:
+        edited = json.loads(json.dumps(meta)) | fields
+        edited[HASH_FIELD] = content_sha256(edited, tensors)
+        path.write_text(json.dumps(edited))
+        with pytest.raises(dsg.DSGError, match=message):
+            dsg.Guardrail.load(tmp_path / "g", sae=sae)
+    fitted, guard.threshold = guard.threshold, 1e30  # and on a guardrail edited in memory, before it is attached
+    try:
+        with pytest.raises(dsg.DSGError, match="could never go over"), guard.attach(model):
+            pass
+    finally:
+        guard.threshold = fitted  # the fixture is shared
+
+
 def test_a_topk_detector_reads_one_whole_sae_encoding(tiny_llama):
     model, tok = tiny_llama
     sae = tiny_sae(d_in=model.config.hidden_size, architecture="topk", k=6)

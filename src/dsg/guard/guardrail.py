@@ -245,6 +245,8 @@ class Guardrail:
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
         self.content_sha256: str | None = None  # the hash of the files it was loaded from (None: not loaded)
+        if detector is not None and self.gated and window is not None:
+            self._check_levels_reachable()
 
     def check(self) -> None:
         """Refuse (DSGError) settings changed after the guardrail was built into ones that could not have been
@@ -259,6 +261,27 @@ class Guardrail:
         check_rule(self.hook, self.features, self.threshold, self.clamp, self.clamp_mode, self.gated,
                    int(self.sae_record["d_sae"]), "The guardrail", self.window, self.detector is not None, self.hold,
                    self.latch, floor, self.prompt_level)  # fmt: skip
+        if self.detector is not None and self.gated and self.window is not None:
+            self._check_levels_reachable()
+
+    def _check_levels_reachable(self) -> None:
+        """A detector gate's levels must lie within what its windows can sum to: above the largest window
+        evidence the gate could never open (or latch), below the smallest it would open on every input."""
+        w = self.detector.weights
+        top = int(w.clamp(min=0).sum()) * self.window
+        least = int(w.clamp(max=0).sum())
+        if self.detector.floor is not None:
+            least = max(least, int(self.detector.floor))
+        least = min(least * self.window, 0)  # a sequence's start counts as no evidence
+        for name, level in (("threshold", self.threshold), ("latch", self.latch), ("prompt_level", self.prompt_level)):
+            if level is not None and level >= top:
+                raise DSGError(f"The guardrail's '{name}' ({level:g}) is at or above the largest evidence its detector "
+                               f"can sum over a window ({top}): the gate could never go over it.")  # fmt: skip
+        if self.threshold < least:
+            raise DSGError(
+                f"The guardrail's 'threshold' ({self.threshold:g}) lies below the smallest evidence its "
+                f"detector can sum over a window ({least}): the gate would open on every input."
+            )
 
     @property
     def sae_sha256(self) -> str:
