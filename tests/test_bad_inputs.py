@@ -55,6 +55,11 @@ def ws(tmp_path_factory):
     (root / "dup.jsonl").write_text(json.dumps(_question(0, choices=["Paris", "Paris", "Lima", "Rome"])) + "\n")
     (root / "empty_choice.jsonl").write_text(json.dumps(_question(0, choices=["Paris", " ", "Lima"])) + "\n")
     (root / "badanswer.jsonl").write_text(json.dumps(_question(0, answer=7)) + "\n")
+    (root / "noanswer.jsonl").write_text(json.dumps({k: v for k, v in _question(0).items() if k != "answer"}) + "\n")
+    line = json.dumps(_question(0, answer=0))  # the same line naming 'answer' twice: JSON would keep the last
+    (root / "twice.jsonl").write_text(line[:-1] + ', "answer": 2}\n')
+    (root / "near_dup.jsonl").write_text(json.dumps(_question(0, choices=["Paris", "Lima", "Paris ", "Rome"])) + "\n")
+    (root / "nul.jsonl").write_text(json.dumps(_question(0) | {"question": "Capital\x00 of France?"}) + "\n")
     (root / "sub").mkdir()
     (root / "sub" / "q.jsonl").write_text((root / "q.jsonl").read_text())
     config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
@@ -68,6 +73,9 @@ def ws(tmp_path_factory):
         shutil.copytree(root / "guard", root / name)
         meta = json.loads((root / name / "guardrail.json").read_text())
         (root / name / "guardrail.json").write_text(json.dumps(edit(meta)))
+    shutil.copytree(root / "guard", root / "guard_twice")  # a key named twice: json.loads would keep the last
+    text = (root / "guard_twice" / "guardrail.json").read_text()
+    (root / "guard_twice" / "guardrail.json").write_text('{"threshold": 0.5, ' + text.lstrip()[1:])
     shutil.copytree(root / "guard", root / "guard_bytes")
     tensors = load_file(str(root / "guard_bytes" / "guardrail.safetensors"))
     tensors["W_enc_selected"] = tensors["W_enc_selected"] * 1.01
@@ -263,6 +271,10 @@ CLI_CASES = {
     "fit --model not a model": (FIT[:2] + ["{ws}/keep"] + FIT[3:] + ["--out", "{ws}/new"], "not a HuggingFace model"),
     # guardrails
     "a guardrail whose threshold was edited": (GEN + ["--guardrail", "{ws}/guard_threshold", "x"], "content hash"),
+    "a guardrail naming a key twice": (
+        GEN + ["--guardrail", "{ws}/guard_twice", "x"],
+        "names the key 'threshold' twice",
+    ),
     "a guardrail whose gated was edited": (GEN + ["--guardrail", "{ws}/guard_gated_string", "x"], "content hash"),
     "a guardrail whose model record was deleted": (
         GEN + ["--guardrail", "{ws}/guard_no_model", "x"],
@@ -294,6 +306,10 @@ CLI_CASES = {
     "eval duplicate choices": (EVAL + ["--questions", "{ws}/dup.jsonl"], "repeats a choice"),
     "eval an empty choice": (EVAL + ["--questions", "{ws}/empty_choice.jsonl"], "empty choice"),
     "eval an answer out of range": (EVAL + ["--questions", "{ws}/badanswer.jsonl"], "'answer'"),
+    "eval a question with no answer": (EVAL + ["--questions", "{ws}/noanswer.jsonl"], "no field 'answer'"),
+    "eval a line naming a key twice": (EVAL + ["--questions", "{ws}/twice.jsonl"], "names the key 'answer' twice"),
+    "eval choices equal but for spaces": (EVAL + ["--questions", "{ws}/near_dup.jsonl"], "repeats a choice"),
+    "eval a question holding NUL": (EVAL + ["--questions", "{ws}/nul.jsonl"], "NUL character"),
     "eval a broken --prompt-format": (
         EVAL + ["--questions", "{ws}/q.jsonl", "--prompt-format", "{{question"],
         "not a valid format string",
@@ -536,3 +552,27 @@ def test_an_interrupt_closes_the_progress_bars_before_saying_so(monkeypatch, cap
     assert main(["data", "list"]) == 130
     err = capsys.readouterr().err
     assert "\ndsg data: interrupted\n" in err and not list(getattr(tqdm, "_instances", ()))
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line_and_status_130(monkeypatch, capsys):
+    """The `dsg` entry point imports nothing heavy before it can catch a Ctrl-C: torch and transformers load
+    inside it (seconds), and an interrupt then used to print their import traceback."""
+    import importlib.abc
+    import subprocess
+    import sys
+
+    from dsg import entry
+
+    code = "import sys, dsg.entry; print(sorted({'torch', 'transformers', 'dsg.cli'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+    class Interrupt(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "dsg.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "dsg.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupt(), *sys.meta_path])
+    assert entry.main() == 130
+    assert capsys.readouterr().err == "dsg: interrupted\n"

@@ -33,6 +33,24 @@ def read_user_text(path: str | os.PathLike, what: str) -> str:
         raise DSGError(f"Cannot read {what} {str(path)!r} as UTF-8 text: {e}.") from None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice: json keeps the last value silently, so the file means two things."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads, refusing an object that names a key twice (DuplicateKey)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def jsonl_records(text: str, path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line of a JSONL text read from `path`, or a DSGError naming
     the line and column. Only "\n" ends a line: JSON strings may hold U+2028, U+2029 or U+0085 unescaped (as
@@ -41,9 +59,12 @@ def jsonl_records(text: str, path: str | os.PathLike) -> Iterator[tuple[int, Any
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = loads_strict(line)
         except json.JSONDecodeError as e:
             raise DSGError(f"{str(path)!r} line {lineno} is not valid JSON: {e.msg} at column {e.colno}.") from None
+        except DuplicateKey as e:
+            raise DSGError(f"{str(path)!r} line {lineno} names the key {str(e)!r} twice; JSON keeps only the last "
+                           "value, so the line is ambiguous.") from None  # fmt: skip
         yield lineno, value
 
 
@@ -51,7 +72,10 @@ def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from `path`, or a DSGError naming the file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_strict(path.read_text(encoding="utf-8"))
+    except DuplicateKey as e:
+        raise DSGError(f"{str(path)!r} names the key {str(e)!r} twice in one object; JSON keeps only the last value, "
+                       "so the file is ambiguous.") from None  # fmt: skip
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a number past int limits
         raise DSGError(f"Cannot read {str(path)!r} as JSON: {type(e).__name__}: {str(e)[:200]}.") from None
     if not isinstance(data, dict):

@@ -101,6 +101,8 @@ def check_question(q: Any, where: str = "question") -> dict:
         )
     if not isinstance(q.get("question"), str):
         raise DSGError(f"{where} needs a string field 'question'.")
+    if "answer" not in q:
+        raise DSGError(f"{where} has no field 'answer'; expected the integer index of the correct choice.")
     choices = q.get("choices")
     if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
         raise DSGError(f"{where} needs a field 'choices' that is a list of strings.")
@@ -110,7 +112,9 @@ def check_question(q: Any, where: str = "question") -> dict:
         raise DSGError(f"{where} has {len(choices)} choice(s) in 'choices'; a question needs at least 2.")
     if len(choices) > len(LETTERS):
         raise DSGError(f"{where} has {len(choices)} choices; at most {len(LETTERS)} are supported.")
-    if len(set(choices)) != len(choices):
+    if any("\x00" in t for t in [q["question"], *choices]):
+        raise DSGError(f"{where} holds a NUL character; it looks like binary data, not text.")
+    if len({c.strip() for c in choices}) != len(choices):  # "Paris" and "Paris ": the same answer
         raise DSGError(
             f"{where} repeats a choice in 'choices'; identical choices score alike and make the answer ambiguous."
         )
