@@ -174,6 +174,7 @@ def test_a_cache_smaller_than_a_batch_reports_the_tokens_it_trained_on(tiny_llam
         (dict(auxk_coefficient=float("inf")), "auxk_coefficient=inf"),
         (dict(lr=float("inf")), "lr=inf"),
         (dict(hook="model.layers.0.mlp.gate_proj"), "reads a residual stream of width"),  # was a traceback
+        (dict(lr_warmup_steps=33), "at most the run's 32 steps"),  # trained at 1e-4 x lr, with exit status 0
     ],
 )
 def test_bad_options_are_one_sentence(tiny_llama, overrides, match):

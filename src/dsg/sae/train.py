@@ -155,6 +155,13 @@ class TrainConfig:
             raise bad("lr_decay_fraction", "a number in [0, 1]")
         if self.lr_warmup_steps < 0:
             raise bad("lr_warmup_steps", "a non-negative integer")
+        n_steps = math.ceil(self.n_tokens / self.batch_size)
+        if self.lr_warmup_steps > n_steps:  # the learning rate would never reach its value: an SAE barely trained
+            raise bad(
+                "lr_warmup_steps",
+                f"at most the run's {n_steps} steps (n_tokens / batch_size): lower it, or "
+                "train on more tokens or smaller batches",
+            )
         for name in ("l1_coefficient", "auxk_coefficient"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):  # NaN fails both
                 raise bad(name, "a finite non-negative number")
