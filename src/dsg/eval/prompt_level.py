@@ -14,8 +14,8 @@ threshold clamps more prompts without the level but guards the same answers). Wi
 level keeps 2 more of 127 base-correct cyber validation questions (+1.6 points) at P97 and at P95 alike, and 1 more
 (+0.8) raised by half its gap above the threshold (FitConfig.gate_prompt_margin, as shipped): kept; with
 the smaller fit of `dsg demo --quick`, 1 more of the 22 among its 48 validation questions at P95 (+4.5 points; 2
-more at P97): dropped, though on 300 of them the same fit's level also costs +1.6 points (docs/precision.md, "A prompt is
-clamped only near windows over the latch level").
+more at P97): dropped, though on 300 of them the same fit's level also costs +1.6 points (docs/precision.md,
+"A prompt is clamped only near windows over the latch level").
 
 `dsg demo` and `dsg compare` run it on the forget domain's validation questions, scored as they score (likelihood,
 length-normalised); `dsg fit --forget-questions` on the user's. The check is recorded in the guardrail's info

@@ -14,9 +14,10 @@ calibration text, so the weights are few and each names a latent that can be ins
 The floor (FitConfig.detector_floor: 0; by default none, signed evidence) keeps a token's evidence from going
 negative: the benign words around a forget-domain term ("What does sqlmap do?") cannot cancel it, while a latent
 with a negative weight still offsets a forget latent that fires on the same token. It is a trade, not a free gain
-(docs/precision.md, "How the shipped configuration was chosen"): on the embedded default it lifts the gate on short offensive
-questions asked in plain words (35 % -> 42.5 % of the hand-written probes), and the threshold calibrated on long
-benign text rises with it, so fewer padded forget questions and more benign documents open the gate.
+(docs/precision.md, "How the shipped configuration was chosen"): on the embedded default it lifts the gate on
+short offensive questions asked in plain words (35 % -> 42.5 % of the hand-written probes), and the threshold
+calibrated on long benign text rises with it, so fewer padded forget questions and more benign documents open the
+gate.
 
 The weights are integers so that window sums are exact: the decision is the same whether a prompt arrives whole,
 in chunks, or one token at a time (rule.window_gate), and it depends only on the tokens so far. The threshold is
