@@ -164,29 +164,37 @@ def test_detector_json_fields_are_checked(detected, tmp_path):
 
 
 def test_re_hashed_levels_the_detector_cannot_reach_are_refused(detected, tmp_path):
-    """A threshold past the largest window evidence never opens the gate, and one below the smallest opens it on
-    every input: both are refused on load even with the content hash recomputed, as is a latch past reach."""
+    """The gate compares the mean evidence over a window with its levels. A threshold at or above the largest
+    mean the weights can give never opens the gate, and one below the smallest (a sequence's first real token:
+    its own evidence over w) opens it on every input: both are refused on load even with the content hash
+    recomputed, as is a latch past reach; the bounds themselves are what the detector can give."""
     from dsg.files import read_safetensors
     from dsg.guard.integrity import HASH_FIELD, content_sha256
 
     model, tok, sae, guard = detected
+    lowest, highest = guard.detector.reach(guard.window)
+    w = guard.detector.weights
+    assert highest == int(w.clamp(min=0).sum()) and lowest == int(w.clamp(max=0).sum()) / guard.window
     guard.save(tmp_path / "g")
     path = tmp_path / "g" / "guardrail.json"
     meta = json.loads(path.read_text())
     tensors = read_safetensors(tmp_path / "g" / "guardrail.safetensors")
-    top = int(guard.detector.weights.clamp(min=0).sum()) * guard.window
     never = "could never go over"
-    edits = [({"threshold": 1e30}, never), ({"threshold": -1e30}, "every input"), ({"threshold": float(top)}, never),
-             ({"hold": 4, "latch": 1e30}, never)]  # fmt: skip
+    edits = [({"threshold": highest}, never), ({"threshold": lowest - 0.5}, "every input"),
+             ({"hold": 4, "latch": highest}, never), ({"threshold": highest - 1}, None),
+             ({"threshold": lowest}, None)]  # fmt: skip
     for fields, message in edits:
         edited = json.loads(json.dumps(meta)) | fields
         edited[HASH_FIELD] = content_sha256(edited, tensors)
         path.write_text(json.dumps(edited))
+        if message is None:  # within reach: loads
+            assert dsg.Guardrail.load(tmp_path / "g", sae=sae).threshold == fields["threshold"]
+            continue
         with pytest.raises(dsg.DSGError, match=message):
             dsg.Guardrail.load(tmp_path / "g", sae=sae)
-    fitted, guard.threshold = guard.threshold, 1e30  # and on a guardrail edited in memory, before it is attached
+    fitted, guard.threshold = guard.threshold, highest  # and on a guardrail edited in memory, before it is attached
     try:
-        with pytest.raises(dsg.DSGError, match="could never go over"), guard.attach(model):
+        with pytest.raises(dsg.DSGError, match=never), guard.attach(model):
             pass
     finally:
         guard.threshold = fitted  # the fixture is shared

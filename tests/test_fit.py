@@ -396,7 +396,10 @@ def test_gate_levels_refuse_a_latch_that_cannot_be_told_from_the_threshold_or_ex
         _gate_levels(torch.full((5,), 0.4), config, False)
     with pytest.raises(dsg.DSGError, match="would never latch"):
         _gate_levels(torch.tensor([0.1, 0.2, 0.3, 1.0]), config, False)
-    assert _gate_levels(torch.tensor([0.1, 0.2, 0.3, 7.0]), config, True)[1] == pytest.approx(7.0)  # detector
+    # a detector's mean evidence is bounded by what its weights can give, not by 1
+    assert _gate_levels(torch.tensor([0.1, 0.2, 0.3, 7.0]), config, True, 8.0)[1] == pytest.approx(7.0)
+    with pytest.raises(dsg.DSGError, match=r"mean detector evidence can exceed it \(at most 7\)"):
+        _gate_levels(torch.tensor([0.1, 0.2, 0.3, 7.0]), config, True, 7.0)
 
 
 def test_overwrite_replaces_an_earlier_guardrail(files, capsys):

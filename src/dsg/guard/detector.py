@@ -14,7 +14,7 @@ calibration text, so the weights are few and each names a latent that can be ins
 The floor (FitConfig.detector_floor: 0; by default none, signed evidence) keeps a token's evidence from going
 negative: the benign words around a forget-domain term ("What does sqlmap do?") cannot cancel it, while a latent
 with a negative weight still offsets a forget latent that fires on the same token. It is a trade, not a free gain
-(docs/precision.md, "How the shipped configuration was chosen"): on the embedded default it lifts the gate on
+(docs/precision.md, "A floor on each token's evidence was tried"): on the embedded default it lifts the gate on
 short offensive questions asked in plain words (35 % -> 42.5 % of the hand-written probes), and the threshold
 calibrated on long benign text rises with it, so fewer padded forget questions and more benign documents open the
 gate.
@@ -69,6 +69,16 @@ class Detector(torch.nn.Module):
         if self.floor is not None:
             e = e.clamp(min=self.floor)
         return torch.where(real_BT.bool(), e, torch.zeros_like(e))
+
+    def reach(self, window: int) -> tuple[float, float]:
+        """(lowest, highest) mean evidence over a window of `window` real tokens that this detector can give at a
+        real token (rule.window_gate compares that mean with the gate's levels). The highest is every positive
+        weight firing on every token; the lowest is met at a sequence's first real token, whose window holds it
+        and w - 1 empty places, with every negative weight firing (or the floor)."""
+        hi, lo = int(self.weights.clamp(min=0).sum()), int(self.weights.clamp(max=0).sum())
+        if self.floor is not None:
+            hi, lo = max(hi, self.floor), max(lo, self.floor)
+        return lo / window, float(hi)
 
     def encode(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode(x_BTD)

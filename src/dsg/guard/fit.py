@@ -369,8 +369,8 @@ def fit(
     features = SCORERS[config.scorer].select(f_sums, r_sums, config)
     if not features:
         raise DSGError(
-            "No latent passed the selection filters (a selected latent must fire on the forget corpus, and no SAE "
-            "latent that passed the percentile cuts does); lower ratio_percentile / min_forget_percentile, raise "
+            "No latent passed the selection filters (a selected latent must fire on the forget corpus, and none "
+            "that passed the scorer's cuts does); lower ratio_percentile / min_forget_percentile, raise "
             "retain_cutoff, use more forget text, or check that the SAE's latents fire at this hook."
         )
     clamp = config.clamp * r_sums.mean_norm if config.clamp_relative_to_norm else config.clamp
@@ -384,7 +384,8 @@ def fit(
                       hold=config.gate_hold, detector=detector, detector_floor=floor, name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
     rho = rho[_with_real_tokens(model, calib_seqs)]  # a text with nothing to judge would read as a benign 0
-    threshold, latch, prompt_level = _gate_levels(rho, config, detector is not None)
+    highest = guard.detector.reach(guard.window)[1] if guard.detector is not None and guard.window else 1.0
+    threshold, latch, prompt_level = _gate_levels(rho, config, detector is not None, highest)
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
     tensors["calibration_rho"] = rho
@@ -418,13 +419,19 @@ def raised_level(level: float, threshold: float, margin: float) -> float:
     return level + margin * max(level - threshold, 0.0)
 
 
-def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
+def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool, highest: float = 1.0):
     """The gate's threshold, latch level and prompt level: percentiles of the calibration statistic `rho` (one value
-    per calibration sequence), or a DSGError where a level could never be exceeded or does not lie above the
-    threshold."""
+    per calibration sequence), or a DSGError where a level could never be exceeded (`highest`: the largest value
+    the statistic can take, 1 for a share of flagged tokens) or does not lie above the threshold."""
     values = rho.double().numpy()
     held = " (the detector's hold-out of the distinct retain and calibration ones)" if has_detector else ""
     threshold = float(np.percentile(values, config.gate_percentile))
+    if config.gated and has_detector and threshold >= highest:
+        raise DSGError(
+            f"The gate could never open: the {config.gate_percentile:g}th percentile of the detector's mean window "
+            f"evidence over the {len(values)} calibration sequences{held} is {threshold:.4g}, the largest its weights "
+            "can give. Calibrate on text unlike the forget corpus, or lower gate_percentile."
+        )
     if config.gated and not has_detector and threshold >= 1.0:
         raise DSGError(
             f"The gate could never open: the {config.gate_percentile:g}th percentile of rho over the "
@@ -449,10 +456,11 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool):
                     f"{held} are too few or too alike to tell the two apart. Raise {name}, lower gate_percentile, or "
                     "calibrate on more distinct text."
                 )
-            if not has_detector and level >= 1.0:
+            if level >= highest:
+                statistic = "mean detector evidence" if has_detector else "share of flagged tokens"
                 raise DSGError(
                     f"The {what} (from the {percentile:g}th percentile of the calibration statistic) is {level:.4g}: "
-                    f"no window's share of flagged tokens can exceed it, so {never}. Lower {name} (or "
+                    f"no window's {statistic} can exceed it (at most {highest:.4g}), so {never}. Lower {name} (or "
                     "its margin), or calibrate on text unlike the forget corpus."
                 )
         levels.append(level)
@@ -482,6 +490,7 @@ def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, he
             "source": ("retain" if calibration is None else "calibration") + (" (detector hold-out)" if held else ""),
             "sequences": len(calib_seqs),
             "tokens": calibration_tokens,
+            "positions": sum(len(s) for s in calib_seqs),  # every position a calibration forward reads
             "sha256": corpus_sha256(retain if calibration is None else calibration),
         },
     }

@@ -265,22 +265,18 @@ class Guardrail:
             self._check_levels_reachable()
 
     def _check_levels_reachable(self) -> None:
-        """A detector gate's levels must lie within what its windows can sum to: above the largest window
-        evidence the gate could never open (or latch), below the smallest it would open on every input."""
-        w = self.detector.weights
-        top = int(w.clamp(min=0).sum()) * self.window
-        least = int(w.clamp(max=0).sum())
-        if self.detector.floor is not None:
-            least = max(least, int(self.detector.floor))
-        least = min(least * self.window, 0)  # a sequence's start counts as no evidence
+        """A detector gate's levels must lie within the mean window evidence its weights can give (Detector.reach):
+        at or above the highest the gate could never go over them; below the lowest it opens on every input."""
+        lowest, highest = self.detector.reach(self.window)
         for name, level in (("threshold", self.threshold), ("latch", self.latch), ("prompt_level", self.prompt_level)):
-            if level is not None and level >= top:
-                raise DSGError(f"The guardrail's '{name}' ({level:g}) is at or above the largest evidence its detector "
-                               f"can sum over a window ({top}): the gate could never go over it.")  # fmt: skip
-        if self.threshold < least:
+            if level is not None and level >= highest:
+                raise DSGError(f"The guardrail's '{name}' ({level:g}, {level / SCALE:.4g} in weight units) is at or "
+                               f"above the largest mean window evidence its detector can give ({highest:g}): the "
+                               "gate could never go over it.")  # fmt: skip
+        if self.threshold < lowest:
             raise DSGError(
-                f"The guardrail's 'threshold' ({self.threshold:g}) lies below the smallest evidence its "
-                f"detector can sum over a window ({least}): the gate would open on every input."
+                f"The guardrail's 'threshold' ({self.threshold:g}) lies below the smallest mean window "
+                f"evidence its detector can give ({lowest:g}): the gate would open on every input."
             )
 
     @property

@@ -69,7 +69,7 @@ class GuardrailMethod(UnlearningMethod):
         if memo is not None:  # detector windows computed by an earlier configuration count in full, like the statistics
             used, computed = memo.take()
             own += used - computed
-        calib_tokens = guard.info["data"]["calibration"]["tokens"]
+        calib_tokens = guard.info["data"]["calibration"]["positions"]  # what the calibration forwards read
         own_flops = (
             2.0 * (forward_params(bench.model, bench.layer) + bench.sae.d_in * len(guard.features)) * calib_tokens
         )
