@@ -576,3 +576,19 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line_and_status_130(monkeypa
     monkeypatch.setattr(sys, "meta_path", [Interrupt(), *sys.meta_path])
     assert entry.main() == 130
     assert capsys.readouterr().err == "dsg: interrupted\n"
+
+
+def test_dsg_public_names_and_submodules_load_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, types, dsg; "
+        "assert os.environ['HF_HUB_OFFLINE'] == '1' and 'transformers' not in sys.modules; "
+        "missing = [n for n in dsg.__all__ if getattr(dsg, n, None) is None]; "
+        "assert not missing, missing; "
+        "assert isinstance(dsg.guard, types.ModuleType) and dsg.sae.SAE is dsg.SAE; "
+        "assert not hasattr(dsg, 'no_such_name'); print('ok')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": "/usr/bin"})
+    assert run.stdout.strip() == "ok", run.stderr[-2000:]

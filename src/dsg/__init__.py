@@ -7,9 +7,14 @@ it can turn a Ctrl-C during the heavy imports into a clean exit.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# dsg never contacts a model hub (lm/models.py): default the offline switches before anything imports transformers
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 _WHERE = {
     "DSGError": ".errors",
@@ -46,9 +51,18 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name not in _WHERE:
+    """A public name (loaded on first use), or a submodule (`dsg.guard`, bound by importing it)."""
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    elif not name.startswith("__"):
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'dsg' has no attribute {name!r}") from None
+    else:
         raise AttributeError(f"module 'dsg' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
     globals()[name] = value
     return value
 
