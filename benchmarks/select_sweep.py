@@ -20,6 +20,7 @@ Prints the table and writes benchmarks/results/select_sweep.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ def three_way(forget, retain, neighbour, n: int, ratio_percentile: float, min_fo
     s_f = m_f**2
     ratio = s_f / (np.maximum(m_r**2, m_n**2) + EPS)
     candidates = (ratio >= np.percentile(ratio, ratio_percentile)) & (s_f >= np.percentile(s_f, min_forget_percentile))
-    return _top_n(s_f, candidates, n)
+    return _top_n(s_f, candidates & (s_f > 0), n)
 
 
 def by_detector(guard, n: int) -> list[int]:
@@ -65,14 +66,14 @@ def main() -> None:
     p = BenchSetting().prepared(progress=False)
     model, tok, sae = p.model, p.tokenizer, p.sae
     val = Validation.of(model, tok, p.forget, p.retain, p.general)
-    guard = fit(model, tok, sae, p.forget_texts, p.retain_texts, p.calibration, DEMO_FIT, stats=p.stats)
+    cfg = dataclasses.replace(DEMO_FIT, n_features=args.n)
+    guard = fit(model, tok, sae, p.forget_texts, p.retain_texts, p.calibration, cfg, stats=p.stats)
     settle_on_validation(model, tok, guard, p.forget, 100)
     near = next(d for d in p.retain if d.name == args.neighbour)
     seqs = _sequences(tok, list(near.texts["fit"]) + list(near.requests.get("fit", [])), DEMO_FIT, 3)
     neighbour = collect_stats(
         model, sae, _checked_hook(model, sae, DEMO_FIT)[0], seqs, pad_id=pad_id_of(tok, model), progress=False
     )
-    cfg = DEMO_FIT
     picks = {
         "ratio": guard.features,
         "neighbour": three_way(
@@ -86,6 +87,8 @@ def main() -> None:
     rows, results = [], {"base": {"perplexity": val.base_perplexity, "fluency": val.base_fluency}}
     for name in args.selections.split(","):
         features = picks[name][: args.n]
+        if len(features) < args.n:
+            print(f"{name}: only {len(features)} latents qualify", flush=True)
         guard.latents, guard.features = SelectedLatents.of(sae, features), list(features)
         out, cells = val.score(model, tok, guard)
         guard.gated, always = False, {}
