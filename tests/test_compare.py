@@ -361,6 +361,35 @@ def test_an_edited_or_cut_run_file_is_computed_again(compared, tmp_path):
     assert json.loads(runs[0].read_text())["key"] == runs[0].stem  # written whole again
 
 
+def test_a_stored_file_edited_cut_short_or_copied_over_another_is_computed_again(compared, tmp_path, capsys):
+    """Stored results carry a hash of their content and of their place: a number edited in a test result, a cut
+    short base result, or one configuration's run copied over another's used to be read back silently (or stop
+    the run); each is computed again, and the comparison comes out as it did."""
+    import shutil
+
+    config, bench, methods, result, out = compared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    runs = sorted(p for p in (copy / "runs" / "dsg").glob("*.json") if p.name.count(".") == 1)
+    shutil.copyfile(runs[0], runs[1])  # a run under another configuration's name
+    test = next((copy / "runs" / "dsg").glob("*.test.json"))
+    edited = json.loads(test.read_text())
+    edited["perplexity"] = 1.0
+    test.write_text(json.dumps(edited))
+    base = next((copy / "runs" / "base").glob("*.validation.json"))
+    base.write_text(base.read_text()[: len(base.read_text()) // 2])
+    before = len(methods[0].fits)
+    again = run_compare(dataclasses.replace(config, out=str(copy)), bench=bench, methods=methods, progress=False)
+    assert len(methods[0].fits) > before  # the misplaced run (at least) was fitted again
+    assert again["methods"]["dsg"]["test"] == result["methods"]["dsg"]["test"]
+    untimed = [[{k: v for k, v in r.items() if "seconds" not in k} for r in x["methods"]["dsg"]["sweep"]]
+               for x in (again, result)]  # fmt: skip
+    assert untimed[0] == untimed[1]
+    err = capsys.readouterr().err
+    assert "does not match its content hash" in err and "cannot be read as a JSON object" in err
+    assert json.loads(runs[1].read_text())["key"] == runs[1].stem
+
+
 def test_a_grid_file_replaces_built_in_grids_and_refuses_unknown_settings(tmp_path):
     path = tmp_path / "grid.json"
     path.write_text(

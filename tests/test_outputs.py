@@ -123,6 +123,37 @@ def test_a_folder_that_only_borrows_dsgs_file_names_is_never_replaced(tmp_path):
     assert check_output_dir(demo, "demo", overwrite=True) == demo  # what dsg writes is still replaced
 
 
+def test_user_files_deeper_inside_a_dsg_folder_keep_it_from_being_replaced(tmp_path):
+    """A demo's guardrail/sae/ and a comparison's runs/<method>/<key>.edit/ are checked to their last file: a
+    user's note kept there made the whole folder read as ours, and --overwrite deleted it."""
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "results.json").write_text('{"dsg_version": "0.1.0", "fit_config": {}}')
+    _guardrail_folder(demo / "guardrail", "g")
+    sae = demo / "guardrail" / "sae"
+    sae.mkdir()
+    (sae / "cfg.json").write_text('{"d_in": 4, "d_sae": 8}')
+    (sae / "sae_weights.safetensors").write_text("x")
+    assert check_output_dir(demo, "demo", overwrite=True) == demo  # what dsg writes is replaced
+    (sae / "MY_THESIS_NOTES.txt").write_text("mine")
+    with pytest.raises(dsg.DSGError, match="does not hold a dsg demo"):
+        check_output_dir(demo, "demo", overwrite=True)
+    assert (sae / "MY_THESIS_NOTES.txt").read_text() == "mine"
+
+    out = tmp_path / "cmp"
+    edit = out / "runs" / "rmu" / "0123abcd.edit"
+    edit.mkdir(parents=True)
+    for name in ("compare.json", "report.html"):
+        (out / name).write_text("{}")
+    (out / "runs" / "rmu" / "0123abcd.json").write_text("{}")
+    (edit / "edit.json").write_text('{"format": "dsg-edit"}')
+    (edit / "edit.safetensors").write_text("x")
+    assert check_output_dir(out, "comparison", overwrite=True) == out
+    (edit / "notes.txt").write_text("mine")
+    with pytest.raises(dsg.DSGError, match="does not hold a dsg comparison"):
+        check_output_dir(out, "comparison", overwrite=True)
+
+
 def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
     """Two commands with one --out: each checked the path when it started; the one that finishes second must not
     silently replace what the first one reported as written."""

@@ -240,12 +240,21 @@ def _holds(*names: str):
 
 
 def _is_run_store(runs: Path) -> bool:
-    """A comparison's run store: one folder per method holding run records (*.json) and weight edits (*.edit)."""
+    """A comparison's run store: one folder per method holding run records (*.json) and weight edits (*.edit, each
+    holding only what a weight edit holds)."""
     methods = list(runs.iterdir())
     return all(
-        m.is_dir() and all(e.suffix == ".json" or (e.suffix == ".edit" and e.is_dir()) for e in m.iterdir())
+        m.is_dir() and all(e.suffix == ".json" or (e.suffix == ".edit" and _is_edit_or_empty(e)) for e in m.iterdir())
         for m in methods
     ) and any(e.suffix == ".json" for m in methods for e in m.iterdir())
+
+
+def _is_edit(p: Path) -> bool:
+    return p.is_dir() and _holds("edit.json", "edit.safetensors")(p) and _format_tag(p / "edit.json") == "dsg-edit"
+
+
+def _is_edit_or_empty(p: Path) -> bool:
+    return p.is_dir() and (not any(p.iterdir()) or _is_edit(p))
 
 
 def _json_object_with(path: Path, *keys: str) -> bool:
@@ -259,7 +268,7 @@ def _is_guardrail(p: Path) -> bool:
         _holds("guardrail.json", "guardrail.safetensors", "sae")(p)
         and _format_tag(p / "guardrail.json") == "dsg-guardrail"
         and (p / "guardrail.safetensors").is_file()
-        and (not (p / "sae").exists() or (p / "sae").is_dir())
+        and (not (p / "sae").exists() or ((p / "sae").is_dir() and _is_sae(p / "sae")))
     )
 
 
@@ -281,7 +290,7 @@ def _is_demo(p: Path) -> bool:
 
 ARTIFACTS = {
     "guardrail": _is_guardrail,
-    "weight edit": lambda p: _holds("edit.json", "edit.safetensors")(p) and _format_tag(p / "edit.json") == "dsg-edit",
+    "weight edit": _is_edit,
     "SAE": _is_sae,
     "demo": _is_demo,
     "comparison": lambda p: _holds("runs", "compare.json", "report.html")(p) and _is_run_store(p / "runs"),

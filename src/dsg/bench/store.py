@@ -7,6 +7,9 @@ interrupted `dsg compare` resumes where it stopped and never recomputes a finish
     <out>/runs/base/<key>.validation.json  the base model's results
 
 key = a hash of the method, its configuration and the bench context (model weights, SAE, corpora, questions).
+
+Each file carries `content_sha256`: a hash of its content and of its own place in the store (method, key, kind), so
+a file that was edited, cut short, or copied over another configuration's is not read back: it is computed again.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import json
 import shutil
 from pathlib import Path
 
-from ..files import read_json, write_json_atomic
+from ..errors import DSGError
+from ..files import json_text, read_json, write_json_atomic
 
 COMPARE_VERSION = 2
+HASH_FIELD = "content_sha256"
 
 
 def config_key(method: str, config: dict, context: dict) -> str:
@@ -26,9 +31,17 @@ def config_key(method: str, config: dict, context: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _content_sha256(place: str, data: dict) -> str:
+    body = {k: v for k, v in data.items() if k != HASH_FIELD}
+    return hashlib.sha256(json_text({"place": place, "content": body}).encode()).hexdigest()
+
+
 class RunStore:
-    def __init__(self, out: str | Path):
+    """`discarded(path, why)` is told of each stored file that is not read back (edited, cut short, misplaced)."""
+
+    def __init__(self, out: str | Path, discarded=None):
         self.root = Path(out) / "runs"
+        self.discarded = discarded or (lambda path, why: None)
 
     def path(self, method: str, key: str, suffix: str = "") -> Path:
         return self.root / method / f"{key}{suffix}.json"
@@ -37,11 +50,26 @@ class RunStore:
         return self.root / method / f"{key}.edit"
 
     def get(self, method: str, key: str, suffix: str = "") -> dict | None:
+        """The stored content, or None: nothing there, or a file that is not what `put` wrote at this place."""
         p = self.path(method, key, suffix)
-        return read_json(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        try:
+            data = read_json(p)
+        except DSGError:
+            self.discarded(p, "cannot be read as a JSON object (cut short?)")
+            return None
+        if data.get(HASH_FIELD) != _content_sha256(f"{method}/{key}{suffix}", data):
+            why = "has no content hash" if HASH_FIELD not in data else "does not match its content hash"
+            self.discarded(p, f"{why} (edited, or another configuration's)")
+            return None
+        return {k: v for k, v in data.items() if k != HASH_FIELD}
 
     def put(self, method: str, key: str, data: dict, suffix: str = "") -> None:
-        write_json_atomic(self.path(method, key, suffix), data)
+        data = {k: v for k, v in data.items() if k != HASH_FIELD}
+        write_json_atomic(
+            self.path(method, key, suffix), data | {HASH_FIELD: _content_sha256(f"{method}/{key}{suffix}", data)}
+        )
 
     def prune_edits(self, method: str, keys: list[str], keep: str) -> None:
         """Delete the weight edits of `keys` except `keep`'s."""

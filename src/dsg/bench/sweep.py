@@ -177,10 +177,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _usable_run(run: dict) -> bool:
-    """Whether a stored run holds what a finished one does: its key and configuration, and an error message or
+def _usable_run(run: dict, key: str) -> bool:
+    """Whether a stored run holds what a finished one does: its own key and configuration, and an error message or
     validation scores."""
-    if not isinstance(run.get("key"), str) or not isinstance(run.get("config"), dict):
+    if run.get("key") != key or not isinstance(run.get("config"), dict):
         return False
     if "error" in run:
         return isinstance(run["error"], str)
@@ -197,7 +197,7 @@ class Sweep:
             bench, batch_size=config.eval_batch_size, generation_tokens=config.generation_tokens
         )
         self.config, self.bench, self.progress = config, bench, progress
-        self.store = RunStore(config.out)
+        self.store = RunStore(config.out, lambda path, why: _log(f"{path} {why}; computing it again"))
         self.context = bench.context()
         self.base_key = config_key("base", {}, self.context)
 
@@ -223,7 +223,7 @@ class Sweep:
         the fit is recorded as the run's error and never retried)."""
         key = config_key(method.name, method.settings(self.bench, cfg), self.context)
         run = self.store.get(method.name, key)
-        if run is not None and not _usable_run(run):
+        if run is not None and not _usable_run(run, key):
             _log(f"[{method.name}] {self.store.path(method.name, key)} is not a run this dsg wrote (edited or cut "
                  "short); computing it again")  # fmt: skip
             run = None
