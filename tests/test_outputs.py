@@ -194,3 +194,18 @@ def test_a_folder_held_by_one_compare_is_refused_to_another(tmp_path):
     with exclusive(tmp_path / "never", "dsg compare"):
         pass
     assert not (tmp_path / "never").exists()  # a folder it made and left empty is removed
+
+
+def test_a_second_demo_on_the_same_folder_is_refused_at_once_and_a_failed_one_leaves_nothing(tmp_path):
+    """Two demos writing one --out used to both run to their end (half an hour each) before the second found the
+    folder replaced; the second is now refused before it loads anything. A demo refused early leaves no folder."""
+    from dsg.bench import demo
+    from dsg.files import exclusive
+
+    out = tmp_path / "d"
+    with exclusive(out, "dsg demo"), pytest.raises(dsg.DSGError, match="Another dsg demo is writing"):
+        demo.run_demo(demo.DemoConfig(out=str(out)))
+    assert not out.exists()
+    with pytest.raises(dsg.DSGError, match="also --general"):
+        demo.run_demo(demo.DemoConfig(forget="cyber", general="cyber", out=str(out)))
+    assert not out.exists()

@@ -36,7 +36,7 @@ from ..eval.fluency import fluency
 from ..eval.mcq import score_mcq
 from ..eval.metrics import summarize_results
 from ..eval.perplexity import perplexity_stats
-from ..files import atomic_directory, check_output_dir, read_json, write_json, write_json_atomic
+from ..files import atomic_directory, check_output_dir, exclusive, read_json, write_json, write_json_atomic
 from ..guard.fit import FitConfig, fit
 from ..lm.models import load_model
 from ..sae import SAE
@@ -142,7 +142,16 @@ def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict,
 
 
 def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
+    """One process at a time per output folder: a second demo writing the same --out is refused at once, instead
+    of running to its end and finding the folder replaced."""
     check_output_dir(config.out, "demo", overwrite=config.overwrite, inputs=[config.sae])
+    with exclusive(config.out, "dsg demo"):
+        # checked again under the lock: what is there now (the folder the lock made, or another run's) is the claim
+        check_output_dir(config.out, "demo", overwrite=config.overwrite, inputs=[config.sae])
+        return _run_demo(config, fit_config)
+
+
+def _run_demo(config: DemoConfig, fit_config: FitConfig) -> dict:
     config.domain_names()  # refused before the model loads
     config = config.sized()
     if config.quick:
