@@ -31,7 +31,7 @@ from dsg.eval.mcq import score_mcq
 from dsg.eval.metrics import summarize_results
 from dsg.guard.fit import _checked_hook, _sequences, fit
 from dsg.guard.guardrail import SelectedLatents
-from dsg.guard.scorers import EPS, _top_n
+from dsg.guard.scorers import _top_n, select_features
 from dsg.guard.stats import collect_stats
 from dsg.lm.text import pad_id_of
 from dsg.tables import pct, table
@@ -39,12 +39,10 @@ from dsg.tables import pct, table
 
 def three_way(forget, retain, neighbour, n: int, ratio_percentile: float, min_forget_percentile: float) -> list[int]:
     """The paper's rule with the neighbour as its own term: a latent must stand out against the pooled retain
-    corpus and against the neighbour domain alone."""
-    m_f, m_r, m_n = (s.mean.double().numpy() for s in (forget, retain, neighbour))
-    s_f = m_f**2
-    ratio = s_f / (np.maximum(m_r**2, m_n**2) + EPS)
-    candidates = (ratio >= np.percentile(ratio, ratio_percentile)) & (s_f >= np.percentile(s_f, min_forget_percentile))
-    return _top_n(s_f, candidates & (s_f > 0), n)
+    corpus and against the neighbour domain alone. The rule squares non-negative means, so dividing by the larger
+    square is the rule with the larger mean as the retain side."""
+    m_r = torch.maximum(retain.mean, neighbour.mean)
+    return select_features(forget.mean, m_r, n, ratio_percentile, min_forget_percentile)
 
 
 def by_detector(guard, n: int) -> list[int]:

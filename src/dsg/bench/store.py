@@ -66,10 +66,8 @@ class RunStore:
         return {k: v for k, v in data.items() if k != HASH_FIELD}
 
     def put(self, method: str, key: str, data: dict, suffix: str = "") -> None:
-        data = {k: v for k, v in data.items() if k != HASH_FIELD}
-        write_json_atomic(
-            self.path(method, key, suffix), data | {HASH_FIELD: _content_sha256(f"{method}/{key}{suffix}", data)}
-        )
+        place = f"{method}/{key}{suffix}"  # the hash leaves out any stale hash field, which this one replaces
+        write_json_atomic(self.path(method, key, suffix), data | {HASH_FIELD: _content_sha256(place, data)})
 
     def prune_edits(self, method: str, keys: list[str], keep: str) -> None:
         """Delete the weight edits of `keys` except `keep`'s."""

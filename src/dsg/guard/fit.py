@@ -383,7 +383,8 @@ def fit(
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
-    rho = rho[_with_real_tokens(model, calib_seqs)]  # a text with nothing to judge would read as a benign 0
+    real = _real_token_counts(model, calib_seqs)
+    rho = rho[real > 0]  # a text with nothing to judge would read as a benign 0
     highest = guard.detector.reach(guard.window)[1] if guard.detector is not None and guard.window else 1.0
     threshold, latch, prompt_level = _gate_levels(rho, config, detector is not None, highest)
 
@@ -394,7 +395,7 @@ def fit(
         "seed": config.seed,
         "model": model_fingerprint(model, point),
         "sae": {"sha256": sae.sha256()},
-        "data": _data_record(forget, retain, calibration, stats, calib_seqs, detector is not None, model),
+        "data": _data_record(forget, retain, calibration, stats, calib_seqs, detector is not None, int(real.sum())),
         "residual_norm": r_sums.mean_norm,
         **({"detector_fit": detector_info} if detector_info else {}),
     }
@@ -404,14 +405,14 @@ def fit(
                      info=info, tensors=tensors)  # fmt: skip
 
 
-def _with_real_tokens(model, sequences) -> torch.Tensor:
-    """Bool [n]: the sequences holding a real token (lm.text.real_token_mask); a DSGError when none does."""
+def _real_token_counts(model, sequences) -> torch.Tensor:
+    """Long [n]: each sequence's real tokens (lm.text.real_token_mask); a DSGError when no sequence holds one."""
     specials = special_token_ids(model)
-    keep = torch.tensor([bool(real_token_mask(torch.tensor([seq]), None, specials).any()) for seq in sequences])
-    if not keep.any():
+    counts = torch.tensor([int(real_token_mask(torch.tensor([seq]), None, specials).sum()) for seq in sequences])
+    if not counts.any():
         raise DSGError("The calibration texts hold no real token (only special tokens such as BOS, EOS or PAD, or "
                        "one token a text): the gate has nothing to be calibrated on.")  # fmt: skip
-    return keep
+    return counts
 
 
 def raised_level(level: float, threshold: float, margin: float) -> float:
@@ -426,18 +427,14 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool, highe
     values = rho.double().numpy()
     held = " (the detector's hold-out of the distinct retain and calibration ones)" if has_detector else ""
     threshold = float(np.percentile(values, config.gate_percentile))
-    if config.gated and has_detector and threshold >= highest:
+    if config.gated and threshold >= highest:
+        statistic, why = ("the detector's mean window evidence", "the largest its weights can give") if has_detector \
+            else ("rho", "the selected latents fire on every token of them")  # fmt: skip
         raise DSGError(
-            f"The gate could never open: the {config.gate_percentile:g}th percentile of the detector's mean window "
-            f"evidence over the {len(values)} calibration sequences{held} is {threshold:.4g}, the largest its weights "
-            "can give. Calibrate on text unlike the forget corpus, or lower gate_percentile."
-        )
-    if config.gated and not has_detector and threshold >= 1.0:
-        raise DSGError(
-            f"The gate could never open: the {config.gate_percentile:g}th percentile of rho over the "
-            f"{len(values)} calibration sequences is 1.0 (the selected latents fire on every token of them), and "
-            "an input is gated only when rho exceeds it. Calibrate on text unlike the forget corpus (the retain "
-            "corpus must not be the forget corpus), use more forget and retain text, or lower gate_percentile."
+            f"The gate could never open: the {config.gate_percentile:g}th percentile of {statistic} over the "
+            f"{len(values)} calibration sequences{held} is {threshold:.4g} ({why}), and an input is gated only when it "
+            "exceeds it. Calibrate on text unlike the forget corpus (the retain corpus must not be the forget "
+            "corpus), use more forget and retain text, or lower gate_percentile."
         )
     levels = []
     for what, name, percentile, margin, never in (
@@ -467,12 +464,10 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool, highe
     return threshold, *levels
 
 
-def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, held: bool, model) -> dict:
+def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, held: bool, calib_tokens: int) -> dict:
     """What the guardrail was fitted and calibrated on: counts of real tokens (as the statistics count them: no
     special token, no first position) and corpus hashes (`held`: the threshold was calibrated on the detector's
     hold-out of the retain and calibration sequences)."""
-    specials = special_token_ids(model)
-    calibration_tokens = sum(int(real_token_mask(torch.tensor([s]), None, specials).sum()) for s in calib_seqs)
     return {
         "forget": {
             "documents": len(forget),
@@ -489,7 +484,7 @@ def _data_record(forget, retain, calibration, stats: CorpusStats, calib_seqs, he
         "calibration": {
             "source": ("retain" if calibration is None else "calibration") + (" (detector hold-out)" if held else ""),
             "sequences": len(calib_seqs),
-            "tokens": calibration_tokens,
+            "tokens": calib_tokens,
             "positions": sum(len(s) for s in calib_seqs),  # every position a calibration forward reads
             "sha256": corpus_sha256(retain if calibration is None else calibration),
         },

@@ -245,8 +245,7 @@ class Guardrail:
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
         self.content_sha256: str | None = None  # the hash of the files it was loaded from (None: not loaded)
-        if detector is not None and self.gated and window is not None:
-            self._check_levels_reachable()
+        self._check_levels_reachable()
 
     def check(self) -> None:
         """Refuse (DSGError) settings changed after the guardrail was built into ones that could not have been
@@ -261,12 +260,13 @@ class Guardrail:
         check_rule(self.hook, self.features, self.threshold, self.clamp, self.clamp_mode, self.gated,
                    int(self.sae_record["d_sae"]), "The guardrail", self.window, self.detector is not None, self.hold,
                    self.latch, floor, self.prompt_level)  # fmt: skip
-        if self.detector is not None and self.gated and self.window is not None:
-            self._check_levels_reachable()
+        self._check_levels_reachable()
 
     def _check_levels_reachable(self) -> None:
         """A detector gate's levels must lie within the mean window evidence its weights can give (Detector.reach):
         at or above the highest the gate could never go over them; below the lowest it opens on every input."""
+        if self.detector is None or not self.gated or self.window is None:
+            return
         lowest, highest = self.detector.reach(self.window)
         for name, level in (("threshold", self.threshold), ("latch", self.latch), ("prompt_level", self.prompt_level)):
             if level is not None and level >= highest:

@@ -132,6 +132,11 @@ class TrainConfig:
     eval_batch_size: int = 8
     """Windows per forward pass during evaluation (full forward passes with logits over the vocabulary)."""
 
+    @property
+    def n_steps(self) -> int:
+        """Optimiser steps of the run: n_tokens / batch_size, rounded up."""
+        return math.ceil(self.n_tokens / self.batch_size)
+
     def validate(self) -> None:
         def bad(name: str, expected: str) -> DSGError:
             return DSGError(f"Training option {name}={getattr(self, name)!r} is invalid; expected {expected}.")
@@ -155,11 +160,10 @@ class TrainConfig:
             raise bad("lr_decay_fraction", "a number in [0, 1]")
         if self.lr_warmup_steps < 0:
             raise bad("lr_warmup_steps", "a non-negative integer")
-        n_steps = math.ceil(self.n_tokens / self.batch_size)
-        if self.lr_warmup_steps > n_steps:  # the learning rate would never reach its value: an SAE barely trained
+        if self.lr_warmup_steps > self.n_steps:  # the learning rate would never reach its value: an SAE barely trained
             raise bad(
                 "lr_warmup_steps",
-                f"at most the run's {n_steps} steps (n_tokens / batch_size): lower it, or "
+                f"at most the run's {self.n_steps} steps (n_tokens / batch_size): lower it, or "
                 "train on more tokens or smaller batches",
             )
         for name in ("l1_coefficient", "auxk_coefficient"):
@@ -632,7 +636,7 @@ def _activations_of(
 def _train_steps(trainer: _Trainer, cache_ND: torch.Tensor, cfg: TrainConfig, generator, progress: bool):
     """(last step's numbers, smoothed FVU, steps): n_tokens / batch_size steps over shuffled cache batches, each of
     _step_tokens tokens."""
-    n_steps = math.ceil(cfg.n_tokens / cfg.batch_size)
+    n_steps = cfg.n_steps
     bar = tqdm(total=n_steps * _step_tokens(cfg, cache_ND), desc="train SAE", unit="tok", disable=not progress,
                file=sys.stderr)  # fmt: skip
     perm, pos, last, fvu_ema = None, 0, {}, None
