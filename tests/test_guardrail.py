@@ -1113,3 +1113,123 @@ def test_a_continuation_of_a_cache_that_takes_no_weak_reference_is_followed_per_
     prefill = att.sequence
     att.begin({"input_ids": ids[:, -1:], "past_key_values": legacy})
     assert att.forward.continuation and att.sequence is prefill
+
+
+def test_a_cache_the_attachment_never_judged_is_refused_whatever_ran_before():
+    """A prefix cache made by the plain model (or under another attach()) holds tokens no gate judged. Its
+    continuation used to continue the gate state of whatever forward this thread ran last in the block (a forget
+    text's, which then clamped a benign prompt); it is refused like the first forward of a fresh block."""
+    import copy
+
+    from transformers import DynamicCache
+
+    model, seqs, guard = _split_guard("llama", 3, 2, True, lengths=(12, 15, 10, 14, 13, 11))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([seqs[0]]), past_key_values=cache, use_cache=True)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    for before in seqs[1:3]:  # each leaves this thread's latest gate state behind
+        with torch.no_grad(), guard.attach(model), pytest.raises(dsg.DSGError, match="without its prefill"):
+            model(input_ids=torch.tensor([before]))
+            model.generate(input_ids=torch.tensor([seqs[0] + seqs[3][:4]]), past_key_values=copy.deepcopy(cache), **kw)
+
+
+def test_a_forward_a_generate_callback_makes_is_judged_on_its_own():
+    """A stopping criterion that runs the guarded model (a scorer, a classifier) makes forwards inside
+    model.generate that are not its steps: each is judged as a prompt of its own, as outside generate (it used to
+    be judged with the generation's prompt length, its later tokens as generated ones), and the session keeps
+    reporting the generation."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, seqs, guard = _split_guard("llama", 3, 2, False, lengths=(4, 20, 18, 22, 19, 21))
+    scored = torch.tensor([seqs[1] + seqs[2]])  # longer than the outer prompt: its tail is past that length
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad(), guard.attach(model) as session:
+        alone = model(input_ids=scored).logits
+        plain = model.generate(input_ids=torch.tensor([seqs[0]]), **kw)
+        plain_gated = session.gated.clone()
+    seen = []
+
+    class Scorer(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            seen.append(model(input_ids=scored).logits)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with torch.no_grad(), guard.attach(model) as session:
+        out = model.generate(
+            input_ids=torch.tensor([seqs[0]]), stopping_criteria=StoppingCriteriaList([Scorer()]), **kw
+        )
+        gated = session.gated.clone()
+    assert not torch.equal(alone, model(input_ids=scored).logits)  # the guardrail does clamp the scored text
+    assert len(seen) == 5 and all(torch.equal(s, alone) for s in seen)
+    assert torch.equal(out, plain) and torch.equal(gated, plain_gated)
+
+
+def test_nested_attachments_at_one_hook_judge_what_one_attachment_of_both_judges():
+    """Two guardrails attached in nested blocks at the same hook judge the same unedited activations, as in one
+    attach() call: nesting order changes nothing (the inner one used to judge what the outer one had clamped)."""
+    model = tiny_model("llama")
+    sae = tiny_sae()
+    ids = random_ids(6, 10, seed=3)
+    a = dsg.Guardrail(sae, features=[0, 1], threshold=0.0, clamp=5.0, name="a")
+    b = dsg.Guardrail(sae, features=[2, 3], threshold=0.1, clamp=5.0, name="b")
+    with torch.no_grad():
+        with dsg.attach(model, a, b) as both:
+            joint, decided = model(ids).logits, both.decisions()
+        for outer, inner in ((a, b), (b, a)):
+            with dsg.attach(model, outer) as s1, dsg.attach(model, inner) as s2:
+                nested = model(ids).logits
+            assert torch.allclose(nested, joint, atol=1e-5)
+            assert torch.equal(
+                torch.cat([s1.decisions(), s2.decisions()], 1), decided[:, [[a, b].index(outer), [a, b].index(inner)]]
+            )
+    with torch.no_grad(), dsg.attach(model, a):
+        only_a = model(ids).logits
+    assert not torch.allclose(only_a, joint, atol=1e-5)  # b does clamp something of its own
+
+
+def test_what_generate_pads_a_finished_row_with_is_not_text_to_the_gate():
+    """In a batch, a row that has ended keeps receiving the pad id with attention 1. With a pad id the model's config
+    does not name (a tokenizer padded with an ordinary token) that padding counted as generated text and could flip
+    the row's decision; the row is decided as when it is generated alone, and dsg's generate ends each completion
+    at its EOS."""
+    model, seqs, guard = _split_guard("llama", 3, 2, True, lengths=(8, 12, 9, 11, 10, 7))
+    first = [s[:7] for s in seqs[:3]]
+
+    def run(rows, pad, eos):
+        with torch.no_grad(), guard.attach(model) as session:
+            ids = torch.tensor(rows)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=eos)  # fmt: skip
+        return session.gated.tolist(), out[:, 7:].tolist()
+
+    eos = run(first[:1], 0, None)[1][0][0]  # row 0 ends at its first token
+    specials = set(dsg.lm.text.special_token_ids(model))
+    flips = 0
+    for pad in range(3, 60):
+        if pad in specials or pad == eos:
+            continue
+        alone = [run([row], pad, eos)[0][0] for row in first]
+        batch, out = run(first, pad, eos)
+        assert out[0][0] == eos and set(out[0][1:]) == {pad}  # finished at once, padded after
+        assert batch == alone, pad
+        flips += sum(guard_row for guard_row in batch)
+    assert flips  # some rows are gated: the comparison could show a flip
+
+
+def test_dsg_generate_ends_each_completion_at_its_eos_whatever_the_pad_token(tiny_llama):
+    """A tokenizer padded with an ordinary token: a finished row's padding used to be decoded into its completion."""
+    import copy
+
+    from dsg.runtime.generation import generate
+
+    model, tok = copy.deepcopy(tiny_llama[0]), copy.deepcopy(tiny_llama[1])
+    tok.pad_token = tok.convert_ids_to_tokens(50)
+    prompts = ["the cat sat", "a dog ran far away over the hill"]
+    ids = torch.tensor([tok(prompts[0])["input_ids"]])
+    with torch.no_grad():  # the first token row 0 generates ends it
+        first = model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1]
+    model.generation_config.eos_token_id = int(first)
+    alone = [generate(model, tok, [p], max_new_tokens=6, chat=False)[0]["completion"] for p in prompts]
+    batch = [r["completion"] for r in generate(model, tok, prompts, max_new_tokens=6, chat=False)]
+    assert alone[0] == "" and batch == alone

@@ -15,7 +15,7 @@ import torch
 from ..errors import DSGError
 from ..guard.guardrail import Guardrail
 from ..lm.models import check_fits_context
-from ..lm.text import pad_batch, pad_id_of, position_ids
+from ..lm.text import pad_batch, pad_id_of, position_ids, special_ids_in
 from .hf import attach
 from .intervention import Intervention, as_intervention
 
@@ -59,6 +59,11 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _until(ids: list[int], ends: set[int]) -> list[int]:
+    """`ids` up to its first id in `ends`."""
+    return next((ids[:i] for i, t in enumerate(ids) if t in ends), ids)
 
 
 @torch.inference_mode()
@@ -124,7 +129,13 @@ def generate(
         gated = session.gated
     else:
         out = model.generate(**kwargs)
-    completions = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    # each completion ends at its first EOS: what generate appends to a finished row is padding, which a tokenizer
+    # padded with an ordinary token would otherwise decode into the text
+    config = getattr(model, "generation_config", None)
+    ends = set(special_ids_in({"eos_token_id": getattr(config, "eos_token_id", None)},
+                              {"eos_token_id": getattr(tokenizer, "eos_token_id", None)}))  # fmt: skip
+    answers = [_until(row, ends) for row in out[:, ids.shape[1] :].tolist()]
+    completions = tokenizer.batch_decode(answers, skip_special_tokens=True)
     return [
         {"prompt": p, "completion": c.strip(), "gated": None if gated is None else bool(gated[i])}
         for i, (p, c) in enumerate(zip(prompts, completions))

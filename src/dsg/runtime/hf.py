@@ -21,7 +21,7 @@ gate, see runtime.intervention.prefix_causal); that continuation is judged as th
 an input ends, so an input can be clamped yet not `gated`).
 
 Guardrails on the same hook point judge the same (unedited) activations and their deltas add up, so each keeps
-its own gate. Tokens that are not clamped are returned bit-for-bit.
+its own gate; so do guardrails attached in nested blocks. Tokens that are not clamped are returned bit-for-bit.
 
 Guardrail state belongs to the call, not to the model: the hooks are installed once per model (and removed when
 the last attachment ends), and each forward applies only the attachments active in the calling thread (or async
@@ -52,7 +52,7 @@ from ..errors import DSGError
 from ..guard import rule
 from ..guard.guardrail import Guardrail
 from ..lm.hooks import HookPoint, check_width, hooked, resolve
-from ..lm.text import real_token_mask, special_token_ids
+from ..lm.text import real_token_mask, special_ids_in, special_token_ids
 from .intervention import RUNTIMES
 
 
@@ -229,6 +229,8 @@ class _Forward:
         self.prompt_piece = False  # a continuation that holds the rest of a prompt (Attachment.fork, prefilling)
         self.prompt_rest = None  # inside model.generate, how many tokens of a prompt whose start a cache holds
         self.owner = None  # the module whose forward this is: the model, or its base model called on its own
+        self.generation = None  # the model.generate call this forward is a step of (None: none, or a callback's)
+        self.padding_from = None  # inside model.generate: the first generated position (see real)
 
     def on_inputs(self, inputs: dict) -> None:
         past = _cache_of(inputs)
@@ -254,6 +256,12 @@ class _Forward:
             # a 4D mask over all of a static cache's slots: the new tokens sit right after the cached ones
             columns = torch.arange(self.past, self.past + T)
         real = real_token_mask(self.ids, self.mask, self.specials, self.shape or (B, T), self.continuation, columns)
+        if self.padding_from is not None and isinstance(self.ids, torch.Tensor) and self.ids.shape == real.shape:
+            # what model.generate appends to a row that has finished (its pad id, which the model's config need not
+            # name: a tokenizer padded with an ordinary token), and the EOS that ends it, are not text
+            padding = torch.isin(self.ids, self.generation.padding.to(self.ids.device))
+            padding[:, : self.padding_from] = False
+            real = real & ~padding
         if real.shape != (B, T):
             raise DSGError(
                 f"A guardrail hook saw activations of shape {(B, T)} for inputs of shape {tuple(real.shape)}."
@@ -422,17 +430,22 @@ class _Attached:
             if states[i] is not None:
                 record.gated_by[i] = states[i].gated
 
-    def begin(self, inputs: dict) -> None:
+    def begin(self, inputs: dict, generation: _Generation | None = None) -> None:
         """A forward starts in this thread or task: read its inputs, find the sequences it judges (a continuation
         continues its cache's; a prompt starts new ones), and whether it continues a prompt (a forked one, or one
-        fed in chunks inside `prefilling`)."""
+        fed in chunks inside `prefilling`). `generation`: the `model.generate` call it is a step of, if any."""
         forward = self.forward
         forward.on_inputs(inputs)
+        forward.generation = generation
         cache = _cache_of(inputs)
         if forward.continuation:
             known = self._sequence_of(cache) if cache is not None else None
             if known is not None:
                 self.local.sequence = known
+            elif cache is not None and _weakly_referenced(cache) and not self.sequence.prompt_next:
+                # a cache this attachment never judged (made by the plain model, or under another attach()): it
+                # does not continue whatever this thread ran last, and is refused in apply for want of a prefill
+                self.local.sequence = _Sequence(len(self.guardrails))
         else:
             self.local.sequence = _Sequence(len(self.guardrails))
         sequence = self.sequence
@@ -440,7 +453,11 @@ class _Attached:
             self._bind(cache, sequence)
         forward.prompt_piece = sequence.prompt_next or self.prefilling_now()
         sequence.prompt_next = False
-        prompt_length = self.session.prompt_length if self.session.prompt_length is not None else _GENERATING.get()
+        prompt_length = self.session.prompt_length
+        if prompt_length is None and generation is not None:
+            prompt_length = generation.length
+        if generation is not None:  # where generated tokens begin, for the padding of finished rows
+            forward.padding_from = 0 if forward.continuation and not forward.prompt_piece else generation.length or None
         if forward.continuation and not forward.prompt_piece and prompt_length and forward.past < prompt_length:
             # model.generate given a cache of the start of its prompt (a reused prompt cache, a new turn appended
             # to a conversation's cache): the rest of the prompt is prompt, judged as if the prompt came whole
@@ -450,6 +467,7 @@ class _Attached:
                                "part was not judged with; generate from the whole prompt without the cache, or use a "
                                "windowed gate.")  # fmt: skip
             forward.prompt_piece, forward.prompt_rest = True, prompt_length - forward.past
+            forward.padding_from = forward.prompt_rest
 
     def end(self, output) -> None:
         """A forward this attachment began has returned: a cache the model made for it continues its sequences."""
@@ -458,14 +476,19 @@ class _Attached:
             self._bind(cache, self.sequence)  # a tuple cache takes no weak reference and is not bound
         self.forward.clear()
 
-    def apply(self, name: str, x_BTD: torch.Tensor) -> torch.Tensor | None:
-        """The guardrails at hook `name` all judge x and add up their deltas: the edited activations, or None when
-        nothing was clamped."""
-        out = None
+    def apply(self, name: str, x_BTD: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The guardrails at hook `name` all judge x and add up their deltas, onto `out` (what attachments before
+        this one made of x) or a copy of x: the edited activations, or `out` when nothing was clamped."""
         B, T = x_BTD.shape[:2]
         session, forward = self.session, self.forward
         real = forward.real(B, T, x_BTD.device)
-        prompt_length = session.prompt_length if session.prompt_length is not None else (_GENERATING.get() or None)
+        generation = forward.generation
+        prompt_length = session.prompt_length
+        if prompt_length is None:
+            prompt_length = (generation.length if generation is not None else 0) or None
+        # a forward a callback of model.generate makes (a stopping criterion, a streamer running the model) is
+        # judged as a prompt of its own, and leaves the session's decisions to the generation
+        aside = generation is None and _GENERATING.get() is not None
         if forward.prompt_rest is not None:  # the rest of a prompt whose start a cache holds
             n_prompt = min(forward.prompt_rest, T)
         elif forward.prompt_piece or not forward.continuation:
@@ -495,7 +518,7 @@ class _Attached:
                     )
                 clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e)
                 self.sequence.last[i] = (prev, a, real, e, n_prompt)  # for a crop of this forward's tokens
-                record = session._decisions(write=True)
+                record = _Decisions([None] * len(self.guardrails)) if aside else session._decisions(write=True)
                 record.gated_by[i] = self.states[i].gated
                 if not forward.continuation:
                     first = clamp_BT.long().argmax(1)
@@ -534,9 +557,60 @@ def _cache_of(inputs: dict):
     return next((inputs[k] for k in ("cache", "past_key_values") if inputs.get(k) is not None), None)
 
 
-_GENERATING: ContextVar[int | None] = ContextVar("dsg_generating", default=None)
-"""The prompt length of the `model.generate` call in progress in this thread or task (0: not known), None outside
-one (see _ModelHooks)."""
+def _weakly_referenced(cache) -> bool:
+    """Whether `cache` can key its gate state (a Cache object can; a legacy tuple cannot)."""
+    try:
+        weakref.ref(cache)
+    except TypeError:
+        return False
+    return True
+
+
+class _Generation:
+    """One `model.generate` call in progress: where its prompt ends, which ids it pads finished rows with, and
+    which forwards are its own steps. A forward that one of its callbacks makes (a stopping criterion or a streamer
+    running the model) is not: it is judged as a prompt of its own. Its own steps are the first forward and those
+    that continue the KV cache the first one was given or made, or, decoding without a cache, those that repeat its
+    prompt's ids."""
+
+    def __init__(self, length: int, padding: Sequence[int]):
+        self.length = length  # the prompt's length (0: not known)
+        self.padding = torch.tensor(sorted(set(padding)), dtype=torch.long)
+        self.first, self.cache, self.ids = True, None, None
+
+    def claims(self, inputs: dict) -> bool:
+        cache, ids = _cache_of(inputs), inputs.get("input_ids")
+        if self.first:
+            self.first, self.cache = False, cache
+            if isinstance(ids, torch.Tensor) and ids.ndim == 2:
+                self.ids = ids[:, : self.length].clone()
+            return True
+        if cache is not None:
+            return cache is self.cache
+        if self.cache is not None:  # it decodes with a cache: a forward without one is a callback's
+            return False
+        if self.ids is None or not isinstance(ids, torch.Tensor):  # from inputs_embeds: nothing to tell them apart
+            return self.ids is None
+        return (ids.ndim == 2 and ids.shape[0] == self.ids.shape[0] and ids.shape[1] > self.length
+                and torch.equal(ids[:, : self.length], self.ids.to(ids.device)))  # fmt: skip
+
+    def made(self, output) -> None:
+        """One of its steps returned: the cache the model made or extended is the one its next steps continue."""
+        cache = _cache_of(output) if isinstance(output, Mapping) else None
+        if cache is not None:
+            self.cache = cache
+
+
+def _padding_ids(model, kwargs: dict) -> list[int]:
+    """The ids `model.generate(**kwargs)` ends a row with and pads it with once finished (its pad and EOS ids)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    named = {k: kwargs[k] if kwargs.get(k) is not None else getattr(config, k, None)
+             for k in ("pad_token_id", "eos_token_id")}  # fmt: skip
+    return special_ids_in(named)
+
+
+_GENERATING: ContextVar[_Generation | None] = ContextVar("dsg_generating", default=None)
+"""The `model.generate` call in progress in this thread or task, None outside one (see _ModelHooks)."""
 
 _GENERATING_UNDER: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_generating_under", default=())
 """The attachments active when the `model.generate` call in progress in this thread or task began."""
@@ -581,6 +655,7 @@ class _ModelHooks:
             inputs = dict(kwargs)
             if args:
                 inputs.setdefault("input_ids", args[0])
+            generation, own = _GENERATING.get(), None
             for att in attached:
                 # the base model inside the model's own forward (given the same input tensor) reads nothing new;
                 # any other forward starts afresh, also after one cut short by KeyboardInterrupt (which skips the
@@ -588,7 +663,9 @@ class _ModelHooks:
                 forward = att.forward
                 nested = module is not self.model and forward.owner is not None and forward.source is _source(inputs)
                 if not nested:
-                    att.begin(inputs)
+                    if own is None:  # decided once per forward, for every attachment
+                        own = generation is not None and generation.claims(inputs)
+                    att.begin(inputs, generation if own else None)
                     att.forward.owner = module
             past = _cache_of(inputs)
             if past is not None:
@@ -597,6 +674,8 @@ class _ModelHooks:
     def on_outputs(self, module, _args, output) -> None:
         for att in self.mine():
             if att.forward.owner is module:
+                if att.forward.generation is not None:
+                    att.forward.generation.made(output)
                 att.end(output)
 
     def follow(self, cache) -> None:
@@ -641,7 +720,8 @@ class _ModelHooks:
             length = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else 0
             with _HOOKS_LOCK:
                 self.users += 1
-            tokens = (_GENERATING.set(length), _GENERATING_UNDER.set(tuple(self.mine())))
+            generation = _Generation(length, _padding_ids(self.model, kwargs))
+            tokens = (_GENERATING.set(generation), _GENERATING_UNDER.set(tuple(self.mine())))
             try:
                 return generate(*args, **kwargs)
             finally:
@@ -657,12 +737,12 @@ class _ModelHooks:
         if point.name not in self.points:
 
             def dispatch(x_BTD: torch.Tensor, name=point.name):
-                # nested attachments act in turn, each on what the ones before it made of the activations
+                # nested attachments judge the same unedited activations, as guardrails in one attach() call do
+                # (each was fitted on the base model), and their deltas add up
                 out = None
                 for att in self.mine():
                     if name in att.by_hook:
-                        edited = att.apply(name, x_BTD if out is None else out)
-                        out = edited if edited is not None else out
+                        out = att.apply(name, x_BTD, out)
                 return out
 
             hook = hooked(self.model, point, dispatch)
