@@ -117,6 +117,19 @@ def ws(tmp_path_factory):
     for name, text in {"guard_utf16": b"\xff\xfe{}", "guard_deep": b"[" * 100_000 + b"]" * 100_000}.items():
         shutil.copytree(root / "guard", root / name)
         (root / name / "guardrail.json").write_bytes(text)
+    weights = load_file(str(root / "model" / "model.safetensors"))
+    early, late = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    for name, edit in {
+        "model_nan": lambda t: t | {early: t[early].index_fill(0, torch.tensor([0]), float("nan"))},
+        "model_missing": lambda t: {k: v for k, v in t.items() if k != late},
+    }.items():
+        shutil.copytree(root / "model", root / name)
+        save_file(edit(dict(weights)), str(root / name / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(root / "model", root / "model_layers")
+    config = json.loads((root / "model_layers" / "config.json").read_text())
+    (root / "model_layers" / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
+    (root / "surrogate.jsonl").write_text(json.dumps(_question(0))[:-1] + ', "note": "\\udc80"}\n')
+    (root / "long_q.jsonl").write_text(json.dumps(_question(0, question="word " * 3000)) + "\n")
     return root
 
 
@@ -221,6 +234,94 @@ CLI_CASES = {
     ),  # fmt: skip
     "inspect a guardrail.json that is not UTF-8": (["inspect", "{ws}/guard_utf16"], "Cannot read .* as JSON"),
     "inspect a guardrail.json nested too deep": (["inspect", "{ws}/guard_deep"], "Cannot read .* as JSON"),
+    "train-sae --out a guardrail's SAE copy": (
+        [
+            "train-sae",
+            "--model",
+            "{ws}/model",
+            "--text",
+            "{ws}/forget.txt",
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--out",
+            "{ws}/guard_topk/sae",
+            "--overwrite",
+        ],
+        "lies inside",
+    ),  # fmt: skip
+    # damaged models
+    "eval a model whose weights hold NaN": (
+        ["eval", "--model", "{ws}/model_nan", "--questions", "{ws}/q.jsonl"],
+        "not a finite number",
+    ),  # fmt: skip
+    "eval a model folder that lacks a tensor": (
+        ["eval", "--model", "{ws}/model_missing", "--questions", "{ws}/q.jsonl"],
+        "lacks weights its config.json needs",
+    ),  # fmt: skip
+    "eval a model whose config names fewer layers": (
+        ["eval", "--model", "{ws}/model_layers", "--questions", "{ws}/q.jsonl"],
+        "has no place for",
+    ),  # fmt: skip
+    "fit on a model whose weights hold NaN": (
+        ["fit", "--model", "{ws}/model_nan", *FIT[3:], "--out", "{ws}/new"],
+        "activations at 'blocks.0.hook_resid_post' hold NaN",
+    ),  # fmt: skip
+    "fit --sae-hook another point than the SAE records": (
+        FIT + ["--sae-hook", "blocks.1.hook_resid_post", "--out", "{ws}/new"],
+        "records its hook point 'blocks.0.hook_resid_post'",
+    ),  # fmt: skip
+    "fit --calibration the forget corpus": (
+        FIT + ["--calibration", "{ws}/forget.txt", "--out", "{ws}/new"],
+        "calibration texts are also forget texts",
+    ),  # fmt: skip
+    "fit --forget-questions past the context": (
+        FIT
+        + [
+            "--gate-window",
+            "4",
+            "--gate-hold",
+            "4",
+            "--gate-prompt-percentile",
+            "100",
+            "--forget-questions",
+            "{ws}/long_q.jsonl",
+            "--out",
+            "{ws}/new",
+        ],
+        "Forget question 0 with its longest choice needs",
+    ),  # fmt: skip
+    "train-sae --text one file twice": (
+        [
+            "train-sae",
+            "--model",
+            "{ws}/model",
+            "--text",
+            "{ws}/forget.txt",
+            "--text",
+            "{ws}/forget.txt",
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--out",
+            "{ws}/new",
+        ],
+        "given twice",
+    ),  # fmt: skip
+    "train-sae at a learning rate that diverges": (
+        [
+            "train-sae",
+            "--model",
+            "{ws}/model",
+            "--text",
+            "{ws}/forget.txt",
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--lr",
+            "1e9",
+            "--out",
+            "{ws}/new",
+        ],
+        "diverged",
+    ),  # fmt: skip
     # numbers
     "fit --clamp nan": (FIT + ["--out", "{ws}/new", "--clamp", "nan"], "clamp must be a finite number"),
     "fit --clamp inf": (FIT + ["--out", "{ws}/new", "--clamp", "inf"], "clamp must be a finite number"),
@@ -310,6 +411,15 @@ CLI_CASES = {
     "eval a line naming a key twice": (EVAL + ["--questions", "{ws}/twice.jsonl"], "names the key 'answer' twice"),
     "eval choices equal but for spaces": (EVAL + ["--questions", "{ws}/near_dup.jsonl"], "repeats a choice"),
     "eval a question holding NUL": (EVAL + ["--questions", "{ws}/nul.jsonl"], "NUL character"),
+    "eval a line escaping half a surrogate pair": (EVAL + ["--questions", "{ws}/surrogate.jsonl"], "surrogate pair"),
+    "eval a --prompt-format that writes the answer": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--prompt-format", "{{question}} ({{answer}})"],
+        "writes the question's answer",
+    ),  # fmt: skip
+    "eval a --prompt-format that reaches into a field": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--prompt-format", "{{question.__class__}}"],
+        "reaches into a field",
+    ),  # fmt: skip
     "eval a broken --prompt-format": (
         EVAL + ["--questions", "{ws}/q.jsonl", "--prompt-format", "{{question"],
         "not a valid format string",
@@ -457,6 +567,14 @@ def _api_cases(ws, model, tok, sae):
             "takes at most 2048",
         ),  # fmt: skip
         "generate text with unpaired surrogates": (lambda: generate(model, tok, ["abc\udcff"]), "not valid text"),
+        "fit on a text with an unpaired surrogate": (
+            lambda: dsg.fit(model, tok, sae, ["abc\udc80 def"] + FORGET, RETAIN),
+            "unpaired surrogate",
+        ),  # fmt: skip
+        "load a guardrail's guardrail.json for its folder": (
+            lambda: dsg.Guardrail.load(ws / "guard" / "guardrail.json"),
+            "give the folder that holds it",
+        ),  # fmt: skip
     }
 
 

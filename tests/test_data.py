@@ -363,8 +363,10 @@ def test_an_export_whose_last_move_fails_puts_every_earlier_folder_back(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["chemistry", "general"]
 
 
-def test_sigterm_during_an_export_exits_143_and_leaves_nothing(tmp_path):
-    """SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: the staging folder is removed, the target never made."""
+@pytest.mark.parametrize("name,code,said", [("SIGTERM", 143, "terminated"), ("SIGHUP", 129, "hung up")])
+def test_a_stop_signal_during_an_export_exits_128_plus_it_and_leaves_nothing(tmp_path, name, code, said):
+    """SIGTERM (a scheduler, `kill`) and SIGHUP (the terminal closed) unwind like Ctrl-C: the staging folder is
+    removed, the target never made."""
     script = (
         "import os, signal, sys\n"
         "from dsg import cli\n"
@@ -372,14 +374,14 @@ def test_sigterm_during_an_export_exits_143_and_leaves_nothing(tmp_path):
         "real = domains._domain_files\n"
         "def terminated(domain, folder):\n"
         "    written = real(domain, folder)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        f"    os.kill(os.getpid(), signal.{name})\n"
         "    return written\n"
         "domains._domain_files = terminated\n"
         "sys.exit(cli.main(['data', 'export', '--domains', 'geography', '--out', sys.argv[1]]))\n"
     )
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True)
-    assert run.returncode == 143, run.stderr
-    assert "dsg data: terminated" in run.stderr
+    assert run.returncode == code, run.stderr
+    assert f"dsg data: {said}" in run.stderr
     assert os.listdir(tmp_path) == []  # no export, no hidden staging folder
 
 

@@ -3,18 +3,21 @@
     dsg demo | compare | fit | eval | generate | inspect | train-sae | data
 
 A wrong file, field or value prints one sentence and exits with status 2; outputs are written atomically, so a
-failed command leaves no partial directory behind. Ctrl-C (status 130) and SIGTERM (143: `kill`, a job
-scheduler, torchrun stopping its workers) unwind the same way, removing the staging folder of a write in progress.
+failed command leaves no partial directory behind. Ctrl-C (status 130), SIGTERM (143: `kill`, a job scheduler,
+torchrun stopping its workers) and SIGHUP (129: the terminal closed) unwind the same way, removing the staging
+folder of a write in progress.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -26,7 +29,7 @@ from .config import add_arguments, from_args
 from .data import available_domains, export, load_domain
 from .errors import DSGError
 from .eval.files import evaluate_files
-from .eval.mcq import read_questions
+from .eval.mcq import check_questions_fit, read_questions
 from .eval.prompt_level import describe as describe_prompt_level
 from .eval.prompt_level import settle_prompt_level
 from .files import check_output_dir, check_output_file, write_text_atomic
@@ -63,6 +66,9 @@ def _guardrails(paths, model, verify: bool):
 OVERWRITE_HELP = "Replace the output folder if it already holds what this command writes (never anything else)."
 
 
+FEW_CALIBRATION_SEQUENCES = 20  # fewer, and the gate's percentile is a handful of texts' largest value
+
+
 def cmd_fit(args) -> int:
     config = from_args(FitConfig, args)
     inputs = (args.sae, args.forget, args.retain, args.calibration, args.forget_questions, args.model)
@@ -74,6 +80,8 @@ def cmd_fit(args) -> int:
     held_out = read_questions(args.forget_questions) if args.forget_questions else None
     sae = SAE.load(args.sae, hook_name=args.sae_hook)
     model, tokenizer = _model(args)
+    if held_out:  # refused now, not after the fit's passes
+        check_questions_fit(model, tokenizer, held_out, "Forget question")
     with sharded() as world:  # under torchrun: each process runs its share of the batches
         guard = fit(model, tokenizer, sae, forget, retain, calibration, config, name=args.name,
                     progress=world.main)  # fmt: skip
@@ -81,6 +89,11 @@ def cmd_fit(args) -> int:
         check = settle_prompt_level(model, tokenizer, guard, held_out, progress=True) if held_out else None
         guard.save(args.out)
         print(f"Fitted {guard!r}" + (f" on {world.size} processes" if world.size > 1 else ""))
+        calibrated_on = guard.info.get("data", {}).get("calibration", {}).get("sequences")
+        if guard.gated and isinstance(calibrated_on, int) and calibrated_on < FEW_CALIBRATION_SEQUENCES:
+            print(f"dsg fit: the gate's threshold is a percentile of only {calibrated_on} calibration sequence(s); "
+                  "give more benign text (--calibration, or a larger retain corpus) for a threshold that holds on "
+                  "text it has not seen.", file=sys.stderr)  # fmt: skip
         if len(guard.features) < config.n_features:
             print(f"dsg fit: only {len(guard.features)} latents fire on the forget corpus and pass the selection "
                   f"filters; the guardrail clamps those, not {config.n_features}.", file=sys.stderr)  # fmt: skip
@@ -102,7 +115,11 @@ def add_fit(sub) -> None:
     )
     p.add_argument("--model", required=True, help="HF model folder, or an embedded name such as smollm2-135m.")
     p.add_argument("--sae", required=True, help="SAE folder (SAELens or sparsify) or Gemma Scope params.npz.")
-    p.add_argument("--sae-hook", default=None, help="Hook point for SAE files that do not record one (params.npz).")
+    p.add_argument(
+        "--sae-hook",
+        default=None,
+        help="Hook point for SAE files that do not record one (params.npz); an SAE that records another is refused.",
+    )
     p.add_argument("--forget", required=True, help="Forget corpus: .txt (blank-line-separated) or .jsonl with 'text'.")
     p.add_argument("--retain", required=True, help="Retain corpus, same formats.")
     p.add_argument("--calibration", default=None, help="Texts to calibrate the gate on (default: the retain corpus).")
@@ -255,6 +272,10 @@ def cmd_train_sae(args) -> int:
     if args.text and args.domains is not None:
         raise DSGError("Give the training text as --text files or as --domains, not both.")
     if args.text:
+        twice = next((p for i, p in enumerate(args.text) if Path(p).resolve() in
+                      {Path(q).resolve() for q in args.text[:i]}), None)  # fmt: skip
+        if twice is not None:
+            raise DSGError(f"--text {twice!r} is given twice; the SAE would train on its texts twice as often.")
         texts = [t for path in args.text for t in read_corpus(path)]
     else:
         names = _domain_names(args.domains) or _domain_names(TRAIN_DOMAINS)
@@ -432,11 +453,20 @@ def _print_error(command: str, text: str) -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the main thread is so that `finally` blocks and atomic writes unwind as for Ctrl-C."""
+    """SIGTERM or SIGHUP, raised where the main thread is so that `finally` blocks and atomic writes unwind as for
+    Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise Terminated
+    raise Terminated(signum)
+
+
+# kill and job schedulers send SIGTERM; closing the terminal (or an ssh session) sends SIGHUP
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    previous = {s: signal.signal(s, _terminate) for s in STOP_SIGNALS} if on_main_thread else {}
     try:
         if launched():
             if args.command not in SHARDED_COMMANDS:
@@ -463,13 +493,14 @@ def main(argv: list[str] | None = None) -> int:
         _close_bars()
         print(f"dsg {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
+    except Terminated as e:
         _close_bars()
-        print(f"dsg {args.command}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(f"dsg {args.command}: {'hung up' if e.signum != signal.SIGTERM else 'terminated'}", file=sys.stderr)
+        return 128 + e.signum
     finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
         shutdown()  # under torchrun: leave the process group before the interpreter tears gloo down
 
 

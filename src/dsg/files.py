@@ -65,7 +65,26 @@ def jsonl_records(text: str, path: str | os.PathLike) -> Iterator[tuple[int, Any
         except DuplicateKey as e:
             raise DSGError(f"{str(path)!r} line {lineno} names the key {str(e)!r} twice; JSON keeps only the last "
                            "value, so the line is ambiguous.") from None  # fmt: skip
+        if "\\u" in line and not is_text(value):  # only a \u escape can name half a surrogate pair
+            raise DSGError(f"{str(path)!r} line {lineno} escapes half of a UTF-16 surrogate pair (such as \\udc80) "
+                           "with no other half: that is not text.")  # fmt: skip
         yield lineno, value
+
+
+def is_text(value: Any) -> bool:
+    """Whether every string in `value` (a string, or JSON lists and objects of them) is text that can be encoded:
+    no unpaired surrogates, which a JSON escape or bytes that are not UTF-8 can put in a Python string."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(is_text(k) and is_text(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(is_text(v) for v in value)
+    return True
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -100,6 +119,10 @@ def read_artifact_json(folder: str | os.PathLike, name: str, fmt: str, version: 
     """The JSON header of a dsg artifact folder, checked for its format tag and a version this dsg can read."""
     folder = Path(folder)
     if not (folder / name).is_file():
+        if folder.name == name and folder.is_file():
+            raise DSGError(
+                f"{str(folder)!r} is a {what}'s {name}; give the folder that holds it, {str(folder.parent)!r}."
+            )
         raise DSGError(f"{str(folder)!r} is not a {what} directory: it has no {name}.")
     meta = read_json(folder / name)
     if meta.get("format") != fmt:
@@ -343,6 +366,10 @@ def check_output_dir(
     if path.exists() and not path.is_dir():
         raise DSGError(f"Output path {str(path)!r} exists and is not a directory.")
     _refuse_inputs(path, inputs)
+    inside = next((p for p in path.absolute().parents if any(ARTIFACTS[k](p) for k in ("guardrail", "demo"))), None)
+    if inside is not None:  # a guardrail's SAE copy, a demo's guardrail: part of a result that must stay whole
+        raise DSGError(f"Output path {str(path)!r} lies inside {str(inside)!r}, which dsg wrote as one result; "
+                       "writing there would change it. Choose a path outside it.")  # fmt: skip
     if path.is_dir() and not _is_empty_dir(path):
         if not ARTIFACTS[kind](path):
             raise DSGError(
@@ -436,7 +463,7 @@ class atomic_directory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        try:  # Ctrl-C or SIGTERM (cli.Terminated) may land here too: the staging folder goes either way
+        try:  # Ctrl-C, SIGTERM or SIGHUP (cli.Terminated) may land here too: the staging folder goes either way
             self._publishable()
             self._move_into_place()
         except BaseException:

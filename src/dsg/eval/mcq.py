@@ -57,7 +57,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ..errors import DSGError
-from ..files import jsonl_records, read_user_text
+from ..files import is_text, jsonl_records, read_user_text
 from ..lm.hooks import stopped_after
 from ..lm.models import check_fits_context, context_length, evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
@@ -114,6 +114,9 @@ def check_question(q: Any, where: str = "question") -> dict:
         raise DSGError(f"{where} has {len(choices)} choices; at most {len(LETTERS)} are supported.")
     if any("\x00" in t for t in [q["question"], *choices]):
         raise DSGError(f"{where} holds a NUL character; it looks like binary data, not text.")
+    if not is_text([q["question"], *choices]):
+        raise DSGError(f"{where} holds an unpaired surrogate (bytes that are not UTF-8, or half of an escaped pair): "
+                       "it is not text a tokenizer can read.")  # fmt: skip
     if len({c.strip() for c in choices}) != len(choices):  # "Paris" and "Paris ": the same answer
         raise DSGError(
             f"{where} repeats a choice in 'choices'; identical choices score alike and make the answer ambiguous."
@@ -146,6 +149,19 @@ def choice_orderings(n: int) -> list[tuple[int, ...]]:
 
 
 def _fill(template: str, q: dict, what: str) -> str:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise DSGError(
+            f"The {what} {template!r} is not a valid format string ({e}); write fields as {{question}}."
+        ) from None
+    for field in fields:
+        if field == "answer":
+            raise DSGError(f"The {what} {template!r} writes the question's answer into its prompt; scores would read "
+                           "the label.")  # fmt: skip
+        if any(c in field for c in ".[") or field.isdigit():
+            raise DSGError(f"The {what} {template!r} reaches into a field ({{{field}}}); write whole fields by name, "
+                           "such as {question}.")  # fmt: skip
     try:
         return template.format(**q)
     except (KeyError, IndexError) as e:
@@ -424,7 +440,18 @@ def _loglikelihoods(
             for (b, k), s in zip(pairs, sums):
                 scores[rows[b]][k] += s
             del out
+            _check_finite([scores[i] for i in rows], rows)
     return scores, gated, skipped
+
+
+def _check_finite(scores: Sequence[Sequence[float]], rows: Sequence[int]) -> None:
+    """Refuse log-probabilities that are NaN or infinite: every choice would tie at -inf (or compare as NaN), the
+    first would win, and a model whose weights hold NaN would score every question whose answer is A correct."""
+    for i, row in zip(rows, scores):
+        if not all(math.isfinite(s) for s in row):
+            raise DSGError(f"The model gave question {i} a log-probability that is not a finite number: its weights "
+                           "or activations hold NaN or infinite values (a damaged model folder, or a clamp too large "
+                           "for its dtype).")  # fmt: skip
 
 
 def score_mcq(
@@ -506,6 +533,14 @@ def positions_needed(request) -> int:
     """How many positions scoring a request reads: its prompt and longest candidate (whose last token is scored,
     never fed)."""
     return len(request.prompt) + max(len(c) for c in request.candidates) - 1
+
+
+def check_questions_fit(model, tokenizer, questions, what: str = "Question") -> None:
+    """Refuse, before any forward, a question that scored in likelihood mode as written would not fit the model's
+    context (what score_mcq refuses when it comes to score it)."""
+    for i, q in enumerate(questions):
+        r = _request(model, tokenizer, check_question(q, f"{what.lower()} {i}"), "likelihood", "{question}", "", False)
+        check_fits_context(model, positions_needed(r[0]), f"{what} {i} with its longest choice")
 
 
 def fits_context(model, tokenizer, questions) -> bool:

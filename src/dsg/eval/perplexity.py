@@ -97,6 +97,10 @@ def perplexity_stats(
                 lp_BT = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
                 target = mask[:, 1:].bool()
                 sums.append((-float(lp_BT[target].double().sum()), int(target.sum())))
+                if not math.isfinite(sums[-1][0]):
+                    raise DSGError(f"The model gave a text window of batch {b} a log-probability that is not a finite "
+                                   "number: its weights or activations hold NaN or infinite values (a damaged model "
+                                   "folder, or a clamp too large for its dtype).")  # fmt: skip
             nll, n_tokens = nll + sums[-1][0], n_tokens + sums[-1][1]
     mean = nll / n_tokens
     rate = n_gated / len(windows) if n_gated is not None else None

@@ -24,6 +24,7 @@ import torch
 
 from ..config import check_choice, check_types
 from ..errors import DSGError
+from ..files import is_text
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, resolve
 from ..lm.models import check_sequences_fit, context_length
@@ -251,6 +252,10 @@ def _checked_texts(label: str, texts) -> None:
         raise DSGError(f"The {label} corpus must hold strings; item {bad} is a {type(texts[bad]).__name__}.")
     if not any(t.strip() for t in texts):
         raise DSGError(f"The {label} corpus is empty.")
+    bad = next((i for i, t in enumerate(texts) if not is_text(t)), None)
+    if bad is not None:
+        raise DSGError(f"The {label} corpus's item {bad} holds an unpaired surrogate (bytes that are not UTF-8, or "
+                       "half of an escaped pair): it is not text a tokenizer can read.")  # fmt: skip
 
 
 def _checked_hook(model, sae, config: FitConfig):
@@ -352,6 +357,7 @@ def fit(
     calib_seqs = None
     if calibration is not None:
         _checked_texts("calibration", calibration)
+        _check_calibration_benign(calibration, forget)
         calib_seqs = _sequences(tokenizer, calibration, config, 3)
         check_sequences_fit(model, calib_seqs, config.max_length)  # before the statistics pass, not after it
     if stats is not None and stats.measured is not None:
@@ -403,6 +409,17 @@ def fit(
                      hold=config.gate_hold, latch=latch, prompt_level=prompt_level, detector=detector,
                      detector_floor=floor, name=name,
                      info=info, tensors=tensors)  # fmt: skip
+
+
+def _check_calibration_benign(calibration: Sequence[str], forget: Sequence[str]) -> None:
+    """Calibration is benign traffic: the gate's levels are read from it, so a forget text there (the forget corpus
+    passed again, or part of it) lifts them to where forget text itself no longer opens the gate."""
+    seen = {" ".join(t.split()) for t in forget}
+    shared = [i for i, t in enumerate(calibration) if " ".join(t.split()) in seen]  # whitespace aside
+    if shared:
+        raise DSGError(f"{len(shared)} of {len(calibration)} calibration texts are also forget texts (the first: "
+                       f"calibration text {shared[0]}). Calibration must be benign traffic: the gate's threshold is "
+                       "read from it, and forget text there lifts it above what forget text reaches.")  # fmt: skip
 
 
 def _real_token_counts(model, sequences) -> torch.Tensor:

@@ -132,6 +132,9 @@ def collect_stats(
             raise DSGError(f"Hook point {hook!r} gives activations of width {x_BTD.shape[-1]}, but the SAE reads width "
                            f"{sae.d_in}; hook a residual-stream point such as 'blocks.L.hook_resid_post'.")  # fmt: skip
         x_ND = x_BTD[real]
+        if not bool(torch.isfinite(x_ND).all()):
+            raise DSGError(f"The model's activations at {hook!r} hold NaN or infinite values (batch {i}): its weights "
+                           "are damaged, or its dtype overflows on these texts.")  # fmt: skip
         part = LatentSums.zeros(sae.d_sae, x_ND.device)
         if sparse is not None:
             values, ids = sparse(x_ND)

@@ -20,6 +20,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,11 +140,14 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
 def _load_folder(path: Path, dtype: torch.dtype):
     try:
         # custom model code in a folder is never run (and never asked about on the terminal)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=False, **_dtype_kwargs(dtype)
-        )
+        with _load_report_silenced():  # what it reports on a mismatch, _check_loaded_whole refuses in one line
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False, output_loading_info=True,
+                **_dtype_kwargs(dtype),
+            )  # fmt: skip
     except Exception as e:  # transformers and safetensors raise many types for unreadable folders
         raise DSGError(f"Cannot load a causal language model from {str(path)!r}: {_first_line(e)}") from None
+    _check_loaded_whole(path, info)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:
@@ -157,6 +161,36 @@ def _load_folder(path: Path, dtype: torch.dtype):
     if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@contextmanager
+def _load_report_silenced() -> Iterator[None]:
+    """transformers' warnings off while a model loads (its table of missing weights advises training them)."""
+    with _LOAD_REPORT_LOCK:  # loads in several threads restore the level they all found
+        level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            transformers.logging.set_verbosity(level)
+
+
+_LOAD_REPORT_LOCK = threading.RLock()
+
+
+def _check_loaded_whole(path: Path, info: dict) -> None:
+    """Refuse a folder whose weights and config.json disagree: transformers fills a tensor the weights lack with
+    random values (a different model on every load) and drops one the config has no place for, with a warning."""
+    for key, what in (("missing_keys", "lacks weights its config.json needs"),
+                      ("unexpected_keys", "holds weights its config.json has no place for"),
+                      ("mismatched_keys", "holds weights of other shapes than its config.json says")):  # fmt: skip
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise DSGError(f"Model folder {str(path)!r} {what} ({names[0]!r}{more}): its weights or its config.json "
+                           "were edited or cut short; restore the folder as saved.")  # fmt: skip
+    if info.get("error_msgs"):
+        raise DSGError(f"Cannot load a causal language model from {str(path)!r}: {info['error_msgs'][0]}")
 
 
 def _first_line(e: Exception) -> str:

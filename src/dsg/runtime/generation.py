@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import DSGError
+from ..files import is_text
 from ..guard.guardrail import Guardrail
 from ..lm.models import check_fits_context
 from ..lm.text import pad_batch, pad_id_of, position_ids, special_ids_in
@@ -52,15 +53,6 @@ def reference_generate(
     return ids[:, prompt_length:], gated
 
 
-def _is_unicode(text: str) -> bool:
-    """Whether `text` is encodable text (no unpaired surrogates, which Python makes of bytes that are not UTF-8)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _until(ids: list[int], ends: set[int]) -> list[int]:
     """`ids` up to its first id in `ends`."""
     return next((ids[:i] for i, t in enumerate(ids) if t in ends), ids)
@@ -87,7 +79,7 @@ def generate(
         raise DSGError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise DSGError("prompts must be a non-empty list of strings.")
-    broken = next((i for i, p in enumerate(prompts) if not _is_unicode(p)), None)
+    broken = next((i for i, p in enumerate(prompts) if not is_text(p)), None)
     if broken is not None:
         raise DSGError(f"Prompt {broken} is not valid text: it holds unpaired surrogates (bytes that are not UTF-8, "
                        "as in a command-line argument with invalid bytes).")  # fmt: skip

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import DSGError
-from ..files import atomic_directory, write_json
+from ..files import atomic_directory, is_text, write_json
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import HookPoint, forward_to_hook, hidden_size, hooked, resolve
 from ..lm.models import check_sequences_fit
@@ -336,7 +336,11 @@ class _Trainer:
             self.W_dec_FD /= self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-8)
         self.tokens_since_fired_F += x_BD.shape[0]
         self.tokens_since_fired_F[fired_F] = 0
-        return {"loss": loss.item(), "fvu": fvu.item(), "penalty": penalty.item(), "l0": l0}
+        out = {"loss": loss.item(), "fvu": fvu.item(), "penalty": penalty.item(), "l0": l0}
+        if not math.isfinite(out["loss"]) or not bool(torch.isfinite(self.W_enc_FD).all()):
+            raise DSGError(f"SAE training diverged (the loss or the weights became NaN or infinite at learning rate "
+                           f"{lr:g}); lower --lr (now {c.lr:g}).")  # fmt: skip
+        return out
 
     def _topk_losses(self, x_BD: torch.Tensor, total_variance: torch.Tensor):
         c = self.cfg
@@ -541,6 +545,10 @@ def train_sae(
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise DSGError("Training an SAE needs at least one non-empty text, and none was given.")
+    bad = next((i for i, t in enumerate(texts) if not is_text(t)), None)
+    if bad is not None:
+        raise DSGError(f"Training text {bad} holds an unpaired surrogate (bytes that are not UTF-8, or half of an "
+                       "escaped pair): it is not text a tokenizer can read.")  # fmt: skip
     check_sequences_fit(model, tokenize(tokenizer, texts, cfg.max_length), cfg.max_length)  # before any forward
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)

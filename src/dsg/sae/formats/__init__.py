@@ -36,6 +36,17 @@ class SAEFormat(Protocol):
 FORMATS: Registry[type[SAEFormat]] = Registry("SAE file format")
 
 
+def recorded_hook(recorded, given: str | None, where: Path):
+    """The hook point an SAE file records, after checking that a name the caller gives for it (`--sae-hook`, for
+    files that record none) is not another one: an SAE read at another point than it was trained at encodes
+    nothing it learnt, and the guardrail would record the caller's name as the SAE's own."""
+    if recorded is not None and given is not None and given != recorded:
+        raise DSGError(f"{str(where)!r} records its hook point {recorded!r}, not {given!r} (--sae-hook, hook_name, "
+                       "is for SAE files that record none). To read the SAE under another name for the same point "
+                       "of the model, pass that name as --hook.")  # fmt: skip
+    return recorded
+
+
 def read_sae(path: str | os.PathLike, hook_name: str | None = None, format: str | None = None) -> SAE:
     path = Path(path)
     if not path.exists():

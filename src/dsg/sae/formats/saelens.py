@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from ...errors import DSGError
 from ...files import read_json, read_safetensors, write_json
 from ..base import ARCHITECTURES, SAE
-from . import FORMATS, check_dims, config_int
+from . import FORMATS, check_dims, config_int, recorded_hook
 
 WEIGHTS = "sae_weights.safetensors"
 
@@ -30,6 +30,7 @@ class SAELens:
         cfg = read_json(cfg_path)
         meta = cfg.get("metadata") or {}
         hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+        recorded_hook(hook, hook_name, cfg_path)
         arch, k = cfg.get("architecture", "standard"), config_int(cfg, "k", cfg_path)
         act_fn = cfg.get("activation_fn_str") or cfg.get("activation_fn")
         if act_fn == "topk":
@@ -40,6 +41,9 @@ class SAELens:
             k = k or config_int(kwargs, "k", cfg_path, "activation_fn_kwargs.")
         if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
             raise DSGError(f"{str(cfg_path)!r}: rescale_acts_by_decoder_norm=true TopK SAEs are not supported.")
+        if cfg.get("finetuning_scaling_factor"):
+            raise DSGError(f"{str(cfg_path)!r}: finetuning_scaling_factor=true SAEs (codes scaled by a fine-tuned "
+                           "factor) are not supported.")  # fmt: skip
         norm = cfg.get("normalize_activations", "none") or "none"
         if norm != "none":
             raise DSGError(f"{str(cfg_path)!r}: normalize_activations={norm!r} is not supported; expected 'none'.")

@@ -8,7 +8,7 @@ from pathlib import Path
 from ...errors import DSGError
 from ...files import read_json, read_safetensors
 from ..base import SAE
-from . import FORMATS, check_dims, config_int
+from . import FORMATS, check_dims, config_int, recorded_hook
 
 WEIGHTS = "sae.safetensors"
 
@@ -43,7 +43,7 @@ class Sparsify:
             architecture="topk",
             k=k,
             apply_b_dec_to_input=True,
-            hook_name=cfg.get("hookpoint") or path.name,
+            hook_name=recorded_hook(cfg.get("hookpoint"), hook_name, cfg_path) or path.name,
         )
         if num_latents and num_latents != sae.d_sae:
             raise DSGError(f"{str(cfg_path)!r} says num_latents={num_latents} but the weights have {sae.d_sae}.")
