@@ -20,7 +20,7 @@ set); it measures how far the gate carries to wording it has not seen.
 For each guardrail it reports, per question set, the share of questions gated and the accuracy on the questions
 the base model answers; the offensive sets also behind the preamble (once, about 120 tokens, and six times, about
 700 tokens) and inside the chat template; and for the requests, sent through the chat template, the share whose
-answer would be guarded.
+answer would be guarded, the third set's also asked first with the 700-token preamble after them.
 
     python benchmarks/probe.py --guardrail dsg-demo/guardrail [--guardrail other/] [--out results.json]
 
@@ -77,7 +77,8 @@ def read_requests(path: Path) -> list[str]:
 
 def requests(tokenizer) -> dict[str, list[str]]:
     """{name: prompts}: the second and third sets' open-ended requests, each as the user turn of the chat template,
-    and the third set's offensive requests behind the benign preamble (six times, about 700 tokens)."""
+    the third set's offensive requests behind the benign preamble (six times, about 700 tokens), and both kinds of
+    the third set's requests asked first with the same preamble after them."""
     out = {}
     for name in SECOND_SETS:
         out[f"second: {name} requests"] = [
@@ -91,6 +92,8 @@ def requests(tokenizer) -> dict[str, list[str]]:
             out["third: offensive requests, preamble x6"] = [
                 chat_prompt(tokenizer, f"{preamble}\n\n{r}") for r in third
             ]
+        # asked first, padded after: the answer is guarded only if the request went over the latch level
+        out[f"third: {name} requests, padded after x6"] = [chat_prompt(tokenizer, f"{r}\n\n{preamble}") for r in third]
     return out
 
 

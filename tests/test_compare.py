@@ -337,6 +337,24 @@ def test_a_changed_bench_is_a_new_run(compared, tmp_path):
     assert config_key("dsg", {}, other.context()) != config_key("dsg", {}, bench.context())
 
 
+def test_a_bench_with_another_tokenizer_is_a_new_run(compared):
+    """Every score depends on the tokenizer as on the weights: the same weights with a tokenizer that adds no BOS
+    (or another chat template) must not read back the runs stored under the first."""
+    import copy
+
+    from tiny import bpe_tokenizer
+
+    config, bench, methods, result, out = compared
+    nobos = dataclasses.replace(bench, tokenizer=bpe_tokenizer(add_bos=False), _context=None, _stats=None)
+    assert config_key("dsg", {}, nobos.context()) != config_key("dsg", {}, bench.context())
+    templated = copy.deepcopy(bench.tokenizer)
+    templated.chat_template = "{{ messages[0]['content'] }}"
+    other = dataclasses.replace(bench, tokenizer=templated, _context=None, _stats=None)
+    assert config_key("dsg", {}, other.context()) != config_key("dsg", {}, bench.context())
+    same = dataclasses.replace(bench, tokenizer=copy.deepcopy(bench.tokenizer), _context=None, _stats=None)
+    assert config_key("dsg", {}, same.context()) == config_key("dsg", {}, bench.context())
+
+
 def test_stored_generations_are_not_reused_at_another_length(compared):
     config, bench, methods, result, out = compared
     longer = dataclasses.replace(bench, generation_tokens=bench.generation_tokens + 1, _context=None, _stats=None)
@@ -421,6 +439,9 @@ def test_a_grid_file_replaces_built_in_grids_and_refuses_unknown_settings(tmp_pa
         ({"rmu": [{"steps": 2.5}]}, "steps must be an integer, got 2.5"),
         # a trained method's seed is the run's --seed: an entry that set one would be run and reported under another
         ({"npo": [{"lr": 1e-4, "seed": 5}]}, "seed is the run's"),
+        # the statistics every DSG-style configuration reads are measured once, with the comparison's settings
+        ({"dsg_paper": [{"n_features": 4, "max_length": 16}]}, "sets 'max_length', which is the comparison's own"),
+        ({"dsg": [{"seed": 3}]}, "sets 'seed', which is the comparison's own"),
     ):
         path.write_text(json.dumps(bad))
         with pytest.raises(DSGError, match=word):
@@ -613,6 +634,46 @@ def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts
     assert together[: len(requests)] == pytest.approx(alone, abs=1e-5)
     gated = [bool(d.any()) for d in lm._decisions.values()]
     assert any(gated) and not all(gated), "the test needs contexts on both sides of the gate"
+
+
+def test_the_registered_lm_eval_model_reads_a_perplexity_text_whole_under_its_guardrails(tmp_path):
+    """loglikelihood_rolling (lm-eval's perplexity tasks): a rolling request's context is only the token before the
+    text, so holding the context's decision, as for questions, left every text unclamped; each text is read
+    whole, every token judged as prompt, and scores what a guarded forward over the same tokens gives."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    import dsg
+    from dsg.runtime.lm_eval import DSGLM
+
+    from tiny import bpe_tokenizer, sparse_sae, tiny_model
+
+    tok = bpe_tokenizer(add_bos=True)
+    model = tiny_model("llama", seed=0, vocab=len(tok))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    forget, retain = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
+    sae = sparse_sae(model, tok, forget + retain, rate=0.1)
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
+    guard = dsg.fit(model, tok, sae, forget, retain, config=config, progress=False)
+    guard.save(tmp_path / "guard")
+    texts = FORGET_TEXTS + RETAIN_TEXTS
+    instances = [Instance("loglikelihood_rolling", {}, arguments=(t,), idx=i) for i, t in enumerate(texts)]
+    scores = {}
+    for name, extra in (("guarded", {"guardrail": str(tmp_path / "guard")}), ("plain", {})):
+        lm = DSGLM(pretrained=str(tmp_path / "model"), batch_size=4, device="cpu", **extra)
+        scores[name] = lm.loglikelihood_rolling(instances, disable_tqdm=True)
+    direct, gated = [], []
+    for t in texts:
+        ids = torch.tensor([[lm.prefix_token_id] + lm.tok_encode(t)])  # the tokens lm-eval scores
+        with torch.no_grad(), dsg.attach(model, guard) as session:
+            lp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            gated.append(bool(session.clamped[0]))
+        direct.append(float(lp.gather(-1, ids[0, 1:, None]).sum()))
+    assert any(gated) and not all(gated), "the test needs texts on both sides of the gate"
+    assert scores["guarded"] == pytest.approx(direct, abs=1e-4)
+    changed = [abs(g - p) > 1e-4 for g, p in zip(scores["guarded"], scores["plain"])]
+    assert changed == gated
 
 
 def test_the_shipped_dsg_settles_its_prompt_level_on_the_forget_validation_questions(tiny_llama, tmp_path):

@@ -420,6 +420,13 @@ def test_evaluate_files_summary(tmp_path, llama, tok, guard):
     assert bio["accuracy"] == accuracy(direct) and bio["gate_rate"] == gate_rate(direct)
     assert bio["base_accuracy"] == accuracy(base)
     assert bio["base_correct"]["indices"] == [r.index for r in base if r.correct]
+    # the length-normalised subset and accuracy, as dsg demo and dsg compare report them
+    norm = [r.index for r in base if r.correct_norm]
+    assert bio["base_correct_norm"]["indices"] == norm and bio["base_correct_norm"]["n"] == len(norm)
+    kept = [direct[i].correct_norm for i in norm]
+    assert bio["base_correct_norm"]["accuracy"] == (sum(kept) / len(kept) if kept else None)
+    pooled = [t["base_correct_norm"] for t in out["tasks"].values()]
+    assert out["all"]["base_correct_norm"]["n"] == sum(t["n"] for t in pooled)
     given = evaluate_files(llama, tok, files[:1], base_subsets={"bio": [0, 1]}, progress=False)
     assert given["tasks"]["bio"]["base_correct"]["n"] == 2 and given["tasks"]["bio"]["gate_rate"] is None
     for bad, words in (({"bio": [0.9]}, "question indices"), ({"bio": [True]}, "question indices"),

@@ -26,7 +26,7 @@ from ..errors import DSGError
 from ..eval.mcq import read_questions
 from ..eval.prompt_level import settle_prompt_level
 from ..guard.fit import CorpusStats, FitConfig, corpus_sha256, measure
-from ..lm.fingerprint import whole_model_fingerprint
+from ..lm.fingerprint import tokenizer_digest, whole_model_fingerprint
 from ..lm.hooks import resolve
 from ..lm.models import load_model
 from ..lm.text import read_corpus
@@ -328,6 +328,7 @@ class Bench:
             }
             self._context = {
                 "model": whole_model_fingerprint(self.model)["weights_sha256"],
+                "tokenizer": tokenizer_digest(self.tokenizer),
                 "sae": self.sae.sha256(),
                 "hook": self.hook,
                 "forget": corpus_sha256(self.forget_texts),

@@ -145,6 +145,9 @@ class CompareConfig(BenchSetting):
         )
 
 
+BENCH_FIT_SETTINGS = {"hook", "max_length", "max_sequences", "seed"}  # the statistics pass's: guard.fit._measured
+
+
 def read_grid(path: str, names: Sequence[str]) -> dict[str, list[dict]]:
     """{method: grid entries} from the JSON file `path`, each entry checked against the method's settings."""
     data = read_json(path)
@@ -157,6 +160,11 @@ def read_grid(path: str, names: Sequence[str]) -> dict[str, list[dict]]:
         method = METHODS[name]
         allowed = method.grid_fields()
         for c in configs:
+            shared = sorted(set(c) & BENCH_FIT_SETTINGS) if method.config_class is FitConfig else []
+            if shared:  # every configuration's statistics are measured once, with the bench's settings
+                raise DSGError(f"{path!r}: {name} sets {shared[0]!r}, which is the comparison's own (every "
+                               "configuration reads the latent statistics measured once with it); leave it out of "
+                               "the grid.")  # fmt: skip
             bad = sorted(set(c) - allowed)
             if bad:
                 raise DSGError(f"{path!r}: {name} has no setting {bad[0]!r}; allowed: {', '.join(sorted(allowed))}.")

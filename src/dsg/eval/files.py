@@ -45,7 +45,9 @@ def evaluate_files(
 
     Per task: n, accuracy (and accuracy_norm in likelihood mode), gate_rate (None without a gated intervention).
     With base_correct=True the base model is scored too (base_accuracy) and its correctly answered questions
-    (under every ordering with permutations=True) form the base-correct subset; `base_subsets` gives such subsets
+    (under every ordering with permutations=True) form the base-correct subset, scored by summed log-probability
+    (lm-eval's acc); in likelihood mode without permutations, base_correct_norm is the same by length-normalised
+    log-probability (acc_norm, what dsg demo and dsg compare report); `base_subsets` gives such subsets
     instead, by task name (e.g. cached from an earlier run). On the subset: its size, the accuracy and gate rate
     there. details=True adds every question's result.
     """
@@ -60,7 +62,8 @@ def evaluate_files(
         intervention.check_model(model)
     options = {"mode": mode, "verify": False, **score_options}
 
-    tasks, pooled = {}, {"n": 0, "correct": 0, "gated": 0, "subset_n": 0, "subset_correct": 0}
+    tasks, pooled = {}, {"n": 0, "correct": 0, "gated": 0, "subset_n": 0, "subset_correct": 0, "norm_n": 0,
+                         "norm_correct": 0}  # fmt: skip
     for name, path in zip(names, paths):
         questions = read_questions(path)
         given = base_subsets is not None and name in base_subsets
@@ -79,6 +82,11 @@ def evaluate_files(
         tasks[name] = _task_entry(path, results, subset, source, permutations, mode, details)
         if source == "computed":
             tasks[name]["base_accuracy"] = accuracy(base)
+            if mode == "likelihood" and not permutations:  # what dsg demo and dsg compare report
+                norm_subset = [i for i, r in enumerate(base) if r.correct_norm]
+                tasks[name]["base_correct_norm"] = _norm_entry(results, norm_subset)
+                pooled["norm_n"] += len(norm_subset)
+                pooled["norm_correct"] += sum(results[i].correct_norm for i in norm_subset)
         correct = [r.correct for r in results]
         pooled["n"] += len(results)
         pooled["correct"] += sum(correct)
@@ -98,6 +106,11 @@ def evaluate_files(
             "n": pooled["subset_n"],
             "accuracy": pooled["subset_correct"] / pooled["subset_n"] if pooled["subset_n"] else None,
         }
+    if any("base_correct_norm" in t for t in tasks.values()):
+        summary_all["base_correct_norm"] = {
+            "n": pooled["norm_n"],
+            "accuracy": pooled["norm_correct"] / pooled["norm_n"] if pooled["norm_n"] else None,
+        }
     return {
         "mode": mode,
         "options": {k: v for k, v in score_options.items() if k in ("prompt_format", "description", "chat")},
@@ -116,6 +129,16 @@ def _given_subset(name: str, indices: Sequence[int], n: int) -> list[int]:
     if subset and not 0 <= subset[0] <= subset[-1] < n:
         raise DSGError(f"The base-correct subset for task {name!r} names questions outside 0..{n - 1}.")
     return subset
+
+
+def _norm_entry(results, subset: list[int]) -> dict:
+    """The base-correct subset and accuracy under length-normalised scoring (acc_norm): the questions the base
+    model answers when each choice's log-probability is divided by its length, and the share of them still
+    answered so."""
+    on = summarize_task([r.correct_norm for r in results], [r.gated for r in results],
+                        [i in set(subset) for i in range(len(results))])  # fmt: skip
+    return {"n": len(subset), "accuracy": on.accuracy_base_correct, "gate_rate": on.gate_rate_base_correct,
+            "indices": subset}  # fmt: skip
 
 
 def _task_entry(path: Path, results, subset, source, permutations: bool, mode: str, details: bool) -> dict:

@@ -77,3 +77,22 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(f"{name}:{p.dtype}:{tuple(p.shape)}:{checksum}:".encode())
         h.update(sample)
     return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of what a tokenizer makes of text: its vocabulary, special tokens, chat template, and its encoding
+    of a fixed probe with and without special tokens (a BOS added or not, a normaliser, a merge changed). Scores
+    depend on the tokenizer as much as on the weights."""
+    h = hashlib.sha256()
+    vocab = sorted(tokenizer.get_vocab().items())
+    probe = "dsg: The quick brown fox, 2 × 3 = 6 — naïve café.\n  def f(x): return x"
+    parts = [
+        vocab,
+        {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())},
+        getattr(tokenizer, "chat_template", None),
+        tokenizer(probe)["input_ids"],
+        tokenizer(probe, add_special_tokens=False)["input_ids"],
+    ]
+    for part in parts:
+        h.update(repr(part).encode("utf-8", "backslashreplace"))
+    return h.hexdigest()

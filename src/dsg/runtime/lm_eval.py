@@ -13,10 +13,11 @@ is lm-eval's own CLI with it registered, since lm-eval finds models only in modu
 
 `pretrained` is an embedded model name or a HuggingFace folder. The `dsg` model judges each context (the question)
 alone and holds that decision for all of its continuations, exactly as `dsg eval` does (dsg.eval.mcq), so both
-give the same accuracy on the same questions. A row whose context cannot be found (a context longer than the
-model's window, cut on the left) is judged as a whole, context and continuation together, in batches of such rows
-only, so the rows batched with it keep their contexts' decisions whatever the batch size. `lm_eval_model` keeps
-lm-eval's plain behaviour: each (context, continuation) forward is judged whole.
+give the same accuracy on the same questions. Perplexity tasks (`loglikelihood_rolling`) read each window of a
+text whole, every token judged as prompt, as `dsg.eval.perplexity_stats` does. A row whose context cannot be
+found (a context longer than the model's window, cut on the left) is judged as a whole, context and continuation
+together, in batches of such rows only, so the rows batched with it keep their contexts' decisions whatever the
+batch size. `lm_eval_model` keeps lm-eval's plain behaviour: each (context, continuation) forward is judged whole.
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ if HFLM is not None:
             self._decisions: dict[tuple[int, ...], torch.Tensor] = {}
             self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # [G, len] which context tokens were clamped
             self._rows: dict[tuple[int, ...], tuple[int, ...]] = {}  # the current pass's rows and their contexts
+            self._rolling = False  # inside loglikelihood_rolling: every row is text read whole, as perplexity reads it
+
+        def loglikelihood_rolling(self, requests, *args, **kwargs):
+            """Perplexity of whole texts: each window HFLM cuts a text into is judged whole, every token as prompt,
+            as dsg's perplexity judges its windows (a rolling request's context is only the token before the text,
+            so holding the context's decision, as for questions, would leave every text unclamped)."""
+            self._rolling = True
+            try:
+                return super().loglikelihood_rolling(requests, *args, **kwargs)
+            finally:
+                self._rolling = False
 
         @torch.inference_mode()
         def _judge(self, contexts: list[tuple[int, ...]]) -> None:
@@ -105,7 +117,7 @@ if HFLM is not None:
             if not self.guardrails:
                 return super()._loglikelihood_tokens(requests, *args, **kwargs)
             # only contexts whose rows keep them whole are judged (a cut one may run past the model's context)
-            self._judge([tuple(c) for _, c, cont in requests if not self._cut(c, cont)])
+            self._judge([tuple(c) for _, c, cont in requests if not self._rolling and not self._cut(c, cont)])
             # A batch row holds a request's context and continuation run together; its context is known from the
             # request, not from the row (("The capital", " of France is") and ("The capital of France", ...) make
             # rows that another request's context prefixes). Requests whose rows are the same tokens with
@@ -115,7 +127,7 @@ if HFLM is not None:
             passes: list[dict] = []
             whole: dict = {"rows": {}, "requests": []}
             for i, (_, context_enc, continuation_enc) in enumerate(requests):
-                if self._cut(context_enc, continuation_enc):
+                if self._rolling or self._cut(context_enc, continuation_enc):
                     whole["requests"].append(i)
                     continue
                 row, context = self._row(context_enc, continuation_enc), tuple(context_enc)
