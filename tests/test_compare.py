@@ -442,6 +442,7 @@ def test_a_grid_file_replaces_built_in_grids_and_refuses_unknown_settings(tmp_pa
         # the statistics every DSG-style configuration reads are measured once, with the comparison's settings
         ({"dsg_paper": [{"n_features": 4, "max_length": 16}]}, "sets 'max_length', which is the comparison's own"),
         ({"dsg": [{"seed": 3}]}, "sets 'seed', which is the comparison's own"),
+        ({"npo": [{"lr": 1e-4}, {"beta": 1.0}, {"lr": 1e-4}]}, "repeats its entry 2"),
     ):
         path.write_text(json.dumps(bad))
         with pytest.raises(DSGError, match=word):
@@ -461,6 +462,28 @@ def test_a_grid_entry_reaches_the_real_method(tiny_llama, tmp_path):
     assert (tmp_path / "e" / "edit.json").is_file()
     assert isinstance(fitted.intervention, Edit) and fitted.cost["seconds"] > 0
     assert torch.is_tensor(next(iter(fitted.intervention.tensors.values())))
+
+
+def test_a_stored_edit_that_is_not_the_runs_own_is_trained_again(tiny_llama, tmp_path):
+    """Resuming a comparison restores a configuration's edit from its folder: one that another configuration or
+    seed trained (a folder copied over another) or that cannot be read is trained again, not scored as this run's."""
+    import shutil
+
+    model, tok = tiny_llama
+    bench = tiny_bench(model, tok)
+    ga = METHODS["ga"]()
+    runs = {}
+    for steps in (1, 2):
+        cfg = {"method": "ga", "steps": steps, "batch_size": 2, "max_length": 16, "seed": 0}
+        fitted = ga.fit(bench, cfg, tmp_path / f"e{steps}", False)
+        runs[steps] = json.loads(json.dumps({"config": cfg, "record": fitted.record, "cost": fitted.cost}))
+    assert ga.restore(bench, runs[1], tmp_path / "e1") is not None  # its own edit
+    assert ga.restore(bench, runs[1], tmp_path / "e2") is None  # another configuration's
+    assert ga.restore(bench, {**runs[1], "config": {**runs[1]["config"], "seed": 1}}, tmp_path / "e1") is None
+    shutil.copytree(tmp_path / "e1", tmp_path / "cut")
+    with open(tmp_path / "cut" / "edit.safetensors", "r+b") as f:
+        f.truncate(40)
+    assert ga.restore(bench, runs[1], tmp_path / "cut") is None  # cut short: trained again, not a stopped run
 
 
 LM_EVAL_TASK = """task: dsg_local_mcq

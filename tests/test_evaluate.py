@@ -596,3 +596,20 @@ def test_perplexity_batches_the_gates_leave_alone_take_the_unguarded_sums(llama,
         perplexity_stats(llama, tok, texts, intervention=guard, batch_size=3, progress=False, unguarded=base)
     with pytest.raises(dsg.DSGError, match="without an intervention"):
         perplexity_stats(llama, tok, texts, intervention=guard, batch_size=1, progress=False, unguarded=full)
+
+
+def test_a_question_clamped_mid_prompt_is_reported_clamped_though_not_gated(llama, tok):
+    """A gate held open for a while can clamp part of a prompt and close before its end: the question is then not
+    gated, yet its scores change. `clamped` says so, for questions alone and for questions behind a prefix they
+    share (prefilled once); a question it calls untouched scores exactly as without the guardrail."""
+    sae = make_sae()
+    held = dsg.Guardrail(sae, features=[3, 17, 40, 51], threshold=0.75, clamp=2.0, window=2, hold=1)
+    qs = make_questions(24, seed=3)
+    shared = " ".join(WORDS[:40])
+    for batch in (qs, [{**q, "question": f"{shared} {q['question']}"} for q in qs]):
+        base = score_mcq(llama, tok, batch, progress=False, batch_size=4)
+        guarded = score_mcq(llama, tok, batch, intervention=held, progress=False, batch_size=4)
+        assert all(r.clamped or not r.gated for r in guarded)
+        assert all(g.scores == b.scores for g, b in zip(guarded, base) if not g.clamped)
+        mid = [i for i, r in enumerate(guarded) if r.clamped and not r.gated]
+        assert mid and all(guarded[i].scores != base[i].scores for i in mid)

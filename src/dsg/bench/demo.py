@@ -34,7 +34,7 @@ from ..eval.dilution import (
 )
 from ..eval.fluency import fluency
 from ..eval.mcq import score_mcq
-from ..eval.metrics import summarize_results
+from ..eval.metrics import share, summarize_results
 from ..eval.perplexity import perplexity_stats
 from ..files import atomic_directory, check_output_dir, exclusive, read_json, write_json, write_json_atomic
 from ..guard.fit import FitConfig, fit
@@ -137,6 +137,8 @@ def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict,
         "guarded_accuracy_base_correct": s.accuracy_base_correct,
         "gate_rate": s.gate_rate,
         "gate_rate_base_correct": s.gate_rate_base_correct,
+        # gated, or a prompt token clamped near a window the gate opened on and closed after
+        "clamped_rate": share([r.clamped for r in guarded]),
         "gated": [bool(r.gated) for r in guarded],
     }
 

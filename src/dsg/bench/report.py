@@ -283,6 +283,7 @@ def demo_rows(results: dict) -> list[list[str]]:
                     pct(t["guarded_accuracy"]),
                     f"{pct(t['guarded_accuracy_base_correct'])} (n={t['n_base_correct']})",
                     pct(t["gate_rate"]),
+                    pct(t.get("clamped_rate")),  # results written before it was measured: "-"
                 ]
             )
     p = results["perplexity"]
@@ -293,13 +294,14 @@ def demo_rows(results: dict) -> list[list[str]]:
             f"{p['base']:.3f}",
             f"{p['guarded']:.3f}",
             f"{100 * p['relative_change']:+.2f}%",
+            "-",
             pct(p["gate_rate"]),
         ]
     )
     return rows
 
 
-DEMO_HEADER = ["task", "n", "base acc %", "guarded acc %", "guarded on base-correct %", "gated %"]
+DEMO_HEADER = ["task", "n", "base acc %", "guarded acc %", "guarded on base-correct %", "gated %", "clamped at all %"]
 
 
 def print_demo_table(results: dict) -> str:

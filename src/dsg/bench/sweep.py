@@ -170,6 +170,10 @@ def read_grid(path: str, names: Sequence[str]) -> dict[str, list[dict]]:
                 raise DSGError(f"{path!r}: {name} has no setting {bad[0]!r}; allowed: {', '.join(sorted(allowed))}.")
             if method.seeded and "seed" in c:  # the run's --seed is every trained configuration's
                 raise DSGError(f"{path!r}: {name}'s seed is the run's (--seed), so a grid entry cannot set it.")
+        seen = [json.dumps(c, sort_keys=True) for c in configs]
+        twice = next((i for i, c in enumerate(seen) if c in seen[:i]), None)
+        if twice is not None:  # it would run once and be listed twice
+            raise DSGError(f"{path!r}: the grid of {name!r} repeats its entry {twice} ({seen[twice]}).")
         if name in names:
             grids[name] = method().entries(configs)
             if method.config_class is not FitConfig:  # built without a bench: check its values before any work
@@ -455,7 +459,13 @@ def _record(sweep: Sweep, base_val_summary: dict, base_test: dict, results: dict
         "context": sweep.context,
         "scoring": scoring,
         "selection_rule": (
-            f"lowest forget accuracy ({config.forget_metric}) with pooled retain accuracy >= "
+            f"lowest forget accuracy ({config.forget_metric}"
+            + (
+                ", or on every forget question where the base model answers none"
+                if config.forget_metric == "base_correct"
+                else ""
+            )  # fmt: skip
+            + ") with pooled retain accuracy >= "
             f"{config.retain_threshold:g} x base, on the validation questions; if none qualifies, "
             "the highest pooled retain accuracy"
         ),

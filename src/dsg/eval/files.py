@@ -11,7 +11,7 @@ from ..config import is_index
 from ..errors import DSGError
 from ..runtime.intervention import Intervention, as_intervention, guardrails_in
 from .mcq import base_correct_subset, read_questions, score_mcq
-from .metrics import accuracy, correct_indices, summarize_task
+from .metrics import accuracy, correct_indices, share, summarize_task
 
 
 def _task_names(paths: list[Path], base_correct: bool, permutations: bool) -> list[str]:
@@ -144,7 +144,8 @@ def _norm_entry(results, subset: list[int]) -> dict:
 def _task_entry(path: Path, results, subset, source, permutations: bool, mode: str, details: bool) -> dict:
     correct, gated = [r.correct for r in results], [r.gated for r in results]
     whole = summarize_task(correct, gated, correct)
-    entry: dict[str, Any] = {"file": str(path), "n": whole.n, "accuracy": whole.accuracy, "gate_rate": whole.gate_rate}
+    entry: dict[str, Any] = {"file": str(path), "n": whole.n, "accuracy": whole.accuracy, "gate_rate": whole.gate_rate,
+                             "clamped_rate": share([r.clamped for r in results])}  # fmt: skip
     if mode == "likelihood":
         entry["accuracy_norm"] = summarize_task([r.correct_norm for r in results], gated, correct).accuracy
     if subset is not None:

@@ -63,6 +63,7 @@ from ..lm.models import check_fits_context, context_length, evaluating, model_de
 from ..lm.text import pad_batch, pad_id_of, position_ids
 from ..runtime.intervention import (
     Intervention,
+    acted_on,
     as_intervention,
     gates_decided,
     left_alone,
@@ -248,7 +249,8 @@ def _shared_prefix(prompts: Sequence[list[int]], share: bool) -> int:
 
 
 def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: bool, keep: dict, cache_name: str):
-    """(the prefill's output, its attention mask [B, T]) for a batch of prompts, inside the intervention's session.
+    """(the prefill's output, its attention mask [B, T], whether the shared prefix had a clamped token: [1], None
+    for no shared prefix or no gate) for a batch of prompts, inside the intervention's session.
 
     Prompts that share a long prefix (padded questions: the same benign text before each) have it prefilled once
     and its KV cache and gate state forked to every row, which then continues with its own tokens, left-padded
@@ -261,10 +263,11 @@ def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: b
     if not P:
         ids, mask = (x.to(device) for x in pad_batch(prompts, pad_id, side="left"))
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **keep)
-        return out, mask
+        return out, mask, None
     head = torch.tensor([prompts[0][:P]], device=device)
     ones = torch.ones_like(head)
     first = model(input_ids=head, attention_mask=ones, position_ids=position_ids(ones), use_cache=True, **keep)
+    shared = acted_on(session)  # [1] the shared prefix clamped somewhere
     fork = torch.zeros(len(prompts), dtype=torch.long, device=device)
     cache = _select_rows(getattr(first, cache_name), fork)
     if session is not None:
@@ -273,7 +276,7 @@ def _prefill(model, prompts: Sequence[list[int]], pad_id: int, session, share: b
     mask = torch.cat([ones.expand(len(prompts), -1), tail], 1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, P:], use_cache=True,
                 **{cache_name: cache}, **keep)  # fmt: skip
-    return out, mask
+    return out, mask, shared
 
 
 def _attention_layout(model: torch.nn.Module) -> tuple[bool, int | None]:
@@ -378,9 +381,10 @@ def _loglikelihoods(
     progress: bool,
     desc: str,
     skip_untouched: bool = False,
-) -> tuple[list[list[float]], list[bool | None], list[bool]]:
+) -> tuple[list[list[float]], list[bool | None], list[bool], list[bool | None]]:
     """Summed log-probability of every candidate continuation of every prompt, each prompt's gate decision (None
-    where the intervention has no gate), and which prompts were skipped.
+    where the intervention has no gate), which prompts were skipped, and which had any token clamped (prompt or
+    choices; None where the intervention has no gate).
 
     Prompts are prefilled once, longest first, `batch_size` at a time (a prefix they all share once, see
     `_prefill`); the candidates' tokens after their first are scored in one forward over the prompt cache
@@ -398,6 +402,7 @@ def _loglikelihoods(
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i))
     scores: list[list[float]] = [[0.0] * len(r.candidates) for r in requests]
     gated: list[bool | None] = [None] * len(requests)
+    clamped: list[bool | None] = [None] * len(requests)
     skipped = [False] * len(requests)
     stop_at = gates_decided(model, intervention) if skip_untouched and only_guardrails(intervention) else None
     starts = range(0, len(order), batch_size)
@@ -412,36 +417,45 @@ def _loglikelihoods(
                 unshared = not _shared_prefix(prompts, attention_only and inside)
                 left = stop_at is not None and unshared
                 with stopped_after(model, stop_at, lambda _x: left_alone(session)) if left else nullcontext():
-                    out, mask = _prefill(model, prompts, pad_id, session, share and inside, keep, cache_name)
+                    out, mask, shared = _prefill(model, prompts, pad_id, session, share and inside, keep, cache_name)
                     left = False
                 if left:  # stopped: the gates left every prompt of the batch alone
                     for i in rows:
-                        gated[i], skipped[i] = False, True
+                        gated[i], clamped[i], skipped[i] = False, False, True
                     continue
                 decisions_BG = session.decisions() if session is not None else None
+                touched = acted_on(session) if decisions_BG is not None else None
                 if decisions_BG is not None:
                     for b, i in enumerate(rows):
+                        # a gated prompt's choices are clamped wherever their latents fire; otherwise only the
+                        # prompt's tokens near a window the gate opened on
                         gated[i] = bool(decisions_BG[b].any())
+                        clamped[i] = (
+                            gated[i]
+                            or bool(touched is not None and touched[b])
+                            or bool(shared is not None and shared.any())
+                        )
                 first_BV = out.logits[:, -1].float().log_softmax(-1)
                 for b, i in enumerate(rows):
                     for k, cand in enumerate(requests[i].candidates):
                         scores[i][k] = float(first_BV[b, cand[0]])
 
                 pairs = [(b, k) for b, i in enumerate(rows) for k, c in enumerate(requests[i].candidates) if len(c) > 1]
-                if not pairs:
-                    continue
-                cands = [requests[rows[b]].candidates[k] for b, k in pairs]
-                row = [0] * len(rows)  # the tokens side by side in each question's row
-                for (b, _), c in zip(pairs, cands):
-                    row[b] += len(c) - 1
-                dtype = _mask_dtype(model, mask.shape[1] + max(row))
-                args = (model, getattr(out, cache_name), mask, pairs, cands, pad_id, session, decisions_BG, cache_name)
-                sums = _grouped_choices(*args, dtype) if dtype is not None else _repeated_choices(*args)
+                sums = []
+                if pairs:
+                    cands = [requests[rows[b]].candidates[k] for b, k in pairs]
+                    row = [0] * len(rows)  # the tokens side by side in each question's row
+                    for (b, _), c in zip(pairs, cands):
+                        row[b] += len(c) - 1
+                    dtype = _mask_dtype(model, mask.shape[1] + max(row))
+                    args = (model, getattr(out, cache_name), mask, pairs, cands, pad_id, session, decisions_BG,
+                            cache_name)  # fmt: skip
+                    sums = _grouped_choices(*args, dtype) if dtype is not None else _repeated_choices(*args)
             for (b, k), s in zip(pairs, sums):
                 scores[rows[b]][k] += s
             del out
             _check_finite([scores[i] for i in rows], rows)
-    return scores, gated, skipped
+    return scores, gated, skipped, clamped
 
 
 def _check_finite(scores: Sequence[Sequence[float]], rows: Sequence[int]) -> None:
@@ -506,12 +520,14 @@ def score_mcq(
     if unguarded is not None:
         check_unguarded(unguarded, questions)
         check_base_run(getattr(unguarded, "base_run", None), model, inputs, verify, "score_mcq's results")
-    lls, gated, skipped = _loglikelihoods(model, requests, pad_id_of(tokenizer, model), intervention, batch_size,
-                                          progress, desc, skip_untouched=unguarded is not None)  # fmt: skip
+    skip = unguarded is not None
+    lls, gated, skipped, clamped = _loglikelihoods(model, requests, pad_id_of(tokenizer, model), intervention,
+                                                   batch_size, progress, desc, skip_untouched=skip)  # fmt: skip
     results = QuestionResults(
-        unguarded[i]._replace(gated=False) if skipped[i] else _result(i, q, lls[i], owners[i], gated[i], mode)
+        unguarded[i]._replace(gated=False, clamped=False) if skipped[i]
+        else _result(i, q, lls[i], owners[i], gated[i], mode)._replace(clamped=clamped[i])
         for i, q in enumerate(questions)
-    )
+    )  # fmt: skip
     if intervention is None:  # what a guarded run given these as `unguarded` checks it against
         results.base_run = BaseRun.of(model, inputs)
     return results

@@ -25,6 +25,9 @@ class QuestionResult(NamedTuple):
     correct_norm: bool
     scores_norm: tuple[float, ...]  # likelihood: score per character of the choice; letter: = scores
     gated: bool | None  # whether the intervention gated the prompt; None without a gated intervention
+    # whether the intervention acted on the question: gated (its choices guarded), or a token of its prompt clamped
+    # (a gate held open for a while can clamp part of a prompt and close before its end); None without a gate
+    clamped: bool | None = None
 
 
 class BaseRun(NamedTuple):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -388,6 +389,19 @@ class TrainedEdit(UnlearningMethod):
         return Fitted(edit, spent, record)
 
     def restore(self, bench, run: dict, run_dir: Path) -> Fitted | None:
+        """The stored edit, if it is this run's: one that cannot be read, or that another configuration or seed
+        trained (a folder copied over, a store put together from several runs), is trained again instead."""
         if not (run_dir / "edit.json").is_file():
             return None
-        return Fitted(Edit.load(run_dir), run["cost"], run["record"])
+        try:
+            edit = Edit.load(run_dir)
+        except DSGError as e:
+            print(f"[{self.name}] the stored edit in {str(run_dir)!r} cannot be read ({e}); training it again",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        record = run.get("record") or {}
+        if edit.info.get("config") != record.get("config") or edit.info.get("seed") != run["config"].get("seed"):
+            print(f"[{self.name}] the stored edit in {str(run_dir)!r} was trained with another configuration or "
+                  "seed than this run's; training it again", file=sys.stderr)  # fmt: skip
+            return None
+        return Fitted(edit, run["cost"], run["record"])
