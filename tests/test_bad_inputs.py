@@ -260,7 +260,7 @@ CLI_CASES = {
     ),  # fmt: skip
     "eval a model whose config names fewer layers": (
         ["eval", "--model", "{ws}/model_layers", "--questions", "{ws}/q.jsonl"],
-        "has no place for",
+        "holds weights of layers its config.json does not have",
     ),  # fmt: skip
     "fit on a model whose weights hold NaN": (
         ["fit", "--model", "{ws}/model_nan", *FIT[3:], "--out", "{ws}/new"],

@@ -385,6 +385,26 @@ def test_a_stop_signal_during_an_export_exits_128_plus_it_and_leaves_nothing(tmp
     assert os.listdir(tmp_path) == []  # no export, no hidden staging folder
 
 
+def test_a_stop_signal_ignored_on_entry_stays_ignored(tmp_path):
+    """`nohup dsg ...` ignores SIGHUP before dsg starts: the closed terminal must not stop the run."""
+    script = (
+        "import os, signal, sys\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from dsg import cli\n"
+        "from dsg.data import domains\n"
+        "real = domains._domain_files\n"
+        "def hung_up(domain, folder):\n"
+        "    written = real(domain, folder)\n"
+        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "    return written\n"
+        "domains._domain_files = hung_up\n"
+        "sys.exit(cli.main(['data', 'export', '--domains', 'geography', '--out', sys.argv[1]]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "geography").is_dir()
+
+
 def test_unknown_domain_and_missing_package(monkeypatch):
     with pytest.raises(DSGError, match="Unknown data domain"):
         load_domain("biology")

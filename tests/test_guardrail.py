@@ -1233,3 +1233,59 @@ def test_dsg_generate_ends_each_completion_at_its_eos_whatever_the_pad_token(tin
     alone = [generate(model, tok, [p], max_new_tokens=6, chat=False)[0]["completion"] for p in prompts]
     batch = [r["completion"] for r in generate(model, tok, prompts, max_new_tokens=6, chat=False)]
     assert alone[0] == "" and batch == alone
+
+
+def test_a_pad_id_an_unfinished_row_generates_is_text_to_the_gate():
+    """Only a finished row's padding is left out: with no EOS (no row ever finishes), a pad id that is an ordinary
+    token and that the model generates is text, and cached generation equals the no-cache reference for every such
+    pad id (an earlier rule dropped every generated pad id)."""
+    model, seqs, guard = _split_guard("llama", 3, 2, True)
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    with torch.no_grad():
+        ref, ref_gates = reference_generate(model, ids, mask, [guard], 10)
+        for pad in sorted(set(ref.flatten().tolist()) - set(dsg.lm.text.special_token_ids(model)))[:8]:
+            with guard.attach(model) as session:
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                     pad_token_id=pad, eos_token_id=None)  # fmt: skip
+            assert torch.equal(out[:, ids.shape[1] :], ref) and torch.equal(session.gated, ref_gates), pad
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_streamer_or_another_model_run_inside_generate_leave_its_steps_alone(use_cache):
+    """A streamer whose put() runs the model (transformers calls it before the prefill) is not the generation's
+    first step, and a second guarded model run inside the first one's generate keeps its own decisions: the
+    generation's steps are the forwards given the inputs prepare_inputs_for_generation made."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, seqs, guard = _split_guard("llama", 3, 2, True, lengths=(6, 20, 18, 22, 19, 21))
+    other, other_seqs, other_guard = _split_guard("llama", 3, 2, True, lengths=(6, 20, 18, 22, 19, 21))
+    scored = torch.tensor([seqs[1] + seqs[2]])
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=use_cache)
+    with torch.no_grad(), guard.attach(model) as session:
+        plain = model.generate(input_ids=torch.tensor([seqs[0]]), **kw)
+        plain_gated = session.gated.clone()
+    with torch.no_grad(), other_guard.attach(other) as other_session:
+        other(input_ids=torch.tensor([other_seqs[3]]))
+        alone = other_session.gated.clone()
+
+    class Streamer:
+        def put(self, value):
+            model(input_ids=scored)
+
+        def end(self):
+            pass
+
+    seen = []
+
+    class OtherModel(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            other(input_ids=torch.tensor([other_seqs[3]]))
+            seen.append(other_session.gated.clone())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with torch.no_grad(), guard.attach(model) as session, other_guard.attach(other) as other_session:
+        out = model.generate(input_ids=torch.tensor([seqs[0]]), streamer=Streamer(),
+                             stopping_criteria=StoppingCriteriaList([OtherModel()]), **kw)  # fmt: skip
+        gated = session.gated.clone()
+    assert torch.equal(out, plain) and torch.equal(gated, plain_gated)
+    assert len(seen) == 5 and all(torch.equal(s, alone) for s in seen)

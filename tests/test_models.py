@@ -140,3 +140,28 @@ def test_unreadable_cache_says_how_to_recover(cache, monkeypatch, tiny_llama, tm
     monkeypatch.setattr(models, "_convert", lambda *a: pytest.fail("must not reconvert a complete-looking cache"))
     with pytest.raises(DSGError, match="cannot be loaded; delete it to convert 'smollm2-135m-instruct' again"):
         load_model("smollm2-135m")
+
+
+def test_a_folder_whose_weights_and_config_disagree_is_refused_but_legacy_buffers_load(tiny_gpt2, tmp_path):
+    """A tensor the weights lack would be filled with random values, and layers past the config's count dropped:
+    both refused. A buffer older transformers saved (GPT-2's attn.masked_bias) is ignored, as transformers ignores
+    it."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_gpt2
+    for name in ("legacy", "missing", "fewer"):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    weights = load_file(str(tmp_path / "legacy" / "model.safetensors"))
+    save_file(weights | {"transformer.h.0.attn.masked_bias": torch.tensor(-1e4)},
+              str(tmp_path / "legacy" / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    loaded, _ = load_model(tmp_path / "legacy")
+    assert torch.equal(loaded.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight)
+    dropped = {k: v for k, v in weights.items() if k != "transformer.h.1.mlp.c_fc.weight"}
+    save_file(dropped, str(tmp_path / "missing" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DSGError, match="lacks weights its config.json needs .*random values"):
+        load_model(tmp_path / "missing")
+    config = (tmp_path / "fewer" / "config.json").read_text().replace('"n_layer": 2', '"n_layer": 1')
+    (tmp_path / "fewer" / "config.json").write_text(config)
+    with pytest.raises(DSGError, match="holds weights of layers its config.json does not have"):
+        load_model(tmp_path / "fewer")

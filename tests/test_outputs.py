@@ -94,6 +94,16 @@ def test_a_folder_dsg_did_not_write_is_never_replaced(tmp_path):
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
 
+def test_nothing_is_written_inside_a_guardrail_but_a_path_through_one_may_lead_out(tmp_path):
+    """A guardrail's SAE copy or any folder inside it is refused as an output; `guard/../elsewhere` is not inside."""
+    _guardrail_folder(tmp_path / "guard", "g")
+    with pytest.raises(dsg.DSGError, match="lies inside"):
+        check_output_dir(tmp_path / "guard" / "sae", "SAE", overwrite=True)
+    with pytest.raises(dsg.DSGError, match="lies inside"):
+        check_output_dir(tmp_path / "guard" / "new", "guardrail")
+    assert check_output_dir(tmp_path / "guard" / ".." / "elsewhere", "guardrail").name == "elsewhere"
+
+
 def test_a_folder_that_only_borrows_dsgs_file_names_is_never_replaced(tmp_path):
     """--overwrite replaces what dsg wrote: the file names alone do not make a folder ours."""
     cases = {

@@ -474,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, _terminate) for s in STOP_SIGNALS} if on_main_thread else {}
+    # a signal ignored on entry stays ignored: `nohup dsg ...` runs on when its terminal closes
+    stops = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN] if on_main_thread else []
+    previous = {s: signal.signal(s, _terminate) for s in stops}
     try:
         if launched():
             if args.command not in SHARDED_COMMANDS:

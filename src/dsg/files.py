@@ -366,7 +366,7 @@ def check_output_dir(
     if path.exists() and not path.is_dir():
         raise DSGError(f"Output path {str(path)!r} exists and is not a directory.")
     _refuse_inputs(path, inputs)
-    inside = next((p for p in path.absolute().parents
+    inside = next((p for p in path.resolve().parents
                    if p.is_dir() and any(ARTIFACTS[k](p) for k in ("guardrail", "demo"))), None)  # fmt: skip
     if inside is not None:  # a guardrail's SAE copy, a demo's guardrail: part of a result that must stay whole
         raise DSGError(f"Output path {str(path)!r} lies inside {str(inside)!r}, which dsg wrote as one result; "

@@ -46,6 +46,7 @@ import inspect
 import itertools
 import math
 import os
+import re
 import string
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -149,6 +150,9 @@ def choice_orderings(n: int) -> list[tuple[int, ...]]:
 # ---- prompts --------------------------------------------------------------------------------------------------
 
 
+_INDEXED = re.compile(r"[A-Za-z_]\w*(\[\d+\])*")  # a field by name, or an item of it by number: {choices[0]}
+
+
 def _fill(template: str, q: dict, what: str) -> str:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
@@ -157,15 +161,16 @@ def _fill(template: str, q: dict, what: str) -> str:
             f"The {what} {template!r} is not a valid format string ({e}); write fields as {{question}}."
         ) from None
     for field in fields:
-        if field == "answer":
+        name = field.split("[", 1)[0].split(".", 1)[0]
+        if name == "answer":
             raise DSGError(f"The {what} {template!r} writes the question's answer into its prompt; scores would read "
                            "the label.")  # fmt: skip
-        if any(c in field for c in ".[") or field.isdigit():
-            raise DSGError(f"The {what} {template!r} reaches into a field ({{{field}}}); write whole fields by name, "
-                           "such as {question}.")  # fmt: skip
+        if "." in field or field.isdigit() or not _INDEXED.fullmatch(field):
+            raise DSGError(f"The {what} {template!r} reaches into a field ({{{field}}}); write fields by name, such "
+                           "as {question}, or an item by number, such as {choices[0]}.")  # fmt: skip
     try:
         return template.format(**q)
-    except (KeyError, IndexError) as e:
+    except (KeyError, IndexError, TypeError) as e:
         raise DSGError(f"The {what} {template!r} refers to {e}, which the question does not have.") from None
     except (ValueError, AttributeError) as e:
         raise DSGError(

@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from ..errors import DSGError  # noqa: E402
 from ..files import atomic_directory, read_json, write_json  # noqa: E402
+from .hooks import decoder_layers  # noqa: E402
 
 CONVERSION_RECORD = "dsg_conversion.json"
 
@@ -147,7 +149,7 @@ def _load_folder(path: Path, dtype: torch.dtype):
             )  # fmt: skip
     except Exception as e:  # transformers and safetensors raise many types for unreadable folders
         raise DSGError(f"Cannot load a causal language model from {str(path)!r}: {_first_line(e)}") from None
-    _check_loaded_whole(path, info)
+    _check_loaded_whole(path, info, model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:
@@ -178,17 +180,36 @@ def _load_report_silenced() -> Iterator[None]:
 _LOAD_REPORT_LOCK = threading.RLock()
 
 
-def _check_loaded_whole(path: Path, info: dict) -> None:
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _check_loaded_whole(path: Path, info: dict, model: torch.nn.Module) -> None:
     """Refuse a folder whose weights and config.json disagree: transformers fills a tensor the weights lack with
-    random values (a different model on every load) and drops one the config has no place for, with a warning."""
-    for key, what in (("missing_keys", "lacks weights its config.json needs"),
-                      ("unexpected_keys", "holds weights its config.json has no place for"),
-                      ("mismatched_keys", "holds weights of other shapes than its config.json says")):  # fmt: skip
-        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
-        if names:
-            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-            raise DSGError(f"Model folder {str(path)!r} {what} ({names[0]!r}{more}): its weights or its config.json "
-                           "were edited or cut short; restore the folder as saved.")  # fmt: skip
+    random values (a different model on every load), and drops the layers of a config edited to fewer of them. Other
+    tensors it does not use (buffers older versions saved, a value head) are left out, as transformers leaves them."""
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DSGError(f"Model folder {str(path)!r} lacks weights its config.json needs ({missing[0]!r}{more}); "
+                       "transformers would fill them with random values. Its weights and config.json disagree: "
+                       "restore the folder as saved.")  # fmt: skip
+    try:
+        n_layers = len(decoder_layers(model)[1])
+    except DSGError:
+        n_layers = None
+    beyond = sorted(
+        str(k)
+        for k in info.get("unexpected_keys") or ()
+        if n_layers is not None and (m := _LAYER_INDEX.search(str(k))) and int(m.group(1)) >= n_layers
+    )
+    if beyond:  # fmt: skip
+        raise DSGError(f"Model folder {str(path)!r} holds weights of layers its config.json does not have "
+                       f"({beyond[0]!r}; it names {n_layers}): its weights and config.json disagree, restore the "
+                       "folder as saved.")  # fmt: skip
+    mismatched = info.get("mismatched_keys") or ()
+    if mismatched:
+        raise DSGError(f"Model folder {str(path)!r} holds weights of other shapes than its config.json says "
+                       f"({str(next(iter(mismatched)))!r}).")  # fmt: skip
     if info.get("error_msgs"):
         raise DSGError(f"Cannot load a causal language model from {str(path)!r}: {info['error_msgs'][0]}")
 

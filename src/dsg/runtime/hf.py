@@ -230,7 +230,8 @@ class _Forward:
         self.prompt_rest = None  # inside model.generate, how many tokens of a prompt whose start a cache holds
         self.owner = None  # the module whose forward this is: the model, or its base model called on its own
         self.generation = None  # the model.generate call this forward is a step of (None: none, or a callback's)
-        self.padding_from = None  # inside model.generate: the first generated position (see real)
+        self.padding_from = None  # inside model.generate: the first generated position
+        self.dropped = None  # [B, T] what generate padded finished rows with: not text (see _finished_padding)
 
     def on_inputs(self, inputs: dict) -> None:
         past = _cache_of(inputs)
@@ -256,12 +257,8 @@ class _Forward:
             # a 4D mask over all of a static cache's slots: the new tokens sit right after the cached ones
             columns = torch.arange(self.past, self.past + T)
         real = real_token_mask(self.ids, self.mask, self.specials, self.shape or (B, T), self.continuation, columns)
-        if self.padding_from is not None and isinstance(self.ids, torch.Tensor) and self.ids.shape == real.shape:
-            # what model.generate appends to a row that has finished (its pad id, which the model's config need not
-            # name: a tokenizer padded with an ordinary token), and the EOS that ends it, are not text
-            padding = torch.isin(self.ids, self.generation.padding.to(self.ids.device))
-            padding[:, : self.padding_from] = False
-            real = real & ~padding
+        if self.dropped is not None and self.dropped.shape == real.shape:
+            real = real & ~self.dropped.to(real.device)
         if real.shape != (B, T):
             raise DSGError(
                 f"A guardrail hook saw activations of shape {(B, T)} for inputs of shape {tuple(real.shape)}."
@@ -274,17 +271,19 @@ class _Sequence:
     forward's gate inputs (to recompute it after a crop), and whether the next forward holds more of the prompt
     (after Attachment.fork)."""
 
-    __slots__ = ("states", "last", "prompt_next", "__weakref__")
+    __slots__ = ("states", "last", "prompt_next", "finished", "__weakref__")
 
     def __init__(self, n: int):
         self.states: list[rule.GateState | None] = [None] * n
         self.last: dict = {}
         self.prompt_next = False
+        self.finished: torch.Tensor | None = None  # [B] rows model.generate has ended (an EOS generated)
 
     def copy(self) -> _Sequence:
         """Its own state from here on (the gate's states are replaced, never edited in place)."""
         new = _Sequence(len(self.states))
         new.states, new.last, new.prompt_next = list(self.states), dict(self.last), self.prompt_next
+        new.finished = self.finished
         return new
 
 
@@ -364,6 +363,8 @@ class _Attached:
         for i, st in enumerate(sequence.states):
             if st is not None:
                 sequence.states[i] = type(st)(*(t[rows.to(t.device)] for t in st))
+        if sequence.finished is not None:
+            sequence.finished = sequence.finished[rows.to(sequence.finished.device)]
         sequence.last = {}  # a crop cannot reach back past a reindexing
 
     def fork(self, rows: torch.Tensor) -> None:
@@ -468,6 +469,13 @@ class _Attached:
                                "windowed gate.")  # fmt: skip
             forward.prompt_piece, forward.prompt_rest = True, prompt_length - forward.past
             forward.padding_from = forward.prompt_rest
+        if forward.padding_from is not None and isinstance(forward.ids, torch.Tensor) and forward.ids.ndim == 2:
+            # a generation's own steps carry its finished rows; its first forward (a prompt, or the rest of one
+            # after a reused cache) starts with none
+            before = sequence.finished if forward.continuation and not forward.prompt_piece else None
+            forward.dropped, sequence.finished = _finished_padding(
+                forward.ids, forward.padding_from, generation, before
+            )
 
     def end(self, output) -> None:
         """A forward this attachment began has returned: a cache the model made for it continues its sequences."""
@@ -488,7 +496,7 @@ class _Attached:
             prompt_length = (generation.length if generation is not None else 0) or None
         # a forward a callback of model.generate makes (a stopping criterion, a streamer running the model) is
         # judged as a prompt of its own, and leaves the session's decisions to the generation
-        aside = generation is None and _GENERATING.get() is not None
+        aside = generation is None and _generation_of(self.model) is not None
         if forward.prompt_rest is not None:  # the rest of a prompt whose start a cache holds
             n_prompt = min(forward.prompt_rest, T)
         elif forward.prompt_piece or not forward.continuation:
@@ -557,6 +565,22 @@ def _cache_of(inputs: dict):
     return next((inputs[k] for k in ("cache", "past_key_values") if inputs.get(k) is not None), None)
 
 
+def _finished_padding(ids: torch.Tensor, start: int, generation: _Generation, before: torch.Tensor | None):
+    """([B, T] the positions that are padding of a finished row, [B] the rows finished after these tokens). In a
+    batch, `model.generate` appends its pad id to a row that has generated an EOS, with attention 1: with a pad id the
+    model's config does not name (a tokenizer padded with an ordinary token) that padding would read as generated
+    text, and move the row's gate. Positions from `start` on are generated; `before`: the rows already finished."""
+    B, T = ids.shape
+    generated = torch.arange(T, device=ids.device)[None, :] >= start
+    ends = torch.isin(ids, generation.eos.to(ids.device)) & generated
+    earlier = (ends.long().cumsum(1) - ends.long()) > 0  # an EOS generated before the position
+    if before is not None and before.shape[0] == B:
+        earlier = earlier | before.to(ids.device)[:, None]
+    dropped = earlier & generated & torch.isin(ids, generation.pad.to(ids.device))
+    finished = (earlier | ends)[:, -1] if T else (before if before is not None else torch.zeros(B, dtype=torch.bool))
+    return dropped, finished
+
+
 def _weakly_referenced(cache) -> bool:
     """Whether `cache` can key its gate state (a Cache object can; a legacy tuple cannot)."""
     try:
@@ -567,18 +591,32 @@ def _weakly_referenced(cache) -> bool:
 
 
 class _Generation:
-    """One `model.generate` call in progress: where its prompt ends, which ids it pads finished rows with, and
-    which forwards are its own steps. A forward that one of its callbacks makes (a stopping criterion or a streamer
-    running the model) is not: it is judged as a prompt of its own. Its own steps are the first forward and those
-    that continue the KV cache the first one was given or made, or, decoding without a cache, those that repeat its
-    prompt's ids."""
+    """One `model.generate` call in progress on one model: where its prompt ends, which ids end a row and pad it
+    once finished, and which forwards are its own steps. A forward that one of its callbacks makes (a stopping
+    criterion or a streamer running the model) is not: it is judged as a prompt of its own. Its own steps are the
+    forwards given the inputs `prepare_inputs_for_generation` made for them (tagged); for a model without that
+    method, the first forward and those that continue the KV cache it was given or made, or, decoding without a
+    cache, those that repeat its prompt's ids."""
 
-    def __init__(self, length: int, padding: Sequence[int]):
+    def __init__(self, model, length: int, pad: Sequence[int], eos: Sequence[int], tagged: bool):
+        self.model = model
         self.length = length  # the prompt's length (0: not known)
-        self.padding = torch.tensor(sorted(set(padding)), dtype=torch.long)
+        self.pad = torch.tensor(sorted(set(pad)), dtype=torch.long)
+        self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long)
+        self.tagged, self.expected = tagged, None  # the input tensor of the step prepared last
         self.first, self.cache, self.ids = True, None, None
 
+    def expect(self, prepared) -> None:
+        """`prepare_inputs_for_generation` made the inputs of the next step."""
+        self.expected = _source(prepared) if isinstance(prepared, Mapping) else None
+
     def claims(self, inputs: dict) -> bool:
+        if self.tagged:
+            source = _source(inputs)
+            own = source is not None and source is self.expected
+            if own:
+                self.expected = None  # each prepared input is one step
+            return own
         cache, ids = _cache_of(inputs), inputs.get("input_ids")
         if self.first:
             self.first, self.cache = False, cache
@@ -601,16 +639,23 @@ class _Generation:
             self.cache = cache
 
 
-def _padding_ids(model, kwargs: dict) -> list[int]:
-    """The ids `model.generate(**kwargs)` ends a row with and pads it with once finished (its pad and EOS ids)."""
+def _generation_ids(model, kwargs: dict, key: str) -> list[int]:
+    """The ids `model.generate(**kwargs)` uses as `key` (pad_token_id: what it pads a finished row with;
+    eos_token_id: what ends a row), from its arguments or the model's generation config."""
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    named = {k: kwargs[k] if kwargs.get(k) is not None else getattr(config, k, None)
-             for k in ("pad_token_id", "eos_token_id")}  # fmt: skip
-    return special_ids_in(named)
+    return special_ids_in({key: kwargs[key] if kwargs.get(key) is not None else getattr(config, key, None)})
 
 
 _GENERATING: ContextVar[_Generation | None] = ContextVar("dsg_generating", default=None)
 """The `model.generate` call in progress in this thread or task, None outside one (see _ModelHooks)."""
+
+
+def _generation_of(model) -> _Generation | None:
+    """The `model.generate` call in progress in this thread or task, if it is `model`'s (another model run inside
+    it, by a callback, is not in it)."""
+    generation = _GENERATING.get()
+    return generation if generation is not None and generation.model is model else None
+
 
 _GENERATING_UNDER: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_generating_under", default=())
 """The attachments active when the `model.generate` call in progress in this thread or task began."""
@@ -636,10 +681,14 @@ class _ModelHooks:
         if isinstance(base, torch.nn.Module) and base is not model:
             self.handles += [base.register_forward_pre_hook(self.on_inputs, with_kwargs=True),
                              base.register_forward_hook(self.on_outputs, always_call=True)]  # fmt: skip
-        self.generate = None
+        self.generate = self.prepare = None
         if callable(getattr(model, "generate", None)) and "generate" not in vars(model):
             self.generate = self._wrap_generate(model.generate)
             model.generate = self.generate
+            prepare = getattr(model, "prepare_inputs_for_generation", None)
+            if callable(prepare) and "prepare_inputs_for_generation" not in vars(model):
+                self.prepare = self._wrap_prepare(prepare)
+                model.prepare_inputs_for_generation = self.prepare
 
     def mine(self) -> list[_Attached]:
         return _active_on(self.model)
@@ -655,7 +704,7 @@ class _ModelHooks:
             inputs = dict(kwargs)
             if args:
                 inputs.setdefault("input_ids", args[0])
-            generation, own = _GENERATING.get(), None
+            generation, own = _generation_of(self.model), None
             for att in attached:
                 # the base model inside the model's own forward (given the same input tensor) reads nothing new;
                 # any other forward starts afresh, also after one cut short by KeyboardInterrupt (which skips the
@@ -706,6 +755,21 @@ class _ModelHooks:
         with contextlib.suppress(AttributeError):
             cache._dsg_followed = True
 
+    def _wrap_prepare(self, prepare):
+        """`model.prepare_inputs_for_generation` tagging the inputs it makes as the `generate` call's next step, so
+        that a forward one of its callbacks makes is told apart (see _Generation)."""
+
+        def tagging_prepare(*args, **kwargs):
+            out = prepare(*args, **kwargs)
+            generation = _GENERATING.get()
+            if generation is not None and generation.model is self.model:
+                generation.expect(out)
+            return out
+
+        tagging_prepare.__wrapped__ = prepare
+        tagging_prepare.__doc__ = prepare.__doc__
+        return tagging_prepare
+
     def _wrap_generate(self, generate):
         """`model.generate` telling the hooks the prompt's length: a forward without a cache (use_cache=False) holds
         the prompt and the tokens generated so far, and only the prompt's positions are judged as prompt. The call
@@ -720,7 +784,13 @@ class _ModelHooks:
             length = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else 0
             with _HOOKS_LOCK:
                 self.users += 1
-            generation = _Generation(length, _padding_ids(self.model, kwargs))
+            generation = _Generation(
+                self.model,
+                length,
+                _generation_ids(self.model, kwargs, "pad_token_id"),
+                _generation_ids(self.model, kwargs, "eos_token_id"),
+                self.prepare is not None,
+            )
             tokens = (_GENERATING.set(generation), _GENERATING_UNDER.set(tuple(self.mine())))
             try:
                 return generate(*args, **kwargs)
@@ -756,6 +826,8 @@ class _ModelHooks:
             handle.remove()
         if self.generate is not None and vars(self.model).get("generate") is self.generate:
             del self.model.generate
+        if self.prepare is not None and vars(self.model).get("prepare_inputs_for_generation") is self.prepare:
+            del self.model.prepare_inputs_for_generation
 
 
 _HOOKS: dict[int, _ModelHooks] = {}

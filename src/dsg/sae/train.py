@@ -339,7 +339,8 @@ class _Trainer:
         out = {"loss": loss.item(), "fvu": fvu.item(), "penalty": penalty.item(), "l0": l0}
         if not math.isfinite(out["loss"]) or not bool(torch.isfinite(self.W_enc_FD).all()):
             raise DSGError(f"SAE training diverged (the loss or the weights became NaN or infinite at learning rate "
-                           f"{lr:g}); lower --lr (now {c.lr:g}).")  # fmt: skip
+                           f"{lr:g}); lower --lr (now {c.lr:g}), or check that the model's activations at the hook "
+                           "are finite.")  # fmt: skip
         return out
 
     def _topk_losses(self, x_BD: torch.Tensor, total_variance: torch.Tensor):
