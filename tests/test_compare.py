@@ -612,17 +612,10 @@ def test_compare_on_your_own_model_and_files_through_the_command(tiny_llama, tmp
     assert "ga" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cut", [False, True])
-def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts_decision(tmp_path, cut):
-    """A batch row is a context and its continuation run together, so another request's context can prefix it
-    (("The capital", " of France is") and ("The capital of France", " is Paris")): each request's guarded score must
-    be the one it gets alone, whatever else is in the run, a request whose context is cut to fit included (`cut`:
-    it is judged whole, and must not make the rows batched with it judged whole too)."""
-    pytest.importorskip("lm_eval")
-    from lm_eval.api.instance import Instance
-
+def _lm_eval_folders(tmp_path):
+    """(model, guardrail): a tiny model saved as tmp_path/model and a guardrail fitted on it as tmp_path/guard, for
+    the registered lm-eval model, which loads both from folders."""
     import dsg
-    from dsg.runtime.lm_eval import DSGLM
 
     from tiny import bpe_tokenizer, sparse_sae, tiny_model
 
@@ -633,7 +626,23 @@ def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts
     forget, retain = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
     sae = sparse_sae(model, tok, forget + retain, rate=0.1)
     config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
-    dsg.fit(model, tok, sae, forget, retain, config=config, progress=False).save(tmp_path / "guard")
+    guard = dsg.fit(model, tok, sae, forget, retain, config=config, progress=False)
+    guard.save(tmp_path / "guard")
+    return model, guard
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts_decision(tmp_path, cut):
+    """A batch row is a context and its continuation run together, so another request's context can prefix it
+    (("The capital", " of France is") and ("The capital of France", " is Paris")): each request's guarded score must
+    be the one it gets alone, whatever else is in the run, a request whose context is cut to fit included (`cut`:
+    it is judged whole, and must not make the rows batched with it judged whole too)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from dsg.runtime.lm_eval import DSGLM
+
+    _lm_eval_folders(tmp_path)
     requests = []
     for text in FORGET_TEXTS + RETAIN_TEXTS:
         words = text.split(" ")
@@ -669,17 +678,7 @@ def test_the_registered_lm_eval_model_reads_a_perplexity_text_whole_under_its_gu
     import dsg
     from dsg.runtime.lm_eval import DSGLM
 
-    from tiny import bpe_tokenizer, sparse_sae, tiny_model
-
-    tok = bpe_tokenizer(add_bos=True)
-    model = tiny_model("llama", seed=0, vocab=len(tok))
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    forget, retain = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
-    sae = sparse_sae(model, tok, forget + retain, rate=0.1)
-    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, batch_size=3)
-    guard = dsg.fit(model, tok, sae, forget, retain, config=config, progress=False)
-    guard.save(tmp_path / "guard")
+    model, guard = _lm_eval_folders(tmp_path)
     texts = FORGET_TEXTS + RETAIN_TEXTS
     instances = [Instance("loglikelihood_rolling", {}, arguments=(t,), idx=i) for i, t in enumerate(texts)]
     scores = {}

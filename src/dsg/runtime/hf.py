@@ -9,7 +9,9 @@ its positions share one decision; a forward that continues a cache holds generat
 running counts and can latch the gate (see rule.gate), unless it runs inside `with session.prefilling():` (a
 prompt fed in chunks through the cache: each chunk is the rest of the prompt). `session.prompt_length` (set by
 the no-cache reference generator, and by `model.generate` while an attachment is active, which a forward without
-a cache cannot otherwise tell from a prompt) says where the prompt ends inside a full-sequence forward. The gate
+a cache cannot otherwise tell from a prompt) says where the prompt ends inside a full-sequence forward. The steps
+of a `model.generate` call are the forwards given the inputs its `prepare_inputs_for_generation` made; a forward
+one of its callbacks makes (a stopping criterion, a streamer) is a prompt of its own. The gate
 state follows what generation does to the KV cache: rows reordered (beam search), repeated or selected, and
 tokens cropped (assisted and prompt-lookup decoding, which drop rejected candidates: the state is recomputed
 without them). `session.hold(decisions)` fixes the
