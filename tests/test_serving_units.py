@@ -72,6 +72,14 @@ def test_prefix_caching_is_refused_for_gated_guardrails_only(folder):
             serve_command(str(folder / "model"), [str(folder / kind)], prefix_caching=True)
     argv, _ = serve_command(str(folder / "model"), [str(folder / "static")], prefix_caching=True)
     assert "--enable-prefix-caching" in argv
+    # the same switch among the engine options after `--` (vLLM keeps the last) is refused before vLLM starts
+    for extra in (["--enable-prefix-caching"], ["--enable-prefix-caching=true"]):
+        with pytest.raises(DSGError, match="prefix caching"):
+            serve_command(str(folder / "model"), [str(folder / "window")], extra=extra)
+    serve_command(str(folder / "model"), [str(folder / "window")], extra=["--enable-prefix-caching",
+                                                                           "--no-enable-prefix-caching"])  # fmt: skip
+    with pytest.raises(DSGError, match="chunked prefill"):
+        serve_command(str(folder / "model"), [str(folder / "paper")], extra=["--enable-chunked-prefill"])
 
 
 def test_settings_refusal_names_the_reason(folder):
@@ -141,3 +149,46 @@ def test_a_prompt_clamped_under_a_gate_that_shut_again_is_reported():
     assert [g["prompt_clamped"] for g in d["guardrails"]] == [7, 2]
     assert headers_for(records)["x-dsg-prompt-clamped"] == "9"
     assert headers_for(records[:1] + [records[1] | {"prompt_clamped": None}])["x-dsg-prompt-clamped"] == "7"
+
+
+def _row(engine_id: str, **fields) -> dict:
+    return {"request_id": engine_id, "event": "prompt", "guardrail": "g", "rho": 0.1, "gated": False,
+            "prompt_clamped": 0} | fields  # fmt: skip
+
+
+def test_each_request_reads_its_own_records_whatever_its_endpoint_samples_or_prompts(tmp_path):
+    """vLLM's engine ids: `<i>_` before the i-th of n samples, `-<prompt index>` in completions. A request with
+    n > 1 used to find no record (reported not gated while the engine gated it); a chat request sent as `abc-0`
+    read a completions request `abc`'s first prompt; a list of prompts got one decision stitched from several."""
+    log = tmp_path / "audit.jsonl"
+    rows = [
+        _row("0_chatcmpl-n2-9e646484", rho=7.0, gated=True, prompt_clamped=7),
+        _row("1_chatcmpl-n2-9e646484", rho=7.0, gated=True, prompt_clamped=7),
+        _row("cmpl-col-0-86451c28", rho=9.0, gated=True, prompt_clamped=3),  # completions "col", its prompt 0
+        _row("chatcmpl-col-0-1a2b3c4d", rho=0.2),  # chat "col-0"
+        _row("cmpl-lst-0-aaaaaaaa", rho=8.0, gated=True, prompt_clamped=4),  # a list of two prompts
+        _row("cmpl-lst-1-aaaaaaaa", rho=0.0),
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = AuditIndex(log)
+    n2 = decision(index.records("n2", endpoint="chat"))
+    assert n2["gated"] is True and n2["prompt_clamped"] == 7 and [c["index"] for c in n2["choices"]] == [0, 1]
+    chat = index.records("col-0", endpoint="chat")
+    assert [r["rho"] for r in chat] == [0.2] and decision(chat)["gated"] is False
+    assert headers_for(chat)["x-dsg-gated"] == "false"
+    assert [r["rho"] for r in index.records("col", endpoint="completions")] == [9.0]
+    both = decision(index.records("lst", endpoint="completions"))
+    assert both["gated"] is True and both["prompt_clamped"] == 4
+    assert [(c["prompt"], c["gated"], c["guardrails"][0]["rho"]) for c in both["choices"]] == [
+        (0, True, 8.0),
+        (1, False, 0.0),
+    ]
+    assert both["guardrails"][0]["rho"] == 8.0  # the strongest, not whichever prompt came last
+    assert len(index.records("col")) == 1  # the decisions route: exactly this id, either endpoint
+
+
+def test_two_guardrails_of_one_name_are_reported_apart():
+    records = [_row("chatcmpl-r-1a2b3c4d", guardrail_index=i, rho=5.0, gated=True, prompt_clamped=7) for i in (0, 1)]
+    d = decision(records)
+    assert d["prompt_clamped"] == 14 and len(d["guardrails"]) == 2
+    assert headers_for(records)["x-dsg-rho"] == "5,5"

@@ -35,6 +35,18 @@ def model_folder(name_or_path: str) -> Path:
     return path
 
 
+def _last_switch(args: Sequence[str], name: str, default: bool) -> bool:
+    """The value the last `--NAME`, `--no-NAME` or `--NAME=true|false` among `args` gives a vLLM switch."""
+    value = default
+    for a in args:
+        flag, _, given = a.partition("=")
+        if flag == f"--{name}":
+            value = given.strip().lower() not in ("false", "0", "no") if given else True
+        elif flag == f"--no-{name}":
+            value = False
+    return value
+
+
 def serve_command(
     model: str,
     guardrails: Sequence[str],
@@ -66,7 +78,10 @@ def serve_command(
     if guards:
         from .vllm import settings_refusal
 
-        why = settings_refusal(guards, prefix_caching, chunked_prefill=False)
+        # vLLM keeps the last of a flag given twice: the engine options after `--` decide, as they will there
+        prefix = _last_switch(extra, "enable-prefix-caching", prefix_caching)
+        chunked = _last_switch(extra, "enable-chunked-prefill", False) if whole else False
+        why = settings_refusal(guards, prefix, chunked_prefill=chunked)
         if why:
             raise DSGError(f"These guardrails cannot be served with these settings: {why}.")
         audit = Path(audit_log or "dsg-audit.jsonl").expanduser().resolve()

@@ -74,8 +74,8 @@ class _Worker:
         self.guardrails = [Guardrail.load(p, allow_missing_model=True) for p in paths]
         if not self.guardrails:
             raise DSGError("additional_config.dsg.guardrails names no guardrail.")
-        labels = [{"guardrail": g.name or Path(p).name, "guardrail_sha256": g.content_sha256}
-                  for p, g in zip(paths, self.guardrails)]  # fmt: skip
+        labels = [{"guardrail": g.name or Path(p).name, "guardrail_index": i, "guardrail_sha256": g.content_sha256}
+                  for i, (p, g) in enumerate(zip(paths, self.guardrails))]  # fmt: skip
         vc = runner.vllm_config
         sched, cache = vc.scheduler_config, vc.cache_config
         chunked = bool(sched.enable_chunked_prefill) and sched.max_num_batched_tokens < vc.model_config.max_model_len

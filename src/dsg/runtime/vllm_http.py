@@ -18,42 +18,56 @@ log under that id, and this plugin answers from the log:
 
 A request sent with an id that an earlier one used (a retry, a tracing proxy's id) is answered from the records of
 its own engine request only. Two requests in flight at once under one id cannot be told apart: each then reports
-gated when either was.
+gated when either was. Records are found by endpoint and client id (`parse_id`), so a chat request `abc-0` is not
+a completions request `abc`'s first prompt; a response of several sequences (n > 1 samples, a list of prompts)
+gets one decision per choice under `choices`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
 from pathlib import Path
 
-GUARDED_PATHS = ("/v1/completions", "/v1/chat/completions")
-PREFIXES = ("chatcmpl-", "cmpl-")
+GUARDED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+PREFIXES = {"chatcmpl-": "chat", "cmpl-": "completions"}  # engine request ids' prefix, by endpoint
+_CHILD = re.compile(r"(\d+)_(.*)", re.S)  # the i-th of n samples: `<i>_<parent engine id>`
+
+
+def parse_id(engine_request_id: str) -> tuple[str | None, str, int | None, int | None]:
+    """(endpoint, client id, prompt index, sample index) of an engine request id: `chatcmpl-<id>-<8 hex>` (chat),
+    `cmpl-<id>-<prompt index>-<8 hex>` (completions, one per prompt of a list), either behind `<i>_` for the i-th
+    of n samples (`n > 1`). The endpoint tells a chat request sent as `abc-0` from the first prompt of a
+    completions request sent as `abc`. An id of no known shape is its own client id."""
+    rid, sample = engine_request_id, None
+    child = _CHILD.fullmatch(rid)
+    if child and child.group(2).startswith(tuple(PREFIXES)):
+        sample, rid = int(child.group(1)), child.group(2)
+    prefix = next((p for p in PREFIXES if rid.startswith(p)), None)
+    if prefix is None:
+        return None, engine_request_id, None, None
+    endpoint, rid = PREFIXES[prefix], rid[len(prefix) :].rsplit("-", 1)[0]  # less vLLM's random suffix
+    prompt = None
+    if endpoint == "completions":
+        head, _, tail = rid.rpartition("-")
+        if head and tail.isdigit():
+            rid, prompt = head, int(tail)
+    return endpoint, rid, prompt, sample
 
 
 class AuditIndex:
-    """The audit log, read incrementally: records by the client-facing request id."""
+    """The audit log, read incrementally: records by the client-facing request id and the endpoint it came to."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.offset = 0
         self.partial = b""
-        self.by_id: dict[str, list[dict]] = {}
+        self.by_id: dict[str, list[tuple[str | None, dict]]] = {}
         self.lock = threading.Lock()
-
-    @staticmethod
-    def base_id(engine_request_id: str) -> str:
-        """`chatcmpl-<id>-<8 hex>` (or `cmpl-<id>-<i>-<8 hex>`) -> `<id>`."""
-        rid = engine_request_id
-        for prefix in PREFIXES:
-            if rid.startswith(prefix):
-                rid = rid[len(prefix) :]
-                break
-        rid = rid.rsplit("-", 1)[0]  # vLLM's random suffix
-        return rid
 
     def refresh(self) -> None:
         with self.lock:
@@ -72,36 +86,67 @@ class AuditIndex:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                rid = str(record.get("request_id", ""))
-                base = self.base_id(rid)
-                self.by_id.setdefault(base, []).append(record)
-                if rid.startswith("cmpl-") and "-" in base:  # completions: `cmpl-<id>-<prompt index>-<suffix>`
-                    self.by_id.setdefault(base.rsplit("-", 1)[0], []).append(record)
+                endpoint, client_id, _, _ = parse_id(str(record.get("request_id", "")))
+                self.by_id.setdefault(client_id, []).append((endpoint, record))
 
-    def records(self, request_id: str, excluding: frozenset[str] = frozenset()) -> list[dict]:
-        """The records logged under a client-facing id, less those of the engine requests in `excluding`."""
+    def records(self, request_id: str, excluding: frozenset[str] = frozenset(), endpoint: str | None = None
+                ) -> list[dict]:  # fmt: skip
+        """The records logged under a client-facing id (sent to `endpoint`, "chat" or "completions"; None: to
+        either), less those of the engine requests in `excluding`."""
         self.refresh()
-        return [r for r in self.by_id.get(request_id, []) if str(r.get("request_id", "")) not in excluding]
+        return [r for e, r in self.by_id.get(request_id, [])
+                if (endpoint is None or e == endpoint) and str(r.get("request_id", "")) not in excluding]  # fmt: skip
 
-    def engine_ids(self, request_id: str) -> frozenset[str]:
+    def engine_ids(self, request_id: str, endpoint: str | None = None) -> frozenset[str]:
         """The engine request ids logged so far under a client-facing id. A client may send an id again (a retry, a
         tracing proxy's id); vLLM gives each request its own engine id, so a request reads only the records of
         engine ids that were not there when it arrived."""
-        return frozenset(str(r.get("request_id", "")) for r in self.records(request_id))
+        return frozenset(str(r.get("request_id", "")) for r in self.records(request_id, endpoint=endpoint))
 
 
-def decision(records: list[dict]) -> dict:
-    """A request's decision from its audit records: gated (by any guardrail, on its prompt or latched while
-    decoding), and each guardrail's latest record."""
-    latest: dict[str, dict] = {}
+def _sequence_decision(records: list[dict]) -> dict:
+    """One sequence's decision (one prompt, one sample): gated by any guardrail, on its prompt or latched while
+    decoding, and each guardrail's latest record (told apart by its place in the engine's list: two guardrails may
+    share a name)."""
+    latest: dict = {}
     for r in records:
-        latest[r.get("guardrail", "?")] = r
+        latest[r.get("guardrail_index", r.get("guardrail", "?"))] = r
     return {
         "gated": any(bool(r.get("gated")) for r in records),
         "prompt_clamped": sum(int(r.get("prompt_clamped") or 0) for r in latest.values()),
         "guardrails": [{k: r.get(k) for k in ("guardrail", "event", "rho", "threshold", "gated", "prompt_clamped")}
                        for r in latest.values()],
     }  # fmt: skip
+
+
+def decision(records: list[dict]) -> dict:
+    """A request's decision from its audit records. One sequence (one prompt, one sample): gated, prompt_clamped and
+    each guardrail's latest record. Several (a completions request with a list of prompts, or n > 1 samples):
+    gated when any is, prompt_clamped summed over the prompts, each guardrail's record with the highest rho, and
+    `choices`, one decision per choice of the response, in its order (prompt by prompt, sample by sample)."""
+    sequences: dict[tuple[int, int], list[dict]] = {}
+    for r in records:
+        _, _, prompt, sample = parse_id(str(r.get("request_id", "")))
+        sequences.setdefault((prompt or 0, sample or 0), []).append(r)
+    if len(sequences) <= 1:
+        return _sequence_decision(records)
+    samples = max(s for _, s in sequences) + 1
+    choices = [{"index": p * samples + s, "prompt": p, "sample": s, **_sequence_decision(rs)}
+               for (p, s), rs in sorted(sequences.items())]  # fmt: skip
+    strongest: dict[int, dict] = {}  # by place in the engine's list of guardrails, the same in every sequence
+    for c in choices:
+        for j, g in enumerate(c["guardrails"]):
+            if j not in strongest or (g.get("rho") or 0) > (strongest[j].get("rho") or 0):
+                strongest[j] = g
+    per_prompt: dict[int, int] = {}
+    for c in choices:  # the samples of one prompt share it: count its clamped tokens once
+        per_prompt[c["prompt"]] = max(per_prompt.get(c["prompt"], 0), c["prompt_clamped"])
+    return {
+        "gated": any(c["gated"] for c in choices),
+        "prompt_clamped": sum(per_prompt.values()),
+        "guardrails": list(strongest.values()),
+        "choices": choices,
+    }
 
 
 def headers_for(records: list[dict]) -> dict[str, str]:
@@ -122,10 +167,11 @@ class DSGEndpoint:
     def __init__(self):
         self.index: AuditIndex | None = None
 
-    async def _records(self, request_id: str, wait: float, excluding: frozenset[str] = frozenset()) -> list[dict]:
+    async def _records(self, request_id: str, wait: float, excluding: frozenset[str] = frozenset(),
+                       endpoint: str | None = None) -> list[dict]:  # fmt: skip
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            found = self.index.records(request_id, excluding) if self.index is not None else []
+            found = self.index.records(request_id, excluding, endpoint) if self.index is not None else []
             if found or asyncio.get_running_loop().time() >= deadline:
                 return found
             await asyncio.sleep(0.01)
@@ -148,7 +194,8 @@ class DSGEndpoint:
             if not rid:
                 rid = uuid.uuid4().hex
                 request.scope["headers"] = [*request.scope["headers"], (b"x-request-id", rid.encode())]
-            earlier = plugin.index.engine_ids(rid)  # earlier requests sent with the same id: not this one's records
+            endpoint = GUARDED_PATHS[request.url.path]
+            earlier = plugin.index.engine_ids(rid, endpoint)  # earlier requests with the same id: not this one's
             response = await call_next(request)
             if response.status_code != 200:
                 return response
@@ -157,14 +204,14 @@ class DSGEndpoint:
             async for chunk in body:  # the first chunk comes once the prompt has been through the engine
                 first = chunk if isinstance(chunk, bytes) else chunk.encode()
                 break
-            records = await plugin._records(rid, 5.0, earlier)
+            records = await plugin._records(rid, 5.0, earlier, endpoint)
             headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
             headers |= {"x-request-id": rid} | (headers_for(records) if records else {})
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
                 data = first + b"".join([c if isinstance(c, bytes) else c.encode() async for c in body])
                 try:  # the final decision (a gate may latch while decoding) as an extra field of the body
                     payload = json.loads(data)
-                    final = plugin.index.records(rid, earlier)
+                    final = plugin.index.records(rid, earlier, endpoint)
                     payload["dsg"] = decision(final)
                     data = json.dumps(payload).encode()
                     headers |= headers_for(final)
@@ -179,7 +226,7 @@ class DSGEndpoint:
                     pending = chunk if isinstance(chunk, bytes) else chunk.encode()
                 if b"data: [DONE]" in pending:
                     event = {"id": rid, "object": "dsg.decision", "created": int(time.time()), "model": "",
-                             "choices": [], "dsg": decision(plugin.index.records(rid, earlier))}  # fmt: skip
+                             "choices": [], "dsg": decision(plugin.index.records(rid, earlier, endpoint))}  # fmt: skip
                     pending = pending.replace(
                         b"data: [DONE]", b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]"
                     )
