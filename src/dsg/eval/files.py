@@ -62,8 +62,7 @@ def evaluate_files(
         intervention.check_model(model)
     options = {"mode": mode, "verify": False, **score_options}
 
-    tasks, pooled = {}, {"n": 0, "correct": 0, "gated": 0, "subset_n": 0, "subset_correct": 0, "norm_n": 0,
-                         "norm_correct": 0}  # fmt: skip
+    tasks, scored = {}, []  # scored: per task, (results, base-correct subset, length-normalised one)
     for name, path in zip(names, paths):
         questions = read_questions(path)
         given = base_subsets is not None and name in base_subsets
@@ -80,44 +79,41 @@ def evaluate_files(
             if permutations:
                 subset = base_correct_subset(model, tokenizer, questions, permutations=True, **options)
         tasks[name] = _task_entry(path, results, subset, source, permutations, mode, details)
+        norm_subset = None
         if source == "computed":
             tasks[name]["base_accuracy"] = accuracy(base)
             if mode == "likelihood" and not permutations:  # what dsg demo and dsg compare report
                 norm_subset = [i for i, r in enumerate(base) if r.correct_norm]
-                tasks[name]["base_correct_norm"] = _norm_entry(results, norm_subset)
-                pooled["norm_n"] += len(norm_subset)
-                pooled["norm_correct"] += sum(results[i].correct_norm for i in norm_subset)
-        correct = [r.correct for r in results]
-        pooled["n"] += len(results)
-        pooled["correct"] += sum(correct)
-        pooled["gated"] += sum(bool(r.gated) for r in results)
-        if subset is not None:
-            pooled["subset_n"] += len(subset)
-            pooled["subset_correct"] += sum(correct[i] for i in subset)
-
+                # the questions the base model answers by length-normalised scoring, and the share still answered
+                tasks[name]["base_correct_norm"] = _on_subset([r.correct_norm for r in results],
+                                                              [r.gated for r in results], norm_subset)  # fmt: skip
+        scored.append((results, subset, norm_subset))
     gate_known = all(t["gate_rate"] is not None for t in tasks.values())
-    summary_all: dict[str, Any] = {
-        "n": pooled["n"],
-        "accuracy": pooled["correct"] / pooled["n"],
-        "gate_rate": pooled["gated"] / pooled["n"] if gate_known else None,
-    }
-    if any("base_correct" in t for t in tasks.values()):
-        summary_all["base_correct"] = {
-            "n": pooled["subset_n"],
-            "accuracy": pooled["subset_correct"] / pooled["subset_n"] if pooled["subset_n"] else None,
-        }
-    if any("base_correct_norm" in t for t in tasks.values()):
-        summary_all["base_correct_norm"] = {
-            "n": pooled["norm_n"],
-            "accuracy": pooled["norm_correct"] / pooled["norm_n"] if pooled["norm_n"] else None,
-        }
     return {
         "mode": mode,
         "options": {k: v for k, v in score_options.items() if k in ("prompt_format", "description", "chat")},
         "guardrails": [repr(g) for g in guardrails_in(intervention)],
         "tasks": tasks,
-        "all": summary_all,
+        "all": _pooled(scored, gate_known),
     }
+
+
+def _pooled(scored: list[tuple[list, list[int] | None, list[int] | None]], gate_known: bool) -> dict[str, Any]:
+    """The summary over every task's questions: accuracy and gate rate, and on the base-correct subsets (summed
+    and length-normalised scoring, where the tasks have them) their size and accuracy."""
+    results = [r for rs, _, _ in scored for r in rs]
+    out: dict[str, Any] = {
+        "n": len(results),
+        "accuracy": sum(r.correct for r in results) / len(results),
+        "gate_rate": sum(bool(r.gated) for r in results) / len(results) if gate_known else None,
+    }
+    for key, at, field in (("base_correct", 1, "correct"), ("base_correct_norm", 2, "correct_norm")):
+        parts = [(task[0], task[at]) for task in scored if task[at] is not None]
+        if parts:
+            n = sum(len(subset) for _, subset in parts)
+            hits = sum(getattr(rs[i], field) for rs, subset in parts for i in subset)
+            out[key] = {"n": n, "accuracy": hits / n if n else None}
+    return out
 
 
 def _given_subset(name: str, indices: Sequence[int], n: int) -> list[int]:
@@ -131,12 +127,10 @@ def _given_subset(name: str, indices: Sequence[int], n: int) -> list[int]:
     return subset
 
 
-def _norm_entry(results, subset: list[int]) -> dict:
-    """The base-correct subset and accuracy under length-normalised scoring (acc_norm): the questions the base
-    model answers when each choice's log-probability is divided by its length, and the share of them still
-    answered so."""
-    on = summarize_task([r.correct_norm for r in results], [r.gated for r in results],
-                        [i in set(subset) for i in range(len(results))])  # fmt: skip
+def _on_subset(correct: list[bool], gated: list[bool | None], subset: list[int]) -> dict:
+    """The size, accuracy and gate rate of the questions in `subset`, and their indices."""
+    members = set(subset)
+    on = summarize_task(correct, gated, [i in members for i in range(len(correct))])
     return {"n": len(subset), "accuracy": on.accuracy_base_correct, "gate_rate": on.gate_rate_base_correct,
             "indices": subset}  # fmt: skip
 
@@ -149,15 +143,9 @@ def _task_entry(path: Path, results, subset, source, permutations: bool, mode: s
     if mode == "likelihood":
         entry["accuracy_norm"] = summarize_task([r.correct_norm for r in results], gated, correct).accuracy
     if subset is not None:
-        in_subset = set(subset)
-        on = summarize_task(correct, gated, [i in in_subset for i in range(len(results))])
-        entry["base_correct"] = {
-            "n": len(subset),
+        entry["base_correct"] = _on_subset(correct, gated, subset) | {
             "source": source,
             "permutations": bool(permutations) if source == "computed" else None,
-            "accuracy": on.accuracy_base_correct,
-            "gate_rate": on.gate_rate_base_correct,
-            "indices": subset,
         }
     if details:
         entry["questions"] = [r._asdict() for r in results]

@@ -429,38 +429,46 @@ def _loglikelihoods(
                         gated[i], clamped[i], skipped[i] = False, False, True
                     continue
                 decisions_BG = session.decisions() if session is not None else None
-                touched = acted_on(session) if decisions_BG is not None else None
-                if decisions_BG is not None:
-                    for b, i in enumerate(rows):
-                        # a gated prompt's choices are clamped wherever their latents fire; otherwise only the
-                        # prompt's tokens near a window the gate opened on
-                        gated[i] = bool(decisions_BG[b].any())
-                        clamped[i] = (
-                            gated[i]
-                            or bool(touched is not None and touched[b])
-                            or bool(shared is not None and shared.any())
-                        )
+                for i, g, c in zip(rows, *_acted(session, decisions_BG, shared, len(rows))):
+                    gated[i], clamped[i] = g, c
                 first_BV = out.logits[:, -1].float().log_softmax(-1)
                 for b, i in enumerate(rows):
                     for k, cand in enumerate(requests[i].candidates):
                         scores[i][k] = float(first_BV[b, cand[0]])
-
-                pairs = [(b, k) for b, i in enumerate(rows) for k, c in enumerate(requests[i].candidates) if len(c) > 1]
-                sums = []
-                if pairs:
-                    cands = [requests[rows[b]].candidates[k] for b, k in pairs]
-                    row = [0] * len(rows)  # the tokens side by side in each question's row
-                    for (b, _), c in zip(pairs, cands):
-                        row[b] += len(c) - 1
-                    dtype = _mask_dtype(model, mask.shape[1] + max(row))
-                    args = (model, getattr(out, cache_name), mask, pairs, cands, pad_id, session, decisions_BG,
-                            cache_name)  # fmt: skip
-                    sums = _grouped_choices(*args, dtype) if dtype is not None else _repeated_choices(*args)
-            for (b, k), s in zip(pairs, sums):
+                rest = _rest_of_choices(model, out, mask, [requests[i] for i in rows], pad_id, session, decisions_BG,
+                                        cache_name)  # fmt: skip
+            for (b, k), s in rest:
                 scores[rows[b]][k] += s
             del out
             _check_finite([scores[i] for i in rows], rows)
     return scores, gated, skipped, clamped
+
+
+def _acted(session, decisions_BG, shared, B: int) -> tuple[list[bool | None], list[bool | None]]:
+    """(gated, clamped) for each of a batch's B prompts, None without a gate: gated when the gate is open at the
+    prompt's end (its choices are clamped wherever their latents fire), clamped when that or any token of the prompt
+    was clamped (near a window the gate opened on and closed after, or in the shared prefix)."""
+    if decisions_BG is None:
+        return [None] * B, [None] * B
+    touched = acted_on(session)
+    in_prefix = shared is not None and bool(shared.any())
+    gated = [bool(decisions_BG[b].any()) for b in range(B)]
+    return gated, [g or in_prefix or bool(touched is not None and touched[b]) for b, g in enumerate(gated)]
+
+
+def _rest_of_choices(model, out, mask, requests, pad_id, session, decisions_BG, cache_name) -> list:
+    """((row, candidate), summed log-probability) of every candidate's tokens after its first, scored over the
+    prompts' cache in one forward (`_grouped_choices`) or one per candidate (`_repeated_choices`)."""
+    pairs = [(b, k) for b, r in enumerate(requests) for k, c in enumerate(r.candidates) if len(c) > 1]
+    if not pairs:
+        return []
+    cands = [requests[b].candidates[k] for b, k in pairs]
+    row = [0] * len(requests)  # the tokens side by side in each question's row
+    for (b, _), c in zip(pairs, cands):
+        row[b] += len(c) - 1
+    dtype = _mask_dtype(model, mask.shape[1] + max(row))
+    args = (model, getattr(out, cache_name), mask, pairs, cands, pad_id, session, decisions_BG, cache_name)
+    return list(zip(pairs, _grouped_choices(*args, dtype) if dtype is not None else _repeated_choices(*args)))
 
 
 def _check_finite(scores: Sequence[Sequence[float]], rows: Sequence[int]) -> None:
@@ -530,7 +538,7 @@ def score_mcq(
                                                    batch_size, progress, desc, skip_untouched=skip)  # fmt: skip
     results = QuestionResults(
         unguarded[i]._replace(gated=False, clamped=False) if skipped[i]
-        else _result(i, q, lls[i], owners[i], gated[i], mode)._replace(clamped=clamped[i])
+        else _result(i, q, lls[i], owners[i], gated[i], clamped[i], mode)
         for i, q in enumerate(questions)
     )  # fmt: skip
     if intervention is None:  # what a guarded run given these as `unguarded` checks it against
@@ -560,18 +568,20 @@ def check_questions_fit(model, tokenizer, questions, what: str = "Question") -> 
     """Refuse, before any forward, a question that scored in likelihood mode as written would not fit the model's
     context (what score_mcq refuses when it comes to score it)."""
     for i, q in enumerate(questions):
-        r = _request(model, tokenizer, check_question(q, f"{what.lower()} {i}"), "likelihood", "{question}", "", False)
-        check_fits_context(model, positions_needed(r[0]), f"{what} {i} with its longest choice")
+        needed = positions_needed(_as_written(model, tokenizer, check_question(q, f"{what.lower()} {i}")))
+        check_fits_context(model, needed, f"{what} {i} with its longest choice")
 
 
 def fits_context(model, tokenizer, questions) -> bool:
     """Whether every question, scored in likelihood mode as written, fits the model's context (score_mcq refuses
     one that does not)."""
     limit = context_length(model)
-    if limit is None:
-        return True
-    built = (_request(model, tokenizer, q, "likelihood", "{question}", "", False)[0] for q in questions)
-    return all(positions_needed(r) <= limit for r in built)
+    return limit is None or all(positions_needed(_as_written(model, tokenizer, q)) <= limit for q in questions)
+
+
+def _as_written(model, tokenizer, q: dict) -> _Request:
+    """The request scoring `q` in likelihood mode with its question as the prompt (the default of score_mcq)."""
+    return _request(model, tokenizer, q, "likelihood", "{question}", "", False)[0]
 
 
 def _request(model, tokenizer, q: dict, mode: str, prompt_format: str, description: str, chat: bool):
@@ -599,7 +609,9 @@ def _request(model, tokenizer, q: dict, mode: str, prompt_format: str, descripti
     return _Request(ids, cands), owner
 
 
-def _result(i: int, q: dict, lls: list[float], owner: list[int], gated: bool | None, mode: str) -> QuestionResult:
+def _result(
+    i: int, q: dict, lls: list[float], owner: list[int], gated: bool | None, clamped: bool | None, mode: str
+) -> QuestionResult:
     scores = [-math.inf] * len(q["choices"])
     for k, c in enumerate(owner):
         scores[c] = max(scores[c], lls[k])  # chat mode: max(log P("A"), log P(" A"))
@@ -610,7 +622,17 @@ def _result(i: int, q: dict, lls: list[float], owner: list[int], gated: bool | N
     pred, pred_norm = argmax(scores), argmax(norm)
     answer = q["answer"]
     return QuestionResult(
-        i, q.get("id"), answer, pred, pred == answer, tuple(scores), pred_norm, pred_norm == answer, tuple(norm), gated
+        i,
+        q.get("id"),
+        answer,
+        pred,
+        pred == answer,
+        tuple(scores),
+        pred_norm,
+        pred_norm == answer,
+        tuple(norm),
+        gated,
+        clamped,
     )
 
 

@@ -303,7 +303,7 @@ def measure(
     hook, _ = _checked_hook(model, sae, config)
     for label, texts in (("forget", forget), ("retain", retain)):
         _checked_texts(label, texts)
-    if {" ".join(t.split()) for t in forget} <= {" ".join(t.split()) for t in retain}:  # whitespace aside
+    if set(_spacing_aside(forget)) <= set(_spacing_aside(retain)):
         raise DSGError("Every forget text is also in the retain corpus (the same texts, repeated or as a subset); "
                        "nothing could tell the domain apart.")  # fmt: skip
     forget_seqs, retain_seqs = _sequences(tokenizer, forget, config, 1), _sequences(tokenizer, retain, config, 2)
@@ -411,11 +411,16 @@ def fit(
                      info=info, tensors=tensors)  # fmt: skip
 
 
+def _spacing_aside(texts: Sequence[str]) -> list[str]:
+    """The texts with runs of whitespace made one space, to tell one text given twice apart from two texts."""
+    return [" ".join(t.split()) for t in texts]
+
+
 def _check_calibration_benign(calibration: Sequence[str], forget: Sequence[str]) -> None:
     """Calibration is benign traffic: the gate's levels are read from it, so a forget text there (the forget corpus
     passed again, or part of it) lifts them to where forget text itself no longer opens the gate."""
-    seen = {" ".join(t.split()) for t in forget}
-    shared = [i for i, t in enumerate(calibration) if " ".join(t.split()) in seen]  # whitespace aside
+    seen = set(_spacing_aside(forget))
+    shared = [i for i, t in enumerate(_spacing_aside(calibration)) if t in seen]
     if shared:
         raise DSGError(f"{len(shared)} of {len(calibration)} calibration texts are also forget texts (the first: "
                        f"calibration text {shared[0]}). Calibration must be benign traffic: the gate's threshold is "

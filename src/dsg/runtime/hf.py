@@ -594,11 +594,10 @@ def _weakly_referenced(cache) -> bool:
 
 class _Generation:
     """One `model.generate` call in progress on one model: where its prompt ends, which ids end a row and pad it
-    once finished, and which forwards are its own steps. A forward that one of its callbacks makes (a stopping
-    criterion or a streamer running the model) is not: it is judged as a prompt of its own. Its own steps are the
-    forwards given the inputs `prepare_inputs_for_generation` made for them (tagged); for a model without that
-    method, the first forward and those that continue the KV cache it was given or made, or, decoding without a
-    cache, those that repeat its prompt's ids."""
+    once finished, and which forwards are its own steps: those given the inputs `prepare_inputs_for_generation`
+    made for them (tagged). A forward that one of its callbacks makes (a stopping criterion or a streamer running
+    the model) is not: it is judged as a prompt of its own. For a model without that method every forward inside
+    the call is its step."""
 
     def __init__(self, model, length: int, pad: Sequence[int], eos: Sequence[int], tagged: bool):
         self.model = model
@@ -606,39 +605,19 @@ class _Generation:
         self.pad = torch.tensor(sorted(set(pad)), dtype=torch.long)
         self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long)
         self.tagged, self.expected = tagged, None  # the input tensor of the step prepared last
-        self.first, self.cache, self.ids = True, None, None
 
     def expect(self, prepared) -> None:
         """`prepare_inputs_for_generation` made the inputs of the next step."""
         self.expected = _source(prepared) if isinstance(prepared, Mapping) else None
 
     def claims(self, inputs: dict) -> bool:
-        if self.tagged:
-            source = _source(inputs)
-            own = source is not None and source is self.expected
-            if own:
-                self.expected = None  # each prepared input is one step
-            return own
-        cache, ids = _cache_of(inputs), inputs.get("input_ids")
-        if self.first:
-            self.first, self.cache = False, cache
-            if isinstance(ids, torch.Tensor) and ids.ndim == 2:
-                self.ids = ids[:, : self.length].clone()
+        if not self.tagged:
             return True
-        if cache is not None:
-            return cache is self.cache
-        if self.cache is not None:  # it decodes with a cache: a forward without one is a callback's
-            return False
-        if self.ids is None or not isinstance(ids, torch.Tensor):  # from inputs_embeds: nothing to tell them apart
-            return self.ids is None
-        return (ids.ndim == 2 and ids.shape[0] == self.ids.shape[0] and ids.shape[1] > self.length
-                and torch.equal(ids[:, : self.length], self.ids.to(ids.device)))  # fmt: skip
-
-    def made(self, output) -> None:
-        """One of its steps returned: the cache the model made or extended is the one its next steps continue."""
-        cache = _cache_of(output) if isinstance(output, Mapping) else None
-        if cache is not None:
-            self.cache = cache
+        source = _source(inputs)
+        own = source is not None and source is self.expected
+        if own:
+            self.expected = None  # each prepared input is one step
+        return own
 
 
 def _generation_ids(model, kwargs: dict, key: str) -> list[int]:
@@ -725,8 +704,6 @@ class _ModelHooks:
     def on_outputs(self, module, _args, output) -> None:
         for att in self.mine():
             if att.forward.owner is module:
-                if att.forward.generation is not None:
-                    att.forward.generation.made(output)
                 att.end(output)
 
     def follow(self, cache) -> None:
