@@ -113,7 +113,7 @@ def test_loading_against_another_sae_or_model_refuses(fitted, tmp_path, tiny_gpt
     # a model cast to another dtype after the fit is refused with the reason named
     half = type(model)(model.config).eval()
     half.load_state_dict(model.state_dict())
-    with pytest.raises(dsg.DSGError, match="torch.bfloat16 and the guardrail's torch.float32"):
+    with pytest.raises(dsg.DSGError, match=r"bfloat16 and the fitted model's were float32.*dtype=torch.float32"):
         dsg.Guardrail.load(tmp_path / "g", model=half.to(torch.bfloat16))
     # later layers do not feed the hook, so editing them keeps the guardrail valid
     with torch.no_grad():
@@ -488,7 +488,9 @@ def test_a_latch_level_is_calibrated_above_the_threshold_saved_and_checked(fitte
         dsg.Guardrail(sae, features=[0], threshold=0.5, hold=4)
 
 
-@pytest.mark.parametrize("edit", ["decoder past any SAE", "one tensor in float16", "hold past any context"])
+@pytest.mark.parametrize(
+    "edit", ["decoder past any SAE", "one tensor in float16", "hold past any context", "model config not an object"]
+)
 def test_re_hashed_tensors_and_fields_that_break_inference_are_refused(fitted, tmp_path, edit):
     """The content hash is not a signature: whoever edits a guardrail can re-hash it. What would give NaN logits
     (a decoder row of 1e38 times the clamp), a crash at inference (one tensor in another dtype) or a gate that
@@ -507,12 +509,15 @@ def test_re_hashed_tensors_and_fields_that_break_inference_are_refused(fitted, t
         tensors["W_dec_selected"][0, 0] = 1e38
     elif edit == "one tensor in float16":
         tensors["b_dec"] = tensors["b_dec"].half()
-    else:
+    elif edit == "hold past any context":
         meta |= {"window": 4, "hold": 10**13}
+    else:
+        meta["model"]["config"] = ["rms_norm_eps", 0.5]  # crashed the model check
     save_file(tensors, str(tpath))
     meta[HASH_FIELD] = content_sha256(meta, tensors)
     path.write_text(json.dumps(meta))
-    with pytest.raises(dsg.DSGError, match="past 1e\\+06|one dtype|'hold' must be a positive integer up to"):
+    refused = "past 1e\\+06|one dtype|'hold' must be a positive integer up to|'model.config'"
+    with pytest.raises(dsg.DSGError, match=refused):
         dsg.Guardrail.load(tmp_path / "g")
 
 
@@ -534,3 +539,22 @@ def test_fitting_inside_an_attachment_on_the_same_model_is_refused(fitted, tiny_
             train_sae(model, tok, FORGET + RETAIN, small, progress=False)
     again = dsg.fit(model, tok, sae, FORGET, RETAIN, config=config, progress=False)  # outside: as before
     assert again.features == guard.features and again.threshold == guard.threshold
+
+
+def test_a_model_with_the_same_weights_and_another_config_is_refused(fitted):
+    """The check hashed weights only: a model whose config changes what they compute (rms_norm_eps, rope_theta,
+    the activation, heads, a sliding window) was accepted though the activations at the hook differ."""
+    import copy
+
+    model, tok, sae, guard = fitted
+    assert guard.info["model"]["config"]["rms_norm_eps"] == model.config.rms_norm_eps
+    assert guard.info["model"]["dtype"] == "float32"
+    other = copy.deepcopy(model)
+    other.config.use_cache, other.config.pad_token_id = False, 3  # switches and token ids compute nothing
+    guard.check_model(other)
+    other.config.rms_norm_eps = 0.5
+    with pytest.raises(dsg.DSGError, match=r"another config.*rms_norm_eps: 1e-06 -> 0.5"):
+        guard.check_model(other)
+    # a field the fitted model's transformers did not write (a newer version's default) is not compared
+    del guard.info["model"]["config"]["rms_norm_eps"]
+    guard.check_model(other)

@@ -126,3 +126,25 @@ def test_a_hook_for_this_thread_leaves_other_threads_forwards_alone(this_thread)
         mine = model(ids).logits
     assert not torch.equal(mine, expected)  # the hook edits this thread's forward either way
     assert torch.equal(seen["other"], expected) == this_thread
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("model", "gives a BaseModelOutputWithPast"),  # a model output object: crashed on .shape
+        ("model.rotary_emb", r"gives a tensor of shape \(1, 7, 8\) for \(2, 7\) input tokens"),  # rotary tables
+    ],
+)
+def test_a_hook_whose_output_is_not_per_token_activations_is_refused(name, match):
+    """Such hooks crashed with an AttributeError or an IndexError deep in the statistics; a Gemma3n decoder
+    layer's stacked [streams, batch, tokens, width] output is refused the same way."""
+    model = tiny_model("llama")
+    with pytest.raises(dsg.DSGError, match=match):
+        next(dsg.lm.hooks.activations_by_batch(model, name, [([0, 1], random_ids(2, 7), torch.ones(2, 7))]))
+    stacked = model.model.layers[0].register_forward_hook(lambda m, a, out: out.expand(3, *out.shape))
+    try:
+        refused = pytest.raises(dsg.DSGError, match=r"gives a tensor of shape \(3, 2, 7, 32\)")
+        with refused, hooked(model, "blocks.0.hook_resid_post", lambda x: None), torch.no_grad():
+            model(random_ids(2, 7))
+    finally:
+        stacked.remove()

@@ -205,6 +205,11 @@ def test_edits_refuse_wrong_models_and_double_application(rmu_edit):
         apply_edit(tiny_model("llama", layers=3, d=64), edit)
     with pytest.raises(DSGError, match="does not have"):
         apply_edit(tiny_model("gpt2", layers=3), edit)
+    assert edit.info["base"]["model"]["config"]["hidden_act"] == "silu"
+    reconfigured = copy.deepcopy(model)
+    reconfigured.config.hidden_act = "gelu"  # the same weights compute something else
+    with pytest.raises(DSGError, match="another config: hidden_act: 'silu' -> 'gelu'"):
+        apply_edit(reconfigured, edit)
     fresh = copy.deepcopy(model)
     apply_edit(fresh, edit)
     with pytest.raises(DSGError, match="already applied"):

@@ -104,6 +104,41 @@ def test_sparsify_folder_with_transposed_encoder(tmp_path):
         dsg.SAE.load(tmp_path)
 
 
+def test_sparsify_folder_name_is_its_recorded_hook(tmp_path):
+    """sparsify names a folder after its hook point: another --sae-hook is refused as for a SAELens file that
+    records one (it was read at that point silently), and a folder renamed to a plain name takes the given one."""
+    sae = tiny_sae(architecture="topk", k=6)
+    d = _sparsify_folder(tmp_path / "layers.3", sae)
+    assert dsg.SAE.load(d, hook_name="layers.3").hook_name == "layers.3"
+    with pytest.raises(dsg.DSGError, match="records its hook point 'layers.3'"):
+        dsg.SAE.load(d, hook_name="blocks.0.hook_resid_post")
+    renamed = _sparsify_folder(tmp_path / "my_sae", sae)
+    assert dsg.SAE.load(renamed, hook_name="blocks.0.hook_resid_post").hook_name == "blocks.0.hook_resid_post"
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        # tanh(relu(.)) caps codes at 1; read as a ReLU SAE the codes, the statistics and the clamp were all wrong
+        ({"activation_fn_str": "tanh-relu"}, "activation function 'tanh-relu' is not supported"),
+        ({"activation_fn": "tanh-relu"}, "activation function 'tanh-relu' is not supported"),
+        # the JumpReLU threshold was dropped and the SAE read as TopK
+        ({"architecture": "jumprelu", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}},
+         "architecture 'jumprelu' with activation function 'topk'"),
+    ],
+)  # fmt: skip
+def test_saelens_activation_functions_other_than_relu_and_topk_are_refused(tmp_path, cfg, match):
+    sae = tiny_sae(architecture="jumprelu")
+    sae.save(tmp_path / "s")
+    path = tmp_path / "s" / "cfg.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | cfg))
+    with pytest.raises(dsg.DSGError, match=match):
+        dsg.SAE.load(tmp_path / "s")
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"activation_fn_str": "relu", "activation_fn": None,
+                                                                "architecture": "jumprelu"}))  # fmt: skip
+    assert dsg.SAE.load(tmp_path / "s").sha256() == sae.sha256()
+
+
 @pytest.mark.parametrize(
     "key, value, match",
     [

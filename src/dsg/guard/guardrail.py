@@ -26,7 +26,7 @@ from .. import __version__
 from ..config import is_index
 from ..errors import DSGError
 from ..files import atomic_directory, path_identity, read_artifact_json, read_safetensors, write_json
-from ..lm.fingerprint import model_fingerprint
+from ..lm.fingerprint import config_differences, model_fingerprint
 from ..lm.hooks import HookPoint, resolve
 from ..sae import ARCHITECTURES, SAE
 from . import rule
@@ -379,22 +379,31 @@ class Guardrail:
     attach = applied
 
     def check_model(self, model: torch.nn.Module, hook: HookPoint | None = None) -> None:
-        """Refuse a model whose weights upstream of the hook differ from the one the guardrail was fitted on."""
-        expected = self.info.get("model", {}).get("weights_sha256")
+        """Refuse a model whose weights upstream of the hook, or whose config fields that change what they compute,
+        differ from the model's the guardrail was fitted on."""
+        record = self.info.get("model", {})
+        expected = record.get("weights_sha256")
         if not expected:
             return
+        mismatch = "refit it for this model, or pass verify=False (--allow-model-mismatch) to apply it anyway"
         hook = hook or resolve(model, self.hook)
         got = model_fingerprint(model, hook)["weights_sha256"]
         if got != expected:
-            model_dtype, own_dtype = next(model.parameters()).dtype, self.latents.W_dec.dtype
-            cast = (f" The model's weights are {model_dtype} and the guardrail's {own_dtype}: weights are hashed in "
-                    f"their dtype, so a model cast after the fit (half precision, bfloat16) differs; load it in "
-                    f"{own_dtype} to check it.") if model_dtype != own_dtype else ""  # fmt: skip
+            model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            fitted = record.get("dtype") or str(self.latents.W_dec.dtype).removeprefix("torch.")
+            cast = (f" The model's weights are {model_dtype} and the fitted model's were {fitted}: weights are "
+                    f"hashed in their dtype, so a model cast after or before the fit differs; load it in "
+                    f"{fitted} (dsg.load_model(..., dtype=torch.{fitted})) to check it.")  # fmt: skip
+            cast = cast if model_dtype != fitted else ""
             raise DSGError(
-                f"This guardrail was fitted on model {self.info['model'].get('name_or_path')!r} "
-                f"(weights {expected[:12]}...), but the given model's weights up to {self.hook!r} hash to "
-                f"{got[:12]}...; refit it for this model, or pass verify=False (--allow-model-mismatch) to apply it "
-                f"anyway.{cast}"
+                f"This guardrail was fitted on model {record.get('name_or_path')!r} (weights {expected[:12]}...), "
+                f"but the given model's weights up to {self.hook!r} hash to {got[:12]}...; {mismatch}.{cast}"
+            )
+        changed = config_differences(record.get("config"), model)
+        if changed:
+            raise DSGError(
+                f"This guardrail was fitted on model {record.get('name_or_path')!r} with the same weights but another "
+                f"config, which changes the activations at {self.hook!r}: {'; '.join(changed[:5])}; {mismatch}."
             )
 
     # ---- files ----------------------------------------------------------------------------------------------

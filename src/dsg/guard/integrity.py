@@ -151,6 +151,9 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
         )
     if model is not None and not (isinstance(model, dict) and _SHA256.match(str(model.get("weights_sha256", "")))):
         raise DSGError(f"{where}: 'model.weights_sha256' must be a 64-digit hex digest.")
+    if model is not None and not isinstance(model.get("config", {}), dict):
+        raise DSGError(f"{where}: 'model.config' must be an object (the fitted model's config), got "
+                       f"{model['config']!r}.")  # fmt: skip
     check_record(meta, where)
 
 

@@ -7,11 +7,16 @@ in place: tracked through each tensor's data pointer and version counter, and, s
 PEFT's adapter merges make them) leave the version counter alone, through a checksum of every value (the sum of
 the tensor's bits read as integers: any single edited value changes it; 0.1 s for SmolLM2 on 2 cores) and a
 strided sample of _SAMPLE values (which a permutation of rows changes).
+
+Activations depend on the model's config too (rope_theta, rms_norm_eps, hidden_act, heads, sliding window): the
+fingerprint records the config's fields that change what the model computes from its weights, and
+`config_differences` names those a model now sets otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 
@@ -42,8 +47,64 @@ def tensor_digest(h, name: str, t: torch.Tensor) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+# Config fields that do not change what the model computes from its weights at inference: bookkeeping, token ids,
+# output switches, training-only settings and sizes the weights or the hook already check (a model cut after its
+# hook layer still feeds the hook the same activations). Fields starting with "_" and generation defaults are
+# skipped too.
+_NOT_COMPUTATION = frozenset({
+    "architectures", "dtype", "torch_dtype", "transformers_version", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type", "is_encoder_decoder",
+    "tokenizer_class", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+    "initializer_range", "initializer_factor", "tie_word_embeddings", "max_position_embeddings", "vocab_size",
+    "num_hidden_layers", "chunk_size_feed_forward", "torchscript", "pruned_heads", "tf_legacy_loss",
+    "use_bfloat16", "finetuning_task", "prefix", "task_specific_params", "cross_attention_hidden_size",
+    "add_cross_attention", "tie_encoder_decoder", "gradient_checkpointing", "keys_to_ignore_at_inference",
+})  # fmt: skip
+
+
+def _generation_fields() -> frozenset[str]:
+    from transformers import GenerationConfig
+
+    return frozenset(GenerationConfig().to_dict())
+
+
+def config_record(model: torch.nn.Module) -> dict:
+    """The fields of `model.config` that change what it computes (see _NOT_COMPUTATION), as JSON values; nested
+    configs (a multimodal model's text_config) are filtered alike."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    skip = _NOT_COMPUTATION | _generation_fields()
+
+    def kept(d: dict) -> dict:
+        return {k: kept(v) if isinstance(v, dict) else v for k, v in d.items()
+                if not str(k).startswith("_") and k not in skip and "dropout" not in str(k)}  # fmt: skip
+
+    return json.loads(json.dumps(kept(config.to_dict()), sort_keys=True, default=str))
+
+
+def config_differences(recorded: dict | None, model: torch.nn.Module) -> list[str]:
+    """'field: recorded -> now' for each config field `recorded` (config_record of the model a guardrail or edit
+    was made with) that `model` sets to another value. Fields only one side has are not compared, in nested
+    configs too: a newer transformers adds fields with their defaults."""
+
+    def differences(old: dict, new: dict, at: str) -> list[str]:
+        out = []
+        for k in sorted(old):
+            if k not in new:
+                continue
+            if isinstance(old[k], dict) and isinstance(new[k], dict):
+                out += differences(old[k], new[k], f"{at}{k}.")
+            elif old[k] != new[k]:
+                out.append(f"{at}{k}: {old[k]!r} -> {new[k]!r}")
+        return out
+
+    return differences(recorded, config_record(model), "") if recorded else []
+
+
 def model_fingerprint(model: torch.nn.Module, hook: HookPoint) -> dict:
-    """{'class', 'name_or_path', 'weights_sha256', 'hashed'} for the weights that feed `hook`."""
+    """{'class', 'name_or_path', 'weights_sha256', 'hashed', 'dtype', 'config'} for the weights that feed `hook`,
+    their dtype, and the config fields that change what they compute (config_record)."""
     params = list(upstream_parameters(model, hook))
     key = (hook.name, tuple((n, p.data_ptr(), p._version, _sample(p)) for n, p in params))
     cache = model.__dict__.setdefault(_CACHE_ATTR, {})
@@ -58,6 +119,8 @@ def model_fingerprint(model: torch.nn.Module, hook: HookPoint) -> dict:
         "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
         "weights_sha256": cache[key],
         "hashed": f"{len(params)} parameter tensors upstream of {hook.name}",
+        "dtype": str(params[0][1].dtype).removeprefix("torch.") if params else None,
+        "config": config_record(model),
     }
 
 

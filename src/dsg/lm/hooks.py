@@ -120,6 +120,17 @@ def upstream_parameters(model: torch.nn.Module, hook: HookPoint) -> Iterator[tup
             yield name, p
 
 
+def _activations(x, hook: HookPoint) -> torch.Tensor:
+    """`x` where it is what an SAE reads, [batch, tokens, width] activations; a module whose output is something
+    else (a model output object, rotary tables, a stacked [streams, batch, tokens, width] tensor) is refused."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+        raise DSGError(f"Hook point {hook.name!r} gives {got}, not the [batch, tokens, width] activations an SAE "
+                       "reads; pick a decoder layer's residual stream (blocks.N.hook_resid_post) or a module whose "
+                       "output is one.")  # fmt: skip
+    return x
+
+
 @contextmanager
 def hooked(
     model: torch.nn.Module,
@@ -136,6 +147,8 @@ def hooked(
     """
     if isinstance(hook, str):
         hook = resolve(model, hook)
+    checked = fn
+    fn = lambda x: checked(_activations(x, hook))  # noqa: E731
     if this_thread:
         me, inner = threading.get_ident(), fn
         fn = lambda x: inner(x) if threading.get_ident() == me else None  # noqa: E731
@@ -173,8 +186,14 @@ def forward_to_hook(model: torch.nn.Module, hook: HookPoint | str, **inputs) -> 
 
     with stopped_after(model, hook, capture):
         model(**inputs, use_cache=False)
+    name = getattr(hook, "name", hook)
     if not captured:
-        raise DSGError(f"The forward pass never reached hook point {getattr(hook, 'name', hook)!r}.")
+        raise DSGError(f"The forward pass never reached hook point {name!r}.")
+    ids = inputs.get("input_ids")
+    if ids is not None and tuple(captured[0].shape[:2]) != tuple(ids.shape):
+        raise DSGError(f"Hook point {name!r} gives a tensor of shape {tuple(captured[0].shape)} for "
+                       f"{tuple(ids.shape)} input tokens, not one activation per token; pick a decoder layer's "
+                       "residual stream (blocks.N.hook_resid_post) or a module whose output is one.")  # fmt: skip
     return captured[0]
 
 

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..errors import DSGError
 from ..files import atomic_directory, read_artifact_json, read_safetensors, write_json
-from ..lm.fingerprint import tensor_digest, whole_model_fingerprint
+from ..lm.fingerprint import config_differences, tensor_digest, whole_model_fingerprint
 from .intervention import Ungated
 
 FORMAT = "dsg-edit"
@@ -164,6 +164,10 @@ def check_base(model: torch.nn.Module, edit: Edit, where: str = "given") -> None
                 f"The weight edit {where} was made for model weights {expected_model[:12]}..., but the "
                 f"given model's hash to {got[:12]}...."
             )
+    changed = config_differences(base.get("model", {}).get("config"), model)
+    if changed:
+        raise DSGError(f"The weight edit {where} was made for the same weights with another config: "
+                       f"{'; '.join(changed[:5])}.")  # fmt: skip
 
 
 @torch.no_grad()

@@ -33,6 +33,12 @@ class SAELens:
         recorded_hook(hook, hook_name, cfg_path)
         arch, k = cfg.get("architecture", "standard"), config_int(cfg, "k", cfg_path)
         act_fn = cfg.get("activation_fn_str") or cfg.get("activation_fn")
+        if act_fn not in (None, "relu", "topk"):
+            raise DSGError(f"{str(cfg_path)!r}: activation function {act_fn!r} is not supported; expected 'relu' or "
+                           "'topk' (its codes would be read as another function's).")  # fmt: skip
+        if act_fn == "topk" and arch not in ("standard", "topk"):
+            raise DSGError(f"{str(cfg_path)!r}: architecture {arch!r} with activation function 'topk' is not "
+                           "supported: one of the two would be ignored.")  # fmt: skip
         if act_fn == "topk":
             arch = "topk"
             kwargs = cfg.get("activation_fn_kwargs") or {}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ...errors import DSGError
@@ -11,6 +12,15 @@ from ..base import SAE
 from . import FORMATS, check_dims, config_int, recorded_hook
 
 WEIGHTS = "sae.safetensors"
+
+# sparsify names each SAE's folder after its hook point, a module path holding a layer index ("layers.12",
+# "gpt_neox.layers.3.mlp")
+_HOOKPOINT = re.compile(r"[A-Za-z_]\w*(\.\w+)*\.\d+(\.[A-Za-z_]\w*)*")
+
+
+def _named_hook(path: Path) -> str | None:
+    """The hook point a sparsify folder's name records (None for a folder a user renamed to something else)."""
+    return path.name if _HOOKPOINT.fullmatch(path.name) else None
 
 
 @FORMATS.register("sparsify")
@@ -43,7 +53,7 @@ class Sparsify:
             architecture="topk",
             k=k,
             apply_b_dec_to_input=True,
-            hook_name=recorded_hook(cfg.get("hookpoint"), hook_name, cfg_path) or path.name,
+            hook_name=recorded_hook(cfg.get("hookpoint") or _named_hook(path), hook_name, cfg_path) or path.name,
         )
         if num_latents and num_latents != sae.d_sae:
             raise DSGError(f"{str(cfg_path)!r} says num_latents={num_latents} but the weights have {sae.d_sae}.")
