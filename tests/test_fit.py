@@ -384,6 +384,13 @@ def test_a_hook_is_checked_against_the_point_the_sae_was_trained_at(tiny_llama):
     assert _checked_hook(model, sae, config)[0] == "blocks.1.hook_resid_pre"
     with pytest.raises(dsg.DSGError, match="trained at 'blocks.0.hook_resid_post'"):
         dsg.fit(model, tok, sae, FORGET, RETAIN, config=dsg.FitConfig(hook="blocks.1.hook_resid_post"), progress=False)
+    # a decoder layer's module path is its output, the same point (was refused as "another point")
+    for trained in ("model.layers.0", "layers.0"):
+        named = tiny_sae(d_in=model.config.hidden_size, hook=trained)
+        assert _checked_hook(model, named, config)[0] == "blocks.1.hook_resid_pre"
+        assert _checked_hook(model, named, dsg.FitConfig(hook="blocks.0.hook_resid_post"))[1].layer == 0
+        with pytest.raises(dsg.DSGError, match=f"trained at '{trained}'"):
+            _checked_hook(model, named, dsg.FitConfig(hook="blocks.1.hook_resid_post"))
 
 
 def test_gate_levels_refuse_a_latch_that_cannot_be_told_from_the_threshold_or_exceeded():

@@ -26,7 +26,7 @@ from ..config import check_choice, check_types
 from ..errors import DSGError
 from ..files import is_text
 from ..lm.fingerprint import model_fingerprint
-from ..lm.hooks import check_width, resolve
+from ..lm.hooks import check_width, decoder_layers, resolve
 from ..lm.models import check_sequences_fit, context_length
 from ..lm.text import pad_id_of, real_token_mask, special_token_ids, subsample, tokenize
 from .detector import fit_weights, holdout_split, window_features
@@ -272,17 +272,22 @@ def _checked_hook(model, sae, config: FitConfig):
             trained = resolve(model, sae.hook_name)
         except DSGError:
             trained = None
-        if trained is not None and _position(trained) != _position(point):
+        if trained is not None and _position(model, trained) != _position(model, point):
             raise DSGError(f"The SAE was trained at {sae.hook_name!r}; hook {config.hook!r} (--hook) reads another "
                            f"point of the model, where its latents mean nothing. Leave --hook out to use the "
                            f"SAE's.")  # fmt: skip
     return hook, point
 
 
-def _position(point):
-    """Where a hook point reads the model: its place in the residual stream, or a module's input or output."""
+def _position(model, point):
+    """Where a hook point reads the model: its place in the residual stream (a decoder layer's module path, such
+    as 'model.layers.3' or sparsify's 'layers.3', included), or another module's input or output."""
     if point.layer is not None:
         return ("resid", point.layers_before)
+    layers = decoder_layers(model)[1]
+    index = next((i for i, m in enumerate(layers) if m is point.module), None)
+    if index is not None:
+        return ("resid", index + (point.kind == "output"))
     return (id(point.module), point.kind)
 
 
