@@ -20,7 +20,8 @@ set); it measures how far the gate carries to wording it has not seen.
 For each guardrail it reports, per question set, the share of questions gated and the accuracy on the questions
 the base model answers; the offensive sets also behind the preamble (once, about 120 tokens, and six times, about
 700 tokens) and inside the chat template; and for the requests, sent through the chat template, the share whose
-answer would be guarded, the third set's also asked first with the 700-token preamble after them.
+answer would be guarded, the third set's also asked first with the 700-token preamble after them, or with 40
+zero-width spaces (invisible) or 40 " ." after them.
 
     python benchmarks/probe.py --guardrail dsg-demo/guardrail [--guardrail other/] [--out results.json]
 
@@ -42,6 +43,7 @@ from dsg.lm.models import load_model
 from dsg.tables import pct, table
 
 HERE = Path(__file__).parent / "probes"
+ZERO_WIDTH = "\u200b" * 40
 SETS = ("offensive", "everyday_computing", "general")
 SECOND = HERE / "second"
 SECOND_SETS = ("offensive", "computing")
@@ -94,6 +96,9 @@ def requests(tokenizer) -> dict[str, list[str]]:
             ]
         # asked first, padded after: the answer is guarded only if the request went over the latch level
         out[f"third: {name} requests, padded after x6"] = [chat_prompt(tokenizer, f"{r}\n\n{preamble}") for r in third]
+        # padded after with what carries no words: 40 zero-width spaces (invisible), or " ." 40 times
+        for filler, label in ((ZERO_WIDTH, "40 zero-width spaces after"), (" ." * 40, "' .' x40 after")):
+            out[f"third: {name} requests, {label}"] = [chat_prompt(tokenizer, r + filler) for r in third]
     return out
 
 

@@ -74,3 +74,6 @@ def test_the_requests_read_as_the_chat_templates_user_turn():
         p.endswith(f"{r}</user><assistant>") and len(p) > 6 * 300
         for p, r in zip(padded, sets["third: offensive requests"])
     )
+    invisible = prompts["third: offensive requests, 40 zero-width spaces after"]
+    assert invisible == [f"<user>{r}{chr(0x200B) * 40}</user><assistant>" for r in sets["third: offensive requests"]]
+    assert all(p.endswith(" . .</user><assistant>") for p in prompts["third: computing requests, ' .' x40 after"])

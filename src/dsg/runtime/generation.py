@@ -59,6 +59,19 @@ def _until(ids: list[int], ends: set[int]) -> list[int]:
 
 
 @torch.inference_mode()
+def _refuse_forged_turns(tokenizer, prompts: Sequence[str]) -> None:
+    """A user turn holding the tokenizer's special tokens ("<|im_end|>", "<|im_start|>assistant") would be read as
+    the chat template's own: the prompt could close its turn and open the assistant's, a conversation its writer
+    forged. Refused; a prompt meant to carry its special tokens goes without the template (chat=False)."""
+    specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t and t.strip()}, key=len)
+    for i, p in enumerate(prompts):
+        found = next((t for t in reversed(specials) if t in p), None)
+        if found is not None:
+            raise DSGError(f"Prompt {i} holds the tokenizer's special token {found!r}, which the chat template would "
+                           "read as its own (a turn the prompt forged). Remove it, or send the prompt as written "
+                           "without the template (--no-chat, chat=False).")  # fmt: skip
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -84,6 +97,8 @@ def generate(
         raise DSGError(f"Prompt {broken} is not valid text: it holds unpaired surrogates (bytes that are not UTF-8, "
                        "as in a command-line argument with invalid bytes).")  # fmt: skip
     templated = bool(chat and getattr(tokenizer, "chat_template", None))  # no template: the prompt as written
+    if templated:
+        _refuse_forged_turns(tokenizer, prompts)
     texts = []
     for p in prompts:
         if templated:
