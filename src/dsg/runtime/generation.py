@@ -58,7 +58,6 @@ def _until(ids: list[int], ends: set[int]) -> list[int]:
     return next((ids[:i] for i, t in enumerate(ids) if t in ends), ids)
 
 
-@torch.inference_mode()
 def _refuse_forged_turns(tokenizer, prompts: Sequence[str]) -> None:
     """A user turn holding the tokenizer's special tokens ("<|im_end|>", "<|im_start|>assistant") would be read as
     the chat template's own: the prompt could close its turn and open the assistant's, a conversation its writer
@@ -72,6 +71,7 @@ def _refuse_forged_turns(tokenizer, prompts: Sequence[str]) -> None:
                            "without the template (--no-chat, chat=False).")  # fmt: skip
 
 
+@torch.inference_mode()
 def generate(
     model: torch.nn.Module,
     tokenizer,
