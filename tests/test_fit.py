@@ -207,6 +207,25 @@ def test_cli_fit_inspect_generate(files, capsys):
     assert all(isinstance(r["gated"], bool) for r in rows)
 
 
+def test_cli_guardrails_fitted_in_bfloat16_are_used_in_bfloat16(files, capsys):
+    """The CLI loaded every model in float32, so a guardrail fitted on a bfloat16 model (dsg fit --dtype, or
+    the Python API) was refused by dsg generate, eval and serve. They load the model in the dtype the guardrails
+    record; --dtype float32 is refused as another model, with the dtype to load named."""
+    out = files / "guard16"
+    paths = {"--model": "model", "--sae": "sae", "--forget": "forget.jsonl", "--retain": "retain.txt"}
+    args = ["fit", *[a for flag, name in paths.items() for a in (flag, str(files / name))]]
+    args += ["--n-features", "4", "--ratio-percentile", "80", "--max-length", "64", "--dtype", "bfloat16"]
+    assert main(args + ["--out", str(out)]) == 0
+    assert json.loads((out / "guardrail.json").read_text())["model"]["dtype"] == "bfloat16"
+    generate = ["generate", "--model", str(files / "model"), "--guardrail", str(out), "--max-new-tokens", "2",
+                "--no-chat", "--json", "the exploit"]  # fmt: skip
+    capsys.readouterr()
+    assert main(generate) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)[0]["gated"], bool)
+    assert main(generate + ["--dtype", "float32"]) == 2
+    assert "fitted model's were bfloat16" in capsys.readouterr().err
+
+
 def test_cli_fit_settles_a_prompt_level_on_held_out_forget_questions(files, capsys):
     """dsg fit --forget-questions: the prompt level is judged on the given questions and the check is in the
     written guardrail; without them dsg fit says it was not checked; the flag without a prompt level, or a file

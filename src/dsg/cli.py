@@ -19,6 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -48,12 +49,27 @@ from .tables import printable
 EXIT_USAGE = 2
 
 
-def _model(args):
-    return load_model(args.model)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_HELP = ("The model's weights dtype (default: the dtype the guardrails' model was fitted in, float32 when they "
+              "record none; a model cast after the fit is not the fitted one).")  # fmt: skip
 
 
-def _guardrails(paths, model, verify: bool):
-    guards = [Guardrail.load(p, allow_missing_model=not verify) for p in paths]
+def _model(args, guards=()):
+    """The model and tokenizer, in --dtype, or else in the dtype the guardrails were fitted in."""
+    return load_model(args.model, dtype=DTYPES[getattr(args, "dtype", None) or _fitted_dtype(guards) or "float32"])
+
+
+def _fitted_dtype(guards) -> str | None:
+    """The dtype every one of `guards` records for its fitted model (None where they record none or differ)."""
+    recorded = {g.info.get("model", {}).get("dtype") for g in guards} - {None}
+    return recorded.pop() if len(recorded) == 1 and next(iter(recorded)) in DTYPES else None
+
+
+def _guardrails(paths, verify: bool):
+    return [Guardrail.load(p, allow_missing_model=not verify) for p in paths]
+
+
+def _checked(guards, model, verify: bool):
     if verify:
         for g in guards:
             g.check_model(model)
@@ -130,6 +146,9 @@ def add_fit(sub) -> None:
     p.add_argument("--out", required=True, help="Output guardrail directory.")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--name", default=None, help="A name for this guardrail (e.g. the unlearning request).")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="The model's weights dtype; the guardrail records it, and dsg eval, generate and serve load "
+                   "the model in it.")  # fmt: skip
     add_arguments(p, FitConfig)
     p.set_defaults(func=cmd_fit)
 
@@ -138,8 +157,9 @@ def add_fit(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    model, tokenizer = _model(args)
-    guards = _guardrails(args.guardrail, model, verify=not args.allow_model_mismatch)
+    guards = _guardrails(args.guardrail, verify=not args.allow_model_mismatch)
+    model, tokenizer = _model(args, guards)
+    _checked(guards, model, verify=not args.allow_model_mismatch)
     if args.chat and not getattr(tokenizer, "chat_template", None):
         print("dsg generate: the model has no chat template; prompts are used as written (--no-chat).", file=sys.stderr)
     rows = generate(
@@ -170,6 +190,7 @@ def add_generate(sub) -> None:
         action="store_true",
         help="Apply guardrails fitted on different weights (e.g. to test a fine-tuning attack).",
     )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     p.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     p.add_argument("prompt", nargs="+")
     p.set_defaults(func=cmd_generate)
@@ -199,8 +220,9 @@ def cmd_eval(args) -> int:
     if args.out:
         check_output_file(args.out, inputs=[*args.questions, *args.guardrail, args.model], overwrite=args.overwrite,
                           keys=("mode", "tasks", "all"))  # what evaluate_files returns  # fmt: skip
-    model, tokenizer = _model(args)
-    guards = _guardrails(args.guardrail, model, verify=not args.allow_model_mismatch)
+    guards = _guardrails(args.guardrail, verify=not args.allow_model_mismatch)
+    model, tokenizer = _model(args, guards)
+    _checked(guards, model, verify=not args.allow_model_mismatch)
     summary = evaluate_files(
         model,
         tokenizer,
@@ -244,6 +266,7 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--details", action="store_true", help="Include every question's result.")
     p.add_argument("--allow-model-mismatch", action="store_true")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     p.add_argument("--out", default=None, help="Also write the JSON summary here.")
     p.add_argument("--overwrite", action="store_true",
                    help="Replace the --out file if it holds an earlier dsg eval summary.")  # fmt: skip
@@ -357,9 +380,10 @@ def cmd_serve(args) -> int:
     from .runtime.serve import check_vllm, serve_command
 
     check_vllm()
-    if args.guardrail and not args.allow_model_mismatch:
-        model, _ = _model(args)
-        _guardrails(args.guardrail, model, verify=True)
+    if args.guardrail and not args.allow_model_mismatch:  # on the HF model, in the dtype the guardrails were fitted in
+        guards = _guardrails(args.guardrail, verify=True)
+        model, _ = load_model(args.model, dtype=DTYPES[_fitted_dtype(guards) or "float32"])
+        _checked(guards, model, verify=True)
         del model
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     argv, env = serve_command(args.model, args.guardrail, host=args.host, port=args.port, audit_log=args.audit_log,

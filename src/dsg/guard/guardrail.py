@@ -393,7 +393,7 @@ class Guardrail:
             fitted = record.get("dtype") or str(self.latents.W_dec.dtype).removeprefix("torch.")
             cast = (f" The model's weights are {model_dtype} and the fitted model's were {fitted}: weights are "
                     f"hashed in their dtype, so a model cast after or before the fit differs; load it in "
-                    f"{fitted} (dsg.load_model(..., dtype=torch.{fitted})) to check it.")  # fmt: skip
+                    f"{fitted} (--dtype {fitted}; dsg.load_model(..., dtype=torch.{fitted})) to check it.")  # fmt: skip
             cast = cast if model_dtype != fitted else ""
             raise DSGError(
                 f"This guardrail was fitted on model {record.get('name_or_path')!r} (weights {expected[:12]}...), "
