@@ -212,6 +212,29 @@ def test_cached_generation_equals_no_cache_reference(arch, window, hold, latch, 
     assert not torch.equal(cached, unguarded), "the guardrail should change some generations"
 
 
+def test_a_static_cache_on_an_all_sliding_window_model_is_refused_in_one_sentence():
+    """Every layer attends within a window of 8, so a static cache's mask covers 8 slots: the guardrail indexed
+    past them (an IndexError once prompt and answer reached the window). The plain model is unaffected."""
+    import transformers as tf
+
+    from tiny import SPECIAL, VOCAB
+
+    torch.manual_seed(0)
+    config = tf.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, sliding_window=8, **SPECIAL)  # fmt: skip
+    model = tf.MistralForCausalLM(config).eval()
+    guard = dsg.Guardrail(tiny_sae(), features=[0, 1], threshold=0.0, clamp=5.0)
+    kw = dict(input_ids=random_ids(1, 6, seed=2), max_new_tokens=6, do_sample=False, pad_token_id=0,
+              eos_token_id=None, cache_implementation="static")  # fmt: skip
+    with torch.no_grad():
+        assert model.generate(**kw).shape == (1, 12)
+        with pytest.raises(dsg.DSGError, match="sliding-window cache.*default dynamic cache"), guard.attach(model):
+            model.generate(**kw)
+        with guard.attach(model) as session:  # the default cache past the window is judged
+            model.generate(**{**kw, "cache_implementation": None})
+        assert session.gated is not None
+
+
 def test_several_guardrails_each_keep_their_own_gate():
     model = tiny_model("llama")
     sae = tiny_sae()

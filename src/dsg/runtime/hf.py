@@ -258,6 +258,12 @@ class _Forward:
         if isinstance(self.mask, torch.Tensor) and self.mask.ndim == 4 and self.mask.shape[-1] != self.past + T:
             # a 4D mask over all of a static cache's slots: the new tokens sit right after the cached ones
             columns = torch.arange(self.past, self.past + T)
+            if self.past + T > self.mask.shape[-1]:
+                raise DSGError(f"The attention mask covers {self.mask.shape[-1]} cache slots, fewer than the "
+                               f"{self.past + T} positions so far: a sliding-window cache (a static or "
+                               "'sliding_window' cache on a model whose every layer attends within a window), whose "
+                               "slots the guardrail cannot tell padding in. Generate with the default dynamic "
+                               "cache.")  # fmt: skip
         real = real_token_mask(self.ids, self.mask, self.specials, self.shape or (B, T), self.continuation, columns)
         if self.dropped is not None and self.dropped.shape == real.shape:
             real = real & ~self.dropped.to(real.device)
