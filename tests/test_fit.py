@@ -584,3 +584,37 @@ def test_a_model_with_the_same_weights_and_another_config_is_refused(fitted):
     # a field the fitted model's transformers did not write (a newer version's default) is not compared
     del guard.info["model"]["config"]["rms_norm_eps"]
     guard.check_model(other)
+
+
+def test_the_config_record_compares_what_computes_and_nothing_else():
+    """Per-layer lists compare over the layers both models have (a model cut after its hook layer is the same
+    model up to it), NaN equals itself, sets are recorded in one order, token ids are not compared, and a record
+    that is not an object is refused instead of crashing the check."""
+    from types import SimpleNamespace
+
+    from dsg.lm.fingerprint import config_differences, config_record
+
+    def model(**fields):
+        return SimpleNamespace(config=SimpleNamespace(to_dict=lambda: fields))
+
+    full = model(layer_types=["full", "sliding"] * 2, cap=float("nan"), tags={"b", "a", "c"}, unk_token_id=0)
+    record = config_record(full)
+    assert "unk_token_id" not in record and record["tags"] == ["a", "b", "c"]
+    cut = model(layer_types=["full", "sliding"], cap=float("nan"), tags={"c", "a", "b"}, unk_token_id=7)
+    assert config_differences(record, cut) == []
+    other = model(layer_types=["sliding", "sliding"], cap=1.0)
+    assert config_differences(record, other) == ["cap: nan -> 1.0", "layer_types: ['full', 'sliding', 'full', "
+                                                 "'sliding'] -> ['sliding', 'sliding']"]  # fmt: skip
+    with pytest.raises(dsg.DSGError, match="recorded model config must be an object"):
+        config_differences(["cap", 1.0], full)
+
+
+def test_guardrails_fitted_in_different_dtypes_are_refused_together(fitted):
+    from dsg.guard.guardrail import fitted_dtype
+
+    model, tok, sae, guard = fitted
+    assert fitted_dtype([guard]) == "float32" and fitted_dtype([]) is None
+    other = dsg.Guardrail(sae, features=[1, 2], threshold=0.1, name="half")
+    other.info["model"] = {**guard.info["model"], "dtype": "bfloat16"}
+    with pytest.raises(dsg.DSGError, match=r"different dtypes \(0: float32, half: bfloat16\)"):
+        fitted_dtype([guard, other])

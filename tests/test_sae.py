@@ -112,8 +112,11 @@ def test_sparsify_folder_name_is_its_recorded_hook(tmp_path):
     assert dsg.SAE.load(d, hook_name="layers.3").hook_name == "layers.3"
     with pytest.raises(dsg.DSGError, match="records its hook point 'layers.3'"):
         dsg.SAE.load(d, hook_name="blocks.0.hook_resid_post")
-    renamed = _sparsify_folder(tmp_path / "my_sae", sae)
-    assert dsg.SAE.load(renamed, hook_name="blocks.0.hook_resid_post").hook_name == "blocks.0.hook_resid_post"
+    for name in ("my_sae", "v1.2", "checkpoint.1000"):  # folders a user named, not hook points
+        renamed = _sparsify_folder(tmp_path / name, sae)
+        assert dsg.SAE.load(renamed, hook_name="blocks.0.hook_resid_post").hook_name == "blocks.0.hook_resid_post"
+    with pytest.raises(dsg.DSGError, match="records its hook point 'transformer.h.5'"):
+        dsg.SAE.load(_sparsify_folder(tmp_path / "transformer.h.5", sae), hook_name="blocks.0.hook_resid_post")
 
 
 @pytest.mark.parametrize(

@@ -35,9 +35,9 @@ from .eval.prompt_level import describe as describe_prompt_level
 from .eval.prompt_level import settle_prompt_level
 from .files import check_output_dir, check_output_file, write_text_atomic
 from .guard.fit import FitConfig, fit
-from .guard.guardrail import Guardrail
+from .guard.guardrail import Guardrail, fitted_dtype
 from .guard.inspect import describe
-from .lm.models import load_model
+from .lm.models import DTYPES, load_model
 from .lm.text import read_corpus
 from .parallel import barrier, init_from_env, launched, sharded, shutdown
 from .runtime.generation import generate
@@ -47,22 +47,17 @@ from .sae.train import TrainConfig, save_trained_sae, train_sae
 from .tables import printable
 
 EXIT_USAGE = 2
+VLLM_DTYPES = {"half": "float16", "float": "float32"}  # vLLM's other names for the dtypes dsg records
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_HELP = ("The model's weights dtype (default: the dtype the guardrails' model was fitted in, float32 when they "
               "record none; a model cast after the fit is not the fitted one).")  # fmt: skip
 
 
 def _model(args, guards=()):
     """The model and tokenizer, in --dtype, or else in the dtype the guardrails were fitted in."""
-    return load_model(args.model, dtype=DTYPES[getattr(args, "dtype", None) or _fitted_dtype(guards) or "float32"])
-
-
-def _fitted_dtype(guards) -> str | None:
-    """The dtype every one of `guards` records for its fitted model (None where they record none or differ)."""
-    recorded = {g.info.get("model", {}).get("dtype") for g in guards} - {None}
-    return recorded.pop() if len(recorded) == 1 and next(iter(recorded)) in DTYPES else None
+    name = getattr(args, "dtype", None) or fitted_dtype(guards) or "float32"
+    return load_model(args.model, dtype=DTYPES.get(name, torch.float32))
 
 
 def _guardrails(paths, verify: bool):
@@ -380,15 +375,22 @@ def cmd_serve(args) -> int:
     from .runtime.serve import check_vllm, serve_command
 
     check_vllm()
+    dtype = args.dtype
     if args.guardrail and not args.allow_model_mismatch:  # on the HF model, in the dtype the guardrails were fitted in
         guards = _guardrails(args.guardrail, verify=True)
-        model, _ = load_model(args.model, dtype=DTYPES[_fitted_dtype(guards) or "float32"])
+        fitted = fitted_dtype(guards)
+        if fitted is not None and dtype is not None and VLLM_DTYPES.get(dtype, dtype) != fitted:
+            raise DSGError(f"--dtype {dtype} serves another model than the guardrails' ({fitted}: weights are "
+                           f"hashed in their dtype); leave --dtype out to serve it in {fitted}, or pass "
+                           "--allow-model-mismatch.")  # fmt: skip
+        dtype = dtype or fitted
+        model, _ = load_model(args.model, dtype=DTYPES.get(fitted or "float32", torch.float32))
         _checked(guards, model, verify=True)
         del model
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     argv, env = serve_command(args.model, args.guardrail, host=args.host, port=args.port, audit_log=args.audit_log,
                               max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                              prefix_caching=args.prefix_caching, dtype=args.dtype, extra=extra)  # fmt: skip
+                              prefix_caching=args.prefix_caching, dtype=dtype, extra=extra)  # fmt: skip
     print(f"dsg serve: {args.model} with {len(args.guardrail)} guardrail(s) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)  # fmt: skip
     os.execvpe(argv[0], argv, env)  # vLLM's server takes this process over (signals reach it directly)

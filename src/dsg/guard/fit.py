@@ -284,7 +284,10 @@ def _position(model, point):
     as 'model.layers.3' or sparsify's 'layers.3', included), or another module's input or output."""
     if point.layer is not None:
         return ("resid", point.layers_before)
-    layers = decoder_layers(model)[1]
+    try:
+        layers = decoder_layers(model)[1]
+    except DSGError:  # a model whose decoder layers dsg cannot find: module names are compared as modules
+        layers = []
     index = next((i for i, m in enumerate(layers) if m is point.module), None)
     if index is not None:
         return ("resid", index + (point.kind == "output"))

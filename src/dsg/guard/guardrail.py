@@ -166,6 +166,17 @@ def _sae_record(sae: SAE, sha256: str) -> dict:
     }
 
 
+def fitted_dtype(guardrails) -> str | None:
+    """The dtype of the model `guardrails` were fitted on, as they record it (None where none records one); a
+    model to check them against is loaded in it. Guardrails fitted in different dtypes cannot share one model."""
+    recorded = {str(g.info.get("model", {}).get("dtype")) for g in guardrails} - {"None"}
+    if len(recorded) > 1:
+        names = ", ".join(f"{g.name or i}: {g.info.get('model', {}).get('dtype')}" for i, g in enumerate(guardrails))
+        raise DSGError(f"The guardrails were fitted on models of different dtypes ({names}); a model in one dtype "
+                       "is another model to the rest. Refit them in one dtype.")  # fmt: skip
+    return recorded.pop() if recorded else None
+
+
 class Guardrail:
     """A Dynamic SAE Guardrail: which latents, at which hook, gated how, clamped how hard."""
 

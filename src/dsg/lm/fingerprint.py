@@ -20,6 +20,7 @@ import json
 
 import torch
 
+from ..errors import DSGError
 from .hooks import HookPoint, decoder_layers, resolve, upstream_parameters
 
 _CACHE_ATTR = "_dsg_fingerprints"
@@ -77,16 +78,29 @@ def config_record(model: torch.nn.Module) -> dict:
     skip = _NOT_COMPUTATION | _generation_fields()
 
     def kept(d: dict) -> dict:
-        return {k: kept(v) if isinstance(v, dict) else v for k, v in d.items()
-                if not str(k).startswith("_") and k not in skip and "dropout" not in str(k)}  # fmt: skip
+        return {k: kept(v) if isinstance(v, dict) else sorted(map(str, v)) if isinstance(v, (set, frozenset)) else v
+                for k, v in d.items() if not _not_computation(str(k), skip)}  # fmt: skip
 
     return json.loads(json.dumps(kept(config.to_dict()), sort_keys=True, default=str))
+
+
+def _not_computation(key: str, skip: frozenset[str]) -> bool:
+    return key.startswith("_") or key in skip or "dropout" in key or key.endswith(_TOKEN_ID_SUFFIXES)
+
+
+_TOKEN_ID_SUFFIXES = ("token_id", "token_ids", "token_index")  # unk_token_id, image_token_index, ...
 
 
 def config_differences(recorded: dict | None, model: torch.nn.Module) -> list[str]:
     """'field: recorded -> now' for each config field `recorded` (config_record of the model a guardrail or edit
     was made with) that `model` sets to another value. Fields only one side has are not compared, in nested
     configs too: a newer transformers adds fields with their defaults."""
+
+    def same(a, b) -> bool:
+        if isinstance(a, list) and isinstance(b, list):  # per-layer lists (layer_types): a model cut after its
+            n = min(len(a), len(b))  # hook layer, or grown past it, keeps the layers before it
+            return all(same(x, y) for x, y in zip(a[:n], b[:n]))
+        return a == b or (a != a and b != b)  # NaN equals itself here
 
     def differences(old: dict, new: dict, at: str) -> list[str]:
         out = []
@@ -95,10 +109,12 @@ def config_differences(recorded: dict | None, model: torch.nn.Module) -> list[st
                 continue
             if isinstance(old[k], dict) and isinstance(new[k], dict):
                 out += differences(old[k], new[k], f"{at}{k}.")
-            elif old[k] != new[k]:
+            elif not same(old[k], new[k]):
                 out.append(f"{at}{k}: {old[k]!r} -> {new[k]!r}")
         return out
 
+    if recorded is not None and not isinstance(recorded, dict):
+        raise DSGError(f"The recorded model config must be an object (the fitted model's config), got {recorded!r}.")
     return differences(recorded, config_record(model), "") if recorded else []
 
 

@@ -104,6 +104,10 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by the names artifacts
+# record (lm.fingerprint's 'dtype') and the CLI's --dtype takes
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a known name or a local HuggingFace folder; the model is in eval mode.
 

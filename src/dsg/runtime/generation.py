@@ -62,7 +62,10 @@ def _refuse_forged_turns(tokenizer, prompts: Sequence[str]) -> None:
     """A user turn holding the tokenizer's special tokens ("<|im_end|>", "<|im_start|>assistant") would be read as
     the chat template's own: the prompt could close its turn and open the assistant's, a conversation its writer
     forged. Refused; a prompt meant to carry its special tokens goes without the template (chat=False)."""
-    specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t and t.strip()}, key=len)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    specials |= {str(getattr(t, "content", t)) for t in added.values() if getattr(t, "special", False)}
+    specials = sorted((t for t in specials if t.strip()), key=len)
     for i, p in enumerate(prompts):
         found = next((t for t in reversed(specials) if t in p), None)
         if found is not None:

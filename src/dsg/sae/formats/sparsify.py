@@ -13,9 +13,9 @@ from . import FORMATS, check_dims, config_int, recorded_hook
 
 WEIGHTS = "sae.safetensors"
 
-# sparsify names each SAE's folder after its hook point, a module path holding a layer index ("layers.12",
-# "gpt_neox.layers.3.mlp")
-_HOOKPOINT = re.compile(r"[A-Za-z_]\w*(\.\w+)*\.\d+(\.[A-Za-z_]\w*)*")
+# sparsify names each SAE's folder after its hook point, a module path through a layer list ("layers.12",
+# "gpt_neox.layers.3.mlp", "h.5"); a name such as "v1.2" or "checkpoint.1000" is a folder a user named
+_HOOKPOINT = re.compile(r"([A-Za-z_]\w*\.)*(layers|layer|h|blocks|block)\.\d+(\.[A-Za-z_]\w*)*")
 
 
 def _named_hook(path: Path) -> str | None:
