@@ -47,7 +47,6 @@ from .sae.train import TrainConfig, save_trained_sae, train_sae
 from .tables import printable
 
 EXIT_USAGE = 2
-VLLM_DTYPES = {"half": "float16", "float": "float32"}  # vLLM's other names for the dtypes dsg records
 
 
 DTYPE_HELP = ("The model's weights dtype (default: the dtype the guardrails' model was fitted in, float32 when they "
@@ -375,22 +374,17 @@ def cmd_serve(args) -> int:
     from .runtime.serve import check_vllm, serve_command
 
     check_vllm()
-    dtype = args.dtype
-    if args.guardrail and not args.allow_model_mismatch:  # on the HF model, in the dtype the guardrails were fitted in
+    if args.guardrail and not args.allow_model_mismatch:
+        # the weights are checked in the dtype the guardrails were fitted in; vLLM then runs them in --dtype (a
+        # guardrail fitted in float32 serves in bfloat16 as the same weights read at lower precision)
         guards = _guardrails(args.guardrail, verify=True)
-        fitted = fitted_dtype(guards)
-        if fitted is not None and dtype is not None and VLLM_DTYPES.get(dtype, dtype) != fitted:
-            raise DSGError(f"--dtype {dtype} serves another model than the guardrails' ({fitted}: weights are "
-                           f"hashed in their dtype); leave --dtype out to serve it in {fitted}, or pass "
-                           "--allow-model-mismatch.")  # fmt: skip
-        dtype = dtype or fitted
-        model, _ = load_model(args.model, dtype=DTYPES.get(fitted or "float32", torch.float32))
+        model, _ = load_model(args.model, dtype=DTYPES.get(fitted_dtype(guards) or "float32", torch.float32))
         _checked(guards, model, verify=True)
         del model
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     argv, env = serve_command(args.model, args.guardrail, host=args.host, port=args.port, audit_log=args.audit_log,
                               max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-                              prefix_caching=args.prefix_caching, dtype=dtype, extra=extra)  # fmt: skip
+                              prefix_caching=args.prefix_caching, dtype=args.dtype, extra=extra)  # fmt: skip
     print(f"dsg serve: {args.model} with {len(args.guardrail)} guardrail(s) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)  # fmt: skip
     os.execvpe(argv[0], argv, env)  # vLLM's server takes this process over (signals reach it directly)
