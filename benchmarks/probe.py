@@ -34,14 +34,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from dsg.bench.setting import chat_prompt
 from dsg.eval.dilution import gate_rate_on_texts
 from dsg.eval.mcq import read_questions, score_mcq
 from dsg.eval.metrics import summarize_results
-from dsg.guard.guardrail import Guardrail, fitted_dtype
-from dsg.lm.models import DTYPES, load_model
+from dsg.guard.guardrail import Guardrail, dtype_for
+from dsg.lm.models import load_model
 from dsg.tables import pct, table
 
 HERE = Path(__file__).parent / "probes"
@@ -121,7 +119,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe.json"))
     args = ap.parse_args()
     guards = [Guardrail.load(path) for path in args.guardrail]
-    model, tokenizer = load_model(args.model, dtype=DTYPES.get(fitted_dtype(guards) or "", torch.float32))
+    model, tokenizer = load_model(args.model, dtype=dtype_for(guards))
     questions = variants(tokenizer)
     base = {n: [r.correct_norm for r in score_mcq(model, tokenizer, qs, progress=False)] for n, qs in questions.items()}
     results = {"base_accuracy": {n: sum(b) / len(b) for n, b in base.items()}, "guardrails": {}}

@@ -19,7 +19,6 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -35,7 +34,7 @@ from .eval.prompt_level import describe as describe_prompt_level
 from .eval.prompt_level import settle_prompt_level
 from .files import check_output_dir, check_output_file, write_text_atomic
 from .guard.fit import FitConfig, fit
-from .guard.guardrail import Guardrail, fitted_dtype
+from .guard.guardrail import Guardrail, dtype_for
 from .guard.inspect import describe
 from .lm.models import DTYPES, load_model
 from .lm.text import read_corpus
@@ -55,8 +54,8 @@ DTYPE_HELP = ("The model's weights dtype (default: the dtype the guardrails' mod
 
 def _model(args, guards=()):
     """The model and tokenizer, in --dtype, or else in the dtype the guardrails were fitted in."""
-    name = getattr(args, "dtype", None) or fitted_dtype(guards) or "float32"
-    return load_model(args.model, dtype=DTYPES.get(name, torch.float32))
+    given = getattr(args, "dtype", None)
+    return load_model(args.model, dtype=DTYPES[given] if given else dtype_for(guards))
 
 
 def _guardrails(paths, verify: bool):
@@ -378,7 +377,7 @@ def cmd_serve(args) -> int:
         # the weights are checked in the dtype the guardrails were fitted in; vLLM then runs them in --dtype (a
         # guardrail fitted in float32 serves in bfloat16 as the same weights read at lower precision)
         guards = _guardrails(args.guardrail, verify=True)
-        model, _ = load_model(args.model, dtype=DTYPES.get(fitted_dtype(guards) or "float32", torch.float32))
+        model, _ = load_model(args.model, dtype=dtype_for(guards))
         _checked(guards, model, verify=True)
         del model
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args

@@ -28,6 +28,7 @@ from ..errors import DSGError
 from ..files import atomic_directory, path_identity, read_artifact_json, read_safetensors, write_json
 from ..lm.fingerprint import config_differences, model_fingerprint
 from ..lm.hooks import HookPoint, resolve
+from ..lm.models import DTYPES
 from ..sae import ARCHITECTURES, SAE
 from . import rule
 from .detector import MAX_WEIGHT, SCALE, Detector
@@ -175,6 +176,12 @@ def fitted_dtype(guardrails) -> str | None:
         raise DSGError(f"The guardrails were fitted on models of different dtypes ({names}); a model in one dtype "
                        "is another model to the rest. Refit them in one dtype.")  # fmt: skip
     return recorded.pop() if recorded else None
+
+
+def dtype_for(guardrails) -> torch.dtype:
+    """The dtype to load a model in to check `guardrails` against: the one they were fitted in (fitted_dtype),
+    float32 where none records one dsg loads in."""
+    return DTYPES.get(fitted_dtype(guardrails) or "", torch.float32)
 
 
 class Guardrail:

@@ -62,15 +62,13 @@ if HFLM is not None:
             self, pretrained: str = "smollm2-135m", guardrail: str | None = None, allow_model_mismatch: bool = False,
             **kwargs,
         ):  # fmt: skip
-            from ..guard.guardrail import fitted_dtype
-            from ..lm.models import DTYPES, load_model
+            from ..guard.guardrail import dtype_for
+            from ..lm.models import load_model
 
             paths = [p for p in str(guardrail or "").split("|") if p.strip()]
             self.guardrails = [Guardrail.load(p.strip(), allow_missing_model=allow_model_mismatch) for p in paths]
             # the model in the dtype the guardrails were fitted in (a cast model is another model to their check)
-            model, tokenizer = load_model(
-                str(pretrained), dtype=DTYPES.get(fitted_dtype(self.guardrails) or "", torch.float32)
-            )
+            model, tokenizer = load_model(str(pretrained), dtype=dtype_for(self.guardrails))
             kwargs.setdefault("batch_size", 8)
             super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
             if not allow_model_mismatch:
