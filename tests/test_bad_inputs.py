@@ -149,6 +149,7 @@ FIT = ["fit", "--model", "{ws}/model", "--sae", "{ws}/sae", "--forget", "{ws}/fo
        "{ws}/retain.txt", "--max-length", "64", "--ratio-percentile", "80"]  # fmt: skip
 GEN = ["generate", "--model", "{ws}/model", "--max-new-tokens", "2", "--no-chat"]
 EVAL = ["eval", "--model", "{ws}/model"]
+TRAIN = ["train-sae", "--model", "{ws}/model", "--text", "{ws}/forget.txt"]
 
 CLI_CASES = {
     # outputs
@@ -178,31 +179,11 @@ CLI_CASES = {
     ),  # fmt: skip
     "inspect a guardrail with a broken format_version": (["inspect", "{ws}/guard_version"], "format_version"),
     "train-sae --out a folder of user files": (
-        [
-            "train-sae",
-            "--model",
-            "{ws}/model",
-            "--text",
-            "{ws}/forget.txt",
-            "--hook",
-            "blocks.0.hook_resid_post",
-            "--out",
-            "{ws}/keep",
-        ],
+        TRAIN + ["--hook", "blocks.0.hook_resid_post", "--out", "{ws}/keep"],
         "does not hold",
     ),  # fmt: skip
     "train-sae --out an existing SAE": (
-        [
-            "train-sae",
-            "--model",
-            "{ws}/model",
-            "--text",
-            "{ws}/forget.txt",
-            "--hook",
-            "blocks.0.hook_resid_post",
-            "--out",
-            "{ws}/sae",
-        ],
+        TRAIN + ["--hook", "blocks.0.hook_resid_post", "--out", "{ws}/sae"],
         "already holds an SAE; pass --overwrite",
     ),  # fmt: skip
     "compare --out a folder of user files": (["compare", "--out", "{ws}/keep"], "does not hold a dsg comparison"),
@@ -235,18 +216,7 @@ CLI_CASES = {
     "inspect a guardrail.json that is not UTF-8": (["inspect", "{ws}/guard_utf16"], "Cannot read .* as JSON"),
     "inspect a guardrail.json nested too deep": (["inspect", "{ws}/guard_deep"], "Cannot read .* as JSON"),
     "train-sae --out a guardrail's SAE copy": (
-        [
-            "train-sae",
-            "--model",
-            "{ws}/model",
-            "--text",
-            "{ws}/forget.txt",
-            "--hook",
-            "blocks.0.hook_resid_post",
-            "--out",
-            "{ws}/guard_topk/sae",
-            "--overwrite",
-        ],
+        TRAIN + ["--hook", "blocks.0.hook_resid_post", "--out", "{ws}/guard_topk/sae", "--overwrite"],
         "lies inside",
     ),  # fmt: skip
     # damaged models
@@ -291,35 +261,11 @@ CLI_CASES = {
         "Forget question 0 with its longest choice needs",
     ),  # fmt: skip
     "train-sae --text one file twice": (
-        [
-            "train-sae",
-            "--model",
-            "{ws}/model",
-            "--text",
-            "{ws}/forget.txt",
-            "--text",
-            "{ws}/forget.txt",
-            "--hook",
-            "blocks.0.hook_resid_post",
-            "--out",
-            "{ws}/new",
-        ],
+        TRAIN + ["--text", "{ws}/forget.txt", "--hook", "blocks.0.hook_resid_post", "--out", "{ws}/new"],
         "given twice",
     ),  # fmt: skip
     "train-sae at a learning rate that diverges": (
-        [
-            "train-sae",
-            "--model",
-            "{ws}/model",
-            "--text",
-            "{ws}/forget.txt",
-            "--hook",
-            "blocks.0.hook_resid_post",
-            "--lr",
-            "1e9",
-            "--out",
-            "{ws}/new",
-        ],
+        TRAIN + ["--hook", "blocks.0.hook_resid_post", "--lr", "1e9", "--out", "{ws}/new"],
         "diverged",
     ),  # fmt: skip
     # numbers
@@ -457,21 +403,11 @@ CLI_CASES = {
     "eval two files with one stem": (EVAL + ["--questions", "{ws}/q.jsonl", "{ws}/sub/q.jsonl"], "distinct names"),
     # options
     "train-sae --k 0": (
-        ["train-sae", "--model", "{ws}/model", "--text", "{ws}/forget.txt", "--k", "0", "--out", "{ws}/new"],
+        TRAIN + ["--k", "0", "--out", "{ws}/new"],
         "k=0",
     ),  # fmt: skip
     "train-sae with --text and --domains": (
-        [
-            "train-sae",
-            "--model",
-            "{ws}/model",
-            "--text",
-            "{ws}/forget.txt",
-            "--domains",
-            "nonexistent",
-            "--out",
-            "{ws}/new",
-        ],
+        TRAIN + ["--domains", "nonexistent", "--out", "{ws}/new"],
         "not both",
     ),  # fmt: skip
     "compare an unknown method": (["compare", "--methods", "dsg,sgd", "--out", "{ws}/new"], "Unknown method"),
