@@ -746,8 +746,8 @@ class _ModelHooks:
 
         def tagging_prepare(*args, **kwargs):
             out = prepare(*args, **kwargs)
-            generation = _GENERATING.get()
-            if generation is not None and generation.model is self.model:
+            generation = _generation_of(self.model)
+            if generation is not None:
                 generation.expect(out)
             return out
 
