@@ -99,8 +99,10 @@ def main() -> None:
               "ppl clamped %", "k=1000 base-correct %", "k=1000 gated %", "after k=1000 gated %",
               "paddings open at end %", "mentions clamped %", "rep. 3-grams %", "answer ppl"]  # fmt: skip
     rows, results = [], {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}}
+    fillers = guard.hold_fillers  # a hold counted in tokens that carry words (DEMO_FIT's), None for a latch
     for hold, latch, prompt, margin in rows_of:
         guard.hold = hold  # same gate and clamp, another hold, latch level and prompt level
+        guard.hold_fillers = None if hold is None else fillers
         guard.latch = None if latch is None else float(np.percentile(calibration, latch))
         level = None if prompt is None else float(np.percentile(calibration, prompt))
         guard.prompt_level = None if prompt is None else raised_level(level, guard.threshold, margin)

@@ -454,7 +454,8 @@ def test_a_prompt_level_is_fitted_saved_checked_and_applied(detected, tmp_path):
     from dsg.guard.integrity import HASH_FIELD, content_sha256
 
     model, tok, sae, _ = detected
-    kw = dict(gate_hold=3, gate_latch_percentile=100.0, gate_percentile=50)
+    # a hold that counts every real token: format 4 is the prompt level's alone (5 adds the hold's filler ids)
+    kw = dict(gate_hold=3, gate_latch_percentile=100.0, gate_percentile=50, gate_hold_words=False)
     calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS  # spread-out statistics
     plain = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw), progress=False)
     guard = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw, gate_prompt_percentile=100.0),
@@ -624,9 +625,15 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(
     assert "clamped only near windows over" not in guard.gate_rule()
     guard.save(tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
-    assert "prompt_level" not in meta and meta["format_version"] < 4 and meta["prompt_level_check"]["kept"] is False
+    # written as format 5 for its hold's filler table (the level's 4 is not needed), older without the table
+    assert "prompt_level" not in meta and meta["format_version"] == 5 and meta["prompt_level_check"]["kept"] is False
     loaded = dsg.Guardrail.load(tmp_path / "g", sae=detected[2])
     assert loaded.prompt_level is None and loaded.info["prompt_level_check"] == record
+    assert torch.equal(loaded.hold_fillers, guard.hold_fillers)
+    without = dsg.Guardrail.load(tmp_path / "g", sae=detected[2])
+    without.hold_fillers = None
+    without.save(tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "guardrail.json").read_text())["format_version"] < 4
     from dsg.guard.inspect import describe as inspect_file
 
     shown = inspect_file(tmp_path / "g")

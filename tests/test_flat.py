@@ -61,16 +61,21 @@ def setting(tiny_llama):
     # prompts are clamped only near their highest windows: above the latch, below the highest prompt's peak
     prompted = dsg.Guardrail(sae, paper.hook, paper.features, detector.threshold, window=4, detector=weights, hold=3,
                              latch=latch, prompt_level=(latch + max(opened)) / 2)  # fmt: skip
+    # a hold that skips "fillers": here every odd token id, so that the count differs from the real tokens'
+    fillers = sorted({t for s in seqs for t in s if t % 2})
+    words = dsg.Guardrail(sae, paper.hook, paper.features, detector.threshold, window=4, detector=weights, hold=3,
+                          latch=latch, hold_fillers=fillers)  # fmt: skip
     guards = {"paper": paper, "window": window, "static": static, "detector": detector, "held": held,
-              "latch": latched, "prompt": prompted}  # fmt: skip
+              "latch": latched, "prompt": prompted, "words": words}  # fmt: skip
     return guards, seqs, acts, prompts, special_token_ids(model)
 
 
 def reference(g, seq, x, n_prompt, specials):
     """The rule on the whole sequence: {position: delta} of the clamped tokens."""
-    real = real_token_mask(torch.tensor([seq]), None, specials)
+    ids = torch.tensor([seq])
+    real = real_token_mask(ids, None, specials)
     f, a, e = g.flags(x[None], real)
-    clamp, _ = g.gate(a, real, n_prompt, None, e)
+    clamp, _ = g.gate(a, real, n_prompt, None, e, g.counted(real, ids))
     pos, delta = g.delta(f, clamp)
     return {int(p): d for p, d in zip(pos[:, 1], delta)}
 
@@ -127,7 +132,8 @@ def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, pre
 @pytest.mark.parametrize(
     "kind,chunk",
     [("paper", None), ("window", None), ("window", 3), ("static", 2), ("detector", None), ("detector", 3),
-     ("held", None), ("held", 3), ("latch", None), ("latch", 2), ("prompt", None), ("prompt", 2)],
+     ("held", None), ("held", 3), ("latch", None), ("latch", 2), ("prompt", None), ("prompt", 2), ("words", None),
+     ("words", 2)],
 )  # fmt: skip
 @pytest.mark.parametrize("seed", [0, 1])
 def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, chunk, seed):
@@ -148,6 +154,11 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
         held = guards["held"]
         assert any(reference(g, s, acts[r], prompts[r], specials).keys() != reference(held, s, acts[r], prompts[r],
                    specials).keys() for r, s in enumerate(seqs))  # fmt: skip
+    if kind == "words":  # counting words only, the hold clamps more than the latch counting every real token
+        latched = guards["latch"]
+        mine = [set(reference(g, s, acts[r], prompts[r], specials)) for r, s in enumerate(seqs)]
+        theirs = [set(reference(latched, s, acts[r], prompts[r], specials)) for r, s in enumerate(seqs)]
+        assert all(t <= m for m, t in zip(mine, theirs)) and any(m - t for m, t in zip(mine, theirs))
     if kind == "prompt":  # clamped only near windows over the level: a subset of the latch's clamps, the same
         # answers, and with a level above every prompt's peak (just under the largest mean evidence the detector
         # can give: window sums are multiples of 1/4 here), no prompt token at all
@@ -172,7 +183,7 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
             assert last["prompt_clamped"] == sum(p < prompts[r] for p in want), f"request {r}"
     if kind == "held":  # a held gate clamps inside some prompt and is shut at its end: the event says both
         assert any(e["prompt_clamped"] > 0 and not e["gated"] for e in events if e["event"] == "prompt")
-    if kind in ("paper", "detector", "held", "latch", "prompt"):
+    if kind in ("paper", "detector", "held", "latch", "prompt", "words"):
         on = {e["request_id"] for e in events if e["gated"]}
         assert 0 < len(on) < len(seqs)  # some requests gated, some not: the gates are per request
 

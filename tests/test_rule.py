@@ -55,12 +55,13 @@ def test_apply_delta_touches_only_the_clamped_positions():
     assert torch.equal(out[mask], x[mask]) and out is not x
 
 
-def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None, prompt_level=None):
+def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None, prompt_level=None, counted=None):
     """The windowed gate written as a loop over tokens: the definition the vectorised rule must equal. Latched;
     or, with `hold`, open within `hold` real tokens of a window over the threshold at positions before
     `n_prompt` (the prompt) and latched from there on (the answer), which with `latch` also opens once any window
     so far went over the latch. With `prompt_level`, prompt positions are clamped only within `hold` real tokens of
-    a window over it; what the answer gets does not change."""
+    a window over it; what the answer gets does not change. With `counted`, the hold counts those real tokens only."""
+    counted = real if counted is None else counted
     clamp, gated, peaks = torch.zeros_like(a), [], []
     for b in range(a.shape[0]):
         recent, on, peak, since, strong, since_p = [], False, 0.0, None, False, None
@@ -70,10 +71,11 @@ def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None
                 recent = (recent + [int(a[b, t])])[-w:]
                 share = sum(recent) / w
                 peak, opens = max(peak, share), share > threshold
-                since = 0 if opens else None if since is None else since + 1
+                step = int(bool(counted[b, t]))
+                since = 0 if opens else None if since is None else since + step
                 strong = strong or (latch is not None and share > latch)
                 if prompt_level is not None:
-                    since_p = 0 if share > prompt_level else None if since_p is None else since_p + 1
+                    since_p = 0 if share > prompt_level else None if since_p is None else since_p + step
             if hold is not None and t < n_prompt:
                 on = since is not None and since < hold
                 near = on if prompt_level is None else since_p is not None and since_p < hold
@@ -121,23 +123,29 @@ def test_a_held_decision_can_start_where_the_prompt_began_to_clamp():
     assert rule.held(a, gated, start).tolist() == [[False, True, False, True], [False] * 4]
 
 
+@pytest.mark.parametrize("words", [False, True])
 @pytest.mark.parametrize("prompt_level", [None, 0.8])
 @pytest.mark.parametrize("latch", [None, 0.7])
 @pytest.mark.parametrize("seed", range(3))
-def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed, latch, prompt_level):
+def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed, latch, prompt_level, words):
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(6, 40, generator=g) < 0.35
     real = torch.rand(6, 40, generator=g) < 0.9
     a[:2, :8] = True  # two rows whose prompt goes over the latch early, then closes
     a[:2, 8:30] = False
     a = a & real
+    counted = real & (torch.rand(6, 40, generator=g) < 0.6) if words else None  # tokens that carry words
     n_prompt = 30
-    want, _, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch, prompt_level=prompt_level)
+    want, _, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch, prompt_level=prompt_level,
+                                     counted=counted)  # fmt: skip
+    if words:  # fillers hold the gate open at least as long as counting every real token does, and here longer
+        every = _windowed_reference(a, real, 0.5, 4, 3, n_prompt, latch, prompt_level)[0]
+        assert not (every & ~want).any() and ((want & ~every).any() or latch is not None or prompt_level is not None)
     assert want[:, :n_prompt].any() and not torch.equal(want, _windowed_reference(a, real, 0.5, 4)[0])
     if latch is not None:  # the latch guards answers the hold alone would leave open
         assert not torch.equal(want, _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt)[0])
     if prompt_level is not None:  # the prompt level spares prompt tokens the threshold alone would clamp
-        plain = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch)[0]
+        plain = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch, counted=counted)[0]
         assert (plain[:, :n_prompt] & ~want[:, :n_prompt]).any() and not (want & ~plain).any()
         assert torch.equal(want[:, n_prompt:], plain[:, n_prompt:])
     for chunk in (40, 7, 1):
@@ -145,11 +153,13 @@ def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(
             T = n_prompt if prompt_only else 40
             state, parts = None, []
             for t in range(0, T, chunk):
-                c, state = rule.window_gate(a[:, t : min(t + chunk, T)], real[:, t : min(t + chunk, T)], state, 0.5,
-                                            4, None, 3, max(0, min(n_prompt - t, chunk)), latch,
-                                            prompt_level)  # fmt: skip
+                sl = slice(t, min(t + chunk, T))
+                c, state = rule.window_gate(a[:, sl], real[:, sl], state, 0.5, 4, None, 3,
+                                            max(0, min(n_prompt - t, chunk)), latch, prompt_level,
+                                            None if counted is None else counted[:, sl])  # fmt: skip
                 parts.append(c)
-            ref, ref_gated, _ = _windowed_reference(a[:, :T], real[:, :T], 0.5, 4, 3, n_prompt, latch, prompt_level)
+            ref, ref_gated, _ = _windowed_reference(a[:, :T], real[:, :T], 0.5, 4, 3, n_prompt, latch, prompt_level,
+                                                    None if counted is None else counted[:, :T])  # fmt: skip
             assert torch.equal(torch.cat(parts, 1), ref), (chunk, prompt_only)
             assert torch.equal(state.gated, ref_gated), (chunk, prompt_only)
 
@@ -165,6 +175,23 @@ def test_a_latch_guards_the_answer_to_a_question_padded_after():
         answer = torch.ones(2, 5, dtype=torch.bool)
         clamp, _ = rule.window_gate(answer, torch.ones_like(answer), state, 0.5, 4, None, 8, 0, latch)
         assert clamp[0].all() == guarded[0]
+
+
+def test_padding_that_carries_no_word_cannot_run_a_counted_hold_out():
+    """A forget burst, then 40 filler tokens (zero-width spaces, " ."): counting every real token, the 8-token hold
+    runs out and the answer is not guarded; counting tokens that carry words, the gate is still open at the end.
+    Benign words after the burst still close it."""
+    burst = [True] * 6
+    a = torch.tensor([burst + [False] * 40, burst + [False] * 40])
+    real = torch.ones_like(a)
+    counted = torch.ones_like(a)
+    counted[0, 6:] = False  # row 0: fillers after the burst; row 1: words
+    _, every = rule.window_gate(a, real, None, 0.5, 4, None, 8, a.shape[1])
+    clamp, words = rule.window_gate(a, real, None, 0.5, 4, None, 8, a.shape[1], counted_BT=counted)
+    assert every.gated.tolist() == [False, False] and words.gated.tolist() == [True, False]
+    answer = torch.tensor([[True, False, False]] * 2)  # one flagged token: the answer alone opens nothing
+    guarded, _ = rule.window_gate(answer, torch.ones_like(answer), words, 0.5, 4, None, 8, 0)
+    assert guarded.tolist() == [[True, False, False], [False] * 3]
 
 
 def test_a_held_open_gate_closes_after_a_benign_burst_and_guards_an_answer_begun_open():

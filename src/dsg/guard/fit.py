@@ -28,7 +28,7 @@ from ..files import is_text
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, decoder_layers, resolve
 from ..lm.models import check_sequences_fit, context_length
-from ..lm.text import pad_id_of, real_token_mask, special_token_ids, subsample, tokenize
+from ..lm.text import filler_token_ids, pad_id_of, real_token_mask, special_token_ids, subsample, tokenize
 from .detector import fit_weights, holdout_split, window_features
 from .guardrail import Guardrail
 from .integrity import MAX_CLAMP, MAX_WINDOW
@@ -68,6 +68,10 @@ class FitConfig:
     instead of latching to the prompt's end, so that a benign document the gate misjudges once is clamped near
     that stretch, not from there on; an answer is guarded to its end when the gate is open at the prompt's last
     token or opens during the answer. Default: latch."""
+    gate_hold_words: bool = True
+    """Held gate only: count the hold in tokens that carry a letter or digit (lm.text.filler_token_ids, stored with
+    the guardrail), so that padding carrying no word (spaces, newlines, punctuation, zero-width characters, emoji)
+    after a forget question cannot run the hold out; --no-gate-hold-words counts every real token."""
     gate_latch_percentile: float | None = None
     """Held gate only (needs gate_hold): a second level, this percentile of the same calibration statistic (100:
     the largest), above the threshold; a prompt in which any window goes over it gets a guarded answer however
@@ -394,8 +398,10 @@ def fit(
     if config.detector and config.gated:
         detector, detector_info, calib_seqs = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)
     floor = 0 if detector is not None and config.detector_floor else None
+    fillers = filler_token_ids(tokenizer) if config.gate_hold is not None and config.gate_hold_words else None
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                      hold=config.gate_hold, detector=detector, detector_floor=floor, name=name)  # fmt: skip
+                      hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
+                      name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
     real = _real_token_counts(model, calib_seqs)
     rho = rho[real > 0]  # a text with nothing to judge would read as a benign 0
@@ -415,7 +421,7 @@ def fit(
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                      hold=config.gate_hold, latch=latch, prompt_level=prompt_level, detector=detector,
-                     detector_floor=floor, name=name,
+                     detector_floor=floor, hold_fillers=fillers, name=name,
                      info=info, tensors=tensors)  # fmt: skip
 
 

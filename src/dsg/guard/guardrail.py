@@ -32,20 +32,32 @@ from ..lm.models import DTYPES
 from ..sae import ARCHITECTURES, SAE
 from . import rule
 from .detector import MAX_WEIGHT, SCALE, Detector
-from .integrity import HASH_FIELD, check_meta, check_record, check_rule, check_statistics, check_tensors, content_sha256
+from .integrity import (
+    FILLERS_TENSOR,
+    HASH_FIELD,
+    check_fillers,
+    check_meta,
+    check_record,
+    check_rule,
+    check_statistics,
+    check_tensors,
+    content_sha256,
+)
 
 FORMAT = "dsg-guardrail"
-FORMAT_VERSION = 4  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
-# 4: a prompt level (a guardrail is written with the lowest version that holds its rule, see to_json)
+FORMAT_VERSION = 5  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
+# 4: a prompt level; 5: a hold counted in tokens that carry words (a guardrail is written with the lowest version
+# that holds its rule, see to_json)
 FLOORED_FORMAT_VERSION = 3
 PROMPT_LEVEL_FORMAT_VERSION = 4
+HOLD_FILLERS_FORMAT_VERSION = 5
 SIGNED_FORMAT_VERSION = 2  # what a guardrail without a detector floor is written as, readable by dsg before floors
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
 _OWN_FIELDS = ("format", "format_version", "dsg_version", "name", "detector")  # written by to_json, never by info
 RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")
-RULE_FIELDS += ("window", "hold", "latch", "prompt_level")  # the windowed gate's
+RULE_FIELDS += ("window", "hold", "latch", "prompt_level", "hold_fillers")  # the windowed gate's
 
 
 class Flags(NamedTuple):
@@ -105,6 +117,17 @@ def _latent_ids(features) -> list[int]:
             raise DSGError(f"The guardrail's features must be latent ids (integers), got {given!r}.")
         ids.append(operator.index(j))
     return ids
+
+
+def _token_ids(ids) -> torch.Tensor | None:
+    """Distinct token ids, ascending, as an int64 vector (None stays None)."""
+    if ids is None:
+        return None
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DSGError("The guardrail's hold_fillers must be token ids (integers).")
+    return torch.tensor(sorted(set(ids)), dtype=torch.long)
 
 
 def _check_sae_record(record: dict, sae: SAE, where: str) -> None:
@@ -203,6 +226,7 @@ class Guardrail:
         hold: int | None = None,
         latch: float | None = None,
         prompt_level: float | None = None,
+        hold_fillers: Sequence[int] | None = None,
         name: str | None = None,
         info: dict | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
@@ -213,6 +237,8 @@ class Guardrail:
         features = _latent_ids(features)
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
                    detector is not None, hold, latch, detector_floor, prompt_level)  # fmt: skip
+        fillers = _token_ids(hold_fillers)
+        check_fillers(fillers, hold, "The guardrail")
         info = dict(info or {})
         sha = sae.sha256()
         given = info.get("sae", {}).get("sha256") if isinstance(info.get("sae"), dict) else None
@@ -238,11 +264,12 @@ class Guardrail:
             hold,
             latch,
             prompt_level,
+            fillers,
         )
 
     def _setup(
         self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors,
-        window=None, detector=None, hold=None, latch=None, prompt_level=None,
+        window=None, detector=None, hold=None, latch=None, prompt_level=None, hold_fillers=None,
     ) -> None:  # fmt: skip
         self.latents = latents
         self.sae_record = sae_record
@@ -259,6 +286,9 @@ class Guardrail:
         self.latch = None if latch is None else float(latch)  # held gate: a window over it guards the answer
         # held gate: a prompt's tokens are clamped only near windows over it (None: over the threshold)
         self.prompt_level = None if prompt_level is None else float(prompt_level)
+        # held gate: ids of the tokens that carry no word (lm.text.filler_token_ids), which the hold does not count
+        # (None: it counts every real token)
+        self.hold_fillers = hold_fillers
         self.name = name
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
@@ -278,6 +308,7 @@ class Guardrail:
         check_rule(self.hook, self.features, self.threshold, self.clamp, self.clamp_mode, self.gated,
                    int(self.sae_record["d_sae"]), "The guardrail", self.window, self.detector is not None, self.hold,
                    self.latch, floor, self.prompt_level)  # fmt: skip
+        check_fillers(self.hold_fillers, self.hold, "The guardrail")
         self._check_levels_reachable()
 
     def _check_levels_reachable(self) -> None:
@@ -326,7 +357,8 @@ class Guardrail:
         if self.hold is None:
             return "latched"
         unit = SCALE if self.detector is not None else 1
-        how = f"open for {self.hold} tokens in a prompt, latched in the answer"
+        counted = "tokens that carry words" if self.hold_fillers is not None else "tokens"
+        how = f"open for {self.hold} {counted} in a prompt, latched in the answer"
         if self.prompt_level is not None:
             how += f" (a prompt's tokens are clamped only near windows over {self.prompt_level / unit:.4g})"
         if self.latch is None:
@@ -365,13 +397,21 @@ class Guardrail:
         a prompt may arrive in pieces (a shared prefix, chunked prefill, a prefix cache) with the same result."""
         return not self.gated or self.window is not None
 
-    def gate(self, a_BT, real_BT, n_prompt: int, state, evidence_BT=None):
+    def counted(self, real_BT: torch.Tensor, ids_BT: torch.Tensor | None) -> torch.Tensor | None:
+        """The real tokens a held gate counts [B, T]: those whose ids are not among `hold_fillers`. None (every real
+        token counts) without a table or without token ids (a forward given embeddings)."""
+        if self.hold is None or self.hold_fillers is None or ids_BT is None or ids_BT.shape != real_BT.shape:
+            return None
+        fillers = self.hold_fillers.to(ids_BT.device)
+        return real_BT & ~torch.isin(ids_BT, fillers).to(real_BT.device)
+
+    def gate(self, a_BT, real_BT, n_prompt: int, state, evidence_BT=None, counted_BT=None):
         """Which tokens to clamp [B, T] and the new gate state (see rule.gate; with a window, rule.window_gate,
         which with a detector sums `evidence_BT` and with `hold` tells the first `n_prompt` positions, held open,
-        from generated ones, latched)."""
+        from generated ones, latched, counting the real tokens in `counted_BT`: see `counted`)."""
         if self.gated and self.window is not None:
             return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window, evidence_BT, self.hold,
-                                    n_prompt, self.latch, self.prompt_level)  # fmt: skip
+                                    n_prompt, self.latch, self.prompt_level, counted_BT)  # fmt: skip
         return rule.gate(a_BT, real_BT, n_prompt, state, self.threshold if self.gated else None)
 
     def delta(self, f_BTS: torch.Tensor, clamp_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,6 +425,8 @@ class Guardrail:
         self.latents.to(device)
         if self.detector is not None:
             self.detector.to(device)
+        if self.hold_fillers is not None:
+            self.hold_fillers = self.hold_fillers.to(device)
         return self
 
     def applied(self, model: torch.nn.Module, verify: bool = True):
@@ -442,6 +484,7 @@ class Guardrail:
             **({"hold": self.hold} if self.hold is not None else {}),
             **({"latch": self.latch} if self.latch is not None else {}),
             **({"prompt_level": self.prompt_level} if self.prompt_level is not None else {}),
+            **({"hold_fillers": len(self.hold_fillers)} if self.hold_fillers is not None else {}),
             **({"detector": self._detector_record()} if self.detector is not None else {}),
             **{k: v for k, v in self.info.items() if k not in ("sae", *RULE_FIELDS, *_OWN_FIELDS)},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
@@ -450,7 +493,10 @@ class Guardrail:
     @property
     def _format_version(self) -> int:
         """The lowest format version that holds this rule, so that a dsg too old to apply it refuses the file
-        instead of reading it as another rule: 4 with a prompt level, 3 with a detector floor, else 2."""
+        instead of reading it as another rule: 5 with a hold that skips fillers, 4 with a prompt level, 3 with a
+        detector floor, else 2."""
+        if self.hold_fillers is not None:
+            return HOLD_FILLERS_FORMAT_VERSION
         if self.prompt_level is not None:
             return PROMPT_LEVEL_FORMAT_VERSION
         if self.detector is not None and self.detector.floor is not None:
@@ -472,6 +518,8 @@ class Guardrail:
         if self.detector is not None:
             tensors |= {k: v.detach().cpu().contiguous() for k, v in self.detector.tensors().items()}
         tensors |= {f"stats.{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        if self.hold_fillers is not None:
+            tensors[FILLERS_TENSOR] = self.hold_fillers.detach().cpu().contiguous()
         meta = self.to_json()
         meta[HASH_FIELD] = content_sha256(meta, tensors)
         with atomic_directory(path, "guardrail") as tmp:
@@ -523,6 +571,10 @@ class Guardrail:
             raise DSGError(f"{where} has a 'prompt_level' but format_version {meta.get('format_version')!r}; a dsg "
                            f"writes it as {PROMPT_LEVEL_FORMAT_VERSION} (older ones ignore the field and clamp "
                            "differently), so the file was edited; refit it.")  # fmt: skip
+        if "hold_fillers" in meta and meta.get("format_version", 0) < HOLD_FILLERS_FORMAT_VERSION:
+            raise DSGError(f"{where} has 'hold_fillers' but format_version {meta.get('format_version')!r}; a dsg "
+                           f"writes it as {HOLD_FILLERS_FORMAT_VERSION} (older ones ignore the field and hold the "
+                           "gate open for fewer tokens), so the file was edited; refit it.")  # fmt: skip
         check_tensors(t, meta, repr(str(path / TENSORS_NAME)))
         record = meta["sae"]
         if sae is not None and sae.sha256() != record["sha256"]:
@@ -547,6 +599,7 @@ class Guardrail:
             latents = SelectedLatents(encoder, features, t["W_dec_selected"], t["b_dec"])
         detector = _load_detector(t, record, sae, meta["detector"].get("floor")) if "detector" in meta else None
         stats = {k.removeprefix("stats."): v for k, v in t.items() if k.startswith("stats.")}
+        check_fillers(t.get(FILLERS_TENSOR) if "hold_fillers" in meta else None, meta.get("hold"), where)
         skip = ("format", "format_version", "dsg_version", "name", HASH_FIELD, "detector", *RULE_FIELDS)
         info = {k: v for k, v in meta.items() if k not in skip}
         keys = ("sha256", "architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input", "hook_name")
@@ -569,6 +622,7 @@ class Guardrail:
             meta.get("hold"),
             meta.get("latch"),
             meta.get("prompt_level"),
+            t.get(FILLERS_TENSOR) if "hold_fillers" in meta else None,
         )
         guard.content_sha256 = meta[HASH_FIELD]  # verified above
         return guard

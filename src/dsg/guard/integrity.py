@@ -27,6 +27,8 @@ from .detector import SCALE as DETECTOR_SCALE
 from .rule import CLAMP_MODES
 
 HASH_FIELD = "content_sha256"
+FILLERS_TENSOR = "hold.fillers"  # a held gate's token ids that carry no word (Guardrail.hold_fillers)
+MAX_TOKEN_ID = 1 << 31  # past any vocabulary
 MAX_WINDOW = 1 << 17  # tokens: a window past any model's context reads like the whole input, and each request's
 # gate state holds one flag per window token. It bounds a gate's hold too: a longer hold is a latch, and one near
 # rule.NEVER (a gate that never opened) or int64 would read as always open or never open
@@ -186,6 +188,20 @@ def check_record(meta: dict, where: str) -> None:
         raise DSGError(f"{where}: 'prompt_level_check' must hold numbers for {', '.join(_CHECK_NUMBERS)}.")
 
 
+def check_fillers(fillers: torch.Tensor | None, hold, where: str) -> None:
+    """A held gate's filler ids: distinct token ids in ascending order, int64, given only with a hold."""
+    if fillers is None:
+        return
+    if hold is None:
+        raise DSGError(f"{where}: 'hold_fillers' are the tokens a held gate does not count, so 'hold' must be set.")
+    if not isinstance(fillers, torch.Tensor) or fillers.dtype != torch.long or fillers.dim() != 1:
+        raise DSGError(f"{where}: the hold's filler ids must be a vector of int64 token ids.")
+    ids = fillers.cpu()
+    if len(ids) and (ids[0] < 0 or ids[-1] >= MAX_TOKEN_ID or not (ids[1:] > ids[:-1]).all()):
+        raise DSGError(f"{where}: the hold's filler ids must be distinct token ids in ascending order, each from 0 "
+                       f"up to {MAX_TOKEN_ID - 1}.")  # fmt: skip
+
+
 def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
     """Shapes and finiteness of the selected latents' slices and of a detector's tensors (and the detector's dtypes
     and ranges)."""
@@ -196,6 +212,11 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
     if arch.encodes_latents_independently:
         expected |= {"W_enc_selected": (d_in, S), "b_enc_selected": (S,)}
         expected |= {f"{n}_selected": (S,) for n in arch.extra_tensors}
+    if "hold_fillers" in meta:
+        n = meta["hold_fillers"]
+        if not _is_int(n) or n < 0:
+            raise DSGError(f"{where}: 'hold_fillers' in guardrail.json must be a count of token ids, got {n!r}.")
+        expected[FILLERS_TENSOR] = (n,)
     if "detector" in meta:
         L = meta["detector"]["latents"]
         expected |= {"detector.latents": (L,), "detector.weights": (L,)}
@@ -209,7 +230,7 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
             raise DSGError(f"{where}: tensor {name!r} has shape {tuple(t[name].shape)}, expected {shape}.")
         if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
             raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
-    floats = {name: t[name].dtype for name in expected if t[name].is_floating_point()}
+    floats = {name: t[name].dtype for name in expected if t[name].is_floating_point() and name != FILLERS_TENSOR}
     if len(set(floats.values())) > 1:
         raise DSGError(f"{where}: the SAE's tensors must share one dtype, got "
                        f"{', '.join(f'{n} {d}' for n, d in sorted(floats.items()))}.")  # fmt: skip

@@ -153,6 +153,7 @@ def window_gate(
     n_prompt: int | None = None,
     latch: float | None = None,
     prompt_level: float | None = None,
+    counted_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """The prefix-causal gate: at each real token, the share of flagged tokens among the last `window` real tokens
     (a sequence's start counts as unflagged, so a few flagged tokens in a short input do not make a full window);
@@ -181,7 +182,11 @@ def window_gate(
     prompt's tokens are clamped only within h real tokens of a window over `prompt_level`, while the threshold
     still decides the answer as above. A benign document whose evidence goes over the threshold but not over
     `prompt_level` is read as it is; a forget question whose evidence goes over the threshold within the last h
-    tokens of its prompt (or over `latch` anywhere) gets a guarded answer."""
+    tokens of its prompt (or over `latch` anywhere) gets a guarded answer.
+
+    With `counted_BT` (bool [B, T], the real tokens that carry words: Guardrail.counted) the hold counts only those,
+    so padding that carries no word (whitespace, punctuation, zero-width characters) cannot run it out; windows
+    still read every real token. None: every real token counts."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
@@ -195,10 +200,11 @@ def window_gate(
         n_p = T if n_prompt is None else min(n_prompt, T)
         if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
             strong = (state.peak > latch)[:, None] | ((real_BT.bool() & (share > latch)).long().cummax(1).values > 0)
-        on, quiet = _held_open(opens, real_BT, state.gated, state.quiet, hold, n_p, strong)
+        counted = real_BT if counted_BT is None else counted_BT
+        on, quiet = _held_open(opens, counted, state.gated, state.quiet, hold, n_p, strong)
     where = on
     if hold is not None and prompt_level is not None and T:  # prompt tokens: only near windows over `prompt_level`
-        near, quiet_prompt = _held_open(real_BT.bool() & (share > prompt_level), real_BT, state.gated,
+        near, quiet_prompt = _held_open(real_BT.bool() & (share > prompt_level), counted, state.gated,
                                         state.quiet_prompt, hold, T)  # fmt: skip
         where = torch.cat([near[:, :n_p], on[:, n_p:]], 1)
     clamp_BT = a_BT & where
@@ -238,15 +244,15 @@ def _last_window(flags, valid, cum_real, recent_before):
     return total, recent
 
 
-def _held_open(opens_BT, real_BT, gated_B, quiet_B, hold: int, n_prompt: int, strong_BT=None):
-    """(on [B, T], new quiet [B]) for window_gate's `hold`: prompt positions are open within `hold` real tokens of
-    the last opening (`quiet_B` carries one from earlier chunks); generated positions latch, from the gate at the
-    prompt's last token (`gated_B` before this chunk) or (`strong_BT`, window_gate's `latch`) any window so far
-    over the latch."""
+def _held_open(opens_BT, counted_BT, gated_B, quiet_B, hold: int, n_prompt: int, strong_BT=None):
+    """(on [B, T], new quiet [B]) for window_gate's `hold`: prompt positions are open within `hold` counted tokens
+    (`counted_BT`: the real ones, or those of them that carry words) of the last opening (`quiet_B` carries one
+    from earlier chunks); generated positions latch, from the gate at the prompt's last token (`gated_B` before this
+    chunk) or (`strong_BT`, window_gate's `latch`) any window so far over the latch."""
     B, T = opens_BT.shape
     if not T:
         return gated_B[:, None], quiet_B
-    seen = real_BT.long().cumsum(1)  # real tokens so far in this chunk
+    seen = counted_BT.long().cumsum(1)  # counted tokens so far in this chunk
     last = torch.where(opens_BT, seen, -quiet_B[:, None]).cummax(1).values  # `seen` at the latest opening
     since = seen - last
     on = since < hold

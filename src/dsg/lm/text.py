@@ -11,9 +11,12 @@ with outsized norm whether or not the tokenizer put a BOS there.
 
 from __future__ import annotations
 
+import codecs
+import functools
 import os
 import random
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -174,3 +177,81 @@ def pad_id_of(tokenizer, model: torch.nn.Module | None = None) -> int:
             if isinstance(value, int):
                 return value
     return 0
+
+
+# ---- which tokens carry words ------------------------------------------------------------------------------------
+
+
+def filler_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokens that carry no letter or digit: whitespace, punctuation, symbols, invisible format
+    characters (zero-width spaces, joiners, byte-order marks), emoji, and the tokenizer's special and added tokens.
+
+    Byte-level tokenizers (GPT-2's alphabet: SmolLM2, Llama 3, Qwen) split a character that is not in their
+    vocabulary into byte tokens. A token that starts such a character carries a word when some character starting
+    with those bytes is a letter or digit (so a Chinese character counts once, where it starts, and a zero-width
+    space never); a token of continuation bytes only finishes a character counted where it began. SentencePiece
+    byte tokens (`<0xE2>`) are read the same way. A token whose bytes cannot be read counts as carrying a word."""
+    vocab = tokenizer.get_vocab()
+    added = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added |= {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {})}
+    byte_of = _byte_level_alphabet(vocab, added)
+    fillers = []
+    for token, i in vocab.items():
+        if i in added:
+            fillers.append(i)
+            continue
+        raw = _token_bytes(token, byte_of)
+        if raw is None:
+            raw = tokenizer.convert_tokens_to_string([token]).encode("utf-8", "surrogatepass")
+        if not _carries_word(raw):
+            fillers.append(i)
+    return sorted(set(fillers))
+
+
+def _byte_level_alphabet(vocab: dict, added: set) -> dict[str, int] | None:
+    """GPT-2's byte-to-character table inverted, when every token of the vocabulary is written in it."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    plain = [t for t, i in vocab.items() if i not in added]
+    return byte_of if plain and all(c in byte_of for t in plain for c in t) else None
+
+
+_SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_bytes(token: str, byte_of: dict[str, int] | None) -> bytes | None:
+    if byte_of is not None:
+        return bytes(byte_of[c] for c in token)
+    match = _SENTENCEPIECE_BYTE.fullmatch(token)
+    if match:
+        return bytes([int(match.group(1), 16)])
+    return token.replace("\u2581", " ").encode("utf-8", "surrogatepass") if "\u2581" in token else None
+
+
+def _carries_word(raw: bytes) -> bool:
+    """Whether a token's bytes hold (or start) a letter or digit; leading continuation bytes finish a character
+    that an earlier token started and are skipped."""
+    i = 0
+    while i < len(raw) and 0x80 <= raw[i] < 0xC0:
+        i += 1
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    text = decoder.decode(raw[i:], final=False)
+    if any(c == "\ufffd" or unicodedata.category(c)[0] in "LN" for c in text):
+        return True
+    pending = decoder.getstate()[0]  # the bytes of a character the next token finishes
+    return bool(pending) and _prefix_starts_word(pending)
+
+
+@functools.cache
+def _prefix_starts_word(prefix: bytes) -> bool:
+    """Whether some character whose UTF-8 encoding starts with `prefix` (a lead byte and fewer continuation bytes
+    than it needs) is a letter or digit."""
+    lead = prefix[0]
+    n = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    code = lead & (0x7F >> n)
+    for b in prefix[1:]:
+        code = (code << 6) | (b & 0x3F)
+    free = 6 * (n - len(prefix))
+    lo, hi = code << free, min((code + 1) << free, 0x110000)
+    return any(unicodedata.category(chr(c))[0] in "LN" for c in range(lo, hi) if not 0xD800 <= c < 0xE000)

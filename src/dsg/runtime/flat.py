@@ -150,11 +150,13 @@ class RequestGates:
             g = self.guardrails[i]
             f, a, e = g.flags(x[None], real_N[None])
             e_N = e[0] if e is not None else None
+            counted = g.counted(real_N[None], input_ids_N[None, :n])
+            counted_N = counted[0] if counted is not None else None
             clamp_N = torch.zeros(n, dtype=torch.bool, device=x.device)
             if decoding:
-                self._decode(i, g, decoding, a[0], real_N, clamp_N, e_N)
+                self._decode(i, g, decoding, a[0], real_N, clamp_N, e_N, counted_N)
             for c in prefilling:
-                self._prefill(i, g, c, a[0], real_N, clamp_N, e_N)
+                self._prefill(i, g, c, a[0], real_N, clamp_N, e_N, counted_N)
             if clamp_N.any():
                 pos, delta = g.delta(f, clamp_N[None])
                 out_idx.append(pos[:, 1])
@@ -171,7 +173,7 @@ class RequestGates:
             out[r, : c.length] = t_N[c.start : c.start + c.length]
         return out
 
-    def _decode(self, i: int, g: Guardrail, chunks: list[Chunk], a_N, real_N, clamp_N, e_N=None) -> None:
+    def _decode(self, i: int, g: Guardrail, chunks: list[Chunk], a_N, real_N, clamp_N, e_N=None, counted_N=None):
         """Chunks of generated tokens only (each decoding request's new token)."""
         states = [self.states[c.request_id][i] for c in chunks]
         missing = [c.request_id for c, s in zip(chunks, states) if s is None]
@@ -182,8 +184,9 @@ class RequestGates:
             return
         a, real = self._segment(chunks, a_N), self._segment(chunks, real_N)
         e = self._segment(chunks, e_N) if e_N is not None else None
+        counted = self._segment(chunks, counted_N) if counted_N is not None else None
         before = [bool(s.gated[0]) for s in states]
-        clamp, state = g.gate(a, real, 0, _stack(states), e)
+        clamp, state = g.gate(a, real, 0, _stack(states), e, counted)
         for r, (c, s) in enumerate(zip(chunks, _unstack(state, len(chunks)))):
             self.states[c.request_id][i] = s
             clamp_N[c.start : c.start + c.length] |= clamp[r, : c.length]
@@ -213,7 +216,7 @@ class RequestGates:
         if clamped:
             clamp_N[torch.tensor(clamped, dtype=torch.long, device=clamp_N.device)] = True
 
-    def _prefill(self, i: int, g: Guardrail, c: Chunk, a_N, real_N, clamp_N, e_N=None) -> None:
+    def _prefill(self, i: int, g: Guardrail, c: Chunk, a_N, real_N, clamp_N, e_N=None, counted_N=None) -> None:
         whole = g.window is None and g.gated  # the paper's gate judges the prompt whole
         if whole and (c.position != 0 or c.prompt_tokens < c.prompt_length):
             raise ChunkRefused(
@@ -226,7 +229,8 @@ class RequestGates:
             prev = None
         sl = slice(c.start, c.start + c.length)
         e = e_N[None, sl] if e_N is not None else None
-        clamp, state = g.gate(a_N[None, sl], real_N[None, sl], c.prompt_tokens, prev, e)
+        counted = counted_N[None, sl] if counted_N is not None else None
+        clamp, state = g.gate(a_N[None, sl], real_N[None, sl], c.prompt_tokens, prev, e, counted)
         if g.window is None:
             state = rule.GateState(int(state.flagged[0]), int(state.real[0]), bool(state.gated[0]))
         self.states[c.request_id][i] = state

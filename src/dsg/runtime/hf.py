@@ -428,14 +428,14 @@ class _Attached:
                     "Generation removed tokens from the KV cache beyond the latest forward; the guardrail's gate "
                     "state cannot follow it. Decode without that strategy (greedy, sampling and beam search work)."
                 )
-            prev, a, real, e, n_prompt = last[i]
+            prev, a, real, e, n_prompt, counted = last[i]
             keep = a.shape[1] - removed
+            e, counted = (None if x is None else x[:, :keep] for x in (e, counted))
             if keep == 0:
                 states[i] = prev
             else:
-                _, states[i] = g.gate(a[:, :keep], real[:, :keep], min(n_prompt, keep), prev,
-                                      None if e is None else e[:, :keep])  # fmt: skip
-            last[i] = (prev, a[:, :keep], real[:, :keep], None if e is None else e[:, :keep], min(n_prompt, keep))
+                _, states[i] = g.gate(a[:, :keep], real[:, :keep], min(n_prompt, keep), prev, e, counted)
+            last[i] = (prev, a[:, :keep], real[:, :keep], e, min(n_prompt, keep), counted)
             if states[i] is not None:
                 record.gated_by[i] = states[i].gated
 
@@ -532,8 +532,9 @@ class _Attached:
                         "A cached continuation reached the guardrail without its prefill; start generation inside "
                         "attach()."
                     )
-                clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e)
-                self.sequence.last[i] = (prev, a, real, e, n_prompt)  # for a crop of this forward's tokens
+                counted = g.counted(real, forward.ids)
+                clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e, counted)
+                self.sequence.last[i] = (prev, a, real, e, n_prompt, counted)  # for a crop of this forward's tokens
                 record = _Decisions([None] * len(self.guardrails)) if aside else session._decisions(write=True)
                 record.gated_by[i] = self.states[i].gated
                 if not forward.continuation:

@@ -1,0 +1,130 @@
+"""A held gate counted in tokens that carry words (lm.text.filler_token_ids, Guardrail.hold_fillers): which tokens
+are fillers, how the table is fitted, saved and checked, and that padding of fillers after a forget prompt does not
+close the gate through the HF runtime while the same number of words does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dsg
+from dsg.files import read_safetensors
+from dsg.guard.integrity import FILLERS_TENSOR, HASH_FIELD, content_sha256
+from dsg.lm.text import _carries_word, filler_token_ids
+
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, sparse_sae
+
+
+@pytest.mark.parametrize(
+    "raw,word",
+    [
+        (b"the", True),
+        (b" 42", True),
+        (b"?", False),
+        (b" .", False),
+        (b"\n\n", False),
+        (b" " * 16, False),
+        ("\u00a0".encode(), False),  # a no-break space, whole in one token
+        ("\u200b".encode()[:2], False),  # the first two bytes of a zero-width space: U+2000..U+203F, no letter
+        ("\u200b".encode()[2:], False),  # a continuation byte finishes a character counted where it began
+        ("é".encode(), True),
+        ("é".encode()[:1], True),  # starts a two-byte character that may be a letter
+        ("日".encode()[:2], True),  # starts a CJK ideograph: counted once, where it starts
+        ("日".encode()[2:], False),
+        ("😀".encode()[:3], False),  # starts an emoticon (U+1F600..U+1F63F)
+        (b"\xff", True),  # bytes that are not UTF-8 count as a word (nothing is skipped on a guess)
+    ],
+)
+def test_a_token_carries_a_word_when_it_holds_or_starts_a_letter_or_digit(raw, word):
+    assert _carries_word(raw) is word
+
+
+def test_the_filler_table_of_a_byte_level_tokenizer(tiny_llama):
+    _, tok = tiny_llama
+    fillers = set(filler_token_ids(tok))
+    assert set(tok.all_special_ids) <= fillers
+    for text in ("exploit", "payload", "2024"):
+        assert not any(i in fillers for i in tok(text, add_special_tokens=False)["input_ids"]), text
+    for text in ("?", " . . .", "\n\n", " -- "):
+        assert all(i in fillers for i in tok(text, add_special_tokens=False)["input_ids"]), text
+    zwsp = tok("\u200b" * 3, add_special_tokens=False)["input_ids"]  # byte tokens: lead, continuation, continuation
+    assert sum(i not in fillers for i in zwsp) <= 3 < len(zwsp)  # at most one counted per character
+
+
+@pytest.fixture(scope="module")
+def held(tiny_llama):
+    model, tok = tiny_llama
+    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.1)
+    config = dict(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, gate_window=6, detector=True,
+                  detector_c=1.0, gate_percentile=90, gate_hold=4)  # fmt: skip
+    forget, retain = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
+    words = dsg.fit(model, tok, sae, forget, retain, config=dsg.FitConfig(**config), progress=False)
+    every = dsg.fit(model, tok, sae, forget, retain, config=dsg.FitConfig(**config, gate_hold_words=False),
+                    progress=False)  # fmt: skip
+    return model, tok, sae, words, every
+
+
+def test_a_fitted_hold_counts_words_and_its_table_is_saved_and_checked(held, tmp_path):
+    model, tok, sae, words, every = held
+    assert every.hold_fillers is None and words.hold_fillers.tolist() == filler_token_ids(tok)
+    assert words.threshold == every.threshold and words.latch == every.latch  # the levels do not depend on it
+    assert "tokens that carry words" in words.gate_rule() and "tokens that carry" not in every.gate_rule()
+    words.save(tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
+    assert meta["format_version"] == 5 and meta["hold_fillers"] == len(words.hold_fillers)
+    loaded = dsg.Guardrail.load(tmp_path / "g", sae=sae)
+    assert torch.equal(loaded.hold_fillers, words.hold_fillers)
+    every.save(tmp_path / "e")
+    assert json.loads((tmp_path / "e" / "guardrail.json").read_text())["format_version"] < 5
+    tensors = read_safetensors(tmp_path / "g" / "guardrail.safetensors")
+
+    def refused(meta_edit: dict, tensor_edit=None, match="fillers|format_version|hold"):
+        t = dict(tensors)
+        if tensor_edit is not None:
+            t[FILLERS_TENSOR] = tensor_edit
+        edited = meta | meta_edit
+        edited[HASH_FIELD] = content_sha256(edited, t)  # re-hashed: the checks themselves refuse it
+        folder = tmp_path / f"edit{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        from safetensors.torch import save_file
+
+        save_file(t, str(folder / "guardrail.safetensors"))
+        (folder / "guardrail.json").write_text(json.dumps(edited))
+        with pytest.raises(dsg.DSGError, match=match):
+            dsg.Guardrail.load(folder, sae=sae)
+
+    ids = tensors[FILLERS_TENSOR]
+    refused({"format_version": 4})  # a dsg before the table would read the hold as every token
+    refused({"hold_fillers": len(ids) + 1})  # the count disagrees with the tensor
+    refused({}, ids.flip(0))  # not ascending
+    refused({}, torch.cat([ids[:1], ids]))  # an id twice
+    refused({"hold_fillers": len(ids) + 1}, torch.cat([torch.tensor([-1]), ids]))  # a negative id
+    refused({}, ids.int())  # not int64
+    refused({"hold_fillers": len(ids), "hold": None})  # fillers without a hold
+    with pytest.raises(dsg.DSGError, match="hold_fillers"):
+        dsg.Guardrail(sae, words.hook, words.features, 0.5, window=4, hold_fillers=[1, 2])
+    with pytest.raises(dsg.DSGError, match="token ids"):
+        dsg.Guardrail(sae, words.hook, words.features, 0.5, window=4, hold=2, hold_fillers=["a"])
+
+
+def _gated(model, tok, guard, texts):
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with guard.applied(model) as session:
+        model(**enc)
+        return session.gated.tolist()
+
+
+def test_filler_padding_after_a_gated_prompt_keeps_the_answer_guarded_through_the_runtime(held):
+    """Prompts the gate holds open at their end, then padding longer than the hold: words close it under both
+    tables; fillers (" ." and "?") close it only when every real token counts."""
+    model, tok, _, words, every = held
+    opened = [t for t in FORGET_TEXTS if all(_gated(model, tok, g, [t])[0] for g in (words, every))]
+    assert opened, "the setting needs a forget text gated at its end"
+    fill, prose = " ." * 12 + " ?" * 4, " " + RETAIN_TEXTS[1]
+    assert len(tok(fill)["input_ids"]) > words.hold and len(tok(prose)["input_ids"]) > words.hold
+    for t in opened:
+        assert _gated(model, tok, words, [t + fill]) == [True]
+        assert _gated(model, tok, every, [t + fill]) == [False] or every.latch is not None
+        assert _gated(model, tok, words, [t + prose]) == _gated(model, tok, every, [t + prose])
