@@ -87,9 +87,9 @@ def answer_clamped(value: str | None):
         seen["n_prompt"] = 0  # a held decision scores continuations only
         return held(*args, **kwargs)
 
-    def gate_seen(self, a_BT, real_BT, n_prompt, state, evidence_BT=None):
+    def gate_seen(self, a_BT, real_BT, n_prompt, state, evidence_BT=None, counted_BT=None):
         seen["n_prompt"] = n_prompt
-        return gate(self, a_BT, real_BT, n_prompt, state, evidence_BT)
+        return gate(self, a_BT, real_BT, n_prompt, state, evidence_BT, counted_BT)
 
     def split_delta(self, f_BTS, clamp_BT):
         n_p = clamp_BT.shape[1] if seen["n_prompt"] is None else seen["n_prompt"]

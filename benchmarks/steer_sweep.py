@@ -78,10 +78,10 @@ def steered(unit: torch.Tensor, beta: float, where: str, what: str):
     `what` is "steer"."""
     gate, delta = Guardrail.gate, Guardrail.delta
 
-    def gate_open(self, a_BT, real_BT, n_prompt, state, evidence_BT=None):
-        clamp_BT, new = gate(self, a_BT, real_BT, n_prompt, state, evidence_BT)
+    def gate_open(self, a_BT, real_BT, n_prompt, state, evidence_BT=None, counted_BT=None):
+        clamp_BT, new = gate(self, a_BT, real_BT, n_prompt, state, evidence_BT, counted_BT)
         if where == "open":  # the span the gate holds open: the rule's own decision, read over every real token
-            clamp_BT = clamp_BT | gate(self, real_BT.bool(), real_BT, n_prompt, state, evidence_BT)[0]
+            clamp_BT = clamp_BT | gate(self, real_BT.bool(), real_BT, n_prompt, state, evidence_BT, counted_BT)[0]
         return clamp_BT, new
 
     def delta_steered(self, f_BTS, clamp_BT):

@@ -28,12 +28,18 @@ from tiny import FORGET_TEXTS, RETAIN_TEXTS, sparse_sae
         (b" " * 16, False),
         ("\u00a0".encode(), False),  # a no-break space, whole in one token
         ("\u200b".encode()[:2], False),  # the first two bytes of a zero-width space: U+2000..U+203F, no letter
+        ("\u200b".encode()[:1], False),  # its lead byte alone: U+2000..U+2FFF holds symbols too
         ("\u200b".encode()[2:], False),  # a continuation byte finishes a character counted where it began
+        ("\u2060".encode()[:2], False),  # a word joiner's (U+2040..U+207F: ⁱ and ⁿ are letters, ⁄ is not)
+        ("\ufeff".encode()[:1], False),  # a byte-order mark's
+        ("\ufeff".encode()[:2], False),
+        ("\u00ad".encode()[:1], False),  # a soft hyphen's (U+0080..U+00BF: µ is a letter, § is not)
+        ("😀".encode()[:2], False),  # an emoji's, split where SmolLM2's tokenizer splits it
+        ("\u3164".encode(), False),  # the Hangul filler: a letter by category, blank on screen
         ("é".encode(), True),
-        ("é".encode()[:1], True),  # starts a two-byte character that may be a letter
+        ("Ж".encode()[:1], True),  # every character starting with 0xD0 is a Cyrillic letter
         ("日".encode()[:2], True),  # starts a CJK ideograph: counted once, where it starts
         ("日".encode()[2:], False),
-        ("😀".encode()[:3], False),  # starts an emoticon (U+1F600..U+1F63F)
         (b"\xff", True),  # bytes that are not UTF-8 count as a word (nothing is skipped on a guess)
     ],
 )
@@ -50,7 +56,28 @@ def test_the_filler_table_of_a_byte_level_tokenizer(tiny_llama):
     for text in ("?", " . . .", "\n\n", " -- "):
         assert all(i in fillers for i in tok(text, add_special_tokens=False)["input_ids"]), text
     zwsp = tok("\u200b" * 3, add_special_tokens=False)["input_ids"]  # byte tokens: lead, continuation, continuation
-    assert sum(i not in fillers for i in zwsp) <= 3 < len(zwsp)  # at most one counted per character
+    assert len(zwsp) > 3 and not any(i not in fillers for i in zwsp)  # its byte tokens count as no word
+
+
+class _SentencePieceVocabulary:
+    """The vocabulary side of a SentencePiece tokenizer with byte fallback (Llama 2, Gemma): pieces written with
+    "▁" for a space, and `<0xNN>` byte tokens for characters that are not pieces."""
+
+    all_special_ids = [0, 1, 2]
+    added_tokens_decoder: dict = {}
+
+    def get_vocab(self):
+        pieces = ["<unk>", "<s>", "</s>", "▁the", "▁", "▁.", "?", "42", "<0xE2>", "<0x80>", "<0x8B>", "<0xD0>"]
+        return {p: i for i, p in enumerate(pieces)}
+
+    def convert_tokens_to_string(self, tokens):
+        raise AssertionError("a SentencePiece piece is read as written")
+
+
+def test_the_filler_table_of_a_sentencepiece_vocabulary():
+    fillers = filler_token_ids(_SentencePieceVocabulary())
+    # specials, a bare space, " .", "?", and the bytes of a zero-width space; not "▁the", "42" or a Cyrillic lead
+    assert fillers == [0, 1, 2, 4, 5, 6, 8, 9, 10]
 
 
 @pytest.fixture(scope="module")

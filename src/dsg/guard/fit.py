@@ -64,10 +64,10 @@ class FitConfig:
     GATE_WINDOW real tokens is flagged, calibrated on the largest such share per calibration text; benign padding
     cannot dilute it. Default: the paper's whole-input share."""
     gate_hold: int | None = None
-    """Windowed gate only: inside a prompt, stay open GATE_HOLD real tokens after each window over the threshold
-    instead of latching to the prompt's end, so that a benign document the gate misjudges once is clamped near
-    that stretch, not from there on; an answer is guarded to its end when the gate is open at the prompt's last
-    token or opens during the answer. Default: latch."""
+    """Windowed gate only: inside a prompt, stay open GATE_HOLD tokens (counted as gate_hold_words says) after each
+    window over the threshold instead of latching to the prompt's end, so that a benign document the gate
+    misjudges once is clamped near that stretch, not from there on; an answer is guarded to its end when the gate
+    is open at the prompt's last token or opens during the answer. Default: latch."""
     gate_hold_words: bool = True
     """Held gate only: count the hold in tokens that carry a letter or digit (lm.text.filler_token_ids, stored with
     the guardrail), so that padding carrying no word (spaces, newlines, punctuation, zero-width characters, emoji)
@@ -84,7 +84,7 @@ class FitConfig:
     calibration moves it: a long benign input whose peak window lands between two such draws latches the answer
     under one and not the other. Default 0: the percentile's value."""
     gate_prompt_percentile: float | None = None
-    """Held gate only (needs gate_hold): a prompt's tokens are clamped only within GATE_HOLD real tokens of a window
+    """Held gate only (needs gate_hold): a prompt's tokens are clamped only within GATE_HOLD counted tokens of a window
     over this percentile of the same calibration statistic, above the threshold (100: the largest, the latch level
     at gate_latch_percentile 100); the threshold still decides whether the answer is guarded. A benign document
     whose evidence goes over the threshold but not this level is read as it is, and a forget question whose
@@ -398,7 +398,8 @@ def fit(
     if config.detector and config.gated:
         detector, detector_info, calib_seqs = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)
     floor = 0 if detector is not None and config.detector_floor else None
-    fillers = filler_token_ids(tokenizer) if config.gate_hold is not None and config.gate_hold_words else None
+    held = config.gated and config.gate_hold is not None and config.gate_hold_words
+    fillers = filler_token_ids(tokenizer) if held else None
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
                       name=name)  # fmt: skip

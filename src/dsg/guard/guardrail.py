@@ -125,9 +125,9 @@ def _token_ids(ids) -> torch.Tensor | None:
         return None
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not all(is_index(i) for i in ids):
         raise DSGError("The guardrail's hold_fillers must be token ids (integers).")
-    return torch.tensor(sorted(set(ids)), dtype=torch.long)
+    return torch.tensor(sorted({operator.index(i) for i in ids}), dtype=torch.long)
 
 
 def _check_sae_record(record: dict, sae: SAE, where: str) -> None:
@@ -282,7 +282,7 @@ class Guardrail:
         self.gated = bool(gated)
         self.window = window  # None: the paper's whole-input gate; w: the prefix-causal windowed gate
         self.detector = detector  # None: the window counts flagged tokens; a Detector: it sums weighted evidence
-        self.hold = hold  # None: the windowed gate latches; h: inside a prompt it stays open h real tokens
+        self.hold = hold  # None: the windowed gate latches; h: inside a prompt it stays open h counted tokens
         self.latch = None if latch is None else float(latch)  # held gate: a window over it guards the answer
         # held gate: a prompt's tokens are clamped only near windows over it (None: over the threshold)
         self.prompt_level = None if prompt_level is None else float(prompt_level)
@@ -369,6 +369,7 @@ class Guardrail:
         gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
         gate += f", window={self.window}" if self.window is not None else ""
         gate += f", hold={self.hold}" if self.hold is not None else ""
+        gate += " words" if self.hold is not None and self.hold_fillers is not None else ""
         gate += f", latch={self.latch:.4g}" if self.latch is not None else ""
         gate += f", prompt_level={self.prompt_level:.4g}" if self.prompt_level is not None else ""
         gate += f", detector={len(self.detector)} latents" if self.detector is not None else ""

@@ -131,7 +131,7 @@ class WindowState(NamedTuple):
     count: torch.Tensor  # [B] long, how many of them are real (<= w)
     gated: torch.Tensor  # [B] bool, the gate after the last token (latched, or held open: see window_gate)
     peak: torch.Tensor  # [B] float, the largest window share seen so far
-    quiet: torch.Tensor  # [B] long, real tokens since the last window over the threshold (NEVER: none yet)
+    quiet: torch.Tensor  # [B] long, counted tokens since the last window over the threshold (NEVER: none yet)
     quiet_prompt: torch.Tensor  # [B] long, the same for window_gate's `prompt_level` (NEVER: none yet, or unused)
 
     @classmethod
@@ -166,26 +166,27 @@ def window_gate(
     With `evidence_BT` (integers per token, the detector gate: guard/detector.py) the window sums that evidence
     instead of the flags; the clamp still falls on flagged tokens once the gate is open.
 
-    With `hold` (h real tokens) the gate does not latch inside a prompt: it is open at the token whose window goes
-    over the threshold and the next h - 1 real tokens, and each such window opens it again. A benign document
-    whose detector evidence spikes once is then clamped near the spike, not from there to its end. Generated
+    With `hold` (h counted tokens: real ones, or with `counted_BT` those that carry words) the gate does not latch
+    inside a prompt: it is open at the token whose window goes over the threshold and the next h - 1 counted ones,
+    and each such window opens it again. A benign document whose detector evidence spikes once is then clamped
+    near the spike, not from there to its end. Generated
     tokens (positions from `n_prompt` on; None: every position is a prompt's) latch as before: a prompt whose gate
     is open at its last token gets a guarded answer to its end, and an answer that opens the gate stays guarded.
 
     With `latch` (a level above `threshold`; hold only) a prompt in which any window went over `latch` also gets a
-    guarded answer, wherever that window was: a forget question followed by more than h benign tokens ("ask
+    guarded answer, wherever that window was: a forget question followed by more than h benign counted tokens ("ask
     first, pad after") is still answered under the clamp. Prompt positions stay as `hold` makes them, so a benign
     document is clamped only near its misjudged stretches; the state's `peak` carries the evidence across
     chunks.
 
     With `prompt_level` (a level above `threshold`; hold only: the latch level, or above it by a margin) a
-    prompt's tokens are clamped only within h real tokens of a window over `prompt_level`, while the threshold
+    prompt's tokens are clamped only within h counted tokens of a window over `prompt_level`, while the threshold
     still decides the answer as above. A benign document whose evidence goes over the threshold but not over
     `prompt_level` is read as it is; a forget question whose evidence goes over the threshold within the last h
-    tokens of its prompt (or over `latch` anywhere) gets a guarded answer.
+    counted tokens of its prompt (or over `latch` anywhere) gets a guarded answer.
 
     With `counted_BT` (bool [B, T], the real tokens that carry words: Guardrail.counted) the hold counts only those,
-    so padding that carries no word (whitespace, punctuation, zero-width characters) cannot run it out; windows
+    so padding that carries no word (whitespace, punctuation, invisible characters) cannot run it out; windows
     still read every real token. None: every real token counts."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)

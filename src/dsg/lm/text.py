@@ -181,26 +181,34 @@ def pad_id_of(tokenizer, model: torch.nn.Module | None = None) -> int:
 
 # ---- which tokens carry words ------------------------------------------------------------------------------------
 
+# letters by their Unicode category that show as blank space (Hangul fillers): counted as no word
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
+_UTF8_LOWEST = {2: 0x80, 3: 0x800, 4: 0x10000}  # the lowest code point an n-byte UTF-8 sequence may encode
+
 
 def filler_token_ids(tokenizer) -> list[int]:
     """Ids of the tokens that carry no letter or digit: whitespace, punctuation, symbols, invisible format
-    characters (zero-width spaces, joiners, byte-order marks), emoji, and the tokenizer's special and added tokens.
+    characters (zero-width spaces and joiners, byte-order marks, soft hyphens), Hangul fillers, and the tokenizer's
+    special tokens.
 
     Byte-level tokenizers (GPT-2's alphabet: SmolLM2, Llama 3, Qwen) split a character that is not in their
-    vocabulary into byte tokens. A token that starts such a character carries a word when some character starting
-    with those bytes is a letter or digit (so a Chinese character counts once, where it starts, and a zero-width
-    space never); a token of continuation bytes only finishes a character counted where it began. SentencePiece
-    byte tokens (`<0xE2>`) are read the same way. A token whose bytes cannot be read counts as carrying a word."""
+    vocabulary into byte tokens, and SentencePiece ones (`<0xE2>`) fall back to bytes the same way. A token that
+    starts such a character carries a word only when every character starting with those bytes is a letter,
+    digit or combining mark (so a CJK ideograph or a Cyrillic letter counts once, where it starts, while the first
+    bytes of a zero-width space, a word joiner or an emoji never do); a token of continuation bytes only finishes a
+    character and carries none. A token whose bytes are not UTF-8 counts as carrying a word."""
     vocab = tokenizer.get_vocab()
-    added = set(getattr(tokenizer, "all_special_ids", []) or [])
-    added |= {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {})}
-    byte_of = _byte_level_alphabet(vocab, added)
+    special = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
+    literal = {int(i) for i in added}  # added tokens are written as they read, not in a byte alphabet
+    byte_of = _byte_level_alphabet(vocab, literal)
     fillers = []
     for token, i in vocab.items():
-        if i in added:
+        if i in special:
             fillers.append(i)
             continue
-        raw = _token_bytes(token, byte_of)
+        raw = _token_bytes(token, None if i in literal else byte_of)
         if raw is None:
             raw = tokenizer.convert_tokens_to_string([token]).encode("utf-8", "surrogatepass")
         if not _carries_word(raw):
@@ -208,25 +216,36 @@ def filler_token_ids(tokenizer) -> list[int]:
     return sorted(set(fillers))
 
 
-def _byte_level_alphabet(vocab: dict, added: set) -> dict[str, int] | None:
-    """GPT-2's byte-to-character table inverted, when every token of the vocabulary is written in it."""
+def _byte_level_alphabet(vocab: dict, literal: set) -> dict[str, int] | None:
+    """GPT-2's byte-to-character table inverted, when nearly every token of the vocabulary is written in it (a
+    SentencePiece vocabulary's "▁" is not)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    plain = [t for t, i in vocab.items() if i not in added]
-    return byte_of if plain and all(c in byte_of for t in plain for c in t) else None
+    plain = [t for t, i in vocab.items() if i not in literal and isinstance(t, str)]
+    inside = sum(all(c in byte_of for c in t) for t in plain)
+    return byte_of if plain and inside >= 0.99 * len(plain) else None
 
 
 _SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _token_bytes(token: str, byte_of: dict[str, int] | None) -> bytes | None:
-    if byte_of is not None:
+def _token_bytes(token, byte_of: dict[str, int] | None) -> bytes | None:
+    """A token's bytes, or None when only the tokenizer can say (then it is decoded)."""
+    if isinstance(token, bytes):  # a vocabulary of byte strings (tiktoken-style)
+        return token
+    if byte_of is not None and all(c in byte_of for c in token):
         return bytes(byte_of[c] for c in token)
     match = _SENTENCEPIECE_BYTE.fullmatch(token)
     if match:
         return bytes([int(match.group(1), 16)])
-    return token.replace("\u2581", " ").encode("utf-8", "surrogatepass") if "\u2581" in token else None
+    if byte_of is None:  # SentencePiece pieces, and added tokens, read as written ("▁" is a space)
+        return token.replace("\u2581", " ").encode("utf-8", "surrogatepass")
+    return None
+
+
+def _is_word_character(c: str) -> bool:
+    return unicodedata.category(c)[0] in "LN" and c not in _BLANK_LETTERS
 
 
 def _carries_word(raw: bytes) -> bool:
@@ -237,7 +256,7 @@ def _carries_word(raw: bytes) -> bool:
         i += 1
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     text = decoder.decode(raw[i:], final=False)
-    if any(c == "\ufffd" or unicodedata.category(c)[0] in "LN" for c in text):
+    if any(c == "\ufffd" or _is_word_character(c) for c in text):
         return True
     pending = decoder.getstate()[0]  # the bytes of a character the next token finishes
     return bool(pending) and _prefix_starts_word(pending)
@@ -245,13 +264,15 @@ def _carries_word(raw: bytes) -> bool:
 
 @functools.cache
 def _prefix_starts_word(prefix: bytes) -> bool:
-    """Whether some character whose UTF-8 encoding starts with `prefix` (a lead byte and fewer continuation bytes
-    than it needs) is a letter or digit."""
+    """Whether every assigned character whose UTF-8 encoding starts with `prefix` (a lead byte and fewer
+    continuation bytes than it needs) is a letter, digit or combining mark: a fragment that may start a blank or
+    invisible character counts as none."""
     lead = prefix[0]
     n = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
     code = lead & (0x7F >> n)
     for b in prefix[1:]:
         code = (code << 6) | (b & 0x3F)
     free = 6 * (n - len(prefix))
-    lo, hi = code << free, min((code + 1) << free, 0x110000)
-    return any(unicodedata.category(chr(c))[0] in "LN" for c in range(lo, hi) if not 0xD800 <= c < 0xE000)
+    lo, hi = max(code << free, _UTF8_LOWEST[n]), min((code + 1) << free, 0x110000)
+    chars = [chr(c) for c in range(lo, hi) if not 0xD800 <= c < 0xE000 and unicodedata.category(chr(c)) != "Cn"]
+    return bool(chars) and all(_is_word_character(c) or unicodedata.category(c)[0] == "M" for c in chars)
