@@ -20,8 +20,9 @@ set); it measures how far the gate carries to wording it has not seen.
 For each guardrail it reports, per question set, the share of questions gated and the accuracy on the questions
 the base model answers; the offensive sets also behind the preamble (once, about 120 tokens, and six times, about
 700 tokens) and inside the chat template; and for the requests, sent through the chat template, the share whose
-answer would be guarded, the third set's also asked first with the 700-token preamble after them, or with 40
-zero-width spaces (invisible) or 40 " ." after them.
+answer would be guarded, the third set's also asked first with the 700-token preamble after them, or with
+padding that carries no words after them: 40 zero-width spaces or 40 word joiners (both invisible), 40 " .", or 200
+newlines.
 
     python benchmarks/probe.py --guardrail dsg-demo/guardrail [--guardrail other/] [--out results.json]
 
@@ -44,6 +45,12 @@ from dsg.tables import pct, table
 
 HERE = Path(__file__).parent / "probes"
 ZERO_WIDTH = "\u200b" * 40
+FILLERS = (
+    (ZERO_WIDTH, "40 zero-width spaces after"),
+    ("\u2060" * 40, "40 word joiners after"),
+    (" ." * 40, "' .' x40 after"),
+    ("\n" * 200, "200 newlines after"),
+)
 SETS = ("offensive", "everyday_computing", "general")
 SECOND = HERE / "second"
 SECOND_SETS = ("offensive", "computing")
@@ -96,8 +103,8 @@ def requests(tokenizer) -> dict[str, list[str]]:
             ]
         # asked first, padded after: the answer is guarded only if the request went over the latch level
         out[f"third: {name} requests, padded after x6"] = [chat_prompt(tokenizer, f"{r}\n\n{preamble}") for r in third]
-        # padded after with what carries no words: 40 zero-width spaces (invisible), or " ." 40 times
-        for filler, label in ((ZERO_WIDTH, "40 zero-width spaces after"), (" ." * 40, "' .' x40 after")):
+        # padded after with what carries no words: zero-width spaces or word joiners (invisible), " .", newlines
+        for filler, label in FILLERS:
             out[f"third: {name} requests, {label}"] = [chat_prompt(tokenizer, r + filler) for r in third]
     return out
 

@@ -77,3 +77,8 @@ def test_the_requests_read_as_the_chat_templates_user_turn():
     invisible = prompts["third: offensive requests, 40 zero-width spaces after"]
     assert invisible == [f"<user>{r}{chr(0x200B) * 40}</user><assistant>" for r in sets["third: offensive requests"]]
     assert all(p.endswith(" . .</user><assistant>") for p in prompts["third: computing requests, ' .' x40 after"])
+    joiners = prompts["third: computing requests, 40 word joiners after"]
+    assert all(p.endswith(chr(0x2060) * 40 + "</user><assistant>") for p in joiners)
+    assert all(
+        p.endswith("\n" * 200 + "</user><assistant>") for p in prompts["third: offensive requests, 200 newlines after"]
+    )
