@@ -155,3 +155,28 @@ def test_filler_padding_after_a_gated_prompt_keeps_the_answer_guarded_through_th
         assert _gated(model, tok, words, [t + fill]) == [True]
         assert _gated(model, tok, every, [t + fill]) == [False] or every.latch is not None
         assert _gated(model, tok, words, [t + prose]) == _gated(model, tok, every, [t + prose])
+
+
+class _ByteVocabulary:
+    """A vocabulary of byte strings, as tiktoken-style tokenizers return from get_vocab."""
+
+    all_special_ids = [0]
+    added_tokens_decoder: dict = {}
+
+    def get_vocab(self):
+        return {b"<|end|>": 0, b"the": 1, b" .": 2, "\u200b".encode()[:2]: 3, "Ж".encode()[:1]: 4}
+
+    def convert_tokens_to_string(self, tokens):
+        raise AssertionError("byte tokens are read as bytes")
+
+
+def test_a_vocabulary_of_byte_strings_is_read_as_bytes():
+    assert filler_token_ids(_ByteVocabulary()) == [0, 2, 3]
+
+
+def test_a_static_fit_stores_no_filler_table(tiny_llama):
+    model, tok = tiny_llama
+    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.1)
+    config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, gate_window=6, gate_hold=4, gated=False)
+    static = dsg.fit(model, tok, sae, FORGET_TEXTS * 3, RETAIN_TEXTS * 3, config=config, progress=False)
+    assert not static.gated and static.hold_fillers is None
