@@ -96,11 +96,14 @@ def held(tiny_llama):
 def test_a_fitted_hold_counts_words_and_its_table_is_saved_and_checked(held, tmp_path):
     model, tok, sae, words, every = held
     assert every.hold_fillers is None and words.hold_fillers.tolist() == filler_token_ids(tok)
-    assert words.threshold == every.threshold and words.latch == every.latch  # the levels do not depend on it
+    # the levels are read at words only: a window ending at a filler is not judged, so no peak is higher
+    words_rho, every_rho = words.tensors["calibration_rho"], every.tensors["calibration_rho"]
+    assert words_rho.shape == every_rho.shape and (words_rho <= every_rho).all()
+    assert words.threshold <= every.threshold and (words.latch is None) == (every.latch is None)
     assert "tokens that carry words" in words.gate_rule() and "tokens that carry" not in every.gate_rule()
     words.save(tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
-    assert meta["format_version"] == 5 and meta["hold_fillers"] == len(words.hold_fillers)
+    assert meta["format_version"] == 6 and meta["hold_fillers"] == len(words.hold_fillers)
     loaded = dsg.Guardrail.load(tmp_path / "g", sae=sae)
     assert torch.equal(loaded.hold_fillers, words.hold_fillers)
     every.save(tmp_path / "e")
@@ -124,6 +127,7 @@ def test_a_fitted_hold_counts_words_and_its_table_is_saved_and_checked(held, tmp
 
     ids = tensors[FILLERS_TENSOR]
     refused({"format_version": 4})  # a dsg before the table would read the hold as every token
+    refused({"format_version": 5}, match="judges words only")  # its fillers opened the gate and set the levels
     refused({"hold_fillers": len(ids) + 1})  # the count disagrees with the tensor
     refused({}, ids.flip(0))  # not ascending
     refused({}, torch.cat([ids[:1], ids]))  # an id twice

@@ -31,7 +31,9 @@ def ws(tmp_path_factory):
     tiny_sae(d_in=32, architecture="topk", k=4, hook="blocks.0.hook_resid_post").save(root / "topk")
     # more documents than batches x processes, of different lengths, so the shards differ in shape
     (root / "forget.txt").write_text("\n\n".join(f"{t} {i}" * (1 + i % 3) for i, t in enumerate(FORGET_TEXTS * 4)))
-    (root / "retain.txt").write_text("\n\n".join(f"{t} {i}" * (1 + i % 2) for i, t in enumerate(RETAIN_TEXTS * 4)))
+    # retain documents: each text alone, and each ordered pair of two, so that no two share all their windows
+    pairs = [f"{t} {u}" for t in RETAIN_TEXTS for u in RETAIN_TEXTS if t != u]
+    (root / "retain.txt").write_text("\n\n".join(f"{t} {i}" for i, t in enumerate(RETAIN_TEXTS + pairs)))
     return root
 
 

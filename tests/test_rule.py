@@ -60,7 +60,8 @@ def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None
     or, with `hold`, open within `hold` real tokens of a window over the threshold at positions before
     `n_prompt` (the prompt) and latched from there on (the answer), which with `latch` also opens once any window
     so far went over the latch. With `prompt_level`, prompt positions are clamped only within `hold` real tokens of
-    a window over it; what the answer gets does not change. With `counted`, the hold counts those real tokens only."""
+    a window over it; what the answer gets does not change. With `counted`, only those real tokens are judged: the
+    hold counts them, and a window ending elsewhere (a filler) neither opens, latches nor sets the peak."""
     counted = real if counted is None else counted
     clamp, gated, peaks = torch.zeros_like(a), [], []
     for b in range(a.shape[0]):
@@ -70,12 +71,15 @@ def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None
             if real[b, t]:
                 recent = (recent + [int(a[b, t])])[-w:]
                 share = sum(recent) / w
-                peak, opens = max(peak, share), share > threshold
-                step = int(bool(counted[b, t]))
+                judged = bool(counted[b, t])  # a filler's window neither opens, latches nor peaks
+                step = int(judged)
+                if judged:
+                    peak, opens = max(peak, share), share > threshold
                 since = 0 if opens else None if since is None else since + step
-                strong = strong or (latch is not None and share > latch)
+                strong = strong or (judged and latch is not None and share > latch)
                 if prompt_level is not None:
-                    since_p = 0 if share > prompt_level else None if since_p is None else since_p + step
+                    high = judged and share > prompt_level
+                    since_p = 0 if high else None if since_p is None else since_p + step
             if hold is not None and t < n_prompt:
                 on = since is not None and since < hold
                 near = on if prompt_level is None else since_p is not None and since_p < hold
@@ -138,9 +142,8 @@ def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(
     n_prompt = 30
     want, _, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch, prompt_level=prompt_level,
                                      counted=counted)  # fmt: skip
-    if words:  # fillers hold the gate open at least as long as counting every real token does, and here longer
-        every = _windowed_reference(a, real, 0.5, 4, 3, n_prompt, latch, prompt_level)[0]
-        assert not (every & ~want).any() and ((want & ~every).any() or latch is not None or prompt_level is not None)
+    if words:  # judging words only changes which tokens are clamped
+        assert not torch.equal(want, _windowed_reference(a, real, 0.5, 4, 3, n_prompt, latch, prompt_level)[0])
     assert want[:, :n_prompt].any() and not torch.equal(want, _windowed_reference(a, real, 0.5, 4)[0])
     if latch is not None:  # the latch guards answers the hold alone would leave open
         assert not torch.equal(want, _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt)[0])
@@ -192,6 +195,26 @@ def test_padding_that_carries_no_word_cannot_run_a_counted_hold_out():
     answer = torch.tensor([[True, False, False]] * 2)  # one flagged token: the answer alone opens nothing
     guarded, _ = rule.window_gate(answer, torch.ones_like(answer), words, 0.5, 4, None, 8, 0)
     assert guarded.tolist() == [[True, False, False], [False] * 3]
+
+
+def test_padding_that_carries_no_word_cannot_open_a_counted_hold_or_reach_the_latch():
+    """A benign request whose words never open the gate, then 40 fillers whose windows carry evidence (newlines
+    the detector reads as code): judged at every real token the fillers open the gate, hold it open to the end
+    and pass the latch; judged at words only they do nothing. The same evidence at words opens it. (A window
+    ending at a word still sums the fillers before it.)"""
+    a = torch.tensor([[False] * 6 + [True] * 40] * 2)
+    real = torch.ones_like(a)
+    counted = torch.ones_like(a)
+    counted[0, 6:] = False  # row 0: the evidence sits on fillers; row 1: on words
+    every_clamp, every = rule.window_gate(a, real, None, 0.5, 4, None, 8, a.shape[1], 0.9)
+    clamp, words = rule.window_gate(a, real, None, 0.5, 4, None, 8, a.shape[1], 0.9, counted_BT=counted)
+    assert every.gated.tolist() == [True, True] and every_clamp[0].any()
+    assert words.gated.tolist() == [False, True] and not clamp[0].any() and clamp[1, 8:].all()
+    assert float(words.peak[0]) == 0.0 and float(words.peak[1]) == 1.0
+    answer = torch.ones(2, 6, dtype=torch.bool)  # generated fillers do not open the answer's gate either
+    fillers = torch.tensor([[False] * 6, [True] * 6])
+    _, after = rule.window_gate(answer, answer, None, 0.5, 4, None, 8, 0, counted_BT=fillers)
+    assert after.gated.tolist() == [False, True]
 
 
 def test_a_held_open_gate_closes_after_a_benign_burst_and_guards_an_answer_begun_open():

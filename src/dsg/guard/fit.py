@@ -69,9 +69,10 @@ class FitConfig:
     misjudges once is clamped near that stretch, not from there on; an answer is guarded to its end when the gate
     is open at the prompt's last token or opens during the answer. Default: latch."""
     gate_hold_words: bool = True
-    """Held gate only: count the hold in tokens that carry a letter or digit (lm.text.filler_token_ids, stored with
-    the guardrail), so that padding carrying no word (spaces, newlines, punctuation, zero-width characters, emoji)
-    after a forget question cannot run the hold out; --no-gate-hold-words counts every real token."""
+    """Held gate only: judge the gate at tokens that carry a letter or digit and count the hold in them
+    (lm.text.filler_token_ids, stored with the guardrail), so that padding carrying no word (spaces, newlines,
+    punctuation, zero-width characters, emoji) after a question can neither run the hold out nor open it; the levels
+    are calibrated on windows ending at words. --no-gate-hold-words judges and counts every real token."""
     gate_latch_percentile: float | None = None
     """Held gate only (needs gate_hold): a second level, this percentile of the same calibration statistic (100:
     the largest), above the threshold; a prompt in which any window goes over it gets a guarded answer however

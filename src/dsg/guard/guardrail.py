@@ -45,12 +45,14 @@ from .integrity import (
 )
 
 FORMAT = "dsg-guardrail"
-FORMAT_VERSION = 5  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
-# 4: a prompt level; 5: a hold counted in tokens that carry words (a guardrail is written with the lowest version
+FORMAT_VERSION = 6  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
+# 4: a prompt level; 5: a hold counted in tokens that carry words, whose windows at fillers still opened it (no
+# longer read: see _load_once); 6: the same, judged at words only (a guardrail is written with the lowest version
 # that holds its rule, see to_json)
 FLOORED_FORMAT_VERSION = 3
 PROMPT_LEVEL_FORMAT_VERSION = 4
-HOLD_FILLERS_FORMAT_VERSION = 5
+FILLERS_OPEN_FORMAT_VERSION = 5
+HOLD_FILLERS_FORMAT_VERSION = 6
 SIGNED_FORMAT_VERSION = 2  # what a guardrail without a detector floor is written as, readable by dsg before floors
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
@@ -494,7 +496,7 @@ class Guardrail:
     @property
     def _format_version(self) -> int:
         """The lowest format version that holds this rule, so that a dsg too old to apply it refuses the file
-        instead of reading it as another rule: 5 with a hold that skips fillers, 4 with a prompt level, 3 with a
+        instead of reading it as another rule: 6 with a hold that skips fillers, 4 with a prompt level, 3 with a
         detector floor, else 2."""
         if self.hold_fillers is not None:
             return HOLD_FILLERS_FORMAT_VERSION
@@ -572,6 +574,10 @@ class Guardrail:
             raise DSGError(f"{where} has a 'prompt_level' but format_version {meta.get('format_version')!r}; a dsg "
                            f"writes it as {PROMPT_LEVEL_FORMAT_VERSION} (older ones ignore the field and clamp "
                            "differently), so the file was edited; refit it.")  # fmt: skip
+        if meta.get("format_version") == FILLERS_OPEN_FORMAT_VERSION:
+            raise DSGError(f"{where} was written by a dsg whose held gate also opened at windows ending on fillers "
+                           "(whitespace, punctuation) and read its levels there; this dsg judges words only, so its "
+                           "threshold would no longer be the percentile it was fitted as. Refit it.")  # fmt: skip
         if "hold_fillers" in meta and meta.get("format_version", 0) < HOLD_FILLERS_FORMAT_VERSION:
             raise DSGError(f"{where} has 'hold_fillers' but format_version {meta.get('format_version')!r}; a dsg "
                            f"writes it as {HOLD_FILLERS_FORMAT_VERSION} (older ones ignore the field and hold the "

@@ -130,7 +130,7 @@ class WindowState(NamedTuple):
     recent: torch.Tensor  # [B, w] long, flags of the most recent real tokens, right-aligned
     count: torch.Tensor  # [B] long, how many of them are real (<= w)
     gated: torch.Tensor  # [B] bool, the gate after the last token (latched, or held open: see window_gate)
-    peak: torch.Tensor  # [B] float, the largest window share seen so far
+    peak: torch.Tensor  # [B] float, the largest window share seen so far (at judged tokens: see window_gate)
     quiet: torch.Tensor  # [B] long, counted tokens since the last window over the threshold (NEVER: none yet)
     quiet_prompt: torch.Tensor  # [B] long, the same for window_gate's `prompt_level` (NEVER: none yet, or unused)
 
@@ -185,32 +185,34 @@ def window_gate(
     `prompt_level` is read as it is; a forget question whose evidence goes over the threshold within the last h
     counted tokens of its prompt (or over `latch` anywhere) gets a guarded answer.
 
-    With `counted_BT` (bool [B, T], the real tokens that carry words: Guardrail.counted) the hold counts only those,
-    so padding that carries no word (whitespace, punctuation, invisible characters) cannot run it out; windows
-    still read every real token. None: every real token counts."""
+    With `counted_BT` (bool [B, T], the real tokens that carry words: Guardrail.counted) only those are judged: a
+    window ending at a filler (whitespace, punctuation, invisible characters) neither opens the gate, nor reaches
+    the latch or the prompt level, nor counts towards `peak`, and the hold counts only words. Padding that carries
+    no word can then neither run a hold out nor open one. Windows still sum every real token's signal. None: every
+    real token is judged."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
     signal = a_BT if evidence_BT is None else evidence_BT
     share, flags, valid, cum_real = _window_shares(state, signal, real_BT)
-    opens = real_BT.bool() & (share > threshold)
+    judged = real_BT.bool() if counted_BT is None else real_BT.bool() & counted_BT.bool()  # where windows decide
+    opens = judged & (share > threshold)
     quiet, quiet_prompt, strong = state.quiet, state.quiet_prompt, None
     if hold is None:
         on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
     else:
         n_p = T if n_prompt is None else min(n_prompt, T)
         if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
-            strong = (state.peak > latch)[:, None] | ((real_BT.bool() & (share > latch)).long().cummax(1).values > 0)
-        counted = real_BT if counted_BT is None else counted_BT
-        on, quiet = _held_open(opens, counted, state.gated, state.quiet, hold, n_p, strong)
+            strong = (state.peak > latch)[:, None] | ((judged & (share > latch)).long().cummax(1).values > 0)
+        on, quiet = _held_open(opens, judged, state.gated, state.quiet, hold, n_p, strong)
     where = on
     if hold is not None and prompt_level is not None and T:  # prompt tokens: only near windows over `prompt_level`
-        near, quiet_prompt = _held_open(real_BT.bool() & (share > prompt_level), counted, state.gated,
+        near, quiet_prompt = _held_open(judged & (share > prompt_level), judged, state.gated,
                                         state.quiet_prompt, hold, T)  # fmt: skip
         where = torch.cat([near[:, :n_p], on[:, n_p:]], 1)
     clamp_BT = a_BT & where
     total, recent = _last_window(flags, valid, cum_real, state.recent)
-    peak = torch.maximum(state.peak, share.max(1).values) if T else state.peak
+    peak = torch.maximum(state.peak, torch.where(judged, share, 0.0).max(1).values) if T else state.peak
     gated = on[:, -1] if T else state.gated
     if strong is not None:
         gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here

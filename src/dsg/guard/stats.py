@@ -174,21 +174,23 @@ def gate_rates(
 ) -> torch.Tensor:
     """The statistic the guardrail's gate compares with its threshold, for each sequence [n]: rho(x), the fraction
     of its real tokens on which any selected latent fires, or (windowed gate) the largest such fraction over any
-    `window` consecutive real tokens (with a detector: the largest window mean of its evidence)."""
+    `window` consecutive real tokens (with a detector: the largest window mean of its evidence), ending at a token
+    the gate judges (Guardrail.counted: with a hold counted in words, a word)."""
     from ..runtime.hf import refuse_if_attached
 
     refuse_if_attached(model, "Calibrating a gate (gate_rates)")
     guardrail.to(next(model.parameters()).device)
     out = torch.zeros(len(sequences))
-    shard = list(my_share(batches(sequences, batch_size, pad_id)))
+    shard = [batch for _, batch in my_share(batches(sequences, batch_size, pad_id))]
     bar = tqdm(shard, desc=desc, unit="batch", disable=not progress or not world().main, leave=False)
     mine = []
-    for idx, _, x_BTD, real in activations_by_batch(model, guardrail.hook, (batch for _, batch in bar)):
+    for (_, ids, _), (idx, _, x_BTD, real) in zip(shard, activations_by_batch(model, guardrail.hook, iter(bar))):
         _, a, e = guardrail.flags(x_BTD, real)
         if getattr(guardrail, "window", None) is None:
             values = rule.rho(a, real)
-        else:
-            values = rule.window_gate(a, real, None, 1.0, guardrail.window, e)[1].peak
+        else:  # the largest window at a token the gate judges (a held gate counted in words judges only words)
+            counted = guardrail.counted(real, ids.to(real.device))
+            values = rule.window_gate(a, real, None, 1.0, guardrail.window, e, counted_BT=counted)[1].peak
         mine.append((idx[0], (idx, values.cpu())))
     for idx, values in gather_ordered(mine):
         out[idx] = values
