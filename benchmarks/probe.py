@@ -22,7 +22,7 @@ the base model answers; the offensive sets also behind the preamble (once, about
 700 tokens) and inside the chat template; and for the requests, sent through the chat template, the share whose
 answer would be guarded, the third set's also asked first with the 700-token preamble after them, or with
 padding that carries no words after them: 40 zero-width spaces or 40 word joiners (both invisible), 40 " .", or 200
-newlines.
+newlines; or with a zero-width space before every space (invisible fillers between the words).
 
     python benchmarks/probe.py --guardrail dsg-demo/guardrail [--guardrail other/] [--out results.json]
 
@@ -51,6 +51,7 @@ FILLERS = (
     (" ." * 40, "' .' x40 after"),
     ("\n" * 200, "200 newlines after"),
 )
+INTERLEAVED = "a zero-width space before every space"
 SETS = ("offensive", "everyday_computing", "general")
 SECOND = HERE / "second"
 SECOND_SETS = ("offensive", "computing")
@@ -106,6 +107,10 @@ def requests(tokenizer) -> dict[str, list[str]]:
         # padded after with what carries no words: zero-width spaces or word joiners (invisible), " .", newlines
         for filler, label in FILLERS:
             out[f"third: {name} requests, {label}"] = [chat_prompt(tokenizer, r + filler) for r in third]
+        # interleaved: a zero-width space before every space, two filler tokens between words (windows thin out)
+        out[f"third: {name} requests, {INTERLEAVED}"] = [
+            chat_prompt(tokenizer, r.replace(" ", "\u200b ")) for r in third
+        ]
     return out
 
 
