@@ -82,6 +82,6 @@ def test_the_requests_read_as_the_chat_templates_user_turn():
     assert all(
         p.endswith("\n" * 200 + "</user><assistant>") for p in prompts["third: offensive requests, 200 newlines after"]
     )
-    interleaved = prompts[f"third: offensive requests, {probe.INTERLEAVED}"]
-    assert interleaved[0] == "<user>" + sets["third: offensive requests"][0].replace(" ", "\u200b ") + "</user><assistant>"
-    assert all(p.count("\u200b") == r.count(" ") for p, r in zip(interleaved, sets["third: offensive requests"]))
+    interleaved, plain = prompts[f"third: offensive requests, {probe.INTERLEAVED}"], sets["third: offensive requests"]
+    assert interleaved[0] == "<user>" + plain[0].replace(" ", "\u200b ") + "</user><assistant>"
+    assert all(p.count("\u200b") == r.count(" ") > 0 for p, r in zip(interleaved, plain))
