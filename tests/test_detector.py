@@ -625,7 +625,7 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(
     assert "clamped only near windows over" not in guard.gate_rule()
     guard.save(tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
-    # written as format 5 for its hold's filler table (the level's 4 is not needed), older without the table
+    # written as format 6 for its hold's filler table (the level's 4 is not needed), older without the table
     assert "prompt_level" not in meta and meta["format_version"] == 6 and meta["prompt_level_check"]["kept"] is False
     loaded = dsg.Guardrail.load(tmp_path / "g", sae=detected[2])
     assert loaded.prompt_level is None and loaded.info["prompt_level_check"] == record
