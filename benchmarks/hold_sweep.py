@@ -6,7 +6,9 @@ prompt level (FitConfig.gate_prompt_percentile), raised or not by a margin (FitC
 
 One gate (DEMO_FIT's detector and threshold) is fitted once; each row changes only `hold`, the latch level and the
 prompt level (percentiles of the same calibration statistic the threshold is read from), so the rows differ in how
-long an opened gate stays open and what it clamps, not in where it opens. Scored on VALIDATION questions (100
+long an opened gate stays open and what it clamps, not in where it opens; except the latched row, which keeps no
+filler table (it has no hold), so it is judged at every real token against levels read at words and may open at a
+window ending on punctuation or whitespace that the held rows do not judge. Scored on VALIDATION questions (100
 forget, 60 per retain task), 60 held-out retain texts (--perplexity-from and --perplexity-texts choose others),
 24 forget validation questions with 1,000 benign tokens before them and the same after them (four paddings in
 turn), the four paddings alone, 16 benign documents with a security sentence and 12 forget prompts:

@@ -45,7 +45,7 @@ from probe import variants as probe_variants
 VARIANTS = {
     "paper": PAPER_RULE | {"n_features": 50},
     "ships": {},
-    "hold-every-token": {"gate_hold_words": False},  # the hold counting every real token, as before fillers
+    "hold-every-token": {"gate_hold_words": False},  # judged at and counting every real token, as before fillers
     "detector-p99": {"gate_percentile": 99.0},
     "detector-p97": {"gate_percentile": 97.0},  # the threshold before the prompt level was settled by forgetting
     "detector-c50": {"clamp": 50.0},

@@ -454,7 +454,7 @@ def test_a_prompt_level_is_fitted_saved_checked_and_applied(detected, tmp_path):
     from dsg.guard.integrity import HASH_FIELD, content_sha256
 
     model, tok, sae, _ = detected
-    # a hold that counts every real token: format 4 is the prompt level's alone (5 adds the hold's filler ids)
+    # a hold that counts every real token: format 4 is the prompt level's alone (6 adds the hold's filler ids)
     kw = dict(gate_hold=3, gate_latch_percentile=100.0, gate_percentile=50, gate_hold_words=False)
     calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS  # spread-out statistics
     plain = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw), progress=False)

@@ -149,7 +149,7 @@ def _gated(model, tok, guard, texts):
 
 def test_filler_padding_after_a_gated_prompt_keeps_the_answer_guarded_through_the_runtime(held):
     """Prompts the gate holds open at their end, then padding longer than the hold: words close it under both
-    tables; fillers (" ." and "?") close it only when every real token counts."""
+    tables; fillers (" ." and "?") close it only when every real token counts and is judged."""
     model, tok, _, words, every = held
     opened = [t for t in FORGET_TEXTS if all(_gated(model, tok, g, [t])[0] for g in (words, every))]
     assert opened, "the setting needs a forget text gated at its end"
@@ -158,7 +158,7 @@ def test_filler_padding_after_a_gated_prompt_keeps_the_answer_guarded_through_th
     for t in opened:
         assert _gated(model, tok, words, [t + fill]) == [True]
         assert _gated(model, tok, every, [t + fill]) == [False] or every.latch is not None
-        assert _gated(model, tok, words, [t + prose]) == _gated(model, tok, every, [t + prose])
+        assert _gated(model, tok, words, [t + prose]) == _gated(model, tok, every, [t + prose]) == [False]
 
 
 class _ByteVocabulary:
@@ -184,3 +184,17 @@ def test_a_static_fit_stores_no_filler_table(tiny_llama):
     config = dsg.FitConfig(n_features=4, ratio_percentile=80, max_length=64, gate_window=6, gate_hold=4, gated=False)
     static = dsg.fit(model, tok, sae, FORGET_TEXTS * 3, RETAIN_TEXTS * 3, config=config, progress=False)
     assert not static.gated and static.hold_fillers is None
+
+
+def test_a_calibration_text_without_words_is_left_out_of_a_gate_judged_at_words(tiny_llama):
+    """A text of punctuation alone has real tokens but nothing a gate judged at words reads: counted as none, so
+    that its peak of 0 is not taken for a benign text's (guard.fit drops such texts before reading the levels)."""
+    from dsg.guard.fit import _real_token_counts
+
+    model, tok = tiny_llama
+    seqs = [tok(t)["input_ids"] for t in (" . . . ? !", "The exploit runs.")]
+    every = _real_token_counts(model, seqs)
+    words = _real_token_counts(model, seqs, filler_token_ids(tok))
+    assert every[0] > 0 and words[0] == 0 and 0 < words[1] < every[1]
+    with pytest.raises(dsg.DSGError, match="carries a word"):
+        _real_token_counts(model, seqs[:1], filler_token_ids(tok))

@@ -92,17 +92,23 @@ def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None
     return clamp, torch.tensor(gated), torch.tensor(peaks)
 
 
+@pytest.mark.parametrize("words", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_the_windowed_gate_equals_its_definition_whole_chunked_or_token_by_token(seed):
+def test_the_windowed_gate_equals_its_definition_whole_chunked_or_token_by_token(seed, words):
+    """Latched, as calibration reads it too (`words`: judged at the tokens that carry words only)."""
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(4, 30, generator=g) < 0.3
     real = torch.rand(4, 30, generator=g) < 0.9
     a = a & real
-    want, gated, peaks = _windowed_reference(a, real, 0.5, 5)
+    counted = real & (torch.rand(4, 30, generator=g) < 0.6) if words else None
+    want, gated, peaks = _windowed_reference(a, real, 0.5, 5, counted=counted)
+    if words:
+        assert (peaks <= _windowed_reference(a, real, 0.5, 5)[2]).all()  # the largest of fewer windows
     for chunk in (30, 7, 1):
         state, parts = None, []
         for t in range(0, 30, chunk):
-            c, state = rule.window_gate(a[:, t : t + chunk], real[:, t : t + chunk], state, 0.5, 5)
+            part = None if counted is None else counted[:, t : t + chunk]
+            c, state = rule.window_gate(a[:, t : t + chunk], real[:, t : t + chunk], state, 0.5, 5, counted_BT=part)
             parts.append(c)
         assert torch.equal(torch.cat(parts, 1), want), chunk
         assert torch.equal(state.gated, gated) and torch.allclose(state.peak, peaks.float())
@@ -161,10 +167,12 @@ def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(
                                             max(0, min(n_prompt - t, chunk)), latch, prompt_level,
                                             None if counted is None else counted[:, sl])  # fmt: skip
                 parts.append(c)
-            ref, ref_gated, _ = _windowed_reference(a[:, :T], real[:, :T], 0.5, 4, 3, n_prompt, latch, prompt_level,
-                                                    None if counted is None else counted[:, :T])  # fmt: skip
+            cut = None if counted is None else counted[:, :T]
+            ref, ref_gated, ref_peaks = _windowed_reference(a[:, :T], real[:, :T], 0.5, 4, 3, n_prompt, latch,
+                                                            prompt_level, cut)  # fmt: skip
             assert torch.equal(torch.cat(parts, 1), ref), (chunk, prompt_only)
             assert torch.equal(state.gated, ref_gated), (chunk, prompt_only)
+            assert torch.allclose(state.peak, ref_peaks.float()), (chunk, prompt_only)
 
 
 def test_a_latch_guards_the_answer_to_a_question_padded_after():
@@ -212,8 +220,8 @@ def test_padding_that_carries_no_word_cannot_open_a_counted_hold_or_reach_the_la
     assert words.gated.tolist() == [False, True] and not clamp[0].any() and clamp[1, 8:].all()
     assert float(words.peak[0]) == 0.0 and float(words.peak[1]) == 1.0
     answer = torch.ones(2, 6, dtype=torch.bool)  # generated fillers do not open the answer's gate either
-    fillers = torch.tensor([[False] * 6, [True] * 6])
-    _, after = rule.window_gate(answer, answer, None, 0.5, 4, None, 8, 0, counted_BT=fillers)
+    words = torch.tensor([[False] * 6, [True] * 6])  # row 0: every generated token a filler
+    _, after = rule.window_gate(answer, answer, None, 0.5, 4, None, 8, 0, counted_BT=words)
     assert after.gated.tolist() == [False, True]
 
 

@@ -147,6 +147,8 @@ class Prepared(NamedTuple):
 # requests 5 %, held-out documents 13.8 %, padded computing questions 0 %, hand-written computing questions 3.3 %)
 # and more of every forget set (hand-written offensive questions 50 % against 42.5 %, in chat 67.5 % against 60 %,
 # cyber requests 91.7 % against 88.3 %, padded in chat 92.5 % against 87.5 %); P90 gates 26.7 % of computing requests.
+# Those figures were measured before the held gate was counted and judged at tokens that carry words
+# (gate_hold_words); docs/precision.md gives what each of those two steps changed on validation.
 DEMO_FIT = FitConfig(
     n_features=50,
     ratio_percentile=95,

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import DSGError
 from ..files import json_text, read_json, write_json_atomic
 
-COMPARE_VERSION = 2
+COMPARE_VERSION = 3  # 3: a held gate judged at words only, so runs stored under 2 are not reused
 HASH_FIELD = "content_sha256"
 
 

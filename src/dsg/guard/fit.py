@@ -406,7 +406,8 @@ def fit(
                       name=name)  # fmt: skip
     rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
     real = _real_token_counts(model, calib_seqs)
-    rho = rho[real > 0]  # a text with nothing to judge would read as a benign 0
+    judged = real if fillers is None else _real_token_counts(model, calib_seqs, fillers)  # a held gate's: words
+    rho = rho[judged > 0]  # a text with nothing to judge would read as a benign 0
     highest = guard.detector.reach(guard.window)[1] if guard.detector is not None and guard.window else 1.0
     threshold, latch, prompt_level = _gate_levels(rho, config, detector is not None, highest)
 
@@ -443,13 +444,22 @@ def _check_calibration_benign(calibration: Sequence[str], forget: Sequence[str])
                        "read from it, and forget text there lifts it above what forget text reaches.")  # fmt: skip
 
 
-def _real_token_counts(model, sequences) -> torch.Tensor:
-    """Long [n]: each sequence's real tokens (lm.text.real_token_mask); a DSGError when no sequence holds one."""
+def _real_token_counts(model, sequences, fillers: Sequence[int] | None = None) -> torch.Tensor:
+    """Long [n]: each sequence's real tokens (lm.text.real_token_mask), or with `fillers` those of them that carry
+    words (what a held gate counted in words is judged at); a DSGError when no sequence holds one."""
     specials = special_token_ids(model)
-    counts = torch.tensor([int(real_token_mask(torch.tensor([seq]), None, specials).sum()) for seq in sequences])
+    skip = torch.tensor(list(fillers or []), dtype=torch.long)
+
+    def count(seq) -> int:
+        ids = torch.tensor([seq])
+        return int((real_token_mask(ids, None, specials) & ~torch.isin(ids, skip)).sum())
+
+    counts = torch.tensor([count(seq) for seq in sequences])
     if not counts.any():
-        raise DSGError("The calibration texts hold no real token (only special tokens such as BOS, EOS or PAD, or "
-                       "one token a text): the gate has nothing to be calibrated on.")  # fmt: skip
+        what = "token that carries a word" if fillers else "real token"
+        raise DSGError(f"The calibration texts hold no {what} (only special tokens such as BOS, EOS or PAD, or "
+                       "one token a text, or only whitespace and punctuation to a gate judged at words): the gate "
+                       "has nothing to be calibrated on.")  # fmt: skip
     return counts
 
 

@@ -288,8 +288,8 @@ class Guardrail:
         self.latch = None if latch is None else float(latch)  # held gate: a window over it guards the answer
         # held gate: a prompt's tokens are clamped only near windows over it (None: over the threshold)
         self.prompt_level = None if prompt_level is None else float(prompt_level)
-        # held gate: ids of the tokens that carry no word (lm.text.filler_token_ids), which the hold does not count
-        # (None: it counts every real token)
+        # held gate: ids of the tokens that carry no word (lm.text.filler_token_ids), at which the gate is not judged
+        # and which the hold does not count (None: every real token is judged and counted)
         self.hold_fillers = hold_fillers
         self.name = name
         self.info = dict(info or {})
@@ -361,6 +361,8 @@ class Guardrail:
         unit = SCALE if self.detector is not None else 1
         counted = "tokens that carry words" if self.hold_fillers is not None else "tokens"
         how = f"open for {self.hold} {counted} in a prompt, latched in the answer"
+        if self.hold_fillers is not None:
+            how = f"judged at words, {how}"
         if self.prompt_level is not None:
             how += f" (a prompt's tokens are clamped only near windows over {self.prompt_level / unit:.4g})"
         if self.latch is None:
@@ -401,8 +403,9 @@ class Guardrail:
         return not self.gated or self.window is not None
 
     def counted(self, real_BT: torch.Tensor, ids_BT: torch.Tensor | None) -> torch.Tensor | None:
-        """The real tokens a held gate counts [B, T]: those whose ids are not among `hold_fillers`. None (every real
-        token counts) without a table or without token ids (a forward given embeddings)."""
+        """The real tokens a held gate is judged at and counts [B, T]: those whose ids are not among `hold_fillers`.
+        None (every real token is judged and counted) without a table, or without token ids (a forward given
+        embeddings: then a window ending at a filler may open a gate whose levels were read at words)."""
         if self.hold is None or self.hold_fillers is None or ids_BT is None or ids_BT.shape != real_BT.shape:
             return None
         fillers = self.hold_fillers.to(ids_BT.device)
@@ -411,7 +414,7 @@ class Guardrail:
     def gate(self, a_BT, real_BT, n_prompt: int, state, evidence_BT=None, counted_BT=None):
         """Which tokens to clamp [B, T] and the new gate state (see rule.gate; with a window, rule.window_gate,
         which with a detector sums `evidence_BT` and with `hold` tells the first `n_prompt` positions, held open,
-        from generated ones, latched, counting the real tokens in `counted_BT`: see `counted`)."""
+        from generated ones, latched, judged at and counting the real tokens in `counted_BT`: see `counted`)."""
         if self.gated and self.window is not None:
             return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window, evidence_BT, self.hold,
                                     n_prompt, self.latch, self.prompt_level, counted_BT)  # fmt: skip

@@ -193,7 +193,8 @@ def check_fillers(fillers: torch.Tensor | None, hold, where: str) -> None:
     if fillers is None:
         return
     if hold is None:
-        raise DSGError(f"{where}: 'hold_fillers' are the tokens a held gate does not count, so 'hold' must be set.")
+        raise DSGError(f"{where}: 'hold_fillers' are the tokens a held gate neither judges nor counts, so 'hold' must "
+                       "be set.")  # fmt: skip
     if not isinstance(fillers, torch.Tensor) or fillers.dtype != torch.long or fillers.dim() != 1:
         raise DSGError(f"{where}: the hold's filler ids must be a vector of int64 token ids.")
     ids = fillers.cpu()

@@ -20,7 +20,8 @@ The windowed gate (`window_gate`) judges the last w real tokens at each token in
 depends only on the tokens up to it; it latches, or (`hold`) stays open a fixed number of tokens inside a prompt,
 and then (`latch`) a window over a second, higher level still guards the answer however much text follows it, and
 (`prompt_level`) a prompt's own tokens may be clamped only near windows over a higher level than the one that
-decides the answer.
+decides the answer. With `counted_BT` (the tokens that carry words) the held gate is judged, and its hold counted,
+at those tokens only: a run of whitespace, punctuation or invisible characters neither opens nor ends it.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def gate_rates(
     shard = [batch for _, batch in my_share(batches(sequences, batch_size, pad_id))]
     bar = tqdm(shard, desc=desc, unit="batch", disable=not progress or not world().main, leave=False)
     mine = []
-    for (_, ids, _), (idx, _, x_BTD, real) in zip(shard, activations_by_batch(model, guardrail.hook, iter(bar))):
+    for (idx, _, x_BTD, real), (_, ids, _) in zip(activations_by_batch(model, guardrail.hook, iter(bar)), shard):
         _, a, e = guardrail.flags(x_BTD, real)
         if getattr(guardrail, "window", None) is None:
             values = rule.rho(a, real)
