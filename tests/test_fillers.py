@@ -186,15 +186,16 @@ def test_a_static_fit_stores_no_filler_table(tiny_llama):
     assert not static.gated and static.hold_fillers is None
 
 
-def test_a_calibration_text_without_words_is_left_out_of_a_gate_judged_at_words(tiny_llama):
+def test_a_calibration_text_without_words_is_left_out_of_a_gate_judged_at_words(held):
     """A text of punctuation alone has real tokens but nothing a gate judged at words reads: counted as none, so
     that its peak of 0 is not taken for a benign text's (guard.fit drops such texts before reading the levels)."""
-    from dsg.guard.fit import _real_token_counts
+    from dsg.guard.fit import _token_counts
 
-    model, tok = tiny_llama
+    model, tok, _, words, every = held
     seqs = [tok(t)["input_ids"] for t in (" . . . ? !", "The exploit runs.")]
-    every = _real_token_counts(model, seqs)
-    words = _real_token_counts(model, seqs, filler_token_ids(tok))
-    assert every[0] > 0 and words[0] == 0 and 0 < words[1] < every[1]
+    real, judged_by_every = _token_counts(model, seqs, every)
+    same_real, judged = _token_counts(model, seqs, words)
+    assert torch.equal(real, same_real) and torch.equal(judged_by_every, real)
+    assert real[0] > 0 and judged[0] == 0 and 0 < judged[1] < real[1]
     with pytest.raises(dsg.DSGError, match="carries a word"):
-        _real_token_counts(model, seqs[:1], filler_token_ids(tok))
+        _token_counts(model, seqs[:1], words)

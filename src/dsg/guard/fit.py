@@ -404,12 +404,7 @@ def fit(
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
                       name=name)  # fmt: skip
-    rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
-    real = _real_token_counts(model, calib_seqs)
-    judged = real if fillers is None else _real_token_counts(model, calib_seqs, fillers)  # a held gate's: words
-    rho = rho[judged > 0]  # a text with nothing to judge would read as a benign 0
-    highest = guard.detector.reach(guard.window)[1] if guard.detector is not None and guard.window else 1.0
-    threshold, latch, prompt_level = _gate_levels(rho, config, detector is not None, highest)
+    rho, real_tokens, (threshold, latch, prompt_level) = _calibrate(model, guard, calib_seqs, config, kw)
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
     tensors["calibration_rho"] = rho
@@ -418,7 +413,7 @@ def fit(
         "seed": config.seed,
         "model": model_fingerprint(model, point),
         "sae": {"sha256": sae.sha256()},
-        "data": _data_record(forget, retain, calibration, stats, calib_seqs, detector is not None, int(real.sum())),
+        "data": _data_record(forget, retain, calibration, stats, calib_seqs, detector is not None, real_tokens),
         "residual_norm": r_sums.mean_norm,
         **({"detector_fit": detector_info} if detector_info else {}),
     }
@@ -444,23 +439,35 @@ def _check_calibration_benign(calibration: Sequence[str], forget: Sequence[str])
                        "read from it, and forget text there lifts it above what forget text reaches.")  # fmt: skip
 
 
-def _real_token_counts(model, sequences, fillers: Sequence[int] | None = None) -> torch.Tensor:
-    """Long [n]: each sequence's real tokens (lm.text.real_token_mask), or with `fillers` those of them that carry
-    words (what a held gate counted in words is judged at); a DSGError when no sequence holds one."""
+def _calibrate(model, guard: Guardrail, calib_seqs, config: FitConfig, kw) -> tuple[torch.Tensor, int, tuple]:
+    """(the gate's statistic on each calibration text it judges any token of, the real tokens those texts hold,
+    and the (threshold, latch, prompt level) read from the statistic) for `guard`, whose levels are still unset."""
+    rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
+    real, judged = _token_counts(model, calib_seqs, guard)
+    rho = rho[judged > 0]  # a text with nothing to judge would read as a benign 0
+    highest = guard.detector.reach(guard.window)[1] if guard.detector is not None and guard.window else 1.0
+    return rho, int(real.sum()), _gate_levels(rho, config, guard.detector is not None, highest)
+
+
+def _token_counts(model, sequences, guard: Guardrail) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real tokens, tokens the gate judges) per sequence, long [n] each: lm.text.real_token_mask, and of those
+    the ones Guardrail.counted keeps (a held gate counted in words judges only words); a DSGError when no sequence
+    holds a token the gate judges."""
     specials = special_token_ids(model)
-    skip = torch.tensor(list(fillers or []), dtype=torch.long)
-
-    def count(seq) -> int:
+    real_n, judged_n = [], []
+    for seq in sequences:
         ids = torch.tensor([seq])
-        return int((real_token_mask(ids, None, specials) & ~torch.isin(ids, skip)).sum())
-
-    counts = torch.tensor([count(seq) for seq in sequences])
-    if not counts.any():
-        what = "token that carries a word" if fillers else "real token"
+        real = real_token_mask(ids, None, specials)
+        counted = guard.counted(real, ids)
+        real_n.append(int(real.sum()))
+        judged_n.append(int((real if counted is None else counted).sum()))
+    real, judged = torch.tensor(real_n, dtype=torch.long), torch.tensor(judged_n, dtype=torch.long)
+    if not judged.any():
+        what = "token that carries a word" if real.any() else "real token"
         raise DSGError(f"The calibration texts hold no {what} (only special tokens such as BOS, EOS or PAD, or "
                        "one token a text, or only whitespace and punctuation to a gate judged at words): the gate "
                        "has nothing to be calibrated on.")  # fmt: skip
-    return counts
+    return real, judged
 
 
 def raised_level(level: float, threshold: float, margin: float) -> float:
