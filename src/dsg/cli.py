@@ -427,6 +427,11 @@ def cmd_compare(args) -> int:
         bench = config.bench()
         with sharded() as world:
             bench.latent_stats(progress=world.main)
+        # leave the group together: the first process runs on for minutes to hours (longer than a barrier waits),
+        # and a process that tears its gloo connections down alone while a peer keeps them can abort, which
+        # torchrun reports as the whole launch failed
+        barrier()
+        shutdown()
         if not world.main:
             return 0
     compare = run_compare(config, bench=bench)
