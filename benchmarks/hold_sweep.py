@@ -102,9 +102,11 @@ def main() -> None:
               "paddings open at end %", "mentions clamped %", "rep. 3-grams %", "answer ppl"]  # fmt: skip
     rows, results = [], {"base": {"perplexity": base_ppl, "fluency": dict(base_flu)}}
     fillers = guard.hold_fillers  # a hold counted in tokens that carry words (DEMO_FIT's), None for a latch
+    invisible = guard.hold_invisible  # of those, the ones its windows pass over
     for hold, latch, prompt, margin in rows_of:
         guard.hold = hold  # same gate and clamp, another hold, latch level and prompt level
         guard.hold_fillers = None if hold is None else fillers
+        guard.hold_invisible = None if hold is None else invisible
         guard.latch = None if latch is None else float(np.percentile(calibration, latch))
         level = None if prompt is None else float(np.percentile(calibration, prompt))
         guard.prompt_level = None if prompt is None else raised_level(level, guard.threshold, margin)

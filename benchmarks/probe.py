@@ -22,7 +22,8 @@ the base model answers; the offensive sets also behind the preamble (once, about
 700 tokens) and inside the chat template; and for the requests, sent through the chat template, the share whose
 answer would be guarded, the third set's also asked first with the 700-token preamble after them, or with
 padding that carries no words after them: 40 zero-width spaces or 40 word joiners (both invisible), 40 " .", or 200
-newlines; or with a zero-width space before every space (invisible fillers between the words).
+newlines; or with a zero-width space or a word joiner before every space (invisible fillers between the words),
+or two spaces between words (visible ones).
 
     python benchmarks/probe.py --guardrail dsg-demo/guardrail [--guardrail other/] [--out results.json]
 
@@ -52,6 +53,12 @@ FILLERS = (
     ("\n" * 200, "200 newlines after"),
 )
 INTERLEAVED = "a zero-width space before every space"
+# fillers between the words: (what goes before every space, the row's label); invisible ones, then a visible one
+BETWEEN = (
+    ("\u200b", INTERLEAVED),
+    ("\u2060", "a word joiner before every space"),
+    (" ", "two spaces between words"),
+)
 SETS = ("offensive", "everyday_computing", "general")
 SECOND = HERE / "second"
 SECOND_SETS = ("offensive", "computing")
@@ -107,10 +114,11 @@ def requests(tokenizer) -> dict[str, list[str]]:
         # padded after with what carries no words: zero-width spaces or word joiners (invisible), " .", newlines
         for filler, label in FILLERS:
             out[f"third: {name} requests, {label}"] = [chat_prompt(tokenizer, r + filler) for r in third]
-        # interleaved: a zero-width space before every space, two filler tokens between words (windows thin out)
-        out[f"third: {name} requests, {INTERLEAVED}"] = [
-            chat_prompt(tokenizer, r.replace(" ", "\u200b ")) for r in third
-        ]
+        # interleaved: fillers before every space, one to two filler tokens between words (windows thin out)
+        for filler, label in BETWEEN:
+            out[f"third: {name} requests, {label}"] = [
+                chat_prompt(tokenizer, r.replace(" ", filler + " ")) for r in third
+            ]
     return out
 
 

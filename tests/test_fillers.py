@@ -14,7 +14,7 @@ from dsg.files import read_safetensors
 from dsg.guard.integrity import FILLERS_TENSOR, HASH_FIELD, content_sha256
 from dsg.lm.text import _carries_word, filler_token_ids
 
-from tiny import FORGET_TEXTS, RETAIN_TEXTS, sparse_sae
+from tiny import FORGET_TEXTS, RETAIN_TEXTS, ByteVocabulary, SentencePieceVocabulary, sparse_sae
 
 
 @pytest.mark.parametrize(
@@ -59,23 +59,8 @@ def test_the_filler_table_of_a_byte_level_tokenizer(tiny_llama):
     assert len(zwsp) > 3 and not any(i not in fillers for i in zwsp)  # its byte tokens count as no word
 
 
-class _SentencePieceVocabulary:
-    """The vocabulary side of a SentencePiece tokenizer with byte fallback (Llama 2, Gemma): pieces written with
-    "▁" for a space, and `<0xNN>` byte tokens for characters that are not pieces."""
-
-    all_special_ids = [0, 1, 2]
-    added_tokens_decoder: dict = {}
-
-    def get_vocab(self):
-        pieces = ["<unk>", "<s>", "</s>", "▁the", "▁", "▁.", "?", "42", "<0xE2>", "<0x80>", "<0x8B>", "<0xD0>"]
-        return {p: i for i, p in enumerate(pieces)}
-
-    def convert_tokens_to_string(self, tokens):
-        raise AssertionError("a SentencePiece piece is read as written")
-
-
 def test_the_filler_table_of_a_sentencepiece_vocabulary():
-    fillers = filler_token_ids(_SentencePieceVocabulary())
+    fillers = filler_token_ids(SentencePieceVocabulary())
     # specials, a bare space, " .", "?", and the bytes of a zero-width space; not "▁the", "42" or a Cyrillic lead
     assert fillers == [0, 1, 2, 4, 5, 6, 8, 9, 10]
 
@@ -103,7 +88,7 @@ def test_a_fitted_hold_counts_words_and_its_table_is_saved_and_checked(held, tmp
     assert "tokens that carry words" in words.gate_rule() and "tokens that carry" not in every.gate_rule()
     words.save(tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
-    assert meta["format_version"] == 6 and meta["hold_fillers"] == len(words.hold_fillers)
+    assert meta["format_version"] == 7 and meta["hold_fillers"] == len(words.hold_fillers)
     loaded = dsg.Guardrail.load(tmp_path / "g", sae=sae)
     assert torch.equal(loaded.hold_fillers, words.hold_fillers)
     every.save(tmp_path / "e")
@@ -161,21 +146,8 @@ def test_filler_padding_after_a_gated_prompt_keeps_the_answer_guarded_through_th
         assert _gated(model, tok, words, [t + prose]) == _gated(model, tok, every, [t + prose]) == [False]
 
 
-class _ByteVocabulary:
-    """A vocabulary of byte strings, as tiktoken-style tokenizers return from get_vocab."""
-
-    all_special_ids = [0]
-    added_tokens_decoder: dict = {}
-
-    def get_vocab(self):
-        return {b"<|end|>": 0, b"the": 1, b" .": 2, "\u200b".encode()[:2]: 3, "Ж".encode()[:1]: 4}
-
-    def convert_tokens_to_string(self, tokens):
-        raise AssertionError("byte tokens are read as bytes")
-
-
 def test_a_vocabulary_of_byte_strings_is_read_as_bytes():
-    assert filler_token_ids(_ByteVocabulary()) == [0, 2, 3]
+    assert filler_token_ids(ByteVocabulary()) == [0, 2, 3]
 
 
 def test_a_static_fit_stores_no_filler_table(tiny_llama):

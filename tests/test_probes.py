@@ -85,3 +85,7 @@ def test_the_requests_read_as_the_chat_templates_user_turn():
     interleaved, plain = prompts[f"third: offensive requests, {probe.INTERLEAVED}"], sets["third: offensive requests"]
     assert interleaved[0] == "<user>" + plain[0].replace(" ", "\u200b ") + "</user><assistant>"
     assert all(p.count("\u200b") == r.count(" ") > 0 for p, r in zip(interleaved, plain))
+    joined = prompts["third: computing requests, a word joiner before every space"]
+    assert all(p.count("\u2060") == p.count(" ") > 0 for p in joined)
+    spaced = prompts["third: offensive requests, two spaces between words"]
+    assert spaced[0] == "<user>" + plain[0].replace(" ", "  ") + "</user><assistant>"

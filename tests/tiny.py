@@ -174,3 +174,31 @@ def sparse_sae(model, tok, texts, rate: float = 0.1, hook: str = "blocks.0.hook_
     pre = sae.encode_pre(torch.cat(seen))
     sae.b_enc.data -= pre.quantile(1 - rate, dim=0)
     return sae
+
+
+class SentencePieceVocabulary:
+    """The vocabulary side of a SentencePiece tokenizer with byte fallback (Llama 2, Gemma): pieces written with
+    "▁" for a space, and `<0xNN>` byte tokens for characters that are not pieces."""
+
+    all_special_ids = [0, 1, 2]
+    added_tokens_decoder: dict = {}
+
+    def get_vocab(self):
+        pieces = ["<unk>", "<s>", "</s>", "▁the", "▁", "▁.", "?", "42", "<0xE2>", "<0x80>", "<0x8B>", "<0xD0>"]
+        return {p: i for i, p in enumerate(pieces)}
+
+    def convert_tokens_to_string(self, tokens):
+        raise AssertionError("a SentencePiece piece is read as written")
+
+
+class ByteVocabulary:
+    """A vocabulary of byte strings, as tiktoken-style tokenizers return from get_vocab."""
+
+    all_special_ids = [0]
+    added_tokens_decoder: dict = {}
+
+    def get_vocab(self):
+        return {b"<|end|>": 0, b"the": 1, b" .": 2, "\u200b".encode()[:2]: 3, "Ж".encode()[:1]: 4}
+
+    def convert_tokens_to_string(self, tokens):
+        raise AssertionError("byte tokens are read as bytes")

@@ -28,7 +28,16 @@ from ..files import is_text
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, decoder_layers, resolve
 from ..lm.models import check_sequences_fit, context_length
-from ..lm.text import filler_token_ids, pad_id_of, real_token_mask, special_token_ids, subsample, tokenize
+from ..lm.text import (
+    filler_token_ids,
+    invisible_token_ids,
+    pad_id_of,
+    real_token_mask,
+    special_token_ids,
+    subsample,
+    tokenize,
+)
+from . import rule
 from .detector import fit_weights, holdout_split, window_features
 from .guardrail import Guardrail
 from .integrity import MAX_CLAMP, MAX_WINDOW
@@ -73,6 +82,11 @@ class FitConfig:
     (lm.text.filler_token_ids, stored with the guardrail), so that padding carrying no word (spaces, newlines,
     punctuation, zero-width characters, emoji) after a question can neither run the hold out nor open it; the levels
     are calibrated on windows ending at words. --no-gate-hold-words judges and counts every real token."""
+    gate_skip_invisible: bool = True
+    """Held gate judged at words only: its windows pass over the tokens that show nothing (lm.text.
+    invisible_token_ids: zero-width spaces and joiners, direction marks, byte-order marks, soft hyphens, and the
+    byte pieces of such characters), so that invisible characters typed between the words of a request cannot thin
+    out its windows; text without them is read as before. --no-gate-skip-invisible keeps them in the windows."""
     gate_latch_percentile: float | None = None
     """Held gate only (needs gate_hold): a second level, this percentile of the same calibration statistic (100:
     the largest), above the threshold; a prompt in which any window goes over it gets a guarded answer however
@@ -401,9 +415,10 @@ def fit(
     floor = 0 if detector is not None and config.detector_floor else None
     held = config.gated and config.gate_hold is not None and config.gate_hold_words
     fillers = filler_token_ids(tokenizer) if held else None
+    invisible = invisible_token_ids(tokenizer) if held and config.gate_skip_invisible else None
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
-                      name=name)  # fmt: skip
+                      hold_invisible=invisible, name=name)  # fmt: skip
     rho, real_tokens, (threshold, latch, prompt_level) = _calibrate(model, guard, calib_seqs, config, kw)
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
@@ -419,8 +434,8 @@ def fit(
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                      hold=config.gate_hold, latch=latch, prompt_level=prompt_level, detector=detector,
-                     detector_floor=floor, hold_fillers=fillers, name=name,
-                     info=info, tensors=tensors)  # fmt: skip
+                     detector_floor=floor, hold_fillers=fillers, hold_invisible=invisible,
+                     name=name, info=info, tensors=tensors)  # fmt: skip
 
 
 def _spacing_aside(texts: Sequence[str]) -> list[str]:
@@ -458,9 +473,8 @@ def _token_counts(model, sequences, guard: Guardrail) -> tuple[torch.Tensor, tor
     for seq in sequences:
         ids = torch.tensor([seq])
         real = real_token_mask(ids, None, specials)
-        counted = guard.counted(real, ids)
         real_n.append(int(real.sum()))
-        judged_n.append(int((real if counted is None else counted).sum()))
+        judged_n.append(int(rule.judged_tokens(real, guard.counted(real, ids)).sum()))
     real, judged = torch.tensor(real_n, dtype=torch.long), torch.tensor(judged_n, dtype=torch.long)
     if not judged.any():
         what = "token that carries a word" if real.any() else "real token"

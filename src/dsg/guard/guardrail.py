@@ -35,7 +35,9 @@ from .detector import MAX_WEIGHT, SCALE, Detector
 from .integrity import (
     FILLERS_TENSOR,
     HASH_FIELD,
+    INVISIBLE_TENSOR,
     check_fillers,
+    check_invisible,
     check_meta,
     check_record,
     check_rule,
@@ -45,21 +47,22 @@ from .integrity import (
 )
 
 FORMAT = "dsg-guardrail"
-FORMAT_VERSION = 6  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
+FORMAT_VERSION = 7  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
 # 4: a prompt level; 5: a hold counted in tokens that carry words, whose windows at fillers still opened it (no
-# longer read: see _load_once); 6: the same, judged at words only (a guardrail is written with the lowest version
-# that holds its rule, see to_json)
+# longer read: see _load_once); 6: the same, judged at words only; 7: windows that pass over invisible tokens (a
+# guardrail is written with the lowest version that holds its rule, see to_json)
 FLOORED_FORMAT_VERSION = 3
 PROMPT_LEVEL_FORMAT_VERSION = 4
 FILLERS_OPEN_FORMAT_VERSION = 5
 HOLD_FILLERS_FORMAT_VERSION = 6
+INVISIBLE_FORMAT_VERSION = 7
 SIGNED_FORMAT_VERSION = 2  # what a guardrail without a detector floor is written as, readable by dsg before floors
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
 _OWN_FIELDS = ("format", "format_version", "dsg_version", "name", "detector")  # written by to_json, never by info
 RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")
-RULE_FIELDS += ("window", "hold", "latch", "prompt_level", "hold_fillers")  # the windowed gate's
+RULE_FIELDS += ("window", "hold", "latch", "prompt_level", "hold_fillers", "hold_invisible")  # the windowed gate's
 
 
 class Flags(NamedTuple):
@@ -128,7 +131,7 @@ def _token_ids(ids) -> torch.Tensor | None:
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
     if not all(is_index(i) for i in ids):
-        raise DSGError("The guardrail's hold_fillers must be token ids (integers).")
+        raise DSGError("The guardrail's hold_fillers and hold_invisible must be token ids (integers).")
     return torch.tensor(sorted({operator.index(i) for i in ids}), dtype=torch.long)
 
 
@@ -229,6 +232,7 @@ class Guardrail:
         latch: float | None = None,
         prompt_level: float | None = None,
         hold_fillers: Sequence[int] | None = None,
+        hold_invisible: Sequence[int] | None = None,
         name: str | None = None,
         info: dict | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
@@ -239,8 +243,9 @@ class Guardrail:
         features = _latent_ids(features)
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
                    detector is not None, hold, latch, detector_floor, prompt_level)  # fmt: skip
-        fillers = _token_ids(hold_fillers)
+        fillers, invisible = _token_ids(hold_fillers), _token_ids(hold_invisible)
         check_fillers(fillers, hold, "The guardrail")
+        check_invisible(invisible, fillers, "The guardrail")
         info = dict(info or {})
         sha = sae.sha256()
         given = info.get("sae", {}).get("sha256") if isinstance(info.get("sae"), dict) else None
@@ -267,11 +272,12 @@ class Guardrail:
             latch,
             prompt_level,
             fillers,
+            invisible,
         )
 
     def _setup(
         self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors,
-        window=None, detector=None, hold=None, latch=None, prompt_level=None, hold_fillers=None,
+        window=None, detector=None, hold=None, latch=None, prompt_level=None, hold_fillers=None, hold_invisible=None,
     ) -> None:  # fmt: skip
         self.latents = latents
         self.sae_record = sae_record
@@ -291,6 +297,9 @@ class Guardrail:
         # held gate: ids of the tokens that carry no word (lm.text.filler_token_ids), at which the gate is not judged
         # and which the hold does not count (None: every real token is judged and counted)
         self.hold_fillers = hold_fillers
+        # held gate: of those, the ids that show nothing (lm.text.invisible_token_ids), which the windows pass over
+        # (None: the windows hold every real token)
+        self.hold_invisible = hold_invisible
         self.name = name
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
@@ -311,6 +320,7 @@ class Guardrail:
                    int(self.sae_record["d_sae"]), "The guardrail", self.window, self.detector is not None, self.hold,
                    self.latch, floor, self.prompt_level)  # fmt: skip
         check_fillers(self.hold_fillers, self.hold, "The guardrail")
+        check_invisible(self.hold_invisible, self.hold_fillers, "The guardrail")
         self._check_levels_reachable()
 
     def _check_levels_reachable(self) -> None:
@@ -363,6 +373,8 @@ class Guardrail:
         how = f"open for {self.hold} {counted} in a prompt, latched in the answer"
         if self.hold_fillers is not None:
             how = f"judged at words, {how}"
+        if self.hold_invisible is not None:
+            how = f"windows pass over invisible tokens, {how}"
         if self.prompt_level is not None:
             how += f" (a prompt's tokens are clamped only near windows over {self.prompt_level / unit:.4g})"
         if self.latch is None:
@@ -374,6 +386,7 @@ class Guardrail:
         gate += f", window={self.window}" if self.window is not None else ""
         gate += f", hold={self.hold}" if self.hold is not None else ""
         gate += " words" if self.hold is not None and self.hold_fillers is not None else ""
+        gate += " visible" if self.hold is not None and self.hold_invisible is not None else ""
         gate += f", latch={self.latch:.4g}" if self.latch is not None else ""
         gate += f", prompt_level={self.prompt_level:.4g}" if self.prompt_level is not None else ""
         gate += f", detector={len(self.detector)} latents" if self.detector is not None else ""
@@ -403,13 +416,21 @@ class Guardrail:
         return not self.gated or self.window is not None
 
     def counted(self, real_BT: torch.Tensor, ids_BT: torch.Tensor | None) -> torch.Tensor | None:
-        """The real tokens a held gate is judged at and counts [B, T]: those whose ids are not among `hold_fillers`.
-        None (every real token is judged and counted) without a table, or without token ids (a forward given
-        embeddings: then a window ending at a filler may open a gate whose levels were read at words)."""
+        """The real tokens a held gate is judged at and counts [B, T]: those whose ids are not among `hold_fillers`
+        (bool); with `hold_invisible`, as roles (int8: rule.WORD for those, rule.INVISIBLE for the fillers the
+        windows pass over, rule.FILLER for the other tokens). None (every real token is judged and counted)
+        without a table, or without token ids (a forward given embeddings: then a window ending at a filler may
+        open a gate whose levels were read at words)."""
         if self.hold is None or self.hold_fillers is None or ids_BT is None or ids_BT.shape != real_BT.shape:
             return None
-        fillers = self.hold_fillers.to(ids_BT.device)
-        return real_BT & ~torch.isin(ids_BT, fillers).to(real_BT.device)
+        ids_BT = ids_BT.to(real_BT.device)
+        words = real_BT & ~torch.isin(ids_BT, self.hold_fillers.to(ids_BT.device))
+        if self.hold_invisible is None:
+            return words
+        roles = torch.full(real_BT.shape, rule.FILLER, dtype=torch.int8, device=real_BT.device)
+        roles[torch.isin(ids_BT, self.hold_invisible.to(ids_BT.device))] = rule.INVISIBLE
+        roles[words] = rule.WORD
+        return roles
 
     def gate(self, a_BT, real_BT, n_prompt: int, state, evidence_BT=None, counted_BT=None):
         """Which tokens to clamp [B, T] and the new gate state (see rule.gate; with a window, rule.window_gate,
@@ -433,6 +454,8 @@ class Guardrail:
             self.detector.to(device)
         if self.hold_fillers is not None:
             self.hold_fillers = self.hold_fillers.to(device)
+        if self.hold_invisible is not None:
+            self.hold_invisible = self.hold_invisible.to(device)
         return self
 
     def applied(self, model: torch.nn.Module, verify: bool = True):
@@ -491,6 +514,7 @@ class Guardrail:
             **({"latch": self.latch} if self.latch is not None else {}),
             **({"prompt_level": self.prompt_level} if self.prompt_level is not None else {}),
             **({"hold_fillers": len(self.hold_fillers)} if self.hold_fillers is not None else {}),
+            **({"hold_invisible": len(self.hold_invisible)} if self.hold_invisible is not None else {}),
             **({"detector": self._detector_record()} if self.detector is not None else {}),
             **{k: v for k, v in self.info.items() if k not in ("sae", *RULE_FIELDS, *_OWN_FIELDS)},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
@@ -499,8 +523,10 @@ class Guardrail:
     @property
     def _format_version(self) -> int:
         """The lowest format version that holds this rule, so that a dsg too old to apply it refuses the file
-        instead of reading it as another rule: 6 with a hold that skips fillers, 4 with a prompt level, 3 with a
-        detector floor, else 2."""
+        instead of reading it as another rule: 7 with windows that pass over invisible tokens, 6 with a hold that
+        skips fillers, 4 with a prompt level, 3 with a detector floor, else 2."""
+        if self.hold_invisible is not None:
+            return INVISIBLE_FORMAT_VERSION
         if self.hold_fillers is not None:
             return HOLD_FILLERS_FORMAT_VERSION
         if self.prompt_level is not None:
@@ -526,6 +552,8 @@ class Guardrail:
         tensors |= {f"stats.{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         if self.hold_fillers is not None:
             tensors[FILLERS_TENSOR] = self.hold_fillers.detach().cpu().contiguous()
+        if self.hold_invisible is not None:
+            tensors[INVISIBLE_TENSOR] = self.hold_invisible.detach().cpu().contiguous()
         meta = self.to_json()
         meta[HASH_FIELD] = content_sha256(meta, tensors)
         with atomic_directory(path, "guardrail") as tmp:
@@ -585,6 +613,10 @@ class Guardrail:
             raise DSGError(f"{where} has 'hold_fillers' but format_version {meta.get('format_version')!r}; a dsg "
                            f"writes it as {HOLD_FILLERS_FORMAT_VERSION} (older ones ignore the field and hold the "
                            "gate open for fewer tokens), so the file was edited; refit it.")  # fmt: skip
+        if "hold_invisible" in meta and meta.get("format_version", 0) < INVISIBLE_FORMAT_VERSION:
+            raise DSGError(f"{where} has 'hold_invisible' but format_version {meta.get('format_version')!r}; a dsg "
+                           f"writes it as {INVISIBLE_FORMAT_VERSION} (older ones ignore the field and let invisible "
+                           "characters thin out the windows), so the file was edited; refit it.")  # fmt: skip
         check_tensors(t, meta, repr(str(path / TENSORS_NAME)))
         record = meta["sae"]
         if sae is not None and sae.sha256() != record["sha256"]:
@@ -609,7 +641,10 @@ class Guardrail:
             latents = SelectedLatents(encoder, features, t["W_dec_selected"], t["b_dec"])
         detector = _load_detector(t, record, sae, meta["detector"].get("floor")) if "detector" in meta else None
         stats = {k.removeprefix("stats."): v for k, v in t.items() if k.startswith("stats.")}
-        check_fillers(t.get(FILLERS_TENSOR) if "hold_fillers" in meta else None, meta.get("hold"), where)
+        fillers = t.get(FILLERS_TENSOR) if "hold_fillers" in meta else None
+        invisible = t.get(INVISIBLE_TENSOR) if "hold_invisible" in meta else None
+        check_fillers(fillers, meta.get("hold"), where)
+        check_invisible(invisible, fillers, where)
         skip = ("format", "format_version", "dsg_version", "name", HASH_FIELD, "detector", *RULE_FIELDS)
         info = {k: v for k, v in meta.items() if k not in skip}
         keys = ("sha256", "architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input", "hook_name")
@@ -632,7 +667,8 @@ class Guardrail:
             meta.get("hold"),
             meta.get("latch"),
             meta.get("prompt_level"),
-            t.get(FILLERS_TENSOR) if "hold_fillers" in meta else None,
+            fillers,
+            invisible,
         )
         guard.content_sha256 = meta[HASH_FIELD]  # verified above
         return guard

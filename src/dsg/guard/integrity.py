@@ -28,6 +28,7 @@ from .rule import CLAMP_MODES
 
 HASH_FIELD = "content_sha256"
 FILLERS_TENSOR = "hold.fillers"  # a held gate's token ids that carry no word (Guardrail.hold_fillers)
+INVISIBLE_TENSOR = "hold.invisible"  # of those, the ids that show nothing (Guardrail.hold_invisible)
 MAX_TOKEN_ID = 1 << 31  # past any vocabulary
 MAX_WINDOW = 1 << 17  # tokens: a window past any model's context reads like the whole input, and each request's
 # gate state holds one flag per window token. It bounds a gate's hold too: a longer hold is a latch, and one near
@@ -203,6 +204,21 @@ def check_fillers(fillers: torch.Tensor | None, hold, where: str) -> None:
                        f"up to {MAX_TOKEN_ID - 1}.")  # fmt: skip
 
 
+def check_invisible(invisible: torch.Tensor | None, fillers: torch.Tensor | None, where: str) -> None:
+    """A held gate's invisible ids: token ids like the fillers' (check_fillers), each of them a filler."""
+    if invisible is None:
+        return
+    if fillers is None:
+        raise DSGError(f"{where}: 'hold_invisible' are fillers the windows pass over, so 'hold_fillers' must be set.")
+    if not isinstance(invisible, torch.Tensor) or invisible.dtype != torch.long or invisible.dim() != 1:
+        raise DSGError(f"{where}: the hold's invisible ids must be a vector of int64 token ids.")
+    ids = invisible.cpu()
+    if len(ids) and not (ids[1:] > ids[:-1]).all():
+        raise DSGError(f"{where}: the hold's invisible ids must be distinct token ids in ascending order.")
+    if not torch.isin(ids, fillers.cpu()).all():
+        raise DSGError(f"{where}: every invisible id must also be a filler id (a token that carries no word).")
+
+
 def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
     """Shapes and finiteness of the selected latents' slices and of a detector's tensors (and the detector's dtypes
     and ranges)."""
@@ -218,6 +234,11 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
         if not _is_int(n) or n < 0:
             raise DSGError(f"{where}: 'hold_fillers' in guardrail.json must be a count of token ids, got {n!r}.")
         expected[FILLERS_TENSOR] = (n,)
+    if "hold_invisible" in meta:
+        n = meta["hold_invisible"]
+        if not _is_int(n) or n < 0:
+            raise DSGError(f"{where}: 'hold_invisible' in guardrail.json must be a count of token ids, got {n!r}.")
+        expected[INVISIBLE_TENSOR] = (n,)
     if "detector" in meta:
         L = meta["detector"]["latents"]
         expected |= {"detector.latents": (L,), "detector.weights": (L,)}
@@ -231,7 +252,8 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
             raise DSGError(f"{where}: tensor {name!r} has shape {tuple(t[name].shape)}, expected {shape}.")
         if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
             raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
-    floats = {name: t[name].dtype for name in expected if t[name].is_floating_point() and name != FILLERS_TENSOR}
+    ids = (FILLERS_TENSOR, INVISIBLE_TENSOR)
+    floats = {name: t[name].dtype for name in expected if t[name].is_floating_point() and name not in ids}
     if len(set(floats.values())) > 1:
         raise DSGError(f"{where}: the SAE's tensors must share one dtype, got "
                        f"{', '.join(f'{n} {d}' for n, d in sorted(floats.items()))}.")  # fmt: skip

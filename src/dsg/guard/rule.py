@@ -21,7 +21,8 @@ depends only on the tokens up to it; it latches, or (`hold`) stays open a fixed 
 and then (`latch`) a window over a second, higher level still guards the answer however much text follows it, and
 (`prompt_level`) a prompt's own tokens may be clamped only near windows over a higher level than the one that
 decides the answer. With `counted_BT` (the tokens that carry words) the held gate is judged, and its hold counted,
-at those tokens only: a run of whitespace, punctuation or invisible characters neither opens nor ends it.
+at those tokens only: a run of whitespace, punctuation or invisible characters neither opens nor ends it; given as
+roles, it also names the invisible tokens the windows pass over.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def apply_delta(x_BTD: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor, out
 # ---- the windowed, prefix-causal gate ---------------------------------------------------------------------------
 
 
+# what a real token is to a windowed gate judged at words (window_gate's `counted_BT` as roles, Guardrail.counted)
+INVISIBLE, FILLER, WORD = 0, 1, 2  # passed over by the windows; in them, not judged; in them and judged
 NEVER = 2**40  # WindowState.quiet of a sequence whose gate never opened: more real tokens than any context
 
 
@@ -190,13 +193,16 @@ def window_gate(
     window ending at a filler (whitespace, punctuation, invisible characters) neither opens the gate, nor reaches
     the latch or the prompt level, nor counts towards `peak`, and the hold counts only words. Padding that carries
     no word can then neither run a hold out nor open one. Windows still sum every real token's signal. None: every
-    real token is judged."""
+    real token is judged. As roles (int8 [B, T]: WORD, FILLER or INVISIBLE, Guardrail.counted), WORD tokens are
+    judged as above, and the windows also pass over INVISIBLE ones (lm.text.invisible_token_ids): they hold the last
+    `window` real tokens that show something, so zero-width characters typed between the words of a request cannot
+    thin its windows out."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
     signal = a_BT if evidence_BT is None else evidence_BT
-    share, flags, valid, cum_real = _window_shares(state, signal, real_BT)
-    judged = real_BT.bool() if counted_BT is None else real_BT.bool() & counted_BT.bool()  # where windows decide
+    share, flags, valid, cum_real = _window_shares(state, signal, in_windows(real_BT, counted_BT))
+    judged = judged_tokens(real_BT, counted_BT)  # where windows decide
     opens = judged & (share > threshold)
     quiet, quiet_prompt, strong = state.quiet, state.quiet_prompt, None
     if hold is None:
@@ -218,6 +224,22 @@ def window_gate(
     if strong is not None:
         gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here
     return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet, quiet_prompt)
+
+
+def judged_tokens(real_BT: torch.Tensor, counted_BT: torch.Tensor | None) -> torch.Tensor:
+    """The real tokens a windowed gate is judged at [B, T] bool: all of them (None), those `counted_BT` marks
+    (bool), or those whose role is WORD (roles: see window_gate)."""
+    real = real_BT.bool()
+    if counted_BT is None:
+        return real
+    return real & (counted_BT.bool() if counted_BT.dtype == torch.bool else counted_BT == WORD)
+
+
+def in_windows(real_BT: torch.Tensor, counted_BT: torch.Tensor | None) -> torch.Tensor:
+    """The real tokens a windowed gate's windows hold [B, T]: every one, but for those whose role is INVISIBLE."""
+    if counted_BT is None or counted_BT.dtype == torch.bool:
+        return real_BT
+    return real_BT & (counted_BT != INVISIBLE).to(real_BT.device)
 
 
 def _window_shares(state: WindowState, signal_BT: torch.Tensor, real_BT: torch.Tensor):

@@ -197,23 +197,39 @@ def filler_token_ids(tokenizer) -> list[int]:
     digit or combining mark (so a CJK ideograph or a Cyrillic letter counts once, where it starts, while the first
     bytes of a zero-width space, a word joiner or an emoji never do); a token of continuation bytes only finishes a
     character and carries none. A token whose bytes are not UTF-8 counts as carrying a word."""
+    return sorted({i for i, raw in _vocabulary_bytes(tokenizer) if raw is None or not _carries_word(raw)})
+
+
+def invisible_token_ids(tokenizer) -> list[int]:
+    """Ids of the fillers that show nothing: tokens made only of invisible characters (format characters such as
+    zero-width spaces, joiners, direction marks, byte-order marks and soft hyphens; variation selectors; Hangul
+    fillers), of continuation bytes that finish a character an earlier token started, or of the first bytes of a
+    character that may be invisible (a zero-width space is two tokens in SmolLM2's vocabulary: "\xe2\x80" and
+    "\x8b"). A windowed gate passes over them, so that invisible characters typed between the words of a request
+    cannot thin out its windows, while text without them reads as before. Whitespace, punctuation and the
+    tokenizer's special tokens are not among them."""
+    fillers = set(filler_token_ids(tokenizer))
+    return sorted(
+        i for i, raw in _vocabulary_bytes(tokenizer) if i in fillers and raw is not None and _shows_nothing(raw)
+    )
+
+
+def _vocabulary_bytes(tokenizer) -> Iterator[tuple[int, bytes | None]]:
+    """(id, the token's bytes) for every token of the tokenizer's vocabulary; None for its special tokens."""
     vocab = tokenizer.get_vocab()
     special = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     special |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
     literal = {int(i) for i in added}  # added tokens are written as they read, not in a byte alphabet
     byte_of = _byte_level_alphabet(vocab, literal)
-    fillers = []
     for token, i in vocab.items():
         if i in special:
-            fillers.append(i)
+            yield i, None
             continue
         raw = _token_bytes(token, None if i in literal else byte_of)
         if raw is None:
             raw = tokenizer.convert_tokens_to_string([token]).encode("utf-8", "surrogatepass")
-        if not _carries_word(raw):
-            fillers.append(i)
-    return sorted(set(fillers))
+        yield i, raw
 
 
 def _byte_level_alphabet(vocab: dict, literal: set) -> dict[str, int] | None:
@@ -267,6 +283,40 @@ def _prefix_starts_word(prefix: bytes) -> bool:
     """Whether every assigned character whose UTF-8 encoding starts with `prefix` (a lead byte and fewer
     continuation bytes than it needs) is a letter, digit or combining mark: a fragment that may start a blank or
     invisible character counts as none."""
+    chars = _characters_starting(prefix)
+    return bool(chars) and all(_is_word_character(c) or unicodedata.category(c)[0] == "M" for c in chars)
+
+
+def _is_invisible(c: str) -> bool:
+    """A character that shows nothing: a format character (Cf), a variation selector, the combining grapheme
+    joiner, or a Hangul filler."""
+    o = ord(c)
+    return (unicodedata.category(c) == "Cf" or c in _BLANK_LETTERS or o == 0x034F or 0xFE00 <= o <= 0xFE0F
+            or 0xE0100 <= o <= 0xE01EF)  # fmt: skip
+
+
+def _shows_nothing(raw: bytes) -> bool:
+    """Whether a token's bytes show nothing: leading continuation bytes (they finish a character an earlier token
+    started), then only invisible characters, then at most the first bytes of a character that may be invisible."""
+    i = 0
+    while i < len(raw) and 0x80 <= raw[i] < 0xC0:
+        i += 1
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    if not all(_is_invisible(c) for c in decoder.decode(raw[i:], final=False)):
+        return False  # a visible character, or bytes that are not UTF-8 (U+FFFD)
+    pending = decoder.getstate()[0]
+    return not pending or _prefix_may_start_invisible(pending)
+
+
+@functools.cache
+def _prefix_may_start_invisible(prefix: bytes) -> bool:
+    """Whether some character whose UTF-8 encoding starts with `prefix` is invisible (_is_invisible)."""
+    return any(_is_invisible(c) for c in _characters_starting(prefix))
+
+
+def _characters_starting(prefix: bytes) -> list[str]:
+    """The assigned characters whose UTF-8 encoding starts with `prefix` (a lead byte and fewer continuation bytes
+    than it needs)."""
     lead = prefix[0]
     n = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
     code = lead & (0x7F >> n)
@@ -274,5 +324,4 @@ def _prefix_starts_word(prefix: bytes) -> bool:
         code = (code << 6) | (b & 0x3F)
     free = 6 * (n - len(prefix))
     lo, hi = max(code << free, _UTF8_LOWEST[n]), min((code + 1) << free, 0x110000)
-    chars = [chr(c) for c in range(lo, hi) if not 0xD800 <= c < 0xE000 and unicodedata.category(chr(c)) != "Cn"]
-    return bool(chars) and all(_is_word_character(c) or unicodedata.category(c)[0] == "M" for c in chars)
+    return [chr(c) for c in range(lo, hi) if not 0xD800 <= c < 0xE000 and unicodedata.category(chr(c)) != "Cn"]
