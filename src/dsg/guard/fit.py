@@ -83,10 +83,11 @@ class FitConfig:
     punctuation, zero-width characters, emoji) after a question can neither run the hold out nor open it; the levels
     are calibrated on windows ending at words. --no-gate-hold-words judges and counts every real token."""
     gate_skip_invisible: bool = True
-    """Held gate judged at words only: its windows pass over the tokens that show nothing (lm.text.
-    invisible_token_ids: zero-width spaces and joiners, direction marks, byte-order marks, soft hyphens, and the
-    byte pieces of such characters), so that invisible characters typed between the words of a request cannot thin
-    out its windows; text without them is read as before. --no-gate-skip-invisible keeps them in the windows."""
+    """Held gate judged at words only: its windows pass over the tokens that show nothing
+    (lm.text.invisible_token_ids: zero-width spaces and joiners, direction marks, byte-order marks, soft hyphens,
+    and the byte pieces of such characters), so that invisible characters typed between the words of a request
+    cannot thin out its windows; text without them is read as before. --no-gate-skip-invisible keeps them in the
+    windows."""
     gate_latch_percentile: float | None = None
     """Held gate only (needs gate_hold): a second level, this percentile of the same calibration statistic (100:
     the largest), above the threshold; a prompt in which any window goes over it gets a guarded answer however
