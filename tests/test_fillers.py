@@ -11,10 +11,18 @@ import torch
 
 import dsg
 from dsg.files import read_safetensors
-from dsg.guard.integrity import FILLERS_TENSOR, HASH_FIELD, content_sha256
+from dsg.guard.integrity import FILLERS_TENSOR
 from dsg.lm.text import _carries_word, filler_token_ids
 
-from tiny import FORGET_TEXTS, RETAIN_TEXTS, ByteVocabulary, SentencePieceVocabulary, sparse_sae
+from tiny import (
+    FORGET_TEXTS,
+    RETAIN_TEXTS,
+    ByteVocabulary,
+    SentencePieceVocabulary,
+    held_fit_pair,
+    sparse_sae,
+    write_rehashed,
+)
 
 
 @pytest.mark.parametrize(
@@ -68,13 +76,7 @@ def test_the_filler_table_of_a_sentencepiece_vocabulary():
 @pytest.fixture(scope="module")
 def held(tiny_llama):
     model, tok = tiny_llama
-    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.1)
-    config = dict(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, gate_window=6, detector=True,
-                  detector_c=1.0, gate_percentile=90, gate_hold=4)  # fmt: skip
-    forget, retain = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
-    words = dsg.fit(model, tok, sae, forget, retain, config=dsg.FitConfig(**config), progress=False)
-    every = dsg.fit(model, tok, sae, forget, retain, config=dsg.FitConfig(**config, gate_hold_words=False),
-                    progress=False)  # fmt: skip
+    sae, words, every = held_fit_pair(model, tok, gate_hold_words=False)
     return model, tok, sae, words, every
 
 
@@ -99,14 +101,8 @@ def test_a_fitted_hold_counts_words_and_its_table_is_saved_and_checked(held, tmp
         t = dict(tensors)
         if tensor_edit is not None:
             t[FILLERS_TENSOR] = tensor_edit
-        edited = meta | meta_edit
-        edited[HASH_FIELD] = content_sha256(edited, t)  # re-hashed: the checks themselves refuse it
         folder = tmp_path / f"edit{len(list(tmp_path.iterdir()))}"
-        folder.mkdir()
-        from safetensors.torch import save_file
-
-        save_file(t, str(folder / "guardrail.safetensors"))
-        (folder / "guardrail.json").write_text(json.dumps(edited))
+        write_rehashed(folder, meta | meta_edit, t)  # re-hashed: the checks themselves refuse it
         with pytest.raises(dsg.DSGError, match=match):
             dsg.Guardrail.load(folder, sae=sae)
 

@@ -12,10 +12,10 @@ import torch
 import dsg
 from dsg.files import read_safetensors
 from dsg.guard import rule
-from dsg.guard.integrity import FILLERS_TENSOR, HASH_FIELD, INVISIBLE_TENSOR, content_sha256
+from dsg.guard.integrity import FILLERS_TENSOR, INVISIBLE_TENSOR
 from dsg.lm.text import _shows_nothing, filler_token_ids, invisible_token_ids
 
-from tiny import FORGET_TEXTS, RETAIN_TEXTS, ByteVocabulary, SentencePieceVocabulary, sparse_sae
+from tiny import ByteVocabulary, SentencePieceVocabulary, held_fit_pair, write_rehashed
 
 
 @pytest.mark.parametrize(
@@ -110,13 +110,7 @@ def test_invisible_tokens_between_words_do_not_thin_out_the_windows():
 @pytest.fixture(scope="module")
 def fitted(tiny_llama):
     model, tok = tiny_llama
-    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.1)
-    config = dict(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, gate_window=6, detector=True,
-                  detector_c=1.0, gate_percentile=90, gate_hold=4)  # fmt: skip
-    forget, retain = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
-    skips = dsg.fit(model, tok, sae, forget, retain, config=dsg.FitConfig(**config), progress=False)
-    keeps = dsg.fit(model, tok, sae, forget, retain, config=dsg.FitConfig(**config, gate_skip_invisible=False),
-                    progress=False)  # fmt: skip
+    sae, skips, keeps = held_fit_pair(model, tok, gate_skip_invisible=False)
     return model, tok, sae, skips, keeps
 
 
@@ -153,14 +147,9 @@ def test_the_invisible_table_is_saved_and_checked(fitted, tmp_path):
         t = dict(tensors)
         if tensor_edit is not None:
             t[INVISIBLE_TENSOR] = tensor_edit
-        edited = {k: v for k, v in (meta | meta_edit).items() if v is not None}
-        edited[HASH_FIELD] = content_sha256(edited, t)  # re-hashed: the checks themselves refuse it
         folder = tmp_path / f"edit{len(list(tmp_path.iterdir()))}"
-        folder.mkdir()
-        from safetensors.torch import save_file
-
-        save_file(t, str(folder / "guardrail.safetensors"))
-        (folder / "guardrail.json").write_text(json.dumps(edited))
+        edited = {k: v for k, v in (meta | meta_edit).items() if v is not None}
+        write_rehashed(folder, edited, t)  # re-hashed: the checks themselves refuse it
         with pytest.raises(dsg.DSGError, match=match):
             dsg.Guardrail.load(folder, sae=sae)
 

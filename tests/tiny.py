@@ -202,3 +202,35 @@ class ByteVocabulary:
 
     def convert_tokens_to_string(self, tokens):
         raise AssertionError("byte tokens are read as bytes")
+
+
+# a held detector gate on the tiny model: what test_fillers and test_invisible fit, each beside one setting changed
+HELD_FIT = dict(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, gate_window=6, detector=True,
+                detector_c=1.0, gate_percentile=90, gate_hold=4)  # fmt: skip
+
+
+def held_fit_pair(model, tok, **changed):
+    """(sae, the held gate fitted with HELD_FIT, the same with `changed`) on FORGET_TEXTS and RETAIN_TEXTS."""
+    import dsg
+
+    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.1)
+    forget, retain = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
+    fits = [dsg.fit(model, tok, sae, forget, retain, config=dsg.FitConfig(**HELD_FIT, **c), progress=False)
+            for c in ({}, changed)]  # fmt: skip
+    return sae, *fits
+
+
+def write_rehashed(folder, meta: dict, tensors: dict) -> None:
+    """A guardrail folder holding `meta` and `tensors`, its content hash recomputed: loading it then exercises the
+    checks themselves, not the hash."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from dsg.guard.integrity import HASH_FIELD, content_sha256
+
+    folder.mkdir()
+    meta = dict(meta)
+    meta[HASH_FIELD] = content_sha256(meta, tensors)
+    save_file(tensors, str(folder / "guardrail.safetensors"))
+    (folder / "guardrail.json").write_text(json.dumps(meta))
