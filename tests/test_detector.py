@@ -563,6 +563,9 @@ def _prompt_level_pair(detected):
     """The guardrail with a prompt level fitted in the test above, and held-out prompts of both kinds."""
     model, tok, sae, _ = detected
     kw = dict(gate_hold=3, gate_latch_percentile=100.0, gate_percentile=50, gate_prompt_percentile=100.0)
+    # windows that hold the lone spaces the tiny tokenizer writes before most words, as the questions below were
+    # chosen with (its small vocabulary leaves a space a token of its own far more often than SmolLM2's does)
+    kw["gate_skip_spacing"] = False
     calibration = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS] + RETAIN_TEXTS
     guard = dsg.fit(model, tok, sae, FORGET, RETAIN, calibration, config=_config(**kw), progress=False)
     prompts = [f"{r} {f}" for f in FORGET_TEXTS for r in RETAIN_TEXTS[:2]] + FORGET_TEXTS

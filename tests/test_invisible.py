@@ -1,6 +1,7 @@
-"""Windows that pass over invisible tokens (lm.text.invisible_token_ids, Guardrail.hold_invisible): which tokens show
-nothing, that zero-width characters between the words of a request no longer thin out its windows while text
-without them reads as before, and how the table is fitted, saved and checked."""
+"""Windows that pass over blank tokens (lm.text.invisible_token_ids and spacing_token_ids, Guardrail.hold_invisible):
+which tokens show nothing or only spacing within a line, that zero-width characters, doubled spaces or tabs between
+the words of a request no longer thin out its windows while text without them reads as before, and how the table is
+fitted, saved and checked."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import dsg
 from dsg.files import read_safetensors
 from dsg.guard import rule
 from dsg.guard.integrity import FILLERS_TENSOR, INVISIBLE_TENSOR
-from dsg.lm.text import _shows_nothing, filler_token_ids, invisible_token_ids
+from dsg.lm.text import _shows_nothing, filler_token_ids, invisible_token_ids, spacing_token_ids
 
-from tiny import ByteVocabulary, SentencePieceVocabulary, held_fit_pair, write_rehashed
+from tiny import ByteVocabulary, SentencePieceVocabulary, held_fits, write_rehashed
 
 
 @pytest.mark.parametrize(
@@ -46,6 +47,51 @@ from tiny import ByteVocabulary, SentencePieceVocabulary, held_fit_pair, write_r
 )
 def test_a_token_shows_nothing_when_it_holds_or_may_start_only_invisible_characters(raw, invisible):
     assert _shows_nothing(raw) is invisible
+
+
+@pytest.mark.parametrize(
+    "raw,blank",
+    [
+        (b" ", True),
+        (b"\t", True),
+        (b"    ", True),  # an indent inside a line
+        ("\u00a0".encode(), True),  # a no-break space
+        ("\u3000".encode(), True),  # an ideographic space
+        ("\u2009".encode()[:2], True),  # a thin space's first bytes
+        (" \u200b".encode(), True),  # a space, then an invisible character
+        ("\u200b".encode(), True),  # what shows nothing shows no more than spacing
+        (b"\n", False),  # line breaks shape prompts, chat turns and code: the windows keep them
+        (b" \n", False),
+        (b"\r\n", False),
+        ("\u2028".encode(), False),  # the line separator
+        (b"\x0c", False),  # a form feed breaks the line too
+        (b" .", False),
+        (b" -", False),
+        ("—".encode(), False),
+        (b" the", False),
+        (b"\xff", False),
+    ],
+)
+def test_a_token_shows_only_spacing_when_it_holds_no_more_than_gaps_within_a_line(raw, blank):
+    assert _shows_nothing(raw, spacing=True) is blank
+
+
+def test_the_spacing_table_of_a_byte_level_tokenizer(tiny_llama):
+    _, tok = tiny_llama
+    fillers, invisible, spacing = (set(f(tok)) for f in (filler_token_ids, invisible_token_ids, spacing_token_ids))
+    assert spacing and spacing <= fillers and not spacing & invisible and not spacing & set(tok.all_special_ids)
+    for text in ("  ", "\t\t", "\u00a0", "\u3000"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert all(i in spacing | invisible for i in ids), text
+    for text in ("exploit", " . ?", "\n\n", " \n", " -- "):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        shown = [tok.decode([i]) for i in ids if i not in spacing]  # a space may be a token of its own here
+        assert "".join(shown).replace(" ", "") == text.replace(" ", ""), text
+
+
+def test_the_spacing_tables_of_other_vocabularies():
+    assert spacing_token_ids(SentencePieceVocabulary()) == [4]  # "▁" alone; not "▁the", "▁." or the byte tokens
+    assert spacing_token_ids(ByteVocabulary()) == []
 
 
 def test_the_invisible_table_of_a_byte_level_tokenizer(tiny_llama):
@@ -108,9 +154,17 @@ def test_invisible_tokens_between_words_do_not_thin_out_the_windows():
 
 
 @pytest.fixture(scope="module")
-def fitted(tiny_llama):
+def fits(tiny_llama):
+    """(model, tok, sae, the default fit: windows pass over invisible and spacing tokens, the same over invisible
+    ones only, the same over neither)."""
     model, tok = tiny_llama
-    sae, skips, keeps = held_fit_pair(model, tok, gate_skip_invisible=False)
+    no_spacing, neither = dict(gate_skip_spacing=False), dict(gate_skip_spacing=False, gate_skip_invisible=False)
+    return model, tok, *held_fits(model, tok, no_spacing, neither)
+
+
+@pytest.fixture(scope="module")
+def fitted(fits):
+    model, tok, sae, _, skips, keeps = fits
     return model, tok, sae, skips, keeps
 
 
@@ -164,3 +218,25 @@ def test_the_invisible_table_is_saved_and_checked(fitted, tmp_path):
         dsg.Guardrail(sae, skips.hook, skips.features, 0.5, window=4, hold=2, hold_invisible=[1])
     with pytest.raises(dsg.DSGError, match="filler"):
         dsg.Guardrail(sae, skips.hook, skips.features, 0.5, window=4, hold=2, hold_fillers=[1], hold_invisible=[2])
+
+
+def test_a_fitted_gate_passes_over_spacing_between_words_as_over_invisible_tokens(fits):
+    """By default the table holds both kinds; doubled spaces, tabs and no-break spaces between the words of a request
+    leave its windows as many real tokens that show something as the request written with single spaces, while
+    line breaks stay in them. --no-gate-skip-spacing keeps the invisible tokens' table as it was."""
+    model, tok, _, both, invisible_only, _ = fits
+    assert both.hold_invisible.tolist() == sorted(invisible_token_ids(tok) + spacing_token_ids(tok))
+    assert invisible_only.hold_invisible.tolist() == invisible_token_ids(tok)
+    assert "spacing" in both.gate_rule()
+
+    def shown(guard, text):
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        roles = guard.counted(torch.ones_like(ids, dtype=torch.bool), ids)
+        return int((roles != rule.INVISIBLE).sum()), int((roles == rule.WORD).sum())
+
+    words = "The exploit injects a malicious payload"
+    written = shown(both, words)
+    for sep in ("  ", " \t", "\t", "\u00a0 ", "   "):
+        assert shown(both, words.replace(" ", sep)) == written, repr(sep)
+    assert shown(invisible_only, words.replace(" ", "  "))[0] > written[0]  # without the spacing table: thinned
+    assert shown(both, words.replace(" ", "\n"))[0] > written[0]  # a line break is not spacing

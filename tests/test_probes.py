@@ -89,3 +89,7 @@ def test_the_requests_read_as_the_chat_templates_user_turn():
     assert all(p.count("\u2060") == p.count(" ") > 0 for p in joined)
     spaced = prompts["third: offensive requests, two spaces between words"]
     assert spaced[0] == "<user>" + plain[0].replace(" ", "  ") + "</user><assistant>"
+    tabbed = prompts["third: offensive requests, a tab before every space"]
+    broken = prompts["third: computing requests, a line break before every space"]
+    assert tabbed[0] == "<user>" + plain[0].replace(" ", "\t ") + "</user><assistant>"
+    assert all(p.count("\n") == p.count(" ") > 0 for p in broken)

@@ -209,14 +209,15 @@ HELD_FIT = dict(n_features=4, ratio_percentile=80, max_length=64, batch_size=3, 
                 detector_c=1.0, gate_percentile=90, gate_hold=4)  # fmt: skip
 
 
-def held_fit_pair(model, tok, **changed):
-    """(sae, the held gate fitted with HELD_FIT, the same with `changed`) on FORGET_TEXTS and RETAIN_TEXTS."""
+def held_fits(model, tok, *changes: dict, **common):
+    """(sae, the held gate fitted with HELD_FIT and `common`, then the same with each of `changes`) on FORGET_TEXTS
+    and RETAIN_TEXTS."""
     import dsg
 
     sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.1)
     forget, retain = FORGET_TEXTS * 3, RETAIN_TEXTS * 3
-    fits = [dsg.fit(model, tok, sae, forget, retain, config=dsg.FitConfig(**HELD_FIT, **c), progress=False)
-            for c in ({}, changed)]  # fmt: skip
+    fits = [dsg.fit(model, tok, sae, forget, retain, config=dsg.FitConfig(**HELD_FIT | common | c), progress=False)
+            for c in ({}, *changes)]  # fmt: skip
     return sae, *fits
 
 

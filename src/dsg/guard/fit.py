@@ -33,6 +33,7 @@ from ..lm.text import (
     invisible_token_ids,
     pad_id_of,
     real_token_mask,
+    spacing_token_ids,
     special_token_ids,
     subsample,
     tokenize,
@@ -88,6 +89,11 @@ class FitConfig:
     and the byte pieces of such characters), so that invisible characters typed between the words of a request
     cannot thin out its windows; text without them is read as before. --no-gate-skip-invisible keeps them in the
     windows."""
+    gate_skip_spacing: bool = True
+    """Held gate judged at words only: its windows also pass over the tokens that show only spacing within a line
+    (lm.text.spacing_token_ids: runs of spaces and tabs, no-break and other Unicode spaces; not line breaks), so
+    that two spaces or a tab typed between the words of a request cannot thin out its windows.
+    --no-gate-skip-spacing keeps them in the windows."""
     gate_latch_percentile: float | None = None
     """Held gate only (needs gate_hold): a second level, this percentile of the same calibration statistic (100:
     the largest), above the threshold; a prompt in which any window goes over it gets a guarded answer however
@@ -416,7 +422,7 @@ def fit(
     floor = 0 if detector is not None and config.detector_floor else None
     held = config.gated and config.gate_hold is not None and config.gate_hold_words
     fillers = filler_token_ids(tokenizer) if held else None
-    invisible = invisible_token_ids(tokenizer) if held and config.gate_skip_invisible else None
+    invisible = _passed_over(tokenizer, config) if held else None
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
                       hold_invisible=invisible, name=name)  # fmt: skip
@@ -437,6 +443,14 @@ def fit(
                      hold=config.gate_hold, latch=latch, prompt_level=prompt_level, detector=detector,
                      detector_floor=floor, hold_fillers=fillers, hold_invisible=invisible,
                      name=name, info=info, tensors=tensors)  # fmt: skip
+
+
+def _passed_over(tokenizer, config: FitConfig) -> list[int] | None:
+    """The ids a held gate judged at words has its windows pass over (Guardrail.hold_invisible): the invisible
+    tokens and the spacing ones, as `config` asks; None for neither."""
+    ids = invisible_token_ids(tokenizer) if config.gate_skip_invisible else []
+    ids += spacing_token_ids(tokenizer) if config.gate_skip_spacing else []
+    return sorted(ids) if config.gate_skip_invisible or config.gate_skip_spacing else None
 
 
 def _spacing_aside(texts: Sequence[str]) -> list[str]:

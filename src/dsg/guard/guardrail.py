@@ -297,8 +297,9 @@ class Guardrail:
         # held gate: ids of the tokens that carry no word (lm.text.filler_token_ids), at which the gate is not judged
         # and which the hold does not count (None: every real token is judged and counted)
         self.hold_fillers = hold_fillers
-        # held gate: of those, the ids that show nothing (lm.text.invisible_token_ids), which the windows pass over
-        # (None: the windows hold every real token)
+        # held gate: of those, the ids the windows pass over: tokens that show nothing (lm.text.invisible_token_ids)
+        # and, as fitted since spacing was added, those that show only spacing within a line
+        # (lm.text.spacing_token_ids). None: the windows hold every real token
         self.hold_invisible = hold_invisible
         self.name = name
         self.info = dict(info or {})
@@ -374,7 +375,7 @@ class Guardrail:
         if self.hold_fillers is not None:
             how = f"judged at words, {how}"
         if self.hold_invisible is not None:
-            how = f"windows pass over invisible tokens, {how}"
+            how = f"windows pass over {len(self.hold_invisible)} blank tokens (invisible, or spacing), {how}"
         if self.prompt_level is not None:
             how += f" (a prompt's tokens are clamped only near windows over {self.prompt_level / unit:.4g})"
         if self.latch is None:

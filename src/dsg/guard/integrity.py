@@ -28,7 +28,7 @@ from .rule import CLAMP_MODES
 
 HASH_FIELD = "content_sha256"
 FILLERS_TENSOR = "hold.fillers"  # a held gate's token ids that carry no word (Guardrail.hold_fillers)
-INVISIBLE_TENSOR = "hold.invisible"  # of those, the ids that show nothing (Guardrail.hold_invisible)
+INVISIBLE_TENSOR = "hold.invisible"  # of those, the ids the windows pass over (Guardrail.hold_invisible)
 MAX_TOKEN_ID = 1 << 31  # past any vocabulary
 MAX_WINDOW = 1 << 17  # tokens: a window past any model's context reads like the whole input, and each request's
 # gate state holds one flag per window token. It bounds a gate's hold too: a longer hold is a latch, and one near

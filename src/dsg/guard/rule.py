@@ -194,9 +194,9 @@ def window_gate(
     the latch or the prompt level, nor counts towards `peak`, and the hold counts only words. Padding that carries
     no word can then neither run a hold out nor open one. Windows still sum every real token's signal. None: every
     real token is judged. As roles (int8 [B, T]: WORD, FILLER or INVISIBLE, Guardrail.counted), WORD tokens are
-    judged as above, and the windows also pass over INVISIBLE ones (lm.text.invisible_token_ids): they hold the last
-    `window` real tokens that show something, so zero-width characters typed between the words of a request cannot
-    thin its windows out."""
+    judged as above, and the windows also pass over INVISIBLE ones (lm.text.invisible_token_ids and
+    spacing_token_ids): they hold the last `window` real tokens that show something besides a gap, so zero-width
+    characters, doubled spaces or tabs typed between the words of a request cannot thin its windows out."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]

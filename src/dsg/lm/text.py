@@ -214,6 +214,20 @@ def invisible_token_ids(tokenizer) -> list[int]:
     )
 
 
+def spacing_token_ids(tokenizer) -> list[int]:
+    """Ids of the fillers that show only spacing within a line: tokens made of spaces and tabs (and the other
+    Unicode spaces that break no line: no-break, en, em, thin, ideographic), possibly beside invisible characters
+    or the byte pieces of either, that invisible_token_ids does not already hold. A windowed gate passes over them
+    too, so that two spaces or a tab typed between the words of a request cannot thin out its windows. Line breaks
+    are not among them: they shape prompts, chat turns and code, and the windows keep them."""
+    fillers, invisible = set(filler_token_ids(tokenizer)), set(invisible_token_ids(tokenizer))
+    return sorted(
+        i
+        for i, raw in _vocabulary_bytes(tokenizer)
+        if i in fillers and i not in invisible and raw is not None and _shows_nothing(raw, spacing=True)
+    )
+
+
 def _vocabulary_bytes(tokenizer) -> Iterator[tuple[int, bytes | None]]:
     """(id, the token's bytes) for every token of the tokenizer's vocabulary; None for its special tokens."""
     vocab = tokenizer.get_vocab()
@@ -295,23 +309,31 @@ def _is_invisible(c: str) -> bool:
             or 0xE0100 <= o <= 0xE01EF)  # fmt: skip
 
 
-def _shows_nothing(raw: bytes) -> bool:
-    """Whether a token's bytes show nothing: leading continuation bytes (they finish a character an earlier token
-    started), then only invisible characters, then at most the first bytes of a character that may be invisible."""
+def _is_spacing(c: str) -> bool:
+    """A character that shows only a gap within a line: whitespace that is not a line break (a space, a tab, a
+    no-break, en, em, thin or ideographic space)."""
+    return c.isspace() and len(f"a{c}b".splitlines()) == 1
+
+
+def _shows_nothing(raw: bytes, spacing: bool = False) -> bool:
+    """Whether a token's bytes show nothing (with `spacing`: nothing but a gap within a line): leading
+    continuation bytes (they finish a character an earlier token started), then only invisible (or spacing)
+    characters, then at most the first bytes of a character that may be one."""
     i = 0
     while i < len(raw) and 0x80 <= raw[i] < 0xC0:
         i += 1
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    if not all(_is_invisible(c) for c in decoder.decode(raw[i:], final=False)):
+    if not all(_is_invisible(c) or spacing and _is_spacing(c) for c in decoder.decode(raw[i:], final=False)):
         return False  # a visible character, or bytes that are not UTF-8 (U+FFFD)
     pending = decoder.getstate()[0]
-    return not pending or _prefix_may_start_invisible(pending)
+    return not pending or _prefix_may_start_blank(pending, spacing)
 
 
 @functools.cache
-def _prefix_may_start_invisible(prefix: bytes) -> bool:
-    """Whether some character whose UTF-8 encoding starts with `prefix` is invisible (_is_invisible)."""
-    return any(_is_invisible(c) for c in _characters_starting(prefix))
+def _prefix_may_start_blank(prefix: bytes, spacing: bool = False) -> bool:
+    """Whether some character whose UTF-8 encoding starts with `prefix` is invisible (_is_invisible), or with
+    `spacing` a gap within a line (_is_spacing)."""
+    return any(_is_invisible(c) or spacing and _is_spacing(c) for c in _characters_starting(prefix))
 
 
 def _characters_starting(prefix: bytes) -> list[str]:
