@@ -23,7 +23,7 @@ the base model answers; the offensive sets also behind the preamble (once, about
 answer would be guarded, the third set's also asked first with the 700-token preamble after them, or with
 padding that carries no words after them: 40 zero-width spaces or 40 word joiners (both invisible), 40 " .", or 200
 newlines; or with a zero-width space or a word joiner before every space (invisible fillers between the words),
-or two spaces between words (visible ones).
+two spaces between words or a tab before every space (spacing), or a line break before every space.
 
     python benchmarks/probe.py --guardrail dsg-demo/guardrail [--guardrail other/] [--out results.json]
 
@@ -53,11 +53,14 @@ FILLERS = (
     ("\n" * 200, "200 newlines after"),
 )
 INTERLEAVED = "a zero-width space before every space"
-# fillers between the words: (what goes before every space, the row's label); invisible ones, then a visible one
+# fillers between the words: (what goes before every space, the row's label); invisible ones, then spacing, then a
+# line break (which the windows keep: lm.text.spacing_token_ids)
 BETWEEN = (
     ("\u200b", INTERLEAVED),
     ("\u2060", "a word joiner before every space"),
     (" ", "two spaces between words"),
+    ("\t", "a tab before every space"),
+    ("\n", "a line break before every space"),
 )
 SETS = ("offensive", "everyday_computing", "general")
 SECOND = HERE / "second"
