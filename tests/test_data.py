@@ -366,9 +366,11 @@ def test_an_export_whose_last_move_fails_puts_every_earlier_folder_back(tmp_path
 @pytest.mark.parametrize("name,code,said", [("SIGTERM", 143, "terminated"), ("SIGHUP", 129, "hung up")])
 def test_a_stop_signal_during_an_export_exits_128_plus_it_and_leaves_nothing(tmp_path, name, code, said):
     """SIGTERM (a scheduler, `kill`) and SIGHUP (the terminal closed) unwind like Ctrl-C: the staging folder is
-    removed, the target never made."""
+    removed, the target never made. The signal is handled by default first, as in a terminal session: a test run
+    started under `nohup` would otherwise hand its ignored SIGHUP down (the case of the next test)."""
     script = (
         "import os, signal, sys\n"
+        f"signal.signal(signal.{name}, signal.SIG_DFL)\n"
         "from dsg import cli\n"
         "from dsg.data import domains\n"
         "real = domains._domain_files\n"
