@@ -80,7 +80,9 @@ def test_the_spacing_table_of_a_byte_level_tokenizer(tiny_llama):
     _, tok = tiny_llama
     fillers, invisible, spacing = (set(f(tok)) for f in (filler_token_ids, invisible_token_ids, spacing_token_ids))
     assert spacing and spacing <= fillers and not spacing & invisible and not spacing & set(tok.all_special_ids)
-    for text in ("  ", "\t\t", "\u00a0", "\u3000"):
+    for text in ("  ", "\t\t", "\t \t"):
+        assert all(i in spacing for i in tok(text, add_special_tokens=False)["input_ids"]), text
+    for text in ("\u00a0", "\u3000"):  # split into bytes here: the pieces are the invisible table's
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert all(i in spacing | invisible for i in ids), text
     for text in ("exploit", " . ?", "\n\n", " \n", " -- "):
@@ -91,7 +93,7 @@ def test_the_spacing_table_of_a_byte_level_tokenizer(tiny_llama):
 
 def test_the_spacing_tables_of_other_vocabularies():
     assert spacing_token_ids(SentencePieceVocabulary()) == [4]  # "▁" alone; not "▁the", "▁." or the byte tokens
-    assert spacing_token_ids(ByteVocabulary()) == []
+    assert spacing_token_ids(ByteVocabulary()) == [5, 6]  # a no-break space and two tabs; not " ." or " \n"
 
 
 def test_the_invisible_table_of_a_byte_level_tokenizer(tiny_llama):
@@ -175,7 +177,7 @@ def test_a_fitted_gate_passes_over_invisible_tokens_and_reads_plain_text_as_befo
     assert keeps.hold_invisible is None and skips.hold_invisible.tolist() == invisible_token_ids(tok)
     assert torch.equal(skips.tensors["calibration_rho"], keeps.tensors["calibration_rho"])
     assert (skips.threshold, skips.latch, skips.prompt_level) == (keeps.threshold, keeps.latch, keeps.prompt_level)
-    assert "invisible" in skips.gate_rule() and "invisible" not in keeps.gate_rule()
+    assert f"pass over {len(skips.hold_invisible)} blank" in skips.gate_rule() and "blank" not in keeps.gate_rule()
     ids = torch.tensor([tok("The\u200b exploit .", add_special_tokens=False)["input_ids"]])
     real = torch.ones_like(ids, dtype=torch.bool)
     roles = skips.counted(real, ids)
@@ -227,7 +229,8 @@ def test_a_fitted_gate_passes_over_spacing_between_words_as_over_invisible_token
     model, tok, _, both, invisible_only, _ = fits
     assert both.hold_invisible.tolist() == sorted(invisible_token_ids(tok) + spacing_token_ids(tok))
     assert invisible_only.hold_invisible.tolist() == invisible_token_ids(tok)
-    assert "spacing" in both.gate_rule()
+    assert f"pass over {len(both.hold_invisible)} blank" in both.gate_rule()
+    assert len(both.hold_invisible) > len(invisible_only.hold_invisible)
 
     def shown(guard, text):
         ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
@@ -238,5 +241,16 @@ def test_a_fitted_gate_passes_over_spacing_between_words_as_over_invisible_token
     written = shown(both, words)
     for sep in ("  ", " \t", "\t", "\u00a0 ", "   "):
         assert shown(both, words.replace(" ", sep)) == written, repr(sep)
-    assert shown(invisible_only, words.replace(" ", "  "))[0] > written[0]  # without the spacing table: thinned
+    # without the spacing table: thinned
+    assert shown(invisible_only, words.replace(" ", "  "))[0] > shown(invisible_only, words)[0]
     assert shown(both, words.replace(" ", "\n"))[0] > written[0]  # a line break is not spacing
+
+
+def test_the_table_with_spacing_is_saved_and_loaded_as_format_7(fits, tmp_path):
+    """The wider table is the same tensor: a file with it is format 7, and loads with the same ids and rule."""
+    _, _, sae, both, _, _ = fits
+    both.save(tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
+    assert meta["format_version"] == 7 and meta["hold_invisible"] == len(both.hold_invisible)
+    loaded = dsg.Guardrail.load(tmp_path / "g", sae=sae)
+    assert torch.equal(loaded.hold_invisible, both.hold_invisible) and loaded.gate_rule() == both.gate_rule()

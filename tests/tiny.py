@@ -198,7 +198,8 @@ class ByteVocabulary:
     added_tokens_decoder: dict = {}
 
     def get_vocab(self):
-        return {b"<|end|>": 0, b"the": 1, b" .": 2, "\u200b".encode()[:2]: 3, "Ж".encode()[:1]: 4}
+        return {b"<|end|>": 0, b"the": 1, b" .": 2, "\u200b".encode()[:2]: 3, "Ж".encode()[:1]: 4, "\u00a0".encode(): 5,
+                b"\t\t": 6, b" \n": 7}  # fmt: skip
 
     def convert_tokens_to_string(self, tokens):
         raise AssertionError("byte tokens are read as bytes")

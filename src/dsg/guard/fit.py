@@ -91,8 +91,9 @@ class FitConfig:
     windows."""
     gate_skip_spacing: bool = True
     """Held gate judged at words only: its windows also pass over the tokens that show only spacing within a line
-    (lm.text.spacing_token_ids: runs of spaces and tabs, no-break and other Unicode spaces; not line breaks), so
-    that two spaces or a tab typed between the words of a request cannot thin out its windows.
+    (lm.text.spacing_token_ids: runs of spaces and tabs, no-break and other Unicode spaces; not "\n" or "\r"), so
+    that two spaces or a tab typed between the words of a request cannot thin out its windows (the Unicode spaces
+    a vocabulary splits into bytes need gate_skip_invisible too: their pieces are in that table).
     --no-gate-skip-spacing keeps them in the windows."""
     gate_latch_percentile: float | None = None
     """Held gate only (needs gate_hold): a second level, this percentile of the same calibration statistic (100:

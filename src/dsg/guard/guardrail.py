@@ -375,7 +375,7 @@ class Guardrail:
         if self.hold_fillers is not None:
             how = f"judged at words, {how}"
         if self.hold_invisible is not None:
-            how = f"windows pass over {len(self.hold_invisible)} blank tokens (invisible, or spacing), {how}"
+            how = f"windows pass over {len(self.hold_invisible)} blank tokens, {how}"
         if self.prompt_level is not None:
             how += f" (a prompt's tokens are clamped only near windows over {self.prompt_level / unit:.4g})"
         if self.latch is None:

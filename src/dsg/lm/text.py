@@ -218,8 +218,11 @@ def spacing_token_ids(tokenizer) -> list[int]:
     """Ids of the fillers that show only spacing within a line: tokens made of spaces and tabs (and the other
     Unicode spaces that break no line: no-break, en, em, thin, ideographic), possibly beside invisible characters
     or the byte pieces of either, that invisible_token_ids does not already hold. A windowed gate passes over them
-    too, so that two spaces or a tab typed between the words of a request cannot thin out its windows. Line breaks
-    are not among them: they shape prompts, chat turns and code, and the windows keep them."""
+    too, so that two spaces or a tab typed between the words of a request cannot thin out its windows. A Unicode
+    space that the vocabulary splits into bytes is passed over only with the invisible table beside this one: its
+    pieces are there (in SmolLM2's vocabulary, those of the en, em and thin spaces). "\n" and "\r" are not among
+    them: they shape prompts, chat turns and code, and the windows keep them (the rare Unicode line separators
+    U+0085, U+2028 and U+2029 split into byte pieces that the invisible table holds)."""
     fillers, invisible = set(filler_token_ids(tokenizer)), set(invisible_token_ids(tokenizer))
     return sorted(
         i
