@@ -208,10 +208,7 @@ def invisible_token_ids(tokenizer) -> list[int]:
     "\x8b"). A windowed gate passes over them, so that invisible characters typed between the words of a request
     cannot thin out its windows, while text without them reads as before. Whitespace, punctuation and the
     tokenizer's special tokens are not among them."""
-    fillers = set(filler_token_ids(tokenizer))
-    return sorted(
-        i for i, raw in _vocabulary_bytes(tokenizer) if i in fillers and raw is not None and _shows_nothing(raw)
-    )
+    return sorted(i for i, raw in _vocabulary_bytes(tokenizer) if _is_blank_filler(raw) and _shows_nothing(raw))
 
 
 def spacing_token_ids(tokenizer) -> list[int]:
@@ -223,12 +220,17 @@ def spacing_token_ids(tokenizer) -> list[int]:
     pieces are there (in SmolLM2's vocabulary, those of the en, em and thin spaces). "\n" and "\r" are not among
     them: they shape prompts, chat turns and code, and the windows keep them (the rare Unicode line separators
     U+0085, U+2028 and U+2029 split into byte pieces that the invisible table holds)."""
-    fillers, invisible = set(filler_token_ids(tokenizer)), set(invisible_token_ids(tokenizer))
     return sorted(
         i
         for i, raw in _vocabulary_bytes(tokenizer)
-        if i in fillers and i not in invisible and raw is not None and _shows_nothing(raw, spacing=True)
+        if _is_blank_filler(raw) and not _shows_nothing(raw) and _shows_nothing(raw, spacing=True)
     )
+
+
+def _is_blank_filler(raw: bytes | None) -> bool:
+    """Whether a vocabulary entry (_vocabulary_bytes) may be in a table of blank tokens: a filler
+    (filler_token_ids) that is not a special token."""
+    return raw is not None and not _carries_word(raw)
 
 
 def _vocabulary_bytes(tokenizer) -> Iterator[tuple[int, bytes | None]]:
