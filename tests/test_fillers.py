@@ -20,6 +20,7 @@ from tiny import (
     ByteVocabulary,
     SentencePieceVocabulary,
     held_fits,
+    saved_and_loaded,
     sparse_sae,
     write_rehashed,
 )
@@ -89,10 +90,8 @@ def test_a_fitted_hold_counts_words_and_its_table_is_saved_and_checked(held, tmp
     assert words_rho.shape == every_rho.shape and (words_rho <= every_rho).all()
     assert words.threshold <= every.threshold and (words.latch is None) == (every.latch is None)
     assert "tokens that carry words" in words.gate_rule() and "tokens that carry" not in every.gate_rule()
-    words.save(tmp_path / "g")
-    meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
+    meta, loaded = saved_and_loaded(words, tmp_path / "g", sae)
     assert meta["format_version"] == 7 and meta["hold_fillers"] == len(words.hold_fillers)
-    loaded = dsg.Guardrail.load(tmp_path / "g", sae=sae)
     assert torch.equal(loaded.hold_fillers, words.hold_fillers)
     every.save(tmp_path / "e")
     assert json.loads((tmp_path / "e" / "guardrail.json").read_text())["format_version"] < 5

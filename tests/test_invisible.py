@@ -16,7 +16,7 @@ from dsg.guard import rule
 from dsg.guard.integrity import FILLERS_TENSOR, INVISIBLE_TENSOR
 from dsg.lm.text import _shows_nothing, filler_token_ids, invisible_token_ids, spacing_token_ids
 
-from tiny import ByteVocabulary, SentencePieceVocabulary, held_fits, write_rehashed
+from tiny import ByteVocabulary, SentencePieceVocabulary, held_fits, saved_and_loaded, write_rehashed
 
 
 @pytest.mark.parametrize(
@@ -188,10 +188,8 @@ def test_a_fitted_gate_passes_over_invisible_tokens_and_reads_plain_text_as_befo
 
 def test_the_invisible_table_is_saved_and_checked(fitted, tmp_path):
     model, tok, sae, skips, keeps = fitted
-    skips.save(tmp_path / "g")
-    meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
+    meta, loaded = saved_and_loaded(skips, tmp_path / "g", sae)
     assert meta["format_version"] == 7 and meta["hold_invisible"] == len(skips.hold_invisible)
-    loaded = dsg.Guardrail.load(tmp_path / "g", sae=sae)
     assert torch.equal(loaded.hold_invisible, skips.hold_invisible)
     keeps.save(tmp_path / "k")
     assert json.loads((tmp_path / "k" / "guardrail.json").read_text())["format_version"] == 6
@@ -249,8 +247,6 @@ def test_a_fitted_gate_passes_over_spacing_between_words_as_over_invisible_token
 def test_the_table_with_spacing_is_saved_and_loaded_as_format_7(fits, tmp_path):
     """The wider table is the same tensor: a file with it is format 7, and loads with the same ids and rule."""
     _, _, sae, both, _, _ = fits
-    both.save(tmp_path / "g")
-    meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
+    meta, loaded = saved_and_loaded(both, tmp_path / "g", sae)
     assert meta["format_version"] == 7 and meta["hold_invisible"] == len(both.hold_invisible)
-    loaded = dsg.Guardrail.load(tmp_path / "g", sae=sae)
     assert torch.equal(loaded.hold_invisible, both.hold_invisible) and loaded.gate_rule() == both.gate_rule()

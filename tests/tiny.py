@@ -222,6 +222,16 @@ def held_fits(model, tok, *changes: dict, **common):
     return sae, *fits
 
 
+def saved_and_loaded(guard, folder, sae):
+    """(guardrail.json as `guard.save(folder)` wrote it, the guardrail loaded back from `folder` with `sae`)."""
+    import json
+
+    import dsg
+
+    guard.save(folder)
+    return json.loads((folder / "guardrail.json").read_text()), dsg.Guardrail.load(folder, sae=sae)
+
+
 def write_rehashed(folder, meta: dict, tensors: dict) -> None:
     """A guardrail folder holding `meta` and `tensors`, its content hash recomputed: loading it then exercises the
     checks themselves, not the hash."""
