@@ -196,12 +196,7 @@ def check_fillers(fillers: torch.Tensor | None, hold, where: str) -> None:
     if hold is None:
         raise DSGError(f"{where}: 'hold_fillers' are the tokens a held gate neither judges nor counts, so 'hold' must "
                        "be set.")  # fmt: skip
-    if not isinstance(fillers, torch.Tensor) or fillers.dtype != torch.long or fillers.dim() != 1:
-        raise DSGError(f"{where}: the hold's filler ids must be a vector of int64 token ids.")
-    ids = fillers.cpu()
-    if len(ids) and (ids[0] < 0 or ids[-1] >= MAX_TOKEN_ID or not (ids[1:] > ids[:-1]).all()):
-        raise DSGError(f"{where}: the hold's filler ids must be distinct token ids in ascending order, each from 0 "
-                       f"up to {MAX_TOKEN_ID - 1}.")  # fmt: skip
+    _check_token_ids(fillers, "filler", where)
 
 
 def check_invisible(invisible: torch.Tensor | None, fillers: torch.Tensor | None, where: str) -> None:
@@ -210,13 +205,19 @@ def check_invisible(invisible: torch.Tensor | None, fillers: torch.Tensor | None
         return
     if fillers is None:
         raise DSGError(f"{where}: 'hold_invisible' are fillers the windows pass over, so 'hold_fillers' must be set.")
-    if not isinstance(invisible, torch.Tensor) or invisible.dtype != torch.long or invisible.dim() != 1:
-        raise DSGError(f"{where}: the hold's invisible ids must be a vector of int64 token ids.")
-    ids = invisible.cpu()
-    if len(ids) and not (ids[1:] > ids[:-1]).all():
-        raise DSGError(f"{where}: the hold's invisible ids must be distinct token ids in ascending order.")
-    if not torch.isin(ids, fillers.cpu()).all():
+    _check_token_ids(invisible, "invisible", where)
+    if not torch.isin(invisible.cpu(), fillers.cpu()).all():
         raise DSGError(f"{where}: every invisible id must also be a filler id (a token that carries no word).")
+
+
+def _check_token_ids(ids: torch.Tensor, what: str, where: str) -> None:
+    """One of a held gate's id tables: a vector of distinct int64 token ids in ascending order, in range."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 1:
+        raise DSGError(f"{where}: the hold's {what} ids must be a vector of int64 token ids.")
+    ids = ids.cpu()
+    if len(ids) and (ids[0] < 0 or ids[-1] >= MAX_TOKEN_ID or not (ids[1:] > ids[:-1]).all()):
+        raise DSGError(f"{where}: the hold's {what} ids must be distinct token ids in ascending order, each from 0 "
+                       f"up to {MAX_TOKEN_ID - 1}.")  # fmt: skip
 
 
 def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
