@@ -628,13 +628,13 @@ def test_settling_the_prompt_level_keeps_or_drops_it_by_the_forgetting_it_costs(
     assert "clamped only near windows over" not in guard.gate_rule()
     guard.save(tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "guardrail.json").read_text())
-    # written as format 7 for its hold's tables (the level's 4 is not needed), older without them
-    assert "prompt_level" not in meta and meta["format_version"] == 7 and meta["prompt_level_check"]["kept"] is False
+    # written as format 8 for its hold's tables (the level's 4 is not needed), older without them
+    assert "prompt_level" not in meta and meta["format_version"] == 8 and meta["prompt_level_check"]["kept"] is False
     loaded = dsg.Guardrail.load(tmp_path / "g", sae=detected[2])
     assert loaded.prompt_level is None and loaded.info["prompt_level_check"] == record
     assert torch.equal(loaded.hold_fillers, guard.hold_fillers)
     without = dsg.Guardrail.load(tmp_path / "g", sae=detected[2])
-    without.hold_fillers = without.hold_invisible = None
+    without.hold_fillers = without.hold_invisible = without.hold_breaks = None
     without.save(tmp_path / "w")
     assert json.loads((tmp_path / "w" / "guardrail.json").read_text())["format_version"] < 4
     from dsg.guard.inspect import describe as inspect_file

@@ -77,8 +77,10 @@ def test_the_filler_table_of_a_sentencepiece_vocabulary():
 @pytest.fixture(scope="module")
 def held(tiny_llama):
     model, tok = tiny_llama
-    # windows that hold the spacing tokens in both fits: they then differ only in where the gate is judged
-    sae, words, every = held_fits(model, tok, dict(gate_hold_words=False), gate_skip_spacing=False)
+    # windows that hold the spacing tokens and line breaks in both fits: they then differ only in where the gate is
+    # judged
+    sae, words, every = held_fits(model, tok, dict(gate_hold_words=False), gate_skip_spacing=False,
+                                  gate_skip_short_lines=False)  # fmt: skip
     return model, tok, sae, words, every
 
 

@@ -31,6 +31,7 @@ from ..lm.models import check_sequences_fit, context_length
 from ..lm.text import (
     filler_token_ids,
     invisible_token_ids,
+    line_break_token_ids,
     pad_id_of,
     real_token_mask,
     spacing_token_ids,
@@ -95,6 +96,12 @@ class FitConfig:
     that two spaces or a tab typed between the words of a request cannot thin out its windows (the Unicode spaces
     a vocabulary splits into bytes need gate_skip_invisible too: their pieces are in that table).
     --no-gate-skip-spacing keeps them in the windows."""
+    gate_skip_short_lines: bool = True
+    """Held gate judged at words only: its windows also pass over a line break (lm.text.line_break_token_ids) that
+    ends a line of at most three word tokens showing nothing else but gaps (guard.rule.SHORT_LINE), so that a request
+    typed one or two words to a line cannot thin out its windows; the breaks of prose, code, manual pages and the
+    chat template's turns (whose lines hold punctuation, special tokens or more words) stay in them.
+    --no-gate-skip-short-lines keeps every line break in the windows."""
     gate_latch_percentile: float | None = None
     """Held gate only (needs gate_hold): a second level, this percentile of the same calibration statistic (100:
     the largest), above the threshold; a prompt in which any window goes over it gets a guarded answer however
@@ -424,9 +431,10 @@ def fit(
     held = config.gated and config.gate_hold is not None and config.gate_hold_words
     fillers = filler_token_ids(tokenizer) if held else None
     invisible = _passed_over(tokenizer, config) if held else None
+    breaks = line_break_token_ids(tokenizer) if held and config.gate_skip_short_lines else None
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
-                      hold_invisible=invisible, name=name)  # fmt: skip
+                      hold_invisible=invisible, hold_breaks=breaks, name=name)  # fmt: skip
     rho, real_tokens, (threshold, latch, prompt_level) = _calibrate(model, guard, calib_seqs, config, kw)
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
@@ -442,7 +450,7 @@ def fit(
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                      hold=config.gate_hold, latch=latch, prompt_level=prompt_level, detector=detector,
-                     detector_floor=floor, hold_fillers=fillers, hold_invisible=invisible,
+                     detector_floor=floor, hold_fillers=fillers, hold_invisible=invisible, hold_breaks=breaks,
                      name=name, info=info, tensors=tensors)  # fmt: skip
 
 

@@ -33,9 +33,11 @@ from ..sae import ARCHITECTURES, SAE
 from . import rule
 from .detector import MAX_WEIGHT, SCALE, Detector
 from .integrity import (
+    BREAKS_TENSOR,
     FILLERS_TENSOR,
     HASH_FIELD,
     INVISIBLE_TENSOR,
+    check_breaks,
     check_fillers,
     check_invisible,
     check_meta,
@@ -47,15 +49,17 @@ from .integrity import (
 )
 
 FORMAT = "dsg-guardrail"
-FORMAT_VERSION = 7  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
+FORMAT_VERSION = 8  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
 # 4: a prompt level; 5: a hold counted in tokens that carry words, whose windows at fillers still opened it (no
-# longer read: see _load_once); 6: the same, judged at words only; 7: windows that pass over invisible tokens (a
-# guardrail is written with the lowest version that holds its rule, see to_json)
+# longer read: see _load_once); 6: the same, judged at words only; 7: windows that pass over invisible tokens; 8:
+# and over the line breaks that end short lines (a guardrail is written with the lowest version that holds its rule,
+# see to_json)
 FLOORED_FORMAT_VERSION = 3
 PROMPT_LEVEL_FORMAT_VERSION = 4
 FILLERS_OPEN_FORMAT_VERSION = 5
 HOLD_FILLERS_FORMAT_VERSION = 6
 INVISIBLE_FORMAT_VERSION = 7
+BREAKS_FORMAT_VERSION = 8
 SIGNED_FORMAT_VERSION = 2  # what a guardrail without a detector floor is written as, readable by dsg before floors
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
@@ -63,6 +67,7 @@ SAE_DIR = "sae"
 _OWN_FIELDS = ("format", "format_version", "dsg_version", "name", "detector")  # written by to_json, never by info
 RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")
 RULE_FIELDS += ("window", "hold", "latch", "prompt_level", "hold_fillers", "hold_invisible")  # the windowed gate's
+RULE_FIELDS += ("hold_breaks",)
 
 
 class Flags(NamedTuple):
@@ -131,7 +136,7 @@ def _token_ids(ids) -> torch.Tensor | None:
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
     if not all(is_index(i) for i in ids):
-        raise DSGError("The guardrail's hold_fillers and hold_invisible must be token ids (integers).")
+        raise DSGError("The guardrail's hold_fillers, hold_invisible and hold_breaks must be token ids (integers).")
     return torch.tensor(sorted({operator.index(i) for i in ids}), dtype=torch.long)
 
 
@@ -233,6 +238,7 @@ class Guardrail:
         prompt_level: float | None = None,
         hold_fillers: Sequence[int] | None = None,
         hold_invisible: Sequence[int] | None = None,
+        hold_breaks: Sequence[int] | None = None,
         name: str | None = None,
         info: dict | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
@@ -243,9 +249,10 @@ class Guardrail:
         features = _latent_ids(features)
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
                    detector is not None, hold, latch, detector_floor, prompt_level)  # fmt: skip
-        fillers, invisible = _token_ids(hold_fillers), _token_ids(hold_invisible)
+        fillers, invisible, breaks = _token_ids(hold_fillers), _token_ids(hold_invisible), _token_ids(hold_breaks)
         check_fillers(fillers, hold, "The guardrail")
         check_invisible(invisible, fillers, "The guardrail")
+        check_breaks(breaks, fillers, invisible, "The guardrail")
         info = dict(info or {})
         sha = sae.sha256()
         given = info.get("sae", {}).get("sha256") if isinstance(info.get("sae"), dict) else None
@@ -273,11 +280,13 @@ class Guardrail:
             prompt_level,
             fillers,
             invisible,
+            breaks,
         )
 
     def _setup(
         self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors,
         window=None, detector=None, hold=None, latch=None, prompt_level=None, hold_fillers=None, hold_invisible=None,
+        hold_breaks=None,
     ) -> None:  # fmt: skip
         self.latents = latents
         self.sae_record = sae_record
@@ -301,6 +310,9 @@ class Guardrail:
         # and, as fitted since spacing was added, those that show only spacing within a line
         # (lm.text.spacing_token_ids). None: the windows hold every real token
         self.hold_invisible = hold_invisible
+        # held gate: of the fillers, the line breaks (lm.text.line_break_token_ids) the windows pass over where one
+        # ends a short line of words (rule.SHORT_LINE). None: the windows hold every line break
+        self.hold_breaks = hold_breaks
         self.name = name
         self.info = dict(info or {})
         self.tensors = dict(tensors or {})
@@ -322,6 +334,7 @@ class Guardrail:
                    self.latch, floor, self.prompt_level)  # fmt: skip
         check_fillers(self.hold_fillers, self.hold, "The guardrail")
         check_invisible(self.hold_invisible, self.hold_fillers, "The guardrail")
+        check_breaks(self.hold_breaks, self.hold_fillers, self.hold_invisible, "The guardrail")
         self._check_levels_reachable()
 
     def _check_levels_reachable(self) -> None:
@@ -374,8 +387,11 @@ class Guardrail:
         how = f"open for {self.hold} {counted} in a prompt, latched in the answer"
         if self.hold_fillers is not None:
             how = f"judged at words, {how}"
-        if self.hold_invisible is not None:
-            how = f"windows pass over {len(self.hold_invisible)} blank tokens, {how}"
+        passed = [f"{len(self.hold_invisible)} blank tokens"] if self.hold_invisible is not None else []
+        if self.hold_breaks is not None:
+            passed.append(f"line breaks after lines of at most {rule.SHORT_LINE} word tokens")
+        if passed:
+            how = f"windows pass over {' and '.join(passed)}, {how}"
         if self.prompt_level is not None:
             how += f" (a prompt's tokens are clamped only near windows over {self.prompt_level / unit:.4g})"
         if self.latch is None:
@@ -388,6 +404,7 @@ class Guardrail:
         gate += f", hold={self.hold}" if self.hold is not None else ""
         gate += " words" if self.hold is not None and self.hold_fillers is not None else ""
         gate += " visible" if self.hold is not None and self.hold_invisible is not None else ""
+        gate += " lines" if self.hold is not None and self.hold_breaks is not None else ""
         gate += f", latch={self.latch:.4g}" if self.latch is not None else ""
         gate += f", prompt_level={self.prompt_level:.4g}" if self.prompt_level is not None else ""
         gate += f", detector={len(self.detector)} latents" if self.detector is not None else ""
@@ -418,18 +435,22 @@ class Guardrail:
 
     def counted(self, real_BT: torch.Tensor, ids_BT: torch.Tensor | None) -> torch.Tensor | None:
         """The real tokens a held gate is judged at and counts [B, T]: those whose ids are not among `hold_fillers`
-        (bool); with `hold_invisible`, as roles (int8: rule.WORD for those, rule.INVISIBLE for the fillers the
-        windows pass over, rule.FILLER for the other tokens). None (every real token is judged and counted)
+        (bool); with `hold_invisible` or `hold_breaks`, as roles (int8: rule.WORD for those, rule.INVISIBLE for the
+        fillers the windows pass over, rule.BREAK for the line breaks they pass over after a short line, rule.FILLER
+        for the other tokens). None (every real token is judged and counted)
         without a table, or without token ids (a forward given embeddings: then a window ending at a filler may
         open a gate whose levels were read at words)."""
         if self.hold is None or self.hold_fillers is None or ids_BT is None or ids_BT.shape != real_BT.shape:
             return None
         ids_BT = ids_BT.to(real_BT.device)
         words = real_BT & ~torch.isin(ids_BT, self.hold_fillers.to(ids_BT.device))
-        if self.hold_invisible is None:
+        if self.hold_invisible is None and self.hold_breaks is None:
             return words
         roles = torch.full(real_BT.shape, rule.FILLER, dtype=torch.int8, device=real_BT.device)
-        roles[torch.isin(ids_BT, self.hold_invisible.to(ids_BT.device))] = rule.INVISIBLE
+        if self.hold_invisible is not None:
+            roles[torch.isin(ids_BT, self.hold_invisible.to(ids_BT.device))] = rule.INVISIBLE
+        if self.hold_breaks is not None:
+            roles[torch.isin(ids_BT, self.hold_breaks.to(ids_BT.device))] = rule.BREAK
         roles[words] = rule.WORD
         return roles
 
@@ -457,6 +478,8 @@ class Guardrail:
             self.hold_fillers = self.hold_fillers.to(device)
         if self.hold_invisible is not None:
             self.hold_invisible = self.hold_invisible.to(device)
+        if self.hold_breaks is not None:
+            self.hold_breaks = self.hold_breaks.to(device)
         return self
 
     def applied(self, model: torch.nn.Module, verify: bool = True):
@@ -516,6 +539,7 @@ class Guardrail:
             **({"prompt_level": self.prompt_level} if self.prompt_level is not None else {}),
             **({"hold_fillers": len(self.hold_fillers)} if self.hold_fillers is not None else {}),
             **({"hold_invisible": len(self.hold_invisible)} if self.hold_invisible is not None else {}),
+            **({"hold_breaks": len(self.hold_breaks)} if self.hold_breaks is not None else {}),
             **({"detector": self._detector_record()} if self.detector is not None else {}),
             **{k: v for k, v in self.info.items() if k not in ("sae", *RULE_FIELDS, *_OWN_FIELDS)},
             "sae": {**self.info.get("sae", {}), **self.sae_record},
@@ -524,8 +548,11 @@ class Guardrail:
     @property
     def _format_version(self) -> int:
         """The lowest format version that holds this rule, so that a dsg too old to apply it refuses the file
-        instead of reading it as another rule: 7 with windows that pass over invisible tokens, 6 with a hold that
-        skips fillers, 4 with a prompt level, 3 with a detector floor, else 2."""
+        instead of reading it as another rule: 8 with windows that pass over the line breaks that end short lines, 7
+        with windows that pass over invisible tokens, 6 with a hold that skips fillers, 4 with a prompt level, 3
+        with a detector floor, else 2."""
+        if self.hold_breaks is not None:
+            return BREAKS_FORMAT_VERSION
         if self.hold_invisible is not None:
             return INVISIBLE_FORMAT_VERSION
         if self.hold_fillers is not None:
@@ -555,6 +582,8 @@ class Guardrail:
             tensors[FILLERS_TENSOR] = self.hold_fillers.detach().cpu().contiguous()
         if self.hold_invisible is not None:
             tensors[INVISIBLE_TENSOR] = self.hold_invisible.detach().cpu().contiguous()
+        if self.hold_breaks is not None:
+            tensors[BREAKS_TENSOR] = self.hold_breaks.detach().cpu().contiguous()
         meta = self.to_json()
         meta[HASH_FIELD] = content_sha256(meta, tensors)
         with atomic_directory(path, "guardrail") as tmp:
@@ -618,6 +647,10 @@ class Guardrail:
             raise DSGError(f"{where} has 'hold_invisible' but format_version {meta.get('format_version')!r}; a dsg "
                            f"writes it as {INVISIBLE_FORMAT_VERSION} (older ones ignore the field and let invisible "
                            "characters thin out the windows), so the file was edited; refit it.")  # fmt: skip
+        if "hold_breaks" in meta and meta.get("format_version", 0) < BREAKS_FORMAT_VERSION:
+            raise DSGError(f"{where} has 'hold_breaks' but format_version {meta.get('format_version')!r}; a dsg "
+                           f"writes it as {BREAKS_FORMAT_VERSION} (older ones ignore the field and let line breaks "
+                           "thin out the windows), so the file was edited; refit it.")  # fmt: skip
         check_tensors(t, meta, repr(str(path / TENSORS_NAME)))
         record = meta["sae"]
         if sae is not None and sae.sha256() != record["sha256"]:
@@ -644,8 +677,10 @@ class Guardrail:
         stats = {k.removeprefix("stats."): v for k, v in t.items() if k.startswith("stats.")}
         fillers = t.get(FILLERS_TENSOR) if "hold_fillers" in meta else None
         invisible = t.get(INVISIBLE_TENSOR) if "hold_invisible" in meta else None
+        breaks = t.get(BREAKS_TENSOR) if "hold_breaks" in meta else None
         check_fillers(fillers, meta.get("hold"), where)
         check_invisible(invisible, fillers, where)
+        check_breaks(breaks, fillers, invisible, where)
         skip = ("format", "format_version", "dsg_version", "name", HASH_FIELD, "detector", *RULE_FIELDS)
         info = {k: v for k, v in meta.items() if k not in skip}
         keys = ("sha256", "architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input", "hook_name")
@@ -670,6 +705,7 @@ class Guardrail:
             meta.get("prompt_level"),
             fillers,
             invisible,
+            breaks,
         )
         guard.content_sha256 = meta[HASH_FIELD]  # verified above
         return guard

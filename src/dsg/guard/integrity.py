@@ -29,6 +29,7 @@ from .rule import CLAMP_MODES
 HASH_FIELD = "content_sha256"
 FILLERS_TENSOR = "hold.fillers"  # a held gate's token ids that carry no word (Guardrail.hold_fillers)
 INVISIBLE_TENSOR = "hold.invisible"  # of those, the ids the windows pass over (Guardrail.hold_invisible)
+BREAKS_TENSOR = "hold.breaks"  # of those, the line breaks passed over after short lines (Guardrail.hold_breaks)
 MAX_TOKEN_ID = 1 << 31  # past any vocabulary
 MAX_WINDOW = 1 << 17  # tokens: a window past any model's context reads like the whole input, and each request's
 # gate state holds one flag per window token. It bounds a gate's hold too: a longer hold is a latch, and one near
@@ -210,6 +211,22 @@ def check_invisible(invisible: torch.Tensor | None, fillers: torch.Tensor | None
         raise DSGError(f"{where}: every invisible id must also be a filler id (a token that carries no word).")
 
 
+def check_breaks(
+    breaks: torch.Tensor | None, fillers: torch.Tensor | None, invisible: torch.Tensor | None, where: str
+) -> None:
+    """A held gate's line-break ids: token ids like the fillers' (check_fillers), each of them a filler and none of
+    them invisible (a token the windows always pass over cannot also be one they pass over only after a short line)."""
+    if breaks is None:
+        return
+    if fillers is None:
+        raise DSGError(f"{where}: 'hold_breaks' are fillers the windows may pass over, so 'hold_fillers' must be set.")
+    _check_token_ids(breaks, "line-break", where)
+    if not torch.isin(breaks.cpu(), fillers.cpu()).all():
+        raise DSGError(f"{where}: every line-break id must also be a filler id (a token that carries no word).")
+    if invisible is not None and torch.isin(breaks.cpu(), invisible.cpu()).any():
+        raise DSGError(f"{where}: no line-break id may also be an invisible id.")
+
+
 def _check_token_ids(ids: torch.Tensor, what: str, where: str) -> None:
     """One of a held gate's id tables: a vector of distinct int64 token ids in ascending order, in range."""
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 1:
@@ -240,6 +257,11 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
         if not _is_int(n) or n < 0:
             raise DSGError(f"{where}: 'hold_invisible' in guardrail.json must be a count of token ids, got {n!r}.")
         expected[INVISIBLE_TENSOR] = (n,)
+    if "hold_breaks" in meta:
+        n = meta["hold_breaks"]
+        if not _is_int(n) or n < 0:
+            raise DSGError(f"{where}: 'hold_breaks' in guardrail.json must be a count of token ids, got {n!r}.")
+        expected[BREAKS_TENSOR] = (n,)
     if "detector" in meta:
         L = meta["detector"]["latents"]
         expected |= {"detector.latents": (L,), "detector.weights": (L,)}
@@ -253,7 +275,7 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
             raise DSGError(f"{where}: tensor {name!r} has shape {tuple(t[name].shape)}, expected {shape}.")
         if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
             raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
-    ids = (FILLERS_TENSOR, INVISIBLE_TENSOR)
+    ids = (FILLERS_TENSOR, INVISIBLE_TENSOR, BREAKS_TENSOR)
     floats = {name: t[name].dtype for name in expected if t[name].is_floating_point() and name not in ids}
     if len(set(floats.values())) > 1:
         raise DSGError(f"{where}: the SAE's tensors must share one dtype, got "

@@ -124,7 +124,10 @@ def apply_delta(x_BTD: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor, out
 
 # what a real token is to a windowed gate judged at words (window_gate's `counted_BT` as roles, Guardrail.counted)
 INVISIBLE, FILLER, WORD = 0, 1, 2  # passed over by the windows; in them, not judged; in them and judged
+BREAK = 3  # a line break: a filler the windows pass over where it ends a short line of words (SHORT_LINE)
+SHORT_LINE = 3  # the most word tokens a line may hold for the windows to pass over the break that ends it
 NEVER = 2**40  # WindowState.quiet of a sequence whose gate never opened: more real tokens than any context
+_OTHER = 2**20  # WindowState.line of a line that shows something besides words and gaps (or that started unseen)
 
 
 class WindowState(NamedTuple):
@@ -137,13 +140,15 @@ class WindowState(NamedTuple):
     peak: torch.Tensor  # [B] float, the largest window share seen so far (at judged tokens: see window_gate)
     quiet: torch.Tensor  # [B] long, counted tokens since the last window over the threshold (NEVER: none yet)
     quiet_prompt: torch.Tensor  # [B] long, the same for window_gate's `prompt_level` (NEVER: none yet, or unused)
+    line: torch.Tensor  # [B] long, word tokens on the current line so far (_OTHER or more: not a short line)
 
     @classmethod
     def start(cls, batch: int, window: int, device=None) -> WindowState:
         long = torch.zeros(batch, window, dtype=torch.long, device=device)
         never = torch.full((batch,), NEVER, device=device)
         return cls(long, long[:, 0].clone(), torch.zeros(batch, dtype=torch.bool, device=device),
-                   torch.zeros(batch, device=device), never, never.clone())  # fmt: skip
+                   torch.zeros(batch, device=device), never, never.clone(),
+                   torch.full((batch,), _OTHER, device=device))  # fmt: skip
 
 
 def window_gate(
@@ -201,7 +206,8 @@ def window_gate(
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
     signal = a_BT if evidence_BT is None else evidence_BT
-    share, flags, valid, cum_real = _window_shares(state, signal, in_windows(real_BT, counted_BT))
+    held_lines, line = _short_line_breaks(real_BT, counted_BT, state.line)
+    share, flags, valid, cum_real = _window_shares(state, signal, in_windows(real_BT, counted_BT) & ~held_lines)
     judged = judged_tokens(real_BT, counted_BT)  # where windows decide
     opens = judged & (share > threshold)
     quiet, quiet_prompt, strong = state.quiet, state.quiet_prompt, None
@@ -223,7 +229,7 @@ def window_gate(
     gated = on[:, -1] if T else state.gated
     if strong is not None:
         gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here
-    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet, quiet_prompt)
+    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet, quiet_prompt, line)
 
 
 def judged_tokens(real_BT: torch.Tensor, counted_BT: torch.Tensor | None) -> torch.Tensor:
@@ -240,6 +246,31 @@ def in_windows(real_BT: torch.Tensor, counted_BT: torch.Tensor | None) -> torch.
     if counted_BT is None or counted_BT.dtype == torch.bool:
         return real_BT
     return real_BT & (counted_BT != INVISIBLE).to(real_BT.device)
+
+
+def _short_line_breaks(real_BT: torch.Tensor, counted_BT: torch.Tensor | None, line_B: torch.Tensor):
+    """([B, T] the BREAK tokens that end a short line, so the windows pass over them; [B] the line after the last
+    token) for window_gate. A line is the tokens after the last BREAK: its WORD tokens count one each, its
+    INVISIBLE ones nothing, and any other token (a filler that shows something, or a token that is not real: a
+    special token of the chat template, padding) makes it not short. `line_B` is the line the chunk continues."""
+    B, T = real_BT.shape
+    if counted_BT is None or counted_BT.dtype == torch.bool or not T:
+        return torch.zeros_like(real_BT, dtype=torch.bool), line_B
+    real = real_BT.bool()
+    breaks = real & (counted_BT == BREAK)
+    weight = torch.full(real.shape, _OTHER, dtype=torch.long, device=real.device)
+    weight[(counted_BT == WORD) & real] = 1
+    weight[((counted_BT == INVISIBLE) & real) | breaks] = 0
+    line_B = line_B.to(real.device).clamp(max=_OTHER)
+    total = torch.cat([line_B[:, None], weight], 1).cumsum(1)  # [B, 1 + T]: the line the chunk continues, first
+    at = torch.arange(1, T + 1, device=real.device).expand(B, T)
+    last = torch.where(breaks, at, torch.zeros_like(at)).cummax(1).values  # column of the latest break, 0: none
+    before = torch.cat([torch.zeros_like(last[:, :1]), last[:, :-1]], 1)  # of the latest break before each token
+    # the line each token ends: from the latest break before it, or (none in this chunk) from `line_B`
+    held = total[:, :-1] - torch.where(before > 0, total.gather(1, before), 0)
+    ended = breaks & (held >= 1) & (held <= SHORT_LINE)
+    line = total[:, -1] - torch.where(last[:, -1] > 0, total.gather(1, last[:, -1:])[:, 0], 0)
+    return ended, line.clamp(max=_OTHER)
 
 
 def _window_shares(state: WindowState, signal_BT: torch.Tensor, real_BT: torch.Tensor):

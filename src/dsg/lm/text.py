@@ -227,6 +227,18 @@ def spacing_token_ids(tokenizer) -> list[int]:
     )
 
 
+def line_break_token_ids(tokenizer) -> list[int]:
+    """Ids of the fillers that show only line breaks and spacing: tokens of whitespace (possibly beside invisible
+    characters) that hold at least one "\n", "\r" or other line break, such as "\n", "\n\n" or a line break and
+    the next line's indent. A windowed gate passes over one where it ends a short line of words (guard.rule), so
+    that a request typed one or two words to a line cannot thin out its windows."""
+    return sorted(
+        i
+        for i, raw in _vocabulary_bytes(tokenizer)
+        if _is_blank_filler(raw) and not _shows_nothing(raw, spacing=True) and _shows_nothing(raw, breaks=True)
+    )
+
+
 def _is_blank_filler(raw: bytes | None) -> bool:
     """Whether a vocabulary entry (_vocabulary_bytes) may be in a table of blank tokens: a filler
     (filler_token_ids) that is not a special token."""
@@ -320,18 +332,20 @@ def _is_spacing(c: str) -> bool:
     return c.isspace() and len(f"a{c}b".splitlines()) == 1
 
 
-def _shows_nothing(raw: bytes, spacing: bool = False) -> bool:
-    """Whether a token's bytes show nothing (with `spacing`: nothing but a gap within a line): leading
-    continuation bytes (they finish a character an earlier token started), then only invisible (or spacing)
-    characters, then at most the first bytes of a character that may be one."""
+def _shows_nothing(raw: bytes, spacing: bool = False, breaks: bool = False) -> bool:
+    """Whether a token's bytes show nothing (with `spacing`: nothing but a gap within a line; with `breaks`, nothing
+    but gaps and line breaks): leading continuation bytes (they finish a character an earlier token started), then
+    only invisible (or spacing, or whitespace) characters, then at most the first bytes of a character that may
+    be one."""
     i = 0
     while i < len(raw) and 0x80 <= raw[i] < 0xC0:
         i += 1
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    if not all(_is_invisible(c) or spacing and _is_spacing(c) for c in decoder.decode(raw[i:], final=False)):
+    shown = decoder.decode(raw[i:], final=False)
+    if not all(_is_invisible(c) or spacing and _is_spacing(c) or breaks and c.isspace() for c in shown):
         return False  # a visible character, or bytes that are not UTF-8 (U+FFFD)
     pending = decoder.getstate()[0]
-    return not pending or _prefix_may_start_blank(pending, spacing)
+    return not pending or _prefix_may_start_blank(pending, spacing or breaks)
 
 
 @functools.cache
