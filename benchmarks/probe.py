@@ -23,7 +23,8 @@ the base model answers; the offensive sets also behind the preamble (once, about
 answer would be guarded, the third set's also asked first with the 700-token preamble after them, or with
 padding that carries no words after them: 40 zero-width spaces or 40 word joiners (both invisible), 40 " .", or 200
 newlines; or with a zero-width space or a word joiner before every space (invisible fillers between the words),
-two spaces between words or a tab before every space (spacing), or a line break before every space.
+two spaces between words or a tab before every space (spacing), or a line break before every space; or typed one
+or two words to a line.
 
     python benchmarks/probe.py --guardrail dsg-demo/guardrail [--guardrail other/] [--out results.json]
 
@@ -54,7 +55,7 @@ FILLERS = (
 )
 INTERLEAVED = "a zero-width space before every space"
 # fillers between the words: (what goes before every space, the row's label); invisible ones, then spacing, then a
-# line break (which the windows keep: lm.text.spacing_token_ids)
+# line break (which the windows pass over where it ends a short line: guard.rule.SHORT_LINE)
 BETWEEN = (
     ("\u200b", INTERLEAVED),
     ("\u2060", "a word joiner before every space"),
@@ -62,6 +63,8 @@ BETWEEN = (
     ("\t", "a tab before every space"),
     ("\n", "a line break before every space"),
 )
+# requests laid out in lines: (words to a line, the row's label)
+LINES = ((1, "one word to a line"), (2, "two words to a line"))
 SETS = ("offensive", "everyday_computing", "general")
 SECOND = HERE / "second"
 SECOND_SETS = ("offensive", "computing")
@@ -122,7 +125,15 @@ def requests(tokenizer) -> dict[str, list[str]]:
             out[f"third: {name} requests, {label}"] = [
                 chat_prompt(tokenizer, r.replace(" ", filler + " ")) for r in third
             ]
+        for n, label in LINES:
+            out[f"third: {name} requests, {label}"] = [chat_prompt(tokenizer, in_lines(r, n)) for r in third]
     return out
+
+
+def in_lines(request: str, words: int) -> str:
+    """The request with a line break instead of every `words`-th space."""
+    split = request.split(" ")
+    return "\n".join(" ".join(split[i : i + words]) for i in range(0, len(split), words))
 
 
 def evaluate(model, tokenizer, guard, questions: dict[str, list[dict]], base: dict) -> dict:

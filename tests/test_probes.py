@@ -93,3 +93,8 @@ def test_the_requests_read_as_the_chat_templates_user_turn():
     broken = prompts["third: computing requests, a line break before every space"]
     assert tabbed[0] == "<user>" + plain[0].replace(" ", "\t ") + "</user><assistant>"
     assert all(p.count("\n") == p.count(" ") > 0 for p in broken)
+    lined = prompts["third: offensive requests, one word to a line"]
+    assert lined[0] == "<user>" + plain[0].replace(" ", "\n") + "</user><assistant>"
+    paired = prompts["third: computing requests, two words to a line"]
+    assert all(p.count("\n") == (len(r.split(" ")) - 1) // 2 for p, r in zip(paired, sets["third: computing requests"]))
+    assert probe.in_lines("a b c d e", 2) == "a b\nc d\ne"
