@@ -167,8 +167,7 @@ def test_one_word_to_a_line_leaves_a_fitted_gates_windows_the_words_written(fits
         ids = torch.tensor([tok(f"Question:\n{text}", add_special_tokens=False)["input_ids"]])
         real = torch.ones_like(ids, dtype=torch.bool)
         roles = guard.counted(real, ids)
-        passed = rule._short_line_breaks(real, roles, torch.full((1,), rule._OTHER))[0]
-        return int((rule.in_windows(real, roles) & ~passed).sum())
+        return int(rule.in_windows(real, roles, torch.full((1,), rule._OTHER))[0].sum())
 
     written = held(lines, words)
     assert held(lines, words.replace(" ", "\n ")) == written  # a line break before every space
@@ -210,3 +209,51 @@ def test_the_line_break_table_is_saved_as_format_8_and_checked(fits, tmp_path):
     with pytest.raises(dsg.DSGError, match="invisible"):
         dsg.Guardrail(sae, lines.hook, lines.features, 0.5, window=4, hold=2, hold_fillers=[1, 2], hold_invisible=[2],
                       hold_breaks=[2])  # fmt: skip
+
+
+def test_padding_is_no_line_to_the_gate_while_a_special_token_ends_one():
+    """A continuation left-padded beside longer rows (a shared prefix forked to several prompts, a decoding step
+    beside a longer chunk) reads as the same tokens unpadded: padding, which the runtimes mark INVISIBLE, weighs
+    nothing in a line, while a special token that is not real makes its line not short."""
+    args = (0.5, 4, None, 8, None)
+    prefix_roles = torch.tensor([[F, K, W]], dtype=torch.int8)  # a line of one word so far
+    prefix = torch.tensor([[False, False, True]])
+    _, after_prefix = rule.window_gate(prefix, torch.ones_like(prefix), None, *args, counted_BT=prefix_roles)
+    assert int(after_prefix.line[0]) == 1
+    roles = torch.tensor([[K, W, K, W, W]], dtype=torch.int8)
+    flags = torch.tensor([[False, True, False, True, True]])
+    plain = rule.window_gate(flags, torch.ones_like(flags), after_prefix, *args, counted_BT=roles)
+    pad_roles = torch.cat([torch.full((1, 2), V, dtype=torch.int8), roles], 1)
+    pad_flags = torch.cat([torch.zeros(1, 2, dtype=torch.bool), flags], 1)
+    real = torch.cat([torch.zeros(1, 2, dtype=torch.bool), torch.ones_like(flags)], 1)
+    padded = rule.window_gate(pad_flags, real, after_prefix, *args, counted_BT=pad_roles)
+    assert torch.equal(padded[0][:, 2:], plain[0])
+    assert all(torch.equal(x, y) for x, y in zip(padded[1], plain[1], strict=True))
+    # the same two positions as a special token (FILLER, not real): the line the prefix left is not short any more
+    special = rule.window_gate(pad_flags, real, after_prefix, *args,
+                               counted_BT=torch.cat([torch.full((1, 2), F, dtype=torch.int8), roles], 1))  # fmt: skip
+    assert not torch.equal(special[1].recent, plain[1].recent)
+    # a chunk that arrives without roles (a forward given embeddings) leaves the line unseen
+    _, unseen = rule.window_gate(flags, torch.ones_like(flags), after_prefix, *args, counted_BT=None)
+    assert int(unseen.line[0]) >= rule._OTHER
+
+
+def test_counted_marks_padding_invisible_and_the_runtime_finds_it(fits):
+    from dsg.lm.text import attended_tokens
+
+    _, tok, _, lines, _ = fits
+    ids = torch.tensor([tok("a\nb\n", add_special_tokens=False)["input_ids"]] * 2)
+    real = torch.ones_like(ids, dtype=torch.bool)
+    real[1, :2] = False
+    padding = torch.zeros_like(real)
+    padding[1, :2] = True
+    roles = lines.counted(real, ids, padding)
+    assert (roles[1, :2] == rule.INVISIBLE).all() and torch.equal(roles[0, 2:], roles[1, 2:])
+    assert torch.equal(lines.counted(real, ids)[0], roles[0])
+    # a 2D mask over cached and new positions: the new tokens' own columns; a 4D mask: where a token sees itself
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 1]])
+    assert attended_tokens(mask, (2, 3)).tolist() == [[True, True, True], [False, False, True]]
+    four = torch.zeros(1, 1, 2, 4, dtype=torch.bool)
+    four[0, 0, 1, 3] = True
+    assert attended_tokens(four, (1, 2)).tolist() == [[False, True]]
+    assert attended_tokens(None, (1, 2)).tolist() == [[True, True]]

@@ -431,7 +431,7 @@ def fit(
     held = config.gated and config.gate_hold is not None and config.gate_hold_words
     fillers = filler_token_ids(tokenizer) if held else None
     invisible = _passed_over(tokenizer, config) if held else None
-    breaks = line_break_token_ids(tokenizer) if held and config.gate_skip_short_lines else None
+    breaks = (line_break_token_ids(tokenizer) or None) if held and config.gate_skip_short_lines else None
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
                       hold_invisible=invisible, hold_breaks=breaks, name=name)  # fmt: skip

@@ -308,7 +308,7 @@ class Guardrail:
         self.hold_fillers = hold_fillers
         # held gate: of those, the ids the windows pass over: tokens that show nothing (lm.text.invisible_token_ids)
         # and, as fitted since spacing was added, those that show only spacing within a line
-        # (lm.text.spacing_token_ids). None: the windows hold every real token
+        # (lm.text.spacing_token_ids). None: the windows hold every real token but for hold_breaks
         self.hold_invisible = hold_invisible
         # held gate: of the fillers, the line breaks (lm.text.line_break_token_ids) the windows pass over where one
         # ends a short line of words (rule.SHORT_LINE). None: the windows hold every line break
@@ -433,11 +433,14 @@ class Guardrail:
         a prompt may arrive in pieces (a shared prefix, chunked prefill, a prefix cache) with the same result."""
         return not self.gated or self.window is not None
 
-    def counted(self, real_BT: torch.Tensor, ids_BT: torch.Tensor | None) -> torch.Tensor | None:
+    def counted(
+        self, real_BT: torch.Tensor, ids_BT: torch.Tensor | None, padding_BT: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The real tokens a held gate is judged at and counts [B, T]: those whose ids are not among `hold_fillers`
         (bool); with `hold_invisible` or `hold_breaks`, as roles (int8: rule.WORD for those, rule.INVISIBLE for the
         fillers the windows pass over, rule.BREAK for the line breaks they pass over after a short line, rule.FILLER
-        for the other tokens). None (every real token is judged and counted)
+        for the other tokens; `padding_BT`, the positions that are padding, are rule.INVISIBLE then: a special
+        token that is not real ends a short line, padding does not). None (every real token is judged and counted)
         without a table, or without token ids (a forward given embeddings: then a window ending at a filler may
         open a gate whose levels were read at words)."""
         if self.hold is None or self.hold_fillers is None or ids_BT is None or ids_BT.shape != real_BT.shape:
@@ -452,6 +455,8 @@ class Guardrail:
         if self.hold_breaks is not None:
             roles[torch.isin(ids_BT, self.hold_breaks.to(ids_BT.device))] = rule.BREAK
         roles[words] = rule.WORD
+        if padding_BT is not None and padding_BT.shape == roles.shape:
+            roles[padding_BT.to(roles.device) & ~real_BT] = rule.INVISIBLE
         return roles
 
     def gate(self, a_BT, real_BT, n_prompt: int, state, evidence_BT=None, counted_BT=None):

@@ -22,7 +22,8 @@ and then (`latch`) a window over a second, higher level still guards the answer 
 (`prompt_level`) a prompt's own tokens may be clamped only near windows over a higher level than the one that
 decides the answer. With `counted_BT` (the tokens that carry words) the held gate is judged, and its hold counted,
 at those tokens only: a run of whitespace, punctuation or invisible characters neither opens nor ends it; given as
-roles, it also names the invisible tokens the windows pass over.
+roles, it also names the invisible tokens the windows pass over, and the line breaks they pass over where one ends
+a short line of words (the state then carries the current line).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ _OTHER = 2**20  # WindowState.line of a line that shows something besides words 
 
 class WindowState(NamedTuple):
     """Per-sequence state of the windowed gate: the flags of the last (up to) w real tokens, the decision, the
-    largest window score so far and how long ago a window last went over the threshold."""
+    largest window score so far, how long ago a window last went over the threshold, and the current line's word
+    tokens (for the line breaks the windows pass over: window_gate)."""
 
     recent: torch.Tensor  # [B, w] long, flags of the most recent real tokens, right-aligned
     count: torch.Tensor  # [B] long, how many of them are real (<= w)
@@ -198,16 +200,19 @@ def window_gate(
     window ending at a filler (whitespace, punctuation, invisible characters) neither opens the gate, nor reaches
     the latch or the prompt level, nor counts towards `peak`, and the hold counts only words. Padding that carries
     no word can then neither run a hold out nor open one. Windows still sum every real token's signal. None: every
-    real token is judged. As roles (int8 [B, T]: WORD, FILLER or INVISIBLE, Guardrail.counted), WORD tokens are
-    judged as above, and the windows also pass over INVISIBLE ones (lm.text.invisible_token_ids and
+    real token is judged. As roles (int8 [B, T]: WORD, FILLER, INVISIBLE or BREAK, Guardrail.counted), WORD tokens
+    are judged as above, and the windows also pass over INVISIBLE ones (lm.text.invisible_token_ids and
     spacing_token_ids): they hold the last `window` real tokens that show something besides a gap, so zero-width
-    characters, doubled spaces or tabs typed between the words of a request cannot thin its windows out."""
+    characters, doubled spaces or tabs typed between the words of a request cannot thin its windows out. A BREAK
+    (a line break: lm.text.line_break_token_ids) is passed over where it ends a line of at most SHORT_LINE word
+    tokens that shows nothing else but gaps (a request typed one or two words to a line); elsewhere it is a filler.
+    The state's `line` carries the current line across chunks; a sequence's first line counts as not short."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
     signal = a_BT if evidence_BT is None else evidence_BT
-    held_lines, line = _short_line_breaks(real_BT, counted_BT, state.line)
-    share, flags, valid, cum_real = _window_shares(state, signal, in_windows(real_BT, counted_BT) & ~held_lines)
+    held, line = in_windows(real_BT, counted_BT, state.line)
+    share, flags, valid, cum_real = _window_shares(state, signal, held)
     judged = judged_tokens(real_BT, counted_BT)  # where windows decide
     opens = judged & (share > threshold)
     quiet, quiet_prompt, strong = state.quiet, state.quiet_prompt, None
@@ -241,26 +246,30 @@ def judged_tokens(real_BT: torch.Tensor, counted_BT: torch.Tensor | None) -> tor
     return real & (counted_BT.bool() if counted_BT.dtype == torch.bool else counted_BT == WORD)
 
 
-def in_windows(real_BT: torch.Tensor, counted_BT: torch.Tensor | None) -> torch.Tensor:
-    """The real tokens a windowed gate's windows hold [B, T]: every one, but for those whose role is INVISIBLE."""
+def in_windows(real_BT: torch.Tensor, counted_BT: torch.Tensor | None, line_B: torch.Tensor):
+    """(the real tokens a windowed gate's windows hold [B, T], the line after the last token [B]): every real
+    token, but for those whose role is INVISIBLE and the BREAKs that end a short line (_short_line_breaks, from
+    `line_B`, the line the tokens continue)."""
+    passed, line = _short_line_breaks(real_BT, counted_BT, line_B)
     if counted_BT is None or counted_BT.dtype == torch.bool:
-        return real_BT
-    return real_BT & (counted_BT != INVISIBLE).to(real_BT.device)
+        return real_BT, line
+    return real_BT & (counted_BT != INVISIBLE).to(real_BT.device) & ~passed, line
 
 
 def _short_line_breaks(real_BT: torch.Tensor, counted_BT: torch.Tensor | None, line_B: torch.Tensor):
     """([B, T] the BREAK tokens that end a short line, so the windows pass over them; [B] the line after the last
     token) for window_gate. A line is the tokens after the last BREAK: its WORD tokens count one each, its
-    INVISIBLE ones nothing, and any other token (a filler that shows something, or a token that is not real: a
-    special token of the chat template, padding) makes it not short. `line_B` is the line the chunk continues."""
+    INVISIBLE ones (and padding, which the runtimes mark INVISIBLE) nothing, and any other token (a filler that
+    shows something, or a token that is not real: a special token of the chat template) makes it not short.
+    `line_B` is the line the chunk continues; a chunk without roles leaves a line unseen (not short)."""
     B, T = real_BT.shape
-    if counted_BT is None or counted_BT.dtype == torch.bool or not T:
-        return torch.zeros_like(real_BT, dtype=torch.bool), line_B
+    if counted_BT is None or counted_BT.dtype == torch.bool or not T:  # tokens with no roles: a line unseen
+        return torch.zeros_like(real_BT, dtype=torch.bool), line_B if not T else torch.full_like(line_B, _OTHER)
     real = real_BT.bool()
     breaks = real & (counted_BT == BREAK)
     weight = torch.full(real.shape, _OTHER, dtype=torch.long, device=real.device)
     weight[(counted_BT == WORD) & real] = 1
-    weight[((counted_BT == INVISIBLE) & real) | breaks] = 0
+    weight[(counted_BT == INVISIBLE) | breaks] = 0  # not real and INVISIBLE: padding (Guardrail.counted)
     line_B = line_B.to(real.device).clamp(max=_OTHER)
     total = torch.cat([line_B[:, None], weight], 1).cumsum(1)  # [B, 1 + T]: the line the chunk continues, first
     at = torch.arange(1, T + 1, device=real.device).expand(B, T)

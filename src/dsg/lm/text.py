@@ -93,17 +93,10 @@ def real_token_mask(
     """
     if input_ids is not None:
         shape = tuple(input_ids.shape)
-    B, T = shape
-    device = input_ids.device if input_ids is not None else None
-    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    T = shape[1]
     if attention_mask is not None and attention_mask.ndim == 4:
-        # a custom [B, 1, T, past + T] mask (bool, or additive float): a token is attended if it sees itself
-        at = torch.arange(T, device=attention_mask.device)
-        cols = attention_mask.shape[-1] - T + at if columns is None else columns.to(attention_mask.device).long()
-        diag = attention_mask[:, 0, at, cols]
-        attention_mask = diag if diag.dtype == torch.bool else diag == 0
-    if attention_mask is not None:
-        mask = attention_mask[:, -T:].bool()
+        attention_mask = attended_tokens(attention_mask, shape, columns)
+    mask = attended_tokens(attention_mask, shape, device=input_ids.device if input_ids is not None else None)
     if input_ids is not None and len(special_ids):
         mask = mask & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
     if not continuation:
@@ -115,6 +108,23 @@ def real_token_mask(
     if attended is not None:  # each row's first attended position, where it is among these tokens
         mask = mask & ~((attended.int().cumsum(1) == 1) & attended)[:, -T:]
     return mask
+
+
+def attended_tokens(
+    attention_mask: torch.Tensor | None, shape: tuple[int, int], columns: torch.Tensor | None = None, device=None
+) -> torch.Tensor:
+    """Bool [B, T]: the new tokens that are not padding. A 2D mask covers the cached and new positions (its last T
+    columns are the new tokens'); a custom 4D [B, 1, T, past + T] mask (bool, or additive float) marks a token
+    attended where it sees itself (see real_token_mask for `columns`); no mask: every token."""
+    B, T = shape
+    if attention_mask is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    if attention_mask.ndim == 4:
+        at = torch.arange(T, device=attention_mask.device)
+        cols = attention_mask.shape[-1] - T + at if columns is None else columns.to(attention_mask.device).long()
+        diag = attention_mask[:, 0, at, cols]
+        return diag if diag.dtype == torch.bool else diag == 0
+    return attention_mask[:, -T:].bool()
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:

@@ -54,7 +54,7 @@ from ..errors import DSGError
 from ..guard import rule
 from ..guard.guardrail import Guardrail
 from ..lm.hooks import HookPoint, check_width, hooked, resolve
-from ..lm.text import real_token_mask, special_ids_in, special_token_ids
+from ..lm.text import attended_tokens, real_token_mask, special_ids_in, special_token_ids
 from .intervention import RUNTIMES
 
 
@@ -250,20 +250,30 @@ class _Forward:
         if self.ids is None and inputs.get("inputs_embeds") is not None:
             self.shape = tuple(inputs["inputs_embeds"].shape[:2])
 
+    def _columns(self, T: int) -> torch.Tensor | None:
+        """Where a 4D mask over all of a static cache's slots holds the new tokens (right after the cached ones);
+        None for any other mask."""
+        if not (isinstance(self.mask, torch.Tensor) and self.mask.ndim == 4 and self.mask.shape[-1] != self.past + T):
+            return None
+        if self.past + T > self.mask.shape[-1]:
+            raise DSGError(f"The attention mask covers {self.mask.shape[-1]} cache slots, fewer than the "
+                           f"{self.past + T} positions so far: a sliding-window cache (a static or "
+                           "'sliding_window' cache on a model whose every layer attends within a window), whose "
+                           "slots the guardrail cannot tell padding in. Generate with the default dynamic "
+                           "cache.")  # fmt: skip
+        return torch.arange(self.past, self.past + T)
+
+    def padding(self, B: int, T: int, device) -> torch.Tensor:
+        """The forward's new tokens that are padding [B, T] (not attended): not text, and no line's end or start
+        to the gate (Guardrail.counted)."""
+        mask = self.mask if isinstance(self.mask, torch.Tensor) else None
+        return ~attended_tokens(mask, self.shape or (B, T), self._columns(T), device).to(device)
+
     def real(self, B: int, T: int, device) -> torch.Tensor:
         """The real-token mask [B, T] of the forward's inputs."""
         if not self.seen:  # forward called on a submodule: the whole input is one prompt
             self.seen, self.shape = True, (B, T)
-        columns = None
-        if isinstance(self.mask, torch.Tensor) and self.mask.ndim == 4 and self.mask.shape[-1] != self.past + T:
-            # a 4D mask over all of a static cache's slots: the new tokens sit right after the cached ones
-            columns = torch.arange(self.past, self.past + T)
-            if self.past + T > self.mask.shape[-1]:
-                raise DSGError(f"The attention mask covers {self.mask.shape[-1]} cache slots, fewer than the "
-                               f"{self.past + T} positions so far: a sliding-window cache (a static or "
-                               "'sliding_window' cache on a model whose every layer attends within a window), whose "
-                               "slots the guardrail cannot tell padding in. Generate with the default dynamic "
-                               "cache.")  # fmt: skip
+        columns = self._columns(T)
         real = real_token_mask(self.ids, self.mask, self.specials, self.shape or (B, T), self.continuation, columns)
         if self.dropped is not None and self.dropped.shape == real.shape:
             real = real & ~self.dropped.to(real.device)
@@ -532,7 +542,7 @@ class _Attached:
                         "A cached continuation reached the guardrail without its prefill; start generation inside "
                         "attach()."
                     )
-                counted = g.counted(real, forward.ids)
+                counted = g.counted(real, forward.ids, forward.padding(B, T, real.device))
                 clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e, counted)
                 self.sequence.last[i] = (prev, a, real, e, n_prompt, counted)  # for a crop of this forward's tokens
                 record = _Decisions([None] * len(self.guardrails)) if aside else session._decisions(write=True)
