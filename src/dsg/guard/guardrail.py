@@ -37,9 +37,7 @@ from .integrity import (
     FILLERS_TENSOR,
     HASH_FIELD,
     INVISIBLE_TENSOR,
-    check_breaks,
-    check_fillers,
-    check_invisible,
+    check_hold_tables,
     check_meta,
     check_record,
     check_rule,
@@ -61,6 +59,14 @@ HOLD_FILLERS_FORMAT_VERSION = 6
 INVISIBLE_FORMAT_VERSION = 7
 BREAKS_FORMAT_VERSION = 8
 SIGNED_FORMAT_VERSION = 2  # what a guardrail without a detector floor is written as, readable by dsg before floors
+# rule fields an older dsg would ignore: (as the refusal names it, the lowest version written with it, what an older
+# dsg does without it); a file naming one under an older version was edited
+_FIELD_FORMATS = {
+    "prompt_level": ("a 'prompt_level'", PROMPT_LEVEL_FORMAT_VERSION, "clamp differently"),
+    "hold_fillers": ("'hold_fillers'", HOLD_FILLERS_FORMAT_VERSION, "hold the gate open for fewer tokens"),
+    "hold_invisible": ("'hold_invisible'", INVISIBLE_FORMAT_VERSION, "let invisible characters thin out the windows"),
+    "hold_breaks": ("'hold_breaks'", BREAKS_FORMAT_VERSION, "let line breaks thin out the windows"),
+}
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
 SAE_DIR = "sae"
@@ -250,9 +256,7 @@ class Guardrail:
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
                    detector is not None, hold, latch, detector_floor, prompt_level)  # fmt: skip
         fillers, invisible, breaks = _token_ids(hold_fillers), _token_ids(hold_invisible), _token_ids(hold_breaks)
-        check_fillers(fillers, hold, "The guardrail")
-        check_invisible(invisible, fillers, "The guardrail")
-        check_breaks(breaks, fillers, invisible, "The guardrail")
+        check_hold_tables(fillers, invisible, breaks, hold, "The guardrail")
         info = dict(info or {})
         sha = sae.sha256()
         given = info.get("sae", {}).get("sha256") if isinstance(info.get("sae"), dict) else None
@@ -332,9 +336,7 @@ class Guardrail:
         check_rule(self.hook, self.features, self.threshold, self.clamp, self.clamp_mode, self.gated,
                    int(self.sae_record["d_sae"]), "The guardrail", self.window, self.detector is not None, self.hold,
                    self.latch, floor, self.prompt_level)  # fmt: skip
-        check_fillers(self.hold_fillers, self.hold, "The guardrail")
-        check_invisible(self.hold_invisible, self.hold_fillers, "The guardrail")
-        check_breaks(self.hold_breaks, self.hold_fillers, self.hold_invisible, "The guardrail")
+        check_hold_tables(self.hold_fillers, self.hold_invisible, self.hold_breaks, self.hold, "The guardrail")
         self._check_levels_reachable()
 
     def _check_levels_reachable(self) -> None:
@@ -636,26 +638,15 @@ class Guardrail:
             raise DSGError(f"The guardrail in {str(path)!r} {what}: its files were changed after it was written "
                            "(or by a dsg that did not hash them); refit it.")  # fmt: skip
         check_meta(meta, where, allow_missing_model)
-        if "prompt_level" in meta and meta.get("format_version", 0) < PROMPT_LEVEL_FORMAT_VERSION:
-            raise DSGError(f"{where} has a 'prompt_level' but format_version {meta.get('format_version')!r}; a dsg "
-                           f"writes it as {PROMPT_LEVEL_FORMAT_VERSION} (older ones ignore the field and clamp "
-                           "differently), so the file was edited; refit it.")  # fmt: skip
         if meta.get("format_version") == FILLERS_OPEN_FORMAT_VERSION:
             raise DSGError(f"{where} was written by a dsg whose held gate also opened at windows ending on fillers "
                            "(whitespace, punctuation) and read its levels there; this dsg judges words only, so its "
                            "threshold would no longer be the percentile it was fitted as. Refit it.")  # fmt: skip
-        if "hold_fillers" in meta and meta.get("format_version", 0) < HOLD_FILLERS_FORMAT_VERSION:
-            raise DSGError(f"{where} has 'hold_fillers' but format_version {meta.get('format_version')!r}; a dsg "
-                           f"writes it as {HOLD_FILLERS_FORMAT_VERSION} (older ones ignore the field and hold the "
-                           "gate open for fewer tokens), so the file was edited; refit it.")  # fmt: skip
-        if "hold_invisible" in meta and meta.get("format_version", 0) < INVISIBLE_FORMAT_VERSION:
-            raise DSGError(f"{where} has 'hold_invisible' but format_version {meta.get('format_version')!r}; a dsg "
-                           f"writes it as {INVISIBLE_FORMAT_VERSION} (older ones ignore the field and let invisible "
-                           "characters thin out the windows), so the file was edited; refit it.")  # fmt: skip
-        if "hold_breaks" in meta and meta.get("format_version", 0) < BREAKS_FORMAT_VERSION:
-            raise DSGError(f"{where} has 'hold_breaks' but format_version {meta.get('format_version')!r}; a dsg "
-                           f"writes it as {BREAKS_FORMAT_VERSION} (older ones ignore the field and let line breaks "
-                           "thin out the windows), so the file was edited; refit it.")  # fmt: skip
+        for field, (named, version, older) in _FIELD_FORMATS.items():
+            if field in meta and meta.get("format_version", 0) < version:
+                raise DSGError(f"{where} has {named} but format_version {meta.get('format_version')!r}; a dsg "
+                               f"writes it as {version} (older ones ignore the field and {older}), so the file was "
+                               "edited; refit it.")  # fmt: skip
         check_tensors(t, meta, repr(str(path / TENSORS_NAME)))
         record = meta["sae"]
         if sae is not None and sae.sha256() != record["sha256"]:
@@ -683,9 +674,7 @@ class Guardrail:
         fillers = t.get(FILLERS_TENSOR) if "hold_fillers" in meta else None
         invisible = t.get(INVISIBLE_TENSOR) if "hold_invisible" in meta else None
         breaks = t.get(BREAKS_TENSOR) if "hold_breaks" in meta else None
-        check_fillers(fillers, meta.get("hold"), where)
-        check_invisible(invisible, fillers, where)
-        check_breaks(breaks, fillers, invisible, where)
+        check_hold_tables(fillers, invisible, breaks, meta.get("hold"), where)
         skip = ("format", "format_version", "dsg_version", "name", HASH_FIELD, "detector", *RULE_FIELDS)
         info = {k: v for k, v in meta.items() if k not in skip}
         keys = ("sha256", "architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input", "hook_name")

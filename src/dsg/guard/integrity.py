@@ -30,6 +30,7 @@ HASH_FIELD = "content_sha256"
 FILLERS_TENSOR = "hold.fillers"  # a held gate's token ids that carry no word (Guardrail.hold_fillers)
 INVISIBLE_TENSOR = "hold.invisible"  # of those, the ids the windows pass over (Guardrail.hold_invisible)
 BREAKS_TENSOR = "hold.breaks"  # of those, the line breaks passed over after short lines (Guardrail.hold_breaks)
+ID_TABLES = {"hold_fillers": FILLERS_TENSOR, "hold_invisible": INVISIBLE_TENSOR, "hold_breaks": BREAKS_TENSOR}
 MAX_TOKEN_ID = 1 << 31  # past any vocabulary
 MAX_WINDOW = 1 << 17  # tokens: a window past any model's context reads like the whole input, and each request's
 # gate state holds one flag per window token. It bounds a gate's hold too: a longer hold is a latch, and one near
@@ -200,31 +201,27 @@ def check_fillers(fillers: torch.Tensor | None, hold, where: str) -> None:
     _check_token_ids(fillers, "filler", where)
 
 
-def check_invisible(invisible: torch.Tensor | None, fillers: torch.Tensor | None, where: str) -> None:
-    """A held gate's invisible ids: token ids like the fillers' (check_fillers), each of them a filler."""
-    if invisible is None:
-        return
-    if fillers is None:
-        raise DSGError(f"{where}: 'hold_invisible' are fillers the windows pass over, so 'hold_fillers' must be set.")
-    _check_token_ids(invisible, "invisible", where)
-    if not torch.isin(invisible.cpu(), fillers.cpu()).all():
-        raise DSGError(f"{where}: every invisible id must also be a filler id (a token that carries no word).")
-
-
-def check_breaks(
-    breaks: torch.Tensor | None, fillers: torch.Tensor | None, invisible: torch.Tensor | None, where: str
-) -> None:
-    """A held gate's line-break ids: token ids like the fillers' (check_fillers), each of them a filler and none of
-    them invisible (a token the windows always pass over cannot also be one they pass over only after a short line)."""
-    if breaks is None:
-        return
-    if fillers is None:
-        raise DSGError(f"{where}: 'hold_breaks' are fillers the windows may pass over, so 'hold_fillers' must be set.")
-    _check_token_ids(breaks, "line-break", where)
-    if not torch.isin(breaks.cpu(), fillers.cpu()).all():
-        raise DSGError(f"{where}: every line-break id must also be a filler id (a token that carries no word).")
-    if invisible is not None and torch.isin(breaks.cpu(), invisible.cpu()).any():
+def check_hold_tables(fillers, invisible, breaks, hold, where: str) -> None:
+    """A held gate's id tables (each a tensor or None): the fillers (check_fillers); of those, the invisible ids the
+    windows pass over and the line breaks they pass over after a short line, none of which may be both (a token
+    the windows always pass over cannot also be one they pass over only after a short line)."""
+    check_fillers(fillers, hold, where)
+    _check_filler_subset(invisible, fillers, "hold_invisible", "invisible", "the windows pass over", where)
+    _check_filler_subset(breaks, fillers, "hold_breaks", "line-break", "the windows may pass over", where)
+    if breaks is not None and invisible is not None and torch.isin(breaks.cpu(), invisible.cpu()).any():
         raise DSGError(f"{where}: no line-break id may also be an invisible id.")
+
+
+def _check_filler_subset(ids, fillers, field: str, what: str, role: str, where: str) -> None:
+    """A table of filler ids (`field`, e.g. the invisible ones): token ids like the fillers' (check_fillers), each
+    of them a filler."""
+    if ids is None:
+        return
+    if fillers is None:
+        raise DSGError(f"{where}: '{field}' are fillers {role}, so 'hold_fillers' must be set.")
+    _check_token_ids(ids, what, where)
+    if not torch.isin(ids.cpu(), fillers.cpu()).all():
+        raise DSGError(f"{where}: every {what} id must also be a filler id (a token that carries no word).")
 
 
 def _check_token_ids(ids: torch.Tensor, what: str, where: str) -> None:
@@ -247,21 +244,12 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
     if arch.encodes_latents_independently:
         expected |= {"W_enc_selected": (d_in, S), "b_enc_selected": (S,)}
         expected |= {f"{n}_selected": (S,) for n in arch.extra_tensors}
-    if "hold_fillers" in meta:
-        n = meta["hold_fillers"]
-        if not _is_int(n) or n < 0:
-            raise DSGError(f"{where}: 'hold_fillers' in guardrail.json must be a count of token ids, got {n!r}.")
-        expected[FILLERS_TENSOR] = (n,)
-    if "hold_invisible" in meta:
-        n = meta["hold_invisible"]
-        if not _is_int(n) or n < 0:
-            raise DSGError(f"{where}: 'hold_invisible' in guardrail.json must be a count of token ids, got {n!r}.")
-        expected[INVISIBLE_TENSOR] = (n,)
-    if "hold_breaks" in meta:
-        n = meta["hold_breaks"]
-        if not _is_int(n) or n < 0:
-            raise DSGError(f"{where}: 'hold_breaks' in guardrail.json must be a count of token ids, got {n!r}.")
-        expected[BREAKS_TENSOR] = (n,)
+    for field, name in ID_TABLES.items():
+        if field in meta:
+            n = meta[field]
+            if not _is_int(n) or n < 0:
+                raise DSGError(f"{where}: '{field}' in guardrail.json must be a count of token ids, got {n!r}.")
+            expected[name] = (n,)
     if "detector" in meta:
         L = meta["detector"]["latents"]
         expected |= {"detector.latents": (L,), "detector.weights": (L,)}
@@ -275,7 +263,7 @@ def check_tensors(t: dict[str, torch.Tensor], meta: dict, where: str) -> None:
             raise DSGError(f"{where}: tensor {name!r} has shape {tuple(t[name].shape)}, expected {shape}.")
         if t[name].is_floating_point() and not torch.isfinite(t[name]).all():
             raise DSGError(f"{where}: tensor {name!r} holds NaN or infinite values.")
-    ids = (FILLERS_TENSOR, INVISIBLE_TENSOR, BREAKS_TENSOR)
+    ids = set(ID_TABLES.values())
     floats = {name: t[name].dtype for name in expected if t[name].is_floating_point() and name not in ids}
     if len(set(floats.values())) > 1:
         raise DSGError(f"{where}: the SAE's tensors must share one dtype, got "
