@@ -211,8 +211,8 @@ def window_gate(
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
     signal = a_BT if evidence_BT is None else evidence_BT
-    held, line = in_windows(real_BT, counted_BT, state.line)
-    share, flags, valid, cum_real = _window_shares(state, signal, held)
+    kept, line = in_windows(real_BT, counted_BT, state.line)
+    share, flags, valid, cum_real = _window_shares(state, signal, kept)
     judged = judged_tokens(real_BT, counted_BT)  # where windows decide
     opens = judged & (share > threshold)
     quiet, quiet_prompt, strong = state.quiet, state.quiet_prompt, None
@@ -249,10 +249,10 @@ def judged_tokens(real_BT: torch.Tensor, counted_BT: torch.Tensor | None) -> tor
 def in_windows(real_BT: torch.Tensor, counted_BT: torch.Tensor | None, line_B: torch.Tensor):
     """(the real tokens a windowed gate's windows hold [B, T], the line after the last token [B]): every real
     token, but for those whose role is INVISIBLE and the BREAKs that end a short line (_short_line_breaks, from
-    `line_B`, the line the tokens continue)."""
-    passed, line = _short_line_breaks(real_BT, counted_BT, line_B)
+    `line_B`, the line the tokens continue). Tokens without roles (bool or None) leave a line unseen (not short)."""
     if counted_BT is None or counted_BT.dtype == torch.bool:
-        return real_BT, line
+        return real_BT, torch.full_like(line_B, _OTHER) if real_BT.shape[1] else line_B
+    passed, line = _short_line_breaks(real_BT, counted_BT, line_B)
     return real_BT & (counted_BT != INVISIBLE).to(real_BT.device) & ~passed, line
 
 
@@ -261,10 +261,10 @@ def _short_line_breaks(real_BT: torch.Tensor, counted_BT: torch.Tensor | None, l
     token) for window_gate. A line is the tokens after the last BREAK: its WORD tokens count one each, its
     INVISIBLE ones (and padding, which the runtimes mark INVISIBLE) nothing, and any other token (a filler that
     shows something, or a token that is not real: a special token of the chat template) makes it not short.
-    `line_B` is the line the chunk continues; a chunk without roles leaves a line unseen (not short)."""
+    `line_B` is the line the chunk continues; `counted_BT` holds roles (int8)."""
     B, T = real_BT.shape
-    if counted_BT is None or counted_BT.dtype == torch.bool or not T:  # tokens with no roles: a line unseen
-        return torch.zeros_like(real_BT, dtype=torch.bool), line_B if not T else torch.full_like(line_B, _OTHER)
+    if not T:
+        return torch.zeros_like(real_BT, dtype=torch.bool), line_B
     real = real_BT.bool()
     breaks = real & (counted_BT == BREAK)
     weight = torch.full(real.shape, _OTHER, dtype=torch.long, device=real.device)

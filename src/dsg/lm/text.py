@@ -94,9 +94,9 @@ def real_token_mask(
     if input_ids is not None:
         shape = tuple(input_ids.shape)
     T = shape[1]
+    mask = attended_tokens(attention_mask, shape, columns, input_ids.device if input_ids is not None else None)
     if attention_mask is not None and attention_mask.ndim == 4:
-        attention_mask = attended_tokens(attention_mask, shape, columns)
-    mask = attended_tokens(attention_mask, shape, device=input_ids.device if input_ids is not None else None)
+        attention_mask = mask  # the new tokens' own: read below as a 2D mask over them
     if input_ids is not None and len(special_ids):
         mask = mask & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
     if not continuation:

@@ -508,6 +508,7 @@ class _Attached:
         B, T = x_BTD.shape[:2]
         session, forward = self.session, self.forward
         real = forward.real(B, T, x_BTD.device)
+        padding = forward.padding(B, T, x_BTD.device)
         generation = forward.generation
         prompt_length = session.prompt_length
         if prompt_length is None:
@@ -542,7 +543,7 @@ class _Attached:
                         "A cached continuation reached the guardrail without its prefill; start generation inside "
                         "attach()."
                     )
-                counted = g.counted(real, forward.ids, forward.padding(B, T, real.device))
+                counted = g.counted(real, forward.ids, padding)
                 clamp_BT, self.states[i] = g.gate(a, real, n_prompt, prev, e, counted)
                 self.sequence.last[i] = (prev, a, real, e, n_prompt, counted)  # for a crop of this forward's tokens
                 record = _Decisions([None] * len(self.guardrails)) if aside else session._decisions(write=True)
