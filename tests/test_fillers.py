@@ -20,9 +20,9 @@ from tiny import (
     ByteVocabulary,
     SentencePieceVocabulary,
     held_fits,
+    refuses_edit,
     saved_and_loaded,
     sparse_sae,
-    write_rehashed,
 )
 
 
@@ -103,10 +103,7 @@ def test_a_fitted_hold_counts_words_and_its_table_is_saved_and_checked(held, tmp
         t = dict(tensors)
         if tensor_edit is not None:
             t[FILLERS_TENSOR] = tensor_edit
-        folder = tmp_path / f"edit{len(list(tmp_path.iterdir()))}"
-        write_rehashed(folder, meta | meta_edit, t)  # re-hashed: the checks themselves refuse it
-        with pytest.raises(dsg.DSGError, match=match):
-            dsg.Guardrail.load(folder, sae=sae)
+        refuses_edit(tmp_path, meta | meta_edit, t, sae, match)
 
     ids = tensors[FILLERS_TENSOR]
     refused({"format_version": 4})  # a dsg before the table would read the hold as every token

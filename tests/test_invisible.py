@@ -16,7 +16,7 @@ from dsg.guard import rule
 from dsg.guard.integrity import FILLERS_TENSOR, INVISIBLE_TENSOR
 from dsg.lm.text import _shows_nothing, filler_token_ids, invisible_token_ids, spacing_token_ids
 
-from tiny import ByteVocabulary, SentencePieceVocabulary, held_fits, saved_and_loaded, write_rehashed
+from tiny import ByteVocabulary, SentencePieceVocabulary, held_fits, refuses_edit, saved_and_loaded
 
 
 @pytest.mark.parametrize(
@@ -202,11 +202,8 @@ def test_the_invisible_table_is_saved_and_checked(fitted, tmp_path):
         t = dict(tensors)
         if tensor_edit is not None:
             t[INVISIBLE_TENSOR] = tensor_edit
-        folder = tmp_path / f"edit{len(list(tmp_path.iterdir()))}"
         edited = {k: v for k, v in (meta | meta_edit).items() if v is not None}
-        write_rehashed(folder, edited, t)  # re-hashed: the checks themselves refuse it
-        with pytest.raises(dsg.DSGError, match=match):
-            dsg.Guardrail.load(folder, sae=sae)
+        refuses_edit(tmp_path, edited, t, sae, match)
 
     word = next(i for i in range(len(tok)) if i not in set(tensors[FILLERS_TENSOR].tolist()))
     refused({"format_version": 6})  # a dsg of format 6 would let invisible tokens thin out the windows

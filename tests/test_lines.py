@@ -16,7 +16,7 @@ from dsg.guard import rule
 from dsg.guard.integrity import BREAKS_TENSOR, INVISIBLE_TENSOR
 from dsg.lm.text import _shows_nothing, filler_token_ids, invisible_token_ids, line_break_token_ids, spacing_token_ids
 
-from tiny import ByteVocabulary, SentencePieceVocabulary, held_fits, saved_and_loaded, write_rehashed
+from tiny import ByteVocabulary, SentencePieceVocabulary, held_fits, refuses_edit, saved_and_loaded
 
 W, F, V, K = rule.WORD, rule.FILLER, rule.INVISIBLE, rule.BREAK  # V: invisible
 
@@ -185,13 +185,10 @@ def test_the_line_break_table_is_saved_as_format_8_and_checked(fits, tmp_path):
     tensors = read_safetensors(tmp_path / "g" / "guardrail.safetensors")
 
     def refused(edit_meta=None, edit_tensors=None, match="") -> None:
-        folder = tmp_path / f"edited{len(list(tmp_path.iterdir()))}"
         m, t = json.loads(json.dumps(meta)), dict(tensors)
         (edit_meta or (lambda m: None))(m)
         (edit_tensors or (lambda t: None))(t)
-        write_rehashed(folder, m, t)
-        with pytest.raises(dsg.DSGError, match=match):
-            dsg.Guardrail.load(folder, sae=sae)
+        refuses_edit(tmp_path, m, t, sae, match)
 
     refused(lambda m: m.update(format_version=7), match="format_version")  # an older dsg would let breaks thin
     refused(lambda m: m.update(hold_breaks=len(lines.hold_breaks) + 1), match="shape")

@@ -246,3 +246,16 @@ def write_rehashed(folder, meta: dict, tensors: dict) -> None:
     meta[HASH_FIELD] = content_sha256(meta, tensors)
     save_file(tensors, str(folder / "guardrail.safetensors"))
     (folder / "guardrail.json").write_text(json.dumps(meta))
+
+
+def refuses_edit(tmp_path, meta: dict, tensors: dict, sae, match: str) -> None:
+    """An edited guardrail (`meta` and `tensors`, re-hashed into a fresh folder under tmp_path, so that the checks
+    themselves refuse it, not the hash) fails to load with a DSGError matching `match`."""
+    import pytest
+
+    import dsg
+
+    folder = tmp_path / f"edit{len(list(tmp_path.iterdir()))}"
+    write_rehashed(folder, meta, tensors)
+    with pytest.raises(dsg.DSGError, match=match):
+        dsg.Guardrail.load(folder, sae=sae)
