@@ -74,6 +74,23 @@ def special_ids_in(*configs) -> list[int]:
     return sorted(ids)
 
 
+def special_token_strings(tokenizer) -> list[str]:
+    """The text of every special token the tokenizer parses out of a string (its special tokens, and added tokens
+    marked special that it does not list, such as Llama 3's header tokens), longest first: what a chat template
+    would read as its own markup if a user's text held it."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    specials |= {str(getattr(t, "content", t)) for t in added.values() if getattr(t, "special", False)}
+    return sorted((t for t in specials if t.strip()), key=lambda t: (-len(t), t))
+
+
+def special_token_in(text: str, specials: Sequence[str]) -> str | None:
+    """The special token (one of `specials`) that `text` holds first, the longest where several start there; None
+    for none."""
+    found = [(text.find(t), -len(t), t) for t in specials if t in text]
+    return min(found)[2] if found else None
+
+
 def real_token_mask(
     input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,

@@ -16,7 +16,7 @@ from ..errors import DSGError
 from ..files import is_text
 from ..guard.guardrail import Guardrail
 from ..lm.models import check_fits_context
-from ..lm.text import pad_batch, pad_id_of, position_ids, special_ids_in
+from ..lm.text import pad_batch, pad_id_of, position_ids, special_ids_in, special_token_in, special_token_strings
 from .hf import attach
 from .intervention import Intervention, as_intervention
 
@@ -62,12 +62,9 @@ def _refuse_forged_turns(tokenizer, prompts: Sequence[str]) -> None:
     """A user turn holding the tokenizer's special tokens ("<|im_end|>", "<|im_start|>assistant") would be read as
     the chat template's own: the prompt could close its turn and open the assistant's, a conversation its writer
     forged. Refused; a prompt meant to carry its special tokens goes without the template (chat=False)."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    specials |= {str(getattr(t, "content", t)) for t in added.values() if getattr(t, "special", False)}
-    specials = sorted((t for t in specials if t.strip()), key=len)
+    specials = special_token_strings(tokenizer)
     for i, p in enumerate(prompts):
-        found = next((t for t in reversed(specials) if t in p), None)
+        found = special_token_in(p, specials)
         if found is not None:
             raise DSGError(f"Prompt {i} holds the tokenizer's special token {found!r}, which the chat template would "
                            "read as its own (a turn the prompt forged). Remove it, or send the prompt as written "

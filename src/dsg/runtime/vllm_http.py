@@ -16,6 +16,12 @@ log under that id, and this plugin answers from the log:
     prompt's (headers leave with the first chunk);
   * `GET /v1/dsg/decisions/{request_id}`: every audit record of a request (of every request sent with that id).
 
+A chat request whose messages hold one of the tokenizer's special tokens as text ("<|im_end|>",
+"<|im_start|>assistant") is refused with 400 before it reaches the engine: vLLM renders the chat template and
+tokenizes the result with special tokens parsed, so such a message would close its turn and open another, a
+conversation its sender forged inside one message (`dsg generate` refuses the same prompts). A prompt meant to
+carry special tokens goes to `/v1/completions`, which takes text as written.
+
 A request sent with an id that an earlier one used (a retry, a tracing proxy's id) is answered from the records of
 its own engine request only. Two requests in flight at once under one id cannot be told apart: each then reports
 gated when either was. Records are found by endpoint and client id (`parse_id`), so a chat request `abc-0` is not
@@ -28,10 +34,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
+
+from ..lm.text import special_token_in, special_token_strings
 
 GUARDED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 PREFIXES = {"chatcmpl-": "chat", "cmpl-": "completions"}  # engine request ids' prefix, by endpoint
@@ -149,6 +158,36 @@ def decision(records: list[dict]) -> dict:
     }
 
 
+def _strings(value) -> list[str]:
+    """Every string inside a JSON value (a message's content, its parts, a tool call's arguments)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def forged_turn(body: bytes, specials: list[str]) -> str | None:
+    """Why a chat request's body is refused (a message holds a special token of the tokenizer as text), or None. A
+    body that is not a JSON object with a list of messages is left to vLLM to answer."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(messages, list):
+        return None
+    for i, message in enumerate(messages):
+        found = next((t for s in _strings(message) if (t := special_token_in(s, specials))), None)
+        if found is not None:
+            return (f"messages[{i}] holds the tokenizer's special token {found!r}, which the chat template would read "
+                    "as its own (a turn the message forged). Remove it, or send the text as written to "
+                    "/v1/completions.")  # fmt: skip
+    return None
+
+
 def headers_for(records: list[dict]) -> dict[str, str]:
     d = decision(records)
     return {
@@ -166,6 +205,7 @@ class DSGEndpoint:
 
     def __init__(self):
         self.index: AuditIndex | None = None
+        self.specials: list[str] = []  # the tokenizer's special tokens, refused inside chat messages
 
     async def _records(self, request_id: str, wait: float, excluding: frozenset[str] = frozenset(),
                        endpoint: str | None = None) -> list[dict]:  # fmt: skip
@@ -188,7 +228,14 @@ class DSGEndpoint:
 
         @app.middleware("http")
         async def gate_headers(request, call_next):
-            if plugin.index is None or request.url.path not in GUARDED_PATHS or request.method != "POST":
+            if request.url.path not in GUARDED_PATHS or request.method != "POST":
+                return await call_next(request)
+            if plugin.specials and GUARDED_PATHS[request.url.path] == "chat":
+                why = forged_turn(await request.body(), plugin.specials)  # the body is kept for vLLM to read
+                if why is not None:
+                    error = {"message": why, "type": "BadRequestError", "param": "messages", "code": 400}
+                    return JSONResponse({"error": error}, status_code=400)
+            if plugin.index is None:
                 return await call_next(request)
             rid = request.headers.get("x-request-id")
             if not rid:
@@ -241,3 +288,21 @@ class DSGEndpoint:
         config = extra.get("dsg") if isinstance(extra, dict) else None
         if isinstance(config, dict) and config.get("audit_log"):
             self.index = AuditIndex(config["audit_log"])
+        self.specials = _special_tokens(args)
+
+
+def _special_tokens(args) -> list[str]:
+    """The special tokens of the served model's tokenizer (special_token_strings), read from its folder; none, with
+    a warning, where transformers cannot load it (chat messages are then not checked for forged turns)."""
+    name = getattr(args, "tokenizer", None) or getattr(args, "model", None)
+    try:
+        from transformers import AutoTokenizer
+
+        remote = bool(getattr(args, "trust_remote_code", False))
+        revision = getattr(args, "tokenizer_revision", None)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote, revision=revision)
+    except Exception as e:  # noqa: BLE001 (any loader error: serve on, and say what is not checked)
+        print(f"dsg: could not load the tokenizer of {name!r} ({e}); chat messages are not checked for the "
+              "tokenizer's special tokens (forged turns).", file=sys.stderr)  # fmt: skip
+        return []
+    return special_token_strings(tokenizer)
