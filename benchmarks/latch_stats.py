@@ -2,15 +2,16 @@
 
 A held gate (`--gate-hold`) guards the answer when the gate is open at the prompt's last token, or when any window
 of the prompt went over the latch level (the peak statistic that ships). A forget question followed by 1,000
-benign tokens is past its hold by the end of the prompt, so only the latch can guard its answer. This measures, on
-validation data only, how the shipped peak latch and a second candidate, the longest run of consecutive judged
-windows over the threshold (tokens the gate does not judge neither break nor extend a run), tell forget questions
-from benign text:
+benign tokens is past its hold by the end of the prompt, so only the latch can guard its answer. This measures how
+the shipped peak latch and a second candidate, the longest run of consecutive judged windows over the threshold
+(tokens the gate does not judge neither break nor extend a run), tell forget questions from benign text. The
+questions are validation questions; the paddings and documents are held-out texts, which come from validation and
+test records (data/common.py), so nothing here may choose a setting that is then reported on test:
 
   * cyber validation questions, each asked first with 1,000 benign tokens after it (the four paddings `dsg demo`
     uses, from the general domain's held-out texts), the positives;
   * geography, chemistry and computing validation questions padded the same way, and held-out computing and general
-    documents (read as prompts), the negatives.
+    documents (read as prompts, up to 1,024 tokens as `dsg demo` reads benign texts), the negatives.
 
 For each set it reports the share the shipped latch guards (peak over the latch level), the share whose longest
 run reaches R for each R given, and the share either guards. Nothing here is fitted or chosen.
@@ -32,35 +33,40 @@ from dsg.eval.dilution import dilute, paddings
 from dsg.guard import rule
 from dsg.guard.guardrail import Guardrail
 from dsg.lm.hooks import activations_by_batch
-from dsg.lm.models import load_model
-from dsg.lm.text import batches, pad_batch, pad_id_of
+from dsg.lm.models import context_length, load_model
+from dsg.lm.text import batches, pad_id_of
 from dsg.tables import pct, table
 
 PADDING = 1000  # benign tokens after each question, as `dsg demo`'s "after" row
+MAX_LENGTH = 1024  # tokens of a benign document read, as eval.dilution.gate_rates_on_texts reads them
 
 
 @torch.inference_mode()
 def window_statistics(model, tokenizer, guard: Guardrail, texts: list[str], batch_size: int = 4) -> list[dict]:
-    """For each text, read whole as a prompt: its peak window (at judged tokens) and its longest run of judged
-    windows over the threshold."""
-    seqs = [tokenizer(t)["input_ids"] for t in texts]
+    """For each text, read whole as a prompt: its peak window (at judged tokens, as `rule.window_gate` keeps it in
+    the gate state's `peak`) and its longest run of judged windows over the threshold."""
+    limit = min(MAX_LENGTH, context_length(model) or MAX_LENGTH)
+    seqs = [tokenizer(t)["input_ids"][:limit] for t in texts]
     out: list[dict] = [{}] * len(seqs)
-    pad = pad_id_of(tokenizer, model)
-    for idx, mask, x_BTD, real in activations_by_batch(model, guard.hook, batches(seqs, batch_size, pad)):
-        ids, _ = pad_batch([seqs[i] for i in idx], pad)  # the batch's ids, as `batches` padded them
+    shard = list(batches(seqs, batch_size, pad_id_of(tokenizer, model)))
+    for (idx, mask, x_BTD, real), (_, ids, _) in zip(activations_by_batch(model, guard.hook, iter(shard)), shard):
         _, a, e = guard.flags(x_BTD, real)
         counted = guard.counted(real, ids.to(real.device), ~mask.bool())
         state = rule.WindowState.start(len(idx), guard.window, real.device)
         kept, _ = rule.in_windows(real, counted, state.line)
         share = rule._window_shares(state, a if e is None else e, kept)[0]
         judged = rule.judged_tokens(real, counted)
+        gate = rule.window_gate(a, real, None, guard.threshold, guard.window, e, guard.hold, None, guard.latch,
+                                guard.prompt_level, counted)[1]  # fmt: skip
         for b, i in enumerate(idx):
             values = share[b][judged[b]]
             longest = run = 0
             for over in (values > guard.threshold).tolist():
                 run = run + 1 if over else 0
                 longest = max(longest, run)
-            out[i] = {"peak": float(values.max()) if len(values) else 0.0, "run": longest}
+            peak = max(float(values.max()), 0.0) if len(values) else 0.0  # the state's peak starts at 0
+            assert abs(peak - float(gate.peak[b])) <= 1e-6 * max(1.0, abs(peak)), "not the gate's own windows"
+            out[i] = {"peak": peak, "run": longest}
     return out
 
 

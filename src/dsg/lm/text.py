@@ -75,9 +75,9 @@ def special_ids_in(*configs) -> list[int]:
 
 
 def special_token_strings(tokenizer) -> list[str]:
-    """The text of every special token the tokenizer parses out of a string (its special tokens, and added tokens
-    marked special that it does not list, such as Llama 3's header tokens), longest first: what a chat template
-    would read as its own markup if a user's text held it."""
+    """The text of the tokenizer's special tokens (those it lists, and added tokens marked special that it does not
+    list, such as Llama 3's header tokens), longest first: what a chat template reads as its own markup if a user's
+    text holds it. Added tokens marked non-special (some templates use them as tags) are not among them."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
     specials |= {str(getattr(t, "content", t)) for t in added.values() if getattr(t, "special", False)}
@@ -85,10 +85,18 @@ def special_token_strings(tokenizer) -> list[str]:
 
 
 def special_token_in(text: str, specials: Sequence[str]) -> str | None:
-    """The special token (one of `specials`) that `text` holds first, the longest where several start there; None
-    for none."""
-    found = [(text.find(t), -len(t), t) for t in specials if t in text]
-    return min(found)[2] if found else None
+    """The special token (one of `specials`, special_token_strings' order) that `text` holds first, the longest where
+    several start there; None for none. One regular-expression pass over the text."""
+    if not specials:
+        return None
+    found = _alternation(tuple(specials)).search(text)
+    return found.group(0) if found else None
+
+
+@functools.lru_cache(maxsize=8)
+def _alternation(specials: tuple[str, ...]) -> re.Pattern:
+    """The strings as one pattern, longest first, so a match is the longest of those starting at its place."""
+    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
 
 
 def real_token_mask(

@@ -16,11 +16,14 @@ log under that id, and this plugin answers from the log:
     prompt's (headers leave with the first chunk);
   * `GET /v1/dsg/decisions/{request_id}`: every audit record of a request (of every request sent with that id).
 
-A chat request whose messages hold one of the tokenizer's special tokens as text ("<|im_end|>",
-"<|im_start|>assistant") is refused with 400 before it reaches the engine: vLLM renders the chat template and
-tokenizes the result with special tokens parsed, so such a message would close its turn and open another, a
-conversation its sender forged inside one message (`dsg generate` refuses the same prompts). A prompt meant to
-carry special tokens goes to `/v1/completions`, which takes text as written.
+A JSON request that holds one of the tokenizer's special tokens as text ("<|im_end|>", "<|im_start|>assistant")
+is refused with 400 before it reaches the engine, at every endpoint but those that take text as written
+(`AS_WRITTEN`: completions, tokenizing): vLLM renders chat templates (chat completions, responses, messages, ...)
+and tokenizes the result with special tokens parsed, so such text would close its turn and open another, a
+conversation its sender forged inside one message (`dsg generate` refuses the same prompts). Every key and string
+of the body counts (a string holding JSON, such as a tool call's arguments, is read too), but for the fields
+where special tokens are settings rather than text (`NOT_TEXT`: the model's name, stop strings, a chat template).
+A prompt meant to carry special tokens goes to `/v1/completions`.
 
 A request sent with an id that an earlier one used (a retry, a tracing proxy's id) is answered from the records of
 its own engine request only. Two requests in flight at once under one id cannot be told apart: each then reports
@@ -32,6 +35,8 @@ gets one decision per choice under `choices`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import re
 import sys
@@ -43,6 +48,8 @@ from pathlib import Path
 from ..lm.text import special_token_in, special_token_strings
 
 GUARDED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+AS_WRITTEN = {"/v1/completions", "/v1/completions/render", "/tokenize", "/detokenize"}  # no template: not checked
+NOT_TEXT = {"model", "stop", "chat_template"}  # a request's top-level fields that hold settings, not text
 PREFIXES = {"chatcmpl-": "chat", "cmpl-": "completions"}  # engine request ids' prefix, by endpoint
 _CHILD = re.compile(r"(\d+)_(.*)", re.S)  # the i-th of n samples: `<i>_<parent engine id>`
 
@@ -158,33 +165,43 @@ def decision(records: list[dict]) -> dict:
     }
 
 
-def _strings(value) -> list[str]:
-    """Every string inside a JSON value (a message's content, its parts, a tool call's arguments)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
+def _texts(payload: dict):
+    """(where, string) for every key and string inside a request's JSON body, but its NOT_TEXT fields; a string that
+    holds JSON (a tool call's arguments) is read as well. Iterative: a deeply nested body cannot exhaust the stack."""
+    stack = [(k if isinstance(k, str) else str(k), v) for k, v in payload.items() if k not in NOT_TEXT]
+    stack.reverse()
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            yield where, value
+            if value.lstrip()[:1] in ("{", "["):
+                with contextlib.suppress(ValueError, RecursionError):  # not JSON after all: read as text above
+                    stack.append((f"{where} (as JSON)", json.loads(value)))
+        elif isinstance(value, dict):
+            for k, v in reversed(list(value.items())):
+                stack += [(f"{where}.{k}", v), (f"{where} (a key)", str(k))]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value)))]
 
 
 def forged_turn(body: bytes, specials: list[str]) -> str | None:
-    """Why a chat request's body is refused (a message holds a special token of the tokenizer as text), or None. A
-    body that is not a JSON object with a list of messages is left to vLLM to answer."""
+    """Why a request's JSON body is refused (it holds a special token of the tokenizer as text), or None. A body
+    that is not a JSON object is left to vLLM to answer."""
+    if not specials:
+        return None
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    messages = payload.get("messages") if isinstance(payload, dict) else None
-    if not isinstance(messages, list):
+    if not isinstance(payload, dict):
         return None
-    for i, message in enumerate(messages):
-        found = next((t for s in _strings(message) if (t := special_token_in(s, specials))), None)
+    for where, text in _texts(payload):
+        found = special_token_in(text, specials)
         if found is not None:
-            return (f"messages[{i}] holds the tokenizer's special token {found!r}, which the chat template would read "
-                    "as its own (a turn the message forged). Remove it, or send the text as written to "
-                    "/v1/completions.")  # fmt: skip
+            return (
+                f"{where} holds the tokenizer's special token {found!r}, which the chat template would read as "
+                "its own (a turn the text forged). Remove it, or send the text as written to /v1/completions."
+            )
     return None
 
 
@@ -228,14 +245,15 @@ class DSGEndpoint:
 
         @app.middleware("http")
         async def gate_headers(request, call_next):
-            if request.url.path not in GUARDED_PATHS or request.method != "POST":
+            if request.method != "POST":
                 return await call_next(request)
-            if plugin.specials and GUARDED_PATHS[request.url.path] == "chat":
+            json_body = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+            if plugin.specials and json_body and request.url.path not in AS_WRITTEN:
                 why = forged_turn(await request.body(), plugin.specials)  # the body is kept for vLLM to read
                 if why is not None:
-                    error = {"message": why, "type": "BadRequestError", "param": "messages", "code": 400}
+                    error = {"message": why, "type": "BadRequestError", "param": why.split(" ", 1)[0], "code": 400}
                     return JSONResponse({"error": error}, status_code=400)
-            if plugin.index is None:
+            if plugin.index is None or request.url.path not in GUARDED_PATHS:
                 return await call_next(request)
             rid = request.headers.get("x-request-id")
             if not rid:
@@ -288,12 +306,22 @@ class DSGEndpoint:
         config = extra.get("dsg") if isinstance(extra, dict) else None
         if isinstance(config, dict) and config.get("audit_log"):
             self.index = AuditIndex(config["audit_log"])
-        self.specials = _special_tokens(args)
+        self.specials = await _special_tokens(engine_client, args)
 
 
-def _special_tokens(args) -> list[str]:
-    """The special tokens of the served model's tokenizer (special_token_strings), read from its folder; none, with
-    a warning, where transformers cannot load it (chat messages are then not checked for forged turns)."""
+async def _special_tokens(engine_client, args) -> list[str]:
+    """The special tokens of the tokenizer the engine renders with (special_token_strings), or where the engine does
+    not give it, of the one in the served folder; none, with a warning, where neither can be had (requests are then
+    not checked for forged turns)."""
+    get = getattr(engine_client, "get_tokenizer", None)
+    if get is not None:
+        try:
+            tokenizer = get()
+            tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+            if tokenizer is not None:
+                return special_token_strings(tokenizer)
+        except Exception:  # noqa: BLE001, S110 (an engine without a tokenizer: read the folder's below)
+            pass
     name = getattr(args, "tokenizer", None) or getattr(args, "model", None)
     try:
         from transformers import AutoTokenizer
@@ -302,7 +330,7 @@ def _special_tokens(args) -> list[str]:
         revision = getattr(args, "tokenizer_revision", None)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote, revision=revision)
     except Exception as e:  # noqa: BLE001 (any loader error: serve on, and say what is not checked)
-        print(f"dsg: could not load the tokenizer of {name!r} ({e}); chat messages are not checked for the "
-              "tokenizer's special tokens (forged turns).", file=sys.stderr)  # fmt: skip
+        print(f"dsg: could not load the tokenizer of {name!r} ({e}); requests are not checked for the tokenizer's "
+              "special tokens (forged turns).", file=sys.stderr)  # fmt: skip
         return []
     return special_token_strings(tokenizer)
