@@ -201,12 +201,9 @@ def window_gate(
     the latch or the prompt level, nor counts towards `peak`, and the hold counts only words. Padding that carries
     no word can then neither run a hold out nor open one. Windows still sum every real token's signal. None: every
     real token is judged. As roles (int8 [B, T]: WORD, FILLER, INVISIBLE or BREAK, Guardrail.counted), WORD tokens
-    are judged as above, and the windows also pass over INVISIBLE ones (lm.text.invisible_token_ids and
-    spacing_token_ids): they hold the last `window` real tokens that show something besides a gap, so zero-width
-    characters, doubled spaces or tabs typed between the words of a request cannot thin its windows out. A BREAK
-    (a line break: lm.text.line_break_token_ids) is passed over where it ends a line of at most SHORT_LINE word
-    tokens that shows nothing else but gaps (a request typed one or two words to a line); elsewhere it is a filler.
-    The state's `line` carries the current line across chunks; a sequence's first line counts as not short."""
+    are judged as above, and the windows hold only the tokens `in_windows` keeps: they pass over INVISIBLE ones
+    and the BREAKs that end a short line, so fillers typed between the words of a request cannot thin its windows
+    out. The state's `line` carries the current line across chunks."""
     B, T = a_BT.shape
     state = state if state is not None else WindowState.start(B, window, a_BT.device)
     w = state.recent.shape[1]
@@ -215,19 +212,11 @@ def window_gate(
     share, flags, valid, cum_real = _window_shares(state, signal, kept)
     judged = judged_tokens(real_BT, counted_BT)  # where windows decide
     opens = judged & (share > threshold)
-    quiet, quiet_prompt, strong = state.quiet, state.quiet_prompt, None
     if hold is None:
         on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
+        where, quiet, quiet_prompt, strong = on, state.quiet, state.quiet_prompt, None
     else:
-        n_p = T if n_prompt is None else min(n_prompt, T)
-        if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
-            strong = (state.peak > latch)[:, None] | ((judged & (share > latch)).long().cummax(1).values > 0)
-        on, quiet = _held_open(opens, judged, state.gated, state.quiet, hold, n_p, strong)
-    where = on
-    if hold is not None and prompt_level is not None and T:  # prompt tokens: only near windows over `prompt_level`
-        near, quiet_prompt = _held_open(judged & (share > prompt_level), judged, state.gated,
-                                        state.quiet_prompt, hold, T)  # fmt: skip
-        where = torch.cat([near[:, :n_p], on[:, n_p:]], 1)
+        on, where, quiet, quiet_prompt, strong = _held(opens, judged, share, state, hold, n_prompt, latch, prompt_level)
     clamp_BT = a_BT & where
     total, recent = _last_window(flags, valid, cum_real, state.recent)
     peak = torch.maximum(state.peak, torch.where(judged, share, 0.0).max(1).values) if T else state.peak
@@ -235,6 +224,25 @@ def window_gate(
     if strong is not None:
         gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here
     return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet, quiet_prompt, line)
+
+
+def _held(opens_BT, judged_BT, share_BT, state: WindowState, hold: int, n_prompt: int | None, latch, prompt_level):
+    """(on [B, T]: where the gate is open, where [B, T]: the tokens it may clamp, quiet, quiet_prompt, strong [B, T]
+    or None: whether any window so far went over `latch`) for window_gate with `hold`: prompt positions held open
+    within `hold` judged tokens of a window over the threshold, generated ones latched (_held_open), and with
+    `prompt_level` a prompt's tokens clamped only near windows over that level."""
+    T = opens_BT.shape[1]
+    n_p = T if n_prompt is None else min(n_prompt, T)
+    strong = None
+    if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
+        strong = (state.peak > latch)[:, None] | ((judged_BT & (share_BT > latch)).long().cummax(1).values > 0)
+    on, quiet = _held_open(opens_BT, judged_BT, state.gated, state.quiet, hold, n_p, strong)
+    where, quiet_prompt = on, state.quiet_prompt
+    if prompt_level is not None and T:  # prompt tokens: only near windows over `prompt_level`
+        near, quiet_prompt = _held_open(judged_BT & (share_BT > prompt_level), judged_BT, state.gated,
+                                        state.quiet_prompt, hold, T)  # fmt: skip
+        where = torch.cat([near[:, :n_p], on[:, n_p:]], 1)
+    return on, where, quiet, quiet_prompt, strong
 
 
 def judged_tokens(real_BT: torch.Tensor, counted_BT: torch.Tensor | None) -> torch.Tensor:
@@ -248,8 +256,12 @@ def judged_tokens(real_BT: torch.Tensor, counted_BT: torch.Tensor | None) -> tor
 
 def in_windows(real_BT: torch.Tensor, counted_BT: torch.Tensor | None, line_B: torch.Tensor):
     """(the real tokens a windowed gate's windows hold [B, T], the line after the last token [B]): every real
-    token, but for those whose role is INVISIBLE and the BREAKs that end a short line (_short_line_breaks, from
-    `line_B`, the line the tokens continue). Tokens without roles (bool or None) leave a line unseen (not short)."""
+    token, but for those whose role is INVISIBLE (lm.text.invisible_token_ids and spacing_token_ids: zero-width
+    characters, doubled spaces, tabs) and the BREAKs (lm.text.line_break_token_ids) that end a line of at most
+    SHORT_LINE word tokens showing nothing else but gaps (_short_line_breaks, from `line_B`, the line the tokens
+    continue; a sequence's first line counts as not short; elsewhere a BREAK is a filler). So the windows hold the
+    last `window` real tokens that show something besides a gap. Tokens without roles (bool or None) leave a line
+    unseen (not short)."""
     if counted_BT is None or counted_BT.dtype == torch.bool:
         return real_BT, torch.full_like(line_B, _OTHER) if real_BT.shape[1] else line_B
     passed, line = _short_line_breaks(real_BT, counted_BT, line_B)
