@@ -85,7 +85,7 @@ def special_token_strings(tokenizer) -> list[str]:
 
 
 def special_token_in(text: str, specials: Sequence[str]) -> str | None:
-    """The special token (one of `specials`, special_token_strings' order) that `text` holds first, the longest where
+    """The special token (one of `specials`: special_token_strings) that `text` holds first, the longest where
     several start there; None for none. One regular-expression pass over the text."""
     if not specials:
         return None

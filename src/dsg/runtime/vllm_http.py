@@ -168,8 +168,7 @@ def decision(records: list[dict]) -> dict:
 def _texts(payload: dict):
     """(where, string) for every key and string inside a request's JSON body, but its NOT_TEXT fields; a string that
     holds JSON (a tool call's arguments) is read as well. Iterative: a deeply nested body cannot exhaust the stack."""
-    stack = [(k if isinstance(k, str) else str(k), v) for k, v in payload.items() if k not in NOT_TEXT]
-    stack.reverse()
+    stack = [(k, v) for k, v in reversed(payload.items()) if k not in NOT_TEXT]  # JSON keys are strings
     while stack:
         where, value = stack.pop()
         if isinstance(value, str):
@@ -222,7 +221,7 @@ class DSGEndpoint:
 
     def __init__(self):
         self.index: AuditIndex | None = None
-        self.specials: list[str] = []  # the tokenizer's special tokens, refused inside chat messages
+        self.specials: list[str] = []  # the tokenizer's special tokens, refused in a request's text (forged_turn)
 
     async def _records(self, request_id: str, wait: float, excluding: frozenset[str] = frozenset(),
                        endpoint: str | None = None) -> list[dict]:  # fmt: skip
@@ -251,7 +250,8 @@ class DSGEndpoint:
             if plugin.specials and json_body and request.url.path not in AS_WRITTEN:
                 why = forged_turn(await request.body(), plugin.specials)  # the body is kept for vLLM to read
                 if why is not None:
-                    error = {"message": why, "type": "BadRequestError", "param": why.split(" ", 1)[0], "code": 400}
+                    where = why.split(" holds ", 1)[0]  # the field forged_turn names first
+                    error = {"message": why, "type": "BadRequestError", "param": where, "code": 400}
                     return JSONResponse({"error": error}, status_code=400)
             if plugin.index is None or request.url.path not in GUARDED_PATHS:
                 return await call_next(request)
