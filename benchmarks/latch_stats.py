@@ -32,6 +32,7 @@ from dsg.bench.setting import domain_questions
 from dsg.eval.dilution import dilute, paddings
 from dsg.guard import rule
 from dsg.guard.guardrail import Guardrail
+from dsg.guard.stats import judged_window_scores
 from dsg.lm.hooks import activations_by_batch
 from dsg.lm.models import context_length, load_model
 from dsg.lm.text import batches, pad_id_of
@@ -52,21 +53,15 @@ def window_statistics(model, tokenizer, guard: Guardrail, texts: list[str], batc
     for (idx, mask, x_BTD, real), (_, ids, _) in zip(activations_by_batch(model, guard.hook, iter(shard)), shard):
         _, a, e = guard.flags(x_BTD, real)
         counted = guard.counted(real, ids.to(real.device), ~mask.bool())
-        state = rule.WindowState.start(len(idx), guard.window, real.device)
-        kept, _ = rule.in_windows(real, counted, state.line)
-        share = rule._window_shares(state, a if e is None else e, kept)[0]
-        judged = rule.judged_tokens(real, counted)
+        scores = judged_window_scores(a if e is None else e, real, counted, guard.window)
         gate = rule.window_gate(a, real, None, guard.threshold, guard.window, e, guard.hold, None, guard.latch,
                                 guard.prompt_level, counted)[1]  # fmt: skip
+        runs = rule.longest_runs(scores, guard.threshold)
         for b, i in enumerate(idx):
-            values = share[b][judged[b]]
-            longest = run = 0
-            for over in (values > guard.threshold).tolist():
-                run = run + 1 if over else 0
-                longest = max(longest, run)
-            peak = max(float(values.max()), 0.0) if len(values) else 0.0  # the state's peak starts at 0
+            peak = max(float(scores[b].max()), 0.0) if len(scores[b]) else 0.0  # the state's peak starts at 0
             assert abs(peak - float(gate.peak[b])) <= 1e-6 * max(1.0, abs(peak)), "not the gate's own windows"
-            out[i] = {"peak": peak, "run": longest}
+            assert int(runs[b]) == int(gate.longest[b]), "not the gate's own runs"
+            out[i] = {"peak": peak, "run": int(runs[b])}
     return out
 
 

@@ -50,6 +50,8 @@ VARIANTS = {
     "detector-p97": {"gate_percentile": 97.0},  # the threshold before the prompt level was settled by forgetting
     "detector-c50": {"clamp": 50.0},
     "detector-layer3-clamp": {"n_features": 150, "clamp": 500.0, "clamp_mode": "active"},
+    # a prompt with more windows in a row over the threshold than any calibration sequence gets a guarded answer
+    "run-latch": {"gate_latch_run_percentile": 100.0},
 }
 
 

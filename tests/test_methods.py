@@ -261,6 +261,7 @@ def test_dsg_sweeps_the_shipped_detector_gate_and_dsg_paper_the_papers_rule():
         "gate_hold",
         "gate_latch_percentile",
         "gate_latch_margin",
+        "gate_latch_run_percentile",
         "gate_prompt_percentile",
         "gate_prompt_margin",
         "detector",

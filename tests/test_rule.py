@@ -55,17 +55,19 @@ def test_apply_delta_touches_only_the_clamped_positions():
     assert torch.equal(out[mask], x[mask]) and out is not x
 
 
-def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None, prompt_level=None, counted=None):
+def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None, prompt_level=None, counted=None,
+                        latch_run=None):  # fmt: skip
     """The windowed gate written as a loop over tokens: the definition the vectorised rule must equal. Latched;
     or, with `hold`, open within `hold` real tokens of a window over the threshold at positions before
     `n_prompt` (the prompt) and latched from there on (the answer), which with `latch` also opens once any window
     so far went over the latch. With `prompt_level`, prompt positions are clamped only within `hold` real tokens of
     a window over it; what the answer gets does not change. With `counted`, only those real tokens are judged: the
-    hold counts them, and a window ending elsewhere (a filler) neither opens, latches nor sets the peak."""
+    hold counts them, and a window ending elsewhere (a filler) neither opens, latches nor sets the peak. With
+    `latch_run`, `latch_run` judged windows in a row over the threshold latch like a window over `latch`."""
     counted = real if counted is None else counted
     clamp, gated, peaks = torch.zeros_like(a), [], []
     for b in range(a.shape[0]):
-        recent, on, peak, since, strong, since_p = [], False, 0.0, None, False, None
+        recent, on, peak, since, strong, since_p, run = [], False, 0.0, None, False, None, 0
         for t in range(a.shape[1]):
             opens = False
             if real[b, t]:
@@ -75,8 +77,10 @@ def _windowed_reference(a, real, threshold, w, hold=None, n_prompt=0, latch=None
                 step = int(judged)
                 if judged:
                     peak, opens = max(peak, share), share > threshold
+                    run = run + 1 if opens else 0
                 since = 0 if opens else None if since is None else since + step
                 strong = strong or (judged and latch is not None and share > latch)
+                strong = strong or (latch_run is not None and run >= latch_run)
                 if prompt_level is not None:
                     high = judged and share > prompt_level
                     since_p = 0 if high else None if since_p is None else since_p + step
@@ -135,26 +139,35 @@ def test_a_held_decision_can_start_where_the_prompt_began_to_clamp():
 
 @pytest.mark.parametrize("words", [False, True])
 @pytest.mark.parametrize("prompt_level", [None, 0.8])
-@pytest.mark.parametrize("latch", [None, 0.7])
+@pytest.mark.parametrize("latch_run", [None, 3])
+@pytest.mark.parametrize("latch", [None, 0.8])
 @pytest.mark.parametrize("seed", range(3))
-def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed, latch, prompt_level, words):
+def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed, latch, latch_run, prompt_level,
+                                                                                 words):  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(6, 40, generator=g) < 0.35
     real = torch.rand(6, 40, generator=g) < 0.9
     a[:2, :8] = True  # two rows whose prompt goes over the latch early, then closes
     a[:2, 8:30] = False
+    a[2, :16] = torch.tensor([True, True, True, False] * 4)  # a long stretch over the threshold, under the latch
+    a[2, 16:30] = False
     a = a & real
     counted = real & (torch.rand(6, 40, generator=g) < 0.6) if words else None  # tokens that carry words
     n_prompt = 30
-    want, _, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch, prompt_level=prompt_level,
-                                     counted=counted)  # fmt: skip
+    levels = dict(latch=latch, prompt_level=prompt_level, counted=counted, latch_run=latch_run)
+    want, _, _ = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, **levels)
     if words:  # judging words only changes which tokens are clamped
-        assert not torch.equal(want, _windowed_reference(a, real, 0.5, 4, 3, n_prompt, latch, prompt_level)[0])
+        every = _windowed_reference(a, real, 0.5, 4, 3, n_prompt, **(levels | {"counted": None}))[0]
+        assert not torch.equal(want, every)
     assert want[:, :n_prompt].any() and not torch.equal(want, _windowed_reference(a, real, 0.5, 4)[0])
     if latch is not None:  # the latch guards answers the hold alone would leave open
         assert not torch.equal(want, _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt)[0])
+    if latch_run is not None:  # so does a run of windows over the threshold, where no window reaches the latch
+        no_run = _windowed_reference(a, real, 0.5, 4, 3, n_prompt, **(levels | {"latch_run": None}))[0]
+        assert want[2, n_prompt:].any() and not no_run[2, n_prompt:].any()
+        assert not (no_run & ~want).any()
     if prompt_level is not None:  # the prompt level spares prompt tokens the threshold alone would clamp
-        plain = _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt, latch=latch, counted=counted)[0]
+        plain = _windowed_reference(a, real, 0.5, 4, 3, n_prompt, **(levels | {"prompt_level": None}))[0]
         assert (plain[:, :n_prompt] & ~want[:, :n_prompt]).any() and not (want & ~plain).any()
         assert torch.equal(want[:, n_prompt:], plain[:, n_prompt:])
     for chunk in (40, 7, 1):
@@ -165,14 +178,34 @@ def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(
                 sl = slice(t, min(t + chunk, T))
                 c, state = rule.window_gate(a[:, sl], real[:, sl], state, 0.5, 4, None, 3,
                                             max(0, min(n_prompt - t, chunk)), latch, prompt_level,
-                                            None if counted is None else counted[:, sl])  # fmt: skip
+                                            None if counted is None else counted[:, sl], latch_run)  # fmt: skip
                 parts.append(c)
             cut = None if counted is None else counted[:, :T]
-            ref, ref_gated, ref_peaks = _windowed_reference(a[:, :T], real[:, :T], 0.5, 4, 3, n_prompt, latch,
-                                                            prompt_level, cut)  # fmt: skip
+            ref, ref_gated, ref_peaks = _windowed_reference(a[:, :T], real[:, :T], 0.5, 4, 3, n_prompt,
+                                                            **(levels | {"counted": cut}))  # fmt: skip
             assert torch.equal(torch.cat(parts, 1), ref), (chunk, prompt_only)
             assert torch.equal(state.gated, ref_gated), (chunk, prompt_only)
             assert torch.allclose(state.peak, ref_peaks.float()), (chunk, prompt_only)
+
+
+def test_the_longest_run_the_state_keeps_is_the_calibration_statistic():
+    """rule.longest_runs (what fit reads R from) equals the state's `longest` after the same windows, whole or in
+    chunks; tokens the gate does not judge neither extend nor break a run."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(4, 50, generator=g) < 0.5
+    real = torch.ones_like(a)
+    counted = torch.rand(4, 50, generator=g) < 0.7
+    share = rule._window_shares(rule.WindowState.start(4, 4), a, real)[0]
+    judged = rule.judged_tokens(real, counted)
+    want = rule.longest_runs([share[b][judged[b]] for b in range(4)], 0.5)
+    assert want.max() >= 2
+    for chunk in (50, 9, 1):
+        state = None
+        for t in range(0, 50, chunk):
+            sl = slice(t, t + chunk)
+            state = rule.window_gate(a[:, sl], real[:, sl], state, 0.5, 4, None, 3, 0, counted_BT=counted[:, sl])[1]
+        assert torch.equal(state.longest, want), chunk
+    assert rule.longest_runs([torch.tensor([0.6, 0.7, 0.1, 0.9]), torch.tensor([])], 0.5).tolist() == [2, 0]
 
 
 def test_a_latch_guards_the_answer_to_a_question_padded_after():

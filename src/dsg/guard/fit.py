@@ -113,6 +113,13 @@ class FitConfig:
     value over a few hundred calibration sequences is a noisy extreme, and which sequences are drawn for the
     calibration moves it: a long benign input whose peak window lands between two such draws latches the answer
     under one and not the other. Default 0: the percentile's value."""
+    gate_latch_run_percentile: float | None = None
+    """Held gate only (needs gate_hold): a prompt in which more judged windows in a row went over the threshold than
+    this percentile of the same count on the calibration sequences (the longest such run in each; 100: the longest
+    of all) gets a guarded answer however much benign text follows, as a window over the latch level does. A forget
+    question reads as a stretch of windows over the threshold; benign text that crosses it does so in short bursts.
+    The run R is stored with the guardrail (`latch_run`: one more than that percentile's value). Default: no run
+    latch."""
     gate_prompt_percentile: float | None = None
     """Held gate only (needs gate_hold): a prompt's tokens are clamped only within GATE_HOLD counted tokens of a window
     over this percentile of the same calibration statistic, above the threshold (100: the largest, the latch level
@@ -191,6 +198,10 @@ class FitConfig:
             raise DSGError(f"gate_latch_margin is a non-negative multiple of the gap between the threshold and the "
                            f"latch percentile's value and needs gate_latch_percentile (--gate-latch-percentile), "
                            f"got {self.gate_latch_margin}.")  # fmt: skip
+        run = self.gate_latch_run_percentile
+        if run is not None and (self.gate_hold is None or not 0 < run <= 100):
+            raise DSGError(f"gate_latch_run_percentile needs gate_hold (--gate-hold) and must lie in (0, 100], got "
+                           f"{run}.")  # fmt: skip
         level = self.gate_prompt_percentile
         if level is not None and (self.gate_hold is None or not self.gate_percentile < level <= 100):
             raise DSGError(f"gate_prompt_percentile needs gate_hold (--gate-hold) and must lie above gate_percentile "
@@ -435,10 +446,13 @@ def fit(
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
                       hold_invisible=invisible, hold_breaks=breaks, name=name)  # fmt: skip
-    rho, real_tokens, (threshold, latch, prompt_level) = _calibrate(model, guard, calib_seqs, config, kw)
+    rho, real_tokens, (threshold, latch, prompt_level), runs = _calibrate(model, guard, calib_seqs, config, kw)
+    latch_run = _latch_run(runs, config) if runs is not None else None
 
     tensors = {**f_sums.summary("forget"), **r_sums.summary("retain"), **scores(f_sums, r_sums, config.scorer)}
     tensors["calibration_rho"] = rho
+    if runs is not None:
+        tensors["calibration_runs"] = runs.float()
     info = {
         "config": dataclasses.asdict(config) | {"hook": hook},
         "seed": config.seed,
@@ -449,7 +463,8 @@ def fit(
         **({"detector_fit": detector_info} if detector_info else {}),
     }
     return Guardrail(sae, hook, features, threshold, clamp, config.clamp_mode, config.gated, window=config.gate_window,
-                     hold=config.gate_hold, latch=latch, prompt_level=prompt_level, detector=detector,
+                     hold=config.gate_hold, latch=latch, latch_run=latch_run, prompt_level=prompt_level,
+                     detector=detector,
                      detector_floor=floor, hold_fillers=fillers, hold_invisible=invisible, hold_breaks=breaks,
                      name=name, info=info, tensors=tensors)  # fmt: skip
 
@@ -478,14 +493,34 @@ def _check_calibration_benign(calibration: Sequence[str], forget: Sequence[str])
                        "read from it, and forget text there lifts it above what forget text reaches.")  # fmt: skip
 
 
-def _calibrate(model, guard: Guardrail, calib_seqs, config: FitConfig, kw) -> tuple[torch.Tensor, int, tuple]:
+def _calibrate(model, guard: Guardrail, calib_seqs, config: FitConfig, kw):
     """(the gate's statistic on each calibration text it judges any token of, the real tokens those texts hold,
-    and the (threshold, latch, prompt level) read from the statistic) for `guard`, whose levels are still unset."""
-    rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", **kw)
+    the (threshold, latch, prompt level) read from the statistic, and with gate_latch_run_percentile the longest run
+    of judged windows over the threshold in each of those texts, else None) for `guard`, whose levels are still
+    unset."""
+    scores = [] if config.gate_latch_run_percentile is not None and config.gated else None
+    rho = gate_rates(model, guard, calib_seqs, desc="gate calibration", windows=scores, **kw)
     real, judged = _token_counts(model, calib_seqs, guard)
     rho = rho[judged > 0]  # a text with nothing to judge would read as a benign 0
     highest = guard.detector.reach(guard.window)[1] if guard.detector is not None and guard.window else 1.0
-    return rho, int(real.sum()), _gate_levels(rho, config, guard.detector is not None, highest)
+    levels = _gate_levels(rho, config, guard.detector is not None, highest)
+    if scores is None:
+        return rho, int(real.sum()), levels, None
+    runs = rule.longest_runs([s for s, n in zip(scores, judged.tolist()) if n > 0], levels[0])
+    return rho, int(real.sum()), levels, runs
+
+
+def _latch_run(runs: torch.Tensor, config: FitConfig) -> int:
+    """R for the run latch: one more judged window in a row than gate_latch_run_percentile of the calibration
+    sequences' longest runs, or a DSGError where that would latch at any window over the threshold."""
+    value = float(np.percentile(runs.double().numpy(), config.gate_latch_run_percentile))
+    latch_run = int(np.floor(value)) + 1
+    if latch_run < 2:
+        raise DSGError(f"The run latch (one more than the {config.gate_latch_run_percentile:g}th percentile of the "
+                       f"longest run of windows over the threshold in each of the {len(runs)} calibration "
+                       f"sequences, {value:g}) would be {latch_run}: any window over the threshold would guard the "
+                       "answer, as a latched gate does. Raise gate_latch_run_percentile.")  # fmt: skip
+    return min(latch_run, MAX_WINDOW)
 
 
 def _token_counts(model, sequences, guard: Guardrail) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,17 +47,18 @@ from .integrity import (
 )
 
 FORMAT = "dsg-guardrail"
-FORMAT_VERSION = 8  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
+FORMAT_VERSION = 9  # the newest this dsg reads. 2: guardrail.json carries a content hash; 3: a detector floor;
 # 4: a prompt level; 5: a hold counted in tokens that carry words, whose windows at fillers still opened it (no
 # longer read: see _load_once); 6: the same, judged at words only; 7: windows that pass over invisible tokens; 8:
-# and over the line breaks that end short lines (a guardrail is written with the lowest version that holds its rule,
-# see to_json)
+# and over the line breaks that end short lines; 9: a run latch (a guardrail is written with the lowest version
+# that holds its rule, see to_json)
 FLOORED_FORMAT_VERSION = 3
 PROMPT_LEVEL_FORMAT_VERSION = 4
 FILLERS_OPEN_FORMAT_VERSION = 5
 HOLD_FILLERS_FORMAT_VERSION = 6
 INVISIBLE_FORMAT_VERSION = 7
 BREAKS_FORMAT_VERSION = 8
+LATCH_RUN_FORMAT_VERSION = 9
 SIGNED_FORMAT_VERSION = 2  # what a guardrail without a detector floor is written as, readable by dsg before floors
 # rule fields an older dsg would ignore: (as the refusal names it, the lowest version written with it, what an older
 # dsg does without it); a file naming one under an older version was edited
@@ -66,6 +67,7 @@ _FIELD_FORMATS = {
     "hold_fillers": ("'hold_fillers'", HOLD_FILLERS_FORMAT_VERSION, "hold the gate open for fewer tokens"),
     "hold_invisible": ("'hold_invisible'", INVISIBLE_FORMAT_VERSION, "let invisible characters thin out the windows"),
     "hold_breaks": ("'hold_breaks'", BREAKS_FORMAT_VERSION, "let line breaks thin out the windows"),
+    "latch_run": ("a 'latch_run'", LATCH_RUN_FORMAT_VERSION, "guard fewer answers"),
 }
 JSON_NAME = "guardrail.json"
 TENSORS_NAME = "guardrail.safetensors"
@@ -73,7 +75,7 @@ SAE_DIR = "sae"
 _OWN_FIELDS = ("format", "format_version", "dsg_version", "name", "detector")  # written by to_json, never by info
 RULE_FIELDS = ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")
 RULE_FIELDS += ("window", "hold", "latch", "prompt_level", "hold_fillers", "hold_invisible")  # the windowed gate's
-RULE_FIELDS += ("hold_breaks",)
+RULE_FIELDS += ("hold_breaks", "latch_run")
 
 
 class Flags(NamedTuple):
@@ -241,6 +243,7 @@ class Guardrail:
         detector_floor: int | None = None,
         hold: int | None = None,
         latch: float | None = None,
+        latch_run: int | None = None,
         prompt_level: float | None = None,
         hold_fillers: Sequence[int] | None = None,
         hold_invisible: Sequence[int] | None = None,
@@ -254,7 +257,7 @@ class Guardrail:
             raise DSGError("The guardrail needs a hook point: pass hook=..., or use an SAE whose config names one.")
         features = _latent_ids(features)
         check_rule(hook, features, threshold, clamp, clamp_mode, gated, sae.d_sae, "The guardrail", window,
-                   detector is not None, hold, latch, detector_floor, prompt_level)  # fmt: skip
+                   detector is not None, hold, latch, detector_floor, prompt_level, latch_run)  # fmt: skip
         fillers, invisible, breaks = _token_ids(hold_fillers), _token_ids(hold_invisible), _token_ids(hold_breaks)
         check_hold_tables(fillers, invisible, breaks, hold, "The guardrail")
         info = dict(info or {})
@@ -285,12 +288,13 @@ class Guardrail:
             fillers,
             invisible,
             breaks,
+            latch_run,
         )
 
     def _setup(
         self, latents, sae_record, sae, hook, features, threshold, clamp, clamp_mode, gated, name, info, tensors,
         window=None, detector=None, hold=None, latch=None, prompt_level=None, hold_fillers=None, hold_invisible=None,
-        hold_breaks=None,
+        hold_breaks=None, latch_run=None,
     ) -> None:  # fmt: skip
         self.latents = latents
         self.sae_record = sae_record
@@ -305,6 +309,7 @@ class Guardrail:
         self.detector = detector  # None: the window counts flagged tokens; a Detector: it sums weighted evidence
         self.hold = hold  # None: the windowed gate latches; h: inside a prompt it stays open h counted tokens
         self.latch = None if latch is None else float(latch)  # held gate: a window over it guards the answer
+        self.latch_run = latch_run  # held gate: so do this many judged windows in a row over the threshold
         # held gate: a prompt's tokens are clamped only near windows over it (None: over the threshold)
         self.prompt_level = None if prompt_level is None else float(prompt_level)
         # held gate: ids of the tokens that carry no word (lm.text.filler_token_ids), at which the gate is not judged
@@ -335,7 +340,7 @@ class Guardrail:
         floor = self.detector.floor if self.detector is not None else None
         check_rule(self.hook, self.features, self.threshold, self.clamp, self.clamp_mode, self.gated,
                    int(self.sae_record["d_sae"]), "The guardrail", self.window, self.detector is not None, self.hold,
-                   self.latch, floor, self.prompt_level)  # fmt: skip
+                   self.latch, floor, self.prompt_level, self.latch_run)  # fmt: skip
         check_hold_tables(self.hold_fillers, self.hold_invisible, self.hold_breaks, self.hold, "The guardrail")
         self._check_levels_reachable()
 
@@ -367,7 +372,7 @@ class Guardrail:
     def gate_rule(self) -> str:
         """The gate in words, e.g. for reports."""
         if not self.gated:
-            names = ("window", "hold", "latch", "prompt_level", "detector")
+            names = ("window", "hold", "latch", "latch_run", "prompt_level", "detector")
             unused = [n for n in names if getattr(self, n) is not None]
             # a static fit records the gate settings it was given; say that they do nothing rather than hide them
             return "static (every input)" + (f"; its {', '.join(unused)} settings are unused" if unused else "")
@@ -396,9 +401,10 @@ class Guardrail:
             how = f"windows pass over {' and '.join(passed)}, {how}"
         if self.prompt_level is not None:
             how += f" (a prompt's tokens are clamped only near windows over {self.prompt_level / unit:.4g})"
-        if self.latch is None:
-            return how
-        return how + f"; a window over {self.latch / unit:.4g} anywhere in the prompt guards the answer"
+        latches = [f"a window over {self.latch / unit:.4g}"] if self.latch is not None else []
+        if self.latch_run is not None:
+            latches.append(f"{self.latch_run} judged windows in a row over the threshold")
+        return how + (f"; {' or '.join(latches)} anywhere in the prompt guards the answer" if latches else "")
 
     def __repr__(self) -> str:
         gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
@@ -408,6 +414,7 @@ class Guardrail:
         gate += " visible" if self.hold is not None and self.hold_invisible is not None else ""
         gate += " lines" if self.hold is not None and self.hold_breaks is not None else ""
         gate += f", latch={self.latch:.4g}" if self.latch is not None else ""
+        gate += f", latch_run={self.latch_run}" if self.latch_run is not None else ""
         gate += f", prompt_level={self.prompt_level:.4g}" if self.prompt_level is not None else ""
         gate += f", detector={len(self.detector)} latents" if self.detector is not None else ""
         return (
@@ -467,7 +474,7 @@ class Guardrail:
         from generated ones, latched, judged at and counting the real tokens in `counted_BT`: see `counted`)."""
         if self.gated and self.window is not None:
             return rule.window_gate(a_BT, real_BT, state, self.threshold, self.window, evidence_BT, self.hold,
-                                    n_prompt, self.latch, self.prompt_level, counted_BT)  # fmt: skip
+                                    n_prompt, self.latch, self.prompt_level, counted_BT, self.latch_run)  # fmt: skip
         return rule.gate(a_BT, real_BT, n_prompt, state, self.threshold if self.gated else None)
 
     def delta(self, f_BTS: torch.Tensor, clamp_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -543,6 +550,7 @@ class Guardrail:
             **({"window": self.window} if self.window is not None else {}),
             **({"hold": self.hold} if self.hold is not None else {}),
             **({"latch": self.latch} if self.latch is not None else {}),
+            **({"latch_run": self.latch_run} if self.latch_run is not None else {}),
             **({"prompt_level": self.prompt_level} if self.prompt_level is not None else {}),
             **({"hold_fillers": len(self.hold_fillers)} if self.hold_fillers is not None else {}),
             **({"hold_invisible": len(self.hold_invisible)} if self.hold_invisible is not None else {}),
@@ -555,9 +563,11 @@ class Guardrail:
     @property
     def _format_version(self) -> int:
         """The lowest format version that holds this rule, so that a dsg too old to apply it refuses the file
-        instead of reading it as another rule: 8 with windows that pass over the line breaks that end short lines, 7
-        with windows that pass over invisible tokens, 6 with a hold that skips fillers, 4 with a prompt level, 3
-        with a detector floor, else 2."""
+        instead of reading it as another rule: 9 with a run latch, 8 with windows that pass over the line breaks
+        that end short lines, 7 with windows that pass over invisible tokens, 6 with a hold that skips fillers, 4
+        with a prompt level, 3 with a detector floor, else 2."""
+        if self.latch_run is not None:
+            return LATCH_RUN_FORMAT_VERSION
         if self.hold_breaks is not None:
             return BREAKS_FORMAT_VERSION
         if self.hold_invisible is not None:
@@ -700,6 +710,7 @@ class Guardrail:
             fillers,
             invisible,
             breaks,
+            meta.get("latch_run"),
         )
         guard.content_sha256 = meta[HASH_FIELD]  # verified above
         return guard

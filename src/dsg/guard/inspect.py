@@ -77,6 +77,11 @@ def describe(path: str | os.PathLike, top: int | None = None) -> str:
             f"  calibration rho: median {q[0]:.3f}, p90 {q[1]:.3f}, p95 {q[2]:.3f}, p99 {q[3]:.3f}; "
             f"{gated:.1%} of calibration inputs gated{latched}"
         )
+    runs = guard.tensors.get("calibration_runs")
+    if runs is not None and runs.numel():
+        latch = f"; the run latch at {guard.latch_run}" if guard.latch_run is not None else ""
+        out.append(f"  calibration runs of windows over the threshold: longest {int(runs.max())}, "
+                   f"{float((runs > 0).float().mean()):.1%} of inputs with one{latch}")  # fmt: skip
     check = info.get("prompt_level_check")
     if check:
         from ..eval.prompt_level import describe  # eval builds on guard: imported where it is needed

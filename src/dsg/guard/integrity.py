@@ -55,7 +55,7 @@ def _is_int(x) -> bool:
 
 def check_rule(
     hook, features, threshold, clamp, clamp_mode, gated, d_sae: int, where: str, window=None, detector: bool = False,
-    hold=None, latch=None, floor=None, prompt_level=None,
+    hold=None, latch=None, floor=None, prompt_level=None, latch_run=None,
 ) -> None:  # fmt: skip
     """The rule's parameters: the same checks for a guardrail built in code and one read from a file."""
     if window is not None and (not _is_int(window) or not 1 <= window <= MAX_WINDOW):
@@ -82,6 +82,11 @@ def check_rule(
     if latch is not None and not detector and latch >= 1:
         raise DSGError(f"{where}: 'latch' ({latch!r}) is a share of flagged tokens that a window must exceed, so it "
                        "must lie below 1.")  # fmt: skip
+    if latch_run is not None and (not _is_int(latch_run) or not 2 <= latch_run <= MAX_WINDOW):
+        raise DSGError(f"{where}: 'latch_run' must be an integer from 2 to {MAX_WINDOW} (judged windows in a row; "
+                       f"1 would latch at any window over the threshold) or absent, got {latch_run!r}.")  # fmt: skip
+    if latch_run is not None and hold is None:
+        raise DSGError(f"{where}: 'latch_run' guards the answer of a gate held open, so 'hold' must be set.")
     if prompt_level is not None and not is_number(prompt_level):
         raise DSGError(f"{where}: 'prompt_level' must be a finite number (a window score) or absent, got "
                        f"{prompt_level!r}.")  # fmt: skip
@@ -144,7 +149,8 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
         raise DSGError(f"{where}: 'detector' must be {{'latents': a positive count, 'scale': {DETECTOR_SCALE}}} and "
                        f"optionally 'floor', got {detector!r}.")  # fmt: skip
     floor = detector.get("floor") if detector is not None else None
-    check_rule(*rule, detector is not None, meta.get("hold"), meta.get("latch"), floor, meta.get("prompt_level"))
+    check_rule(*rule, detector is not None, meta.get("hold"), meta.get("latch"), floor, meta.get("prompt_level"),
+               meta.get("latch_run"))  # fmt: skip
     name = meta.get("name")
     if name is not None and not isinstance(name, str):
         raise DSGError(f"{where}: 'name' must be a string, got {name!r}.")

@@ -18,7 +18,8 @@ latched decision):
 A decision held fixed from elsewhere (several continuations scored under one prompt's decision) uses `held`.
 The windowed gate (`window_gate`) judges the last w real tokens at each token instead, so the decision at a token
 depends only on the tokens up to it; it latches, or (`hold`) stays open a fixed number of tokens inside a prompt,
-and then (`latch`) a window over a second, higher level still guards the answer however much text follows it, and
+and then (`latch`) a window over a second, higher level, or (`latch_run`) a run of R windows over the threshold,
+still guards the answer however much text follows it, and
 (`prompt_level`) a prompt's own tokens may be clamped only near windows over a higher level than the one that
 decides the answer. With `counted_BT` (the tokens that carry words) the held gate is judged, and its hold counted,
 at those tokens only: a run of whitespace, punctuation or invisible characters neither opens nor ends it; given as
@@ -143,6 +144,8 @@ class WindowState(NamedTuple):
     quiet: torch.Tensor  # [B] long, counted tokens since the last window over the threshold (NEVER: none yet)
     quiet_prompt: torch.Tensor  # [B] long, the same for window_gate's `prompt_level` (NEVER: none yet, or unused)
     line: torch.Tensor  # [B] long, word tokens on the current line so far (_OTHER or more: not a short line)
+    run: torch.Tensor  # [B] long, judged windows over the threshold in a row, up to the last judged token
+    longest: torch.Tensor  # [B] long, the longest such run so far (window_gate's `latch_run`)
 
     @classmethod
     def start(cls, batch: int, window: int, device=None) -> WindowState:
@@ -150,7 +153,7 @@ class WindowState(NamedTuple):
         never = torch.full((batch,), NEVER, device=device)
         return cls(long, long[:, 0].clone(), torch.zeros(batch, dtype=torch.bool, device=device),
                    torch.zeros(batch, device=device), never, never.clone(),
-                   torch.full((batch,), _OTHER, device=device))  # fmt: skip
+                   torch.full((batch,), _OTHER, device=device), long[:, 0].clone(), long[:, 0].clone())  # fmt: skip
 
 
 def window_gate(
@@ -165,6 +168,7 @@ def window_gate(
     latch: float | None = None,
     prompt_level: float | None = None,
     counted_BT: torch.Tensor | None = None,
+    latch_run: int | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """The prefix-causal gate: at each real token, the share of flagged tokens among the last `window` real tokens
     (a sequence's start counts as unflagged, so a few flagged tokens in a short input do not make a full window);
@@ -190,6 +194,11 @@ def window_gate(
     document is clamped only near its misjudged stretches; the state's `peak` carries the evidence across
     chunks.
 
+    With `latch_run` (R judged windows; hold only) a prompt in which R judged windows in a row went over the
+    threshold also gets a guarded answer, wherever that run was: a forget question reads as a stretch of windows
+    over the threshold, while benign text that crosses it does so in short bursts. Tokens the gate does not judge
+    neither extend nor break a run; the state's `run` and `longest` carry it across chunks.
+
     With `prompt_level` (a level above `threshold`; hold only: the latch level, or above it by a margin) a
     prompt's tokens are clamped only within h counted tokens of a window over `prompt_level`, while the threshold
     still decides the answer as above. A benign document whose evidence goes over the threshold but not over
@@ -212,30 +221,58 @@ def window_gate(
     share, flags, valid, cum_real = _window_shares(state, signal, kept)
     judged = judged_tokens(real_BT, counted_BT)  # where windows decide
     opens = judged & (share > threshold)
+    runs = _runs(opens, judged & ~opens, state.run)
     if hold is None:
         on = state.gated[:, None] | (opens.long().cummax(1).values > 0) if T else state.gated[:, None]
         where, quiet, quiet_prompt, strong = on, state.quiet, state.quiet_prompt, None
     else:
-        on, where, quiet, quiet_prompt, strong = _held(opens, judged, share, state, hold, n_prompt, latch, prompt_level)
+        on, where, quiet, quiet_prompt, strong = _held(opens, judged, share, state, hold, n_prompt, latch, prompt_level,
+                                                       runs, latch_run)  # fmt: skip
     clamp_BT = a_BT & where
     total, recent = _last_window(flags, valid, cum_real, state.recent)
     peak = torch.maximum(state.peak, torch.where(judged, share, 0.0).max(1).values) if T else state.peak
     gated = on[:, -1] if T else state.gated
     if strong is not None:
         gated = gated | strong[:, -1]  # what the answer gets, after a prompt that ends here
-    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet, quiet_prompt, line)
+    run = runs[:, -1] if T else state.run
+    longest = torch.maximum(state.longest, runs.max(1).values) if T else state.longest
+    return clamp_BT, WindowState(recent, total[:, 0].clamp(max=w), gated, peak, quiet, quiet_prompt, line, run, longest)
 
 
-def _held(opens_BT, judged_BT, share_BT, state: WindowState, hold: int, n_prompt: int | None, latch, prompt_level):
+def _runs(over_BT: torch.Tensor, reset_BT: torch.Tensor, run_B: torch.Tensor) -> torch.Tensor:
+    """[B, T] long: at each position, how many windows over the threshold (`over_BT`) came in a row up to it, since
+    the latest window that did not (`reset_BT`; positions in neither leave the count as it is); `run_B` is the
+    count the chunk continues."""
+    seen = over_BT.long().cumsum(1)
+    last = torch.where(reset_BT, seen, -run_B[:, None].to(seen.device)).cummax(1).values if seen.shape[1] else seen
+    return seen - last
+
+
+def longest_runs(scores: list[torch.Tensor], threshold: float) -> torch.Tensor:
+    """[n] long: for each sequence's judged window scores (1-D, in order), the longest run of them over
+    `threshold`: the statistic window_gate's `latch_run` compares with R (the state's `longest`)."""
+    out = []
+    for s in scores:
+        over = (s > threshold)[None]
+        out.append(int(_runs(over, ~over, torch.zeros(1, dtype=torch.long)).max()) if s.numel() else 0)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _held(opens_BT, judged_BT, share_BT, state: WindowState, hold: int, n_prompt: int | None, latch, prompt_level,
+          runs_BT=None, latch_run: int | None = None):  # fmt: skip
     """(on [B, T]: where the gate is open, where [B, T]: the tokens it may clamp, quiet, quiet_prompt, strong [B, T]
-    or None: whether any window so far went over `latch`) for window_gate with `hold`: prompt positions held open
-    within `hold` judged tokens of a window over the threshold, generated ones latched (_held_open), and with
-    `prompt_level` a prompt's tokens clamped only near windows over that level."""
+    or None: whether any window so far went over `latch`, or `latch_run` windows in a row over the threshold) for
+    window_gate with `hold`: prompt positions held open within `hold` judged tokens of a window over the threshold,
+    generated ones latched (_held_open), and with `prompt_level` a prompt's tokens clamped only near windows over
+    that level."""
     T = opens_BT.shape[1]
     n_p = T if n_prompt is None else min(n_prompt, T)
     strong = None
     if latch is not None and T:  # the answer is guarded once any window so far went over `latch`
         strong = (state.peak > latch)[:, None] | ((judged_BT & (share_BT > latch)).long().cummax(1).values > 0)
+    if latch_run is not None and T:  # or once `latch_run` windows in a row went over the threshold
+        long_run = (state.longest >= latch_run)[:, None] | ((runs_BT >= latch_run).long().cummax(1).values > 0)
+        strong = long_run if strong is None else strong | long_run
     on, quiet = _held_open(opens_BT, judged_BT, state.gated, state.quiet, hold, n_p, strong)
     where, quiet_prompt = on, state.quiet_prompt
     if prompt_level is not None and T:  # prompt tokens: only near windows over `prompt_level`

@@ -171,11 +171,13 @@ def gate_rates(
     pad_id: int = 0,
     desc: str = "calibration",
     progress: bool = True,
+    windows: list | None = None,
 ) -> torch.Tensor:
     """The statistic the guardrail's gate compares with its threshold, for each sequence [n]: rho(x), the fraction
     of its real tokens on which any selected latent fires, or (windowed gate) the largest such fraction over any
     `window` consecutive real tokens (with a detector: the largest window mean of its evidence), ending at a token
-    the gate judges (Guardrail.counted: with a hold counted in words, a word)."""
+    the gate judges (Guardrail.counted: with a hold counted in words, a word). With `windows` (a list; windowed gate)
+    it also receives, per sequence, those judged windows' scores in order (1-D float tensors, on the CPU)."""
     from ..runtime.hf import refuse_if_attached
 
     refuse_if_attached(model, "Calibrating a gate (gate_rates)")
@@ -184,14 +186,33 @@ def gate_rates(
     shard = [batch for _, batch in my_share(batches(sequences, batch_size, pad_id))]
     bar = tqdm(shard, desc=desc, unit="batch", disable=not progress or not world().main, leave=False)
     mine = []
+    windowed = getattr(guardrail, "window", None) is not None
+    if windows is not None:
+        windows[:] = [None] * len(sequences)
     for (idx, _, x_BTD, real), (_, ids, _) in zip(activations_by_batch(model, guardrail.hook, iter(bar)), shard):
         _, a, e = guardrail.flags(x_BTD, real)
-        if getattr(guardrail, "window", None) is None:
+        scores = None
+        if not windowed:
             values = rule.rho(a, real)
         else:  # the largest window at a token the gate judges (a held gate counted in words judges only words)
             counted = guardrail.counted(real, ids.to(real.device))
             values = rule.window_gate(a, real, None, 1.0, guardrail.window, e, counted_BT=counted)[1].peak
-        mine.append((idx[0], (idx, values.cpu())))
-    for idx, values in gather_ordered(mine):
+            if windows is not None:
+                scores = judged_window_scores(a if e is None else e, real, counted, guardrail.window)
+        mine.append((idx[0], (idx, values.cpu(), scores)))
+    for idx, values, scores in gather_ordered(mine):
         out[idx] = values
+        if windows is not None and scores is not None:
+            for i, s in zip(idx, scores):
+                windows[i] = s
     return out
+
+
+def judged_window_scores(signal_BT, real_BT, counted_BT, window: int) -> list[torch.Tensor]:
+    """Each row's window scores at the tokens the gate judges, in order (rule.window_gate's own windows), on the
+    CPU: their largest is the state's `peak`, their longest run over a threshold its `longest`."""
+    state = rule.WindowState.start(real_BT.shape[0], window, real_BT.device)
+    kept, _ = rule.in_windows(real_BT, counted_BT, state.line)
+    share = rule._window_shares(state, signal_BT, kept)[0]
+    judged = rule.judged_tokens(real_BT, counted_BT)
+    return [share[b][judged[b]].cpu() for b in range(real_BT.shape[0])]

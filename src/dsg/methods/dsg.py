@@ -28,8 +28,8 @@ DETECTOR = {
     "gate_percentile": 93.0,
 }
 PAPER_RULE = {"gate_window": None, "gate_hold": None, "gate_latch_percentile": None, "gate_latch_margin": 0.0,
-              "gate_prompt_percentile": None, "gate_prompt_margin": 0.0, "detector": False, "detector_context": 0,
-              "gate_percentile": 95.0, "clamp_mode": "all"}  # fmt: skip
+              "gate_latch_run_percentile": None, "gate_prompt_percentile": None, "gate_prompt_margin": 0.0,
+              "detector": False, "detector_context": 0, "gate_percentile": 95.0, "clamp_mode": "all"}  # fmt: skip
 
 
 @METHODS.register("dsg")

@@ -71,6 +71,7 @@ def clamp_fit_config(config: ClampConfig, base: FitConfig | None = None) -> FitC
         gate_hold=None,
         gate_latch_percentile=None,
         gate_latch_margin=0.0,
+        gate_latch_run_percentile=None,
         gate_prompt_percentile=None,
         gate_prompt_margin=0.0,
         detector=False,
