@@ -5,6 +5,7 @@ sequence, the no-cache reference; and what cannot be judged is refused."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -70,9 +71,29 @@ def setting(tiny_llama):
     )
     words = dsg.Guardrail(sae, paper.hook, paper.features, detector.threshold, window=4, detector=weights, hold=3,
                           latch=latch, hold_fillers=fillers)  # fmt: skip
+    run = _run_latched(sae, paper, weights, acts, seqs, prompts, sorted(peaks), special_token_ids(model))
     guards = {"paper": paper, "window": window, "static": static, "detector": detector, "held": held,
-              "latch": latched, "prompt": prompted, "words": words}  # fmt: skip
+              "latch": latched, "prompt": prompted, "words": words, "run": run}  # fmt: skip
     return guards, seqs, acts, prompts, special_token_ids(model)
+
+
+def _run_latched(sae, paper, weights, acts, seqs, prompts, levels, specials):
+    """A held detector gate with a run latch (no window latch): the lowest of `levels` at which some prompt runs
+    two or more windows over the threshold and is shut at its end, R that prompt's run, so that the run latch
+    guards an answer the hold alone leaves open."""
+    for threshold in levels:
+        held = dsg.Guardrail(sae, paper.hook, paper.features, threshold, window=4, detector=weights, hold=3)
+        runs = []
+        for i, s in enumerate(seqs):
+            real = real_token_mask(torch.tensor([s[: prompts[i]]]), None, specials)
+            _, a, e = held.flags(acts[i][None, : prompts[i]], real)
+            state = held.gate(a, real, prompts[i], None, e)[1]
+            if not state.gated[0]:
+                runs.append(int(state.longest[0]))
+        if max(runs, default=0) >= 2:
+            return dsg.Guardrail(sae, paper.hook, paper.features, threshold, window=4, detector=weights, hold=3,
+                                 latch_run=max(runs))  # fmt: skip
+    raise AssertionError("no prompt runs two windows over any threshold and is shut at its end")
 
 
 def reference(g, seq, x, n_prompt, specials):
@@ -138,7 +159,7 @@ def simulate(gates, hook, seqs, acts, prompts, chunk: int | None, seed: int, pre
     "kind,chunk",
     [("paper", None), ("window", None), ("window", 3), ("static", 2), ("detector", None), ("detector", 3),
      ("held", None), ("held", 3), ("latch", None), ("latch", 2), ("prompt", None), ("prompt", 2), ("words", None),
-     ("words", 2)],
+     ("words", 2), ("run", None), ("run", 2)],
 )  # fmt: skip
 @pytest.mark.parametrize("seed", [0, 1])
 def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, chunk, seed):
@@ -155,8 +176,10 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
             torch.testing.assert_close(got[r][p], want[p], atol=1e-4, rtol=1e-4)
         clamped += len(want)
     assert clamped > 0  # the setting clamps something
-    if kind == "latch":  # and the latch guards an answer the hold alone leaves open
-        held = guards["held"]
+    if kind in ("latch", "run"):  # and the latch guards an answer the hold alone leaves open
+        held = guards["held"] if kind == "latch" else copy.copy(g)
+        if kind == "run":  # the same gate without its run latch
+            held.latch_run = None
         assert any(reference(g, s, acts[r], prompts[r], specials).keys() != reference(held, s, acts[r], prompts[r],
                    specials).keys() for r, s in enumerate(seqs))  # fmt: skip
     if kind == "words":  # judging words only clamps other tokens than the latch judging every real token
@@ -188,7 +211,12 @@ def test_any_schedule_clamps_what_the_whole_sequence_rule_clamps(setting, kind, 
             assert last["prompt_clamped"] == sum(p < prompts[r] for p in want), f"request {r}"
     if kind == "held":  # a held gate clamps inside some prompt and is shut at its end: the event says both
         assert any(e["prompt_clamped"] > 0 and not e["gated"] for e in events if e["event"] == "prompt")
-    if kind in ("paper", "detector", "held", "latch", "prompt", "words"):
+    if kind == "run":  # the audit event says how long the prompt's longest run was, beside R
+        prompt_events = [e for e in events if e["event"] == "prompt"]
+        assert all(e["latch_run"] == g.latch_run and isinstance(e["run"], int) for e in prompt_events)
+        runs = [e["run"] for e in prompt_events]
+        assert max(runs) >= g.latch_run > min(runs)
+    if kind in ("paper", "detector", "held", "latch", "prompt", "words", "run"):
         on = {e["request_id"] for e in events if e["gated"]}
         assert 0 < len(on) < len(seqs)  # some requests gated, some not: the gates are per request
 

@@ -242,8 +242,11 @@ class RequestGates:
     def _event(self, c: Chunk, i: int, g: Guardrail, state, event: str) -> None:
         if self.on_event is None:
             return
+        run = {}
         if isinstance(state, rule.WindowState):
             score = float(state.peak[0])
+            if g.latch_run is not None:  # the longest run of windows over the threshold, beside the run latch
+                run = {"run": int(state.longest[0]), "latch_run": g.latch_run}
         else:
             score = int(state.flagged) / max(int(state.real), 1)
         self.on_event({
@@ -256,4 +259,5 @@ class RequestGates:
             "gated": _gated(state),
             "prompt_tokens": c.prompt_length,
             "prompt_clamped": self.prompt_clamped[c.request_id][i],
+            **run,
         })  # fmt: skip
