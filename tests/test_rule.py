@@ -140,7 +140,7 @@ def test_a_held_decision_can_start_where_the_prompt_began_to_clamp():
 @pytest.mark.parametrize("words", [False, True])
 @pytest.mark.parametrize("prompt_level", [None, 0.8])
 @pytest.mark.parametrize("latch_run", [None, 3])
-@pytest.mark.parametrize("latch", [None, 0.8])
+@pytest.mark.parametrize("latch", [None, 0.7, 0.8])
 @pytest.mark.parametrize("seed", range(3))
 def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(seed, latch, latch_run, prompt_level,
                                                                                  words):  # fmt: skip
@@ -162,7 +162,7 @@ def test_a_held_open_gate_equals_its_definition_whole_chunked_or_token_by_token(
     assert want[:, :n_prompt].any() and not torch.equal(want, _windowed_reference(a, real, 0.5, 4)[0])
     if latch is not None:  # the latch guards answers the hold alone would leave open
         assert not torch.equal(want, _windowed_reference(a, real, 0.5, 4, hold=3, n_prompt=n_prompt)[0])
-    if latch_run is not None:  # so does a run of windows over the threshold, where no window reaches the latch
+    if latch_run is not None and latch != 0.7:  # so does a run over the threshold where no window reaches the latch
         no_run = _windowed_reference(a, real, 0.5, 4, 3, n_prompt, **(levels | {"latch_run": None}))[0]
         assert want[2, n_prompt:].any() and not no_run[2, n_prompt:].any()
         assert not (no_run & ~want).any()

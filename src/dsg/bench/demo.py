@@ -331,6 +331,7 @@ def _guardrail_record(guard, sae_path: Path) -> dict:
         "hook": guard.hook,
         "sae": str(sae_path),
         "sae_sha256": guard.sae_sha256,
+        **({"latch_run": guard.latch_run} if guard.latch_run is not None else {}),  # absent: no run latch
     }
 
 

@@ -118,8 +118,8 @@ class FitConfig:
     this percentile of the same count on the calibration sequences (the longest such run in each; 100: the longest
     of all) gets a guarded answer however much benign text follows, as a window over the latch level does. A forget
     question reads as a stretch of windows over the threshold; benign text that crosses it does so in short bursts.
-    The run R is stored with the guardrail (`latch_run`: one more than that percentile's value). Default: no run
-    latch."""
+    The run R is stored with the guardrail (`latch_run`: the shortest run longer than that percentile's value).
+    Default: no run latch."""
     gate_prompt_percentile: float | None = None
     """Held gate only (needs gate_hold): a prompt's tokens are clamped only within GATE_HOLD counted tokens of a window
     over this percentile of the same calibration statistic, above the threshold (100: the largest, the latch level
@@ -511,15 +511,16 @@ def _calibrate(model, guard: Guardrail, calib_seqs, config: FitConfig, kw):
 
 
 def _latch_run(runs: torch.Tensor, config: FitConfig) -> int:
-    """R for the run latch: one more judged window in a row than gate_latch_run_percentile of the calibration
-    sequences' longest runs, or a DSGError where that would latch at any window over the threshold."""
+    """R for the run latch: the shortest run of judged windows longer than gate_latch_run_percentile of the
+    calibration sequences' longest runs, or a DSGError where that would latch at any window over the threshold."""
     value = float(np.percentile(runs.double().numpy(), config.gate_latch_run_percentile))
     latch_run = int(np.floor(value)) + 1
     if latch_run < 2:
-        raise DSGError(f"The run latch (one more than the {config.gate_latch_run_percentile:g}th percentile of the "
-                       f"longest run of windows over the threshold in each of the {len(runs)} calibration "
-                       f"sequences, {value:g}) would be {latch_run}: any window over the threshold would guard the "
-                       "answer, as a latched gate does. Raise gate_latch_run_percentile.")  # fmt: skip
+        raise DSGError(f"The run latch (the shortest run longer than the {config.gate_latch_run_percentile:g}th "
+                       f"percentile of the longest run of windows over the threshold in each of the {len(runs)} "
+                       f"calibration sequences, {value:g}) would be {latch_run}: any window over the threshold would "
+                       "guard the answer, as a latched gate does. Raise gate_latch_run_percentile, or lower "
+                       "gate_percentile so that more calibration windows go over the threshold.")  # fmt: skip
     return min(latch_run, MAX_WINDOW)
 
 

@@ -134,8 +134,9 @@ _OTHER = 2**20  # WindowState.line of a line that shows something besides words 
 
 class WindowState(NamedTuple):
     """Per-sequence state of the windowed gate: the flags of the last (up to) w real tokens, the decision, the
-    largest window score so far, how long ago a window last went over the threshold, and the current line's word
-    tokens (for the line breaks the windows pass over: window_gate)."""
+    largest window score so far, how long ago a window last went over the threshold, the current line's word
+    tokens (for the line breaks the windows pass over), and the current and longest runs of judged windows over the
+    threshold (for `latch_run`): see window_gate."""
 
     recent: torch.Tensor  # [B, w] long, flags of the most recent real tokens, right-aligned
     count: torch.Tensor  # [B] long, how many of them are real (<= w)
@@ -363,7 +364,8 @@ def _held_open(opens_BT, counted_BT, gated_B, quiet_B, hold: int, n_prompt: int,
     """(on [B, T], new quiet [B]) for window_gate's `hold`: prompt positions are open within `hold` counted tokens
     (`counted_BT`: the real ones, or those of them that carry words) of the last opening (`quiet_B` carries one
     from earlier chunks); generated positions latch, from the gate at the prompt's last token (`gated_B` before this
-    chunk) or (`strong_BT`, window_gate's `latch`) any window so far over the latch."""
+    chunk) or (`strong_BT`, window_gate's `latch` and `latch_run`) any window so far over the latch, or a long
+    enough run of windows over the threshold."""
     B, T = opens_BT.shape
     if not T:
         return gated_B[:, None], quiet_B

@@ -86,6 +86,8 @@ class GuardrailMethod(UnlearningMethod):
         }
         record = {k: getattr(guard, k) for k in ("hook", "features", "threshold", "clamp", "clamp_mode", "gated")}
         record |= {"window": guard.window, "hold": guard.hold, "latch": guard.latch, "prompt_level": guard.prompt_level}
+        if guard.latch_run is not None:
+            record["latch_run"] = guard.latch_run
         if "prompt_level_check" in guard.info:
             record["prompt_level_check"] = guard.info["prompt_level_check"]
         if guard.detector is not None:
