@@ -194,11 +194,13 @@ def gate_rates(
         scores = None
         if not windowed:
             values = rule.rho(a, real)
-        else:  # the largest window at a token the gate judges (a held gate counted in words judges only words)
+        else:  # the largest window at a token the gate judges (a held gate counted in words judges only words),
+            # as window_gate keeps it in the state's `peak` (which starts at 0)
             counted = guardrail.counted(real, ids.to(real.device))
-            values = rule.window_gate(a, real, None, 1.0, guardrail.window, e, counted_BT=counted)[1].peak
+            share, judged = judged_windows(a if e is None else e, real, counted, guardrail.window)
+            values = torch.where(judged, share, 0.0).max(1).values.clamp(min=0)
             if windows is not None:
-                scores = judged_window_scores(a if e is None else e, real, counted, guardrail.window)
+                scores = [share[b][judged[b]].cpu() for b in range(len(idx))]
         mine.append((idx[0], (idx, values.cpu(), scores)))
     for idx, values, scores in gather_ordered(mine):
         out[idx] = values
@@ -208,11 +210,16 @@ def gate_rates(
     return out
 
 
-def judged_window_scores(signal_BT, real_BT, counted_BT, window: int) -> list[torch.Tensor]:
-    """Each row's window scores at the tokens the gate judges, in order (rule.window_gate's own windows), on the
-    CPU: their largest is the state's `peak`, their longest run over a threshold its `longest`."""
+def judged_windows(signal_BT, real_BT, counted_BT, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the window score at each token [B, T], the tokens the gate judges [B, T]) of sequences read from their
+    start: rule.window_gate's own windows."""
     state = rule.WindowState.start(real_BT.shape[0], window, real_BT.device)
     kept, _ = rule.in_windows(real_BT, counted_BT, state.line)
-    share = rule._window_shares(state, signal_BT, kept)[0]
-    judged = rule.judged_tokens(real_BT, counted_BT)
+    return rule._window_shares(state, signal_BT, kept)[0], rule.judged_tokens(real_BT, counted_BT)
+
+
+def judged_window_scores(signal_BT, real_BT, counted_BT, window: int) -> list[torch.Tensor]:
+    """Each row's window scores at the tokens the gate judges, in order, on the CPU: their largest is the state's
+    `peak`, their longest run over a threshold its `longest`."""
+    share, judged = judged_windows(signal_BT, real_BT, counted_BT, window)
     return [share[b][judged[b]].cpu() for b in range(real_BT.shape[0])]
