@@ -565,20 +565,11 @@ class Guardrail:
         """The lowest format version that holds this rule, so that a dsg too old to apply it refuses the file
         instead of reading it as another rule: 9 with a run latch, 8 with windows that pass over the line breaks
         that end short lines, 7 with windows that pass over invisible tokens, 6 with a hold that skips fillers, 4
-        with a prompt level, 3 with a detector floor, else 2."""
-        if self.latch_run is not None:
-            return LATCH_RUN_FORMAT_VERSION
-        if self.hold_breaks is not None:
-            return BREAKS_FORMAT_VERSION
-        if self.hold_invisible is not None:
-            return INVISIBLE_FORMAT_VERSION
-        if self.hold_fillers is not None:
-            return HOLD_FILLERS_FORMAT_VERSION
-        if self.prompt_level is not None:
-            return PROMPT_LEVEL_FORMAT_VERSION
+        with a prompt level (each field's version is in _FIELD_FORMATS), 3 with a detector floor, else 2."""
+        versions = [version for field, (_, version, _) in _FIELD_FORMATS.items() if getattr(self, field) is not None]
         if self.detector is not None and self.detector.floor is not None:
-            return FLOORED_FORMAT_VERSION
-        return SIGNED_FORMAT_VERSION
+            versions.append(FLOORED_FORMAT_VERSION)
+        return max(versions, default=SIGNED_FORMAT_VERSION)
 
     def _detector_record(self) -> dict:
         floor = self.detector.floor
