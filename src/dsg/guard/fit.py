@@ -407,19 +407,9 @@ def fit(
     hook, point = _checked_hook(model, sae, config)
     if config.n_features > sae.d_sae:  # measure() does not select, so only fit() checks this
         raise DSGError(f"n_features={config.n_features} exceeds the SAE's {sae.d_sae} latents.")
-    calib_seqs = None
-    if calibration is not None:
-        _checked_texts("calibration", calibration)
-        _check_calibration_benign(calibration, forget)
-        calib_seqs = _sequences(tokenizer, calibration, config, 3)
-        check_sequences_fit(model, calib_seqs, config.max_length)  # before the statistics pass, not after it
-    if stats is not None and stats.measured is not None:
-        now = _measured(hook, config, forget, retain)
-        differ = [k for k in now if now[k] != stats.measured.get(k)]
-        if differ:
-            what = ", ".join(k.replace("_sha256", " corpus") for k in differ)
-            raise DSGError(f"The statistics passed to fit (stats=) were measured with another {what} than this fit "
-                           "uses; measure them again with these corpora and settings.")  # fmt: skip
+    calib_seqs = _calibration_sequences(model, tokenizer, calibration, forget, config)  # before the statistics pass
+    if stats is not None:
+        _check_measured_alike(stats, _measured(hook, config, forget, retain))
     stats = stats or measure(model, tokenizer, sae, forget, retain, config, progress=progress)
     f_sums, r_sums = stats.forget, stats.retain
     retain_seqs = stats.retain_sequences
@@ -439,10 +429,7 @@ def fit(
     if config.detector and config.gated:
         detector, detector_info, calib_seqs = _fit_detector(model, sae, hook, stats, calib_seqs, config, kw)
     floor = 0 if detector is not None and config.detector_floor else None
-    held = config.gated and config.gate_hold is not None and config.gate_hold_words
-    fillers = filler_token_ids(tokenizer) if held else None
-    invisible = _passed_over(tokenizer, config) if held else None
-    breaks = (line_break_token_ids(tokenizer) or None) if held and config.gate_skip_short_lines else None
+    fillers, invisible, breaks = _word_tables(tokenizer, config)
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
                       hold_invisible=invisible, hold_breaks=breaks, name=name)  # fmt: skip
@@ -467,6 +454,38 @@ def fit(
                      detector=detector,
                      detector_floor=floor, hold_fillers=fillers, hold_invisible=invisible, hold_breaks=breaks,
                      name=name, info=info, tensors=tensors)  # fmt: skip
+
+
+def _calibration_sequences(model, tokenizer, calibration: Sequence[str] | None, forget: Sequence[str],
+                           config: FitConfig) -> list | None:  # fmt: skip
+    """The calibration texts as sequences, checked (text, benign, within the model's context); None without any."""
+    if calibration is None:
+        return None
+    _checked_texts("calibration", calibration)
+    _check_calibration_benign(calibration, forget)
+    seqs = _sequences(tokenizer, calibration, config, 3)
+    check_sequences_fit(model, seqs, config.max_length)
+    return seqs
+
+
+def _check_measured_alike(stats: CorpusStats, now: dict) -> None:
+    """Refuse statistics (fit's stats=) measured on other corpora or data settings than `now` records."""
+    if stats.measured is None:
+        return
+    differ = [k for k in now if now[k] != stats.measured.get(k)]
+    if differ:
+        what = ", ".join(k.replace("_sha256", " corpus") for k in differ)
+        raise DSGError(f"The statistics passed to fit (stats=) were measured with another {what} than this fit "
+                       "uses; measure them again with these corpora and settings.")  # fmt: skip
+
+
+def _word_tables(tokenizer, config: FitConfig) -> tuple[list[int] | None, list[int] | None, list[int] | None]:
+    """The id tables of a held gate judged at words (Guardrail.hold_fillers, hold_invisible, hold_breaks), as
+    `config` asks; None for each it does not use."""
+    if not (config.gated and config.gate_hold is not None and config.gate_hold_words):
+        return None, None, None
+    breaks = (line_break_token_ids(tokenizer) or None) if config.gate_skip_short_lines else None
+    return filler_token_ids(tokenizer), _passed_over(tokenizer, config), breaks
 
 
 def _passed_over(tokenizer, config: FitConfig) -> list[int] | None:

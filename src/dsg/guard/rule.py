@@ -173,11 +173,10 @@ def window_gate(
 ) -> tuple[torch.Tensor, WindowState]:
     """The prefix-causal gate: at each real token, the share of flagged tokens among the last `window` real tokens
     (a sequence's start counts as unflagged, so a few flagged tokens in a short input do not make a full window);
-    the gate opens (and stays open) at the first token where that share
-    exceeds `threshold`, and from there on every flagged token is clamped. The decision at a token depends only
-    on the tokens up to it, so a prompt may arrive whole, in chunks, or one token at a time (streaming, chunked
-    prefill, a prefix cache) with the same result; benign text before or after a burst of forget-domain tokens
-    cannot dilute it.
+    the gate opens (and stays open) at the first token where that share exceeds `threshold`, and from there on
+    every flagged token is clamped. The decision at a token depends only on the tokens up to it, so a prompt may
+    arrive whole, in chunks, or one token at a time (streaming, chunked prefill, a prefix cache) with the same
+    result; benign text before or after a burst of forget-domain tokens cannot dilute it.
 
     With `evidence_BT` (integers per token, the detector gate: guard/detector.py) the window sums that evidence
     instead of the flags; the clamp still falls on flagged tokens once the gate is open.
@@ -185,15 +184,14 @@ def window_gate(
     With `hold` (h counted tokens: real ones, or with `counted_BT` those that carry words) the gate does not latch
     inside a prompt: it is open at the token whose window goes over the threshold and the next h - 1 counted ones,
     and each such window opens it again. A benign document whose detector evidence spikes once is then clamped
-    near the spike, not from there to its end. Generated
-    tokens (positions from `n_prompt` on; None: every position is a prompt's) latch as before: a prompt whose gate
-    is open at its last token gets a guarded answer to its end, and an answer that opens the gate stays guarded.
+    near the spike, not from there to its end. Generated tokens (positions from `n_prompt` on; None: every position
+    is a prompt's) latch as before: a prompt whose gate is open at its last token gets a guarded answer to its end,
+    and an answer that opens the gate stays guarded.
 
     With `latch` (a level above `threshold`; hold only) a prompt in which any window went over `latch` also gets a
     guarded answer, wherever that window was: a forget question followed by more than h benign counted tokens ("ask
     first, pad after") is still answered under the clamp. Prompt positions stay as `hold` makes them, so a benign
-    document is clamped only near its misjudged stretches; the state's `peak` carries the evidence across
-    chunks.
+    document is clamped only near its misjudged stretches; the state's `peak` carries the evidence across chunks.
 
     With `latch_run` (R judged windows; hold only) a prompt in which R judged windows in a row went over the
     threshold also gets a guarded answer, wherever that run was: a forget question reads as a stretch of windows
