@@ -191,6 +191,52 @@ def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
     assert "the other process" in summary.read_text()
 
 
+_CHECK_CLAIM = files._check_claim
+
+
+def _lands_after_the_check(monkeypatch, write):
+    """Another process's result lands between this one's claim check and its move into place."""
+
+    def check_then_lose_the_race(path):
+        _CHECK_CLAIM(path)
+        write()
+
+    monkeypatch.setattr(files, "_check_claim", check_then_lose_the_race)
+
+
+@pytest.mark.parametrize("was_there", [False, True], ids=["new", "overwrite"])
+def test_an_output_written_between_the_check_and_the_move_is_not_replaced(tmp_path, monkeypatch, was_there):
+    """The claim holds to the move itself (renameat2), not only to the check just before it."""
+    from dsg.files import check_output_file, write_text_atomic
+
+    (tmp_path / "a").write_text("a")
+    if not files._renameat2(tmp_path / "a", tmp_path / "b", files._RENAME_NOREPLACE):
+        pytest.skip("renameat2 is not available here")
+    (tmp_path / "b").unlink()
+    target, summary = tmp_path / "g", tmp_path / "s.json"
+    if was_there:
+        _guardrail_folder(target, "this run's earlier result")
+        summary.write_text('{"from": "an earlier run"}')
+    check_output_dir(target, "guardrail", overwrite=True)
+    check_output_file(summary, overwrite=True)
+
+    def theirs_dir():  # published as this module publishes: a new folder renamed over the path
+        _guardrail_folder(tmp_path / "theirs", "the other process's result")
+        os.rename(tmp_path / "theirs", target) if not was_there else files._exchange(tmp_path / "theirs", target)
+
+    _lands_after_the_check(monkeypatch, theirs_dir)
+    with pytest.raises(dsg.DSGError, match="written by another process"), atomic_directory(target, "guardrail") as tmp:
+        _guardrail_folder(tmp, "this process's result")
+    assert (target / "guardrail.safetensors").read_text() == "the other process's result"
+    assert {p.name for p in tmp_path.iterdir()} <= {"g", "s.json", "theirs"}  # no staging folder left
+
+    _lands_after_the_check(monkeypatch, lambda: summary.write_text('{"from": "the other process"}'))
+    with pytest.raises(dsg.DSGError, match="written by another process"):
+        write_text_atomic(summary, '{"from": "this one"}')
+    assert "the other process" in summary.read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_a_folder_held_by_one_compare_is_refused_to_another(tmp_path):
     from dsg.files import exclusive
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -177,11 +178,27 @@ def _claim(path: Path) -> None:
     _CLAIMS[os.path.abspath(path)] = path_identity(path)
 
 
+def _written_meanwhile(path: Path) -> DSGError:
+    return DSGError(f"{str(path)!r} was written by another process while this one ran; nothing was replaced "
+                    "(run again, with --overwrite to replace what is there now).")  # fmt: skip
+
+
 def _check_claim(path: Path) -> None:
     key = os.path.abspath(path)
     if key in _CLAIMS and path_identity(path) != _CLAIMS[key]:
-        raise DSGError(f"{str(path)!r} was written by another process while this one ran; nothing was replaced "
-                       "(run again, with --overwrite to replace what is there now).")  # fmt: skip
+        raise _written_meanwhile(path)
+
+
+def _is_claimed(path: Path, taken: Path) -> bool:
+    """Whether `taken`, what a move just took from `path`, is what this process claimed there, unchanged (a rename
+    keeps a file's inode and modification time, though not its change time): False where another process put
+    something else there, or wrote to it, after the claim was checked. Without a claim (a save from the API, no
+    output check before it), anything is."""
+    key = os.path.abspath(path)
+    if key not in _CLAIMS:
+        return True
+    claimed, now = _CLAIMS[key], path_identity(taken)
+    return claimed is not None and now is not None and claimed[:3] == now[:3]
 
 
 def _settle_claim(path: Path) -> None:
@@ -222,9 +239,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp files are 0600
-        _check_claim(path)
-        os.replace(tmp, path)
-        _settle_claim(path)
+        _publish(Path(tmp), path, os.unlink, os.replace)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -412,15 +427,65 @@ def check_output_file(path: str | os.PathLike, inputs=(), overwrite: bool = Fals
     return path
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)
+
+
+def _renameat2(a: Path, b: Path, flag: int) -> bool:
+    """Linux renameat2(a, b, flag): True when done; False where the system lacks the call or the file system the
+    flag; an OSError for any other failure (EEXIST: RENAME_NOREPLACE found something at `b`)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flag) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fsdecode(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (RENAME_EXCHANGE); False where that is not available."""
+    try:
+        return _renameat2(a, b, _RENAME_EXCHANGE)
+    except OSError:
+        return False
+
+
+def _publish(tmp: Path, path: Path, remove, fallback) -> None:
+    """Move the finished `tmp` (a file or a folder) to `path`, unless another process wrote `path` after this one
+    claimed it (check_output_dir / check_output_file): then a DSGError, and what that process wrote stays.
+
+    Where the system allows, the claim holds to the move itself, not only to a check just before it: a path that
+    was empty is taken with RENAME_NOREPLACE, which fails if anything got there first, and a path that held an
+    earlier result is swapped with RENAME_EXCHANGE, after which the one taken out must be the claimed one (else it
+    is swapped back). `remove` deletes what was taken out; `fallback(tmp, path)` moves without renameat2 (the
+    claim then holds to the check just before it)."""
+    _check_claim(path)
+    if not os.path.lexists(path):
+        try:
+            moved = _renameat2(tmp, path, _RENAME_NOREPLACE)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise _written_meanwhile(path) from None
+            raise
+    else:
+        moved = _exchange(tmp, path)
+        if moved and not _is_claimed(path, tmp):
+            _exchange(tmp, path)  # the other process's result goes back
+            raise _written_meanwhile(path)
+        if moved:
+            remove(tmp)  # it now holds the old result
+    if not moved:
+        try:
+            fallback(tmp, path)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # a folder got there since the check
+                raise _written_meanwhile(path) from None
+            raise
+    _settle_claim(path)
 
 
 class atomic_directory:
@@ -472,23 +537,22 @@ class atomic_directory:
             raise
 
     def _move_into_place(self) -> None:
-        _check_claim(self.path)
-        self._swap()
-        _settle_claim(self.path)
+        _publish(self.tmp, self.path, lambda old: shutil.rmtree(old, ignore_errors=True), self._renames)
 
-    def _swap(self) -> None:
-        if not self.path.exists():
-            os.replace(self.tmp, self.path)
-        elif _exchange(self.tmp, self.path):
-            shutil.rmtree(self.tmp, ignore_errors=True)  # it now holds the old folder
-        else:  # two renames; if the second fails, the old folder goes back
-            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent)) / "x"
+    @staticmethod
+    def _renames(tmp: Path, path: Path) -> None:
+        """Without renameat2: a rename into an empty place, or two renames; if the second fails, the old folder
+        goes back."""
+        if not path.exists():
+            os.rename(tmp, path)  # fails on a folder that is there and not empty
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent)) / "x"
+        try:
+            os.replace(path, old)
             try:
-                os.replace(self.path, old)
-                try:
-                    os.replace(self.tmp, self.path)
-                except BaseException:
-                    os.replace(old, self.path)
-                    raise
-            finally:
-                shutil.rmtree(old.parent, ignore_errors=True)
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+        finally:
+            shutil.rmtree(old.parent, ignore_errors=True)
