@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from dsg import cli
 from dsg.bench import sweep as sweep_module
@@ -484,6 +485,15 @@ def test_a_stored_edit_that_is_not_the_runs_own_is_trained_again(tiny_llama, tmp
     with open(tmp_path / "cut" / "edit.safetensors", "r+b") as f:
         f.truncate(40)
     assert ga.restore(bench, runs[1], tmp_path / "cut") is None  # cut short: trained again, not a stopped run
+    shutil.copytree(tmp_path / "e1", tmp_path / "swapped")
+    shutil.copy(tmp_path / "e2" / "edit.safetensors", tmp_path / "swapped" / "edit.safetensors")
+    assert ga.restore(bench, runs[1], tmp_path / "swapped") is None  # another run's tensors under its record
+    shutil.copytree(tmp_path / "e1", tmp_path / "half")
+    tensors = load_file(tmp_path / "half" / "edit.safetensors")
+    save_file({n: t.half() for n, t in tensors.items()}, str(tmp_path / "half" / "edit.safetensors"))
+    assert ga.restore(bench, runs[1], tmp_path / "half") is None  # re-saved in another dtype
+    with pytest.raises(DSGError, match="does not hash"):
+        Edit.load(tmp_path / "half")
 
 
 LM_EVAL_TASK = """task: dsg_local_mcq

@@ -19,6 +19,9 @@ or (verify=True) whose original values do not hash to the recorded base: an edit
 already applied.
 
 On disk: `edit.json` (format "dsg-edit") + `edit.safetensors` (the changed tensors under their parameter names).
+`edit.json` records the new tensors' names, shapes and `tensors_sha256` (format 2); a load whose tensors differ
+(replaced by another run's, re-saved in another dtype, cut short) is refused, as is a format-1 file, which has no
+such hash to check.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ..lm.fingerprint import config_differences, tensor_digest, whole_model_fing
 from .intervention import Ungated
 
 FORMAT = "dsg-edit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: edit.json records the new tensors' sha256
 JSON_NAME = "edit.json"
 TENSORS_NAME = "edit.safetensors"
 
@@ -81,6 +84,7 @@ class Edit:
                     "format_version": FORMAT_VERSION,
                     **self.info,
                     "tensors": {n: list(t.shape) for n, t in sorted(self.tensors.items())},
+                    "tensors_sha256": tensors_sha256(self.tensors),
                 },
             )
             save_file({n: t.detach().cpu().contiguous() for n, t in self.tensors.items()}, str(tmp / TENSORS_NAME))
@@ -99,8 +103,17 @@ class Edit:
     def load(cls, path: str | os.PathLike) -> Edit:
         path = Path(path)
         meta = read_artifact_json(path, JSON_NAME, FORMAT, FORMAT_VERSION, "weight-edit")
+        if meta.get("format_version") != FORMAT_VERSION or not isinstance(meta.get("tensors_sha256"), str):
+            raise DSGError(f"{str(path / JSON_NAME)!r} records no hash of its tensors (written by an older dsg, or "
+                           "edited): its tensors cannot be checked; train the edit again.")  # fmt: skip
         tensors = read_safetensors(path / TENSORS_NAME)
-        info = {k: v for k, v in meta.items() if k not in ("format", "format_version", "tensors")}
+        if meta.get("tensors") != {n: list(t.shape) for n, t in sorted(tensors.items())}:
+            raise DSGError(f"{str(path / TENSORS_NAME)!r} holds other tensors, or other shapes, than {JSON_NAME} "
+                           "declares.")  # fmt: skip
+        if tensors_sha256(tensors) != meta["tensors_sha256"]:
+            raise DSGError(f"{str(path / TENSORS_NAME)!r} does not hash to the tensors_sha256 that {JSON_NAME} "
+                           "records: the tensors were replaced or changed after the edit was saved.")  # fmt: skip
+        info = {k: v for k, v in meta.items() if k not in ("format", "format_version", "tensors", "tensors_sha256")}
         return cls(tensors, info)
 
 
