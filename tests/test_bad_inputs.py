@@ -507,6 +507,14 @@ def _api_cases(ws, model, tok, sae):
             lambda: dsg.fit(model, tok, sae, ["abc\udc80 def"] + FORGET, RETAIN),
             "unpaired surrogate",
         ),  # fmt: skip
+        "a guarded forward with a mask narrower than its inputs": (
+            lambda: _guarded_forward(ws, model, tok, columns=-2),
+            "attention mask has 3 columns for 5 input tokens",
+        ),  # the model alone runs; the gate could not read its tokens
+        "a guarded forward with a mask wider than its inputs": (
+            lambda: _guarded_forward(ws, model, tok, columns=1),
+            "attention mask has 6 columns for 5 input tokens",
+        ),  # the model alone reads its first columns, the gate its last: judged on other tokens
         "load a guardrail's guardrail.json for its folder": (
             lambda: dsg.Guardrail.load(ws / "guard" / "guardrail.json"),
             "give the folder that holds it",
@@ -515,6 +523,12 @@ def _api_cases(ws, model, tok, sae):
 
 
 API_NAMES = list(_api_cases(None, None, None, None))
+
+
+def _guarded_forward(ws, model, tok, columns: int):
+    ids = torch.tensor([tok(FORGET[0])["input_ids"][:5]])
+    with torch.no_grad(), dsg.attach(model, dsg.Guardrail.load(ws / "guard")):
+        model(input_ids=ids, attention_mask=torch.ones(1, 5 + columns, dtype=torch.long))
 
 
 @pytest.mark.parametrize("case", API_NAMES)

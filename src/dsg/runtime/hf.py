@@ -249,6 +249,21 @@ class _Forward:
             self.mask = self.mask.get("full_attention", next(iter(self.mask.values()), None))
         if self.ids is None and inputs.get("inputs_embeds") is not None:
             self.shape = tuple(inputs["inputs_embeds"].shape[:2])
+        self._check_mask_width()
+
+    def _check_mask_width(self) -> None:
+        """A 2D attention mask covers the cached and the new positions (HF's convention), so it has at least a column
+        per new token, and exactly one without a cache. A model given another width fails, or reads other columns
+        than the gate would (its first ones, the gate its last): refused, rather than judged on other tokens."""
+        shape = tuple(self.ids.shape) if isinstance(self.ids, torch.Tensor) else self.shape
+        if not (isinstance(self.mask, torch.Tensor) and self.mask.ndim == 2 and shape is not None and len(shape) == 2):
+            return
+        T, width = shape[1], self.mask.shape[1]
+        if width < T or (self.past == 0 and width != T):
+            expected = f"{T}" if self.past == 0 else f"at least {T}"
+            raise DSGError(f"The attention mask has {width} columns for {T} input tokens (expected {expected}: one "
+                           "per cached and new position); pass the mask the tokenizer gave with these "
+                           "inputs.")  # fmt: skip
 
     def _columns(self, T: int) -> torch.Tensor | None:
         """Where a 4D mask over all of a static cache's slots holds the new tokens (right after the cached ones);
