@@ -515,6 +515,25 @@ def _api_cases(ws, model, tok, sae):
             lambda: _guarded_forward(ws, model, tok, columns=1),
             "attention mask has 6 columns for 5 input tokens",
         ),  # the model alone reads its first columns, the gate its last: judged on other tokens
+        "fit a clamp float16 cannot hold": (
+            lambda: dsg.fit(
+                *dsg.load_model(ws / "model", dtype=torch.float16),
+                sae,
+                FORGET,
+                RETAIN,
+                progress=False,
+                config=dsg.FitConfig(n_features=4, ratio_percentile=80, clamp=1e6),
+            ),
+            "more than float16 holds",
+        ),  # fmt: skip  # the guarded activations would be inf: an empty answer that reads like forgetting
+        "attach a clamp float16 cannot hold": (
+            lambda: dsg.attach(
+                dsg.load_model(ws / "model", dtype=torch.float16)[0],
+                dsg.Guardrail(sae, features=[1, 2], clamp=1e6),
+                verify=False,
+            ).__enter__(),
+            "more than float16 holds",
+        ),  # fmt: skip
         "load a guardrail's guardrail.json for its folder": (
             lambda: dsg.Guardrail.load(ws / "guard" / "guardrail.json"),
             "give the folder that holds it",

@@ -433,6 +433,7 @@ def fit(
     guard = Guardrail(sae, hook, features, 0.0, clamp, config.clamp_mode, config.gated, window=config.gate_window,
                       hold=config.gate_hold, detector=detector, detector_floor=floor, hold_fillers=fillers,
                       hold_invisible=invisible, hold_breaks=breaks, name=name)  # fmt: skip
+    guard.check_dtype(next(model.parameters()).dtype)  # before the calibration pass, not when first applied
     rho, real_tokens, (threshold, latch, prompt_level), runs = _calibrate(model, guard, calib_seqs, config, kw)
     latch_run = _latch_run(runs, config) if runs is not None else None
 

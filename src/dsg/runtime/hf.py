@@ -902,6 +902,7 @@ def attach(
     for name, members in by_hook.items():
         for i in members:
             check_width(model, points[name], guardrails[i].d_in, f"Guardrail {i} (SAE)")
+            guardrails[i].check_dtype(next(model.parameters()).dtype)
             if verify:
                 guardrails[i].check_model(model, points[name])
     device = next(model.parameters()).device

@@ -94,6 +94,7 @@ class _Worker:
         self.hooks = {g.hook: _layer_index(g.hook) for g in self.guardrails}
         device = runner.device
         for g in self.guardrails:
+            g.check_dtype(vc.model_config.dtype)
             g.to(device)
         self._wrap_layers(runner.get_model())
 
