@@ -252,18 +252,18 @@ class _Forward:
         self._check_mask_width()
 
     def _check_mask_width(self) -> None:
-        """A 2D attention mask covers the cached and the new positions (HF's convention), so it has at least a column
-        per new token, and exactly one without a cache. A model given another width fails, or reads other columns
-        than the gate would (its first ones, the gate its last): refused, rather than judged on other tokens."""
+        """A 2D attention mask covers the cached and the new positions (HF's convention): one column each. A model
+        given another width fails, or reads other columns than the gate would (its first ones, the gate its last):
+        refused, rather than judged on other tokens."""
         shape = tuple(self.ids.shape) if isinstance(self.ids, torch.Tensor) else self.shape
         if not (isinstance(self.mask, torch.Tensor) and self.mask.ndim == 2 and shape is not None and len(shape) == 2):
             return
         T, width = shape[1], self.mask.shape[1]
-        if width < T or (self.past == 0 and width != T):
-            expected = f"{T}" if self.past == 0 else f"at least {T}"
-            raise DSGError(f"The attention mask has {width} columns for {T} input tokens (expected {expected}: one "
-                           "per cached and new position); pass the mask the tokenizer gave with these "
-                           "inputs.")  # fmt: skip
+        if width != self.past + T:
+            cached = f"{self.past} cached and " if self.past else ""
+            whole = "of the whole sequence so far" if self.past else "the tokenizer gave with these inputs"
+            raise DSGError(f"The attention mask has {width} columns for {cached}{T} new tokens (expected "
+                           f"{self.past + T}, one per position); pass the mask {whole}.")  # fmt: skip
 
     def _columns(self, T: int) -> torch.Tensor | None:
         """Where a 4D mask over all of a static cache's slots holds the new tokens (right after the cached ones);
