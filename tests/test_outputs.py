@@ -194,47 +194,82 @@ def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
 _CHECK_CLAIM = files._check_claim
 
 
-def _lands_after_the_check(monkeypatch, write):
-    """Another process's result lands between this one's claim check and its move into place."""
-
-    def check_then_lose_the_race(path):
-        _CHECK_CLAIM(path)
-        write()
-
-    monkeypatch.setattr(files, "_check_claim", check_then_lose_the_race)
-
-
-@pytest.mark.parametrize("was_there", [False, True], ids=["new", "overwrite"])
-def test_an_output_written_between_the_check_and_the_move_is_not_replaced(tmp_path, monkeypatch, was_there):
-    """The claim holds to the move itself (renameat2), not only to the check just before it."""
-    from dsg.files import check_output_file, write_text_atomic
-
+def test_a_file_written_between_the_check_and_the_move_into_an_empty_place_is_not_replaced(tmp_path, monkeypatch):
+    """Another program's file that lands at an empty output path after the claim check: the move (renameat2
+    RENAME_NOREPLACE) refuses to replace it."""
     (tmp_path / "a").write_text("a")
     if not files._renameat2(tmp_path / "a", tmp_path / "b", files._RENAME_NOREPLACE):
         pytest.skip("renameat2 is not available here")
     (tmp_path / "b").unlink()
-    target, summary = tmp_path / "g", tmp_path / "s.json"
-    if was_there:
-        _guardrail_folder(target, "this run's earlier result")
-        summary.write_text('{"from": "an earlier run"}')
-    check_output_dir(target, "guardrail", overwrite=True)
-    check_output_file(summary, overwrite=True)
+    target = tmp_path / "g"
+    check_output_dir(target, "guardrail")
 
-    def theirs_dir():  # published as this module publishes: a new folder renamed over the path
-        _guardrail_folder(tmp_path / "theirs", "the other process's result")
-        os.rename(tmp_path / "theirs", target) if not was_there else files._exchange(tmp_path / "theirs", target)
+    def check_then_lose_the_race(path):
+        _CHECK_CLAIM(path)
+        _guardrail_folder(target, "the other program's")
 
-    _lands_after_the_check(monkeypatch, theirs_dir)
+    monkeypatch.setattr(files, "_check_claim", check_then_lose_the_race)
     with pytest.raises(dsg.DSGError, match="written by another process"), atomic_directory(target, "guardrail") as tmp:
         _guardrail_folder(tmp, "this process's result")
-    assert (target / "guardrail.safetensors").read_text() == "the other process's result"
-    assert {p.name for p in tmp_path.iterdir()} <= {"g", "s.json", "theirs"}  # no staging folder left
+    assert (target / "guardrail.safetensors").read_text() == "the other program's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # no staging folder left
 
-    _lands_after_the_check(monkeypatch, lambda: summary.write_text('{"from": "the other process"}'))
-    with pytest.raises(dsg.DSGError, match="written by another process"):
-        write_text_atomic(summary, '{"from": "this one"}')
-    assert "the other process" in summary.read_text()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+def _racer(path, kind, who, barrier, results):
+    """One command of a race: claim the output, wait for the others, build, wait again, publish."""
+    from dsg.files import check_output_file, write_text_atomic
+
+    try:
+        if kind == "folder":
+            check_output_dir(path, "guardrail", overwrite=True)
+            barrier.wait()
+            with atomic_directory(path, "guardrail") as tmp:
+                _guardrail_folder(tmp, who)
+                barrier.wait()
+        else:
+            check_output_file(path, overwrite=True, keys=("who",))
+            barrier.wait()
+            barrier.wait()
+            write_text_atomic(path, f'{{"who": "{who}"}}')
+        results.put((who, "won"))
+    except dsg.DSGError:
+        results.put((who, "refused"))
+    except BaseException as e:  # anything else is a defect: report it rather than hang the others
+        results.put((who, f"{type(e).__name__}: {e}"))
+
+
+@pytest.mark.parametrize("racers", [2, 3])
+@pytest.mark.parametrize("kind", ["folder", "file"])
+@pytest.mark.parametrize("was_there", [False, True], ids=["new", "overwrite"])
+def test_of_several_commands_given_one_output_at_once_exactly_one_wins(tmp_path, racers, kind, was_there):
+    """Processes that each claimed the same output publish at the same moment: one reports success and its result
+    is the one at the path; every other one is refused, and nothing half-written or staged is left."""
+    import json
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(8):
+        root = tmp_path / str(round_)
+        root.mkdir()
+        path = root / ("g" if kind == "folder" else "s.json")
+        if was_there and kind == "folder":
+            _guardrail_folder(path, "earlier")
+        elif was_there:
+            path.write_text('{"who": "earlier"}')
+        barrier, results = context.Barrier(racers), context.Queue()
+        procs = [context.Process(target=_racer, args=(path, kind, f"p{i}", barrier, results)) for i in range(racers)]
+        for p in procs:
+            p.start()
+        outcomes = dict(results.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join()
+        winners = [who for who, what in outcomes.items() if what == "won"]
+        assert len(winners) == 1 and set(outcomes.values()) == {"won", "refused"}, outcomes
+        if kind == "folder":
+            assert (path / "guardrail.safetensors").read_text() == winners[0]
+        else:
+            assert json.loads(path.read_text())["who"] == winners[0]
+        assert sorted(p.name for p in root.iterdir()) == [path.name]
 
 
 def test_a_folder_held_by_one_compare_is_refused_to_another(tmp_path):

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -189,18 +190,6 @@ def _check_claim(path: Path) -> None:
         raise _written_meanwhile(path)
 
 
-def _is_claimed(path: Path, taken: Path) -> bool:
-    """Whether `taken`, what a move just took from `path`, is what this process claimed there, unchanged (a rename
-    keeps a file's inode and modification time, though not its change time): False where another process put
-    something else there, or wrote to it, after the claim was checked. Without a claim (a save from the API, no
-    output check before it), anything is."""
-    key = os.path.abspath(path)
-    if key not in _CLAIMS:
-        return True
-    claimed, now = _CLAIMS[key], path_identity(taken)
-    return claimed is not None and now is not None and claimed[:3] == now[:3]
-
-
 def _settle_claim(path: Path) -> None:
     """After this process wrote `path`: what is there now is its own."""
     key = os.path.abspath(path)
@@ -212,7 +201,7 @@ def _settle_claim(path: Path) -> None:
 def exclusive(folder: str | os.PathLike, what: str):
     """Hold an exclusive lock on `folder` (created if missing, and removed again if it is still empty at the end)
     for the block: a second process asking for it gets a DSGError instead of writing the same files at once."""
-    folder = Path(folder)
+    folder = output_path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -232,7 +221,7 @@ def exclusive(folder: str | os.PathLike, what: str):
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary sibling and rename it into place, with an ordinary new file's mode."""
-    path = Path(path)
+    path = output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -341,6 +330,31 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def output_path(path: str | os.PathLike) -> Path:
+    """An output path as every writer here reads it: `~` expanded (a shell leaves `--out=~/g` as written), so the
+    checks and the write name one place; an empty one refused (it would name the working folder)."""
+    if not str(path).strip():
+        raise DSGError("The output path is empty; give a file or folder to write.")
+    return Path(path).expanduser()
+
+
+def _holds_a_result(p: Path) -> bool:
+    """A folder dsg wrote as one result (a guardrail, a demo), even one a user has since added files to: its SAE
+    copy, its guardrail and the rest must stay whole."""
+    return _format_tag(p / "guardrail.json") == "dsg-guardrail" or _json_object_with(
+        p / "results.json", "dsg_version", "fit_config"
+    )
+
+
+def refuse_inside_result(path: str | os.PathLike) -> None:
+    """A DSGError where `path` lies inside a folder dsg wrote as one result (`_holds_a_result`)."""
+    path = Path(path)
+    inside = next((p for p in path.resolve().parents if p.is_dir() and _holds_a_result(p)), None)
+    if inside is not None:  # a guardrail's SAE copy, a demo's guardrail: part of a result that must stay whole
+        raise DSGError(f"Output path {str(path)!r} lies inside {str(inside)!r}, which dsg wrote as one result; "
+                       "writing there would change it. Choose a path outside it.")  # fmt: skip
+
+
 def _probe_writable(path: Path) -> None:
     """Create and remove a folder where `path` will be written, or a DSGError naming the path."""
     anchor = path.parent
@@ -375,17 +389,13 @@ def check_output_dir(
     `resume`, added to: a resumable run's own folder). Anything else (a file, a folder holding other things, an
     input of the command, a place that cannot be written) is refused.
     """
-    path = Path(path).expanduser()
+    path = output_path(path)
     if path.is_symlink():
         raise DSGError(f"Output path {str(path)!r} is a symbolic link; give the folder it should be written to.")
     if path.exists() and not path.is_dir():
         raise DSGError(f"Output path {str(path)!r} exists and is not a directory.")
     _refuse_inputs(path, inputs)
-    inside = next((p for p in path.resolve().parents
-                   if p.is_dir() and any(ARTIFACTS[k](p) for k in ("guardrail", "demo"))), None)  # fmt: skip
-    if inside is not None:  # a guardrail's SAE copy, a demo's guardrail: part of a result that must stay whole
-        raise DSGError(f"Output path {str(path)!r} lies inside {str(inside)!r}, which dsg wrote as one result; "
-                       "writing there would change it. Choose a path outside it.")  # fmt: skip
+    refuse_inside_result(path)
     if path.is_dir() and not _is_empty_dir(path):
         if not ARTIFACTS[kind](path):
             raise DSGError(
@@ -407,7 +417,7 @@ def check_output_file(path: str | os.PathLike, inputs=(), overwrite: bool = Fals
     """Before any work: `path` can be written as a file and is none of `inputs`, or a DSGError says why. An existing
     file is replaced only with `overwrite`, and only if it holds a JSON object with `keys` (what the command that
     writes it writes): a user's notes, question file, or another tool's JSON (a model's config.json) never is."""
-    path = Path(path).expanduser()
+    path = output_path(path)
     if path.is_dir():
         raise DSGError(f"Output file {str(path)!r} is a directory.")
     if path.is_symlink():
@@ -454,38 +464,62 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _publishing(path: Path):
+    """Hold the lock that dsg processes on this machine take to publish `path` (a file per output path in a
+    folder of the temporary directory, never removed): the claim check and the move into place then run as one
+    step, so of several commands given one output at once exactly one wins. Where no lock file can be made, the
+    claim holds to the check just before the move (and, for an empty path, to the move itself: _publish)."""
+    where = os.path.join(os.path.realpath(path.parent), path.name)
+    key = hashlib.sha256(os.fsencode(where)).hexdigest()[:32]
+    try:
+        folder = Path(tempfile.gettempdir()) / f"dsg-publish-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a check and a rename or two: microseconds
+        yield
+    finally:
+        os.close(fd)
+
+
 def _publish(tmp: Path, path: Path, remove, fallback) -> None:
     """Move the finished `tmp` (a file or a folder) to `path`, unless another process wrote `path` after this one
     claimed it (check_output_dir / check_output_file): then a DSGError, and what that process wrote stays.
 
-    Where the system allows, the claim holds to the move itself, not only to a check just before it: a path that
-    was empty is taken with RENAME_NOREPLACE, which fails if anything got there first, and a path that held an
-    earlier result is swapped with RENAME_EXCHANGE, after which the one taken out must be the claimed one (else it
-    is swapped back). `remove` deletes what was taken out; `fallback(tmp, path)` moves without renameat2 (the
-    claim then holds to the check just before it)."""
-    _check_claim(path)
-    if not os.path.lexists(path):
-        try:
-            moved = _renameat2(tmp, path, _RENAME_NOREPLACE)
-        except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise _written_meanwhile(path) from None
-            raise
-    else:
-        moved = _exchange(tmp, path)
-        if moved and not _is_claimed(path, tmp):
-            _exchange(tmp, path)  # the other process's result goes back
-            raise _written_meanwhile(path)
-        if moved:
-            remove(tmp)  # it now holds the old result
-    if not moved:
-        try:
-            fallback(tmp, path)
-        except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # a folder got there since the check
-                raise _written_meanwhile(path) from None
-            raise
-    _settle_claim(path)
+    Under the publishing lock (`_publishing`) the claim check and the move are one step for dsg processes. Where
+    the system allows, a path that was empty is taken with RENAME_NOREPLACE, which fails if anything (another
+    program's file) got there first, and a path that held an earlier result is swapped with RENAME_EXCHANGE, so it
+    is never missing. `remove` deletes what was taken out; `fallback(tmp, path)` moves without renameat2."""
+    with _publishing(path):
+        empty = not os.path.lexists(path)  # before the check: what lands after it is not replaced either
+        _check_claim(path)
+        if not empty and os.path.isdir(path) != os.path.isdir(tmp):
+            kind = "folder" if os.path.isdir(path) else "file"
+            raise DSGError(f"{str(path)!r} is a {kind}; refusing to replace it with a "
+                           f"{'file' if kind == 'folder' else 'folder'}.")  # fmt: skip
+        if empty:
+            try:
+                moved = _renameat2(tmp, path, _RENAME_NOREPLACE)
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise _written_meanwhile(path) from None
+                raise
+        else:
+            moved = _exchange(tmp, path)
+            if moved:
+                remove(tmp)  # it now holds the old result
+        if not moved:
+            try:
+                fallback(tmp, path)
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # a folder got there since the check
+                    raise _written_meanwhile(path) from None
+                raise
+        _settle_claim(path)
 
 
 class atomic_directory:
@@ -497,7 +531,7 @@ class atomic_directory:
     """
 
     def __init__(self, path: str | os.PathLike, kind: str):
-        self.path, self.kind = Path(path), kind
+        self.path, self.kind = output_path(path), kind
 
     def __enter__(self) -> Path:
         if self.path.is_symlink():
