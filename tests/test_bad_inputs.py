@@ -196,6 +196,15 @@ CLI_CASES = {
         EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/nowhere/x.json"],
         "does not exist",
     ),  # fmt: skip
+    "eval --out empty": (EVAL + ["--questions", "{ws}/q.jsonl", "--out", ""], "output path is empty"),
+    "fit --out inside a guardrail a user added notes to": (
+        FIT + ["--out", "{ws}/guard_plus/sub"],
+        "lies inside .*guard_plus', which dsg wrote as one result",
+    ),  # fmt: skip
+    "data export --out inside a guardrail": (
+        ["data", "export", "--domains", "geography", "--out", "{ws}/guard/data"],
+        "lies inside .*guard', which dsg wrote as one result",
+    ),  # fmt: skip
     "eval --out a folder": (EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/keep"], "is a directory"),
     "eval --out a user's file": (
         EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/notes.txt", "--overwrite"],
@@ -509,11 +518,11 @@ def _api_cases(ws, model, tok, sae):
         ),  # fmt: skip
         "a guarded forward with a mask narrower than its inputs": (
             lambda: _guarded_forward(ws, model, tok, columns=-2),
-            "attention mask has 3 columns for 5 input tokens",
+            "attention mask has 3 columns for 5 new tokens",
         ),  # the model alone runs; the gate could not read its tokens
         "a guarded forward with a mask wider than its inputs": (
             lambda: _guarded_forward(ws, model, tok, columns=1),
-            "attention mask has 6 columns for 5 input tokens",
+            "attention mask has 6 columns for 5 new tokens",
         ),  # the model alone reads its first columns, the gate its last: judged on other tokens
         "fit a clamp float16 cannot hold": (
             lambda: dsg.fit(
@@ -534,6 +543,10 @@ def _api_cases(ws, model, tok, sae):
             ).__enter__(),
             "more than float16 holds",
         ),  # fmt: skip
+        "a guarded continuation with a mask wider than its cache and inputs": (
+            lambda: _guarded_forward(ws, model, tok, columns=1, cached=True),
+            "attention mask has 9 columns for 5 cached and 3 new tokens",
+        ),  # the model reads its first 8 columns, the gate would take the last new token for padding
         "load a guardrail's guardrail.json for its folder": (
             lambda: dsg.Guardrail.load(ws / "guard" / "guardrail.json"),
             "give the folder that holds it",
@@ -544,10 +557,15 @@ def _api_cases(ws, model, tok, sae):
 API_NAMES = list(_api_cases(None, None, None, None))
 
 
-def _guarded_forward(ws, model, tok, columns: int):
+def _guarded_forward(ws, model, tok, columns: int, cached: bool = False):
     ids = torch.tensor([tok(FORGET[0])["input_ids"][:5]])
     with torch.no_grad(), dsg.attach(model, dsg.Guardrail.load(ws / "guard")):
-        model(input_ids=ids, attention_mask=torch.ones(1, 5 + columns, dtype=torch.long))
+        if not cached:
+            model(input_ids=ids, attention_mask=torch.ones(1, 5 + columns, dtype=torch.long))
+            return
+        cache = model(input_ids=ids, attention_mask=torch.ones(1, 5, dtype=torch.long), use_cache=True).past_key_values
+        more = torch.tensor([tok(FORGET[1])["input_ids"][1:4]])
+        model(input_ids=more, attention_mask=torch.ones(1, 8 + columns, dtype=torch.long), past_key_values=cache)
 
 
 @pytest.mark.parametrize("case", API_NAMES)
@@ -679,3 +697,43 @@ def test_dsg_public_names_and_submodules_load_on_first_use():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": "/usr/bin"})
     assert run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_a_tilde_in_out_names_one_place_for_the_checks_and_the_write(ws, tmp_path, monkeypatch, capsys):
+    """`--out=~/r.json` reaches dsg unexpanded (the shell expands only a word that starts with ~): the check and
+    the write both read it as the home folder's, so a second run without --overwrite is refused."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = _cli(ws, EVAL + ["--questions", "{ws}/q.jsonl"]) + ["--out=~/r.json"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "home" / "r.json").read_text())["mode"] == "likelihood"
+    assert not (tmp_path / "~").exists()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_argument_parser_is_built_is_one_line_and_status_130(monkeypatch, capsys):
+    from dsg import cli, entry
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert entry.main() == 130
+    assert capsys.readouterr().err == "dsg: interrupted\n"
+
+
+def test_generate_fills_the_context_exactly(ws):
+    """The last new token is generated, never read: a prompt as long as the context takes one new token."""
+    model, tok = dsg.load_model(ws / "model_nobos")  # learned positions: 256
+    prompt = ""
+    while len(tok(prompt)["input_ids"]) < 256:
+        prompt += " abc"
+    while len(tok(prompt)["input_ids"]) > 256:
+        prompt = prompt[:-1]
+    assert len(tok(prompt)["input_ids"]) == 256
+    assert len(generate(model, tok, [prompt], max_new_tokens=1, chat=False)[0]["completion"]) >= 0
+    with pytest.raises(dsg.DSGError, match="needs 257 positions, but the model takes at most 256"):
+        generate(model, tok, [prompt], max_new_tokens=2, chat=False)

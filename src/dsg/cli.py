@@ -210,7 +210,7 @@ def add_inspect(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    if args.out:
+    if args.out is not None:  # an empty --out is refused, not taken for no --out
         check_output_file(args.out, inputs=[*args.questions, *args.guardrail, args.model], overwrite=args.overwrite,
                           keys=("mode", "tasks", "all"))  # what evaluate_files returns  # fmt: skip
     guards = _guardrails(args.guardrail, verify=not args.allow_model_mismatch)
@@ -232,7 +232,7 @@ def cmd_eval(args) -> int:
         details=args.details,
     )
     text = json.dumps(summary, indent=2)
-    if args.out:
+    if args.out is not None:
         write_text_atomic(args.out, text + "\n")
     print(text)
     return 0

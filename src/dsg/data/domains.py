@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from dsg.data import attack, computing, countries, cwe, elements, general, hpo, manuals
 from dsg.data.common import QUESTION_SPLITS, TEXT_SPLITS, Domain, build_domain, data_file
 from dsg.errors import DSGError
+from dsg.files import output_path, refuse_inside_result
 
 Sources = tuple  # (records, probes, closed templates)
 
@@ -188,7 +189,8 @@ def export(names: list[str], out_dir: str, overwrite: bool = False) -> list[str]
         raise DSGError(f"Unknown data domain {unknown[0]!r}; expected one of {', '.join(DOMAIN_NAMES)}.")
     if not names:
         raise DSGError(f"export() needs at least one domain name; available: {', '.join(available_domains())}.")
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.abspath(output_path(out_dir))
+    refuse_inside_result(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DSGError(f"Export folder {out_dir} exists and is not a directory.")
     parent = os.path.dirname(out_dir)

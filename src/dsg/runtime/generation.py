@@ -115,7 +115,8 @@ def generate(
     if empty:
         raise DSGError(f"Prompt {empty[0]!r} encodes to no tokens; give a non-empty prompt.")
     i = max(range(len(encoded)), key=lambda j: len(encoded[j]))
-    check_fits_context(model, len(encoded[i]) + max_new_tokens, f"Prompt {i} ({len(encoded[i])} tokens) with "
+    # the last new token is generated, never read: it takes no position
+    check_fits_context(model, len(encoded[i]) + max_new_tokens - 1, f"Prompt {i} ({len(encoded[i])} tokens) with "
                        f"{max_new_tokens} new tokens")  # fmt: skip
     pad = pad_id_of(tokenizer, model)
     ids, mask = pad_batch(encoded, pad, side="left")
