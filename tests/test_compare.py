@@ -678,6 +678,84 @@ def test_the_registered_lm_eval_model_scores_each_request_under_its_own_contexts
     assert any(gated) and not all(gated), "the test needs contexts on both sides of the gate"
 
 
+def test_a_request_whose_row_reads_like_another_rows_padding_keeps_its_own_contexts_decision(tmp_path):
+    """HFLM pads rows on the right with zeros, and 0 is a text token in many vocabularies ('!'): the row of
+    B = (C, "!") padded reads like the row of A = (C + "!", ...). B must be scored under C's decision in a run with
+    A as alone, though C + "!" opens the gate and C does not."""
+    pytest.importorskip("lm_eval")
+    import dsg
+    from dsg.lm.hooks import hooked
+    from dsg.runtime.lm_eval import DSGLM
+
+    from tiny import bpe_tokenizer, sparse_sae, tiny_model
+
+    tok = bpe_tokenizer(add_bos=True, specials_last=True)
+    assert tok.convert_ids_to_tokens(0) == "!"
+    model = tiny_model("llama", seed=0, vocab=len(tok))
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # the special ids are the tokenizer's, not 0/1/2
+        setattr(model.config, name, getattr(tok, name))
+        setattr(model.generation_config, name, getattr(tok, name))
+    with torch.no_grad():  # id 0 was the padding row (zeros): a text token's row now, as in a real vocabulary
+        model.model.embed_tokens.weight[0] = model.model.embed_tokens.weight[3]
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    sae = sparse_sae(model, tok, FORGET + RETAIN + [t + "!" for t in FORGET_TEXTS], rate=0.1)
+    for text in FORGET_TEXTS + RETAIN_TEXTS:  # a context in which "!" raises the share of flagged tokens
+        context = tok(text)["input_ids"][:6]  # <s> and five text tokens: five real ones to the gate
+        seen: list = []
+        with torch.no_grad(), hooked(model, sae.hook_name, seen.append):
+            model(input_ids=torch.tensor([context + [0]]))
+        fires = sae.encode(seen[0][0]) > 0
+        features = fires[-1].nonzero().flatten().tolist()[:2]
+        flagged = int(fires[1:-1][:, features].any(1).sum()) if features else 5
+        if flagged < 5:
+            break
+    assert features and flagged < 5, "the test needs a latent that fires on '!'"
+    threshold = (flagged / 5 + (flagged + 1) / 6) / 2  # between C's share of flagged tokens and C + "!"'s
+    guard = dsg.Guardrail(sae, features=features, threshold=threshold)
+    decisions = []
+    for ids in (context, context + [0]):
+        with torch.no_grad(), dsg.attach(model, guard) as session:
+            model(input_ids=torch.tensor([ids]))
+        decisions.append(bool(session.gated[0]))
+    assert decisions == [False, True]
+    guard.save(tmp_path / "guard")
+
+    def lm():
+        return DSGLM(pretrained=str(tmp_path / "model"), guardrail=str(tmp_path / "guard"), batch_size=8,
+                     device="cpu", allow_model_mismatch=True)  # fmt: skip
+
+    a, b = (("a", "b"), context + [0], [5]), (("c", "!"), context, [0])
+    alone = lm()._loglikelihood_tokens([b], disable_tqdm=True)[0][0]
+    together = lm()._loglikelihood_tokens([a, b], disable_tqdm=True)[1][0]
+    assert together == pytest.approx(alone, abs=1e-6)
+
+
+def test_the_registered_lm_eval_model_judges_a_request_with_an_empty_context_whole(tmp_path):
+    """A request with an empty context (its context only the prefix token) held that token's decision, so a
+    forget text scored as its continuation was never guarded; it is judged whole, as a perplexity text is."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    import dsg
+    from dsg.runtime.lm_eval import DSGLM
+
+    model, guard = _lm_eval_folders(tmp_path)
+    texts = FORGET_TEXTS + RETAIN_TEXTS
+    lm = DSGLM(pretrained=str(tmp_path / "model"), guardrail=str(tmp_path / "guard"), batch_size=4, device="cpu")
+    empty = [Instance("loglikelihood", {}, arguments=("", t), idx=i) for i, t in enumerate(texts)]
+    scores = [x[0] for x in lm.loglikelihood(empty, disable_tqdm=True)]
+    direct, gated = [], []
+    for t in texts:
+        ids = torch.tensor([[lm.prefix_token_id] + lm.tok_encode(t, add_special_tokens=False)])  # what lm-eval scores
+        with torch.no_grad(), dsg.attach(model, guard) as session:  # fed as lm-eval feeds it: the last token dropped
+            lp = model(input_ids=ids[:, :-1]).logits[0].float().log_softmax(-1)
+            gated.append(bool(session.clamped[0]))
+        direct.append(float(lp.gather(-1, ids[0, 1:, None]).sum()))
+    assert any(gated), "the test needs texts the guardrail clamps"
+    assert scores == pytest.approx(direct, abs=1e-4)
+
+
 def test_the_registered_lm_eval_model_reads_a_perplexity_text_whole_under_its_guardrails(tmp_path):
     """loglikelihood_rolling (lm-eval's perplexity tasks): a rolling request's context is only the token before the
     text, so holding the context's decision, as for questions, left every text unclamped; each text is read

@@ -142,20 +142,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def bpe_tokenizer(add_bos: bool) -> tf.PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer (ids 0/1/2 = pad/bos/eos) trained in code on a few sentences."""
+def bpe_tokenizer(add_bos: bool, specials_last: bool = False) -> tf.PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer (ids 0/1/2 = pad/bos/eos) trained in code on a few sentences. With
+    `specials_last` the special tokens come after the 320 trained ones, so id 0 is a text token ('!'), as in GPT-2,
+    Llama 3 and Qwen2's vocabularies."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>"]
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=["<pad>", "<s>", "</s>"],
+        special_tokens=[] if specials_last else specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(TRAINING_TEXT * 4, trainer)
+    if specials_last:
+        tok.add_special_tokens(specials)
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     return fast

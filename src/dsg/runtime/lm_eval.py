@@ -13,8 +13,9 @@ is lm-eval's own CLI with it registered, since lm-eval finds models only in modu
 
 `pretrained` is an embedded model name or a HuggingFace folder. The `dsg` model judges each context (the question)
 alone and holds that decision for all of its continuations, exactly as `dsg eval` does (dsg.eval.mcq), so both
-give the same accuracy on the same questions. Perplexity tasks (`loglikelihood_rolling`) read each window of a
-text whole, every token judged as prompt, as `dsg.eval.perplexity_stats` does. A row whose context cannot be
+give the same accuracy on the same questions. Perplexity tasks (`loglikelihood_rolling`), and requests with an
+empty context, read each window of a text whole, every token judged as prompt, as `dsg.eval.perplexity_stats`
+does. A row whose context cannot be
 found (a context longer than the model's window, cut on the left) is judged as a whole, context and continuation
 together, in batches of such rows only, so the rows batched with it keep their contexts' decisions whatever the
 batch size. `lm_eval_model` keeps lm-eval's plain behaviour: each (context, continuation) forward is judged whole.
@@ -126,18 +127,27 @@ if HFLM is not None:
             # different contexts go to separate passes, so that each row names one context.
             # A row cut from the left loses the start of its context and is judged whole; such rows go to a pass
             # of their own, since `_held` holds decisions for a whole batch or for none of it.
+            # HFLM pads rows on the right with zeros, and 0 is a token too ('!' in GPT-2, Llama 3 and Qwen2's
+            # vocabularies): rows that differ only by trailing zeros ((C, "!") and C padded) go to separate passes,
+            # so that `_held` finds each row's own context.
+            # A request with an empty context (its context only the prefix token) is judged whole too: holding
+            # that token's decision would leave every such continuation unclamped.
             passes: list[dict] = []
             whole: dict = {"rows": {}, "requests": []}
-            for i, (_, context_enc, continuation_enc) in enumerate(requests):
-                if self._rolling or self._cut(context_enc, continuation_enc):
+            for i, (strings, context_enc, continuation_enc) in enumerate(requests):
+                empty = strings is not None and strings[0] == ""
+                if self._rolling or empty or self._cut(context_enc, continuation_enc):
                     whole["requests"].append(i)
                     continue
                 row, context = self._row(context_enc, continuation_enc), tuple(context_enc)
-                home = next((p for p in passes if p["rows"].get(row, context) == context), None)
+                bare = _without_trailing_zeros(row)
+                home = next((p for p in passes if p["rows"].get(row, context) == context
+                             and p["bare"].get(bare, row) == row), None)  # fmt: skip
                 if home is None:
-                    home = {"rows": {}, "requests": []}
+                    home = {"rows": {}, "bare": {}, "requests": []}
                     passes.append(home)
                 home["rows"][row] = context
+                home["bare"][bare] = row
                 home["requests"].append(i)
             results: list = [None] * len(requests)
             for p in passes + ([whole] if whole["requests"] else []):
@@ -185,6 +195,14 @@ if HFLM is not None:
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
             with attach(self.model, *self.guardrails, verify=False):
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+
+def _without_trailing_zeros(row: tuple[int, ...]) -> tuple[int, ...]:
+    """A row as it reads once HFLM's zero right-padding is taken off (taking real trailing 0 tokens with it)."""
+    end = len(row)
+    while end and row[end - 1] == 0:
+        end -= 1
+    return row[:end]
 
 
 if __name__ == "__main__":
