@@ -618,3 +618,18 @@ def test_guardrails_fitted_in_different_dtypes_are_refused_together(fitted):
     other.info["model"] = {**guard.info["model"], "dtype": "bfloat16"}
     with pytest.raises(dsg.DSGError, match=r"different dtypes \(0: float32, half: bfloat16\)"):
         fitted_dtype([guard, other])
+
+
+def test_inspect_of_a_static_guardrail_says_every_calibration_input_is_clamped(tmp_path):
+    """A static rule (gated=False) clamps every input: the audit must not read its stored threshold as a gate."""
+    from dsg.guard.inspect import describe
+
+    from tiny import bpe_tokenizer, sparse_sae, tiny_model
+
+    tok = bpe_tokenizer(add_bos=True)
+    model = tiny_model("llama", seed=0, vocab=len(tok))
+    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.2)
+    config = dsg.FitConfig(n_features=4, gated=False)
+    dsg.fit(model, tok, sae, FORGET_TEXTS, RETAIN_TEXTS, RETAIN_TEXTS, config, progress=False).save(tmp_path / "g")
+    shown = describe(tmp_path / "g")
+    assert "static (every input)" in shown and "100.0% of calibration inputs gated" in shown

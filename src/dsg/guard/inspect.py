@@ -69,7 +69,7 @@ def describe(path: str | os.PathLike, top: int | None = None) -> str:
     if rho is not None and rho.numel():
         unit = SCALE if guard.detector is not None else 1  # in the units the gate line above prints
         q = torch.quantile(rho.double() / unit, torch.tensor([0.5, 0.9, 0.95, 0.99], dtype=torch.double)).tolist()
-        gated = float((rho > guard.threshold).float().mean())
+        gated = float((rho > guard.threshold).float().mean()) if guard.gated else 1.0  # a static rule clamps all
         latched = "" if guard.latch is None else f", {float((rho > guard.latch).float().mean()):.1%} over the latch"
         if guard.prompt_level is not None:
             latched += f", {float((rho > guard.prompt_level).float().mean()):.1%} over the prompt level"
