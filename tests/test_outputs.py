@@ -300,3 +300,22 @@ def test_a_second_demo_on_the_same_folder_is_refused_at_once_and_a_failed_one_le
     with pytest.raises(dsg.DSGError, match="also --general"):
         demo.run_demo(demo.DemoConfig(forget="cyber", general="cyber", out=str(out)))
     assert not out.exists()
+
+
+def test_a_publish_lock_folder_that_is_not_private_is_not_trusted(tmp_path, monkeypatch):
+    """Another user may make the lock folder first (its name is public): a folder that is not this user's own and
+    private, or a lock file that is a symbolic link, is not used (the claim then holds to the check before the
+    move), rather than letting that user hold the lock or have files made in this user's name."""
+    monkeypatch.setattr(files.tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"dsg-publish-{os.getuid()}"
+    assert files._lock_file(tmp_path / "g") is not None  # made private: used
+    os.chmod(folder, 0o755)
+    assert files._lock_file(tmp_path / "g") is None
+    os.chmod(folder, 0o700)
+    lock = next(folder.iterdir())
+    lock.unlink()
+    lock.symlink_to(tmp_path / "elsewhere")
+    assert files._lock_file(tmp_path / "g") is None and not (tmp_path / "elsewhere").exists()
+    with atomic_directory(tmp_path / "g", "guardrail") as tmp:  # publishing still works without the lock
+        _guardrail_folder(tmp, "new")
+    assert (tmp_path / "g" / "guardrail.safetensors").read_text() == "new"

@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -346,10 +348,15 @@ def _holds_a_result(p: Path) -> bool:
     )
 
 
-def refuse_inside_result(path: str | os.PathLike) -> None:
-    """A DSGError where `path` lies inside a folder dsg wrote as one result (`_holds_a_result`)."""
+def refuse_inside_result(path: str | os.PathLike, itself: bool = False) -> None:
+    """A DSGError where `path` lies inside a folder dsg wrote as one result (`_holds_a_result`), or with `itself`
+    is one (for a writer that adds to a folder rather than replacing it, such as `dsg data export`)."""
     path = Path(path)
-    inside = next((p for p in path.resolve().parents if p.is_dir() and _holds_a_result(p)), None)
+    folders = ([path.resolve()] if itself else []) + list(path.resolve().parents)
+    inside = next((p for p in folders if p.is_dir() and _holds_a_result(p)), None)
+    if inside is not None and inside == path.resolve():
+        raise DSGError(f"Output path {str(path)!r} holds a result dsg wrote (a guardrail or a demo); writing into it "
+                       "would change it. Choose a path outside it.")  # fmt: skip
     if inside is not None:  # a guardrail's SAE copy, a demo's guardrail: part of a result that must stay whole
         raise DSGError(f"Output path {str(path)!r} lies inside {str(inside)!r}, which dsg wrote as one result; "
                        "writing there would change it. Choose a path outside it.")  # fmt: skip
@@ -464,23 +471,47 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _publishing(path: Path):
-    """Hold the lock that dsg processes on this machine take to publish `path` (a file per output path in a
-    folder of the temporary directory, never removed): the claim check and the move into place then run as one
-    step, so of several commands given one output at once exactly one wins. Where no lock file can be made, the
-    claim holds to the check just before the move (and, for an empty path, to the move itself: _publish)."""
+LOCK_WAIT_SECONDS = 60  # the longest a publish waits for another's lock on the same output path
+
+
+def _lock_file(path: Path) -> int | None:
+    """An open descriptor of the lock file for publishing `path` (one per output path, in a private folder of the
+    temporary directory, never removed), or None where none can be had safely: a folder that is not this user's
+    own and private (another user may have made it first), a lock that is a symbolic link, or no writable place."""
     where = os.path.join(os.path.realpath(path.parent), path.name)
     key = hashlib.sha256(os.fsencode(where)).hexdigest()[:32]
+    folder = Path(tempfile.gettempdir()) / f"dsg-publish-{os.getuid()}"
     try:
-        folder = Path(tempfile.gettempdir()) / f"dsg-publish-{os.getuid()}"
         folder.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None
+        return os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _publishing(path: Path):
+    """Hold the lock that dsg processes on this machine take to publish `path`: the claim check and the move into
+    place then run as one step, so of several commands given one output at once exactly one wins. Where no lock
+    file can be had (`_lock_file`), the claim holds to the check just before the move (and, for an empty path, to
+    the move itself: _publish)."""
+    fd = _lock_file(path)
+    if fd is None:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a check and a rename or two: microseconds
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:  # held by another for a check and a rename or two: a wait of milliseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DSGError(f"Another process has held the lock for writing {str(path)!r} for "
+                                   f"{LOCK_WAIT_SECONDS} s; nothing was written (run again).") from None  # fmt: skip
+                time.sleep(0.01)
         yield
     finally:
         os.close(fd)
@@ -493,7 +524,8 @@ def _publish(tmp: Path, path: Path, remove, fallback) -> None:
     Under the publishing lock (`_publishing`) the claim check and the move are one step for dsg processes. Where
     the system allows, a path that was empty is taken with RENAME_NOREPLACE, which fails if anything (another
     program's file) got there first, and a path that held an earlier result is swapped with RENAME_EXCHANGE, so it
-    is never missing. `remove` deletes what was taken out; `fallback(tmp, path)` moves without renameat2."""
+    is never missing. `remove` deletes what was taken out, after the lock is let go; `fallback(tmp, path)` moves
+    without renameat2."""
     with _publishing(path):
         empty = not os.path.lexists(path)  # before the check: what lands after it is not replaced either
         _check_claim(path)
@@ -508,10 +540,9 @@ def _publish(tmp: Path, path: Path, remove, fallback) -> None:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     raise _written_meanwhile(path) from None
                 raise
+            swapped = False
         else:
-            moved = _exchange(tmp, path)
-            if moved:
-                remove(tmp)  # it now holds the old result
+            moved = swapped = _exchange(tmp, path)
         if not moved:
             try:
                 fallback(tmp, path)
@@ -520,6 +551,8 @@ def _publish(tmp: Path, path: Path, remove, fallback) -> None:
                     raise _written_meanwhile(path) from None
                 raise
         _settle_claim(path)
+    if swapped:
+        remove(tmp)  # it now holds the old result
 
 
 class atomic_directory:

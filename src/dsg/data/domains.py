@@ -190,7 +190,7 @@ def export(names: list[str], out_dir: str, overwrite: bool = False) -> list[str]
     if not names:
         raise DSGError(f"export() needs at least one domain name; available: {', '.join(available_domains())}.")
     out_dir = os.path.abspath(output_path(out_dir))
-    refuse_inside_result(out_dir)
+    refuse_inside_result(out_dir, itself=True)  # an export adds folders to what is there
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DSGError(f"Export folder {out_dir} exists and is not a directory.")
     parent = os.path.dirname(out_dir)
