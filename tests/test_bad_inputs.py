@@ -201,6 +201,10 @@ CLI_CASES = {
         FIT + ["--out", "{ws}/guard_plus/sub"],
         "lies inside .*guard_plus', which dsg wrote as one result",
     ),  # fmt: skip
+    "data export --out a guardrail": (
+        ["data", "export", "--domains", "geography", "--out", "{ws}/guard"],
+        "holds a result dsg wrote",
+    ),  # fmt: skip
     "data export --out inside a guardrail": (
         ["data", "export", "--domains", "geography", "--out", "{ws}/guard/data"],
         "lies inside .*guard', which dsg wrote as one result",
@@ -533,7 +537,7 @@ def _api_cases(ws, model, tok, sae):
                 progress=False,
                 config=dsg.FitConfig(n_features=4, ratio_percentile=80, clamp=1e6),
             ),
-            "more than float16 holds",
+            "more than the model's float16 holds",
         ),  # fmt: skip  # the guarded activations would be inf: an empty answer that reads like forgetting
         "attach a clamp float16 cannot hold": (
             lambda: dsg.attach(
@@ -541,12 +545,18 @@ def _api_cases(ws, model, tok, sae):
                 dsg.Guardrail(sae, features=[1, 2], clamp=1e6),
                 verify=False,
             ).__enter__(),
-            "more than float16 holds",
+            "more than the model's float16 holds",
         ),  # fmt: skip
         "a guarded continuation with a mask wider than its cache and inputs": (
             lambda: _guarded_forward(ws, model, tok, columns=1, cached=True),
             "attention mask has 9 columns for 5 cached and 3 new tokens",
         ),  # the model reads its first 8 columns, the gate would take the last new token for padding
+        "attach a clamp a float16 SAE cannot hold": (
+            lambda: dsg.attach(
+                model, dsg.Guardrail(dsg.SAE.load(ws / "sae", dtype=torch.float16), features=[1, 2], clamp=7e4)
+            ).__enter__(),
+            "more than the guardrail's float16 holds",
+        ),  # its coefficients, -clamp - f, are computed in the SAE's dtype
         "load a guardrail's guardrail.json for its folder": (
             lambda: dsg.Guardrail.load(ws / "guard" / "guardrail.json"),
             "give the folder that holds it",

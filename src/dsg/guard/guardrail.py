@@ -506,21 +506,23 @@ class Guardrail:
     attach = applied
 
     def check_dtype(self, dtype: torch.dtype) -> None:
-        """Refuse a clamp whose edit of the residual stream a model computing in `dtype` cannot hold: at a flagged
-        token the clamp alone moves each dimension by up to |clamp| times the summed magnitudes of the selected
-        latents' decoder rows, and float16 holds at most 65504. Past half of that the guarded activations, and the
-        text generated from them, would be inf or NaN (an empty answer that reads like forgetting)."""
-        if not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(torch.float32).max:
-            return
-        reach = abs(self.clamp) * float(self.latents.W_dec.float().abs().sum(0).max()) if self.features else 0.0
-        limit = torch.finfo(dtype).max / 2
-        if reach > limit:
-            name = str(dtype).removeprefix("torch.")
-            below = abs(self.clamp) * limit / reach
+        """Refuse a clamp whose edit of the residual stream a model computing in `dtype`, or this guardrail's own
+        dtype, cannot hold: at a flagged token the clamp alone moves each dimension by up to |clamp| times the summed
+        magnitudes of the selected latents' decoder rows (computed in the SAE's dtype, from coefficients of about
+        |clamp|), and float16 holds at most 65504. Past half of that the guarded activations, and the text generated
+        from them, would be inf or NaN (an empty answer that reads like forgetting)."""
+        rows = float(self.latents.W_dec.float().abs().sum(0).max()) if self.features else 0.0
+        reach = abs(self.clamp) * rows
+        own = self.latents.W_dec.dtype
+        for whose, dt, value in (("the model's", dtype, reach), ("the guardrail's", own, max(reach, abs(self.clamp)))):
+            if not dt.is_floating_point or value <= torch.finfo(dt).max / 2:
+                continue
+            name, limit = str(dt).removeprefix("torch."), torch.finfo(dt).max / 2
+            below = abs(self.clamp) * limit / value
             raise DSGError(f"The clamp {self.clamp:g} moves the residual stream at {self.hook!r} by up to "
-                           f"{reach:.3g}, more than {name} holds with room for the activations ({limit:.3g}): its "
-                           f"outputs would be inf or NaN. Refit with a clamp below {below:.3g} (--clamp), or run the "
-                           "model in float32 or bfloat16.")  # fmt: skip
+                           f"{value:.3g}, more than {whose} {name} holds with room for the activations "
+                           f"({limit:.3g}): its outputs would be inf or NaN. Refit with a clamp below {below:.3g} "
+                           "(--clamp), or run it in float32 or bfloat16.")  # fmt: skip
 
     def check_model(self, model: torch.nn.Module, hook: HookPoint | None = None) -> None:
         """Refuse a model whose weights upstream of the hook, or whose config fields that change what they compute,
