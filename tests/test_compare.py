@@ -731,6 +731,12 @@ def test_a_request_whose_row_reads_like_another_rows_padding_keeps_its_own_conte
     assert together == pytest.approx(alone, abs=1e-6)
 
 
+def lm_plain(tmp_path):
+    from dsg.runtime.lm_eval import DSGLM
+
+    return DSGLM(pretrained=str(tmp_path / "model"), batch_size=4, device="cpu")
+
+
 def test_the_registered_lm_eval_model_judges_a_request_with_an_empty_context_whole(tmp_path):
     """A request with an empty context (its context only the prefix token) held that token's decision, so a
     forget text scored as its continuation was never guarded; it is judged whole, as a perplexity text is."""
@@ -745,6 +751,9 @@ def test_the_registered_lm_eval_model_judges_a_request_with_an_empty_context_who
     lm = DSGLM(pretrained=str(tmp_path / "model"), guardrail=str(tmp_path / "guard"), batch_size=4, device="cpu")
     empty = [Instance("loglikelihood", {}, arguments=("", t), idx=i) for i, t in enumerate(texts)]
     scores = [x[0] for x in lm.loglikelihood(empty, disable_tqdm=True)]
+    spaces = [Instance("loglikelihood", {}, arguments=(" ", t), idx=i) for i, t in enumerate(texts)]
+    spaced = [x[0] for x in lm.loglikelihood(spaces, disable_tqdm=True)]  # lm-eval moves the space to the text
+    assert spaced != pytest.approx([x[0] for x in lm_plain(tmp_path).loglikelihood(spaces, disable_tqdm=True)])
     direct, gated = [], []
     for t in texts:
         ids = torch.tensor([[lm.prefix_token_id] + lm.tok_encode(t, add_special_tokens=False)])  # what lm-eval scores

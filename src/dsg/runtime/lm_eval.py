@@ -135,7 +135,8 @@ if HFLM is not None:
             passes: list[dict] = []
             whole: dict = {"rows": {}, "requests": []}
             for i, (strings, context_enc, continuation_enc) in enumerate(requests):
-                empty = strings is not None and strings[0] == ""
+                # (a context of spaces only is one: lm-eval moves its spaces into the continuation)
+                empty = (strings is not None and not strings[0].strip()) or not context_enc
                 if self._rolling or empty or self._cut(context_enc, continuation_enc):
                     whole["requests"].append(i)
                     continue
