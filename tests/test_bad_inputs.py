@@ -557,6 +557,14 @@ def _api_cases(ws, model, tok, sae):
             ).__enter__(),
             "more than the guardrail's float16 holds",
         ),  # its coefficients, -clamp - f, are computed in the SAE's dtype
+        "fit with a name holding a line break": (
+            lambda: dsg.fit(model, tok, sae, FORGET, RETAIN, name="cyber\nthreshold 0.0", progress=False),
+            "'name' must be one line",
+        ),  # dsg inspect and the audit log print it: it could pass for a line dsg wrote
+        "save a guardrail whose name holds a terminal escape": (
+            lambda: dsg.Guardrail(sae, features=[1], name="g\x1b[2J").save(ws / "never_written"),
+            "'name' must be one line",
+        ),  # fmt: skip
         "load a guardrail's guardrail.json for its folder": (
             lambda: dsg.Guardrail.load(ws / "guard" / "guardrail.json"),
             "give the folder that holds it",

@@ -42,7 +42,7 @@ from ..lm.text import (
 from . import rule
 from .detector import fit_weights, holdout_split, window_features
 from .guardrail import Guardrail
-from .integrity import MAX_CLAMP, MAX_WINDOW
+from .integrity import MAX_CLAMP, MAX_WINDOW, check_name
 from .rule import CLAMP_MODES
 from .scorers import SCORERS, scores
 from .stats import LatentSums, collect_stats, gate_rates
@@ -404,6 +404,7 @@ def fit(
     """
     config = config or FitConfig()
     config.__post_init__()  # a config changed after it was built is checked again
+    check_name(name, "fit")  # before the passes, not when the result is saved
     hook, point = _checked_hook(model, sae, config)
     if config.n_features > sae.d_sae:  # measure() does not select, so only fit() checks this
         raise DSGError(f"n_features={config.n_features} exceeds the SAE's {sae.d_sae} latents.")

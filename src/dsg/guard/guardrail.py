@@ -39,6 +39,7 @@ from .integrity import (
     INVISIBLE_TENSOR,
     check_hold_tables,
     check_meta,
+    check_name,
     check_record,
     check_rule,
     check_statistics,
@@ -337,6 +338,7 @@ class Guardrail:
             raise DSGError(f"This guardrail's features were changed after it was built ({self.features[:8]} named, "
                            f"{self.latents.features.tolist()[:8]} held); build a new Guardrail(sae, features=...) "
                            "for other latents.")  # fmt: skip
+        check_name(self.name, "The guardrail")
         floor = self.detector.floor if self.detector is not None else None
         check_rule(self.hook, self.features, self.threshold, self.clamp, self.clamp_mode, self.gated,
                    int(self.sae_record["d_sae"]), "The guardrail", self.window, self.detector is not None, self.hold,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 
 import torch
 
@@ -51,6 +52,21 @@ def content_sha256(meta: dict, tensors: dict[str, torch.Tensor]) -> str:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+MAX_NAME = 200  # characters in a guardrail's name
+
+
+def check_name(name, where: str) -> None:
+    """A guardrail's name is one printable line: `dsg inspect`, the audit log and error messages print it, and a
+    line break or terminal escape in it could pass for lines dsg wrote."""
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise DSGError(f"{where}: 'name' must be a string, got {name!r}.")
+    if len(name) > MAX_NAME or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        raise DSGError(f"{where}: 'name' must be one line of at most {MAX_NAME} characters without control "
+                       f"characters, got {name[:40]!r}{'...' if len(name) > 40 else ''}.")  # fmt: skip
 
 
 def check_rule(
@@ -151,9 +167,7 @@ def check_meta(meta: dict, where: str, allow_missing_model: bool) -> None:
     floor = detector.get("floor") if detector is not None else None
     check_rule(*rule, detector is not None, meta.get("hold"), meta.get("latch"), floor, meta.get("prompt_level"),
                meta.get("latch_run"))  # fmt: skip
-    name = meta.get("name")
-    if name is not None and not isinstance(name, str):
-        raise DSGError(f"{where}: 'name' must be a string, got {name!r}.")
+    check_name(meta.get("name"), where)
     model = meta.get("model")
     if model is None and not allow_missing_model:
         raise DSGError(
