@@ -201,6 +201,10 @@ CLI_CASES = {
         FIT + ["--out", "{ws}/guard_plus/sub"],
         "lies inside .*guard_plus', which dsg wrote as one result",
     ),  # fmt: skip
+    "data export --domains with a domain twice": (
+        ["data", "export", "--domains", "geography,geography", "--out", "{ws}/new"],
+        "names 'geography' twice",
+    ),  # fmt: skip
     "data export --out a guardrail": (
         ["data", "export", "--domains", "geography", "--out", "{ws}/guard"],
         "holds a result dsg wrote",

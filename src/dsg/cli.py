@@ -276,6 +276,9 @@ def _domain_names(value: str | None) -> list[str] | None:
     names = [n.strip() for n in value.split(",") if n.strip()]
     if not names:
         raise DSGError("--domains names no data domain; leave it out for the default.")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:  # train-sae would read its texts twice as often, as with a --text file given twice
+        raise DSGError(f"--domains names {twice!r} twice.")
     return names
 
 
