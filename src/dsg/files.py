@@ -292,10 +292,18 @@ def _json_object_with(path: Path, *keys: str) -> bool:
     return data is not None and all(k in data for k in keys)
 
 
+def _has_guardrail_header(p: Path) -> bool:
+    return _format_tag(p / "guardrail.json") == "dsg-guardrail"
+
+
+def _has_demo_header(p: Path) -> bool:
+    return _json_object_with(p / "results.json", "dsg_version", "fit_config")
+
+
 def _is_guardrail(p: Path) -> bool:
     return (
         _holds("guardrail.json", "guardrail.safetensors", "sae")(p)
-        and _format_tag(p / "guardrail.json") == "dsg-guardrail"
+        and _has_guardrail_header(p)
         and (p / "guardrail.safetensors").is_file()
         and (not (p / "sae").exists() or ((p / "sae").is_dir() and _is_sae(p / "sae")))
     )
@@ -312,7 +320,7 @@ def _is_sae(p: Path) -> bool:
 def _is_demo(p: Path) -> bool:
     return (
         _holds("results.json", "report.md", "report.png", "guardrail")(p)
-        and _json_object_with(p / "results.json", "dsg_version", "fit_config")
+        and _has_demo_header(p)
         and (not (p / "guardrail").exists() or _is_guardrail(p / "guardrail"))
     )
 
@@ -343,18 +351,17 @@ def output_path(path: str | os.PathLike) -> Path:
 def _holds_a_result(p: Path) -> bool:
     """A folder dsg wrote as one result (a guardrail, a demo), even one a user has since added files to: its SAE
     copy, its guardrail and the rest must stay whole."""
-    return _format_tag(p / "guardrail.json") == "dsg-guardrail" or _json_object_with(
-        p / "results.json", "dsg_version", "fit_config"
-    )
+    return _has_guardrail_header(p) or _has_demo_header(p)
 
 
 def refuse_inside_result(path: str | os.PathLike, itself: bool = False) -> None:
     """A DSGError where `path` lies inside a folder dsg wrote as one result (`_holds_a_result`), or with `itself`
     is one (for a writer that adds to a folder rather than replacing it, such as `dsg data export`)."""
     path = Path(path)
-    folders = ([path.resolve()] if itself else []) + list(path.resolve().parents)
+    resolved = path.resolve()
+    folders = ([resolved] if itself else []) + list(resolved.parents)
     inside = next((p for p in folders if p.is_dir() and _holds_a_result(p)), None)
-    if inside is not None and inside == path.resolve():
+    if inside is not None and inside == resolved:
         raise DSGError(f"Output path {str(path)!r} holds a result dsg wrote (a guardrail or a demo); writing into it "
                        "would change it. Choose a path outside it.")  # fmt: skip
     if inside is not None:  # a guardrail's SAE copy, a demo's guardrail: part of a result that must stay whole
@@ -533,23 +540,15 @@ def _publish(tmp: Path, path: Path, remove, fallback) -> None:
             kind = "folder" if os.path.isdir(path) else "file"
             raise DSGError(f"{str(path)!r} is a {kind}; refusing to replace it with a "
                            f"{'file' if kind == 'folder' else 'folder'}.")  # fmt: skip
-        if empty:
-            try:
-                moved = _renameat2(tmp, path, _RENAME_NOREPLACE)
-            except OSError as e:
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise _written_meanwhile(path) from None
-                raise
-            swapped = False
-        else:
-            moved = swapped = _exchange(tmp, path)
-        if not moved:
-            try:
+        swapped = not empty and _exchange(tmp, path)
+        try:
+            moved = swapped or (empty and _renameat2(tmp, path, _RENAME_NOREPLACE))
+            if not moved:  # no renameat2 here
                 fallback(tmp, path)
-            except OSError as e:
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # a folder got there since the check
-                    raise _written_meanwhile(path) from None
-                raise
+        except OSError as e:  # something got to the empty path first (a folder, with the fallback)
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise _written_meanwhile(path) from None
+            raise
         _settle_claim(path)
     if swapped:
         remove(tmp)  # it now holds the old result
