@@ -200,7 +200,7 @@ def gate_rates(
             share, judged = judged_windows(a if e is None else e, real, counted, guardrail.window)
             values = torch.where(judged, share, 0.0).max(1).values.clamp(min=0)
             if windows is not None:
-                scores = [share[b][judged[b]].cpu() for b in range(len(idx))]
+                scores = _at_judged(share, judged)
         mine.append((idx[0], (idx, values.cpu(), scores)))
     for idx, values, scores in gather_ordered(mine):
         out[idx] = values
@@ -221,5 +221,9 @@ def judged_windows(signal_BT, real_BT, counted_BT, window: int) -> tuple[torch.T
 def judged_window_scores(signal_BT, real_BT, counted_BT, window: int) -> list[torch.Tensor]:
     """Each row's window scores at the tokens the gate judges, in order, on the CPU: their largest is the state's
     `peak`, their longest run over a threshold its `longest`."""
-    share, judged = judged_windows(signal_BT, real_BT, counted_BT, window)
-    return [share[b][judged[b]].cpu() for b in range(real_BT.shape[0])]
+    return _at_judged(*judged_windows(signal_BT, real_BT, counted_BT, window))
+
+
+def _at_judged(share_BT: torch.Tensor, judged_BT: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's window scores at the tokens the gate judges, in order, on the CPU."""
+    return [share_BT[b][judged_BT[b]].cpu() for b in range(share_BT.shape[0])]
