@@ -759,3 +759,18 @@ def test_generate_fills_the_context_exactly(ws):
     assert len(generate(model, tok, [prompt], max_new_tokens=1, chat=False)[0]["completion"]) >= 0
     with pytest.raises(dsg.DSGError, match="needs 257 positions, but the model takes at most 256"):
         generate(model, tok, [prompt], max_new_tokens=2, chat=False)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(ws):
+    """`dsg inspect G | head -1`: once the reader has closed the pipe, dsg stops with SIGPIPE's status and writes
+    no error (a broken pipe is not a fault of the command or its input)."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "dsg", "inspect", str(ws / "guard"), "--top", "40"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # before dsg has written anything (its imports take seconds)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert err == "", err

@@ -76,3 +76,18 @@ def test_registered_lm_eval_model_matches_dsg_eval(demo, tmp_path):
             assert results[name]["acc_norm,none"] == pytest.approx(acc_norm, abs=1e-9), (name, intervention is not None)
         changed |= guarded[name]["acc,none"] != base[name]["acc,none"]
     assert changed  # the guardrail acts inside lm-eval (the cyber accuracy moves)
+
+
+def test_a_refusal_is_one_line_and_status_2(tmp_path):
+    """A guardrail path that is not one is refused in one line (no traceback) with status 2, as `dsg` refuses it."""
+    qs = tmp_path / "q.jsonl"
+    qs.write_text(json.dumps({"question": "Q?", "choices": ["a", "b"], "answer": 0}) + "\n")
+    (tmp_path / "q.yaml").write_text(TASK.format(name="dsg_q", path=qs))
+    cmd = [sys.executable, "-m", "dsg.runtime.lm_eval", "run", "--model", "dsg", "--model_args",
+           f"pretrained=smollm2-135m,guardrail={tmp_path / 'nosuch'}", "--tasks", "dsg_q", "--include_path",
+           str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("dsg lm_eval: error: ")
+    assert "is not a guardrail directory" in done.stderr

@@ -510,10 +510,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise DSGError(f"Under torchrun only {' and '.join(SHARDED_COMMANDS)} shard their work; run "
                                f"'dsg {args.command}' as one process.")  # fmt: skip
             init_from_env()
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit, so that a reader gone away is met by the handler below
+        return code
     except DSGError as e:
         _print_error(args.command, str(e))
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader of our output went away (`dsg inspect G | head -1`): stop, say nothing
+        _close_bars()
+        with contextlib.suppress(OSError, ValueError):  # what is left in stdout's buffer goes nowhere at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as e:  # the machine, not the input: a full disk, a folder made read-only mid-run
         where = f" ({e.filename})" if e.filename else ""
         _print_error(args.command, f"{e.strerror or e}{where}.")

@@ -23,6 +23,7 @@ batch size. `lm_eval_model` keeps lm-eval's plain behaviour: each (context, cont
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -206,9 +207,26 @@ def _without_trailing_zeros(row: tuple[int, ...]) -> tuple[int, ...]:
     return row[:end]
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """lm-eval's command line with the `dsg` model registered. A dsg refusal (a guardrail folder that is not one,
+    a model it was not fitted on) is one line and status 2, as from `dsg`; Ctrl-C is one line and status 130."""
     if HFLM is None:
-        raise SystemExit("python -m dsg.runtime.lm_eval needs lm-eval: pip install lm-eval.")
+        print("python -m dsg.runtime.lm_eval needs lm-eval: pip install lm-eval.", file=sys.stderr)
+        return 2
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    from ..tables import printable
+
+    try:
+        cli_evaluate()
+    except DSGError as e:
+        print(f"dsg lm_eval: error: {' '.join(printable(str(e)).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsg lm_eval: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
