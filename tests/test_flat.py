@@ -318,3 +318,24 @@ def test_finished_requests_are_forgotten_and_a_reused_id_starts_afresh(setting):
     assert gates.decision("a") is not None
     gates.keep_only(["b"])
     assert gates.decision("a") is None and not gates.states
+
+
+def test_a_detector_gates_audit_record_is_in_the_units_inspect_shows(setting):
+    """rho and threshold of a detector gate's audit record are mean evidence per weight unit, as `dsg inspect` and
+    the gate's description print them (the guardrail stores its levels in integer weight units)."""
+    from dsg.guard.detector import SCALE
+
+    guards, seqs, acts, prompts, specials = setting
+    g = guards["held"]
+    events = []
+    simulate(RequestGates([g], specials, on_event=events.append), g.hook, seqs, acts, prompts, None, 0)
+    prompt_events = [e for e in events if e["event"] == "prompt"]
+    assert prompt_events and g.gate_unit() == SCALE
+    assert all(e["threshold"] == pytest.approx(g.threshold / SCALE) for e in prompt_events)
+    assert f"> {g.threshold / SCALE:.4g}" in g.gate_rule() and f"threshold={g.threshold / SCALE:.4g}" in repr(g)
+    for e in prompt_events:
+        r = int(e["request_id"])
+        real = real_token_mask(torch.tensor([seqs[r][: prompts[r]]]), None, specials)
+        _, a, ev = g.flags(acts[r][None, : prompts[r]], real)
+        peak = float(g.gate(a, real, prompts[r], None, ev)[1].peak[0])
+        assert e["rho"] == pytest.approx(peak / SCALE, abs=1e-6)

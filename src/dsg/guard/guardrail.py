@@ -391,7 +391,7 @@ class Guardrail:
     def _opens_how(self) -> str:
         if self.hold is None:
             return "latched"
-        unit = SCALE if self.detector is not None else 1
+        unit = self.gate_unit()
         counted = "tokens that carry words" if self.hold_fillers is not None else "tokens"
         how = f"open for {self.hold} {counted} in a prompt, latched in the answer"
         if self.hold_fillers is not None:
@@ -408,16 +408,22 @@ class Guardrail:
             latches.append(f"{self.latch_run} judged windows in a row over the threshold")
         return how + (f"; {' or '.join(latches)} anywhere in the prompt guards the answer" if latches else "")
 
+    def gate_unit(self) -> float:
+        """What the stored levels (threshold, latch, prompt level) are divided by wherever they are shown: a detector
+        gate stores them in its integer weight units (detector.SCALE per 1.0 of weight) and shows mean evidence."""
+        return float(SCALE) if self.detector is not None else 1.0
+
     def __repr__(self) -> str:
-        gate = f"threshold={self.threshold:.4g}" if self.gated else "static"
+        unit = self.gate_unit()
+        gate = f"threshold={self.threshold / unit:.4g}" if self.gated else "static"
         gate += f", window={self.window}" if self.window is not None else ""
         gate += f", hold={self.hold}" if self.hold is not None else ""
         gate += " words" if self.hold is not None and self.hold_fillers is not None else ""
         gate += " visible" if self.hold is not None and self.hold_invisible is not None else ""
         gate += " lines" if self.hold is not None and self.hold_breaks is not None else ""
-        gate += f", latch={self.latch:.4g}" if self.latch is not None else ""
+        gate += f", latch={self.latch / unit:.4g}" if self.latch is not None else ""
         gate += f", latch_run={self.latch_run}" if self.latch_run is not None else ""
-        gate += f", prompt_level={self.prompt_level:.4g}" if self.prompt_level is not None else ""
+        gate += f", prompt_level={self.prompt_level / unit:.4g}" if self.prompt_level is not None else ""
         gate += f", detector={len(self.detector)} latents" if self.detector is not None else ""
         return (
             f"Guardrail(hook={self.hook!r}, features={self.features}, {gate}, clamp={self.clamp:g}, "

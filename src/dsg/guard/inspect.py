@@ -13,7 +13,6 @@ import torch
 
 from ..errors import DSGError
 from ..tables import printable, table
-from .detector import SCALE
 from .guardrail import Guardrail
 
 
@@ -67,7 +66,7 @@ def describe(path: str | os.PathLike, top: int | None = None) -> str:
         out.append(f"  {label:<10} " + ", ".join(f"{k}={v if k != 'sha256' else v[:12]}" for k, v in d.items()))
     rho = guard.tensors.get("calibration_rho")
     if rho is not None and rho.numel():
-        unit = SCALE if guard.detector is not None else 1  # in the units the gate line above prints
+        unit = guard.gate_unit()  # in the units the gate line above prints
         q = torch.quantile(rho.double() / unit, torch.tensor([0.5, 0.9, 0.95, 0.99], dtype=torch.double)).tolist()
         gated = float((rho > guard.threshold).float().mean()) if guard.gated else 1.0  # a static rule clamps all
         latched = "" if guard.latch is None else f", {float((rho > guard.latch).float().mean()):.1%} over the latch"

@@ -242,9 +242,9 @@ class RequestGates:
     def _event(self, c: Chunk, i: int, g: Guardrail, state, event: str) -> None:
         if self.on_event is None:
             return
-        run = {}
+        run, unit = {}, g.gate_unit()
         if isinstance(state, rule.WindowState):
-            score = float(state.peak[0])
+            score = float(state.peak[0]) / unit
             if g.latch_run is not None:  # the longest run of windows over the threshold, beside the run latch
                 run = {"run": int(state.longest[0]), "latch_run": g.latch_run}
         else:
@@ -255,7 +255,7 @@ class RequestGates:
             "event": event,
             **self.labels[i],
             "rho": round(score, 6),
-            "threshold": g.threshold if g.gated else None,
+            "threshold": round(g.threshold / unit, 6) if g.gated else None,
             "gated": _gated(state),
             "prompt_tokens": c.prompt_length,
             "prompt_clamped": self.prompt_clamped[c.request_id][i],
