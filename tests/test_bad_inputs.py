@@ -427,6 +427,8 @@ CLI_CASES = {
         TRAIN + ["--domains", "nonexistent", "--out", "{ws}/new"],
         "not both",
     ),  # fmt: skip
+    "compare --grid a missing file": (["compare", "--grid", "{ws}/no.json", "--out", "{ws}/new"], "no.json' does not"),
+    "compare --grid a folder": (["compare", "--grid", "{ws}/keep", "--out", "{ws}/new"], "is a folder; give a JSON"),
     "compare an unknown method": (["compare", "--methods", "dsg,sgd", "--out", "{ws}/new"], "Unknown method"),
     "compare a forget domain also retained": (
         ["compare", "--forget", "geography", "--retain", "geography,chemistry", "--out", "{ws}/new"],
@@ -774,3 +776,24 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(ws):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
     assert err == "", err
+
+
+def test_demo_help_tells_its_own_defaults():
+    """`dsg demo --help` shows the demo's settings as defaults; the field docstrings' "Default: ..." sentences,
+    which tell `dsg fit`'s defaults, are left out where the demo's differ (and kept for `dsg fit`)."""
+    import contextlib
+    import io
+
+    from dsg.cli import build_parser
+
+    def help_of(command):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        return " ".join(out.getvalue().split())
+
+    demo, fit = help_of("demo"), help_of("fit")
+    assert "Default: latch. (default: 32)" not in demo and "or opens during the answer. (default: 32)" in demo
+    assert "Default: latch. (default: None)" in fit
+    assert "Default 0: the percentile's value. (default: 0.25)" not in demo
+    assert "computing" in help_of("--help").split("demo", 2)[2][:200]

@@ -361,7 +361,8 @@ def cmd_demo(args) -> int:
 def add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="Forget cyber security in SmolLM2-135M while keeping geography and chemistry.",
+        help="Forget offensive cyber security in SmolLM2-135M while keeping neighbouring computing, geography and "
+        "chemistry.",
         description="The whole pipeline on the embedded default: model, data, SAE, fit, evaluate, report.",
     )
     add_arguments(p, DemoConfig)

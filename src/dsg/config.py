@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import math
 import operator
+import re
 import textwrap
 import typing
 from functools import cache
@@ -52,6 +53,9 @@ def _base_type(tp):
     return tp
 
 
+_OTHER_DEFAULT = re.compile(r"(?:^|(?<=\s))Default\b[^.]*\.")  # a docstring's sentence about its own default
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls_or_default, skip: tuple[str, ...] = ()) -> None:
     """One `--field-name` option per dataclass field, with its docstring as help and its default shown.
 
@@ -67,8 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls_or_default, skip: tuple[s
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if isinstance(cls_or_default, type) else getattr(cls_or_default, f.name)
+        doc = docs.get(f.name, "")
+        if default != f.default:  # the docstring's "Default: ..." sentence tells the class's default, not this one
+            doc = " ".join(_OTHER_DEFAULT.sub(" ", doc).split())
         # argparse %-formats help text: a docstring's "99 % rule" would print as a format directive
-        help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
+        help_text = f"{doc} (default: {default})".replace("%", "%%")
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -99,6 +99,10 @@ def read_json(path: str | os.PathLike) -> dict:
     except DuplicateKey as e:
         raise DSGError(f"{str(path)!r} names the key {str(e)!r} twice in one object; JSON keeps only the last value, "
                        "so the file is ambiguous.") from None  # fmt: skip
+    except FileNotFoundError:
+        raise DSGError(f"{str(path)!r} does not exist.") from None
+    except IsADirectoryError:
+        raise DSGError(f"{str(path)!r} is a folder; give a JSON file.") from None
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a number past int limits
         raise DSGError(f"Cannot read {str(path)!r} as JSON: {type(e).__name__}: {str(e)[:200]}.") from None
     if not isinstance(data, dict):

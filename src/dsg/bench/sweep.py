@@ -70,8 +70,8 @@ class CompareConfig(BenchSetting):
     heldout: str | None = None
     """Your own data: held-out retain text for perplexity (.txt/.jsonl; none: perplexity is skipped)."""
     methods: str = "all"
-    """Comma-separated methods to run (dsg, static_clamp, conditional_clamp, rmu, ga, graddiff, npo, or any other
-    registered in dsg.methods), or all."""
+    """Comma-separated methods to run (dsg, dsg_paper, static_clamp, conditional_clamp, rmu, ga, graddiff, npo, or
+    any other registered in dsg.methods), or all."""
     budget: float = 1.0
     """Scales training steps linearly; < 0.5 runs one configuration per method, >= 2 the wide grids."""
     grid: str | None = None
