@@ -438,6 +438,22 @@ CLI_CASES = {
         ["demo", "--forget", "cyber", "--general", "cyber", "--out", "{ws}/new"],
         "is also --general",
     ),  # fmt: skip
+    "demo a forget domain typed wrong": (["demo", "--forget", "cyb", "--out", "{ws}/new"], "Unknown data domain 'cyb'"),
+    "demo a retain domain typed wrong": (
+        ["demo", "--retain", "geography,chem", "--out", "{ws}/new"],
+        "Unknown data domain 'chem'",
+    ),  # fmt: skip
+    "demo a model folder that is not there": (
+        ["demo", "--model", "{ws}/no/model", "--out", "{ws}/new"],
+        "Model folder .* does not exist",
+    ),  # fmt: skip
+    "demo an SAE folder that is not there": (["demo", "--sae", "{ws}/no_sae", "--out", "{ws}/new"], "does not exist"),
+    "demo a model folder without --sae": (["demo", "--model", "{ws}/model", "--out", "{ws}/new"], "No SAE ships"),
+    "compare a model folder that is not there": (
+        ["compare", "--model", "{ws}/no/model", "--out", "{ws}/new"],
+        "Model folder .* does not exist",
+    ),  # fmt: skip
+    "compare a forget domain typed wrong": (["compare", "--forget", "cyb", "--out", "{ws}/new"], "Unknown data domain"),
     "compare without a retain domain": (["compare", "--retain", ",", "--out", "{ws}/new"], "At least one retain"),
     "compare a retain domain twice": (
         ["compare", "--retain", "chemistry,chemistry", "--out", "{ws}/new"],
@@ -797,3 +813,18 @@ def test_demo_help_tells_its_own_defaults():
     assert "Default: latch. (default: None)" in fit
     assert "Default 0: the percentile's value. (default: 0.25)" not in demo
     assert "computing" in help_of("--help").split("demo", 2)[2][:200]
+
+
+@pytest.mark.parametrize("command", ["demo", "compare"])
+def test_a_misnamed_domain_is_refused_before_the_model_loads(ws, command, monkeypatch, capsys):
+    """A typo in a domain name is refused at once, not after the model (and for compare the SAE) has loaded."""
+    import dsg.bench.demo
+    import dsg.bench.setting
+
+    def loading(*a, **k):
+        raise AssertionError("the model was loaded before the domain names were checked")
+
+    monkeypatch.setattr(dsg.bench.demo, "load_model", loading)
+    monkeypatch.setattr(dsg.bench.setting, "load_model", loading)
+    assert main([command, "--retain", "geography,chem", "--out", str(ws / "new")]) == 2
+    assert "Unknown data domain 'chem'" in capsys.readouterr().err

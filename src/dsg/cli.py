@@ -41,7 +41,6 @@ from .lm.text import read_corpus
 from .parallel import barrier, init_from_env, launched, sharded, shutdown
 from .runtime.generation import generate
 from .sae import SAE
-from .sae.embedded import embedded_sae
 from .sae.train import TrainConfig, save_trained_sae, train_sae
 from .tables import printable
 
@@ -423,8 +422,7 @@ def add_serve(sub) -> None:
 def cmd_compare(args) -> int:
     config = from_args(CompareConfig, args)
     config.method_names()  # fail early on a typo
-    if not config.sae and not config.forget_corpus:
-        embedded_sae(config.model)  # fail before the slow stages when no SAE ships for this model
+    config.check(domains=not config.forget_corpus)  # fail before the slow stages: the model, its SAE, the domains
     bench = None
     if launched():  # under torchrun the processes share the statistics pass; the rest runs in the first process
         check_output_dir(config.out, "comparison", resume=True)

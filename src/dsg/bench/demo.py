@@ -154,7 +154,7 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
 
 
 def _run_demo(config: DemoConfig, fit_config: FitConfig) -> dict:
-    config.domain_names()  # refused before the model loads
+    config.check()  # a bad model, SAE or domain name is refused before the model loads
     config = config.sized()
     if config.quick:
         fit_config = dataclasses.replace(fit_config, max_sequences=min(fit_config.max_sequences, QUICK_FIT_SEQUENCES))
@@ -384,8 +384,7 @@ def check_targets(results: dict) -> dict:
 
 
 def main_demo(config: DemoConfig, fit_config: FitConfig) -> int:
-    if not config.sae:
-        embedded_sae(config.model)  # fail early, before the slow stages, if none ships for this model
+    config.check()  # fail early, before the slow stages: the model, its SAE and the domains
     results = run_demo(config, fit_config)
     print(print_demo_table(results))
     print(f"\nwrote {config.out}/results.json, report.md, report.png, guardrail/")

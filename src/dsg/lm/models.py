@@ -129,18 +129,27 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
         model.config._name_or_path = spec.name
         tokenizer.name_or_path = spec.name
     else:
-        path = Path(text).expanduser()
-        if not path.exists():
-            if os.sep in text or text.startswith((".", "~")):
-                raise DSGError(f"Model folder {text!r} does not exist.")
-            _known(text)  # raises the "unknown model" sentence
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise DSGError(
-                f"{text!r} is not a HuggingFace model folder: expected a directory containing config.json, "
-                "model weights and tokenizer files."
-            )
-        model, tokenizer = _load_folder(path, dtype)
+        check_model_ref(text)
+        model, tokenizer = _load_folder(Path(text).expanduser(), dtype)
     return model, tokenizer
+
+
+def check_model_ref(name_or_path: str | os.PathLike) -> None:
+    """Refuse, without loading anything, what load_model would refuse before loading: a name that is neither an
+    embedded model nor an existing HuggingFace folder (one with a config.json)."""
+    text = str(name_or_path)
+    if text.strip().lower() in KNOWN_MODELS:
+        return
+    path = Path(text).expanduser()
+    if not path.exists():
+        if os.sep in text or text.startswith((".", "~")):
+            raise DSGError(f"Model folder {text!r} does not exist.")
+        _known(text)  # raises the "unknown model" sentence
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise DSGError(
+            f"{text!r} is not a HuggingFace model folder: expected a directory containing config.json, "
+            "model weights and tokenizer files."
+        )
 
 
 def _load_folder(path: Path, dtype: torch.dtype):
