@@ -529,3 +529,16 @@ def test_fit_corpora_put_each_sides_requests_on_its_side():
     assert set(kept) <= set(capped) and {f"<user>{r}</user><assistant>" for r in kept} <= set(capped)
     assert not set(dropped) & set(capped) and len(capped) == len(forget) - 2 * len(dropped)
     assert (capped_retain, capped_calibration) == (retain, calibration)
+
+
+def test_an_exported_question_file_reads_as_a_corpus_of_its_stems(tmp_path):
+    """`dsg fit --calibration geography/calibration_questions.jsonl` (as `dsg data export` writes it) calibrates on
+    the questions' stems, as the demo does, instead of refusing the file for lacking a 'text' field."""
+    from dsg.lm.text import read_corpus
+
+    export(["geography"], str(tmp_path / "out"))
+    got = read_corpus(tmp_path / "out" / "geography" / "calibration_questions.jsonl")
+    assert got == [q.question for q in load_domain("geography").questions["calibration"]] and got
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "a document"}\n{"question": "A question?", "choices": ["a", "b"], "answer": 0}\n')
+    assert read_corpus(mixed) == ["a document", "A question?"]

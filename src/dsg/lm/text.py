@@ -27,7 +27,9 @@ from ..files import jsonl_records, read_user_text
 
 
 def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
-    """Documents from a `.txt` or `.jsonl` file."""
+    """Documents from a `.txt` file (blocks split by blank lines) or a `.jsonl` file: each line's `field`, or, for a
+    line without it, a question record's stem (`{"question": ...}`, as `dsg data export` writes question files), so
+    a question file can be a corpus: the gate is calibrated on prompts shaped like the traffic it judges."""
     path = Path(path)
     if path.is_dir():
         raise DSGError(f"Corpus {str(path)!r} is a directory; pass a .txt or .jsonl file.")
@@ -38,9 +40,10 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
         for lineno, obj in jsonl_records(raw, path):
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise DSGError(f"{str(path)!r} line {lineno} has no string field {field!r}.")
-            docs.append(obj[field])
+            text = obj.get(field, obj.get("question")) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise DSGError(f"{str(path)!r} line {lineno} has no string field {field!r} (or 'question').")
+            docs.append(text)
     elif path.suffix == ".txt":
         docs = [block.strip() for block in re.split(r"\n[^\S\n]*\n", raw)]  # a blank line may hold spaces or tabs
     else:
