@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -112,6 +113,11 @@ def test_save_reads_back_identically(trained, tiny_llama, tmp_path):
     assert record["metrics"]["fvu"] == metrics["fvu"]
     assert record["model"]["weights_sha256"]
     assert "dsg_version" in record and "wall_time_s" in record
+    # what the bytes depend on: the texts (count and hash, in order) and the machine's kind of sums
+    assert record["texts"] == {"documents": len(make_texts()), "sha256": train_module.texts_sha256(make_texts())}
+    assert record["texts"]["sha256"] != train_module.texts_sha256(make_texts()[::-1])
+    assert record["machine"]["threads"] >= 1 and record["machine"]["cpu_capability"]
+    assert not {"texts", "machine"} & set(record["metrics"])
 
 
 def test_failed_save_leaves_nothing(trained, tmp_path, monkeypatch):
@@ -220,3 +226,20 @@ def test_sparse_gradients_equal_dense_autograd():
     torch.testing.assert_close(loss_s, loss_d)
     for gs, gd in zip(torch.autograd.grad(loss_s, params), torch.autograd.grad(loss_d, params)):
         torch.testing.assert_close(gs, gd)
+
+
+def test_the_command_records_where_its_texts_came_from(tiny_llama, tmp_path):
+    """`dsg train-sae --text F` writes training.json naming its source (the file's name) beside the texts' hash."""
+    from dsg.cli import main
+
+    model, tok = tiny_llama
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(make_texts()))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(small_config()).items()
+             if k in ("hook", "d_sae", "k", "batch_size", "n_tokens", "max_length", "eval_tokens", "ce_eval_tokens",
+                      "dead_tokens", "val_fraction")]  # fmt: skip
+    args = ["train-sae", "--model", str(tmp_path / "model"), "--text", str(tmp_path / "corpus.txt"), *flags]
+    assert main([*args, "--out", str(tmp_path / "sae")]) == 0
+    record = json.loads((tmp_path / "sae" / "training.json").read_text())
+    assert record["texts"]["sources"] == ["file:corpus.txt"] and record["texts"]["documents"] == len(make_texts())

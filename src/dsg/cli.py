@@ -295,12 +295,14 @@ def cmd_train_sae(args) -> int:
         if twice is not None:
             raise DSGError(f"--text {twice!r} is given twice; the SAE would train on its texts twice as often.")
         texts = [t for path in args.text for t in read_corpus(path)]
+        sources = [f"file:{Path(p).name}" for p in args.text]
     else:
         names = _domain_names(args.domains) or _domain_names(TRAIN_DOMAINS)
         texts = [t for name in names for t in load_domain(name).texts["fit"]]
+        sources = [f"domain:{n} (fit)" for n in names]
     model, tokenizer = _model(args)
     sae, metrics = train_sae(model, tokenizer, texts, config)
-    save_trained_sae(args.out, sae, metrics, model)
+    save_trained_sae(args.out, sae, metrics, model, sources=sources)
     shown = {k: metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "train_tokens")}
     print(json.dumps(shown, indent=2))
     print(f"Wrote {args.out}")
@@ -407,7 +409,9 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--audit-log", default=None, help="JSONL file the decisions are appended to (dsg-audit.jsonl).")
     p.add_argument("--max-model-len", type=int, default=2048, help="Longest prompt + completion, in tokens.")
-    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size on CPU, GiB (vLLM's default).")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size, GiB (default on a CPU: room "
+                   "for 8 sequences of --max-model-len tokens, at most a quarter of the free memory; on a GPU, "
+                   "vLLM's).")  # fmt: skip
     p.add_argument("--prefix-caching", action="store_true",
                    help="Enable prefix caching (refused with a gated guardrail).")  # fmt: skip
     p.add_argument("--dtype", default=None, help="Weights dtype in vLLM (float32 for embedded models, else auto).")

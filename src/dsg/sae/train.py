@@ -31,8 +31,11 @@ replacing it by zeros.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -606,6 +609,8 @@ def train_sae(
     if val_acts is not None and len(val_acts):
         metrics.update(_heldout_metrics(model, point, sae, val_acts, val_windows, cfg, pad_id, progress))
     metrics["config"] = asdict(cfg)
+    metrics["texts"] = {"documents": len(texts), "sha256": texts_sha256(texts)}
+    metrics["machine"] = machine_record()
     metrics["wall_time_s"] = time.perf_counter() - start
     if was_training:
         model.train()
@@ -686,11 +691,28 @@ def _heldout_metrics(model, point, sae: SAE, val_acts, val_windows, cfg: TrainCo
 # ---- saving ---------------------------------------------------------------------------------------------------
 
 
-def save_trained_sae(path: str | os.PathLike, sae: SAE, metrics: dict, model: torch.nn.Module | None = None) -> Path:
+def texts_sha256(texts: list[str]) -> str:
+    """One hash of the training texts, in their order (what the SAE's bytes depend on besides config and machine)."""
+    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def machine_record() -> dict:
+    """What a training run's floating-point sums depend on besides its inputs: the same command gives the same
+    bytes on the same CPU kind and thread count, and other bytes (the same metrics to about 1 %) elsewhere."""
+    return {"platform": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
+RECORDED_APART = ("config", "wall_time_s", "texts", "machine")  # metrics keys training.json keeps outside "metrics"
+
+
+def save_trained_sae(path: str | os.PathLike, sae: SAE, metrics: dict, model: torch.nn.Module | None = None,
+                     sources: list[str] | None = None) -> Path:  # fmt: skip
     """Write the SAE (SAELens layout) and `training.json` into `path`, atomically: all of it or nothing.
 
-    `training.json` records the config, metrics, seed, library versions, the SAE's hash and, when `model` is
-    given, the fingerprint of the weights upstream of the hook.
+    `training.json` records the config, metrics, seed, library versions, the SAE's hash, the training texts (how
+    many, their hash, and the `sources` they were read from: data domains or files), the machine the sums ran on
+    and, when `model` is given, the fingerprint of the weights upstream of the hook.
     """
     config = metrics.get("config", {})
     record = {
@@ -699,10 +721,14 @@ def save_trained_sae(path: str | os.PathLike, sae: SAE, metrics: dict, model: to
         "seed": config.get("seed"),
         "hook": sae.hook_name,
         "config": config,
-        "metrics": {k: _finite_or_none(v) for k, v in metrics.items() if k not in ("config", "wall_time_s")},
+        "metrics": {k: _finite_or_none(v) for k, v in metrics.items() if k not in RECORDED_APART},
         "wall_time_s": metrics.get("wall_time_s"),
         "sae_sha256": sae.sha256(),
     }
+    if "texts" in metrics:
+        record["texts"] = metrics["texts"] | ({"sources": list(sources)} if sources else {})
+    if "machine" in metrics:
+        record["machine"] = metrics["machine"]
     if model is not None and sae.hook_name:
         record["model"] = model_fingerprint(model, resolve(model, sae.hook_name))
     path = Path(path)
