@@ -241,3 +241,55 @@ def test_a_request_holding_a_special_token_is_refused(tmp_path, capsys):
     missing = SimpleNamespace(tokenizer=str(tmp_path / "none"), model=None)
     assert asyncio.run(_special_tokens(SimpleNamespace(), missing)) == []
     assert "not checked for the tokenizer's special tokens" in capsys.readouterr().err
+
+
+def test_decisions_are_found_by_every_id_a_request_shows(tmp_path):
+    """GET /v1/dsg/decisions/ID: the x-request-id, the response body's id (`chatcmpl-<id>`, `cmpl-<id>`) and the
+    audit log's engine request id each find the request's records (the response id and the engine id found none)."""
+    log = tmp_path / "audit.jsonl"
+    rows = [
+        {"request_id": "chatcmpl-a1-b2-1a2b3c4d", "event": "prompt", "guardrail": "g", "rho": 0.1, "gated": False},
+        {"request_id": "chatcmpl-a1-b2-1a2b3c4d", "event": "latched", "guardrail": "g", "rho": 0.7, "gated": True},
+        {"request_id": "chatcmpl-a1-b2-9f9f9f9f", "event": "prompt", "guardrail": "g", "rho": 0.2, "gated": False},
+        {"request_id": "cmpl-a1-b2-0-5e5e5e5e", "event": "prompt", "guardrail": "g", "rho": 0.3, "gated": False},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = AuditIndex(log)
+    rhos = lambda found: [r["rho"] for r in found]  # noqa: E731
+    assert rhos(index.lookup("a1-b2")) == [0.1, 0.7, 0.2, 0.3]  # the client id: every request sent with it
+    assert rhos(index.lookup("chatcmpl-a1-b2")) == [0.1, 0.7, 0.2]  # the chat response's id
+    assert rhos(index.lookup("cmpl-a1-b2")) == [0.3]  # the completions response's id
+    assert rhos(index.lookup("chatcmpl-a1-b2-1a2b3c4d")) == [0.1, 0.7]  # one engine request, from the log
+    assert index.lookup("chatcmpl-nothing") == [] and index.lookup("nothing") == []
+
+
+def test_serve_sizes_the_kv_cache_on_a_cpu(folder, monkeypatch):
+    """On a CPU vLLM would claim 92 % of the machine's memory and refuse to start where some is in use: dsg serve
+    asks for KV_SEQUENCES sequences of --max-model-len tokens (from the model's attention shape) instead, unless
+    the user sizes memory (--kv-cache-gib, or vLLM's own options after --)."""
+    import dsg.runtime.serve as serve
+
+    monkeypatch.setattr(serve, "_graphs_possible", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    shape = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    (folder / "model" / "config.json").write_text(json.dumps(shape))
+    argv, _ = serve_command(str(folder / "model"), [], max_model_len=1024, dtype="float32")
+    per_token = 2 * 30 * 3 * (576 // 9) * 4
+    want = min(
+        per_token * 1024 * serve.KV_SEQUENCES,
+        serve.os.sysconf("SC_AVPHYS_PAGES") * serve.os.sysconf("SC_PAGE_SIZE") // 4,
+    )
+    got = int(_arg(argv, "--kv-cache-memory-bytes"))
+    assert got % (1 << 20) == 0 and want <= got < want + (1 << 20)
+    argv, _ = serve_command(str(folder / "model"), [], max_model_len=1024, dtype="bfloat16")
+    assert int(_arg(argv, "--kv-cache-memory-bytes")) < got  # 16-bit elements take half the room
+    argv, _ = serve_command(str(folder / "model"), [], kv_cache_gib=0.5)
+    assert _arg(argv, "--kv-cache-memory-bytes") == str(1 << 29)
+    for extra in (["--kv-cache-memory-bytes", "123"], ["--gpu-memory-utilization=0.5"]):
+        argv, _ = serve_command(str(folder / "model"), [], extra=extra)
+        assert argv.count("--kv-cache-memory-bytes") == extra.count("--kv-cache-memory-bytes")
+    (folder / "model" / "config.json").write_text("{}")  # no attention shape: a fixed size
+    argv, _ = serve_command(str(folder / "model"), [])
+    assert int(_arg(argv, "--kv-cache-memory-bytes")) <= serve.KV_FALLBACK
+    monkeypatch.setattr(serve, "_graphs_possible", lambda: True)  # a GPU: vLLM's own sizing
+    assert "--kv-cache-memory-bytes" not in serve_command(str(folder / "model"), [])[0]

@@ -71,6 +71,9 @@ def serve_command(
             "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]  # fmt: skip
     if kv_cache_gib is not None:
         argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30)))]
+    elif not _graphs_possible() and not _sizes_memory(extra) and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # on a CPU vLLM would claim 92 % of the machine's memory and refuse to start where some is in use
+        argv += ["--kv-cache-memory-bytes", str(cpu_kv_cache_bytes(folder, max_model_len, dtype))]
     argv += ["--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
     whole = any(g.gated and g.window is None for g in guards)
     argv += ["--no-enable-chunked-prefill"] if whole else []
@@ -101,6 +104,44 @@ def serve_command(
             env["VLLM_PLUGINS"] = ",".join(PLUGINS)
     argv += list(extra)
     return argv, env
+
+
+KV_SEQUENCES = 8  # on a CPU, the KV cache holds this many sequences of --max-model-len tokens by default
+KV_FALLBACK = 1 << 30  # bytes, for a model whose config does not give its attention shape
+MEMORY_SHARE = 4  # ... and takes at most this share (1/4) of the memory available when the server starts
+
+MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--kv-cache-memory", "--gpu-memory-utilization")
+
+
+def _sizes_memory(extra: Sequence[str]) -> bool:
+    """Whether the engine options after `--` size vLLM's memory themselves."""
+    return any(a.split("=", 1)[0] in MEMORY_FLAGS for a in extra)
+
+
+def cpu_kv_cache_bytes(folder: Path, max_model_len: int, dtype: str) -> int:
+    """The KV cache `dsg serve` asks vLLM for on a CPU: KV_SEQUENCES full-length sequences (2 x layers x KV heads
+    x head size x element size per token, from the model's config.json), at most a quarter of the memory available
+    now and at least one sequence, rounded up to a MiB."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = config.get("text_config", config) if isinstance(config, dict) else {}
+        layers = config.get("num_hidden_layers", config.get("n_layer"))
+        heads = config.get("num_attention_heads", config.get("n_head"))
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or config.get("hidden_size", config.get("n_embd", 0)) // heads
+        size = 4 if dtype == "float32" else 2  # vLLM on a CPU runs anything else in 16 bits
+        per_token = 2 * int(layers) * int(kv_heads) * int(head_dim) * size
+    except (OSError, ValueError, TypeError, AttributeError, ZeroDivisionError):
+        per_token = 0
+    want = per_token * max_model_len * KV_SEQUENCES if per_token > 0 else KV_FALLBACK
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        want = min(want, available // MEMORY_SHARE)
+    except (ValueError, OSError, AttributeError):  # no such sysconf name here: keep the size asked for
+        pass
+    want = max(want, per_token * max_model_len)
+    mib = 1 << 20
+    return -(-want // mib) * mib
 
 
 def _graphs_possible() -> bool:

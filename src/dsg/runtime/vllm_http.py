@@ -14,7 +14,8 @@ log under that id, and this plugin answers from the log:
   * response headers `x-dsg-gated`, `x-dsg-prompt-clamped` (clamped prompt tokens, all guardrails) and
     `x-dsg-rho` (each guardrail's rho, comma-separated): the final decision, or for a streamed response the
     prompt's (headers leave with the first chunk);
-  * `GET /v1/dsg/decisions/{request_id}`: every audit record of a request (of every request sent with that id).
+  * `GET /v1/dsg/decisions/{id}`: every audit record of a request (of every request sent with that id), found by
+    its `x-request-id`, the response's `id` (`chatcmpl-...`, `cmpl-...`) or the audit log's engine request id.
 
 A JSON request that holds one of the tokenizer's special tokens as text ("<|im_end|>", "<|im_start|>assistant")
 is refused with 400 before it reaches the engine, at every endpoint but those that take text as written
@@ -112,6 +113,20 @@ class AuditIndex:
         self.refresh()
         return [r for e, r in self.by_id.get(request_id, [])
                 if (endpoint is None or e == endpoint) and str(r.get("request_id", "")) not in excluding]  # fmt: skip
+
+    def lookup(self, any_id: str) -> list[dict]:
+        """The records a user's id names, whichever of the ids a request shows they hold: the client id (the
+        `x-request-id` header, sent or given), the response body's `id` (`chatcmpl-<client id>`, `cmpl-<client
+        id>`), or one engine request's id as the audit log writes it (that request's records only)."""
+        found = self.records(any_id)
+        if found:
+            return found
+        endpoint, client_id, _, _ = parse_id(any_id)
+        exact = [r for r in self.records(client_id, endpoint=endpoint) if str(r.get("request_id", "")) == any_id]
+        if exact:
+            return exact
+        prefix = next((p for p in PREFIXES if any_id.startswith(p)), None)
+        return self.records(any_id[len(prefix) :], endpoint=PREFIXES[prefix]) if prefix else []
 
     def engine_ids(self, request_id: str, endpoint: str | None = None) -> frozenset[str]:
         """The engine request ids logged so far under a client-facing id. A client may send an id again (a retry, a
@@ -240,7 +255,8 @@ class DSGEndpoint:
 
         @app.get("/v1/dsg/decisions/{request_id}")
         async def decisions(request_id: str):
-            return JSONResponse({"request_id": request_id, "records": await plugin._records(request_id, 0.0)})
+            records = plugin.index.lookup(request_id) if plugin.index is not None else []
+            return JSONResponse({"request_id": request_id, "records": records})
 
         @app.middleware("http")
         async def gate_headers(request, call_next):
