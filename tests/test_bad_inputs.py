@@ -427,6 +427,26 @@ CLI_CASES = {
         TRAIN + ["--domains", "nonexistent", "--out", "{ws}/new"],
         "not both",
     ),  # fmt: skip
+    "compare a corpus that is a question file": (
+        [
+            "compare",
+            "--model",
+            "{ws}/model",
+            "--sae",
+            "{ws}/sae",
+            "--forget-corpus",
+            "{ws}/q.jsonl",
+            "--retain-corpus",
+            "{ws}/retain.txt",
+            "--forget-questions",
+            "{ws}/q.jsonl",
+            "--retain-questions",
+            "{ws}/long_q.jsonl",
+            "--out",
+            "{ws}/new",
+        ],
+        "is both a corpus and a question file",
+    ),  # fmt: skip
     "compare --grid a missing file": (["compare", "--grid", "{ws}/no.json", "--out", "{ws}/new"], "no.json' does not"),
     "compare --grid a folder": (["compare", "--grid", "{ws}/keep", "--out", "{ws}/new"], "is a folder; give a JSON"),
     "compare an unknown method": (["compare", "--methods", "dsg,sgd", "--out", "{ws}/new"], "Unknown method"),
@@ -828,3 +848,16 @@ def test_a_misnamed_domain_is_refused_before_the_model_loads(ws, command, monkey
     monkeypatch.setattr(dsg.bench.setting, "load_model", loading)
     assert main([command, "--retain", "geography,chem", "--out", str(ws / "new")]) == 2
     assert "Unknown data domain 'chem'" in capsys.readouterr().err
+
+
+def test_a_reader_of_errors_that_goes_away_ends_the_command_quietly(ws, tmp_path):
+    """`dsg fit ... 2>&1 | head -c 1`: a broken pipe met while the model loads is not reported as a model that
+    cannot be loaded (it was wrapped as one, and its report then failed on the same pipe with a traceback)."""
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "dsg", *_cli(ws, FIT), "--out", str(tmp_path / "g")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE

@@ -542,3 +542,7 @@ def test_an_exported_question_file_reads_as_a_corpus_of_its_stems(tmp_path):
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"text": "a document"}\n{"question": "A question?", "choices": ["a", "b"], "answer": 0}\n')
     assert read_corpus(mixed) == ["a document", "A question?"]
+    pair = tmp_path / "pair.jsonl"  # a question-and-answer pair is not a multiple-choice question: not read as one
+    pair.write_text('{"question": "How is X built?", "answer": "A long answer that must not be dropped."}\n')
+    with pytest.raises(DSGError, match="no string field 'text'"):
+        read_corpus(pair)

@@ -424,8 +424,9 @@ def test_gate_levels_refuse_a_latch_that_cannot_be_told_from_the_threshold_or_ex
         _gate_levels(torch.tensor([0.1, 0.2, 0.3, 1.0]), config, False)
     # a detector's mean evidence is bounded by what its weights can give, not by 1
     assert _gate_levels(torch.tensor([0.1, 0.2, 0.3, 7.0]), config, True, 8.0)[1] == pytest.approx(7.0)
-    with pytest.raises(dsg.DSGError, match=r"mean detector evidence can exceed it \(at most 7\)"):
-        _gate_levels(torch.tensor([0.1, 0.2, 0.3, 7.0]), config, True, 7.0)
+    # ... and its levels are stored in weight units (SCALE per 1.0) and told per weight unit, as dsg inspect does
+    with pytest.raises(dsg.DSGError, match=r"is 7: no window's mean detector evidence can exceed it \(at most 7\)"):
+        _gate_levels(torch.tensor([0.1, 0.2, 0.3, 7.0]) * 1024, config, True, 7.0 * 1024)
 
 
 def test_overwrite_replaces_an_earlier_guardrail(files, capsys):

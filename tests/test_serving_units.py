@@ -261,6 +261,11 @@ def test_decisions_are_found_by_every_id_a_request_shows(tmp_path):
     assert rhos(index.lookup("cmpl-a1-b2")) == [0.3]  # the completions response's id
     assert rhos(index.lookup("chatcmpl-a1-b2-1a2b3c4d")) == [0.1, 0.7]  # one engine request, from the log
     assert index.lookup("chatcmpl-nothing") == [] and index.lookup("nothing") == []
+    # a client id that looks like another request's response id: both requests' records, each once
+    with open(log, "a") as f:
+        f.write(json.dumps(rows[0] | {"request_id": "chatcmpl-x-11111111", "rho": 0.9}) + "\n")
+        f.write(json.dumps(rows[0] | {"request_id": "chatcmpl-chatcmpl-x-22222222", "rho": 0.4}) + "\n")
+    assert sorted(rhos(index.lookup("chatcmpl-x"))) == [0.4, 0.9]
 
 
 def test_serve_sizes_the_kv_cache_on_a_cpu(folder, monkeypatch):
@@ -285,9 +290,18 @@ def test_serve_sizes_the_kv_cache_on_a_cpu(folder, monkeypatch):
     assert int(_arg(argv, "--kv-cache-memory-bytes")) < got  # 16-bit elements take half the room
     argv, _ = serve_command(str(folder / "model"), [], kv_cache_gib=0.5)
     assert _arg(argv, "--kv-cache-memory-bytes") == str(1 << 29)
-    for extra in (["--kv-cache-memory-bytes", "123"], ["--gpu-memory-utilization=0.5"]):
+    sized = (["--kv-cache-memory-bytes", "123"], ["--gpu-memory-utilization=0.5"], ["--gpu_memory_utilization", "0.5"],
+             ["--device-memory-utilization=0.5"])  # fmt: skip
+    for extra in sized:  # vLLM takes its options with dashes or underscores
         argv, _ = serve_command(str(folder / "model"), [], extra=extra)
-        assert argv.count("--kv-cache-memory-bytes") == extra.count("--kv-cache-memory-bytes")
+        assert argv.count("--kv-cache-memory-bytes") == extra.count("--kv-cache-memory-bytes"), extra
+    argv, _ = serve_command(str(folder / "model"), [], max_model_len=1024, dtype="float")  # vLLM's other fp32 name
+    assert _arg(argv, "--kv-cache-memory-bytes") == str(got)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")  # vLLM ignores an empty value, so dsg still sizes it
+    assert "--kv-cache-memory-bytes" in serve_command(str(folder / "model"), [])[0]
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert "--kv-cache-memory-bytes" not in serve_command(str(folder / "model"), [])[0]
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     (folder / "model" / "config.json").write_text("{}")  # no attention shape: a fixed size
     argv, _ = serve_command(str(folder / "model"), [])
     assert int(_arg(argv, "--kv-cache-memory-bytes")) <= serve.KV_FALLBACK

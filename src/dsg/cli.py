@@ -482,6 +482,15 @@ def _print_error(command: str, text: str) -> None:
     print(f"dsg {command}: error: {' '.join(printable(text).split())}", file=sys.stderr)
 
 
+def _quiet() -> None:
+    """After a broken pipe: progress bars closed, and what is left in stdout's and stderr's buffers goes nowhere."""
+    with contextlib.suppress(OSError, ValueError):
+        _close_bars()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 class Terminated(BaseException):
     """SIGTERM or SIGHUP, raised where the main thread is so that `finally` blocks and atomic writes unwind as for
     Ctrl-C."""
@@ -517,12 +526,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, so that a reader gone away is met by the handler below
         return code
     except DSGError as e:
-        _print_error(args.command, str(e))
+        try:
+            _print_error(args.command, str(e))
+        except BrokenPipeError:  # and so did the reader of our errors
+            _quiet()
+            return 128 + signal.SIGPIPE
         return EXIT_USAGE
     except BrokenPipeError:  # the reader of our output went away (`dsg inspect G | head -1`): stop, say nothing
-        _close_bars()
-        with contextlib.suppress(OSError, ValueError):  # what is left in stdout's buffer goes nowhere at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet()
         return 128 + signal.SIGPIPE
     except OSError as e:  # the machine, not the input: a full disk, a folder made read-only mid-run
         where = f" ({e.filename})" if e.filename else ""

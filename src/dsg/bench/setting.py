@@ -66,9 +66,9 @@ class BenchSetting:
         if model:
             check_model_ref(self.model)
         if self.sae:
-            if not Path(self.sae).expanduser().exists():
+            if not Path(self.sae).exists():  # as SAE.load reads it
                 raise DSGError(f"SAE folder {self.sae!r} does not exist.")
-        elif domains:  # with a user's own corpora, compare may train its own SAE
+        elif domains:  # with a user's own corpora the SAE is refused where it loads, after the files are checked
             embedded_sae(self.model)
         if not domains:
             return
@@ -446,6 +446,11 @@ def files_bench(
     forget_texts, retain_texts = read_corpus(forget_corpus), read_corpus(retain_corpus)
     calibration = read_corpus(calibration_corpus) if calibration_corpus else None
     files = [Path(forget_questions)] + [Path(p.strip()) for p in retain_questions.split(",") if p.strip()]
+    corpora = [Path(c) for c in (forget_corpus, retain_corpus, calibration_corpus) if c]
+    shared = next((c for c in corpora for q in files if c.exists() and q.exists() and c.samefile(q)), None)
+    if shared is not None:
+        raise DSGError(f"{str(shared)!r} is both a corpus and a question file: the guardrail would be fitted or "
+                       "calibrated on the questions it is scored on. Keep them apart.")  # fmt: skip
     names = [p.stem for p in files]
     if len(set(names)) != len(names):
         raise DSGError(f"Question files must have distinct names (the task name is the file stem); got {names}.")

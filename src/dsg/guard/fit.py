@@ -40,6 +40,7 @@ from ..lm.text import (
     tokenize,
 )
 from . import rule
+from .detector import SCALE as DETECTOR_SCALE
 from .detector import fit_weights, holdout_split, window_features
 from .guardrail import Guardrail
 from .integrity import MAX_CLAMP, MAX_WINDOW, check_name
@@ -577,12 +578,14 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool, highe
     values = rho.double().numpy()
     held = " (the detector's hold-out of the distinct retain and calibration ones)" if has_detector else ""
     threshold = float(np.percentile(values, config.gate_percentile))
+    unit = DETECTOR_SCALE if has_detector else 1  # shown per weight unit, as dsg inspect shows a detector's levels
+    shown = threshold / unit
     if config.gated and threshold >= highest:
         statistic, why = ("the detector's mean window evidence", "the largest its weights can give") if has_detector \
             else ("rho", "the selected latents fire on every token of them")  # fmt: skip
         raise DSGError(
             f"The gate could never open: the {config.gate_percentile:g}th percentile of {statistic} over the "
-            f"{len(values)} calibration sequences{held} is {threshold:.4g} ({why}), and an input is gated only when it "
+            f"{len(values)} calibration sequences{held} is {shown:.4g} ({why}), and an input is gated only when it "
             "exceeds it. Calibrate on text unlike the forget corpus (the retain corpus must not be the forget "
             "corpus), use more forget and retain text, or lower gate_percentile."
         )
@@ -598,17 +601,18 @@ def _gate_levels(rho: torch.Tensor, config: FitConfig, has_detector: bool, highe
             level = raised_level(float(np.percentile(values, percentile)), threshold, margin)
             if level <= threshold:
                 raise DSGError(
-                    f"The {what} (the {percentile:g}th percentile of the calibration statistic, {level:.4g}) does not "
-                    f"lie above the gate threshold ({threshold:.4g}): the {len(values)} calibration sequences"
+                    f"The {what} (the {percentile:g}th percentile of the calibration statistic, "
+                    f"{level / unit:.4g}) does not lie above the gate threshold ({shown:.4g}): the {len(values)} "
+                    "calibration sequences"
                     f"{held} are too few or too alike to tell the two apart. Raise {name}, lower gate_percentile, or "
                     "calibrate on more distinct text."
                 )
             if level >= highest:
                 statistic = "mean detector evidence" if has_detector else "share of flagged tokens"
                 raise DSGError(
-                    f"The {what} (from the {percentile:g}th percentile of the calibration statistic) is {level:.4g}: "
-                    f"no window's {statistic} can exceed it (at most {highest:.4g}), so {never}. Lower {name} (or "
-                    "its margin), or calibrate on text unlike the forget corpus."
+                    f"The {what} (from the {percentile:g}th percentile of the calibration statistic) is "
+                    f"{level / unit:.4g}: no window's {statistic} can exceed it (at most {highest / unit:.4g}), so "
+                    f"{never}. Lower {name} (or its margin), or calibrate on text unlike the forget corpus."
                 )
         levels.append(level)
     return threshold, *levels

@@ -160,11 +160,15 @@ def _load_folder(path: Path, dtype: torch.dtype):
                 str(path), local_files_only=True, trust_remote_code=False, output_loading_info=True,
                 **_dtype_kwargs(dtype),
             )  # fmt: skip
+    except BrokenPipeError:  # the reader of our output went away while loading reported: not the folder's fault
+        raise
     except Exception as e:  # transformers and safetensors raise many types for unreadable folders
         raise DSGError(f"Cannot load a causal language model from {str(path)!r}: {_first_line(e)}") from None
     _check_loaded_whole(path, info, model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except BrokenPipeError:
+        raise
     except Exception as e:
         raise DSGError(f"Cannot load a tokenizer from {str(path)!r}: {_first_line(e)}") from None
     model.eval()

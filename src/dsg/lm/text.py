@@ -28,8 +28,9 @@ from ..files import jsonl_records, read_user_text
 
 def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
     """Documents from a `.txt` file (blocks split by blank lines) or a `.jsonl` file: each line's `field`, or, for a
-    line without it, a question record's stem (`{"question": ...}`, as `dsg data export` writes question files), so
-    a question file can be a corpus: the gate is calibrated on prompts shaped like the traffic it judges."""
+    line without it, a multiple-choice question's stem (`{"question": ..., "choices": [...], "answer": 0}`, as `dsg
+    data export` writes question files), so that a question file can be a corpus: the gate is calibrated on
+    prompts shaped like the traffic it judges."""
     path = Path(path)
     if path.is_dir():
         raise DSGError(f"Corpus {str(path)!r} is a directory; pass a .txt or .jsonl file.")
@@ -40,7 +41,7 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
         for lineno, obj in jsonl_records(raw, path):
-            text = obj.get(field, obj.get("question")) if isinstance(obj, dict) else None
+            text = obj.get(field, _question_stem(obj)) if isinstance(obj, dict) else None
             if not isinstance(text, str):
                 raise DSGError(f"{str(path)!r} line {lineno} has no string field {field!r} (or 'question').")
             docs.append(text)
@@ -57,6 +58,15 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
     if not docs:
         raise DSGError(f"Corpus file {str(path)!r} holds no documents.")
     return docs
+
+
+def _question_stem(record: dict) -> str | None:
+    """A multiple-choice question record's stem (a string question, a list of choices, an integer answer), else
+    None: a question-and-answer pair is not read as its question alone."""
+    answer, choices = record.get("answer"), record.get("choices")
+    if isinstance(choices, list) and isinstance(answer, int) and not isinstance(answer, bool):
+        return record.get("question")
+    return None
 
 
 def special_token_ids(model: torch.nn.Module) -> list[int]:

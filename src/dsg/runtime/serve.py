@@ -71,7 +71,7 @@ def serve_command(
             "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]  # fmt: skip
     if kv_cache_gib is not None:
         argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30)))]
-    elif not _graphs_possible() and not _sizes_memory(extra) and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+    elif not _graphs_possible() and not _sizes_memory(extra) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         # on a CPU vLLM would claim 92 % of the machine's memory and refuse to start where some is in use
         argv += ["--kv-cache-memory-bytes", str(cpu_kv_cache_bytes(folder, max_model_len, dtype))]
     argv += ["--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
@@ -110,12 +110,13 @@ KV_SEQUENCES = 8  # on a CPU, the KV cache holds this many sequences of --max-mo
 KV_FALLBACK = 1 << 30  # bytes, for a model whose config does not give its attention shape
 MEMORY_SHARE = 4  # ... and takes at most this share (1/4) of the memory available when the server starts
 
-MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--kv-cache-memory", "--gpu-memory-utilization")
+MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--kv-cache-memory", "--gpu-memory-utilization",
+                "--device-memory-utilization")  # fmt: skip
 
 
 def _sizes_memory(extra: Sequence[str]) -> bool:
     """Whether the engine options after `--` size vLLM's memory themselves."""
-    return any(a.split("=", 1)[0] in MEMORY_FLAGS for a in extra)
+    return any(a.split("=", 1)[0].replace("_", "-") in MEMORY_FLAGS for a in extra)  # vLLM takes either spelling
 
 
 def cpu_kv_cache_bytes(folder: Path, max_model_len: int, dtype: str) -> int:
@@ -129,7 +130,7 @@ def cpu_kv_cache_bytes(folder: Path, max_model_len: int, dtype: str) -> int:
         heads = config.get("num_attention_heads", config.get("n_head"))
         kv_heads = config.get("num_key_value_heads") or heads
         head_dim = config.get("head_dim") or config.get("hidden_size", config.get("n_embd", 0)) // heads
-        size = 4 if dtype == "float32" else 2  # vLLM on a CPU runs anything else in 16 bits
+        size = 4 if dtype in ("float32", "float") else 2  # vLLM on a CPU runs anything else in 16 bits
         per_token = 2 * int(layers) * int(kv_heads) * int(head_dim) * size
     except (OSError, ValueError, TypeError, AttributeError, ZeroDivisionError):
         per_token = 0

@@ -118,15 +118,14 @@ class AuditIndex:
         """The records a user's id names, whichever of the ids a request shows they hold: the client id (the
         `x-request-id` header, sent or given), the response body's `id` (`chatcmpl-<client id>`, `cmpl-<client
         id>`), or one engine request's id as the audit log writes it (that request's records only)."""
-        found = self.records(any_id)
-        if found:
-            return found
         endpoint, client_id, _, _ = parse_id(any_id)
-        exact = [r for r in self.records(client_id, endpoint=endpoint) if str(r.get("request_id", "")) == any_id]
-        if exact:
-            return exact
+        found = self.records(any_id)  # a client id (which may itself look like a response id)
+        found += [r for r in self.records(client_id, endpoint=endpoint) if str(r.get("request_id", "")) == any_id]
         prefix = next((p for p in PREFIXES if any_id.startswith(p)), None)
-        return self.records(any_id[len(prefix) :], endpoint=PREFIXES[prefix]) if prefix else []
+        if prefix:  # a response id: its request's client id, at its endpoint
+            found += self.records(any_id[len(prefix) :], endpoint=PREFIXES[prefix])
+        unique = {id(r): r for r in found}  # one record found two ways is listed once
+        return list(unique.values())
 
     def engine_ids(self, request_id: str, endpoint: str | None = None) -> frozenset[str]:
         """The engine request ids logged so far under a client-facing id. A client may send an id again (a retry, a
