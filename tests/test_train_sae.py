@@ -14,6 +14,7 @@ import torch
 import dsg.sae.train as train_module
 from dsg.config import field_docs
 from dsg.errors import DSGError
+from dsg.lm.text import corpus_sha256
 from dsg.sae import SAE
 from dsg.sae.train import TrainConfig, _SparseDecode, _TopKEncode, save_trained_sae, train_sae
 
@@ -114,8 +115,8 @@ def test_save_reads_back_identically(trained, tiny_llama, tmp_path):
     assert record["model"]["weights_sha256"]
     assert "dsg_version" in record and "wall_time_s" in record
     # what the bytes depend on: the texts (count and hash, in order) and the machine's kind of sums
-    assert record["texts"] == {"documents": len(make_texts()), "sha256": train_module.texts_sha256(make_texts())}
-    assert record["texts"]["sha256"] != train_module.texts_sha256(make_texts()[::-1])
+    assert record["texts"] == {"documents": len(make_texts()), "sha256": corpus_sha256(make_texts())}
+    assert record["texts"]["sha256"] != corpus_sha256(make_texts()[::-1])
     assert record["machine"]["threads"] >= 1 and record["machine"]["cpu_capability"]
     assert not {"texts", "machine"} & set(record["metrics"])
 

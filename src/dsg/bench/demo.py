@@ -145,7 +145,9 @@ def _task(name: str, model, tok, questions, guard, batch_size: int, cache: dict,
 
 def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
     """One process at a time per output folder: a second demo writing the same --out is refused at once, instead
-    of running to its end and finding the folder replaced."""
+    of running to its end and finding the folder replaced. A bad model, SAE or domain name is refused first, before
+    anything loads."""
+    config.check()
     check_output_dir(config.out, "demo", overwrite=config.overwrite, inputs=[config.sae])
     with exclusive(config.out, "dsg demo"):
         # checked again under the lock: what is there now (the folder the lock made, or another run's) is the claim
@@ -154,7 +156,6 @@ def run_demo(config: DemoConfig, fit_config: FitConfig = DEMO_FIT) -> dict:
 
 
 def _run_demo(config: DemoConfig, fit_config: FitConfig) -> dict:
-    config.check()  # a bad model, SAE or domain name is refused before the model loads
     config = config.sized()
     if config.quick:
         fit_config = dataclasses.replace(fit_config, max_sequences=min(fit_config.max_sequences, QUICK_FIT_SEQUENCES))
@@ -384,7 +385,6 @@ def check_targets(results: dict) -> dict:
 
 
 def main_demo(config: DemoConfig, fit_config: FitConfig) -> int:
-    config.check()  # fail early, before the slow stages: the model, its SAE and the domains
     results = run_demo(config, fit_config)
     print(print_demo_table(results))
     print(f"\nwrote {config.out}/results.json, report.md, report.png, guardrail/")

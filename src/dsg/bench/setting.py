@@ -26,11 +26,11 @@ from ..data.domains import check_domain
 from ..errors import DSGError
 from ..eval.mcq import read_questions
 from ..eval.prompt_level import settle_prompt_level
-from ..guard.fit import CorpusStats, FitConfig, corpus_sha256, measure
+from ..guard.fit import CorpusStats, FitConfig, measure
 from ..lm.fingerprint import tokenizer_digest, whole_model_fingerprint
 from ..lm.hooks import resolve
 from ..lm.models import check_model_ref, load_model
-from ..lm.text import read_corpus
+from ..lm.text import corpus_sha256, read_corpus
 from ..methods.cost import forward_params
 from ..sae import SAE
 from ..sae.embedded import embedded_sae

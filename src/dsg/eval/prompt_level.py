@@ -29,7 +29,7 @@ import json
 from collections.abc import Sequence
 
 from ..errors import DSGError
-from ..guard.fit import corpus_sha256
+from ..lm.text import corpus_sha256
 from .mcq import check_unguarded, score_mcq
 
 PROMPT_LEVEL_MAX_LOSS = 0.03

@@ -29,6 +29,7 @@ from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import check_width, decoder_layers, resolve
 from ..lm.models import check_sequences_fit, context_length
 from ..lm.text import (
+    corpus_sha256,
     filler_token_ids,
     invisible_token_ids,
     line_break_token_ids,
@@ -279,10 +280,6 @@ class WindowMemo:
         out = (sum(self.seconds[k] for k in self._used), self._computed)
         self._used, self._computed = [], 0.0
         return out
-
-
-def corpus_sha256(texts: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
 
 
 def _sequences(tokenizer, texts: Sequence[str], config: FitConfig, salt: int) -> list[list[int]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import codecs
 import functools
+import hashlib
+import json
 import os
 import random
 import re
@@ -58,6 +60,11 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
     if not docs:
         raise DSGError(f"Corpus file {str(path)!r} holds no documents.")
     return docs
+
+
+def corpus_sha256(texts: Sequence[str]) -> str:
+    """One hash of a list of texts, in their order (a lone surrogate, which JSON can carry, is hashed as written)."""
+    return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _question_stem(record: dict) -> str | None:

@@ -31,8 +31,6 @@ replacing it by zeros.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import platform
@@ -53,7 +51,7 @@ from ..files import atomic_directory, is_text, write_json
 from ..lm.fingerprint import model_fingerprint
 from ..lm.hooks import HookPoint, forward_to_hook, hidden_size, hooked, resolve
 from ..lm.models import check_sequences_fit
-from ..lm.text import batches, pad_id_of, real_token_mask, special_token_ids, tokenize
+from ..lm.text import batches, corpus_sha256, pad_id_of, real_token_mask, special_token_ids, tokenize
 from .base import SAE
 from .formats import FORMATS
 
@@ -593,24 +591,20 @@ def train_sae(
     train_s = time.perf_counter() - t0
 
     sae = trainer.sae(cfg.hook, model_name)
-    metrics.update(
-        {
-            "train_fvu": fvu_ema,
-            "train_l0": last.get("l0"),
-            "train_dead_fraction": float(trainer.dead_F.float().mean()),
-            "train_tokens": trained,
-            "unique_tokens": len(cache_ND),
-            "epochs": trained / len(cache_ND),
-            "steps": n_steps,
-            "collect_tokens_per_s": len(cache_ND) / collect_s if collect_s > 0 else None,
-            "train_tokens_per_s": trained / train_s if train_s > 0 else None,
-        }
-    )
+    metrics |= {
+        "train_fvu": fvu_ema,
+        "train_l0": last.get("l0"),
+        "train_dead_fraction": float(trainer.dead_F.float().mean()),
+        "train_tokens": trained,
+        "unique_tokens": len(cache_ND),
+        "epochs": trained / len(cache_ND),
+        "steps": n_steps,
+        "collect_tokens_per_s": len(cache_ND) / collect_s if collect_s > 0 else None,
+        "train_tokens_per_s": trained / train_s if train_s > 0 else None,
+    }
     if val_acts is not None and len(val_acts):
         metrics.update(_heldout_metrics(model, point, sae, val_acts, val_windows, cfg, pad_id, progress))
-    metrics["config"] = asdict(cfg)
-    metrics["texts"] = {"documents": len(texts), "sha256": texts_sha256(texts)}
-    metrics["machine"] = machine_record()
+    metrics |= _provenance(cfg, texts)
     metrics["wall_time_s"] = time.perf_counter() - start
     if was_training:
         model.train()
@@ -691,9 +685,10 @@ def _heldout_metrics(model, point, sae: SAE, val_acts, val_windows, cfg: TrainCo
 # ---- saving ---------------------------------------------------------------------------------------------------
 
 
-def texts_sha256(texts: list[str]) -> str:
-    """One hash of the training texts, in their order (what the SAE's bytes depend on besides config and machine)."""
-    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+def _provenance(cfg: TrainConfig, texts: list[str]) -> dict:
+    """What the SAE's bytes depend on: its config, its training texts (in order) and the machine's kind of sums."""
+    return {"config": asdict(cfg), "texts": {"documents": len(texts), "sha256": corpus_sha256(texts)},
+            "machine": machine_record()}  # fmt: skip
 
 
 def machine_record() -> dict:
