@@ -29,10 +29,9 @@ import numpy as np
 
 import dsg.guard.fit  # noqa: F401  (the module, which dsg.guard's `fit` function shadows as an attribute)
 from dsg.bench.setting import DEMO_FIT, BenchSetting, settle_on_validation
-from dsg.eval.dilution import gate_rate_on_texts
 from dsg.guard import detector as detector_module
 from dsg.tables import pct, table
-from gate_sweep import gate_share, input_sets, padded_sets
+from gate_sweep import gate_shares, input_sets, padded_sets
 
 FIT_MODULE = sys.modules["dsg.guard.fit"]
 
@@ -101,8 +100,7 @@ def main() -> None:
         finally:
             FIT_MODULE.fit_weights = shipped_fit_weights
         settle_on_validation(model, tok, guard, forget, 100)
-        shares = {k: gate_share(model, tok, guard, v) for k, v in sets.items()}
-        shares |= {k: gate_rate_on_texts(model, tok, v, guard, max_length=2048) for k, v in padded.items()}
+        shares = gate_shares(model, tok, guard, sets, padded)
         results[name] = {"refit": VARIANTS[name], "gate": guard.gate_rule(), "latents": len(guard.detector),
                          "gated": shares, "seconds": time.perf_counter() - t}  # fmt: skip
         rows.append([name, *(pct(shares[k]) for k in shares)])

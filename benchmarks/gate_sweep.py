@@ -109,6 +109,12 @@ def gate_share(model, tok, guard, texts: list[str]) -> float:
     return opened / len(texts)
 
 
+def gate_shares(model, tok, guard, sets: dict[str, list[str]], padded: dict[str, list[str]]) -> dict[str, float]:
+    """Per input set, the share that opens the gate (input_sets) or whose answer would be guarded (padded_sets)."""
+    shares = {k: gate_share(model, tok, guard, v) for k, v in sets.items()}
+    return shares | {k: gate_rate_on_texts(model, tok, v, guard, max_length=2048) for k, v in padded.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sae", default=None, help="SAE folder (default: the one shipped for the model)")
@@ -132,8 +138,7 @@ def main() -> None:
         config = dataclasses.replace(DEMO_FIT, **VARIANTS[name])
         guard = fit(model, tok, sae, forget_texts, retain_texts, calibration, config, stats=stats)
         settle_on_validation(model, tok, guard, forget, 100)  # as dsg demo does: the level stays where it forgets
-        shares = {k: gate_share(model, tok, guard, v) for k, v in sets.items()}
-        shares |= {k: gate_rate_on_texts(model, tok, v, guard, max_length=2048) for k, v in padded.items()}
+        shares = gate_shares(model, tok, guard, sets, padded)
         results[name] = {"config": VARIANTS[name], "gate": guard.gate_rule(), "gated": shares,
                          "seconds": time.perf_counter() - t}  # fmt: skip
         rows.append([name, *(pct(shares[k]) for k in shares)])
