@@ -62,7 +62,8 @@ def tok():
     return make_tokenizer()
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma2"])  # gemma2: eager attention, a float 4D mask
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma2", "bloom"])  # gemma2: eager attention, a float
+# 4D mask; bloom: ALiBi, built from the 2D mask (no 4D mask, no position ids)
 def model(request, tok):
     return tiny_model(request.param, seed=0, vocab=len(tok), positions=256)
 

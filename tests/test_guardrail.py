@@ -12,7 +12,17 @@ from dsg.lm.hooks import hooked
 from dsg.lm.text import pad_batch, position_ids, real_token_mask
 from dsg.runtime.generation import reference_generate
 
-from tiny import features_firing_about, random_ids, tiny_model, tiny_sae
+from tiny import (
+    FORGET_TEXTS,
+    HELD_FIT,
+    RETAIN_TEXTS,
+    bpe_tokenizer,
+    features_firing_about,
+    random_ids,
+    sparse_sae,
+    tiny_model,
+    tiny_sae,
+)
 
 ARCHS = ["standard", "jumprelu", "topk"]
 
@@ -35,7 +45,8 @@ def _split_guard(arch: str, window, hold, latch: bool | str, lengths=(6, 9, 4, 9
     model = tiny_model(arch, layers=3)
     sae = tiny_sae()
     seqs = [random_ids(1, n, seed=10 + i)[0].tolist() for i, n in enumerate(lengths)]
-    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=2.0, window=window,
+    clamp = 50.0 if arch == "bloom" else 2.0  # BLOOM's layer norms damp a small edit out of its greedy choices
+    guard = dsg.Guardrail(sae, features=features_firing_about(model, sae, seqs, 0.2, 2), clamp=clamp, window=window,
                           hold=hold)  # fmt: skip
     values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
     guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
@@ -185,7 +196,9 @@ def test_running_gate_latches_during_generation():
      ("gpt2", 3, None, False, None), ("llama", 3, 2, False, None), ("llama", 3, 2, True, None),
      ("llama", 3, 2, "prompt", None),
      # a static KV cache lays a 4D mask over all of its slots: the new tokens are not its last columns
-     ("llama", None, None, False, "static"), ("llama", 3, 2, True, "static")],
+     ("llama", None, None, False, "static"), ("llama", 3, 2, True, "static"),
+     # BLOOM's generation pads its 2D mask to every slot of a static cache
+     ("bloom", 3, 2, True, None), ("bloom", 3, 2, True, "static")],
 )  # fmt: skip
 def test_cached_generation_equals_no_cache_reference(arch, window, hold, latch, cache):
     model, seqs, guard = _split_guard(arch, window, hold, latch)
@@ -699,6 +712,39 @@ def test_beam_search_and_prompt_lookup_carry_each_rows_gate_with_its_cache(windo
     assert 0 < sum(greedy_gates) < len(seqs)
     with torch.no_grad():
         assert not torch.equal(model.generate(num_beams=3, num_return_sequences=3, do_sample=False, **kw)[:, n:], beams)
+
+
+def test_after_beam_search_the_session_reports_the_last_forwards_beams_with_or_without_a_cache():
+    """Beam search reorders the KV cache once more after its last step, to beams it never runs: the gate states
+    follow the cache, but `session.gated` reports the latest forward's rows, as a run without a cache does."""
+    tok = bpe_tokenizer(add_bos=True)
+    model = tiny_model("llama", seed=2, layers=3, vocab=len(tok))
+    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.1, hook="blocks.1.hook_resid_post")
+    sae.b_enc.data -= 1e-3  # no latent exactly at its threshold: batched and cached sums agree on every flag
+    guard = dsg.fit(model, tok, sae, FORGET_TEXTS * 3, RETAIN_TEXTS * 3, config=dsg.FitConfig(**HELD_FIT),
+                    progress=False)  # fmt: skip
+    prompts = ["The exploit injects a payload", "The capital of France is Paris and the river",
+               "An attacker escalates privileges with a crafted packet", "The garden had roses",
+               "A buffer overflow lets the attacker run shellcode with root", "Sodium is a soft metal"]  # fmt: skip
+    seqs = [tok(p)["input_ids"] for p in prompts]
+    values = sorted(set(gate_rates(model, guard, seqs, progress=False).tolist()))
+    guard.threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, eos_token_id=None, num_beams=2,
+              num_return_sequences=2, do_sample=False)  # fmt: skip
+    runs = {}
+    with torch.no_grad(), guard.attach(model) as session:
+        for use_cache in (True, False):
+            last = []
+            handle = model.register_forward_hook(lambda *_, log=last: log.append(session.gated.clone()))
+            try:
+                out = model.generate(use_cache=use_cache, **kw)
+            finally:
+                handle.remove()
+            assert torch.equal(session.gated, last[-1])
+            runs[use_cache] = out, session.gated.clone()
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    assert 0 < int(runs[True][1].sum()) < len(runs[True][1])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

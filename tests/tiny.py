@@ -81,6 +81,9 @@ def tiny_model(
             hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=4, **common
         )
         model = tf.GPTNeoXForCausalLM(cfg)
+    elif arch == "bloom":  # ALiBi: positions from the 2D attention mask, no position ids
+        cfg = tf.BloomConfig(hidden_size=d, n_layer=layers, n_head=4, **common)
+        model = tf.BloomForCausalLM(cfg)
     else:
         raise ValueError(arch)
     return model.eval()

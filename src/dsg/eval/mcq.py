@@ -298,12 +298,22 @@ def _attention_layout(model: torch.nn.Module) -> tuple[bool, int | None]:
     return kinds <= {"full_attention", "sliding_attention"}, window
 
 
+def _alibi(model: torch.nn.Module) -> bool:
+    """Whether the model places tokens by ALiBi, from its 2D attention mask (BLOOM, Falcon with `alibi`): it
+    builds its biases from that mask, so it takes no custom 4D mask, and no explicit positions."""
+    config = getattr(model, "config", None)
+    if getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False):
+        return True
+    return "position_ids" not in inspect.signature(model.forward).parameters
+
+
 def _mask_dtype(model: torch.nn.Module, length: int = 0) -> torch.dtype | None:
     """The dtype of a custom 4D attention mask the model's attention takes as it is (transformers 5 passes a 4D
     mask through): bool for SDPA, additive float for eager attention; None for other kernels, older transformers,
-    layers other than attention, and where `length` keys exceed a sliding window (the mask would bypass it)."""
+    layers other than attention, ALiBi models, and where `length` keys exceed a sliding window (the mask would
+    bypass it)."""
     attention_only, window = _attention_layout(model)
-    if not attention_only or (window is not None and length > window) or _TRANSFORMERS_MAJOR < 5:
+    if not attention_only or (window is not None and length > window) or _TRANSFORMERS_MAJOR < 5 or _alibi(model):
         return None
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl == "sdpa":

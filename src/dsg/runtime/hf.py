@@ -249,16 +249,21 @@ class _Forward:
             self.mask = self.mask.get("full_attention", next(iter(self.mask.values()), None))
         if self.ids is None and inputs.get("inputs_embeds") is not None:
             self.shape = tuple(inputs["inputs_embeds"].shape[:2])
-        self._check_mask_width()
+        self._check_mask_width(past)
 
-    def _check_mask_width(self) -> None:
+    def _check_mask_width(self, cache=None) -> None:
         """A 2D attention mask covers the cached and the new positions (HF's convention): one column each. A model
         given another width fails, or reads other columns than the gate would (its first ones, the gate its last):
-        refused, rather than judged on other tokens."""
+        refused, rather than judged on other tokens. One exception: a mask over every slot of a static-shaped
+        cache, zero after the positions so far (BLOOM's generation pads its 2D mask so), reads as its first
+        columns."""
         shape = tuple(self.ids.shape) if isinstance(self.ids, torch.Tensor) else self.shape
         if not (isinstance(self.mask, torch.Tensor) and self.mask.ndim == 2 and shape is not None and len(shape) == 2):
             return
         T, width = shape[1], self.mask.shape[1]
+        if width > self.past + T and width == _slots(cache) and not bool(self.mask[:, self.past + T :].any()):
+            self.mask = self.mask[:, : self.past + T]
+            width = self.past + T
         if width != self.past + T:
             cached = f"{self.past} cached and " if self.past else ""
             whole = "of the whole sequence so far" if self.past else "the tokenizer gave with these inputs"
@@ -422,7 +427,9 @@ class _Attached:
         return any(b.attached is self and b.open for b in _PREFILLING.get())
 
     def on_cache(self, cache, op: str, arg) -> None:
-        """The KV cache changed under generation (see _ModelHooks.follow): its gate state follows it."""
+        """The KV cache changed under generation (see _ModelHooks.follow): its gate state follows it. `session`
+        keeps reporting the latest forward's rows: beam search reorders the cache once more after its last step,
+        to beams it never runs, and a run without a cache (which reorders nothing) reports the same."""
         sequence = self._sequence_of(cache) or self.sequence
         states = [st for st in sequence.states if st is not None]
         if not states:
@@ -436,7 +443,6 @@ class _Attached:
         else:  # reorder_cache (beam search), batch_select_indices
             rows = torch.as_tensor(arg).reshape(-1).long()
         self.select(sequence, rows)
-        self.session._reindex(rows)
 
     def crop(self, sequence: _Sequence, removed: int) -> None:
         """The cache dropped its last `removed` positions (rejected candidate tokens): each gate's state becomes
@@ -593,6 +599,16 @@ def _source(inputs: dict):
     """A forward's input tensor: its input_ids, or its inputs_embeds."""
     ids = inputs.get("input_ids")
     return ids if ids is not None else inputs.get("inputs_embeds")
+
+
+def _slots(cache) -> int | None:
+    """The number of positions a static-shaped KV cache holds (None for a cache that grows)."""
+    for name in ("get_max_cache_shape", "get_max_length"):
+        with contextlib.suppress(Exception):
+            n = getattr(cache, name)()
+            if isinstance(n, int) and n > 0:
+                return n
+    return None
 
 
 def _cache_of(inputs: dict):
