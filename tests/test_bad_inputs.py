@@ -130,6 +130,14 @@ def ws(tmp_path_factory):
     (root / "model_layers" / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
     (root / "surrogate.jsonl").write_text(json.dumps(_question(0))[:-1] + ', "note": "\\udc80"}\n')
     (root / "long_q.jsonl").write_text(json.dumps(_question(0, question="word " * 3000)) + "\n")
+    (root / "loop1.txt").symlink_to(root / "loop2.txt")  # a loop of symbolic links
+    (root / "loop2.txt").symlink_to(root / "loop1.txt")
+    (root / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (root / "bigint.jsonl").write_text('{"text": "fine", "n": ' + "9" * 5000 + "}\n")
+    (root / "invisible.txt").write_text("\u200b\n\n\ufeff\n\n\u2060 \u200d\n")  # nothing shows in any record
+    (root / "letter.jsonl").write_text(json.dumps(_question(0, answer="A")) + "\n")
+    # benign text, then a forget text, each saved with a byte-order mark and joined as `cat a b` joins them
+    (root / "calibration_bom.txt").write_text("\ufeffA benign line about gardens.\n\n\ufeff" + FORGET[0] + "\n")
     return root
 
 
@@ -475,6 +483,42 @@ CLI_CASES = {
     ),  # fmt: skip
     "compare a forget domain typed wrong": (["compare", "--forget", "cyb", "--out", "{ws}/new"], "Unknown data domain"),
     "compare without a retain domain": (["compare", "--retain", ",", "--out", "{ws}/new"], "At least one retain"),
+    "fit a corpus that is a loop of links": (
+        FIT[:5] + ["--forget", "{ws}/loop1.txt"] + FIT[7:] + ["--out", "{ws}/new"],
+        "symbolic link that leads nowhere",
+    ),
+    "train-sae a text that is a loop of links": (
+        TRAIN[:3] + ["--text", "{ws}/loop1.txt", "--out", "{ws}/new"],
+        "symbolic link that leads nowhere",
+    ),
+    "eval questions that are a loop of links": (
+        EVAL + ["--guardrail", "{ws}/guard", "--questions", "{ws}/loop1.txt", "--out", "{ws}/e.json"],
+        "symbolic link that leads nowhere",
+    ),
+    "fit a JSONL line nested past the parser's stack": (
+        FIT[:5] + ["--forget", "{ws}/deep.jsonl"] + FIT[7:] + ["--out", "{ws}/new"],
+        "line 1 is not valid JSON",
+    ),
+    "fit a JSONL line with an integer past Python's digits": (
+        FIT[:5] + ["--forget", "{ws}/bigint.jsonl"] + FIT[7:] + ["--out", "{ws}/new"],
+        "line 1 is not valid JSON",
+    ),
+    "eval questions nested past the parser's stack": (
+        EVAL + ["--guardrail", "{ws}/guard", "--questions", "{ws}/deep.jsonl"],
+        "line 1 is not valid JSON",
+    ),
+    "fit a corpus of invisible characters only": (
+        FIT[:5] + ["--forget", "{ws}/invisible.txt"] + FIT[7:] + ["--out", "{ws}/new"],
+        "holds no documents",
+    ),
+    "fit a question file whose answer is a letter": (
+        FIT[:5] + ["--forget", "{ws}/letter.jsonl"] + FIT[7:] + ["--out", "{ws}/new"],
+        "not a choice's index",
+    ),
+    "fit calibration joined with a byte-order mark before a forget text": (
+        FIT + ["--calibration", "{ws}/calibration_bom.txt", "--out", "{ws}/new"],
+        "also forget texts",
+    ),
     "compare a retain domain twice": (
         ["compare", "--retain", "chemistry,chemistry", "--out", "{ws}/new"],
         "names a domain twice",

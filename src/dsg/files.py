@@ -26,6 +26,12 @@ from safetensors.torch import load_file
 from .errors import DSGError
 
 
+def missing(path: str | os.PathLike) -> str:
+    """How a path that is not there is not there: a symbolic link that leads nowhere (broken, or a loop of links)
+    reads as one, not as nothing."""
+    return "is a symbolic link that leads nowhere (broken, or a loop)" if Path(path).is_symlink() else "does not exist"
+
+
 def read_user_text(path: str | os.PathLike, what: str) -> str:
     """A user's text file (a corpus, questions) as one string: UTF-8, a leading byte-order mark dropped (as Windows
     editors write one), Windows line endings read as "\n" (text mode); a DSGError naming the file when it is not
@@ -69,6 +75,9 @@ def jsonl_records(text: str, path: str | os.PathLike) -> Iterator[tuple[int, Any
         except DuplicateKey as e:
             raise DSGError(f"{str(path)!r} line {lineno} names the key {str(e)!r} twice; JSON keeps only the last "
                            "value, so the line is ambiguous.") from None  # fmt: skip
+        except (ValueError, RecursionError) as e:  # a number past Python's digit limit, nesting past the stack's
+            raise DSGError(f"{str(path)!r} line {lineno} is not valid JSON: {type(e).__name__}: "
+                           f"{str(e)[:120]}.") from None  # fmt: skip
         if "\\u" in line and not is_text(value):  # only a \u escape can name half a surrogate pair
             raise DSGError(f"{str(path)!r} line {lineno} escapes half of a UTF-16 surrogate pair (such as \\udc80) "
                            "with no other half: that is not text.")  # fmt: skip
@@ -100,7 +109,7 @@ def read_json(path: str | os.PathLike) -> dict:
         raise DSGError(f"{str(path)!r} names the key {str(e)!r} twice in one object; JSON keeps only the last value, "
                        "so the file is ambiguous.") from None  # fmt: skip
     except FileNotFoundError:
-        raise DSGError(f"{str(path)!r} does not exist.") from None
+        raise DSGError(f"{str(path)!r} {missing(path)}.") from None
     except IsADirectoryError:
         raise DSGError(f"{str(path)!r} is a folder; give a JSON file.") from None
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a number past int limits
@@ -386,12 +395,19 @@ def _probe_writable(path: Path) -> None:
         raise DSGError(f"Cannot write {str(path)!r}: {e.strerror or e} in {str(anchor)!r}.") from None
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a loop of symbolic links (Python 3.11)
+        raise DSGError(f"{str(path)!r} {missing(path)}.") from None
+
+
 def _refuse_inputs(path: Path, inputs) -> None:
-    target = path.resolve()
+    target = _resolved(path)
     for i in inputs:
         if i is None:
             continue
-        source = Path(i).expanduser().resolve()
+        source = _resolved(Path(i))
         if source == target or target in source.parents:
             raise DSGError(f"Output {str(path)!r} would replace the input {str(i)!r}; choose another output path.")
         if source.is_dir() and source in target.parents:

@@ -58,7 +58,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ..errors import DSGError
-from ..files import is_text, jsonl_records, read_user_text
+from ..files import is_text, jsonl_records, missing, read_user_text
 from ..lm.hooks import stopped_after
 from ..lm.models import check_fits_context, context_length, evaluating, model_device
 from ..lm.text import pad_batch, pad_id_of, position_ids
@@ -86,7 +86,7 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
     """Questions from a JSONL file, one `{"question", "choices", "answer"}` object a line (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
-        what = "is not a regular file" if path.exists() else "does not exist"
+        what = "is not a regular file" if path.exists() else missing(path)
         raise DSGError(f"Question file {str(path)!r} {what}.")
     questions = [check_question(obj, f"{str(path)!r} line {lineno}")
                  for lineno, obj in jsonl_records(read_user_text(path, "question file"), path)]  # fmt: skip

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DSGError
-from ..files import jsonl_records, read_user_text
+from ..files import jsonl_records, missing, read_user_text
 
 
 def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
@@ -37,7 +37,7 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
     if path.is_dir():
         raise DSGError(f"Corpus {str(path)!r} is a directory; pass a .txt or .jsonl file.")
     if not path.is_file():
-        what = "is not a regular file" if path.exists() else "does not exist"
+        what = "is not a regular file" if path.exists() else missing(path)
         raise DSGError(f"Corpus file {str(path)!r} {what}.")
     raw = read_user_text(path, "corpus file")
     if path.suffix == ".jsonl":
@@ -45,10 +45,14 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
         for lineno, obj in jsonl_records(raw, path):
             text = obj.get(field, _question_stem(obj)) if isinstance(obj, dict) else None
             if not isinstance(text, str):
+                if isinstance(obj, dict) and field not in obj and {"question", "choices"} <= obj.keys():
+                    raise DSGError(f"{str(path)!r} line {lineno} is a multiple-choice question whose 'answer' is "
+                                   "not a choice's index (0, 1, ...): read as its stem only with one.")  # fmt: skip
                 raise DSGError(f"{str(path)!r} line {lineno} has no string field {field!r} (or 'question').")
             docs.append(text)
     elif path.suffix == ".txt":
-        docs = [block.strip() for block in re.split(r"\n[^\S\n]*\n", raw)]  # a blank line may hold spaces or tabs
+        # a blank line may hold spaces or tabs; a byte-order mark opening a block is a joined file's (cat a b)
+        docs = [block.strip().lstrip("\ufeff").strip() for block in re.split(r"\n[^\S\n]*\n", raw)]
     else:
         raise DSGError(f"Corpus file {str(path)!r} must end in .txt or .jsonl.")
     nul = next((i for i, d in enumerate(docs) if "\x00" in d), None)
@@ -56,7 +60,7 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
         raise DSGError(
             f"Corpus file {str(path)!r} holds a NUL byte (document {nul + 1}); it looks like a binary file, not text."
         )
-    docs = [d for d in docs if d.strip()]
+    docs = [d for d in docs if not all(c.isspace() or _is_invisible(c) for c in d)]  # nothing shows: blank
     if not docs:
         raise DSGError(f"Corpus file {str(path)!r} holds no documents.")
     return docs

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ...errors import DSGError
-from ...files import atomic_directory
+from ...files import atomic_directory, missing
 from ...registry import Registry
 from ..base import SAE
 
@@ -50,7 +50,7 @@ def recorded_hook(recorded, given: str | None, where: Path):
 def read_sae(path: str | os.PathLike, hook_name: str | None = None, format: str | None = None) -> SAE:
     path = Path(path)
     if not path.exists():
-        raise DSGError(f"SAE path {str(path)!r} does not exist.")
+        raise DSGError(f"SAE path {str(path)!r} {missing(path)}.")
     if format is not None:
         return FORMATS[format].read(path, hook_name)
     for fmt in FORMATS.values():
