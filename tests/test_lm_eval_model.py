@@ -91,3 +91,15 @@ def test_a_refusal_is_one_line_and_status_2(tmp_path):
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("dsg lm_eval: error: ")
     assert "is not a guardrail directory" in done.stderr
+
+
+def test_under_torchrun_the_dsg_model_is_refused_in_one_line(monkeypatch, capsys):
+    """lm-eval takes the dsg model object as one process's, so under torchrun or accelerate every process ran every
+    request (and said only 'assuming single-process'): refused in one line, status 2."""
+    from dsg.runtime.lm_eval import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "run", "--model", "dsg", "--tasks", "none"])
+    assert main() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dsg lm_eval: error: the dsg model runs in one process") and len(err.splitlines()) == 1

@@ -139,3 +139,97 @@ def test_torchrun_compare_shares_the_statistics_pass_and_gives_the_single_proces
     untimed = [[{k: v for k, v in r.items() if not k.endswith("seconds")} for r in x["sweep"]] for x in (one, two)]
     assert untimed[0] == untimed[1] and untimed[0]  # wall times aside, every swept configuration is the same
     assert results[1]["base"] == results[2]["base"]
+
+
+# A torchrun entry for the tests below: rank 1 may read another file (DSG_RANK1_SWAP="old:new"), the process group
+# may wait less than its 30 minutes (DSG_PG_TIMEOUT_S), and the first process's prompt-level check may take longer
+# than that wait (DSG_SETTLE_SLEEP_S), as a large question set on a large model does.
+ENTRY = """
+import os, sys, time
+from datetime import timedelta
+import torch.distributed.distributed_c10d as c10d
+import dsg.cli as cli
+if os.environ.get("DSG_PG_TIMEOUT_S"):
+    c10d.default_pg_timeout = timedelta(seconds=float(os.environ["DSG_PG_TIMEOUT_S"]))
+if os.environ.get("DSG_SETTLE_SLEEP_S"):
+    settle = cli.settle_prompt_level
+    def slow(*a, **k):
+        time.sleep(float(os.environ["DSG_SETTLE_SLEEP_S"]))
+        return settle(*a, **k)
+    cli.settle_prompt_level = slow
+args = sys.argv[1:]
+if os.environ.get("RANK") == "1" and os.environ.get("DSG_RANK1_SWAP"):
+    old, new = os.environ["DSG_RANK1_SWAP"].split(":")
+    args = [a.replace(old, new) for a in args]
+sys.exit(cli.main(args))
+"""
+
+
+def _torchrun_fit(ws: Path, out: str, extra: list[str], env: dict) -> subprocess.CompletedProcess:
+    (ws / "entry.py").write_text(ENTRY)
+    args = ["fit", "--model", str(ws / "model"), "--sae", str(ws / "relu"), "--forget", str(ws / "forget.txt"),
+            "--retain", str(ws / "retain.txt"), "--max-length", "24", "--batch-size", "2", "--n-features", "3",
+            "--ratio-percentile", "50", "--out", str(ws / out), *extra]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"} | env
+    return subprocess.run([*TORCHRUN, "2", str(ws / "entry.py"), *args], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+
+
+def test_processes_given_different_inputs_are_refused_in_every_process(ws):
+    """Each process folds its share of the batches: one that read another corpus made a guardrail that looked
+    right (its hash recorded, another corpus's statistics in it)."""
+    other = (ws / "forget.txt").read_text().replace("exploit", "garden")
+    (ws / "forget_other.txt").write_text(other)
+    done = _torchrun_fit(ws, "mismatch", [], {"DSG_RANK1_SWAP": "forget.txt:forget_other.txt"})
+    assert done.returncode != 0
+    assert done.stderr.count("were not given the same arguments, forget corpus (process 0 and process 1") == 2
+    frames = [line for line in done.stderr.splitlines() if line.strip().startswith("File ")]
+    assert not [f for f in frames if "dsg" in f], frames  # torchrun's own report of the failed launch aside
+    assert not (ws / "mismatch").exists()
+
+
+def test_the_first_processs_own_work_after_the_fit_may_outlast_the_groups_timeout(ws):
+    """The prompt level's check on forget questions runs in the first process only, after the sharded passes: the
+    others leave the group first instead of waiting at a barrier that times out (and takes the fit with it)."""
+    import json
+
+    rows = [{"question": f"The exploit number {i} is", "choices": ["payload", "garden", "river", "Paris"],
+             "answer": 0} for i in range(6)]  # fmt: skip
+    (ws / "forget_q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in rows))
+    gate = ["--gate-window", "6", "--detector", "--detector-c", "1.0", "--gate-percentile", "90", "--gate-hold", "4",
+            "--gate-prompt-percentile", "100", "--forget-questions", str(ws / "forget_q.jsonl")]  # fmt: skip
+    done = _torchrun_fit(ws, "slow_check", gate, {"DSG_PG_TIMEOUT_S": "4", "DSG_SETTLE_SLEEP_S": "8"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Wrote") == 1 and (ws / "slow_check" / JSON_NAME).is_file()
+
+
+def test_a_peer_that_stopped_is_one_sentence(monkeypatch):
+    """A collective step whose peer ended (gloo: 'Connection closed by peer') says so in one line, beside that
+    peer's own message, instead of a backend traceback."""
+
+    def closed(*_):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [::1]:1")
+
+    with pytest.raises(DSGError, match="Another process of this torchrun launch stopped or stopped answering"):
+        parallel._collective(closed)
+
+
+def test_a_stop_signal_while_stopping_is_not_a_second_stop(monkeypatch, capsys):
+    """torchrun forwards Ctrl-C as SIGINT and then SIGTERM within a millisecond: the second arrived while the first
+    was being reported and ended the process in a traceback. After it, both signals are handled as before."""
+    import signal
+
+    from dsg import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def report_then_terminate():
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at the next bytecode, inside the KeyboardInterrupt handler
+
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    monkeypatch.setattr(cli, "_close_bars", report_then_terminate)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert cli.main(["inspect", "anything"]) == 130
+    assert capsys.readouterr().err.strip() == "dsg inspect: interrupted"
+    assert {s: signal.getsignal(s) for s in before} == before

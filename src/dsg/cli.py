@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -36,9 +37,10 @@ from .files import check_output_dir, check_output_file, write_text_atomic
 from .guard.fit import FitConfig, fit
 from .guard.guardrail import Guardrail, dtype_for
 from .guard.inspect import describe
+from .lm.fingerprint import tokenizer_digest, weights_digest
 from .lm.models import DTYPES, load_model
-from .lm.text import read_corpus
-from .parallel import barrier, init_from_env, launched, sharded, shutdown
+from .lm.text import corpus_sha256, read_corpus
+from .parallel import agree, barrier, init_from_env, launched, sharded, shutdown
 from .runtime.generation import generate
 from .sae import SAE
 from .sae.train import TrainConfig, save_trained_sae, train_sae
@@ -90,9 +92,22 @@ def cmd_fit(args) -> int:
     model, tokenizer = _model(args)
     if held_out:  # refused now, not after the fit's passes
         check_questions_fit(model, tokenizer, held_out, "Forget question")
+    if launched():  # every process must fold its share from the same inputs
+        texts = {"forget corpus": forget, "retain corpus": retain, "calibration corpus": calibration}
+        agree({"arguments": {k: v for k, v in sorted(vars(args).items()) if k != "func"},
+               "model": weights_digest(model), "tokenizer": tokenizer_digest(tokenizer), "SAE": sae.sha256(),
+               **{k: corpus_sha256(v) if v is not None else None for k, v in texts.items()},
+               "forget questions": json.dumps(held_out, sort_keys=True) if held_out else None})  # fmt: skip
     with sharded() as world:  # under torchrun: each process runs its share of the batches
         guard = fit(model, tokenizer, sae, forget, retain, calibration, config, name=args.name,
                     progress=world.main)  # fmt: skip
+    if world.size > 1:
+        # leave the group together, as compare does: the first process's own work from here (the prompt level's
+        # check on the forget questions, the write) can outlast the group's timeout at a barrier
+        barrier()
+        shutdown()
+        if not world.main:
+            return 0
     if world.main:
         check = settle_prompt_level(model, tokenizer, guard, held_out, progress=True) if held_out else None
         guard.save(args.out)
@@ -111,7 +126,6 @@ def cmd_fit(args) -> int:
             print("The prompt level was not checked on held-out forget questions (--forget-questions): with a weak "
                   "detector it can leave forget questions unclamped and forget less.", file=sys.stderr)  # fmt: skip
         print(f"Wrote {args.out}")
-    barrier()  # the others return once the guardrail is on disk
     return 0
 
 
@@ -431,6 +445,7 @@ def cmd_compare(args) -> int:
     if launched():  # under torchrun the processes share the statistics pass; the rest runs in the first process
         check_output_dir(config.out, "comparison", resume=True)
         bench = config.bench()
+        agree({"arguments": dataclasses.asdict(config), **bench.context()})  # the processes read the same
         with sharded() as world:
             bench.latent_stats(progress=world.main)
         # leave the group together: the first process runs on for minutes to hours (longer than a barrier waits),
@@ -504,6 +519,17 @@ def _terminate(signum, frame):
     raise Terminated(signum)
 
 
+def _stop_listening(previous: dict, on_main_thread: bool) -> None:
+    """Stopping already: a second stop signal is not a second stop. torchrun forwards Ctrl-C as SIGINT and then
+    SIGTERM within a millisecond, which raised inside the first one's handling. `previous` gets SIGINT's handler,
+    restored with the others."""
+    if not on_main_thread:
+        return
+    for s in (signal.SIGINT, *STOP_SIGNALS):
+        handler = signal.signal(s, signal.SIG_IGN)
+        previous.setdefault(s, handler)
+
+
 # kill and job schedulers send SIGTERM; closing the terminal (or an ssh session) sends SIGHUP
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -540,10 +566,12 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(args.command, f"{e.strerror or e}{where}.")
         return 1
     except KeyboardInterrupt:
+        _stop_listening(previous, on_main_thread)
         _close_bars()
         print(f"dsg {args.command}: interrupted", file=sys.stderr)
         return 130
     except Terminated as e:
+        _stop_listening(previous, on_main_thread)
         _close_bars()
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
             print(f"dsg {args.command}: {'hung up' if e.signum != signal.SIGTERM else 'terminated'}", file=sys.stderr)

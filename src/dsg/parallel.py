@@ -98,20 +98,50 @@ def my_share(items: Iterable[T]) -> Iterator[tuple[int, T]]:
             yield i, item
 
 
+def _collective(op, *args) -> None:
+    """A collective step with the other processes; a peer that stopped (its connection closed) or stopped answering
+    (the group's timeout) is one line here too, not a backend traceback beside that process's own message."""
+    try:
+        op(*args)
+    except RuntimeError as e:  # gloo and NCCL report a peer's end as RuntimeError (DistBackendError)
+        first = " ".join(str(e).split())[:160]
+        raise DSGError(f"Another process of this torchrun launch stopped or stopped answering ({first}); its own "
+                       "message says why.") from None  # fmt: skip
+
+
 def gather_ordered(mine: list[tuple[int, T]]) -> list[T]:
     """Everyone's (index, result) pairs, as one list ordered by index, on every process."""
     w = world()
     if w.size == 1:
         return [r for _, r in sorted(mine, key=lambda p: p[0])]
     everyone: list[list[tuple[int, T]] | None] = [None] * w.size
-    torch.distributed.all_gather_object(everyone, mine)
+    _collective(torch.distributed.all_gather_object, everyone, mine)
     merged = sorted((p for part in everyone for p in part), key=lambda p: p[0])
     return [r for _, r in merged]
 
 
+def agree(record: dict) -> None:
+    """Refuse, in every process, a launch whose processes were given different inputs (`record`: what each one
+    read, as comparable values: arguments, digests of the model, SAE and texts). Each process folds its share of
+    the batches into one result, so a process given another model or corpus makes a wrong result that looks
+    right."""
+    w = process_world()
+    if w.size == 1:
+        return
+    everyone: list[dict | None] = [None] * w.size
+    _collective(torch.distributed.all_gather_object, everyone, record)
+    first = everyone[0] or {}
+    for rank, other in enumerate(everyone[1:], 1):
+        differ = [k for k in sorted(set(first) | set(other or {})) if (other or {}).get(k) != first.get(k)]
+        if differ:
+            raise DSGError(f"The processes of this torchrun launch were not given the same {', '.join(differ)} "
+                           f"(process 0 and process {rank} differ); start every process with the same command, "
+                           "files and model.")  # fmt: skip
+
+
 def barrier() -> None:
     if process_world().size > 1:
-        torch.distributed.barrier()
+        _collective(torch.distributed.barrier)
 
 
 def shutdown() -> None:

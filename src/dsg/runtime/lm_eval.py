@@ -215,7 +215,13 @@ def main() -> int:
         return 2
     from lm_eval.__main__ import cli_evaluate
 
+    from ..parallel import launched
     from ..tables import printable
+
+    if launched():  # lm-eval takes a model object as one process's: each process would run every request
+        print("dsg lm_eval: error: the dsg model runs in one process; run lm-eval without torchrun or accelerate "
+              "(every process would run every request).", file=sys.stderr)  # fmt: skip
+        return 2
 
     try:
         cli_evaluate()
