@@ -546,3 +546,28 @@ def test_an_exported_question_file_reads_as_a_corpus_of_its_stems(tmp_path):
     pair.write_text('{"question": "How is X built?", "answer": "A long answer that must not be dropped."}\n')
     with pytest.raises(DSGError, match="no string field 'text'"):
         read_corpus(pair)
+
+
+def test_a_question_records_answer_is_named_only_when_it_is_there_and_not_an_index(tmp_path):
+    """`"answer": "A"` is why such a record is not read as its stem, and the refusal says so; a record whose stem
+    is not a string, or that has no answer, gets the general refusal."""
+    from dsg.lm.text import read_corpus
+
+    cases = {'{"question": "Q?", "choices": ["a", "b"], "answer": "A"}': "whose 'answer' is 'A', not a choice's index",
+             '{"question": 5, "choices": ["a", "b"], "answer": 0}': "no string field 'text'",
+             '{"question": "Q?", "choices": ["a", "b"]}': "no string field 'text'"}  # fmt: skip
+    for i, (line, message) in enumerate(cases.items()):
+        (tmp_path / f"{i}.jsonl").write_text(line + "\n")
+        with pytest.raises(DSGError, match=message):
+            read_corpus(tmp_path / f"{i}.jsonl")
+
+
+def test_a_byte_order_mark_opening_a_line_is_a_joined_files(tmp_path):
+    """`cat a.txt b.txt` of two files saved with a byte-order mark puts the second mark at a line's start, whether
+    a blank line separates the files or not: it is not text."""
+    from dsg.lm.text import read_corpus
+
+    (tmp_path / "blank.txt").write_text("\ufefffirst doc\n\n\ufeffsecond doc\n")
+    (tmp_path / "joined.txt").write_text("\ufefffirst doc\n\ufeffsecond doc\n")
+    assert read_corpus(tmp_path / "blank.txt") == ["first doc", "second doc"]
+    assert read_corpus(tmp_path / "joined.txt") == ["first doc\nsecond doc"]

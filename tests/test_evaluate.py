@@ -614,3 +614,16 @@ def test_a_question_clamped_mid_prompt_is_reported_clamped_though_not_gated(llam
         assert all(g.scores == b.scores for g, b in zip(guarded, base) if not g.clamped)
         mid = [i for i, r in enumerate(guarded) if r.clamped and not r.gated]
         assert mid and all(guarded[i].scores != base[i].scores for i in mid)
+
+
+def test_alibi_is_read_from_the_config_which_a_compiled_model_keeps():
+    """A compiled model's forward takes (*args, **kwargs): read from its signature it looked like ALiBi, and its
+    choices left the custom 4D mask. BLOOM and Falcon with `alibi` are ALiBi; Llama compiled or not is not."""
+    import transformers as tf
+
+    from dsg.eval.mcq import _alibi
+
+    llama = tiny_model("llama", seed=0)
+    falcon = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=4, alibi=True))  # fmt: skip
+    assert [_alibi(m) for m in (llama, torch.compile(llama), tiny_model("bloom"), falcon)] == [False, False, True, True]

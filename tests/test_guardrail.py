@@ -1382,3 +1382,16 @@ def test_a_streamer_or_another_model_run_inside_generate_leave_its_steps_alone(u
         gated = session.gated.clone()
     assert torch.equal(out, plain) and torch.equal(gated, plain_gated)
     assert len(seen) == 5 and all(torch.equal(s, alone) for s in seen)
+
+
+def test_only_a_static_shaped_cache_has_slots_a_mask_may_cover():
+    """A dynamic cache of a sliding-window model reports its window as its length; only a static-shaped cache's
+    slots let a 2D mask wider than the positions so far (zeros after them) read as its first columns."""
+    from transformers import DynamicCache, MistralConfig, StaticCache
+
+    from dsg.runtime.hf import _slots
+
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, sliding_window=8)  # fmt: skip
+    assert _slots(DynamicCache(config=config)) is None
+    assert _slots(StaticCache(config=tiny_model("llama").config, max_cache_len=20)) == 20

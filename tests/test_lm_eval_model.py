@@ -103,3 +103,6 @@ def test_under_torchrun_the_dsg_model_is_refused_in_one_line(monkeypatch, capsys
     assert main() == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dsg lm_eval: error: the dsg model runs in one process") and len(err.splitlines()) == 1
+    from dsg.runtime.lm_eval import _model_argument  # lm-eval's own HF model shards its requests: not refused
+
+    assert [_model_argument(a) for a in (["--model", "hf"], ["--model=dsg"], ["--tasks", "x"])] == ["hf", "dsg", None]

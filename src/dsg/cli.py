@@ -577,9 +577,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dsg {args.command}: {'hung up' if e.signum != signal.SIGTERM else 'terminated'}", file=sys.stderr)
         return 128 + e.signum
     finally:
+        shutdown()  # under torchrun: leave the process group before the interpreter tears gloo down
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        shutdown()  # under torchrun: leave the process group before the interpreter tears gloo down
 
 
 if __name__ == "__main__":

@@ -105,8 +105,8 @@ def _collective(op, *args) -> None:
         op(*args)
     except RuntimeError as e:  # gloo and NCCL report a peer's end as RuntimeError (DistBackendError)
         first = " ".join(str(e).split())[:160]
-        raise DSGError(f"Another process of this torchrun launch stopped or stopped answering ({first}); its own "
-                       "message says why.") from None  # fmt: skip
+        raise DSGError(f"Another process of this torchrun launch stopped, or did not answer within the process "
+                       f"group's timeout ({first}).") from None  # fmt: skip
 
 
 def gather_ordered(mine: list[tuple[int, T]]) -> list[T]:
@@ -132,11 +132,27 @@ def agree(record: dict) -> None:
     _collective(torch.distributed.all_gather_object, everyone, record)
     first = everyone[0] or {}
     for rank, other in enumerate(everyone[1:], 1):
-        differ = [k for k in sorted(set(first) | set(other or {})) if (other or {}).get(k) != first.get(k)]
+        differ = _differences(first, other or {})
         if differ:
             raise DSGError(f"The processes of this torchrun launch were not given the same {', '.join(differ)} "
                            f"(process 0 and process {rank} differ); start every process with the same command, "
                            "files and model.")  # fmt: skip
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    """The keys whose values differ; for a dict of arguments, which of them (`arguments (--sae, --forget)`)."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        x, y = a.get(k), b.get(k)
+        if x == y:
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            names = ", ".join("--" + str(n).replace("_", "-") for n in sorted(set(x) | set(y), key=str)
+                              if x.get(n) != y.get(n))  # fmt: skip
+            out.append(f"{k} ({names})")
+        else:
+            out.append(str(k))
+    return out
 
 
 def barrier() -> None:

@@ -298,13 +298,16 @@ def _attention_layout(model: torch.nn.Module) -> tuple[bool, int | None]:
     return kinds <= {"full_attention", "sliding_attention"}, window
 
 
+ALIBI_MODEL_TYPES = frozenset({"bloom", "mpt"})  # ALiBi always; Falcon and others say so with `alibi`
+
+
 def _alibi(model: torch.nn.Module) -> bool:
-    """Whether the model places tokens by ALiBi, from its 2D attention mask (BLOOM, Falcon with `alibi`): it
-    builds its biases from that mask, so it takes no custom 4D mask, and no explicit positions."""
+    """Whether the model places tokens by ALiBi, from its 2D attention mask (BLOOM, MPT, Falcon with `alibi`): it
+    builds its biases from that mask, so it takes no custom 4D mask, and no explicit positions. Read from the
+    config, which a compiled or wrapped model keeps."""
     config = getattr(model, "config", None)
-    if getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False):
-        return True
-    return "position_ids" not in inspect.signature(model.forward).parameters
+    return bool(getattr(config, "model_type", None) in ALIBI_MODEL_TYPES or getattr(config, "alibi", False)
+                or getattr(getattr(config, "attn_config", None), "alibi", False))  # fmt: skip
 
 
 def _mask_dtype(model: torch.nn.Module, length: int = 0) -> torch.dtype | None:

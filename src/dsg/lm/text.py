@@ -45,14 +45,17 @@ def read_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
         for lineno, obj in jsonl_records(raw, path):
             text = obj.get(field, _question_stem(obj)) if isinstance(obj, dict) else None
             if not isinstance(text, str):
-                if isinstance(obj, dict) and field not in obj and {"question", "choices"} <= obj.keys():
+                answer = obj.get("answer") if isinstance(obj, dict) else None
+                if field not in obj and "choices" in obj and answer is not None and type(answer) is not int:
                     raise DSGError(f"{str(path)!r} line {lineno} is a multiple-choice question whose 'answer' is "
-                                   "not a choice's index (0, 1, ...): read as its stem only with one.")  # fmt: skip
+                                   f"{answer!r}, not a choice's index (0, 1, ...); a question is read as its "
+                                   "stem only with an index.")  # fmt: skip
                 raise DSGError(f"{str(path)!r} line {lineno} has no string field {field!r} (or 'question').")
             docs.append(text)
     elif path.suffix == ".txt":
-        # a blank line may hold spaces or tabs; a byte-order mark opening a block is a joined file's (cat a b)
-        docs = [block.strip().lstrip("\ufeff").strip() for block in re.split(r"\n[^\S\n]*\n", raw)]
+        # a byte-order mark opening a line is a joined file's (cat a b); a blank line may hold spaces or tabs
+        raw = raw.replace("\n\ufeff", "\n")
+        docs = [block.strip() for block in re.split(r"\n[^\S\n]*\n", raw)]
     else:
         raise DSGError(f"Corpus file {str(path)!r} must end in .txt or .jsonl.")
     nul = next((i for i, d in enumerate(docs) if "\x00" in d), None)

@@ -602,7 +602,10 @@ def _source(inputs: dict):
 
 
 def _slots(cache) -> int | None:
-    """The number of positions a static-shaped KV cache holds (None for a cache that grows)."""
+    """The number of positions a static-shaped KV cache holds (None for a cache that grows: a dynamic cache of a
+    sliding-window model reports its window as its length)."""
+    if not getattr(cache, "is_compileable", False):  # transformers' mark of a static-shaped cache
+        return None
     for name in ("get_max_cache_shape", "get_max_length"):
         with contextlib.suppress(Exception):
             n = getattr(cache, name)()

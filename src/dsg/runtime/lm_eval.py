@@ -207,6 +207,16 @@ def _without_trailing_zeros(row: tuple[int, ...]) -> tuple[int, ...]:
     return row[:end]
 
 
+def _model_argument(argv: list[str]) -> str | None:
+    """The value of lm-eval's --model in a command line (`--model dsg` or `--model=dsg`)."""
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--model="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def main() -> int:
     """lm-eval's command line with the `dsg` model registered. A dsg refusal (a guardrail folder that is not one,
     a model it was not fitted on) is one line and status 2, as from `dsg`; Ctrl-C is one line and status 130."""
@@ -218,7 +228,8 @@ def main() -> int:
     from ..parallel import launched
     from ..tables import printable
 
-    if launched():  # lm-eval takes a model object as one process's: each process would run every request
+    if launched() and _model_argument(sys.argv[1:]) == "dsg":  # lm-eval takes the dsg model as one process's:
+        # each process would run every request (HF's own model shards them)
         print("dsg lm_eval: error: the dsg model runs in one process; run lm-eval without torchrun or accelerate "
               "(every process would run every request).", file=sys.stderr)  # fmt: skip
         return 2
