@@ -634,3 +634,18 @@ def test_inspect_of_a_static_guardrail_says_every_calibration_input_is_clamped(t
     dsg.fit(model, tok, sae, FORGET_TEXTS, RETAIN_TEXTS, RETAIN_TEXTS, config, progress=False).save(tmp_path / "g")
     shown = describe(tmp_path / "g")
     assert "static (every input)" in shown and "100.0% of calibration inputs gated" in shown
+
+
+def test_selected_latents_that_decode_to_nothing_are_refused():
+    """A latent whose decoder row is all zeros (a pruned or damaged SAE) fires, so it can be selected, but clamping
+    it changes nothing: the guardrail written did nothing, with no warning."""
+    from tiny import bpe_tokenizer, sparse_sae, tiny_model
+
+    tok = bpe_tokenizer(add_bos=True)
+    model = tiny_model("llama", seed=0, vocab=len(tok))
+    sae = sparse_sae(model, tok, FORGET_TEXTS + RETAIN_TEXTS, rate=0.2)
+    config = dsg.FitConfig(n_features=4, gated=False)
+    chosen = dsg.fit(model, tok, sae, FORGET_TEXTS, RETAIN_TEXTS, RETAIN_TEXTS, config, progress=False).features
+    sae.W_dec.data[chosen[1]] = 0.0
+    with pytest.raises(dsg.DSGError, match=f"The selected latents {chosen[1]} have all-zero decoder rows"):
+        dsg.fit(model, tok, sae, FORGET_TEXTS, RETAIN_TEXTS, RETAIN_TEXTS, config, progress=False)

@@ -231,3 +231,24 @@ def test_topk_sparse_statistics_equal_dense_ones():
     for a, b in zip(dense.as_tensors(), sparse.as_tensors()):
         assert torch.allclose(a, b, atol=1e-9)
     assert sparse.fire_count.sum() > 0
+
+
+def test_an_sae_whose_values_no_sae_has_is_refused_where_it_loads(tmp_path):
+    """A decoder past 1e6 (a guardrail fitted on it was refused only by the commands that read it back), values past
+    the dtype it is loaded in (they read as infinite), and float8 weights (no isfinite of their own: a traceback)."""
+    sae = tiny_sae()
+    tensors = {k: v.clone() for k, v in sae.tensors().items()}
+    with pytest.raises(dsg.DSGError, match="'W_dec' holds values past 1e"):
+        dsg.SAE(tensors["W_enc"], tensors["W_dec"] * 1e7, tensors["b_enc"], tensors["b_dec"], architecture="standard")
+    past_half = tensors["W_dec"] * (5e5 / tensors["W_dec"].abs().max())  # inside 1e6, past float16's 65504
+    big = dsg.SAE(tensors["W_enc"], past_half, tensors["b_enc"], tensors["b_dec"], architecture="standard")
+    big.save(tmp_path / "big")
+    assert torch.isfinite(dsg.SAE.load(tmp_path / "big").W_dec).all()
+    with pytest.raises(dsg.DSGError, match="past the range of torch.float16"):
+        dsg.SAE.load(tmp_path / "big", dtype=torch.float16)
+    f8 = getattr(torch, "float8_e4m3fn", None)
+    if f8 is not None:  # loads, and reads as float32
+        small = dsg.SAE(tensors["W_enc"].to(f8), tensors["W_dec"], tensors["b_enc"], tensors["b_dec"],
+                        architecture="standard")  # fmt: skip
+        small.save(tmp_path / "f8")
+        assert dsg.SAE.load(tmp_path / "f8").W_enc.dtype == torch.float32

@@ -421,6 +421,12 @@ def fit(
             "that passed the scorer's cuts does); lower ratio_percentile / min_forget_percentile, raise "
             "retain_cutoff, use more forget text, or check that the SAE's latents fire at this hook."
         )
+    silent = [j for j in features if not bool(sae.W_dec[j].any())]
+    if silent:
+        raise DSGError(
+            f"The selected latents {', '.join(map(str, silent[:8]))} have all-zero decoder rows in the "
+            "SAE: clamping them would change nothing. Check the SAE's W_dec (a pruned or damaged file)."
+        )
     clamp = config.clamp * r_sums.mean_norm if config.clamp_relative_to_norm else config.clamp
 
     calib_seqs = retain_seqs if calib_seqs is None else calib_seqs

@@ -22,6 +22,7 @@ from ..errors import DSGError
 from ..files import json_text
 from ..lm.fingerprint import tensor_digest
 from ..sae import ARCHITECTURES
+from ..sae.base import MAX_DECODER
 from .detector import MAX_FLOOR as DETECTOR_MAX_FLOOR
 from .detector import MAX_WEIGHT as DETECTOR_MAX_WEIGHT
 from .detector import SCALE as DETECTOR_SCALE
@@ -36,8 +37,6 @@ MAX_TOKEN_ID = 1 << 31  # past any vocabulary
 MAX_WINDOW = 1 << 17  # tokens: a window past any model's context reads like the whole input, and each request's
 # gate state holds one flag per window token. It bounds a gate's hold too: a longer hold is a latch, and one near
 # rule.NEVER (a gate that never opened) or int64 would read as always open or never open
-MAX_DECODER = 1e6  # |W_dec| entries: an SAE decodes into the residual stream's scale (units), and MAX_CLAMP times
-# this stays far inside float32
 MAX_CLAMP = 1e6  # far above any useful clamp (500 is the paper's), far below float overflow in the residual delta
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -27,6 +27,9 @@ from ..errors import DSGError
 from ..lm.fingerprint import tensor_digest
 from ..registry import Registry
 
+MAX_DECODER = 1e6  # |W_dec| entries: an SAE decodes into the residual stream's scale (units), and a clamp (at most
+# guard.integrity.MAX_CLAMP) times this stays far inside float32
+
 ARCHITECTURES: Registry[type[SAE]] = Registry("SAE architecture")
 
 
@@ -81,8 +84,11 @@ class SAE(torch.nn.Module):
         for name, tensor in {"W_enc": W_enc, **given}.items():
             if not tensor.is_floating_point():
                 raise DSGError(f"SAE tensor {name!r} has dtype {tensor.dtype}; expected a floating-point dtype.")
-            if not torch.isfinite(tensor).all():
+            if not torch.isfinite(tensor.float()).all():  # float8 has no isfinite of its own
                 raise DSGError(f"SAE tensor {name!r} holds NaN or infinite values.")
+        if not (W_dec.double().abs() <= MAX_DECODER).all():
+            raise DSGError(f"SAE tensor 'W_dec' holds values past {MAX_DECODER:g}: no SAE decodes that way, and a "
+                           "clamp times such a row overflows the residual stream.")  # fmt: skip
         self.W_enc = torch.nn.Parameter(W_enc, requires_grad=False)
         self.W_dec = torch.nn.Parameter(W_dec, requires_grad=False)
         self.b_enc = torch.nn.Parameter(b_enc, requires_grad=False)
@@ -215,4 +221,10 @@ class SAE(torch.nn.Module):
         if sae.hook_name is not None and not isinstance(sae.hook_name, str):
             raise DSGError(f"The SAE at {str(path)!r} names its hook point {sae.hook_name!r}; a hook is a name such "
                            "as 'blocks.12.hook_resid_post'.")  # fmt: skip
-        return sae.to(device=device) if dtype is None else sae.to(device=device, dtype=dtype)
+        if dtype is None:
+            return sae.to(device=device)
+        sae = sae.to(device=device, dtype=dtype)
+        if not all(torch.isfinite(t).all() for t in sae.tensors().values()):
+            raise DSGError(f"The SAE at {str(path)!r} holds values past the range of {dtype} (they read as "
+                           "infinite); load it in a wider dtype.")  # fmt: skip
+        return sae
