@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -136,6 +137,9 @@ def ws(tmp_path_factory):
     (root / "bigint.jsonl").write_text('{"text": "fine", "n": ' + "9" * 5000 + "}\n")
     (root / "invisible.txt").write_text("\u200b\n\n\ufeff\n\n\u2060 \u200d\n")  # nothing shows in any record
     (root / "letter.jsonl").write_text(json.dumps(_question(0, answer="A")) + "\n")
+    os.link(root / "q.jsonl", root / "q_link.jsonl")  # the same file under a second name
+    five = _question(1, choices=["Paris", "Lima", "Rome", "Oslo", "Bern"])
+    (root / "five.jsonl").write_text(json.dumps(_question(0)) + "\n" + json.dumps(five) + "\n")
     # benign text, then a forget text, each saved with a byte-order mark and joined as `cat a b` joins them
     (root / "calibration_bom.txt").write_text("\ufeffA benign line about gardens.\n\n\ufeff" + FORGET[0] + "\n")
     return root
@@ -519,6 +523,14 @@ CLI_CASES = {
         FIT + ["--calibration", "{ws}/calibration_bom.txt", "--out", "{ws}/new"],
         "also forget texts",
     ),
+    "eval --out a hard link to its questions": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/q_link.jsonl", "--overwrite"],
+        "would replace the input",
+    ),  # fmt: skip
+    "eval --permutations of five choices": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "{ws}/five.jsonl", "--base-correct", "--permutations"],
+        "five.jsonl' question 2: Checking every ordering of 5 choices",
+    ),  # fmt: skip
     "compare a retain domain twice": (
         ["compare", "--retain", "chemistry,chemistry", "--out", "{ws}/new"],
         "names a domain twice",

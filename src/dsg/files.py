@@ -402,13 +402,20 @@ def _resolved(path: Path) -> Path:
         raise DSGError(f"{str(path)!r} {missing(path)}.") from None
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there
+        return False
+
+
 def _refuse_inputs(path: Path, inputs) -> None:
     target = _resolved(path)
     for i in inputs:
         if i is None:
             continue
         source = _resolved(Path(i))
-        if source == target or target in source.parents:
+        if source == target or target in source.parents or _same_file(source, target):  # a hard link too
             raise DSGError(f"Output {str(path)!r} would replace the input {str(i)!r}; choose another output path.")
         if source.is_dir() and source in target.parents:
             raise DSGError(f"Output {str(path)!r} lies inside the input folder {str(i)!r}; choose another output path.")

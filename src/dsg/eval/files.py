@@ -10,7 +10,7 @@ from typing import Any
 from ..config import is_index
 from ..errors import DSGError
 from ..runtime.intervention import Intervention, as_intervention, guardrails_in
-from .mcq import base_correct_subset, read_questions, score_mcq
+from .mcq import base_correct_subset, choice_orderings, read_questions, score_mcq
 from .metrics import accuracy, correct_indices, share, summarize_task
 
 
@@ -62,9 +62,19 @@ def evaluate_files(
         intervention.check_model(model)
     options = {"mode": mode, "verify": False, **score_options}
 
+    read = [read_questions(path) for path in paths]  # every file checked before the first is scored
+    if permutations:  # refused before the base pass, naming the file
+        for name, path, questions in zip(names, paths, read):
+            if base_subsets is not None and name in base_subsets:
+                continue
+            for i, q in enumerate(questions, 1):
+                try:
+                    choice_orderings(len(q["choices"]))
+                except DSGError as e:
+                    raise DSGError(f"{str(path)!r} question {i}: {e}") from None
+
     tasks, scored = {}, []  # scored: per task, (results, base-correct subset, length-normalised one)
-    for name, path in zip(names, paths):
-        questions = read_questions(path)
+    for name, path, questions in zip(names, paths, read):
         given = base_subsets is not None and name in base_subsets
         base = score_mcq(model, tokenizer, questions, **options) if base_correct and not given else None
         if intervention is None:
