@@ -55,6 +55,17 @@ VARIANTS = {
 }
 
 
+def columns(retain) -> list[str]:
+    """The table's header: what `row` fills, per retain domain where it says so."""
+    header = ["variant", "forget base-correct %", "forget gated %"]
+    header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
+    header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "after k=1000 gated %", "forget base-correct % k=1000",
+               "benign mentions clamped %", "held-out text gated %", "ppl change", "rep. 3-grams % base -> guarded",
+               "answer ppl", "cyber requests gated %", "computing requests gated %", "probe off. gated %",
+               "probe off. +700 tok gated %", "probe computing gated %", "probe off. kept %"]  # fmt: skip
+    return header
+
+
 def row(name: str, ev: dict) -> tuple[list[str], dict]:
     forget = ev["forget"][0]
     cells = [name, pct(forget["guarded_accuracy_base_correct"]), pct(forget["gate_rate"])]
@@ -98,12 +109,7 @@ def main() -> None:
     torch.set_num_threads(2)
     setting = BenchSetting(sae=args.sae).prepared()
     model, tok, sae, forget, retain, general, forget_texts, retain_texts, calibration, stats = setting
-    header = ["variant", "forget base-correct %", "forget gated %"]
-    header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
-    header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "after k=1000 gated %", "forget base-correct % k=1000",
-               "benign mentions clamped %", "held-out text gated %", "ppl change", "rep. 3-grams % base -> guarded",
-               "answer ppl", "cyber requests gated %", "computing requests gated %", "probe off. gated %",
-               "probe off. +700 tok gated %", "probe computing gated %", "probe off. kept %"]  # fmt: skip
+    header = columns(retain)
     probes = probe_variants(tok)
     probe_base = {n: [r.correct_norm for r in score_mcq(model, tok, qs, progress=False)] for n, qs in probes.items()}
     rows, results, cache = [], {}, {}

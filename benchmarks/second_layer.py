@@ -35,7 +35,7 @@ from dsg.guard.fit import fit, measure
 from dsg.sae import SAE
 from dsg.sae.train import TrainConfig, save_trained_sae, train_sae
 from dsg.tables import table
-from precision import row
+from precision import columns, row
 from probe import evaluate as evaluate_probe
 from probe import variants as probe_variants
 
@@ -78,12 +78,7 @@ def main() -> None:
     guards["stack"] = [guards["ships"], guards["deep"]]
     probes = probe_variants(tok)
     probe_base = {n: [r.correct_norm for r in score_mcq(model, tok, qs, progress=False)] for n, qs in probes.items()}
-    header = ["variant", "forget base-correct %", "forget gated %"]
-    header += [h for d in retain for h in (f"{d.name} % of base", f"{d.name} gated %")]
-    header += ["k=0 gated %", "k=100 gated %", "k=1000 gated %", "after k=1000 gated %", "forget base-correct % k=1000",
-               "benign mentions clamped %", "held-out text gated %", "ppl change", "rep. 3-grams % base -> guarded",
-               "answer ppl", "cyber requests gated %", "computing requests gated %", "probe off. gated %",
-               "probe off. +700 tok gated %", "probe computing gated %", "probe off. kept %"]  # fmt: skip
+    header = columns(retain)
     rows, results, cache = [], {}, {}
     for name in args.variants.split(","):
         t = time.perf_counter()

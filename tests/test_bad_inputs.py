@@ -163,6 +163,12 @@ GEN = ["generate", "--model", "{ws}/model", "--max-new-tokens", "2", "--no-chat"
 EVAL = ["eval", "--model", "{ws}/model"]
 TRAIN = ["train-sae", "--model", "{ws}/model", "--text", "{ws}/forget.txt"]
 
+
+def _fit_forget(forget: str) -> list[str]:
+    """FIT with another forget corpus, writing a new guardrail."""
+    return FIT[:5] + ["--forget", forget] + FIT[7:] + ["--out", "{ws}/new"]
+
+
 CLI_CASES = {
     # outputs
     "fit --out the input SAE": (FIT + ["--out", "{ws}/sae"], "would replace the input"),
@@ -488,7 +494,7 @@ CLI_CASES = {
     "compare a forget domain typed wrong": (["compare", "--forget", "cyb", "--out", "{ws}/new"], "Unknown data domain"),
     "compare without a retain domain": (["compare", "--retain", ",", "--out", "{ws}/new"], "At least one retain"),
     "fit a corpus that is a loop of links": (
-        FIT[:5] + ["--forget", "{ws}/loop1.txt"] + FIT[7:] + ["--out", "{ws}/new"],
+        _fit_forget("{ws}/loop1.txt"),
         "symbolic link that leads nowhere",
     ),
     "train-sae a text that is a loop of links": (
@@ -500,11 +506,11 @@ CLI_CASES = {
         "symbolic link that leads nowhere",
     ),
     "fit a JSONL line nested past the parser's stack": (
-        FIT[:5] + ["--forget", "{ws}/deep.jsonl"] + FIT[7:] + ["--out", "{ws}/new"],
+        _fit_forget("{ws}/deep.jsonl"),
         "line 1 is not valid JSON",
     ),
     "fit a JSONL line with an integer past Python's digits": (
-        FIT[:5] + ["--forget", "{ws}/bigint.jsonl"] + FIT[7:] + ["--out", "{ws}/new"],
+        _fit_forget("{ws}/bigint.jsonl"),
         "line 1 is not valid JSON",
     ),
     "eval questions nested past the parser's stack": (
@@ -512,11 +518,11 @@ CLI_CASES = {
         "line 1 is not valid JSON",
     ),
     "fit a corpus of invisible characters only": (
-        FIT[:5] + ["--forget", "{ws}/invisible.txt"] + FIT[7:] + ["--out", "{ws}/new"],
+        _fit_forget("{ws}/invisible.txt"),
         "holds no documents",
     ),
     "fit a question file whose answer is a letter": (
-        FIT[:5] + ["--forget", "{ws}/letter.jsonl"] + FIT[7:] + ["--out", "{ws}/new"],
+        _fit_forget("{ws}/letter.jsonl"),
         "not a choice's index",
     ),
     "fit calibration joined with a byte-order mark before a forget text": (

@@ -40,7 +40,7 @@ from .guard.inspect import describe
 from .lm.fingerprint import tokenizer_digest, weights_digest
 from .lm.models import DTYPES, load_model
 from .lm.text import corpus_sha256, read_corpus
-from .parallel import agree, barrier, init_from_env, launched, sharded, shutdown
+from .parallel import agree, init_from_env, launched, leave_together, sharded, shutdown
 from .runtime.generation import generate
 from .sae import SAE
 from .sae.train import TrainConfig, save_trained_sae, train_sae
@@ -101,31 +101,26 @@ def cmd_fit(args) -> int:
     with sharded() as world:  # under torchrun: each process runs its share of the batches
         guard = fit(model, tokenizer, sae, forget, retain, calibration, config, name=args.name,
                     progress=world.main)  # fmt: skip
-    if world.size > 1:
-        # leave the group together, as compare does: the first process's own work from here (the prompt level's
-        # check on the forget questions, the write) can outlast the group's timeout at a barrier
-        barrier()
-        shutdown()
-        if not world.main:
-            return 0
-    if world.main:
-        check = settle_prompt_level(model, tokenizer, guard, held_out, progress=True) if held_out else None
-        guard.save(args.out)
-        print(f"Fitted {guard!r}" + (f" on {world.size} processes" if world.size > 1 else ""))
-        calibrated_on = guard.info.get("data", {}).get("calibration", {}).get("sequences")
-        if guard.gated and isinstance(calibrated_on, int) and calibrated_on < FEW_CALIBRATION_SEQUENCES:
-            print(f"dsg fit: the gate's threshold is a percentile of only {calibrated_on} calibration sequence(s); "
-                  "give more benign text (--calibration, or a larger retain corpus) for a threshold that holds on "
-                  "text it has not seen.", file=sys.stderr)  # fmt: skip
-        if len(guard.features) < config.n_features:
-            print(f"dsg fit: only {len(guard.features)} latents fire on the forget corpus and pass the selection "
-                  f"filters; the guardrail clamps those, not {config.n_features}.", file=sys.stderr)  # fmt: skip
-        if check:
-            print(describe_prompt_level(check))
-        elif config.gate_prompt_percentile is not None:
-            print("The prompt level was not checked on held-out forget questions (--forget-questions): with a weak "
-                  "detector it can leave forget questions unclamped and forget less.", file=sys.stderr)  # fmt: skip
-        print(f"Wrote {args.out}")
+    # the first process's own work from here (the prompt level's check, the write) can outlast the group's timeout
+    if leave_together() and not world.main:
+        return 0
+    check = settle_prompt_level(model, tokenizer, guard, held_out, progress=True) if held_out else None
+    guard.save(args.out)
+    print(f"Fitted {guard!r}" + (f" on {world.size} processes" if world.size > 1 else ""))
+    calibrated_on = guard.info.get("data", {}).get("calibration", {}).get("sequences")
+    if guard.gated and isinstance(calibrated_on, int) and calibrated_on < FEW_CALIBRATION_SEQUENCES:
+        print(f"dsg fit: the gate's threshold is a percentile of only {calibrated_on} calibration sequence(s); "
+              "give more benign text (--calibration, or a larger retain corpus) for a threshold that holds on "
+              "text it has not seen.", file=sys.stderr)  # fmt: skip
+    if len(guard.features) < config.n_features:
+        print(f"dsg fit: only {len(guard.features)} latents fire on the forget corpus and pass the selection "
+              f"filters; the guardrail clamps those, not {config.n_features}.", file=sys.stderr)  # fmt: skip
+    if check:
+        print(describe_prompt_level(check))
+    elif config.gate_prompt_percentile is not None:
+        print("The prompt level was not checked on held-out forget questions (--forget-questions): with a weak "
+              "detector it can leave forget questions unclamped and forget less.", file=sys.stderr)  # fmt: skip
+    print(f"Wrote {args.out}")
     return 0
 
 
@@ -448,11 +443,8 @@ def cmd_compare(args) -> int:
         agree({"arguments": dataclasses.asdict(config), **bench.context()})  # the processes read the same
         with sharded() as world:
             bench.latent_stats(progress=world.main)
-        # leave the group together: the first process runs on for minutes to hours (longer than a barrier waits),
-        # and a process that tears its gloo connections down alone while a peer keeps them can abort, which
-        # torchrun reports as the whole launch failed
-        barrier()
-        shutdown()
+        # the first process runs the comparison on for minutes to hours, longer than a barrier waits
+        leave_together()
         if not world.main:
             return 0
     compare = run_compare(config, bench=bench)

@@ -160,6 +160,17 @@ def barrier() -> None:
         _collective(torch.distributed.barrier)
 
 
+def leave_together() -> bool:
+    """Leave the process group, every process at once (True), before work one process does alone: a barrier waits
+    only the group's timeout, and a process that tears its gloo connections down alone while a peer keeps them
+    can abort, which torchrun reports as the whole launch failed. False (and nothing done) outside a group."""
+    if process_world().size == 1:
+        return False
+    barrier()
+    shutdown()
+    return True
+
+
 def shutdown() -> None:
     """Leave the process group, if this process joined one. A gloo process that exits without it tears its
     connection threads down during interpreter shutdown, racing the peer that closes the same sockets; the loser
