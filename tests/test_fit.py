@@ -126,6 +126,17 @@ def test_fit_rejects_bad_config():
         dsg.FitConfig(scorer="magic")
     with pytest.raises(dsg.DSGError, match="gate_percentile"):
         dsg.FitConfig(gate_percentile=101)
+    # refused up front, not after every statistics pass (scikit-learn's generator takes no other seed)
+    for seed in (-1, 2**40):
+        with pytest.raises(dsg.DSGError, match="seed must be an integer from 0 to 2147483647"):
+            dsg.FitConfig(seed=seed)
+    for cutoff in (-1.0, 0.0, 1.5):  # it was read as a percentile's fault after the statistics
+        with pytest.raises(dsg.DSGError, match="retain_cutoff is a share of retain tokens"):
+            dsg.FitConfig(scorer="frequency", retain_cutoff=cutoff)
+    from dsg.sae.train import TrainConfig
+
+    with pytest.raises(dsg.DSGError, match="seed=-1 is invalid"):
+        TrainConfig(seed=-1).validate()
 
 
 def test_static_frequency_scorer_fits(tiny_llama):

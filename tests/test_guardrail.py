@@ -8,9 +8,10 @@ import torch
 
 import dsg
 from dsg.guard.stats import gate_rates
-from dsg.lm.hooks import hooked
+from dsg.lm.hooks import hooked, resolve
 from dsg.lm.text import pad_batch, position_ids, real_token_mask
 from dsg.runtime.generation import reference_generate
+from dsg.runtime.hf import attached_to
 
 from tiny import (
     FORGET_TEXTS,
@@ -306,6 +307,47 @@ def test_bad_guardrail_arguments_are_clear_errors():
     record = {"sae": {"sha256": tiny_sae(seed=3).sha256()}}  # a record of another SAE than the one held
     with pytest.raises(dsg.DSGError, match="the record must describe the SAE it holds"):
         dsg.Guardrail(sae, features=[1, 2], info=record)
+    with pytest.raises(dsg.DSGError, match="info must be a dict"):
+        dsg.Guardrail(sae, features=[1, 2], info=[1])
+    with pytest.raises(dsg.DSGError, match="tensors must be a dict of names to torch tensors"):
+        dsg.Guardrail(sae, features=[1, 2], tensors={"x": 5})  # it was refused only by save, as an AttributeError
+    model, guard = tiny_model("llama"), dsg.Guardrail(sae, features=[1, 2])
+    for bad, message in (([guard], "one by one"), ("guardrail/", "got a str"), (None, "got a NoneType")):
+        with pytest.raises(dsg.DSGError, match=message):  # an AttributeError on '.check' before
+            dsg.attach(model, bad).__enter__()
+    with pytest.raises(dsg.DSGError, match="not what torch.compile returned"):  # was a weight-hash mismatch
+        dsg.attach(torch.compile(model), guard).__enter__()
+    assert not attached_to(model) and not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_token_sequences_given_to_statistics_and_calibration_are_checked_before_any_forward():
+    """A negative batch size made gate_rates and collect_stats return all zeros (an empty range): a threshold read
+    from them would open on everything. Every bad argument is one DSGError, and any kind of integer ids works."""
+    model, sae = tiny_model("llama", layers=2), tiny_sae()
+    guard = dsg.Guardrail(sae, features=[1, 2], clamp=2.0)
+    passes = (
+        lambda seqs, **kw: gate_rates(model, guard, seqs, progress=False, **kw),
+        lambda seqs, **kw: dsg.collect_stats(model, sae, guard.hook, seqs, progress=False, **kw),
+    )
+    vocab = model.get_input_embeddings().num_embeddings
+    cases = [
+        ([[5, 6, 7], [8, 9]], dict(batch_size=-1), "batch_size must be a positive integer"),
+        ([[5, 6]], dict(batch_size=0), "batch_size must be a positive integer"),
+        ([[5, 6]], dict(batch_size=2.0), "batch_size must be a positive integer"),
+        ([[5, 6], []], {}, "Sequence 1 is empty"),
+        (["how do I scan ports"], {}, "Sequence 0 is a str"),
+        ([[5, vocab]], {}, f"not an integer from 0 to {vocab - 1}"),
+        ([[5, -1]], {}, "Sequence 0 holds a token id"),
+        ([[5.0, 6.0]], {}, "Sequence 0 holds a token id"),
+        ([[5, 6]], dict(pad_id=-1), "pad_id must be an integer token id"),
+        ("scan ports", {}, "not a str"),
+    ]
+    for run in passes:
+        for seqs, kw, message in cases:
+            with pytest.raises(dsg.DSGError, match=message):
+                run(seqs, **kw)
+    rho = gate_rates(model, guard, [np.array([5, 6, 7]), torch.tensor([8, 9, 10]), (3, 4, 5)], progress=False)
+    assert torch.equal(rho, gate_rates(model, guard, [[5, 6, 7], [8, 9, 10], [3, 4, 5]], progress=False))
 
 
 def test_guardrails_reach_a_model_through_the_runtime_that_supports_it():
@@ -530,6 +572,40 @@ def test_a_held_prompt_mask_repeats_the_prompts_clamping_token_for_token():
     torch.testing.assert_close(got[:, n:], tail, rtol=1e-4, atol=1e-4)
 
 
+def test_session_controls_refuse_what_they_cannot_apply_in_one_sentence():
+    """hold, fork and prompt_length are the session's controls for callers that drive the forwards themselves;
+    a wrong shape, kind or range was an IndexError, a NotImplementedError or a silent misread."""
+    model, sae = tiny_model("llama"), tiny_sae()
+    guard = dsg.Guardrail(sae, features=[1, 2], threshold=0.0, clamp=2.0, window=3, hold=1)
+    ids = random_ids(3, 6, seed=1)
+    with torch.no_grad(), guard.attach(model) as session:
+        model(ids)
+        for bad, message in (
+            (torch.ones(3, dtype=torch.bool), "decisions must be a bool tensor \\[batch, 1\\]"),
+            (torch.ones(3, 2, dtype=torch.bool), "decisions must be a bool tensor"),
+            ([True, False, True], "got a list"),
+            (torch.ones(3, 1), "got a torch.float32 tensor"),
+        ):
+            with pytest.raises(dsg.DSGError, match=message):
+                session.hold(bad)
+        decisions = torch.ones(3, 1, dtype=torch.bool)
+        with pytest.raises(dsg.DSGError, match="start must have the shape of decisions"):
+            session.hold(decisions, torch.zeros(2, 1, dtype=torch.long))
+        with pytest.raises(dsg.DSGError, match="mask must be"):
+            session.hold(decisions, None, torch.ones(2, 1, 6, dtype=torch.bool))
+        for bad, message in (([0, 1], "rows must be an integer tensor"), (torch.tensor([0.0]), "got a torch.float32"),
+                             (torch.tensor([0, 3]), "index the latest forward's 3 rows")):  # fmt: skip
+            with pytest.raises(dsg.DSGError, match=message):
+                session.fork(bad)
+        for bad in ("5", 2.5, -1, True):
+            with pytest.raises(dsg.DSGError, match="prompt_length must be a number of tokens"):
+                session.prompt_length = bad
+        session.prompt_length = np.int64(4)
+        assert session.prompt_length == 4 and type(session.prompt_length) is int
+        session.hold(decisions, torch.zeros(3, 1, dtype=torch.int32))  # what is right still holds
+        session.fork(torch.tensor([2, 2, 0]))
+
+
 def test_a_token_share_latch_must_be_reachable():
     sae = tiny_sae()
     with pytest.raises(dsg.DSGError, match="below 1"):
@@ -585,6 +661,8 @@ def _rehashed(folder, edit_meta=None, edit_tensors=None):
         (None, lambda t: t.update({"stats.forget_mean": t["stats.forget_mean"][:2]}), "64 values"),
         (None, lambda t: t.update({"stats.score_forget": torch.rand(4, 4)}), "64 values"),
         (None, lambda t: t.update({"stats.calibration_rho": torch.ones(3, dtype=torch.long)}), "must be floats"),
+        (None, lambda t: t["stats.forget_mean"].__setitem__(3, float("nan")), "'stats.forget_mean' holds values that"),
+        (None, lambda t: t.update({"stats.calibration_rho": torch.tensor([0.1, float("inf")])}), "not finite"),
     ],
 )
 def test_an_edited_fit_record_is_refused_on_load_before_inspect_reads_it(tmp_path, edit_meta, edit_tensors, message):
@@ -610,6 +688,7 @@ def test_what_loading_refuses_saving_refuses_first_and_a_users_own_statistics_ro
         ({"seed": None}, {}, "'seed' must be an integer"),
         ({}, {"rho": torch.tensor(0.5)}, "must be floats, a vector"),
         ({}, {"forget_mean": torch.rand(3)}, "64 values"),
+        ({}, {"notes_rho": torch.tensor([float("nan")])}, "not finite"),
     ):
         with pytest.raises(dsg.DSGError, match=message):
             dsg.Guardrail(sae, features=[0, 1], threshold=0.5, info=info, tensors=tensors).save(tmp_path / "bad")
@@ -686,6 +765,53 @@ def test_generate_without_a_cache_judges_only_the_prompt_as_prompt(window, hold,
     assert torch.equal(out, ref) and torch.equal(session.gated, ref_gates)
     assert 0 < int(ref_gates.sum()) < len(seqs)
     assert "generate" not in vars(model)  # the wrapper that told the hooks the prompt's length is gone
+
+
+def test_output_hidden_states_of_a_guarded_forward_show_what_the_next_layer_received():
+    """transformers records output_hidden_states with hooks of its own, installed on a model's first forward; the
+    guardrail's edit runs before them, so a guarded model's hidden states are the ones its next layer read."""
+    model, seqs, guard = _split_guard("llama", 3, 2, True)
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    layer = resolve(model, guard.hook).layers_before  # hidden_states[layer] is the hooked output
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        seen = []
+        after = model.model.layers[layer].register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
+            with_kwargs=True,
+        )
+        try:
+            with guard.attach(model) as session:
+                guarded = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        finally:
+            after.remove()
+    assert bool(session.gated.any())
+    assert torch.equal(guarded[layer], seen[0]) and not torch.equal(guarded[layer], base[layer])
+    assert torch.equal(guarded[layer - 1], base[layer - 1])
+
+
+def test_a_generate_wrapper_set_on_the_model_is_guarded_as_the_class_method_and_put_back():
+    """A logging or library wrapper set on the instance (model.generate = ...) must still tell the hooks where the
+    prompt ends: without a cache every forward holds prompt and answer, and judging the answer as prompt changed
+    the decisions silently."""
+    model, seqs, guard = _split_guard("llama", 3, 2, True)
+    ids, mask = pad_batch(seqs, pad_id=0, side="left")
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    cls_generate, calls = type(model).generate, []
+
+    def logged(*args, **kwargs):
+        calls.append(1)
+        return cls_generate(model, *args, **kwargs)
+
+    model.generate = logged
+    with torch.no_grad():
+        ref, ref_gates = reference_generate(model, ids, mask, [guard], 8)
+        for use_cache in (False, True):
+            with guard.attach(model) as session:
+                out = model.generate(input_ids=ids, attention_mask=mask, use_cache=use_cache, **kw)
+            assert torch.equal(out[:, ids.shape[1] :], ref) and torch.equal(session.gated, ref_gates), use_cache
+    assert 0 < int(ref_gates.sum()) < len(seqs) and len(calls) == 2
+    assert vars(model)["generate"] is logged and "prepare_inputs_for_generation" not in vars(model)
 
 
 @pytest.mark.parametrize("window,hold,latch", GATES)
@@ -966,8 +1092,6 @@ def test_a_task_carrying_an_ended_attachment_runs_the_plain_model_whoever_else_i
     the plain model, also while another thread has another guardrail attached (it used to be guarded again then)."""
     import asyncio
     import threading
-
-    from dsg.runtime.hf import attached_to
 
     model, sae = tiny_model("llama", layers=3), tiny_sae()
     guard = dsg.Guardrail(sae, features=[2, 3], gated=False, clamp=5.0)

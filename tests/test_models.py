@@ -56,6 +56,16 @@ def test_unknown_name_is_one_sentence():
         load_model("gpt-17")
 
 
+def test_a_dtype_that_is_not_loadable_is_named_before_any_cache_is_touched(tmp_path, monkeypatch):
+    """It was blamed on the converted cache, with advice to delete a good one."""
+    import dsg.lm.models as models
+
+    monkeypatch.setattr(models, "ensure_converted", lambda spec: pytest.fail("the cache was touched"))
+    for bad in (torch.int8, "int8", "fp16", None):
+        with pytest.raises(DSGError, match="dtype must be one of float32, bfloat16, float16"):
+            load_model("smollm2-135m", dtype=bad)
+
+
 def test_missing_folder_and_non_model_folder(tmp_path):
     with pytest.raises(DSGError, match="does not exist"):
         load_model(str(tmp_path / "nowhere"))

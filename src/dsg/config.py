@@ -114,6 +114,11 @@ def is_index(x) -> bool:
     return True
 
 
+MAX_SEED = 2**31 - 1
+"""The largest seed a config takes: each run draws with a few small offsets from it, and every generator it
+feeds (numpy, scikit-learn, torch) takes them all."""
+
+
 def check_types(config) -> None:
     """Each field of a dataclass config holds a value of its annotated type (None only where it is optional; an
     int is a number, a bool is not; numbers are finite), or a DSGError names the field."""
@@ -135,6 +140,8 @@ def check_types(config) -> None:
         if not ok:
             kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(base, base)
             raise DSGError(f"{f.name} must be {kind}, got {value!r}.")
+        if f.name == "seed" and not 0 <= value <= MAX_SEED:  # numpy's and scikit-learn's generators take no other
+            raise DSGError(f"seed must be an integer from 0 to {MAX_SEED}, got {value!r}.")
 
 
 def check_choice(name: str, value, choices) -> None:

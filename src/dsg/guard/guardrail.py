@@ -261,6 +261,13 @@ class Guardrail:
                    detector is not None, hold, latch, detector_floor, prompt_level, latch_run)  # fmt: skip
         fillers, invisible, breaks = _token_ids(hold_fillers), _token_ids(hold_invisible), _token_ids(hold_breaks)
         check_hold_tables(fillers, invisible, breaks, hold, "The guardrail")
+        if info is not None and not isinstance(info, dict):
+            raise DSGError(f"info must be a dict (the guardrail's free-form record), got a {type(info).__name__}.")
+        if tensors is not None and not (
+            isinstance(tensors, dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items())
+        ):
+            raise DSGError("tensors must be a dict of names to torch tensors (statistics saved beside the guardrail).")
         info = dict(info or {})
         sha = sae.sha256()
         given = info.get("sae", {}).get("sha256") if isinstance(info.get("sae"), dict) else None

@@ -310,12 +310,16 @@ PER_LATENT += ("score_forget", "score_retain", "score_ratio")
 
 
 def check_statistics(stats: dict[str, torch.Tensor], d_sae: int, where: str) -> None:
-    """The fit's statistics and calibration scores (saved as `stats.*`, read by `dsg inspect`): vectors of floats,
-    one value per latent for those fit writes per latent."""
+    """The fit's statistics and calibration scores (saved as `stats.*`, read by `dsg inspect`): vectors of finite
+    floats, one value per latent for those fit writes per latent."""
     for key, x in stats.items():
         name = f"stats.{key}"
         per_latent = key in PER_LATENT
+        if not isinstance(x, torch.Tensor):
+            raise DSGError(f"{where}: {name!r} must be a tensor, got a {type(x).__name__}.")
         if x.dim() != 1 or not x.is_floating_point() or (per_latent and x.numel() != d_sae):
             size = f"{d_sae} values (one per latent)" if per_latent else "a vector"
             raise DSGError(f"{where}: tensor {name!r} must be floats, {size}; got {x.dtype} of shape "
                            f"{tuple(x.shape)}.")  # fmt: skip
+        if not torch.isfinite(x).all():  # what `dsg inspect` prints and a fit's statistics never hold
+            raise DSGError(f"{where}: tensor {name!r} holds values that are not finite numbers.")

@@ -119,7 +119,7 @@ def collect_stats(
     refuse_if_attached(model, "Fitting (the latent statistics)")
     sums = LatentSums.zeros(sae.d_sae)
     sparse = getattr(sae, "encode_topk", None)
-    shard = list(my_share(batches(sequences, batch_size, pad_id)))
+    shard = list(my_share(batches(sequences, batch_size, pad_id, model)))
     index_of = {i: idx for i, (idx, _, _) in shard}
     if fires is not None:
         fires[:] = [None] * len(sequences)
@@ -183,7 +183,7 @@ def gate_rates(
     refuse_if_attached(model, "Calibrating a gate (gate_rates)")
     guardrail.to(next(model.parameters()).device)
     out = torch.zeros(len(sequences))
-    shard = [batch for _, batch in my_share(batches(sequences, batch_size, pad_id))]
+    shard = [batch for _, batch in my_share(batches(sequences, batch_size, pad_id, model))]
     bar = tqdm(shard, desc=desc, unit="batch", disable=not progress or not world().main, leave=False)
     mine = []
     windowed = getattr(guardrail, "window", None) is not None

@@ -137,13 +137,15 @@ def hooked(
     hook: HookPoint | str,
     fn: Callable[[torch.Tensor], torch.Tensor | None],
     this_thread: bool = False,
+    first: bool = False,
 ):
     """Run `fn` on the activation at `hook` for every forward pass inside the block.
 
     `fn(x)` may return a replacement tensor of the same shape, or None to leave it. Handles decoder layers that
     return tuples (older transformers) as well as bare tensors. A module's hooks see the forwards of every
     thread: with `this_thread`, `fn` runs only on those of the thread that entered the block, and a concurrent
-    caller's forwards on the same model pass untouched.
+    caller's forwards on the same model pass untouched. With `first`, `fn` runs before the module's other hooks, so
+    that hooks registered earlier (transformers' own, which record `output_hidden_states`) see what it returns.
     """
     if isinstance(hook, str):
         hook = resolve(model, hook)
@@ -160,7 +162,7 @@ def hooked(
                 return None if new is None else (new, *output[1:])
             return fn(output)
 
-        handle = hook.module.register_forward_hook(on_output)
+        handle = hook.module.register_forward_hook(on_output, prepend=first)
     else:
 
         def on_input(_module, args, kwargs):
@@ -170,7 +172,7 @@ def hooked(
             new = fn(kwargs["hidden_states"])
             return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-        handle = hook.module.register_forward_pre_hook(on_input, with_kwargs=True)
+        handle = hook.module.register_forward_pre_hook(on_input, with_kwargs=True, prepend=first)
     try:
         yield hook
     finally:

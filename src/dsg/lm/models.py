@@ -108,12 +108,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # record (lm.fingerprint's 'dtype') and the CLI's --dtype takes
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer) for a known name or a local HuggingFace folder; the model is in eval mode.
 
     The tokenizer always has a pad token (its EOS when it had none), and the model config's `pad_token_id`
-    matches it when the config had none.
+    matches it when the config had none. `dtype` is one of DTYPES, as a torch dtype or by its name.
     """
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise DSGError(f"dtype must be one of {', '.join(DTYPES)} (a torch dtype or its name), got {dtype!r}.")
     text = str(name_or_path)
     if text.strip().lower() in KNOWN_MODELS:
         spec = _known(text)

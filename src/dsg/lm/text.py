@@ -208,18 +208,55 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
         sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
-        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        ids[i, sl] = torch.as_tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return ids, mask
 
 
 def batches(
-    seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int
+    seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, model: torch.nn.Module | None = None
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Length-sorted right-padded batches: (original indices, input_ids, attention_mask).
 
-    Sorting by length keeps padding small; every consumer masks padding, so results do not depend on it.
+    Sorting by length keeps padding small; every consumer masks padding, so results do not depend on it. The
+    arguments are checked before the first batch (with `model`, the ids against its vocabulary), so that a bad one
+    is one clear error and never an empty or partial result.
     """
+    check_token_sequences(seqs, batch_size, pad_id, model)
+    return _batches(seqs, batch_size, pad_id)
+
+
+def check_token_sequences(
+    seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, model: torch.nn.Module | None = None
+) -> None:
+    """A DSGError for a batch size that is not a positive integer, a sequence that is text or empty, or a token
+    id (pad_id included) that is not an integer in the model's vocabulary."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DSGError(f"batch_size must be a positive integer, not {batch_size!r}.")
+    if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__len__"):
+        raise DSGError(f"The sequences must be a list of token-id lists, not a {type(seqs).__name__}.")
+    embeddings = model.get_input_embeddings() if model is not None and hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    where = f" to {vocab - 1} (the model's vocabulary)" if vocab else ""
+    for i, seq in enumerate(seqs):
+        if isinstance(seq, (str, bytes)) or not hasattr(seq, "__len__"):
+            raise DSGError(f"Sequence {i} is a {type(seq).__name__}, not a list of token ids; tokenize it first.")
+        if len(seq) == 0:
+            raise DSGError(f"Sequence {i} is empty: it holds no token for the model to read.")
+        try:
+            ids = torch.as_tensor(seq)
+            exact = ids.ndim == 1 and not ids.is_floating_point() and not ids.is_complex() and ids.dtype != torch.bool
+            low, high = (int(ids.min()), int(ids.max())) if exact else (-1, -1)
+        except (TypeError, ValueError, RuntimeError):
+            low, high, exact = -1, -1, False
+        if not exact or low < 0 or (vocab and high >= vocab):
+            raise DSGError(f"Sequence {i} holds a token id that is not an integer from 0{where}: tokenize with "
+                           "the model's tokenizer.")  # fmt: skip
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0 or (vocab and pad_id >= vocab):
+        raise DSGError(f"pad_id must be an integer token id from 0{where}, not {pad_id!r}.")
+
+
+def _batches(seqs, batch_size: int, pad_id: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]

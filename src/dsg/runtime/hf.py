@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import DSGError
@@ -116,6 +117,13 @@ class Attachment:
     _local: _CallLocal = field(default_factory=_CallLocal, repr=False, compare=False)
     _latest: _Decisions | None = field(default=None, repr=False, compare=False)
 
+    def __setattr__(self, name, value) -> None:
+        if name == "prompt_length" and value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+                raise DSGError(f"prompt_length must be a number of tokens (an integer from 0) or None, got {value!r}.")
+            value = int(value)
+        super().__setattr__(name, value)
+
     def _decisions(self, write: bool = False) -> _Decisions:
         mine = getattr(self._local, "decisions", None)
         if write:
@@ -181,12 +189,24 @@ class Attachment:
         adds the tokens to clamp before `start` exactly: a prompt's own clamp_mask, so that re-running the prompt
         with a continuation after it repeats the prompt's clamping token for token (a gate held open for a while
         can close and open again inside a prompt, which no single start position describes)."""
+        G = len(self.guardrails)
+        _check_tensor("decisions", decisions, (torch.bool,), f"[batch, {G}]", 2, G)
+        _check_tensor("start", start, _INTEGERS, f"[batch, {G}]", 2, G)
+        _check_tensor("mask", mask, (torch.bool,), f"[batch, {G}, tokens]", 3, G)
+        if start is not None and (decisions is None or start.shape != decisions.shape):
+            raise DSGError(f"hold(): start must have the shape of decisions, {tuple(getattr(decisions, 'shape', ()))}.")
+        if mask is not None and (decisions is None or mask.shape[:2] != decisions.shape):
+            raise DSGError("hold(): mask must be [batch, guardrails, tokens] for the rows of decisions.")
         self._held, self._held_from, self._held_mask = decisions, start, mask
 
     def fork(self, rows: torch.Tensor) -> None:
         """The following forwards continue rows `rows` (repeats allowed) of the latest forward: its gate states and
         decisions are repeated to match (a shared prefix extended by several suffixes; the KV cache is forked
         alike by the caller). `first_clamped` is None from here on: the prompt now arrives in pieces."""
+        _check_tensor("rows", rows, _INTEGERS, "[rows] of indices", 1)
+        batch = next((g.shape[0] for g in self._gated_by if g is not None), None)
+        if batch is not None and rows.numel() and not (int(rows.min()) >= 0 and int(rows.max()) < batch):
+            raise DSGError(f"fork(): rows must index the latest forward's {batch} rows, got {rows.tolist()}.")
         self._reindex(rows)
         if self._fork is not None:
             self._fork(rows)
@@ -690,6 +710,24 @@ def _generation_of(model) -> _Generation | None:
     return generation if generation is not None and generation.model is model else None
 
 
+_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_tensor(name: str, x, dtypes, shape: str, ndim: int, width: int | None = None) -> None:
+    """A DSGError unless `x` is None or a tensor of one of `dtypes` with `ndim` dimensions (the second `width`)."""
+    if x is None:
+        return
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.dtype not in dtypes
+        or x.ndim != ndim
+        or (width is not None and x.shape[1] != width)
+    ):
+        kind = "a bool" if dtypes == (torch.bool,) else "an integer"
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DSGError(f"{name} must be {kind} tensor {shape}, got a {got}.")
+
+
 _GENERATING_UNDER: ContextVar[tuple[_Attached, ...]] = ContextVar("dsg_generating_under", default=())
 """The attachments active when the `model.generate` call in progress in this thread or task began."""
 
@@ -714,12 +752,16 @@ class _ModelHooks:
         if isinstance(base, torch.nn.Module) and base is not model:
             self.handles += [base.register_forward_pre_hook(self.on_inputs, with_kwargs=True),
                              base.register_forward_hook(self.on_outputs, always_call=True)]  # fmt: skip
+        # a method set on the instance (a user's or a library's wrapper) is wrapped in turn and put back on removal
+        self.own = {
+            name: vars(model)[name] for name in ("generate", "prepare_inputs_for_generation") if name in vars(model)
+        }
         self.generate = self.prepare = None
-        if callable(getattr(model, "generate", None)) and "generate" not in vars(model):
+        if callable(getattr(model, "generate", None)):
             self.generate = self._wrap_generate(model.generate)
             model.generate = self.generate
             prepare = getattr(model, "prepare_inputs_for_generation", None)
-            if callable(prepare) and "prepare_inputs_for_generation" not in vars(model):
+            if callable(prepare):
                 self.prepare = self._wrap_prepare(prepare)
                 model.prepare_inputs_for_generation = self.prepare
 
@@ -846,7 +888,7 @@ class _ModelHooks:
                         out = att.apply(name, x_BTD, out)
                 return out
 
-            hook = hooked(self.model, point, dispatch)
+            hook = hooked(self.model, point, dispatch, first=True)  # output_hidden_states shows the edit
             hook.__enter__()
             self.points[point.name] = hook
 
@@ -855,10 +897,12 @@ class _ModelHooks:
             hook.__exit__(None, None, None)
         for handle in self.handles:
             handle.remove()
-        if self.generate is not None and vars(self.model).get("generate") is self.generate:
-            del self.model.generate
-        if self.prepare is not None and vars(self.model).get("prepare_inputs_for_generation") is self.prepare:
-            del self.model.prepare_inputs_for_generation
+        for name, wrapper in (("generate", self.generate), ("prepare_inputs_for_generation", self.prepare)):
+            if wrapper is not None and vars(self.model).get(name) is wrapper:
+                if name in self.own:
+                    setattr(self.model, name, self.own[name])
+                else:
+                    delattr(self.model, name)
 
 
 _HOOKS: dict[int, _ModelHooks] = {}
@@ -906,7 +950,17 @@ def attach(
     """
     if not guardrails:
         raise DSGError("attach() needs at least one guardrail.")
+    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
+        raise DSGError("attach() takes the model itself, not what torch.compile returned (its hooks and weight names "
+                       "are the wrapped model's): attach to the model, e.g. attach(compiled._orig_mod, ...), and call "
+                       "the compiled one inside the block.")  # fmt: skip
     for g in guardrails:
+        if isinstance(g, (list, tuple)):
+            raise DSGError("attach() takes the guardrails one by one after the model, attach(model, *guards), and "
+                           "got a list.")  # fmt: skip
+        if not isinstance(g, Guardrail):
+            raise DSGError(f"attach() takes Guardrail objects after the model, and got a {type(g).__name__}: load "
+                           "one with dsg.Guardrail.load(folder).")  # fmt: skip
         g.check()
     active = [_identity(g) for att in _active_on(model) for g in att.guardrails]
     seen = set(active)

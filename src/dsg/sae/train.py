@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..config import MAX_SEED
 from ..errors import DSGError
 from ..files import atomic_directory, is_text, write_json
 from ..lm.fingerprint import model_fingerprint
@@ -179,6 +180,8 @@ class TrainConfig:
                 raise bad(name, "a non-negative integer")
         if self.cache_dtype not in CACHE_DTYPES:
             raise bad("cache_dtype", f"one of {sorted(CACHE_DTYPES)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"an integer from 0 to {MAX_SEED}")
 
     def resolved(self, d_in: int) -> TrainConfig:
         """A copy with every default that depends on the model filled in."""
