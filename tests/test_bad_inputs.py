@@ -191,6 +191,20 @@ CLI_CASES = {
         EVAL + ["--guardrail", "{ws}/guard", "--questions", "{ws}/q.jsonl", "--out", "{ws}/guard/eval.json"],
         "inside the input folder",
     ),  # fmt: skip
+    "eval --out inside a guardrail that is not an input": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "--out", "{ws}/guard/eval.json"],
+        "lies inside .*guard', which dsg wrote as one result",
+    ),  # fmt: skip
+    "eval of two files, the second's question too long": (
+        EVAL + ["--questions", "{ws}/q.jsonl", "{ws}/long_q.jsonl"],
+        "long_q.jsonl' question 1 with its longest choice needs",
+    ),  # fmt: skip
+    "train-sae --out the working folder": (TRAIN + ["--out", "."], "is the working folder or one above it"),
+    "fit --out the root folder": (FIT + ["--out", "/"], "is the working folder or one above it"),
+    "data export --out a symbolic link": (
+        ["data", "export", "--domains", "geography", "--out", "{ws}/link"],
+        "is a symbolic link",
+    ),  # fmt: skip
     "data export over a folder of user files": (
         ["data", "export", "--domains", "geography", "--out", "{ws}/exported"],
         "does not write",

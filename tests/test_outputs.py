@@ -319,3 +319,97 @@ def test_a_publish_lock_folder_that_is_not_private_is_not_trusted(tmp_path, monk
     with atomic_directory(tmp_path / "g", "guardrail") as tmp:  # publishing still works without the lock
         _guardrail_folder(tmp, "new")
     assert (tmp_path / "g" / "guardrail.safetensors").read_text() == "new"
+
+
+def test_a_tensor_file_the_machine_cannot_write_is_an_os_error_naming_it(tmp_path):
+    """safetensors raises its own error type for a failed write, with the OS error only as text, which reached the
+    user as a traceback: saving a guardrail past a file-size limit (as on a full disk) is an OSError naming the file,
+    which every command reports in one line, and leaves no folder."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        import dsg
+        from tiny import tiny_sae
+        guard = dsg.Guardrail(tiny_sae(d_in=512, d_sae=256), features=[1, 2])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            guard.save({str(tmp_path / "g")!r})
+        except OSError as e:
+            print(e.errno, e.strerror, e.filename, sep="|")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    number, reason, filename = out.stdout.strip().split("|")
+    assert int(number) == 27 and reason == "File too large" and filename.endswith(".safetensors"), out.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_replaced_folder_the_user_made_read_only_is_deleted_or_named(tmp_path, monkeypatch, capsys):
+    """`--overwrite` of a guardrail folder made read-only (chmod 555) left the old one behind as a hidden folder,
+    without a word (its removal ignored errors). Its folders are made writable and it goes on a second try; what
+    cannot go is named on stderr."""
+    old = tmp_path / ".g.old"
+    (old / "sae").mkdir(parents=True)
+    (old / "sae" / "cfg.json").write_text("{}")
+    real, calls = files.shutil.rmtree, []
+
+    def refuses_while_read_only(path, *args, **kwargs):  # what a non-root user meets (root may delete anyway)
+        calls.append(os.stat(path).st_mode & 0o777)
+        if calls[-1] & 0o200 == 0:
+            raise PermissionError(13, "Permission denied", str(path / "sae"))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.shutil, "rmtree", refuses_while_read_only)
+    os.chmod(old / "sae", 0o555)
+    os.chmod(old, 0o555)
+    files.remove_tree(old)
+    assert not old.exists() and len(calls) == 2 and capsys.readouterr().err == ""
+
+    old.mkdir()
+    monkeypatch.setattr(files.shutil, "rmtree", lambda path, *a, **k: (_ for _ in ()).throw(OSError(16, "Busy")))
+    files.remove_tree(old)
+    err = capsys.readouterr().err
+    assert old.exists() and f"could not delete the replaced output at {str(old)!r} (Busy); delete it yourself" in err
+
+
+def test_an_output_named_like_the_embedded_model_is_not_taken_for_it(tmp_path, monkeypatch):
+    """--model smollm2-135m-instruct is read from the package, never from a folder of that name: an output named
+    after it (an SAE named after its model) was refused as 'would replace the input'."""
+    from dsg.cli import model_input
+
+    monkeypatch.chdir(tmp_path)
+    assert model_input("smollm2-135m-instruct") is None and model_input(" SmolLM2-135M ") is None
+    assert model_input("models/mine") == "models/mine"
+    check_output_dir("smollm2-135m-instruct", "SAE", inputs=[model_input("smollm2-135m-instruct")])
+    files.check_output_file("smollm2-135m-instruct.json", inputs=[model_input("smollm2-135m-instruct")])
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(dsg.DSGError, match="would replace the input 'mine'"):
+        check_output_dir("mine", "SAE", inputs=[model_input("mine")])
+
+
+def test_a_summary_the_machine_cannot_write_names_its_file(tmp_path, monkeypatch):
+    """A failed write of `dsg eval --out` said only 'File too large.'; the error names the output."""
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, *a, **k):
+            self.f = real(fd, *a, **k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(27, "File too large")
+
+    monkeypatch.setattr(files.os, "fdopen", Full)
+    with pytest.raises(OSError) as info:
+        files.write_text_atomic(tmp_path / "e.json", "{}")
+    assert info.value.filename == str(tmp_path / "e.json") and info.value.strerror == "File too large"
+    assert os.listdir(tmp_path) == []

@@ -229,7 +229,7 @@ def test_sparse_gradients_equal_dense_autograd():
         torch.testing.assert_close(gs, gd)
 
 
-def test_the_command_records_where_its_texts_came_from(tiny_llama, tmp_path):
+def test_the_command_records_where_its_texts_came_from(tiny_llama, tmp_path, capsys):
     """`dsg train-sae --text F` writes training.json naming its source (the file's name) beside the texts' hash."""
     from dsg.cli import main
 
@@ -244,3 +244,13 @@ def test_the_command_records_where_its_texts_came_from(tiny_llama, tmp_path):
     assert main([*args, "--out", str(tmp_path / "sae")]) == 0
     record = json.loads((tmp_path / "sae" / "training.json").read_text())
     assert record["texts"]["sources"] == ["file:corpus.txt"] and record["texts"]["documents"] == len(make_texts())
+    metrics = record["metrics"]
+    warned = "no better than at initialisation" in capsys.readouterr().err
+    assert warned == (metrics["fvu"] >= metrics["fvu_at_init"])
+    # one step on a handful of tokens wrote an SAE worse than its initialisation, with status 0 and no word
+    short = [a for a in args if not a.startswith(("--n-tokens", "--batch-size", "--lr-warmup"))]
+    code = main([*short, "--n-tokens=8", "--batch-size=8", "--lr-warmup-steps=0", "--out", str(tmp_path / "sae8")])
+    metrics = json.loads((tmp_path / "sae8" / "training.json").read_text())["metrics"]
+    err = capsys.readouterr().err
+    assert code == 0 and metrics["steps"] == 1 and metrics["fvu"] >= metrics["fvu_at_init"]
+    assert f"(FVU {metrics['fvu']:.3f}, {metrics['fvu_at_init']:.3f} at the start, after 1 steps)" in err, err

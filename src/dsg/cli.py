@@ -38,7 +38,7 @@ from .guard.fit import FitConfig, fit
 from .guard.guardrail import Guardrail, dtype_for
 from .guard.inspect import describe
 from .lm.fingerprint import tokenizer_digest, weights_digest
-from .lm.models import DTYPES, load_model
+from .lm.models import DTYPES, KNOWN_MODELS, load_model
 from .lm.text import corpus_sha256, read_corpus
 from .parallel import agree, init_from_env, launched, leave_together, sharded, shutdown
 from .runtime.generation import generate
@@ -79,9 +79,15 @@ OVERWRITE_HELP = "Replace the output folder if it already holds what this comman
 FEW_CALIBRATION_SEQUENCES = 20  # fewer, and the gate's percentile is a handful of texts' largest value
 
 
+def model_input(name: str) -> str | None:
+    """--model as an input the output must not replace: a folder, never an embedded model's name (read from the
+    package, not from a folder of that name)."""
+    return None if str(name).strip().lower() in KNOWN_MODELS else name
+
+
 def cmd_fit(args) -> int:
     config = from_args(FitConfig, args)
-    inputs = (args.sae, args.forget, args.retain, args.calibration, args.forget_questions, args.model)
+    inputs = (args.sae, args.forget, args.retain, args.calibration, args.forget_questions, model_input(args.model))
     check_output_dir(args.out, "guardrail", overwrite=args.overwrite, inputs=inputs)
     forget, retain = read_corpus(args.forget), read_corpus(args.retain)
     calibration = read_corpus(args.calibration) if args.calibration else None
@@ -219,7 +225,8 @@ def add_inspect(sub) -> None:
 
 def cmd_eval(args) -> int:
     if args.out is not None:  # an empty --out is refused, not taken for no --out
-        check_output_file(args.out, inputs=[*args.questions, *args.guardrail, args.model], overwrite=args.overwrite,
+        inputs = [*args.questions, *args.guardrail, model_input(args.model)]
+        check_output_file(args.out, inputs=inputs, overwrite=args.overwrite,
                           keys=("mode", "tasks", "all"))  # what evaluate_files returns  # fmt: skip
     guards = _guardrails(args.guardrail, verify=not args.allow_model_mismatch)
     model, tokenizer = _model(args, guards)
@@ -295,7 +302,7 @@ TRAIN_DOMAINS = "cyber,hpo,geography,chemistry,general"  # `dsg train-sae` witho
 
 def cmd_train_sae(args) -> int:
     config = from_args(TrainConfig, args)
-    check_output_dir(args.out, "SAE", overwrite=args.overwrite, inputs=[*args.text, args.model])
+    check_output_dir(args.out, "SAE", overwrite=args.overwrite, inputs=[*args.text, model_input(args.model)])
     if args.text and args.domains is not None:
         raise DSGError("Give the training text as --text files or as --domains, not both.")
     if args.text:
@@ -315,6 +322,11 @@ def cmd_train_sae(args) -> int:
     shown = {k: metrics.get(k) for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "train_tokens")}
     print(json.dumps(shown, indent=2))
     print(f"Wrote {args.out}")
+    fvu, start = metrics.get("fvu"), metrics.get("fvu_at_init")
+    if isinstance(fvu, float) and isinstance(start, float) and not fvu < start:
+        print(f"dsg train-sae: warning: the SAE reconstructs held-out activations no better than at initialisation "
+              f"(FVU {fvu:.3f}, {start:.3f} at the start, after {metrics.get('steps')} steps): train on more tokens "
+              "(--n-tokens) before fitting a guardrail on it.", file=sys.stderr)  # fmt: skip
     return 0
 
 

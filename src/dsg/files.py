@@ -13,15 +13,17 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .errors import DSGError
 
@@ -82,6 +84,26 @@ def jsonl_records(text: str, path: str | os.PathLike) -> Iterator[tuple[int, Any
             raise DSGError(f"{str(path)!r} line {lineno} escapes half of a UTF-16 surrogate pair (such as \\udc80) "
                            "with no other half: that is not text.")  # fmt: skip
         yield lineno, value
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike) -> Iterator[None]:
+    """safetensors reports a write the machine failed (a full disk, a file-size limit) as its own error type, in
+    which the OS error is only text: raised again as the OSError it is, naming `path`, so that a command says it
+    in one line as it does any other."""
+    try:
+        yield
+    except Exception as e:
+        found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(e))
+        if type(e).__name__ != "SafetensorError" or found is None:
+            raise
+        raise OSError(int(found.group(2)), found.group(1), str(path)) from None
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
+    """safetensors' save_file, its failed writes raised as OSError (disk_errors)."""
+    with disk_errors(path):
+        save_file(tensors, str(path))
 
 
 def is_text(value: Any) -> bool:
@@ -240,8 +262,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        except OSError as e:  # a write the machine failed (a full disk) names no file: name the output
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp files are 0600
         _publish(Path(tmp), path, os.unlink, os.replace)
     except BaseException:
@@ -358,7 +385,13 @@ def output_path(path: str | os.PathLike) -> Path:
     checks and the write name one place; an empty one refused (it would name the working folder)."""
     if not str(path).strip():
         raise DSGError("The output path is empty; give a file or folder to write.")
-    return Path(path).expanduser()
+    path = Path(path).expanduser()
+    with contextlib.suppress(OSError, RuntimeError):  # a path that cannot be resolved is refused where it is read
+        here, resolved = Path.cwd().resolve(), path.resolve()
+        if resolved == here or resolved in here.parents:  # it would be written by a rename onto a folder in use
+            raise DSGError(f"Output path {str(path)!r} is the working folder or one above it; name a new folder "
+                           "(or file) inside it, e.g. --out results.")  # fmt: skip
+    return path
 
 
 def _holds_a_result(p: Path) -> bool:
@@ -464,6 +497,7 @@ def check_output_file(path: str | os.PathLike, inputs=(), overwrite: bool = Fals
     if path.is_symlink():
         raise DSGError(f"Output file {str(path)!r} is a symbolic link; give the file it should be written to.")
     _refuse_inputs(path, inputs)
+    refuse_inside_result(path)  # a summary inside a guardrail (or its SAE copy) would change that result
     if path.exists():
         found = _json_object(path)
         if found is None or not set(keys) <= set(found):
@@ -581,6 +615,36 @@ def _publish(tmp: Path, path: Path, remove, fallback) -> None:
         remove(tmp)  # it now holds the old result
 
 
+def remove_tree(path: Path, what: str = "the replaced output") -> None:
+    """Delete the folder `path` (what a publish took out of place, or a staging folder). A folder the user made
+    read-only (chmod 555) keeps its entries: its folders are then made writable and it goes on a second try, and
+    if that fails too, one line on stderr names what is left, instead of a hidden folder left without a word."""
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        _make_writable(path)
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        with contextlib.suppress(OSError):  # the terminal may be gone
+            print(f"dsg: warning: could not delete {what} at {str(path)!r} ({e.strerror or e}); delete it yourself.",
+                  file=sys.stderr)  # fmt: skip
+
+
+def _make_writable(root: Path) -> None:
+    os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) | stat.S_IRWXU)
+    for entry in os.scandir(root):
+        if entry.is_dir(follow_symlinks=False):
+            _make_writable(Path(entry.path))
+
+
 class atomic_directory:
     """Build a directory in a temporary sibling and move it into place only if the block succeeds.
 
@@ -630,7 +694,7 @@ class atomic_directory:
             raise
 
     def _move_into_place(self) -> None:
-        _publish(self.tmp, self.path, lambda old: shutil.rmtree(old, ignore_errors=True), self._renames)
+        _publish(self.tmp, self.path, remove_tree, self._renames)
 
     @staticmethod
     def _renames(tmp: Path, path: Path) -> None:
@@ -648,4 +712,4 @@ class atomic_directory:
                 os.replace(old, path)
                 raise
         finally:
-            shutil.rmtree(old.parent, ignore_errors=True)
+            remove_tree(old.parent)

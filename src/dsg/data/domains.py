@@ -196,6 +196,8 @@ def export(names: list[str], out_dir: str, overwrite: bool = False) -> list[str]
     if not names:
         raise DSGError(f"export() needs at least one domain name; available: {', '.join(available_domains())}.")
     out_dir = os.path.abspath(output_path(out_dir))
+    if os.path.islink(out_dir):  # as every other output: staged beside it, a link's target may be another disk
+        raise DSGError(f"Export folder {out_dir} is a symbolic link; give the folder to write to.")
     refuse_inside_result(out_dir, itself=True)  # an export adds folders to what is there
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DSGError(f"Export folder {out_dir} exists and is not a directory.")

@@ -10,7 +10,7 @@ from typing import Any
 from ..config import is_index
 from ..errors import DSGError
 from ..runtime.intervention import Intervention, as_intervention, guardrails_in
-from .mcq import base_correct_subset, choice_orderings, read_questions, score_mcq
+from .mcq import base_correct_subset, check_scorable, choice_orderings, read_questions, score_mcq
 from .metrics import accuracy, correct_indices, share, summarize_task
 
 
@@ -63,6 +63,8 @@ def evaluate_files(
     options = {"mode": mode, "verify": False, **score_options}
 
     read = [read_questions(path) for path in paths]  # every file checked before the first is scored
+    for path, questions in zip(paths, read):
+        check_scorable(model, tokenizer, questions, repr(str(path)), **options)
     if permutations:  # refused before the base pass, naming the file
         for name, path, questions in zip(names, paths, read):
             if base_subsets is not None and name in base_subsets:

@@ -494,6 +494,26 @@ def _check_finite(scores: Sequence[Sequence[float]], rows: Sequence[int]) -> Non
                            "for its dtype).")  # fmt: skip
 
 
+def check_scorable(
+    model,
+    tokenizer,
+    questions,
+    where: str,
+    *,
+    mode: str = "likelihood",
+    prompt_format: str = "{question}",
+    description: str = "",
+    chat: bool = False,
+    **_,
+) -> None:
+    """Refuse, before any forward, a question that score_mcq with these options would refuse as too long for the
+    model's context, naming `where` (a file) and the question's number from 1."""
+    for i, q in enumerate(questions, 1):
+        request, _ = _request(model, tokenizer, check_question(q, f"{where} question {i}"), mode, prompt_format,
+                              description, chat)  # fmt: skip
+        check_fits_context(model, positions_needed(request), f"{where} question {i} with its longest choice")
+
+
 def score_mcq(
     model: torch.nn.Module,
     tokenizer,

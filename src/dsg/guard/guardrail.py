@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
 from .. import __version__
 from ..config import is_index
 from ..errors import DSGError
-from ..files import atomic_directory, path_identity, read_artifact_json, read_safetensors, write_json
+from ..files import atomic_directory, path_identity, read_artifact_json, read_safetensors, save_tensors, write_json
 from ..lm.fingerprint import config_differences, model_fingerprint
 from ..lm.hooks import HookPoint, resolve
 from ..lm.models import DTYPES
@@ -630,7 +629,7 @@ class Guardrail:
         meta[HASH_FIELD] = content_sha256(meta, tensors)
         with atomic_directory(path, "guardrail") as tmp:
             write_json(tmp / JSON_NAME, meta)
-            save_file(tensors, str(tmp / TENSORS_NAME))
+            save_tensors(tensors, tmp / TENSORS_NAME)
             if self.latents.whole_sae:
                 self.latents.encoder.save(tmp / SAE_DIR)
         return path

@@ -36,7 +36,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from ..errors import DSGError  # noqa: E402
-from ..files import atomic_directory, read_json, write_json  # noqa: E402
+from ..files import atomic_directory, disk_errors, read_json, write_json  # noqa: E402
 from .hooks import decoder_layers  # noqa: E402
 
 CONVERSION_RECORD = "dsg_conversion.json"
@@ -361,8 +361,9 @@ def _convert(spec: EmbeddedModel, source: Path, out: Path) -> None:
     clean.load_state_dict(quantized.state_dict())
     clean.generation_config = quantized.generation_config
     clean.eval()
-    clean.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    with disk_errors(out):
+        clean.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
     write_json(
         out / CONVERSION_RECORD,
         {

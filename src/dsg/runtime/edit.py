@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .. import __version__
 from ..errors import DSGError
-from ..files import atomic_directory, read_artifact_json, read_safetensors, write_json
+from ..files import atomic_directory, read_artifact_json, read_safetensors, save_tensors, write_json
 from ..lm.fingerprint import config_differences, tensor_digest, whole_model_fingerprint
 from .intervention import Ungated
 
@@ -87,7 +86,7 @@ class Edit:
                     "tensors_sha256": tensors_sha256(self.tensors),
                 },
             )
-            save_file({n: t.detach().cpu().contiguous() for n, t in self.tensors.items()}, str(tmp / TENSORS_NAME))
+            save_tensors({n: t.detach().cpu().contiguous() for n, t in self.tensors.items()}, tmp / TENSORS_NAME)
         return path
 
     @contextmanager

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from ...errors import DSGError
-from ...files import read_json, read_safetensors, write_json
+from ...files import read_json, read_safetensors, save_tensors, write_json
 from ..base import ARCHITECTURES, SAE
 from . import FORMATS, check_dims, config_int, recorded_hook
 
@@ -79,7 +77,7 @@ class SAELens:
     def write(sae: SAE, folder: Path) -> None:
         """The SAELens v6 layout."""
         write_json(folder / "cfg.json", saelens_config(sae))
-        save_file({n: t.detach().cpu().contiguous() for n, t in sae.tensors().items()}, str(folder / WEIGHTS))
+        save_tensors({n: t.detach().cpu().contiguous() for n, t in sae.tensors().items()}, folder / WEIGHTS)
 
 
 def saelens_config(sae: SAE) -> dict:
