@@ -84,6 +84,27 @@ def test_prefix_caching_is_refused_for_gated_guardrails_only(folder):
         serve_command(str(folder / "model"), [str(folder / "paper")], extra=["--enable-chunked-prefill"])
 
 
+def test_dsgs_own_settings_and_engine_options_that_undo_the_guard_are_refused_before_vllm_starts(folder):
+    """A negative KV cache, a zero context or an unknown dtype ended a minute later in engine tracebacks; an
+    --additional-config after '--' replaced the guardrails' configuration, and speculative decoding was refused only
+    inside the engine."""
+    model, window = str(folder / "model"), [str(folder / "window")]
+    for kwargs, message in (
+        (dict(kv_cache_gib=-1.0), "--kv-cache-gib must be a positive number"),
+        (dict(kv_cache_gib=float("nan")), "--kv-cache-gib must be a positive number"),
+        (dict(max_model_len=0), "--max-model-len must be a number of tokens of at least 2"),
+        (dict(dtype="bogus"), "--dtype must be one of auto, float32"),
+        (dict(extra=["--additional-config", '{"dsg": {"guardrails": []}}']), "would replace the configuration"),
+        (dict(extra=["--additional_config={}"]), "would replace the configuration"),
+        (dict(extra=["--speculative-config", '{"method": "ngram"}']), "speculative decoding cannot serve"),
+    ):
+        with pytest.raises(DSGError, match=message):
+            serve_command(model, window, **kwargs)
+    argv, _ = serve_command(model, [], extra=["--additional-config", "{}"])  # no guardrail: vLLM's own options
+    assert "--additional-config" in argv
+    serve_command(model, window, dtype="bfloat16", kv_cache_gib=0.5, max_model_len=512)
+
+
 def test_settings_refusal_names_the_reason(folder):
     paper = dsg.Guardrail.load(folder / "paper", allow_missing_model=True)
     window = dsg.Guardrail.load(folder / "window", allow_missing_model=True)

@@ -245,3 +245,59 @@ def test_settings_the_gate_cannot_serve_are_refused(demo, tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2
     assert "prefix caching" in done.stderr and "Traceback" not in done.stderr
+
+
+MIDDLEWARE = r"""
+import json, sys
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from dsg.runtime import vllm_http
+from dsg.runtime.vllm_http import AuditIndex, DSGEndpoint
+
+vllm_http.RECORD_WAIT = 0.2
+audit = sys.argv[1]
+app, plugin = FastAPI(), DSGEndpoint()
+plugin.index = AuditIndex(audit)
+plugin.attach_router(app)
+seen = []
+
+@app.post("/v1/chat/completions")
+async def chat(request: Request):  # stands in for vLLM and its engine, which logs "judged" requests only
+    rid = request.headers.get("x-request-id")
+    seen.append(rid)
+    if rid == "judged":
+        with open(audit, "a") as f:
+            f.write(json.dumps({"request_id": f"chatcmpl-{rid}-1a2b3c4d", "guardrail": "g", "event": "prompt",
+                                "rho": 2.0, "threshold": 1.0, "gated": True, "prompt_clamped": 3}) + "\n")
+    return {"id": "chatcmpl-x", "choices": [{"index": 0, "message": {"content": "an answer"}}]}
+
+client = TestClient(app)
+body = {"model": "m", "messages": [{"role": "user", "content": "How do I brute-force SSH logins?"}]}
+out = {}
+r = client.post("/v1/chat/completions", json=body, headers={"x-request-id": "unjudged"})
+out["unjudged"] = [r.status_code, r.json()]
+r = client.post("/v1/chat/completions", json=body, headers={"x-request-id": "judged"})
+out["judged"] = [r.status_code, r.json(), r.headers.get("x-dsg-gated")]
+r = client.post("/v1/chat/completions", json=body, headers=[("x-request-id", "")])
+out["empty"] = [r.status_code, r.headers.get("x-request-id"), seen[-1]]
+print(json.dumps(out))
+"""
+
+
+def test_a_response_the_engine_never_judged_is_withheld_and_an_empty_id_is_replaced(tmp_path):
+    """The API-server half reads each decision from the engine's audit log. When the engine's plugin did not load
+    (an import error there is only logged by vLLM), answers came back unguarded, reported as not gated: a response
+    with no record of its request is now a 503 that withholds it. An empty X-Request-Id was read by vLLM first and
+    replaced by an id of its own, so the request's records were never found: it is replaced for vLLM too."""
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text("")
+    run = subprocess.run([str(VLLM_PYTHON), "-c", MIDDLEWARE, str(audit)], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    code, payload = out["unjudged"]
+    assert code == 503 and "withheld" in payload["error"]["message"] and "an answer" not in json.dumps(payload)
+    code, payload, gated = out["judged"]
+    assert code == 200 and payload["dsg"]["gated"] is True and gated == "true"
+    code, returned, seen = out["empty"]
+    assert code == 503 and returned and seen == returned  # vLLM was given the id the response names

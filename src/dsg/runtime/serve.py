@@ -62,6 +62,7 @@ def serve_command(
     python: str = sys.executable,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start vLLM's server with these guardrails."""
+    _check_settings(max_model_len, kv_cache_gib, dtype, extra if guardrails else ())
     folder = model_folder(model)
     if dtype is None:  # dsg runs the embedded models in fp32 (vLLM on CPU would cast them to bf16)
         dtype = "float32" if model.strip().lower() in KNOWN_MODELS else "auto"
@@ -104,6 +105,32 @@ def serve_command(
             env["VLLM_PLUGINS"] = ",".join(PLUGINS)
     argv += list(extra)
     return argv, env
+
+
+SERVE_DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+OWN_FLAGS = ("--additional-config",)  # dsg passes its guardrails to the engine through it
+SPECULATIVE_FLAGS = ("--speculative-config", "--speculative-model", "--num-speculative-tokens")
+
+
+def _check_settings(max_model_len, kv_cache_gib, dtype, extra: Sequence[str]) -> None:
+    """Refuse, before vLLM starts (and ends in tracebacks a minute later), what dsg's own options cannot be and the
+    engine options that would take the guardrails away or that the engine plugin refuses (`extra`: those after
+    `--`, given with guardrails)."""
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
+        raise DSGError(f"--max-model-len must be a number of tokens of at least 2, got {max_model_len!r}.")
+    if kv_cache_gib is not None and not (isinstance(kv_cache_gib, int | float) and 0 < kv_cache_gib < float("inf")):
+        raise DSGError(f"--kv-cache-gib must be a positive number of GiB, got {kv_cache_gib!r}.")
+    if dtype is not None and dtype not in SERVE_DTYPES:
+        raise DSGError(f"--dtype must be one of {', '.join(SERVE_DTYPES)}, got {dtype!r}.")
+    flags = {a.split("=", 1)[0].replace("_", "-") for a in extra if a.startswith("--")}  # vLLM takes either spelling
+    for flag in OWN_FLAGS:
+        if flag in flags:
+            raise DSGError(f"{flag} after '--' would replace the configuration dsg serve gives the engine (its "
+                           "guardrails and audit log); leave it out.")  # fmt: skip
+    for flag in SPECULATIVE_FLAGS:
+        if flag in flags:
+            raise DSGError(f"{flag}: speculative decoding cannot serve guardrails (rejected draft tokens would move "
+                           "the gate); leave it out.")  # fmt: skip
 
 
 KV_SEQUENCES = 8  # on a CPU, the KV cache holds this many sequences of --max-model-len tokens by default

@@ -227,6 +227,26 @@ def headers_for(records: list[dict]) -> dict[str, str]:
     }
 
 
+RECORD_WAIT = 5.0  # seconds a response waits for its audit records after its first chunk
+UNJUDGED = ("The engine logged no guardrail decision for this request, so its dsg plugin is not guarding it (see "
+            "the server's log: the plugin may have failed to load in the engine); the answer is withheld.")  # fmt: skip
+
+
+def _sequences(body: bytes, endpoint: str) -> int:
+    """How many sequences (prompts x samples) a request's body asks for: the records a response waits for."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return 1
+    if not isinstance(request, dict):
+        return 1
+    n = request.get("n")
+    samples = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1024 else 1
+    prompt = request.get("prompt") if endpoint == "completions" else None
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return max(1, min(prompts, 4096)) * samples
+
+
 class DSGEndpoint:
     """vLLM endpoint plugin: the decision headers and the decisions route."""
 
@@ -238,11 +258,14 @@ class DSGEndpoint:
         self.specials: list[str] = []  # the tokenizer's special tokens, refused in a request's text (forged_turn)
 
     async def _records(self, request_id: str, wait: float, excluding: frozenset[str] = frozenset(),
-                       endpoint: str | None = None) -> list[dict]:  # fmt: skip
+                       endpoint: str | None = None, sequences: int = 1) -> list[dict]:  # fmt: skip
+        """The request's records once `sequences` (prompts x samples) have one each, or what is there after
+        `wait` seconds."""
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             found = self.index.records(request_id, excluding, endpoint) if self.index is not None else []
-            if found or asyncio.get_running_loop().time() >= deadline:
+            seen = {parse_id(str(r.get("request_id", "")))[2:] for r in found}
+            if len(seen) >= sequences or asyncio.get_running_loop().time() >= deadline:
                 return found
             await asyncio.sleep(0.01)
 
@@ -252,7 +275,7 @@ class DSGEndpoint:
 
         plugin = self
 
-        @app.get("/v1/dsg/decisions/{request_id}")
+        @app.get("/v1/dsg/decisions/{request_id:path}")  # an id may hold "/"
         async def decisions(request_id: str):
             records = plugin.index.lookup(request_id) if plugin.index is not None else []
             return JSONResponse({"request_id": request_id, "records": records})
@@ -270,12 +293,14 @@ class DSGEndpoint:
                     return JSONResponse({"error": error}, status_code=400)
             if plugin.index is None or request.url.path not in GUARDED_PATHS:
                 return await call_next(request)
-            rid = request.headers.get("x-request-id")
-            if not rid:
+            rid = (request.headers.get("x-request-id") or "").strip()
+            if not rid:  # none, or an empty one (which vLLM would read first and replace with an id of its own)
                 rid = uuid.uuid4().hex
-                request.scope["headers"] = [*request.scope["headers"], (b"x-request-id", rid.encode())]
+                kept = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"x-request-id"]
+                request.scope["headers"] = [*kept, (b"x-request-id", rid.encode())]
             endpoint = GUARDED_PATHS[request.url.path]
             earlier = plugin.index.engine_ids(rid, endpoint)  # earlier requests with the same id: not this one's
+            sequences = _sequences(await request.body(), endpoint) if json_body else 1
             response = await call_next(request)
             if response.status_code != 200:
                 return response
@@ -284,9 +309,14 @@ class DSGEndpoint:
             async for chunk in body:  # the first chunk comes once the prompt has been through the engine
                 first = chunk if isinstance(chunk, bytes) else chunk.encode()
                 break
-            records = await plugin._records(rid, 5.0, earlier, endpoint)
+            records = await plugin._records(rid, RECORD_WAIT, earlier, endpoint, sequences)
+            if not records:  # fail closed: an engine that judged nothing would have answered unguarded
+                with contextlib.suppress(Exception):
+                    await body.aclose()
+                error = {"message": UNJUDGED, "type": "ServiceUnavailableError", "param": None, "code": 503}
+                return JSONResponse({"error": error}, status_code=503, headers={"x-request-id": rid})
             headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
-            headers |= {"x-request-id": rid} | (headers_for(records) if records else {})
+            headers |= {"x-request-id": rid} | headers_for(records)
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
                 data = first + b"".join([c if isinstance(c, bytes) else c.encode() async for c in body])
                 try:  # the final decision (a gate may latch while decoding) as an extra field of the body
