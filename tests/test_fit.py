@@ -130,9 +130,10 @@ def test_fit_rejects_bad_config():
     for seed in (-1, 2**40):
         with pytest.raises(dsg.DSGError, match="seed must be an integer from 0 to 2147483647"):
             dsg.FitConfig(seed=seed)
-    for cutoff in (-1.0, 0.0, 1.5):  # it was read as a percentile's fault after the statistics
-        with pytest.raises(dsg.DSGError, match="retain_cutoff is a share of retain tokens"):
+    for cutoff in (-1.0, 0.0):  # it was read as a percentile's fault after the statistics
+        with pytest.raises(dsg.DSGError, match="retain_cutoff is a positive share of retain tokens"):
             dsg.FitConfig(scorer="frequency", retain_cutoff=cutoff)
+    assert dsg.FitConfig(scorer="frequency", retain_cutoff=1.5).retain_cutoff == 1.5  # no latent cut
     from dsg.sae.train import TrainConfig
 
     with pytest.raises(dsg.DSGError, match="seed=-1 is invalid"):

@@ -775,18 +775,25 @@ def test_output_hidden_states_of_a_guarded_forward_show_what_the_next_layer_rece
     layer = resolve(model, guard.hook).layers_before  # hidden_states[layer] is the hooked output
     with torch.no_grad():
         base = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        seen = []
+        seen, earlier = [], []
         after = model.model.layers[layer].register_forward_pre_hook(
             lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
             with_kwargs=True,
+        )
+        # a hook of the user's own, registered before the attachment, still runs before the guardrail's edit
+        # (which keeps the last word), and reads the layer's own output
+        own = model.model.layers[layer - 1].register_forward_hook(
+            lambda _m, _a, out: earlier.append((out[0] if isinstance(out, tuple) else out).clone())
         )
         try:
             with guard.attach(model) as session:
                 guarded = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         finally:
             after.remove()
+            own.remove()
     assert bool(session.gated.any())
     assert torch.equal(guarded[layer], seen[0]) and not torch.equal(guarded[layer], base[layer])
+    assert torch.equal(earlier[0], base[layer])
     assert torch.equal(guarded[layer - 1], base[layer - 1])
 
 

@@ -413,3 +413,17 @@ def test_a_summary_the_machine_cannot_write_names_its_file(tmp_path, monkeypatch
         files.write_text_atomic(tmp_path / "e.json", "{}")
     assert info.value.filename == str(tmp_path / "e.json") and info.value.strerror == "File too large"
     assert os.listdir(tmp_path) == []
+
+
+def test_writers_that_add_to_a_folder_may_write_into_the_working_folder(tmp_path, monkeypatch):
+    """Only an output published whole, by a rename onto its path, cannot be the working folder: `dsg data export
+    --out .` adds its domain folders there, and a comparison resumed from inside its own folder adds to it."""
+    from dsg.data.domains import export
+
+    monkeypatch.chdir(tmp_path)
+    assert check_output_dir(".", "comparison", resume=True) == files.Path(".")
+    written = export(["chemistry"], ".")
+    assert written and (tmp_path / "chemistry" / "test_questions.jsonl").is_file()
+    for refused in (lambda: check_output_dir(".", "SAE"), lambda: atomic_directory(".", "guardrail").__enter__()):
+        with pytest.raises(dsg.DSGError, match="is the working folder or one above it"):
+            refused()

@@ -14,7 +14,16 @@ from dsg.errors import DSGError
 from dsg.guard.integrity import HASH_FIELD
 from dsg.runtime.serve import serve_command
 from dsg.runtime.vllm import settings_refusal
-from dsg.runtime.vllm_http import AuditIndex, _special_tokens, decision, forged_turn, headers_for
+from dsg.runtime.vllm_http import (
+    AuditIndex,
+    _is_error,
+    _sequences,
+    _special_tokens,
+    decision,
+    forged_turn,
+    headers_for,
+    parse_id,
+)
 
 from tiny import bpe_tokenizer, tiny_sae
 
@@ -96,6 +105,8 @@ def test_dsgs_own_settings_and_engine_options_that_undo_the_guard_are_refused_be
         (dict(dtype="bogus"), "--dtype must be one of auto, float32"),
         (dict(extra=["--additional-config", '{"dsg": {"guardrails": []}}']), "would replace the configuration"),
         (dict(extra=["--additional_config={}"]), "would replace the configuration"),
+        (dict(extra=["--additional-config.dsg={}"]), "would replace the configuration"),
+        (dict(kv_cache_gib=True), "--kv-cache-gib must be a positive number"),
         (dict(extra=["--speculative-config", '{"method": "ngram"}']), "speculative decoding cannot serve"),
     ):
         with pytest.raises(DSGError, match=message):
@@ -328,3 +339,22 @@ def test_serve_sizes_the_kv_cache_on_a_cpu(folder, monkeypatch):
     assert int(_arg(argv, "--kv-cache-memory-bytes")) <= serve.KV_FALLBACK
     monkeypatch.setattr(serve, "_graphs_possible", lambda: True)  # a GPU: vLLM's own sizing
     assert "--kv-cache-memory-bytes" not in serve_command(str(folder / "model"), [])[0]
+
+
+def test_what_a_response_waits_for_and_what_passes_unjudged():
+    """A response waits for a record of every sequence its request asks for (prompts x samples; the steps of a
+    beam search are its own request's, under ids vLLM extends with `-<uuid>-beam-<i>`), and only an error, which
+    holds no model text, passes without one."""
+    beam = "f" * 32
+    assert parse_id(f"cmpl-abc-1-{beam}-beam-3-1a2b3c4d") == ("completions", "abc", 1, None)
+    assert parse_id(f"chatcmpl-xyz-{beam}-beam-0-12345678") == ("chat", "xyz", None, None)
+    assert parse_id("2_chatcmpl-xyz-12345678") == ("chat", "xyz", None, 2)
+    body = lambda **kw: json.dumps(kw).encode()  # noqa: E731
+    assert _sequences(body(prompt=["a", "b", "c"], n=2), "completions") == 6
+    assert _sequences(body(prompt=[[1, 2], [3]]), "completions") == 2
+    assert _sequences(body(prompt=[1, 2, 3]), "completions") == 1  # one prompt as token ids
+    assert _sequences(body(prompt=["a", "b"], n=4, use_beam_search=True), "completions") == 2
+    assert _sequences(body(messages=[], n=3), "chat") == 3 and _sequences(b"not json", "chat") == 1
+    assert _is_error(b'data: {"error": {"message": "boom"}}\n\n') and _is_error(b'{"error": {"code": 500}}')
+    assert not _is_error(b'data: {"id": "c", "choices": [{"text": "error"}]}\n\n')
+    assert not _is_error(b'{"id": "c", "choices": [{"message": {"content": "{\\"error\\": 1}"}}]}')

@@ -266,7 +266,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
         except OSError as e:  # a write the machine failed (a full disk) names no file: name the output
-            if e.filename is not None:
+            if e.filename is not None or e.errno is None:
                 raise
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp files are 0600
@@ -385,13 +385,17 @@ def output_path(path: str | os.PathLike) -> Path:
     checks and the write name one place; an empty one refused (it would name the working folder)."""
     if not str(path).strip():
         raise DSGError("The output path is empty; give a file or folder to write.")
-    path = Path(path).expanduser()
+    return Path(path).expanduser()
+
+
+def refuse_working_folder(path: Path) -> None:
+    """A DSGError where `path` is the working folder or one above it: an output published whole (a rename onto
+    it) cannot take its place. Writers that add to a folder (data export, a resumed compare) may write there."""
     with contextlib.suppress(OSError, RuntimeError):  # a path that cannot be resolved is refused where it is read
         here, resolved = Path.cwd().resolve(), path.resolve()
-        if resolved == here or resolved in here.parents:  # it would be written by a rename onto a folder in use
+        if resolved == here or resolved in here.parents:
             raise DSGError(f"Output path {str(path)!r} is the working folder or one above it; name a new folder "
-                           "(or file) inside it, e.g. --out results.")  # fmt: skip
-    return path
+                           "inside it, e.g. --out results.")  # fmt: skip
 
 
 def _holds_a_result(p: Path) -> bool:
@@ -464,6 +468,8 @@ def check_output_dir(
     input of the command, a place that cannot be written) is refused.
     """
     path = output_path(path)
+    if not resume:
+        refuse_working_folder(path)
     if path.is_symlink():
         raise DSGError(f"Output path {str(path)!r} is a symbolic link; give the folder it should be written to.")
     if path.exists() and not path.is_dir():
@@ -619,6 +625,10 @@ def remove_tree(path: Path, what: str = "the replaced output") -> None:
     """Delete the folder `path` (what a publish took out of place, or a staging folder). A folder the user made
     read-only (chmod 555) keeps its entries: its folders are then made writable and it goes on a second try, and
     if that fails too, one line on stderr names what is left, instead of a hidden folder left without a word."""
+    if os.path.islink(path):  # a link put there meanwhile: the link goes, never what it leads to
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
     try:
         shutil.rmtree(path)
         return
@@ -639,7 +649,10 @@ def remove_tree(path: Path, what: str = "the replaced output") -> None:
 
 
 def _make_writable(root: Path) -> None:
-    os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) | stat.S_IRWXU)
+    mode = os.lstat(root).st_mode
+    if not stat.S_ISDIR(mode):  # a link or a file: nothing to open up, and never what a link leads to
+        return
+    os.chmod(root, stat.S_IMODE(mode) | stat.S_IRWXU)
     for entry in os.scandir(root):
         if entry.is_dir(follow_symlinks=False):
             _make_writable(Path(entry.path))
@@ -657,6 +670,7 @@ class atomic_directory:
         self.path, self.kind = output_path(path), kind
 
     def __enter__(self) -> Path:
+        refuse_working_folder(self.path)
         if self.path.is_symlink():
             raise DSGError(f"Output path {str(self.path)!r} is a symbolic link; give the folder to write to.")
         if self.path.exists() and not self.path.is_dir():

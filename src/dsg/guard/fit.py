@@ -175,8 +175,8 @@ class FitConfig:
         check_types(self)
         check_choice("scorer", self.scorer, SCORERS.names())
         check_choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
-        if not 0 < self.retain_cutoff <= 1:
-            raise DSGError(f"retain_cutoff is a share of retain tokens in (0, 1], got {self.retain_cutoff}.")
+        if not self.retain_cutoff > 0:  # a share of retain tokens; 1 or more cuts no latent
+            raise DSGError(f"retain_cutoff is a positive share of retain tokens, got {self.retain_cutoff}.")
         if self.n_features < 1:
             raise DSGError(f"n_features must be at least 1, got {self.n_features}.")
         for name in ("ratio_percentile", "min_forget_percentile", "gate_percentile"):

@@ -137,15 +137,16 @@ def hooked(
     hook: HookPoint | str,
     fn: Callable[[torch.Tensor], torch.Tensor | None],
     this_thread: bool = False,
-    first: bool = False,
+    recorded: bool = False,
 ):
     """Run `fn` on the activation at `hook` for every forward pass inside the block.
 
     `fn(x)` may return a replacement tensor of the same shape, or None to leave it. Handles decoder layers that
     return tuples (older transformers) as well as bare tensors. A module's hooks see the forwards of every
     thread: with `this_thread`, `fn` runs only on those of the thread that entered the block, and a concurrent
-    caller's forwards on the same model pass untouched. With `first`, `fn` runs before the module's other hooks, so
-    that hooks registered earlier (transformers' own, which record `output_hidden_states`) see what it returns.
+    caller's forwards on the same model pass untouched. With `recorded`, what `fn` returns is what transformers
+    records for `output_hidden_states`: its recording hooks, installed on a model's first forward, are moved
+    behind this one (every other hook keeps its order, so an edit registered later still has the last word).
     """
     if isinstance(hook, str):
         hook = resolve(model, hook)
@@ -162,7 +163,9 @@ def hooked(
                 return None if new is None else (new, *output[1:])
             return fn(output)
 
-        handle = hook.module.register_forward_hook(on_output, prepend=first)
+        handle = hook.module.register_forward_hook(on_output)
+        if recorded:
+            _record_after(hook.module)
     else:
 
         def on_input(_module, args, kwargs):
@@ -172,11 +175,19 @@ def hooked(
             new = fn(kwargs["hidden_states"])
             return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-        handle = hook.module.register_forward_pre_hook(on_input, with_kwargs=True, prepend=first)
+        handle = hook.module.register_forward_pre_hook(on_input, with_kwargs=True)
     try:
         yield hook
     finally:
         handle.remove()
+
+
+def _record_after(module: torch.nn.Module) -> None:
+    """Move transformers' `output_hidden_states` recording hooks (utils/output_capturing.py, transformers 5) on
+    `module` behind its other forward hooks, so that they record what those return."""
+    hooks = module._forward_hooks
+    for key in [k for k, fn in hooks.items() if "output_capturing_hook" in getattr(fn, "__qualname__", "")]:
+        hooks.move_to_end(key)
 
 
 def forward_to_hook(model: torch.nn.Module, hook: HookPoint | str, **inputs) -> torch.Tensor:

@@ -15,6 +15,7 @@ import codecs
 import functools
 import hashlib
 import json
+import operator
 import os
 import random
 import re
@@ -235,7 +236,10 @@ def check_token_sequences(
         raise DSGError(f"batch_size must be a positive integer, not {batch_size!r}.")
     if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__len__"):
         raise DSGError(f"The sequences must be a list of token-id lists, not a {type(seqs).__name__}.")
-    embeddings = model.get_input_embeddings() if model is not None and hasattr(model, "get_input_embeddings") else None
+    try:
+        embeddings = model.get_input_embeddings() if model is not None else None
+    except (AttributeError, NotImplementedError):  # a model that does not say: the ids are not checked against it
+        embeddings = None
     vocab = getattr(embeddings, "num_embeddings", None)
     where = f" to {vocab - 1} (the model's vocabulary)" if vocab else ""
     for i, seq in enumerate(seqs):
@@ -252,7 +256,12 @@ def check_token_sequences(
         if not exact or low < 0 or (vocab and high >= vocab):
             raise DSGError(f"Sequence {i} holds a token id that is not an integer from 0{where}: tokenize with "
                            "the model's tokenizer.")  # fmt: skip
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0 or (vocab and pad_id >= vocab):
+    try:
+        pad = None if isinstance(pad_id, bool) else operator.index(pad_id)
+    except TypeError:
+        pad = None
+    padded = len({len(seq) for seq in seqs}) > 1  # the pad id is fed only where lengths differ
+    if pad is None or pad < 0 or (padded and vocab and pad >= vocab):
         raise DSGError(f"pad_id must be an integer token id from 0{where}, not {pad_id!r}.")
 
 

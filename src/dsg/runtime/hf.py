@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import threading
 import types
 import weakref
@@ -48,7 +49,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..errors import DSGError
@@ -119,9 +119,13 @@ class Attachment:
 
     def __setattr__(self, name, value) -> None:
         if name == "prompt_length" and value is not None:
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            try:
+                number = None if isinstance(value, bool) else operator.index(value)
+            except TypeError:
+                number = None
+            if number is None or number < 0:
                 raise DSGError(f"prompt_length must be a number of tokens (an integer from 0) or None, got {value!r}.")
-            value = int(value)
+            value = number
         super().__setattr__(name, value)
 
     def _decisions(self, write: bool = False) -> _Decisions:
@@ -888,7 +892,7 @@ class _ModelHooks:
                         out = att.apply(name, x_BTD, out)
                 return out
 
-            hook = hooked(self.model, point, dispatch, first=True)  # output_hidden_states shows the edit
+            hook = hooked(self.model, point, dispatch, recorded=True)  # output_hidden_states shows the edit
             hook.__enter__()
             self.points[point.name] = hook
 

@@ -118,13 +118,16 @@ def _check_settings(max_model_len, kv_cache_gib, dtype, extra: Sequence[str]) ->
     `--`, given with guardrails)."""
     if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
         raise DSGError(f"--max-model-len must be a number of tokens of at least 2, got {max_model_len!r}.")
-    if kv_cache_gib is not None and not (isinstance(kv_cache_gib, int | float) and 0 < kv_cache_gib < float("inf")):
+    if kv_cache_gib is not None and (
+        isinstance(kv_cache_gib, bool)
+        or not (isinstance(kv_cache_gib, int | float) and 0 < kv_cache_gib < float("inf"))
+    ):
         raise DSGError(f"--kv-cache-gib must be a positive number of GiB, got {kv_cache_gib!r}.")
     if dtype is not None and dtype not in SERVE_DTYPES:
         raise DSGError(f"--dtype must be one of {', '.join(SERVE_DTYPES)}, got {dtype!r}.")
     flags = {a.split("=", 1)[0].replace("_", "-") for a in extra if a.startswith("--")}  # vLLM takes either spelling
-    for flag in OWN_FLAGS:
-        if flag in flags:
+    for flag in OWN_FLAGS:  # also its dotted form, --additional-config.dsg=...
+        if any(f == flag or f.startswith(flag + ".") for f in flags):
             raise DSGError(f"{flag} after '--' would replace the configuration dsg serve gives the engine (its "
                            "guardrails and audit log); leave it out.")  # fmt: skip
     for flag in SPECULATIVE_FLAGS:

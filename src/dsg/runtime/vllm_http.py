@@ -53,6 +53,7 @@ AS_WRITTEN = {"/v1/completions", "/v1/completions/render", "/tokenize", "/detoke
 NOT_TEXT = {"model", "stop", "chat_template"}  # a request's top-level fields that hold settings, not text
 PREFIXES = {"chatcmpl-": "chat", "cmpl-": "completions"}  # engine request ids' prefix, by endpoint
 _CHILD = re.compile(r"(\d+)_(.*)", re.S)  # the i-th of n samples: `<i>_<parent engine id>`
+_BEAM = re.compile(r"-[0-9a-f]{32}-beam-\d+")  # a beam-search step's request: `<engine id>-<uuid>-beam-<i>`
 
 
 def parse_id(engine_request_id: str) -> tuple[str | None, str, int | None, int | None]:
@@ -60,7 +61,7 @@ def parse_id(engine_request_id: str) -> tuple[str | None, str, int | None, int |
     `cmpl-<id>-<prompt index>-<8 hex>` (completions, one per prompt of a list), either behind `<i>_` for the i-th
     of n samples (`n > 1`). The endpoint tells a chat request sent as `abc-0` from the first prompt of a
     completions request sent as `abc`. An id of no known shape is its own client id."""
-    rid, sample = engine_request_id, None
+    rid, sample = _BEAM.sub("", engine_request_id, count=1), None  # each step of a beam search is its request's
     child = _CHILD.fullmatch(rid)
     if child and child.group(2).startswith(tuple(PREFIXES)):
         sample, rid = int(child.group(1)), child.group(2)
@@ -232,6 +233,19 @@ UNJUDGED = ("The engine logged no guardrail decision for this request, so its ds
             "the server's log: the plugin may have failed to load in the engine); the answer is withheld.")  # fmt: skip
 
 
+def _is_error(chunk: bytes) -> bool:
+    """Whether a response's first chunk is an error (a JSON body, or a server-sent event, whose top level holds
+    `error`), which carries no model text and passes as it is."""
+    text = chunk.decode("utf-8", "replace").strip()
+    if text.startswith("data:"):  # the first event of a stream
+        text = text[len("data:") :].split("\n\n", 1)[0]
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and "error" in payload and "choices" not in payload
+
+
 def _sequences(body: bytes, endpoint: str) -> int:
     """How many sequences (prompts x samples) a request's body asks for: the records a response waits for."""
     try:
@@ -242,6 +256,8 @@ def _sequences(body: bytes, endpoint: str) -> int:
         return 1
     n = request.get("n")
     samples = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1024 else 1
+    if request.get("use_beam_search"):  # its beams are steps of the one sequence, not samples of their own
+        samples = 1
     prompt = request.get("prompt") if endpoint == "completions" else None
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
     return max(1, min(prompts, 4096)) * samples
@@ -310,7 +326,7 @@ class DSGEndpoint:
                 first = chunk if isinstance(chunk, bytes) else chunk.encode()
                 break
             records = await plugin._records(rid, RECORD_WAIT, earlier, endpoint, sequences)
-            if not records:  # fail closed: an engine that judged nothing would have answered unguarded
+            if not records and not _is_error(first):  # fail closed: an engine that judged nothing answered unguarded
                 with contextlib.suppress(Exception):
                     await body.aclose()
                 error = {"message": UNJUDGED, "type": "ServiceUnavailableError", "param": None, "code": 503}
