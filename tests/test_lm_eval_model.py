@@ -106,3 +106,26 @@ def test_under_torchrun_the_dsg_model_is_refused_in_one_line(monkeypatch, capsys
     from dsg.runtime.lm_eval import _model_argument  # lm-eval's own HF model shards its requests: not refused
 
     assert [_model_argument(a) for a in (["--model", "hf"], ["--model=dsg"], ["--tasks", "x"])] == ["hf", "dsg", None]
+
+
+def test_model_args_the_dsg_model_would_drop_are_refused_before_loading(tmp_path):
+    """lm-eval hands HFLM the model dsg loaded, so HFLM drops the arguments it reads only when it loads a model by
+    name, and any key it does not know, with a generic warning: `dtype=bfloat16` gave a float32 run, and a typo such
+    as `guardrails=` would give an unguarded one, each with status 0."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import dsg
+    from dsg.runtime.lm_eval import DSGLM
+
+    from tiny import tiny_sae
+
+    guard = dsg.Guardrail(tiny_sae(d_in=576), features=[1, 2])
+    guard.save(tmp_path / "g")
+    for kwargs, message in (
+        (dict(guardrails=str(tmp_path / "g")), "does not take guardrails"),
+        (dict(revision="main"), "does not take revision"),
+        (dict(dtype="float17"), "dtype must be one of float32, bfloat16, float16"),
+        (dict(guardrail=str(tmp_path / "g"), dtype="bfloat16"), "differs from the dtype the guardrails were fitted"),
+        (dict(guardrail=f"{tmp_path / 'g'}|{tmp_path / 'g'}/"), "is given twice"),
+    ):
+        with pytest.raises(dsg.DSGError, match=message):
+            DSGLM(pretrained="smollm2-135m", allow_model_mismatch=True, **kwargs)

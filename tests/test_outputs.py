@@ -427,3 +427,12 @@ def test_writers_that_add_to_a_folder_may_write_into_the_working_folder(tmp_path
     for refused in (lambda: check_output_dir(".", "SAE"), lambda: atomic_directory(".", "guardrail").__enter__()):
         with pytest.raises(dsg.DSGError, match="is the working folder or one above it"):
             refused()
+
+
+def test_a_folder_under_a_file_is_refused_naming_the_file(tmp_path):
+    """Saving under a path whose parent is a file said only "File exists"."""
+    (tmp_path / "notes.txt").write_text("mine")
+    for target in (tmp_path / "notes.txt" / "g", tmp_path / "notes.txt" / "a" / "g"):
+        with pytest.raises(dsg.DSGError, match=f"{str(tmp_path / 'notes.txt')!r} is a file, not a folder"):
+            atomic_directory(target, "guardrail").__enter__()
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path) == ["notes.txt"]

@@ -681,6 +681,11 @@ class atomic_directory:
                 "refusing to replace it."
             )
         parent = self.path.parent
+        anchor = parent
+        while not os.path.lexists(anchor) and anchor != anchor.parent:
+            anchor = anchor.parent
+        if not anchor.is_dir():  # mkdir would say only "File exists"
+            raise DSGError(f"Cannot write {str(self.path)!r}: {str(anchor)!r} is a file, not a folder.")
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=parent))

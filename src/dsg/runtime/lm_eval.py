@@ -23,9 +23,11 @@ batch size. `lm_eval_model` keeps lm-eval's plain behaviour: each (context, cont
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -55,6 +57,12 @@ def lm_eval_model(
 
 
 if HFLM is not None:
+    HFLM_ARGS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+    # HFLM reads these only when it loads the model itself from a name; dsg hands it the loaded model
+    LOADING_ARGS = {"revision", "subfolder", "trust_remote_code", "use_fast_tokenizer", "parallelize", "tp_plan",
+                    "max_memory_per_gpu", "max_cpu_memory", "offload_folder", "peft", "delta", "autogptq",
+                    "gptqmodel", "gguf_file", "pretrained", "tokenizer"}  # fmt: skip
+    USED = sorted(HFLM_ARGS - LOADING_ARGS - {"dtype"})
 
     @register_model("dsg")
     class DSGLM(HFLM):
@@ -65,12 +73,31 @@ if HFLM is not None:
             **kwargs,
         ):  # fmt: skip
             from ..guard.guardrail import dtype_for
-            from ..lm.models import load_model
+            from ..lm.models import DTYPES, load_model
 
-            paths = [p for p in str(guardrail or "").split("|") if p.strip()]
-            self.guardrails = [Guardrail.load(p.strip(), allow_missing_model=allow_model_mismatch) for p in paths]
+            ignored = sorted(k for k in kwargs if k in LOADING_ARGS or k not in HFLM_ARGS)
+            if ignored:  # HFLM would drop them silently for a model object: a typo would run unguarded
+                taken = ", ".join(["pretrained", "guardrail", "allow_model_mismatch", "dtype", *USED])
+                raise DSGError(f"The dsg lm-eval model does not take {', '.join(ignored)} (its model_args: {taken}).")
+            paths = [p.strip() for p in str(guardrail or "").split("|") if p.strip()]
+            resolved = [Path(p).resolve() for p in paths]
+            twice = next((p for i, p in enumerate(paths) if resolved[i] in resolved[:i]), None)
+            if twice is not None:
+                raise DSGError(f"guardrail {twice!r} is given twice; it would clamp twice.")
+            self.guardrails = [Guardrail.load(p, allow_missing_model=allow_model_mismatch) for p in paths]
             # the model in the dtype the guardrails were fitted in (a cast model is another model to their check)
-            model, tokenizer = load_model(str(pretrained), dtype=dtype_for(self.guardrails))
+            dtype = dtype_for(self.guardrails)
+            asked = kwargs.pop("dtype", None)
+            if asked is not None and asked != "auto":
+                name = str(asked).removeprefix("torch.")
+                if name not in DTYPES:
+                    raise DSGError(f"dtype must be one of {', '.join(DTYPES)} (or auto), got {asked!r}.")
+                if self.guardrails and DTYPES[name] != dtype:
+                    fitted = str(dtype).removeprefix("torch.")
+                    raise DSGError(f"dtype={name} differs from the dtype the guardrails were fitted in ({fitted}): "
+                                   "they check the model in that dtype.")  # fmt: skip
+                dtype = DTYPES[name]
+            model, tokenizer = load_model(str(pretrained), dtype=dtype)
             kwargs.setdefault("batch_size", 8)
             super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
             if not allow_model_mismatch:
