@@ -33,7 +33,7 @@ from .eval.files import evaluate_files
 from .eval.mcq import check_questions_fit, read_questions
 from .eval.prompt_level import describe as describe_prompt_level
 from .eval.prompt_level import settle_prompt_level
-from .files import check_output_dir, check_output_file, write_text_atomic
+from .files import check_output_dir, check_output_file, given_twice, write_text_atomic
 from .guard.fit import FitConfig, fit
 from .guard.guardrail import Guardrail, dtype_for
 from .guard.inspect import describe
@@ -306,8 +306,7 @@ def cmd_train_sae(args) -> int:
     if args.text and args.domains is not None:
         raise DSGError("Give the training text as --text files or as --domains, not both.")
     if args.text:
-        twice = next((p for i, p in enumerate(args.text) if Path(p).resolve() in
-                      {Path(q).resolve() for q in args.text[:i]}), None)  # fmt: skip
+        twice = given_twice(args.text)
         if twice is not None:
             raise DSGError(f"--text {twice!r} is given twice; the SAE would train on its texts twice as often.")
         texts = [t for path in args.text for t in read_corpus(path)]

@@ -439,6 +439,12 @@ def _resolved(path: Path) -> Path:
         raise DSGError(f"{str(path)!r} {missing(path)}.") from None
 
 
+def given_twice(paths: Sequence[str | os.PathLike]) -> str | os.PathLike | None:
+    """The first of `paths` that names, as written or through links, a file or folder named before it; None."""
+    resolved = [Path(p).resolve() for p in paths]
+    return next((p for i, p in enumerate(paths) if resolved[i] in resolved[:i]), None)
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)

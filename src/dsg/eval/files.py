@@ -10,7 +10,7 @@ from typing import Any
 from ..config import is_index
 from ..errors import DSGError
 from ..runtime.intervention import Intervention, as_intervention, guardrails_in
-from .mcq import base_correct_subset, check_scorable, choice_orderings, read_questions, score_mcq
+from .mcq import base_correct_subset, check_questions_fit, choice_orderings, read_questions, score_mcq
 from .metrics import accuracy, correct_indices, share, summarize_task
 
 
@@ -64,7 +64,7 @@ def evaluate_files(
 
     read = [read_questions(path) for path in paths]  # every file checked before the first is scored
     for path, questions in zip(paths, read):
-        check_scorable(model, tokenizer, questions, repr(str(path)), **options)
+        check_questions_fit(model, tokenizer, questions, f"{str(path)!r} question", first=1, **options)
     if permutations:  # refused before the base pass, naming the file
         for name, path, questions in zip(names, paths, read):
             if base_subsets is not None and name in base_subsets:

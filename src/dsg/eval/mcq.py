@@ -494,26 +494,6 @@ def _check_finite(scores: Sequence[Sequence[float]], rows: Sequence[int]) -> Non
                            "for its dtype).")  # fmt: skip
 
 
-def check_scorable(
-    model,
-    tokenizer,
-    questions,
-    where: str,
-    *,
-    mode: str = "likelihood",
-    prompt_format: str = "{question}",
-    description: str = "",
-    chat: bool = False,
-    **_,
-) -> None:
-    """Refuse, before any forward, a question that score_mcq with these options would refuse as too long for the
-    model's context, naming `where` (a file) and the question's number from 1."""
-    for i, q in enumerate(questions, 1):
-        request, _ = _request(model, tokenizer, check_question(q, f"{where} question {i}"), mode, prompt_format,
-                              description, chat)  # fmt: skip
-        check_fits_context(model, positions_needed(request), f"{where} question {i} with its longest choice")
-
-
 def score_mcq(
     model: torch.nn.Module,
     tokenizer,
@@ -597,12 +577,26 @@ def positions_needed(request) -> int:
     return len(request.prompt) + max(len(c) for c in request.candidates) - 1
 
 
-def check_questions_fit(model, tokenizer, questions, what: str = "Question") -> None:
-    """Refuse, before any forward, a question that scored in likelihood mode as written would not fit the model's
-    context (what score_mcq refuses when it comes to score it)."""
-    for i, q in enumerate(questions):
-        needed = positions_needed(_as_written(model, tokenizer, check_question(q, f"{what.lower()} {i}")))
-        check_fits_context(model, needed, f"{what} {i} with its longest choice")
+def check_questions_fit(
+    model,
+    tokenizer,
+    questions,
+    what: str = "Question",
+    *,
+    first: int = 0,
+    mode: str = "likelihood",
+    prompt_format: str = "{question}",
+    description: str = "",
+    chat: bool = False,
+    **_,
+) -> None:
+    """Refuse, before any forward, a question that score_mcq with these options (by default: likelihood mode, as
+    written) would refuse as too long for the model's context, named `what` and its number counted from `first`."""
+    label = what[:1].lower() + what[1:]
+    for i, q in enumerate(questions, first):
+        request, _ = _request(model, tokenizer, check_question(q, f"{label} {i}"), mode, prompt_format, description,
+                              chat)  # fmt: skip
+        check_fits_context(model, positions_needed(request), f"{what} {i} with its longest choice")
 
 
 def fits_context(model, tokenizer, questions) -> bool:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import is_index
 from ..errors import DSGError
 from ..files import jsonl_records, missing, read_user_text
 
@@ -256,10 +257,7 @@ def check_token_sequences(
         if not exact or low < 0 or (vocab and high >= vocab):
             raise DSGError(f"Sequence {i} holds a token id that is not an integer from 0{where}: tokenize with "
                            "the model's tokenizer.")  # fmt: skip
-    try:
-        pad = None if isinstance(pad_id, bool) else operator.index(pad_id)
-    except TypeError:
-        pad = None
+    pad = operator.index(pad_id) if is_index(pad_id) else None
     padded = len({len(seq) for seq in seqs}) > 1  # the pad id is fed only where lengths differ
     if pad is None or pad < 0 or (padded and vocab and pad >= vocab):
         raise DSGError(f"pad_id must be an integer token id from 0{where}, not {pad_id!r}.")

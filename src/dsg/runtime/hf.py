@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import is_index
 from ..errors import DSGError
 from ..guard import rule
 from ..guard.guardrail import Guardrail
@@ -119,10 +120,7 @@ class Attachment:
 
     def __setattr__(self, name, value) -> None:
         if name == "prompt_length" and value is not None:
-            try:
-                number = None if isinstance(value, bool) else operator.index(value)
-            except TypeError:
-                number = None
+            number = operator.index(value) if is_index(value) else None
             if number is None or number < 0:
                 raise DSGError(f"prompt_length must be a number of tokens (an integer from 0) or None, got {value!r}.")
             value = number

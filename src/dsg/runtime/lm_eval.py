@@ -27,11 +27,11 @@ import inspect
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 
 from ..errors import DSGError
+from ..files import given_twice
 from ..guard.guardrail import Guardrail
 from ..lm.text import pad_batch, pad_id_of, position_ids
 from .hf import attach
@@ -80,8 +80,7 @@ if HFLM is not None:
                 taken = ", ".join(["pretrained", "guardrail", "allow_model_mismatch", "dtype", *USED])
                 raise DSGError(f"The dsg lm-eval model does not take {', '.join(ignored)} (its model_args: {taken}).")
             paths = [p.strip() for p in str(guardrail or "").split("|") if p.strip()]
-            resolved = [Path(p).resolve() for p in paths]
-            twice = next((p for i, p in enumerate(paths) if resolved[i] in resolved[:i]), None)
+            twice = given_twice(paths)
             if twice is not None:
                 raise DSGError(f"guardrail {twice!r} is given twice; it would clamp twice.")
             self.guardrails = [Guardrail.load(p, allow_missing_model=allow_model_mismatch) for p in paths]

@@ -125,7 +125,7 @@ def _check_settings(max_model_len, kv_cache_gib, dtype, extra: Sequence[str]) ->
         raise DSGError(f"--kv-cache-gib must be a positive number of GiB, got {kv_cache_gib!r}.")
     if dtype is not None and dtype not in SERVE_DTYPES:
         raise DSGError(f"--dtype must be one of {', '.join(SERVE_DTYPES)}, got {dtype!r}.")
-    flags = {a.split("=", 1)[0].replace("_", "-") for a in extra if a.startswith("--")}  # vLLM takes either spelling
+    flags = {_flag(a) for a in extra if a.startswith("--")}
     for flag in OWN_FLAGS:  # also its dotted form, --additional-config.dsg=...
         if any(f == flag or f.startswith(flag + ".") for f in flags):
             raise DSGError(f"{flag} after '--' would replace the configuration dsg serve gives the engine (its "
@@ -146,7 +146,12 @@ MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--kv-cache-memory", "--gpu-memory-ut
 
 def _sizes_memory(extra: Sequence[str]) -> bool:
     """Whether the engine options after `--` size vLLM's memory themselves."""
-    return any(a.split("=", 1)[0].replace("_", "-") in MEMORY_FLAGS for a in extra)  # vLLM takes either spelling
+    return any(_flag(a) in MEMORY_FLAGS for a in extra)
+
+
+def _flag(arg: str) -> str:
+    """An engine option's name as vLLM reads it, whichever spelling it was given in (`--a_b=1` is `--a-b`)."""
+    return arg.split("=", 1)[0].replace("_", "-")
 
 
 def cpu_kv_cache_bytes(folder: Path, max_model_len: int, dtype: str) -> int:
